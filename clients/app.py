@@ -1,0 +1,40 @@
+"""ClientApp: one edge site. Trains its own detector on its private data.
+
+Each ``train`` message may carry the node's current weights (the server keeps
+every node's personalised model); without them the node continues from its
+own model store, or starts from a fresh model built from YAML. After local
+training it evaluates on its own validation and test splits, stores the
+weights in its model store (where the edge runtime picks them up) and replies
+with weights, metrics and its site identity.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from clients.site import LocalSite
+from common import protocol as P
+
+log = logging.getLogger(__name__)
+app = ClientApp()
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    site = LocalSite.from_context(context.run_config, context.node_config)
+    config = msg.content.get(P.CONFIG, ConfigRecord())
+    arrays = msg.content.get(P.ARRAYS)
+    result = site.train_round(
+        server_round=int(config.get(P.SERVER_ROUND, 0)),
+        epochs=int(config.get(P.EPOCHS, site.cfg.train.epochs_per_round)),
+        weights=arrays.to_torch_state_dict() if arrays is not None else None,
+    )
+    content = RecordDict({
+        P.ARRAYS: ArrayRecord(result.weights),
+        P.METRICS: MetricRecord(result.metrics),
+        P.SITE: ConfigRecord(site.identity()),
+    })
+    return Message(content=content, reply_to=msg)

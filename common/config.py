@@ -1,0 +1,295 @@
+"""Typed configuration: ``conf/*.yaml`` merged over a dataclass schema.
+
+Resolution order (later wins)::
+
+    schema defaults  <  conf/base.yaml  <  conf/<preset>.yaml  <  overrides
+
+``overrides`` come from Flower's run config (``--run-config``) or the command
+line, as dotted keys; kebab-case is accepted (``federation.num-rounds=5``).
+A misspelled key or a value of the wrong type fails at start with a
+:class:`ConfigError` naming the key.
+
+Only entry points call :func:`load_config`; every component takes plain
+keyword arguments (detectron2's ``from_config`` pattern).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+PRESETS = ("quick", "standard", "paper")
+
+
+class ConfigError(ValueError):
+    """A configuration value or key is invalid; the message names it."""
+
+
+@dataclass
+class DataConfig:
+    """Where the sites' data comes from.
+
+    ``source: builtin`` generates the procedural benchmark (``common.benchmark``)
+    into ``cache_dir``; ``source: yolo`` uses ``site_data`` (one Ultralytics
+    ``data.yaml`` per site, e.g. from ``python -m common.visdrone``) and
+    ``public_data`` (the shared benchmark's ``data.yaml``).
+    """
+
+    source: str = "builtin"
+    cache_dir: str = "~/.cache/cedar/benchmark"
+    seed: int = 0
+    num_sites: int = 4
+    imgsz: int = 320
+    train_per_site: int = 96
+    val_per_site: int = 24
+    test_per_site: int = 24
+    public_per_site: int = 16
+    objects_per_image: list[int] = field(default_factory=lambda: [4, 12])
+    # object side length in px at ``imgsz``: small objects are drawn in
+    # [small_px[0], small_px[1]], the rest in [large_px[0], large_px[1]]
+    small_px: list[int] = field(default_factory=lambda: [5, 15])
+    large_px: list[int] = field(default_factory=lambda: [16, 32])
+    small_fraction: float = 0.75
+    occlusion_prob: float = 0.15
+    clutter_per_image: list[int] = field(default_factory=lambda: [6, 16])
+    noise_std: float = 10.0
+    classes_per_site: int = 5
+    video_frames: int = 60
+    noisy_site: bool = False
+    site_spacing_km: float = 2.0
+    # source: yolo
+    site_data: list[str] = field(default_factory=list)
+    site_positions_km: list[list[float]] = field(default_factory=list)
+    public_data: str = ""
+
+
+@dataclass
+class ModelConfig:
+    """``edge``/``cloud``: an Ultralytics model name (``yolo11n``) or a YAML in ``conf/models``."""
+
+    edge: str = "yolo11n"
+    cloud: str = "yolo11s"
+
+
+@dataclass
+class TrainConfig:
+    epochs_per_round: int = 2
+    batch: int = 8
+    imgsz: int = 320
+    lr0: float = 0.01
+    weight_decay: float = 0.0005
+    warmup_iters: int = 20
+    mosaic: float = 1.0
+    workers: int = 0
+    device: str = "cpu"
+    threads: int = 2
+
+
+@dataclass
+class EvalConfig:
+    batch: int = 16
+    conf: float = 0.001
+    iou: float = 0.7
+    small_px: int = 16
+
+
+@dataclass
+class FederationConfig:
+    num_rounds: int = 3
+    # "none": every site keeps its own (personalised) model; "fedavg": average
+    aggregation: str = "none"
+    wait_for_nodes_s: float = 120.0
+    reply_timeout_s: float = 3600.0
+
+
+@dataclass
+class TrackingConfig:
+    # "off", "offline" (default, files under the run folder) or "online"
+    wandb: str = "offline"
+    project: str = "cedar"
+
+
+@dataclass
+class CedarConfig:
+    preset: str = "quick"
+    seed: int = 0
+    output_dir: str = "outputs"
+    run_name: str = ""
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+
+_CHOICES = {
+    "data.source": ("builtin", "yolo"),
+    "federation.aggregation": ("none", "fedavg"),
+    "tracking.wandb": ("off", "offline", "online"),
+}
+
+
+def _snake(key: str) -> str:
+    return key.replace("-", "_")
+
+
+def _merge(base, update: Any, what: str):
+    try:
+        return OmegaConf.merge(base, update)
+    except OmegaConfBaseException as err:
+        key = getattr(err, "full_key", None) or "?"
+        raise ConfigError(f"{what}: bad config key or value '{key}': {err.msg}") from None
+
+
+def _read_yaml(path: Path) -> Any:
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    data = OmegaConf.load(path)
+    return data
+
+
+def parse_overrides(overrides: Mapping[str, Any] | None) -> dict:
+    """Turn flat dotted (kebab- or snake-case) keys into a nested dict."""
+    nested: dict = {}
+    for dotted, value in (overrides or {}).items():
+        parts = [_snake(p) for p in str(dotted).split(".")]
+        node = nested
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override '{dotted}' conflicts with another override")
+        node[parts[-1]] = value
+    return nested
+
+
+def load_config(
+    preset: str | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    conf_dir: Path | str = CONF_DIR,
+) -> CedarConfig:
+    """Resolve the configuration and validate it.
+
+    Parameters
+    ----------
+    preset : one of ``quick``, ``standard``, ``paper`` or the stem of another
+        YAML file in ``conf_dir``; default: the ``preset`` override or ``quick``.
+    overrides : flat mapping of dotted keys (``"train.epochs-per-round": 3``).
+    """
+    nested = parse_overrides(overrides)
+    preset = preset or nested.pop("preset", None) or "quick"
+    nested.pop("preset", None)
+    conf_dir = Path(conf_dir)
+    cfg = OmegaConf.structured(CedarConfig)
+    cfg = _merge(cfg, _read_yaml(conf_dir / "base.yaml"), "conf/base.yaml")
+    preset_file = conf_dir / f"{preset}.yaml"
+    if not preset_file.is_file():
+        known = sorted(p.stem for p in conf_dir.glob("*.yaml") if p.stem != "base")
+        raise ConfigError(f"unknown preset '{preset}' (known: {', '.join(known)})")
+    cfg = _merge(cfg, _read_yaml(preset_file), f"conf/{preset}.yaml")
+    cfg = _merge(cfg, OmegaConf.create(nested), "overrides")
+    cfg.preset = preset
+    result: CedarConfig = OmegaConf.to_object(cfg)
+    validate(result)
+    return result
+
+
+def validate(cfg: CedarConfig) -> None:
+    """Check value ranges and choices that a type alone cannot express."""
+    flat = to_flat_dict(cfg)
+    for key, choices in _CHOICES.items():
+        if flat[key] not in choices:
+            raise ConfigError(f"{key}={flat[key]!r}: expected one of {choices}")
+    positive = [
+        "data.num_sites", "data.imgsz", "data.train_per_site", "data.val_per_site",
+        "data.test_per_site", "data.public_per_site", "data.classes_per_site",
+        "train.batch", "train.imgsz", "eval.batch", "federation.num_rounds",
+    ]
+    for key in positive:
+        if flat[key] <= 0:
+            raise ConfigError(f"{key}={flat[key]!r}: must be > 0")
+    for key in ("train.epochs_per_round",):
+        if flat[key] < 0:
+            raise ConfigError(f"{key}={flat[key]!r}: must be >= 0")
+    for key in ("data.small_fraction", "data.occlusion_prob", "train.mosaic"):
+        if not 0.0 <= flat[key] <= 1.0:
+            raise ConfigError(f"{key}={flat[key]!r}: must be in [0, 1]")
+    for key in ("data.objects_per_image", "data.small_px", "data.large_px", "data.clutter_per_image"):
+        pair = flat[key]
+        if len(pair) != 2 or pair[0] > pair[1] or pair[0] < 0:
+            raise ConfigError(f"{key}={pair!r}: expected [low, high] with 0 <= low <= high")
+    if cfg.data.source == "yolo":
+        if not cfg.data.site_data:
+            raise ConfigError("data.site_data: needs one data.yaml per site when data.source=yolo")
+        if not cfg.data.public_data:
+            raise ConfigError("data.public_data: needs the shared benchmark's data.yaml when data.source=yolo")
+
+
+def to_flat_dict(cfg: CedarConfig) -> dict[str, Any]:
+    """``{"data.imgsz": 320, ...}``: dotted snake-case keys."""
+    out: dict[str, Any] = {}
+
+    def walk(obj, prefix):
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            if dataclasses.is_dataclass(value):
+                walk(value, f"{prefix}{f.name}.")
+            else:
+                out[f"{prefix}{f.name}"] = value
+
+    walk(cfg, "")
+    return out
+
+
+def to_yaml(cfg: CedarConfig) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def save_config(cfg: CedarConfig, path: Path | str) -> Path:
+    """Write the resolved config (as loaded, all keys) to ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(to_yaml(cfg))
+    return path
+
+
+def parse_value(text: str) -> Any:
+    """A command-line value: ``[..]`` is a YAML list, anything else stays a string.
+
+    The typed schema converts strings to int/float/bool itself, and keeping
+    strings avoids YAML 1.1 surprises (``off`` would become ``False``).
+    """
+    text = text.strip()
+    if text.startswith("["):
+        try:
+            return yaml.safe_load(text)
+        except yaml.YAMLError:
+            raise ConfigError(f"override value {text!r} is not a valid list") from None
+    return text
+
+
+def from_run_config(run_config: Mapping[str, Any]) -> CedarConfig:
+    """Resolve the config from Flower's run config.
+
+    ``preset`` picks the YAML preset; ``overrides`` is a space-separated list
+    of ``dotted.key=value`` pairs (``"federation.num-rounds=5 train.batch=4"``);
+    any other key is itself a dotted override.
+    """
+    run_config = dict(run_config)
+    preset = str(run_config.pop("preset", "") or "") or None
+    overrides: dict[str, Any] = {}
+    text = str(run_config.pop("overrides", "") or "")
+    for item in text.split():
+        if "=" not in item:
+            raise ConfigError(f"overrides: '{item}' is not key=value")
+        key, _, value = item.partition("=")
+        overrides[key] = parse_value(value)
+    overrides.update(run_config)
+    return load_config(preset, overrides)

@@ -1,0 +1,395 @@
+"""Knowledge-distillation losses (paper section 4.3: L_total, L_KD and p(y); DESIGN 3.3).
+
+Torch only. Teacher outputs are constants everywhere (detached); gradients flow to
+the student only. Choices where the paper is unclear:
+
+* **Direction.** The paper writes ``KL(p_s, p_t)``; we use ``KL(p_t || p_s)``, the
+  standard (Hinton et al., 2015) direction, whose gradient w.r.t. the student logits
+  is ``(p_s - p_t) / T``. Both losses are multiplied by ``T^2`` so their gradient
+  scale does not shrink with the temperature.
+* **Reduction.** Summed over classes (or bins), averaged over samples / anchors
+  (torch's ``reduction="batchmean"`` for 2-D input). Zero samples give a
+  differentiable 0, never NaN.
+* **Detection.** YOLO class scores are independent sigmoids, so the classification
+  term is a per-class Bernoulli KL ``KL(Bern(sigmoid(t/T)) || Bern(sigmoid(s/T)))``,
+  summed over classes; the box term is a softmax KL on the DFL distributions
+  (``reg_max`` bins per side), averaged over the 4 sides. Both are averaged over
+  the anchors the teacher marks as foreground (max class probability >= a
+  threshold, at T = 1), pooled over all shared strides (so each anchor counts once
+  and finer levels weigh by their anchor count, like Ultralytics' own loss).
+* **Different heads.** Teacher and student may have different strides (PyraFAN:
+  4/8/16, YOLO11: 8/16/32); we distil only on the strides both have.
+* **Several teachers.** Their soft outputs are mixed as *probabilities* (a mixture
+  of their predictive distributions), not logits: averaging logits would make the
+  mixture sharper than any teacher where they agree and can invent confident
+  classes neither predicts. The ``*_from_probs`` losses take the mixture directly.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Softmax distillation ``T^2 * mean_samples KL(p_t || p_s)``, ``p = softmax(z / T)`` (paper 4.3, L_KD, p(y)).
+
+    Parameters
+    ----------
+    student_logits, teacher_logits : torch.Tensor
+        Shape ``(..., C)``; classes on the last dim, every leading position is a sample.
+    temperature : float
+        T > 0.
+
+    Returns
+    -------
+    torch.Tensor
+        Scalar.
+
+    Examples
+    --------
+    Teacher logits [0, 0] -> p_t = [0.5, 0.5]; student logits [0, ln 3] -> p_s = [0.25, 0.75];
+    T = 1: KL = 0.5 ln(0.5/0.25) + 0.5 ln(0.5/0.75) = 0.5 (0.69315 - 0.40547) = 0.14384.
+    """
+    _check_temperature(temperature)
+    _check_same_shape(student_logits, teacher_logits)
+    return kd_loss_from_probs(student_logits, F.softmax(teacher_logits.detach() / temperature, dim=-1), temperature)
+
+
+def kd_loss_from_probs(student_logits: torch.Tensor, teacher_probs: torch.Tensor, temperature: float) -> torch.Tensor:
+    """:func:`kd_loss` against given (e.g. mixed, see :func:`mix_teachers`) teacher probabilities at temperature T.
+
+    Parameters
+    ----------
+    student_logits : torch.Tensor
+        Shape ``(..., C)``.
+    teacher_probs : torch.Tensor
+        Shape ``(..., C)``, rows summing to 1.
+    """
+    _check_temperature(temperature)
+    _check_same_shape(student_logits, teacher_probs)
+    per_sample = _softmax_kl(student_logits, teacher_probs, temperature)  # (...)
+    return _masked_mean(per_sample, None) * temperature**2
+
+
+def total_loss(task_loss, kd_loss, alpha: float):
+    """``L_total = alpha * L_task + (1 - alpha) * L_KD`` (paper section 4.3, L_total).
+
+    Works on floats and tensors. Example: alpha = 0.25, task = 2, kd = 4 -> 0.5 + 3 = 3.5.
+    """
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be within [0, 1], got {alpha!r}")
+    return alpha * task_loss + (1.0 - alpha) * kd_loss
+
+
+def foreground_mask(teacher_logits: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Anchors the teacher calls foreground: ``max_k sigmoid(t_k) >= threshold``.
+
+    Parameters
+    ----------
+    teacher_logits : torch.Tensor
+        Class logits, shape ``(..., nc)``.
+    threshold : float
+        In [0, 1].
+
+    Returns
+    -------
+    torch.Tensor
+        Bool, shape ``(...)``. Example: logits [[0, -5], [-5, -5]], threshold 0.5 -> [True, False].
+    """
+    _check_threshold(threshold)
+    return torch.sigmoid(teacher_logits.detach()).amax(dim=-1) >= threshold
+
+
+def binary_kd_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    temperature: float,
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Per-class Bernoulli distillation loss for sigmoid classifiers (paper section 4.3, L_KD for YOLO heads).
+
+    ``T^2 * mean_{anchors in mask} sum_k KL(Bern(p_k) || Bern(q_k))``, ``p = sigmoid(t / T)``,
+    ``q = sigmoid(s / T)``, ``KL = p ln(p/q) + (1-p) ln((1-p)/(1-q))``.
+
+    Parameters
+    ----------
+    student_logits, teacher_logits : torch.Tensor
+        Shape ``(..., nc)``.
+    temperature : float
+        T > 0.
+    mask : torch.Tensor, optional
+        Bool, shape ``(...)`` (e.g. :func:`foreground_mask`); all anchors by default.
+        An empty mask gives a differentiable 0.
+
+    Examples
+    --------
+    t = 0 -> p = 0.5; s = ln 3 -> q = 0.75; KL = 0.5 ln(0.5/0.75) + 0.5 ln(0.5/0.25) = 0.14384.
+    """
+    _check_temperature(temperature)
+    _check_same_shape(student_logits, teacher_logits)
+    return binary_kd_loss_from_probs(
+        student_logits, torch.sigmoid(teacher_logits.detach() / temperature), temperature, mask
+    )
+
+
+def binary_kd_loss_from_probs(
+    student_logits: torch.Tensor,
+    teacher_probs: torch.Tensor,
+    temperature: float,
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """:func:`binary_kd_loss` against given (e.g. mixed) teacher probabilities ``sigmoid(t / T)``, ``(..., nc)``."""
+    _check_temperature(temperature)
+    _check_same_shape(student_logits, teacher_probs)
+    p = teacher_probs.detach()
+    s = student_logits / temperature
+    # p ln p + (1-p) ln(1-p) - p ln q - (1-p) ln(1-q), with ln q = logsigmoid(s), ln(1-q) = logsigmoid(-s)
+    kl = (
+        torch.special.xlogy(p, p) + torch.special.xlogy(1 - p, 1 - p) - p * F.logsigmoid(s) - (1 - p) * F.logsigmoid(-s)
+    )  # (..., nc)
+    return _masked_mean(kl.sum(dim=-1), mask) * temperature**2
+
+
+def dfl_kd_loss(
+    student_dfl: torch.Tensor,
+    teacher_dfl: torch.Tensor,
+    temperature: float,
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Localisation distillation on DFL box distributions (DESIGN 3.3; paper section 4.3, L_KD).
+
+    ``T^2 * mean_{anchors in mask} mean_{4 sides} KL(softmax(t/T) || softmax(s/T))`` over the
+    ``reg_max`` bins of each side.
+
+    Parameters
+    ----------
+    student_dfl, teacher_dfl : torch.Tensor
+        Shape ``(..., 4, reg_max)`` (Ultralytics: reg_max = 16).
+    temperature : float
+        T > 0.
+    mask : torch.Tensor, optional
+        Bool, shape ``(...)``; all anchors by default.
+
+    Examples
+    --------
+    Every side with teacher [0, 0] and student [0, ln 3] (reg_max = 2) -> 0.14384 per side -> 0.14384.
+    """
+    _check_temperature(temperature)
+    _check_same_shape(student_dfl, teacher_dfl)
+    return dfl_kd_loss_from_probs(student_dfl, F.softmax(teacher_dfl.detach() / temperature, dim=-1), temperature, mask)
+
+
+def dfl_kd_loss_from_probs(
+    student_dfl: torch.Tensor,
+    teacher_probs: torch.Tensor,
+    temperature: float,
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """:func:`dfl_kd_loss` against given (e.g. mixed) teacher bin probabilities, shape ``(..., 4, reg_max)``."""
+    _check_temperature(temperature)
+    _check_same_shape(student_dfl, teacher_probs)
+    if student_dfl.dim() < 2 or student_dfl.shape[-2] != 4:
+        raise ValueError(f"DFL tensors must be shaped (..., 4, reg_max), got {tuple(student_dfl.shape)}")
+    per_anchor = _softmax_kl(student_dfl, teacher_probs, temperature).mean(dim=-1)  # (...)
+    return _masked_mean(per_anchor, mask) * temperature**2
+
+
+def mix_teachers(outputs: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
+    """Mix several teachers' probabilities: ``sum_k w_k p_k / sum_k w_k`` (DESIGN 3.3, weights from ``teachers_for``).
+
+    Mixes probabilities, not logits (see the module docstring); the result of
+    per-class sigmoids stays in [0, 1], of softmaxes sums to 1.
+
+    Parameters
+    ----------
+    outputs : sequence of torch.Tensor
+        Teacher probabilities, all the same shape, values in [0, 1].
+    weights : sequence of float
+        Non-negative, positive sum; renormalised to sum 1.
+
+    Examples
+    --------
+    [0.9, 0.1] with weight 0.75 and [0.5, 0.5] with 0.25 -> [0.8, 0.2].
+    """
+    if len(outputs) == 0 or len(outputs) != len(weights):
+        raise ValueError(f"need one weight per teacher output, got {len(outputs)} outputs and {len(weights)} weights")
+    if not all(math.isfinite(w) and w >= 0 for w in weights) or sum(weights) <= 0:
+        raise ValueError(f"weights must be finite, non-negative and sum to > 0, got {list(weights)}")
+    for k, out in enumerate(outputs):
+        _check_same_shape(outputs[0], out)
+        if out.numel() and (out.min() < 0 or out.max() > 1):
+            raise ValueError(
+                f"teacher output {k} has values outside [0, 1]: mix_teachers mixes probabilities, not logits"
+            )
+    total = float(sum(weights))
+    return sum(out.detach() * (w / total) for out, w in zip(outputs, weights, strict=True))
+
+
+def split_head_outputs(
+    outputs: Sequence[torch.Tensor], strides: Sequence[int], reg_max: int = 16
+) -> dict[int, dict[str, torch.Tensor]]:
+    """Raw per-level Detect-head outputs -> ``{stride: {"dfl": ..., "cls": ...}}``.
+
+    An Ultralytics Detect head returns, per level, ``(B, 4 * reg_max + nc, H, W)``: the
+    box (DFL) channels first, then the class logits.
+
+    Examples
+    --------
+    One level ``(2, 64 + 3, 80, 80)`` at stride 8 -> ``{8: {"dfl": (2, 64, 80, 80), "cls": (2, 3, 80, 80)}}``.
+    """
+    if len(outputs) != len(strides):
+        raise ValueError(f"got {len(outputs)} level outputs for strides {list(strides)}")
+    levels = {}
+    for stride, out in zip(strides, outputs, strict=True):
+        if out.dim() != 4 or out.shape[1] <= 4 * reg_max:
+            raise ValueError(f"stride {stride}: expected (B, 4*{reg_max} + nc, H, W), got {tuple(out.shape)}")
+        levels[int(stride)] = {"dfl": out[:, : 4 * reg_max], "cls": out[:, 4 * reg_max :]}
+    return levels
+
+
+class DetectionKDLoss(NamedTuple):
+    """Result of :func:`detection_kd_loss`."""
+
+    total: torch.Tensor  # cls_weight * cls + box_weight * box
+    cls: torch.Tensor  # Bernoulli KL term
+    box: torch.Tensor  # DFL KL term
+    num_foreground: int  # anchors distilled on
+    strides: tuple[int, ...]  # shared strides used
+
+
+def detection_kd_loss(
+    student_levels: Mapping[int, Mapping[str, torch.Tensor]],
+    teacher_levels: Mapping[int, Mapping[str, torch.Tensor]] | Sequence[Mapping[int, Mapping[str, torch.Tensor]]],
+    temperature: float,
+    fg_threshold: float,
+    cls_weight: float = 1.0,
+    box_weight: float = 1.0,
+    teacher_weights: Sequence[float] | None = None,
+) -> DetectionKDLoss:
+    """Response-based detection distillation on the strides student and teacher(s) share (paper section 4.3, L_KD).
+
+    ``total = cls_weight * binary_kd + box_weight * dfl_kd``, both over the teacher's
+    foreground anchors of all shared strides pooled together.
+
+    Parameters
+    ----------
+    student_levels : mapping stride -> {"cls": (B, nc, H, W), "dfl": (B, 4 * reg_max, H, W)}
+        Raw logits (see :func:`split_head_outputs`); DFL channels ordered side-major
+        (channel = side * reg_max + bin), as in Ultralytics.
+    teacher_levels : one such mapping, or a sequence of them (several teachers)
+        Detached. With several teachers, give ``teacher_weights`` (e.g. from
+        ``teachers_for``): their probabilities are mixed (:func:`mix_teachers`),
+        and the foreground mask comes from the mixed class probabilities at T = 1.
+    temperature : float
+        T > 0.
+    fg_threshold : float
+        Foreground threshold on the teacher's max class probability, in [0, 1].
+
+    Raises
+    ------
+    ValueError
+        No shared stride, or shapes that differ on a shared stride.
+    """
+    _check_temperature(temperature)
+    _check_threshold(fg_threshold)
+    if isinstance(teacher_levels, Mapping):
+        teachers, weights = [teacher_levels], [1.0]
+    else:
+        teachers, weights = list(teacher_levels), teacher_weights
+        if weights is None or len(weights) != len(teachers):
+            raise ValueError(f"{len(teachers)} teachers need as many teacher_weights, got {weights}")
+    strides = set(student_levels)
+    for levels in teachers:
+        strides &= set(levels)
+    if not strides:
+        raise ValueError(
+            f"no shared stride: student {sorted(student_levels)}, teacher(s) {[sorted(levels) for levels in teachers]}"
+        )
+
+    s_cls, s_dfl, t_cls, t_dfl, fg = [], [], [], [], []
+    for stride in sorted(strides):
+        _check_level(stride, student_levels, teachers)
+        s_cls.append(_anchors_cls(student_levels[stride]["cls"]))  # (A_l, nc)
+        s_dfl.append(_anchors_dfl(student_levels[stride]["dfl"]))  # (A_l, 4, reg_max)
+        with torch.no_grad():
+            cls_logits = [_anchors_cls(levels[stride]["cls"]) for levels in teachers]
+            dfl_logits = [_anchors_dfl(levels[stride]["dfl"]) for levels in teachers]
+            t_cls.append(mix_teachers([torch.sigmoid(z / temperature) for z in cls_logits], weights))
+            t_dfl.append(mix_teachers([F.softmax(z / temperature, dim=-1) for z in dfl_logits], weights))
+            confidence = mix_teachers([torch.sigmoid(z) for z in cls_logits], weights)  # T = 1
+            fg.append(confidence.amax(dim=-1) >= fg_threshold)  # (A_l,)
+
+    mask = torch.cat(fg)  # (A,) over all shared levels
+    cls = binary_kd_loss_from_probs(torch.cat(s_cls), torch.cat(t_cls), temperature, mask)
+    box = dfl_kd_loss_from_probs(torch.cat(s_dfl), torch.cat(t_dfl), temperature, mask)
+    return DetectionKDLoss(cls_weight * cls + box_weight * box, cls, box, int(mask.sum()), tuple(sorted(strides)))
+
+
+def _check_level(stride: int, student_levels: Mapping, teachers: Sequence[Mapping]) -> None:
+    """Both heads ('cls', 'dfl') present and shaped alike at ``stride``; ValueError naming what differs."""
+    named = [("student", student_levels)] + [(f"teacher {k}", levels) for k, levels in enumerate(teachers)]
+    for who, levels in named:
+        if not {"cls", "dfl"} <= set(levels[stride]):
+            raise ValueError(f"stride {stride} of the {who} needs 'cls' and 'dfl', got {sorted(levels[stride])}")
+    student = student_levels[stride]
+    for who, levels in named[1:]:
+        for key in ("cls", "dfl"):
+            if levels[stride][key].shape != student[key].shape:
+                raise ValueError(
+                    f"stride {stride} {key!r}: {who} {tuple(levels[stride][key].shape)}"
+                    f" != student {tuple(student[key].shape)}"
+                )
+    cls, dfl = student["cls"], student["dfl"]
+    if cls.dim() != 4 or dfl.dim() != 4 or dfl.shape[1] % 4 or cls.shape[2:] != dfl.shape[2:]:
+        raise ValueError(
+            f"stride {stride}: expected cls (B, nc, H, W) and dfl (B, 4 * reg_max, H, W), got "
+            f"{tuple(cls.shape)} and {tuple(dfl.shape)}"
+        )
+
+
+def _anchors_cls(cls: torch.Tensor) -> torch.Tensor:
+    """(B, nc, H, W) -> (B * H * W, nc)."""
+    return cls.permute(0, 2, 3, 1).reshape(-1, cls.shape[1])
+
+
+def _anchors_dfl(dfl: torch.Tensor) -> torch.Tensor:
+    """(B, 4 * reg_max, H, W) -> (B * H * W, 4, reg_max), channel = side * reg_max + bin."""
+    b, c4, h, w = dfl.shape
+    return dfl.reshape(b, 4, c4 // 4, h, w).permute(0, 3, 4, 1, 2).reshape(-1, 4, c4 // 4)
+
+
+def _softmax_kl(student_logits: torch.Tensor, teacher_probs: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``sum_c p_c (ln p_c - ln q_c)``, q = softmax(s / T), over the last dim: (..., C) -> (...)."""
+    p = teacher_probs.detach()
+    log_q = F.log_softmax(student_logits / temperature, dim=-1)
+    return (torch.special.xlogy(p, p) - p * log_q).sum(dim=-1)
+
+
+def _masked_mean(values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Mean of ``values`` where ``mask`` is True; 0 (still attached to the graph) when nothing is selected."""
+    if mask is None:
+        mask = torch.ones_like(values, dtype=torch.bool)
+    if tuple(mask.shape) != tuple(values.shape):
+        raise ValueError(f"mask shape {tuple(mask.shape)} does not match the anchors' shape {tuple(values.shape)}")
+    selected = torch.where(mask, values, torch.zeros_like(values))
+    return selected.sum() / mask.sum().clamp(min=1)
+
+
+def _check_temperature(temperature: float) -> None:
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+
+
+def _check_threshold(threshold: float) -> None:
+    if not 0.0 <= threshold <= 1.0:
+        raise ValueError(f"threshold must be within [0, 1], got {threshold!r}")
+
+
+def _check_same_shape(a: torch.Tensor, b: torch.Tensor) -> None:
+    if a.shape != b.shape:
+        raise ValueError(f"shapes differ: {tuple(a.shape)} vs {tuple(b.shape)}")

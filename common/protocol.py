@@ -1,0 +1,91 @@
+"""Record keys of the messages between the ServerApp and the ClientApps.
+
+Defined once here (kebab-case, as Flower records use) and validated at the
+boundary: a reply that lacks a key or carries a value of the wrong kind raises
+:class:`ProtocolError` naming the key, and the strategy drops that reply.
+This module is plain Python (no flwr) so both sides and the tests can use it.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping
+
+# record names inside a message's RecordDict
+ARRAYS = "arrays"
+CONFIG = "config"
+METRICS = "metrics"
+SITE = "site"
+
+# ConfigRecord "config" (server -> client)
+SERVER_ROUND = "server-round"
+EPOCHS = "epochs"
+
+# MetricRecord "metrics" (client -> server)
+NUM_EXAMPLES = "num-examples"
+TRAIN_LOSS = "train-loss"
+TRAIN_SECONDS = "train-seconds"
+VAL_MAP50 = "val-map50"
+TEST_MAP50 = "test-map50"
+TEST_MAP50_95 = "test-map50-95"
+TEST_AP50 = "test-ap50"  # per class; NaN is sent as -1 (absent class)
+
+# ConfigRecord "site" (client -> server)
+SITE_ID = "site-id"
+POSITION_KM = "position-km"
+CLASSES = "classes"
+
+ABSENT = -1.0  # per-class AP of a class with no labelled instance (MetricRecord has no NaN)
+
+
+class ProtocolError(ValueError):
+    """A message from a node is malformed; the message names the bad key."""
+
+
+def encode_ap(ap: list[float]) -> list[float]:
+    return [ABSENT if math.isnan(v) else float(v) for v in ap]
+
+
+def decode_ap(ap: list[float]) -> list[float]:
+    return [math.nan if v == ABSENT else float(v) for v in ap]
+
+
+def _number(record: Mapping[str, Any], key: str, where: str) -> float:
+    if key not in record:
+        raise ProtocolError(f"{where}: missing '{key}'")
+    value = record[key]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(float(value)):
+        raise ProtocolError(f"{where}: '{key}'={value!r} is not a number")
+    return float(value)
+
+
+def parse_train_metrics(metrics: Mapping[str, Any], nc: int) -> dict[str, Any]:
+    """Validate a train reply's metrics; return them as plain Python values."""
+    where = "metrics"
+    out = {k: _number(metrics, k, where) for k in (NUM_EXAMPLES, TRAIN_LOSS, TRAIN_SECONDS, VAL_MAP50, TEST_MAP50)}
+    if out[NUM_EXAMPLES] <= 0:
+        raise ProtocolError(f"{where}: '{NUM_EXAMPLES}'={out[NUM_EXAMPLES]!r} must be > 0")
+    for k in (VAL_MAP50, TEST_MAP50):
+        if not 0.0 <= out[k] <= 1.0:
+            raise ProtocolError(f"{where}: '{k}'={out[k]!r} outside [0, 1]")
+    ap = metrics.get(TEST_AP50)
+    if not isinstance(ap, list) or len(ap) != nc:
+        raise ProtocolError(f"{where}: '{TEST_AP50}' must be a list of {nc} values, got {ap!r}")
+    out[TEST_AP50] = decode_ap(ap)
+    out[TEST_MAP50_95] = float(metrics.get(TEST_MAP50_95, math.nan))
+    return out
+
+
+def parse_site(site: Mapping[str, Any], nc: int) -> dict[str, Any]:
+    """Validate a reply's site identity (id, position in km, class ids)."""
+    where = "site"
+    site_id = site.get(SITE_ID)
+    if not isinstance(site_id, str) or not site_id:
+        raise ProtocolError(f"{where}: '{SITE_ID}'={site_id!r} must be a non-empty string")
+    pos = site.get(POSITION_KM)
+    if not isinstance(pos, list) or len(pos) != 2 or not all(isinstance(v, (int, float)) for v in pos):
+        raise ProtocolError(f"{where}: '{POSITION_KM}'={pos!r} must be [x_km, y_km]")
+    classes = site.get(CLASSES)
+    if not isinstance(classes, list) or not all(isinstance(c, int) and 0 <= c < nc for c in classes):
+        raise ProtocolError(f"{where}: '{CLASSES}'={classes!r} must be class ids in [0, {nc})")
+    return {SITE_ID: site_id, POSITION_KM: [float(v) for v in pos], CLASSES: sorted(set(classes))}

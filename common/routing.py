@@ -1,0 +1,772 @@
+"""Ambiguity routing between the edge and the cloud (paper section 4.2 (a)-(c)).
+
+The edge model detects on keyframes; a detection is *ambiguous*, and is sent to
+the cloud model for re-detection, when it meets one or more of:
+
+(a) ``low_conf``  confidence < ``t_conf`` (paper: e.g. 0.5);
+(b) ``small``     box area < ``t_size`` px²;
+(c) ``unstable``  its track was detected intermittently over the last
+                  ``n_frames`` keyframes (paper: N = 5).
+
+The final result merges the confident, unambiguous edge detections with the
+cloud's detections for what was offloaded. Choices where the paper is unclear:
+
+``t_size`` default
+    The paper gives no value. Default 256 px² (16×16), the upper bound of the
+    "tiny" class in small-object benchmarks (AI-TOD: < 16×16), which matches
+    the built-in benchmark's object sizes. COCO's "small" (< 32²) would send
+    almost every VisDrone object to the cloud. Areas are in the pixel units of
+    the boxes passed in (frame pixels); scale boxes first if the detector ran on
+    a resized frame. Comparisons are strict: confidence exactly ``t_conf`` and
+    area exactly ``t_size`` are *not* ambiguous.
+
+"Intermittently detected" (c)
+    A track's history is one bool per keyframe since the track started (see
+    :class:`common.keyframes.IoUTracker`). The track is unstable when the last
+    ``n_frames`` entries of that history contain at least one hit *and* at
+    least one miss (a seen-missed pattern). Since the history starts with the
+    first hit and a detection being routed is a hit on the current keyframe,
+    this means: "missed at least once in the last ``n_frames`` keyframes". A
+    new track (history ``(True,)``) is not unstable; "roughly the same spatial
+    position" is the tracker's IoU association.
+
+Merge
+    Result = edge detections that were not offloaded, minus those that overlap
+    any cloud detection with IoU ≥ ``iou``, plus all cloud detections. The
+    overlap test is class-agnostic by default: the cloud re-detected that
+    region and its label wins; a same-class-only rule would keep a duplicate
+    edge box exactly when the cloud corrects the class. An offloaded edge
+    detection that the cloud does not confirm is dropped (the cloud's answer
+    for that region is authoritative, this is what cuts false positives).
+
+Crops
+    Each ambiguous box is widened by ``context`` × its width/height on each
+    side, grown symmetrically to at least ``min_size`` px per side, shifted
+    back inside the image and clipped to it, and rounded outwards to whole
+    pixels. Crops whose intersection has positive area are replaced by their
+    bounding rectangle, repeatedly, until no two overlap (touching crops are
+    kept apart). In ``"frame"`` mode the whole frame is sent once when anything
+    is ambiguous.
+
+:class:`Detections` is the light, JSON-friendly detection type shared by the
+edge runtime and the cloud service. No flwr, ultralytics, wandb or torch here;
+OpenCV is imported lazily, only to JPEG-encode crops for byte counts.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+
+from common.keyframes import box_iou
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "REASONS",
+    "Detections",
+    "is_unstable",
+    "ambiguity_reasons",
+    "ambiguous_mask",
+    "Routing",
+    "route",
+    "merge",
+    "crop_regions",
+    "merge_overlapping",
+    "to_frame_coords",
+    "OffloadPlan",
+    "offload_plan",
+    "crop_image",
+    "encode_regions",
+    "payload_bytes",
+    "raw_bytes",
+    "OffloadStats",
+    "offload_stats",
+    "offload_fraction",
+    "keyframe_offload_fraction",
+    "reason_counts",
+]
+
+REASON_LOW_CONF = "low_conf"
+REASON_SMALL = "small"
+REASON_UNSTABLE = "unstable"
+#: Reason names, in the order they are reported.
+REASONS = (REASON_LOW_CONF, REASON_SMALL, REASON_UNSTABLE)
+
+
+# --------------------------------------------------------------------------- #
+# Detections
+# --------------------------------------------------------------------------- #
+def _as_boxes(boxes: Any, name: str = "boxes") -> np.ndarray:
+    arr = np.asarray(boxes, dtype=np.float64)
+    if arr.size == 0:
+        return arr.reshape(0, 4)
+    if arr.ndim != 2 or arr.shape[1] != 4:
+        raise ValueError(f"{name} must have shape (N, 4) xyxy, got {arr.shape}")
+    return arr
+
+
+def _area(xyxy: np.ndarray) -> np.ndarray:
+    w = np.clip(xyxy[:, 2] - xyxy[:, 0], 0, None)
+    h = np.clip(xyxy[:, 3] - xyxy[:, 1], 0, None)
+    return w * h  # (N,)
+
+
+@dataclass(eq=False)
+class Detections:
+    """Detections of one image as parallel numpy arrays.
+
+    Attributes
+    ----------
+    xyxy : np.ndarray
+        ``(N, 4)`` float64 boxes ``x1, y1, x2, y2`` in pixels.
+    conf : np.ndarray
+        ``(N,)`` float64 confidences in [0, 1].
+    cls : np.ndarray
+        ``(N,)`` int64 class ids.
+
+    Examples
+    --------
+    >>> d = Detections([[0, 0, 10, 20]], [0.9], [3])
+    >>> len(d), d.area.tolist(), d.to_list()
+    (1, [200.0], [{'xyxy': [0.0, 0.0, 10.0, 20.0], 'conf': 0.9, 'cls': 3}])
+    """
+
+    xyxy: Any = field(default_factory=lambda: np.zeros((0, 4)))
+    conf: Any = field(default_factory=lambda: np.zeros(0))
+    cls: Any = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+
+    def __post_init__(self) -> None:
+        xyxy = np.asarray(self.xyxy, dtype=np.float64)
+        if xyxy.size == 0:
+            xyxy = xyxy.reshape(0, 4)
+        if xyxy.ndim != 2 or xyxy.shape[1] != 4:
+            raise ValueError(f"xyxy must have shape (N, 4), got {xyxy.shape}")
+        conf = np.asarray(self.conf, dtype=np.float64).reshape(-1)
+        cls_f = np.asarray(self.cls).reshape(-1)
+        if conf.shape[0] != xyxy.shape[0] or cls_f.shape[0] != xyxy.shape[0]:
+            raise ValueError(
+                f"xyxy, conf and cls must have the same length, got "
+                f"{xyxy.shape[0]}, {conf.shape[0]}, {cls_f.shape[0]}"
+            )
+        if cls_f.size and not np.all(np.asarray(cls_f, dtype=np.float64) % 1 == 0):
+            raise ValueError(f"cls must be integers, got {cls_f.tolist()}")
+        self.xyxy = xyxy
+        self.conf = conf
+        self.cls = cls_f.astype(np.int64)
+
+    @classmethod
+    def empty(cls) -> "Detections":
+        return cls()
+
+    def __len__(self) -> int:
+        return int(self.xyxy.shape[0])
+
+    def __getitem__(self, index: Any) -> "Detections":
+        """Index, slice, integer array or boolean mask → a new Detections."""
+        if isinstance(index, (int, np.integer)):
+            index = [int(index)]
+        return Detections(self.xyxy[index], self.conf[index], self.cls[index])
+
+    def select(self, mask: Any) -> "Detections":
+        """Detections where ``mask`` (``(N,)`` bool) is True."""
+        mask = np.asarray(mask, dtype=bool).reshape(-1)
+        if mask.shape[0] != len(self):
+            raise ValueError(f"mask has {mask.shape[0]} entries for {len(self)} detections")
+        return self[mask]
+
+    @classmethod
+    def concat(cls, parts: Iterable["Detections"]) -> "Detections":
+        parts = list(parts)
+        if not parts:
+            return cls()
+        return cls(
+            np.concatenate([p.xyxy for p in parts]),
+            np.concatenate([p.conf for p in parts]),
+            np.concatenate([p.cls for p in parts]),
+        )
+
+    @property
+    def area(self) -> np.ndarray:
+        """``(N,)`` box areas ``(x2 - x1)·(y2 - y1)`` in px² (0 for inverted boxes)."""
+        return _area(self.xyxy)
+
+    def to_list(self) -> list[dict[str, Any]]:
+        """JSON-friendly ``[{"xyxy": [x1, y1, x2, y2], "conf": c, "cls": k}, ...]``."""
+        return [
+            {"xyxy": [float(v) for v in box], "conf": float(c), "cls": int(k)}
+            for box, c, k in zip(self.xyxy, self.conf, self.cls)
+        ]
+
+    @classmethod
+    def from_list(cls, items: Sequence[Mapping[str, Any]]) -> "Detections":
+        """Inverse of :meth:`to_list`; a bad item raises ValueError naming its index."""
+        if isinstance(items, (str, bytes)) or not isinstance(items, Sequence):
+            raise ValueError(f"detections must be a list of objects, got {type(items).__name__}")
+        boxes, confs, classes = [], [], []
+        for i, item in enumerate(items):
+            if not isinstance(item, Mapping):
+                raise ValueError(f"detection {i} must be an object, got {type(item).__name__}")
+            for key in ("xyxy", "conf", "cls"):
+                if key not in item:
+                    raise ValueError(f"detection {i} lacks key {key!r}")
+            try:
+                box = [float(v) for v in item["xyxy"]]
+                conf = float(item["conf"])
+                k = item["cls"]
+                if isinstance(k, bool) or float(k) != int(k):
+                    raise TypeError
+                k = int(k)
+            except (TypeError, ValueError):
+                raise ValueError(f"detection {i} has a non-numeric value: {dict(item)!r}") from None
+            if len(box) != 4 or not np.all(np.isfinite(box)) or not np.isfinite(conf):
+                raise ValueError(f"detection {i} has a bad box or confidence: {dict(item)!r}")
+            boxes.append(box)
+            confs.append(conf)
+            classes.append(k)
+        return cls(np.array(boxes).reshape(-1, 4), confs, classes)
+
+
+# --------------------------------------------------------------------------- #
+# Ambiguity (paper 4.2 (a)-(c))
+# --------------------------------------------------------------------------- #
+def _check_n_frames(n_frames: int) -> int:
+    if int(n_frames) != n_frames or n_frames < 1:
+        raise ValueError(f"n_frames must be an integer >= 1, got {n_frames!r}")
+    return int(n_frames)
+
+
+def is_unstable(history: Sequence[bool] | None, n_frames: int = 5) -> bool:
+    """Whether a track was detected intermittently over the last ``n_frames`` keyframes.
+
+    ``window = history[-n_frames:]``; unstable ⇔ ``any(window) and not all(window)``
+    (at least one hit and at least one miss).
+
+    Parameters
+    ----------
+    history : sequence of bool or None
+        One entry per keyframe since the track started, oldest first, True = hit.
+        ``None`` or empty means "no temporal information" → False.
+    n_frames : int
+        N, the window length in keyframes (paper: 5).
+
+    Examples
+    --------
+    ``(T, F, T)`` → True; ``(T, T, T, T, T)`` → False; ``(T, F, T, T, T, T, T)``
+    with N = 5 → window ``(T, T, T, T, T)`` → False (the miss is too old).
+    """
+    n_frames = _check_n_frames(n_frames)
+    if not history:
+        return False
+    window = [bool(h) for h in list(history)[-n_frames:]]
+    return any(window) and not all(window)
+
+
+def ambiguity_reasons(
+    boxes: Any,
+    scores: Any,
+    track_histories: Sequence[Sequence[bool] | None] | None = None,
+    t_conf: float = 0.5,
+    t_size: float = 256.0,
+    n_frames: int = 5,
+) -> list[tuple[str, ...]]:
+    """Why each detection is ambiguous (paper 4.2 (a)-(c)); ``()`` = confident.
+
+    For detection i with box area ``A_i = (x2-x1)(y2-y1)``, confidence ``s_i``
+    and track history ``h_i``, the reasons are, in this order:
+    ``"low_conf"`` if ``s_i < t_conf``; ``"small"`` if ``A_i < t_size``;
+    ``"unstable"`` if :func:`is_unstable` ``(h_i, n_frames)``.
+
+    Parameters
+    ----------
+    boxes : array_like
+        ``(N, 4)`` xyxy in frame pixels.
+    scores : array_like
+        ``(N,)`` confidences.
+    track_histories : sequence or None
+        ``N`` hit/miss histories (see :class:`common.keyframes.IoUTracker`), or
+        None when there is no tracking (then no detection is "unstable").
+    t_conf : float
+        T_conf in [0, 1] (paper: 0.5).
+    t_size : float
+        T_size in px² (default 256 = 16×16).
+    n_frames : int
+        N in keyframes (paper: 5).
+
+    Returns
+    -------
+    list of tuple of str
+        One tuple per detection.
+
+    Examples
+    --------
+    Boxes ``[0,0,20,20]`` (400 px²), ``[0,0,10,10]`` (100 px²) with scores 0.9
+    and 0.4, histories ``(T,T)`` and ``(T,F,T)``: → ``[(), ("low_conf",
+    "small", "unstable")]``.
+    """
+    if not 0.0 <= t_conf <= 1.0:
+        raise ValueError(f"t_conf must be in [0, 1], got {t_conf!r}")
+    if not t_size >= 0:
+        raise ValueError(f"t_size must be >= 0 px², got {t_size!r}")
+    n_frames = _check_n_frames(n_frames)
+    xyxy = _as_boxes(boxes)
+    conf = np.asarray(scores, dtype=np.float64).reshape(-1)
+    n = xyxy.shape[0]
+    if conf.shape[0] != n:
+        raise ValueError(f"scores has {conf.shape[0]} entries for {n} boxes")
+    if track_histories is not None and len(track_histories) != n:
+        raise ValueError(f"track_histories has {len(track_histories)} entries for {n} detections")
+    low = conf < t_conf
+    small = _area(xyxy) < t_size
+    out: list[tuple[str, ...]] = []
+    for i in range(n):
+        reasons = []
+        if low[i]:
+            reasons.append(REASON_LOW_CONF)
+        if small[i]:
+            reasons.append(REASON_SMALL)
+        if track_histories is not None and is_unstable(track_histories[i], n_frames):
+            reasons.append(REASON_UNSTABLE)
+        out.append(tuple(reasons))
+    return out
+
+
+def ambiguous_mask(reasons: Sequence[tuple[str, ...]]) -> np.ndarray:
+    """``(N,)`` bool: True where a detection has at least one reason."""
+    return np.array([len(r) > 0 for r in reasons], dtype=bool)
+
+
+@dataclass(eq=False)
+class Routing:
+    """Result of :func:`route`: the split and the per-detection reasons."""
+
+    confident: Detections
+    offloaded: Detections
+    offload_mask: np.ndarray  # (N,) bool over the input detections
+    reasons: list[tuple[str, ...]]
+
+
+def route(
+    detections: Detections,
+    track_histories: Sequence[Sequence[bool] | None] | None = None,
+    t_conf: float = 0.5,
+    t_size: float = 256.0,
+    n_frames: int = 5,
+) -> Routing:
+    """Split edge detections into confident ones and ones to offload.
+
+    ``offload_mask[i] = len(ambiguity_reasons(...)[i]) > 0``; ``confident`` and
+    ``offloaded`` keep the input order.
+
+    Examples
+    --------
+    Scores ``[0.9, 0.3]`` on two 20×20 boxes, no tracks → mask ``[False, True]``,
+    reasons ``[(), ("low_conf",)]``.
+    """
+    reasons = ambiguity_reasons(
+        detections.xyxy, detections.conf, track_histories, t_conf, t_size, n_frames
+    )
+    mask = ambiguous_mask(reasons).reshape(len(detections))
+    return Routing(detections.select(~mask), detections.select(mask), mask, reasons)
+
+
+# --------------------------------------------------------------------------- #
+# Merge
+# --------------------------------------------------------------------------- #
+def merge(
+    edge: Detections,
+    cloud: Detections,
+    offloaded_mask: Any = None,
+    iou: float = 0.5,
+    class_agnostic: bool = True,
+) -> Detections:
+    """Final detections: kept edge detections plus the cloud's, cloud wins overlaps.
+
+    ``kept = {e ∈ edge : not offloaded(e) and max_c IoU(e, c) < iou}`` (over
+    cloud detections c of any class, or of e's class when ``class_agnostic``
+    is False); result = ``kept`` followed by all of ``cloud``.
+
+    Parameters
+    ----------
+    edge : Detections
+        The edge model's detections (all of them).
+    cloud : Detections
+        The cloud's detections, already in frame coordinates
+        (see :func:`to_frame_coords`); may be empty.
+    offloaded_mask : array_like or None
+        ``(len(edge),)`` bool, True for edge detections sent to the cloud; they
+        are replaced by the cloud's answer. None = nothing was offloaded.
+    iou : float
+        Overlap in (0, 1] at which an edge detection is a duplicate of a cloud one.
+    class_agnostic : bool
+        Compare against cloud boxes of any class (default) or the same class only.
+
+    Examples
+    --------
+    Edge: A ``[0,0,10,10]`` (kept), B ``[20,20,30,30]`` (offloaded), C
+    ``[50,50,60,60]`` (kept); cloud: ``[20,20,30,30]`` and ``[1,0,11,10]``
+    (IoU with A = 90/110 ≈ 0.82 ≥ 0.5). Result: C, then the two cloud boxes.
+    """
+    if not 0.0 < iou <= 1.0:
+        raise ValueError(f"iou must be in (0, 1], got {iou!r}")
+    if offloaded_mask is None:
+        offloaded = np.zeros(len(edge), dtype=bool)
+    else:
+        offloaded = np.asarray(offloaded_mask, dtype=bool).reshape(-1)
+        if offloaded.shape[0] != len(edge):
+            raise ValueError(
+                f"offloaded_mask has {offloaded.shape[0]} entries for {len(edge)} edge detections"
+            )
+    keep = ~offloaded
+    if len(cloud) and keep.any():
+        overlaps = box_iou(edge.xyxy, cloud.xyxy) >= iou  # (E, C)
+        if not class_agnostic:
+            overlaps &= edge.cls[:, None] == cloud.cls[None, :]
+        keep &= ~overlaps.any(axis=1)
+    return Detections.concat([edge.select(keep), cloud])
+
+
+# --------------------------------------------------------------------------- #
+# Offload planning: crops and coordinates
+# --------------------------------------------------------------------------- #
+def _image_hw(image_shape: Any) -> tuple[int, int]:
+    try:
+        h, w = int(image_shape[0]), int(image_shape[1])
+    except (TypeError, ValueError, IndexError):
+        raise ValueError(f"image_shape must be (H, W[, C]), got {image_shape!r}") from None
+    if h <= 0 or w <= 0:
+        raise ValueError(f"image_shape must be positive, got {image_shape!r}")
+    return h, w
+
+
+def _grow_1d(lo: np.ndarray, hi: np.ndarray, min_len: float, limit: int):
+    """Grow [lo, hi) symmetrically to >= min_len, then shift/clip into [0, limit]."""
+    length = hi - lo
+    pad = np.clip(min_len - length, 0, None) / 2.0
+    lo, hi = lo - pad, hi + pad
+    # shift windows that stick out on one side back inside, keeping their length
+    shift_right = np.clip(-lo, 0, None)
+    lo, hi = lo + shift_right, hi + shift_right
+    shift_left = np.clip(hi - limit, 0, None)
+    lo, hi = lo - shift_left, hi - shift_left
+    return np.clip(lo, 0, limit), np.clip(hi, 0, limit)
+
+
+def merge_overlapping(windows: Any) -> np.ndarray:
+    """Replace overlapping windows by their bounding rectangle until none overlap.
+
+    Two windows overlap when their intersection has positive area (touching
+    edges do not count). The result is sorted by ``(y1, x1, y2, x2)``.
+
+    Examples
+    --------
+    ``[0,0,10,10]``, ``[5,5,20,20]``, ``[20,0,30,5]`` → the first two merge into
+    ``[0,0,20,20]``, which only touches the third: ``[[0,0,20,20],[20,0,30,5]]``.
+    """
+    boxes = [list(map(int, w)) for w in np.asarray(windows).reshape(-1, 4)]
+    changed = True
+    while changed:
+        changed = False
+        for i in range(len(boxes)):
+            for j in range(i + 1, len(boxes)):
+                a, b = boxes[i], boxes[j]
+                if min(a[2], b[2]) > max(a[0], b[0]) and min(a[3], b[3]) > max(a[1], b[1]):
+                    boxes[i] = [min(a[0], b[0]), min(a[1], b[1]), max(a[2], b[2]), max(a[3], b[3])]
+                    del boxes[j]
+                    changed = True
+                    break
+            if changed:
+                break
+    boxes.sort(key=lambda b: (b[1], b[0], b[3], b[2]))
+    return np.array(boxes, dtype=np.int64).reshape(-1, 4)
+
+
+def crop_regions(
+    boxes: Any,
+    image_shape: Any,
+    context: float = 0.5,
+    min_size: int = 32,
+    merge_overlaps: bool = True,
+) -> np.ndarray:
+    """Crop windows around boxes, with context, inside the image, overlaps merged.
+
+    For a box of width w, height h: ``[x1 - c·w, y1 - c·h, x2 + c·w, y2 + c·h]``
+    (c = ``context``), grown symmetrically to at least ``min_size`` per side,
+    shifted back inside the image and clipped to ``[0, W] × [0, H]``, rounded
+    outwards (floor x1/y1, ceil x2/y2); then overlapping windows are merged
+    (:func:`merge_overlapping`).
+
+    Parameters
+    ----------
+    boxes : array_like
+        ``(N, 4)`` xyxy in frame pixels.
+    image_shape : tuple
+        ``(H, W)`` or ``(H, W, C)``.
+    context : float
+        Margin on each side as a fraction of the box size (>= 0).
+    min_size : int
+        Minimum crop side in px (a crop is smaller only if the image is).
+    merge_overlaps : bool
+        Merge overlapping crops (default True).
+
+    Returns
+    -------
+    np.ndarray
+        ``(K, 4)`` int64 windows ``x1, y1, x2, y2``, K <= N.
+
+    Examples
+    --------
+    Box ``[100, 100, 120, 110]`` (w = 20, h = 10), context 0.5, min 32, image
+    480×640: widened to ``[90, 95, 130, 115]`` (40×20); height 20 < 32 grows by
+    6 each side → ``[90, 89, 130, 121]``.
+    """
+    if not context >= 0:
+        raise ValueError(f"context must be >= 0, got {context!r}")
+    if int(min_size) != min_size or min_size < 1:
+        raise ValueError(f"min_size must be an integer >= 1 px, got {min_size!r}")
+    h_img, w_img = _image_hw(image_shape)
+    b = _as_boxes(boxes)
+    if b.shape[0] == 0:
+        return np.zeros((0, 4), dtype=np.int64)
+    bw = np.clip(b[:, 2] - b[:, 0], 0, None)
+    bh = np.clip(b[:, 3] - b[:, 1], 0, None)
+    x1, x2 = _grow_1d(b[:, 0] - context * bw, b[:, 2] + context * bw, min_size, w_img)
+    y1, y2 = _grow_1d(b[:, 1] - context * bh, b[:, 3] + context * bh, min_size, h_img)
+    windows = np.stack(
+        [np.floor(x1), np.floor(y1), np.ceil(x2), np.ceil(y2)], axis=1
+    ).astype(np.int64)
+    return merge_overlapping(windows) if merge_overlaps else windows
+
+
+def to_frame_coords(
+    dets_in_crop: Detections,
+    crop_origin: Sequence[float],
+    scale: float | Sequence[float] = 1.0,
+) -> Detections:
+    """Map detections found on a crop back to frame coordinates.
+
+    ``x_frame = x_crop / s_x + x0`` and ``y_frame = y_crop / s_y + y0``, where
+    ``(x0, y0)`` is the crop's top-left corner in the frame and ``s`` the factor
+    the crop was resized by before detection (sent size = crop size · s).
+
+    Examples
+    --------
+    A box ``[10, 20, 30, 40]`` on a crop at origin ``(100, 50)`` that was sent
+    at 2× → ``[105, 60, 115, 70]``.
+    """
+    try:
+        x0, y0 = (float(v) for v in crop_origin)
+    except (TypeError, ValueError):
+        raise ValueError(f"crop_origin must be (x0, y0), got {crop_origin!r}") from None
+    try:
+        if np.ndim(scale) == 0:
+            sx = sy = float(scale)  # type: ignore[arg-type]
+        else:
+            sx, sy = (float(v) for v in scale)  # type: ignore[union-attr]
+    except (TypeError, ValueError):
+        raise ValueError(f"scale must be a number or (sx, sy), got {scale!r}") from None
+    if not (sx > 0 and sy > 0):
+        raise ValueError(f"scale must be > 0, got {scale!r}")
+    xyxy = dets_in_crop.xyxy / np.array([sx, sy, sx, sy]) + np.array([x0, y0, x0, y0])
+    return Detections(xyxy, dets_in_crop.conf.copy(), dets_in_crop.cls.copy())
+
+
+@dataclass(eq=False)
+class OffloadPlan:
+    """What to send to the cloud for one keyframe.
+
+    ``regions`` are ``(K, 4)`` int64 windows in frame pixels (one full-frame
+    window in ``"frame"`` mode, none when nothing is ambiguous); ``box_region[i]``
+    is the index of the region that covers detection i, -1 if i is not offloaded.
+    """
+
+    mode: str
+    regions: np.ndarray
+    box_region: np.ndarray
+
+    @property
+    def empty(self) -> bool:
+        return self.regions.shape[0] == 0
+
+
+def offload_plan(
+    boxes: Any,
+    offload_mask: Any,
+    image_shape: Any,
+    mode: str = "crops",
+    context: float = 0.5,
+    min_size: int = 32,
+) -> OffloadPlan:
+    """Plan the upload for one keyframe: crops around ambiguous boxes or the whole frame.
+
+    Parameters
+    ----------
+    boxes : array_like
+        ``(N, 4)`` xyxy of all edge detections (frame pixels).
+    offload_mask : array_like
+        ``(N,)`` bool, True for ambiguous detections.
+    image_shape : tuple
+        ``(H, W)`` or ``(H, W, C)``.
+    mode : {"crops", "frame"}
+        Send merged crops (see :func:`crop_regions`) or the full frame.
+
+    Examples
+    --------
+    Ambiguous boxes ``[10,10,20,20]`` and ``[600,400,610,410]`` on a 480×640
+    image in ``"crops"`` mode → regions ``[0,0,32,32]`` and ``[589,389,621,421]``
+    (sorted top to bottom), ``box_region == [0, 1]``; in ``"frame"`` mode → one
+    region ``[0, 0, 640, 480]``, ``box_region == [0, 0]``.
+    """
+    if mode not in ("crops", "frame"):
+        raise ValueError(f"mode must be 'crops' or 'frame', got {mode!r}")
+    h_img, w_img = _image_hw(image_shape)
+    xyxy = _as_boxes(boxes)
+    mask = np.asarray(offload_mask, dtype=bool).reshape(-1)
+    if mask.shape[0] != xyxy.shape[0]:
+        raise ValueError(f"offload_mask has {mask.shape[0]} entries for {xyxy.shape[0]} boxes")
+    box_region = np.full(xyxy.shape[0], -1, dtype=np.int64)
+    if not mask.any():
+        return OffloadPlan(mode, np.zeros((0, 4), dtype=np.int64), box_region)
+    if mode == "frame":
+        box_region[mask] = 0
+        return OffloadPlan(mode, np.array([[0, 0, w_img, h_img]], dtype=np.int64), box_region)
+    regions = crop_regions(xyxy[mask], (h_img, w_img), context=context, min_size=min_size)
+    # the region that contains the (clipped) box; every crop contains its own box
+    clipped = np.clip(xyxy[mask], 0, [w_img, h_img, w_img, h_img])
+    inside = (
+        (regions[None, :, 0] <= clipped[:, None, 0])
+        & (regions[None, :, 1] <= clipped[:, None, 1])
+        & (regions[None, :, 2] >= clipped[:, None, 2])
+        & (regions[None, :, 3] >= clipped[:, None, 3])
+    )  # (n_offloaded, K)
+    assert inside.any(axis=1).all(), "a crop region must contain its box"
+    box_region[mask] = np.argmax(inside, axis=1)
+    return OffloadPlan(mode, regions, box_region)
+
+
+def crop_image(image: np.ndarray, region: Sequence[int]) -> np.ndarray:
+    """The pixels of ``region`` (``x1, y1, x2, y2``) of an ``(H, W[, C])`` image (a view)."""
+    x1, y1, x2, y2 = (int(v) for v in region)
+    h, w = _image_hw(image.shape)
+    if not (0 <= x1 < x2 <= w and 0 <= y1 < y2 <= h):
+        raise ValueError(f"region {[x1, y1, x2, y2]} is empty or outside the {w}x{h} image")
+    return image[y1:y2, x1:x2]
+
+
+def encode_regions(image: np.ndarray, regions: Any, quality: int = 90) -> list[bytes]:
+    """JPEG-encode each region of ``image`` with OpenCV (imported lazily).
+
+    Returns one ``bytes`` per region, in order.
+    """
+    if not 1 <= int(quality) <= 100:
+        raise ValueError(f"quality must be in [1, 100], got {quality!r}")
+    try:
+        import cv2  # noqa: PLC0415 - optional, only for the byte counts
+    except ImportError as exc:  # pragma: no cover - depends on the install
+        raise ImportError("encode_regions needs opencv-python (cv2) to JPEG-encode") from exc
+    out = []
+    for region in np.asarray(regions).reshape(-1, 4):
+        ok, buf = cv2.imencode(
+            ".jpg", np.ascontiguousarray(crop_image(image, region)),
+            [int(cv2.IMWRITE_JPEG_QUALITY), int(quality)],
+        )
+        if not ok:
+            raise ValueError(f"cv2.imencode failed for region {region.tolist()}")
+        out.append(buf.tobytes())
+    return out
+
+
+def payload_bytes(encoded: Iterable[bytes | int]) -> int:
+    """Total upload size: the sum of the encoded sizes (``bytes`` or ints).
+
+    Examples
+    --------
+    ``payload_bytes([b"abc", 10]) == 13``.
+    """
+    total = 0
+    for item in encoded:
+        n = len(item) if isinstance(item, (bytes, bytearray, memoryview)) else int(item)
+        if n < 0:
+            raise ValueError(f"encoded size must be >= 0, got {item!r}")
+        total += n
+    return total
+
+
+def raw_bytes(regions: Any, channels: int = 3) -> int:
+    """Uncompressed size of the regions: ``sum (x2-x1)·(y2-y1)·channels``.
+
+    Examples
+    --------
+    Regions 40×32 and 640×480 at 3 channels: 3840 + 921600 = 925440 bytes.
+    """
+    r = np.asarray(regions, dtype=np.int64).reshape(-1, 4)
+    return int(((r[:, 2] - r[:, 0]) * (r[:, 3] - r[:, 1])).sum() * int(channels))
+
+
+# --------------------------------------------------------------------------- #
+# Offload metrics
+# --------------------------------------------------------------------------- #
+@dataclass(frozen=True)
+class OffloadStats:
+    """Offload counts over keyframes; fractions are 0.0 when the total is 0."""
+
+    detections: int
+    detections_offloaded: int
+    keyframes: int
+    keyframes_with_offload: int
+
+    @property
+    def detection_fraction(self) -> float:
+        return self.detections_offloaded / self.detections if self.detections else 0.0
+
+    @property
+    def keyframe_fraction(self) -> float:
+        return self.keyframes_with_offload / self.keyframes if self.keyframes else 0.0
+
+
+def offload_stats(masks: Iterable[Any]) -> OffloadStats:
+    """Counts from one offload mask per keyframe.
+
+    Examples
+    --------
+    Masks ``[T, F]``, ``[F, F, F]``, ``[]``: 5 detections, 1 offloaded (0.2);
+    3 keyframes, 1 with an offload (1/3).
+    """
+    n_det = n_off = n_kf = n_kf_off = 0
+    for m in masks:
+        m = np.asarray(m, dtype=bool).reshape(-1)
+        n_kf += 1
+        n_det += m.size
+        k = int(m.sum())
+        n_off += k
+        n_kf_off += k > 0
+    return OffloadStats(n_det, n_off, n_kf, n_kf_off)
+
+
+def offload_fraction(masks: Iterable[Any]) -> float:
+    """Fraction of all detections that were offloaded (0.0 if there are none)."""
+    return offload_stats(masks).detection_fraction
+
+
+def keyframe_offload_fraction(masks: Iterable[Any]) -> float:
+    """Fraction of keyframes with at least one offloaded detection (0.0 if none)."""
+    return offload_stats(masks).keyframe_fraction
+
+
+def reason_counts(reasons: Iterable[tuple[str, ...]]) -> dict[str, int]:
+    """How often each reason occurs (a detection with two reasons counts in both).
+
+    Examples
+    --------
+    ``[(), ("low_conf",), ("low_conf", "small")]`` →
+    ``{"low_conf": 2, "small": 1, "unstable": 0}``.
+    """
+    counts = Counter(r for rs in reasons for r in rs)
+    unknown = set(counts) - set(REASONS)
+    if unknown:
+        raise ValueError(f"unknown ambiguity reasons: {sorted(unknown)}")
+    return {r: counts.get(r, 0) for r in REASONS}

@@ -1,0 +1,125 @@
+"""``cedar-simulate``: run a simulated federation with ``flwr run .`` and clean up after it.
+
+It does what the bare ``flwr run .`` leaves to the user:
+
+- validates the config first (a bad key fails here, naming the key);
+- sets ``num-supernodes`` to the number of sites in the config;
+- sets ``FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1`` so Flower uses this
+  (already installed) environment instead of building a fresh one per run;
+- streams the logs, and stops the local SuperLink that ``flwr run`` started
+  in the background (unless it was already running before, or ``--keep-superlink``).
+
+Equivalent manual command (quick preset, 4 sites)::
+
+    FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1 flwr run . --stream \\
+        --federation-config "num-supernodes=4" --run-config "preset='quick'"
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+APP_DIR = Path(__file__).resolve().parent.parent
+LOCAL_SUPERLINK_MARK = "--simulation"
+
+
+def local_superlinks() -> list:
+    """Processes of a ``flower-superlink --simulation`` (the one ``flwr run`` starts)."""
+    import psutil
+
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        cmd = proc.info.get("cmdline") or []
+        if any(part.endswith("flower-superlink") for part in cmd[:2]) and LOCAL_SUPERLINK_MARK in cmd:
+            found.append(proc)
+    return found
+
+
+def stop_local_superlinks(timeout: float = 15.0) -> int:
+    """Terminate (then kill) local simulation SuperLinks and their children; returns how many."""
+    import psutil
+
+    procs = local_superlinks()
+    family = [c for p in procs for c in p.children(recursive=True)] + procs
+    for p in family:
+        try:
+            p.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(family, timeout=timeout)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    return len(procs)
+
+
+def build_command(preset: str, overrides: list[str], num_nodes: int, app_dir: Path = APP_DIR) -> list[str]:
+    run_config = f"preset={_toml_str(preset)}"
+    if overrides:
+        run_config += f" overrides={_toml_str(' '.join(overrides))}"
+    return ["flwr", "run", str(app_dir), "--stream", "--run-config", run_config,
+            "--federation-config", f"num-supernodes={num_nodes}"]
+
+
+def _toml_str(value: str) -> str:
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="cedar-simulate", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", default="quick", help="conf/<preset>.yaml (quick, standard, paper)")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. federation.num-rounds=5")
+    parser.add_argument("--keep-superlink", action="store_true", help="leave the local SuperLink running")
+    args = parser.parse_args(argv)
+
+    from common.config import ConfigError, load_config
+    from common.sites import num_sites
+
+    from common.config import parse_value
+
+    run_name = f"{args.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
+    user_overrides = [o for o in args.overrides if not o.replace("_", "-").startswith("run-name=")]
+    if len(user_overrides) != len(args.overrides):
+        run_name = next(o.split("=", 1)[1] for o in args.overrides if o not in user_overrides)
+    args.overrides = user_overrides + [f"run-name={run_name}"]
+    if not any(o.replace("_", "-").startswith("output-dir=") for o in args.overrides):
+        args.overrides.append(f"output-dir={Path('outputs').resolve()}")  # the ServerApp's cwd is not ours
+    overrides = {k: parse_value(v) for k, v in (o.split("=", 1) for o in args.overrides if "=" in o)}
+    bad = [o for o in args.overrides if "=" not in o]
+    try:
+        if bad:
+            raise ConfigError(f"override '{bad[0]}' is not key=value")
+        cfg = load_config(args.preset, overrides)
+    except ConfigError as err:
+        print(f"cedar-simulate: {err}", file=sys.stderr)
+        return 2
+    n = num_sites(cfg)
+    env = dict(os.environ, FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1")
+    was_running = bool(local_superlinks())
+    cmd = build_command(args.preset, args.overrides, n)
+    print(f"cedar-simulate: {n} sites, {cfg.federation.num_rounds} rounds: {shlex.join(cmd)}", flush=True)
+    t0 = time.monotonic()
+    try:
+        rc = subprocess.call(cmd, env=env, cwd=APP_DIR)
+    finally:
+        if not was_running and not args.keep_superlink:
+            stop_local_superlinks()
+    run_dir = Path(cfg.output_dir).expanduser().resolve() / run_name
+    done = (run_dir / "summary.md").is_file() and (run_dir / "DONE").is_file()
+    if rc == 0 and not done:
+        rc = 1  # flwr run exits 0 even when the ServerApp raised
+    print(f"cedar-simulate: {'finished' if rc == 0 else 'FAILED'} in {time.monotonic() - t0:.0f}s; "
+          f"results in {run_dir}", flush=True)
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,162 @@
+"""Personalised detection strategy: every site keeps (and improves) its own model.
+
+Policy only, as Flower's own strategies: which node gets which message, which
+replies are usable, what the server keeps per node. Models and evaluation are
+the ServerApp's business (``evaluate_fn``), so this module never imports torch.
+
+Round ``r``:
+
+1. ``configure_train``: one message *per node*, carrying that node's own
+   weights (from its last reply) and the round's training config; the
+   graph-guided KD strategy builds on this to send each student its teachers.
+2. ``aggregate_train``: replies are validated (a failed, missing or malformed
+   reply is logged and skipped; the round goes on), each node's weights and
+   identity are kept, and ``evaluate_fn`` scores the returned model on the
+   shared benchmark. With ``aggregation="fedavg"`` the kept weights are
+   replaced by their example-weighted average (one global model).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from logging import INFO, WARNING
+from typing import Any, Callable, Iterable
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
+
+from common import protocol as P
+
+
+@dataclass
+class NodeReply:
+    """A validated train reply of one node in one round."""
+
+    node_id: int
+    site: dict[str, Any]
+    metrics: dict[str, Any]
+    arrays: ArrayRecord
+    benchmark: dict[str, Any] = field(default_factory=dict)  # filled by evaluate_fn
+
+
+EvaluateFn = Callable[[NodeReply], dict[str, Any]]
+RoundEndFn = Callable[[int, list[NodeReply]], None]
+
+
+class PersonalizedStrategy(Strategy):
+    """Per-node models, server-side evaluation on a shared benchmark."""
+
+    def __init__(self, *, num_classes: int, epochs_per_round: int, evaluate_fn: EvaluateFn,
+                 aggregation: str = "none", train_config: dict[str, Any] | None = None):
+        if aggregation not in ("none", "fedavg"):
+            raise ValueError(f"aggregation={aggregation!r}: expected 'none' or 'fedavg'")
+        self.num_classes = num_classes
+        self.epochs_per_round = epochs_per_round
+        self.evaluate_fn = evaluate_fn
+        self.aggregation = aggregation
+        self.train_config = dict(train_config or {})
+        self.node_arrays: dict[int, ArrayRecord] = {}  # latest weights per node
+        self.node_sites: dict[int, dict[str, Any]] = {}  # identity per node
+
+    def summary(self) -> None:
+        log(INFO, "\t├── Personalised models (aggregation: %s)", self.aggregation)
+        log(INFO, "\t└── Local epochs per round: %s", self.epochs_per_round)
+
+    # ------------------------------------------------------------------ train
+    def configure_train(self, server_round: int, arrays: ArrayRecord | None, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        node_ids = sorted(grid.get_node_ids())
+        log(INFO, "configure_train: round %s, %s nodes", server_round, len(node_ids))
+        messages = []
+        for node_id in node_ids:
+            cfg = ConfigRecord({**self.train_config, **dict(config), P.SERVER_ROUND: server_round,
+                                P.EPOCHS: self.epochs_per_round})
+            content = RecordDict({P.CONFIG: cfg})
+            weights = self.node_arrays.get(node_id, arrays)
+            if weights is not None:
+                content[P.ARRAYS] = weights
+            messages.append(Message(content=content, dst_node_id=node_id, message_type=MessageType.TRAIN))
+        return messages
+
+    def parse_reply(self, msg: Message) -> NodeReply:
+        """Validate one reply; raises :class:`common.protocol.ProtocolError` naming the problem."""
+        node_id = msg.metadata.src_node_id
+        if msg.has_error():
+            raise P.ProtocolError(f"node {node_id} failed: {msg.error.reason}")
+        content = msg.content
+        for name in (P.ARRAYS, P.METRICS, P.SITE):
+            if name not in content:
+                raise P.ProtocolError(f"node {node_id}: reply has no '{name}' record")
+        metrics = P.parse_train_metrics(content[P.METRICS], self.num_classes)
+        site = P.parse_site(content[P.SITE], self.num_classes)
+        return NodeReply(node_id, site, metrics, content[P.ARRAYS])
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]
+                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Keep each valid reply; returns the global weights only for fedavg."""
+        self.last_replies = []
+        for msg in replies:
+            try:
+                reply = self.parse_reply(msg)
+                reply.benchmark = self.evaluate_fn(reply)
+            except (ValueError, KeyError, RuntimeError) as err:  # ProtocolError, ModelError, bad tensors
+                log(WARNING, "aggregate_train: round %s: dropping reply of node %s: %s",
+                    server_round, msg.metadata.src_node_id, err)
+                continue
+            self.node_arrays[reply.node_id] = reply.arrays
+            self.node_sites[reply.node_id] = reply.site
+            self.last_replies.append(reply)
+        log(INFO, "aggregate_train: round %s, %s valid replies", server_round, len(self.last_replies))
+        if self.aggregation != "fedavg" or not self.last_replies:
+            return None, None
+        content = [RecordDict({"arrays": r.arrays, "metrics": MetricRecord({"n": r.metrics[P.NUM_EXAMPLES]})})
+                   for r in self.last_replies]
+        merged = aggregate_arrayrecords(content, "n")
+        for node_id in self.node_arrays:
+            self.node_arrays[node_id] = merged
+        return merged, None
+
+    # --------------------------------------------------------------- evaluate
+    def configure_evaluate(self, server_round, arrays, config, grid) -> Iterable[Message]:
+        return []  # evaluation happens on the server, where the shared benchmark is
+
+    def aggregate_evaluate(self, server_round, replies) -> MetricRecord | None:
+        return None
+
+    # ------------------------------------------------------------------ loop
+    def start(self, grid: Grid, *, num_rounds: int, expected_nodes: int, wait_for_nodes_s: float = 120.0,
+              timeout: float = 3600.0, first_round: int = 1, on_round_end: RoundEndFn | None = None) -> None:
+        """Run rounds ``first_round..num_rounds``; ``on_round_end`` sees each round's valid replies."""
+        self.summary()
+        wait_for_nodes(grid, expected_nodes, wait_for_nodes_s)
+        for server_round in range(first_round, num_rounds + 1):
+            log(INFO, "")
+            log(INFO, "[ROUND %s/%s]", server_round, num_rounds)
+            messages = list(self.configure_train(server_round, None, ConfigRecord(), grid))
+            replies = list(grid.send_and_receive(messages=messages, timeout=timeout))
+            missing = {m.metadata.dst_node_id for m in messages} - {r.metadata.src_node_id for r in replies}
+            if missing:
+                log(WARNING, "round %s: no reply from nodes %s (skipped)", server_round, sorted(missing))
+            self.aggregate_train(server_round, replies)
+            if on_round_end is not None:
+                on_round_end(server_round, self.last_replies)
+
+
+def wait_for_nodes(grid: Grid, expected: int, timeout_s: float, poll_s: float = 1.0) -> list[int]:
+    """Wait until ``expected`` nodes are connected (simulated nodes register a moment late)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        nodes = sorted(grid.get_node_ids())
+        if len(nodes) >= expected or time.monotonic() >= deadline:
+            break
+        time.sleep(poll_s)
+    if len(nodes) < expected:
+        log(WARNING, "only %s of %s expected nodes connected after %.0fs; going on with them",
+            len(nodes), expected, timeout_s)
+    else:
+        log(INFO, "%s nodes connected", len(nodes))
+    return nodes

@@ -1,0 +1,364 @@
+"""Tests for common.kd: distillation losses of paper section 4.3 (L_total, L_KD, p(y)) for YOLO heads."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from common.kd import (
+    binary_kd_loss,
+    detection_kd_loss,
+    dfl_kd_loss,
+    foreground_mask,
+    kd_loss,
+    kd_loss_from_probs,
+    mix_teachers,
+    split_head_outputs,
+    total_loss,
+)
+
+LN3 = math.log(3.0)
+# p_t = [0.5, 0.5], p_s = [0.25, 0.75]: KL = 0.5 ln(0.5/0.25) + 0.5 ln(0.5/0.75) = 0.5 (0.693147 - 0.405465)
+KL_HALF_VS_QUARTER = 0.1438410362
+
+
+# --- softmax KD ---------------------------------------------------------------------------
+
+
+def test_kd_loss_hand_worked():
+    """Paper 4.3 L_KD = KL(p_t || p_s), p = softmax(z / T): p_t = [0.5, 0.5], p_s = [0.25, 0.75] -> 0.1438."""
+    # Prepare: logits [0, ln 3] -> softmax [1/4, 3/4]
+    teacher = torch.tensor([[0.0, 0.0]])
+    student = torch.tensor([[0.0, LN3]])
+    # Execute / Assert: T = 1
+    assert kd_loss(student, teacher, 1.0).item() == pytest.approx(KL_HALF_VS_QUARTER, rel=1e-6)
+    # T = 2 with student logits doubled: the same distributions, times T^2 = 4 -> 0.5754
+    assert kd_loss(2 * student, teacher, 2.0).item() == pytest.approx(4 * KL_HALF_VS_QUARTER, rel=1e-6)
+
+
+def test_kd_loss_matches_torch_kl_div_batchmean():
+    """Paper 4.3 L_KD: sum over classes, mean over samples, times T^2 == torch kl_div(batchmean) * T^2."""
+    # Prepare
+    gen = torch.Generator().manual_seed(0)
+    student, teacher, t = torch.randn(8, 5, generator=gen), torch.randn(8, 5, generator=gen), 3.0
+    # Execute
+    loss = kd_loss(student, teacher, t)
+    reference = F.kl_div(F.log_softmax(student / t, -1), F.softmax(teacher / t, -1), reduction="batchmean") * t**2
+    # Assert: and leading dims are just more samples
+    assert loss.item() == pytest.approx(reference.item(), rel=1e-5)
+    assert kd_loss(student.view(2, 4, 5), teacher.view(2, 4, 5), t).item() == pytest.approx(loss.item(), rel=1e-6)
+
+
+def test_kd_loss_gradient_and_zero_at_teacher():
+    """Paper 4.3 L_KD gradient: d/ds [T^2 KL] = T (p_s - p_t) / N; 0 when student == teacher; teacher is constant."""
+    # Prepare
+    gen = torch.Generator().manual_seed(1)
+    student = torch.randn(4, 3, generator=gen, dtype=torch.float64, requires_grad=True)
+    teacher = torch.randn(4, 3, generator=gen, dtype=torch.float64, requires_grad=True)
+    t = 2.0
+    # Execute
+    kd_loss(student, teacher, t).backward()
+    # Assert
+    expected = t * (F.softmax(student / t, -1) - F.softmax(teacher / t, -1)) / 4
+    torch.testing.assert_close(student.grad, expected.detach())
+    assert teacher.grad is None
+    same = kd_loss(teacher.detach().clone().requires_grad_(), teacher, t)
+    assert same.item() == pytest.approx(0.0, abs=1e-12)
+    assert torch.autograd.gradcheck(lambda s: kd_loss(s, teacher.detach(), t), (student.detach().requires_grad_(),))
+
+
+def test_kd_loss_from_probs_equals_kd_loss_for_one_teacher():
+    """Paper 4.3 p(y) = softmax(z / T): passing the teacher's probabilities gives the same L_KD."""
+    gen = torch.Generator().manual_seed(2)
+    student, teacher = torch.randn(6, 4, generator=gen), torch.randn(6, 4, generator=gen)
+    from_probs = kd_loss_from_probs(student, F.softmax(teacher / 2.0, -1), 2.0)
+    assert from_probs.item() == pytest.approx(kd_loss(student, teacher, 2.0).item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("temperature", [0.0, -1.0, float("nan")])
+def test_losses_reject_bad_temperature(temperature):
+    """Paper 4.3 p(y): T must be > 0; the error names the value."""
+    x = torch.zeros(2, 3)
+    for loss in (kd_loss, binary_kd_loss):
+        with pytest.raises(ValueError, match=f"temperature.*{temperature}"):
+            loss(x, x, temperature)
+
+
+def test_total_loss_hand_worked():
+    """Paper 4.3 L_total = alpha L_CE + (1 - alpha) L_KD: 0.25 * 2 + 0.75 * 4 = 3.5."""
+    assert total_loss(2.0, 4.0, 0.25) == pytest.approx(3.5)
+    assert total_loss(2.0, 4.0, 0.0) == 4.0
+    assert total_loss(2.0, 4.0, 1.0) == 2.0
+    assert total_loss(torch.tensor(2.0), torch.tensor(4.0), 0.25).item() == pytest.approx(3.5)
+    with pytest.raises(ValueError, match=r"1\.5"):
+        total_loss(2.0, 4.0, 1.5)
+
+
+# --- sigmoid (Bernoulli) KD and DFL KD ------------------------------------------------------
+
+
+def test_binary_kd_loss_hand_worked_with_mask():
+    """Paper 4.3 L_KD for sigmoid classes: Bernoulli KL summed over classes, mean over foreground anchors."""
+    # Prepare: anchor 0: class 0 p = sigmoid(0) = 0.5, q = sigmoid(ln 3) = 0.75 ->
+    #   0.5 ln(0.5/0.75) + 0.5 ln(0.5/0.25) = 0.1438; class 1 equal -> 0. Anchor 1 differs wildly but is masked out.
+    teacher = torch.tensor([[0.0, -2.0], [5.0, 5.0]])
+    student = torch.tensor([[LN3, -2.0], [-5.0, -5.0]])
+    mask = torch.tensor([True, False])
+    # Execute
+    loss = binary_kd_loss(student, teacher, 1.0, mask)
+    # Assert
+    assert loss.item() == pytest.approx(KL_HALF_VS_QUARTER, rel=1e-6)
+
+
+def test_binary_kd_loss_matches_numpy_reference():
+    """Paper 4.3 L_KD (Bernoulli form): T^2 mean_anchors sum_k p ln(p/q) + (1-p) ln((1-p)/(1-q)), vs numpy."""
+    # Prepare
+    rng = np.random.default_rng(3)
+    student, teacher, t = rng.normal(size=(5, 4)), rng.normal(size=(5, 4)), 2.0
+    p, q = 1 / (1 + np.exp(-teacher / t)), 1 / (1 + np.exp(-student / t))
+    reference = t**2 * (p * np.log(p / q) + (1 - p) * np.log((1 - p) / (1 - q))).sum(axis=1).mean()
+    # Execute
+    loss = binary_kd_loss(torch.from_numpy(student), torch.from_numpy(teacher), t)
+    # Assert
+    assert loss.item() == pytest.approx(reference, rel=1e-9)
+
+
+def test_binary_kd_loss_empty_mask_and_saturated_logits():
+    """Paper 4.3 L_KD edge cases: no foreground -> a differentiable 0; saturated sigmoids -> finite, never NaN."""
+    # Prepare
+    student = torch.tensor([[100.0, -100.0], [0.0, 0.0]], requires_grad=True)
+    teacher = torch.tensor([[-100.0, 100.0], [100.0, -100.0]])  # sigmoid -> exactly 0 / 1 in float32
+    # Execute
+    empty = binary_kd_loss(student, teacher, 1.0, torch.zeros(2, dtype=torch.bool))
+    empty.backward()
+    full = binary_kd_loss(student, teacher, 1.0)
+    # Assert
+    assert empty.item() == 0.0 and empty.requires_grad
+    assert torch.equal(student.grad, torch.zeros_like(student))
+    assert torch.isfinite(full) and full.item() > 0
+    assert binary_kd_loss(torch.zeros(0, 3), torch.zeros(0, 3), 1.0).item() == 0.0
+
+
+def test_binary_kd_loss_gradient_and_zero_at_teacher():
+    """Paper 4.3 L_KD (Bernoulli): d/ds = T (q - p) / N per class; 0 at s = t; gradcheck."""
+    gen = torch.Generator().manual_seed(4)
+    student = torch.randn(3, 2, generator=gen, dtype=torch.float64, requires_grad=True)
+    teacher = torch.randn(3, 2, generator=gen, dtype=torch.float64)
+    binary_kd_loss(student, teacher, 2.0).backward()
+    expected = 2.0 * (torch.sigmoid(student / 2.0) - torch.sigmoid(teacher / 2.0)) / 3
+    torch.testing.assert_close(student.grad, expected.detach())
+    assert binary_kd_loss(teacher, teacher, 2.0).item() == pytest.approx(0.0, abs=1e-12)
+    assert torch.autograd.gradcheck(lambda s: binary_kd_loss(s, teacher, 2.0), (student.detach().requires_grad_(),))
+
+
+def test_foreground_mask_hand_worked():
+    """Paper 4.3 distillation region: anchors whose max class probability sigmoid(t) >= threshold."""
+    # sigmoid(0) = 0.5 >= 0.5; sigmoid(-5) = 0.0067 < 0.5
+    logits = torch.tensor([[0.0, -5.0], [-5.0, -5.0]])
+    assert foreground_mask(logits, 0.5).tolist() == [True, False]
+    with pytest.raises(ValueError, match=r"1\.2"):
+        foreground_mask(logits, 1.2)
+
+
+def test_dfl_kd_loss_hand_worked():
+    """Paper 4.3 L_KD on box distributions: softmax KL per side, mean over 4 sides and anchors, times T^2."""
+    # Prepare: reg_max = 2, teacher bins [0, 0] on every side -> p = [0.5, 0.5]
+    teacher = torch.zeros(1, 4, 2)
+    all_sides = torch.tensor([[[0.0, LN3]] * 4])  # every side q = [0.25, 0.75] -> 0.1438 per side
+    one_side = torch.tensor([[[0.0, LN3], [0.0, 0.0], [0.0, 0.0], [0.0, 0.0]]])  # 0.1438 / 4 = 0.03596
+    # Execute / Assert
+    assert dfl_kd_loss(all_sides, teacher, 1.0).item() == pytest.approx(KL_HALF_VS_QUARTER, rel=1e-6)
+    assert dfl_kd_loss(one_side, teacher, 1.0).item() == pytest.approx(KL_HALF_VS_QUARTER / 4, rel=1e-6)
+    assert dfl_kd_loss(teacher, teacher, 1.0).item() == 0.0
+
+
+def test_dfl_kd_loss_rejects_bad_shapes():
+    """Paper 4.3 L_KD (DFL): tensors must be (..., 4, reg_max) and the mask must match the anchors."""
+    with pytest.raises(ValueError, match=r"\(2, 3, 16\)"):
+        dfl_kd_loss(torch.zeros(2, 3, 16), torch.zeros(2, 3, 16), 1.0)
+    with pytest.raises(ValueError, match="mask shape"):
+        dfl_kd_loss(torch.zeros(2, 4, 16), torch.zeros(2, 4, 16), 1.0, torch.ones(3, dtype=torch.bool))
+    with pytest.raises(ValueError, match="shapes differ"):
+        dfl_kd_loss(torch.zeros(2, 4, 16), torch.zeros(2, 4, 8), 1.0)
+
+
+# --- several teachers ----------------------------------------------------------------------
+
+
+def test_mix_teachers_hand_worked():
+    """DESIGN 3.3 / paper 4.3 several teachers in T: probabilities mixed by teachers_for weights."""
+    # [0.9, 0.1] * 0.75 + [0.5, 0.5] * 0.25 = [0.8, 0.2]; weights [3, 1] are renormalised to the same
+    a, b = torch.tensor([0.9, 0.1]), torch.tensor([0.5, 0.5])
+    torch.testing.assert_close(mix_teachers([a, b], [0.75, 0.25]), torch.tensor([0.8, 0.2]))
+    torch.testing.assert_close(mix_teachers([a, b], [3.0, 1.0]), torch.tensor([0.8, 0.2]))
+
+
+def test_mix_teachers_mixes_probabilities_not_logits():
+    """Paper 4.3 soft labels p(y): a mixture of p is softer than softmax of averaged logits."""
+    # Teachers [4, 0] and [2, 0]: p_1 = 0.98201, p_2 = 0.88080 -> mixed 0.93141; averaged logits [3, 0] -> 0.95257
+    logits = [torch.tensor([4.0, 0.0]), torch.tensor([2.0, 0.0])]
+    mixed = mix_teachers([F.softmax(z, -1) for z in logits], [0.5, 0.5])
+    assert mixed[0].item() == pytest.approx(0.931408, rel=1e-5)
+    assert F.softmax((logits[0] + logits[1]) / 2, -1)[0].item() == pytest.approx(0.952574, rel=1e-5)
+    with pytest.raises(ValueError, match="probabilities, not logits"):
+        mix_teachers(logits, [0.5, 0.5])
+
+
+@pytest.mark.parametrize(
+    ("weights", "message"), [([1.0], "2 outputs and 1 weights"), ([1.0, -1.0], "-1.0"), ([0.0, 0.0], "sum to > 0")]
+)
+def test_mix_teachers_rejects_bad_weights(weights, message):
+    """DESIGN 3.3 mixing weights: one non-negative weight per teacher with a positive sum."""
+    with pytest.raises(ValueError, match=message):
+        mix_teachers([torch.tensor([0.5]), torch.tensor([0.5])], weights)
+
+
+# --- detection heads -----------------------------------------------------------------------
+
+
+def _level(cls, dfl):
+    """One head level from nested lists: cls (nc,) and dfl (4 * reg_max,) logits for a single 1x1 anchor."""
+    return {"cls": torch.tensor(cls).view(1, -1, 1, 1), "dfl": torch.tensor(dfl).view(1, -1, 1, 1)}
+
+
+def test_split_head_outputs_box_channels_first():
+    """Ultralytics Detect level output (B, 4 reg_max + nc, H, W): DFL channels first, then class logits."""
+    out = torch.arange(10.0).view(1, 10, 1, 1)  # reg_max = 2 -> 8 DFL channels, nc = 2
+    levels = split_head_outputs([out], [8], reg_max=2)
+    assert levels[8]["dfl"].flatten().tolist() == [0, 1, 2, 3, 4, 5, 6, 7]
+    assert levels[8]["cls"].flatten().tolist() == [8, 9]
+    with pytest.raises(ValueError, match="strides"):
+        split_head_outputs([out], [8, 16], reg_max=2)
+
+
+def test_detection_kd_loss_hand_worked_on_shared_strides():
+    """Paper 4.3 L_KD on detection heads: shared strides only, foreground anchors only, cls + box terms."""
+    # Prepare: student strides 4/8/16 (PyraFAN), teacher 8/16/32 (YOLO11); reg_max = 2, nc = 2.
+    # Stride 8 (foreground, sigmoid(0) = 0.5 >= 0.4): cls [0 vs ln 3] -> 0.1438, [-5 vs -5] -> 0;
+    #   DFL side 0 teacher [0, 0] vs student [0, ln 3] -> 0.1438 / 4 sides = 0.03596.
+    # Stride 16: background for the teacher (sigmoid(-5) = 0.0067), so its wild student values do not count.
+    # total = 1 * 0.14384 + 2 * 0.03596 = 0.21576
+    student = {
+        4: _level([9.0, 9.0], [9.0] * 8),
+        8: _level([LN3, -5.0], [0.0, LN3] + [0.0] * 6),
+        16: _level([5.0, 5.0], [7.0, -7.0] * 4),
+    }
+    teacher = {
+        8: _level([0.0, -5.0], [0.0] * 8),
+        16: _level([-5.0, -5.0], [0.0] * 8),
+        32: _level([0.0, 0.0], [0.0] * 8),
+    }
+    # Execute
+    result = detection_kd_loss(student, teacher, temperature=1.0, fg_threshold=0.4, box_weight=2.0)
+    # Assert
+    assert result.strides == (8, 16)
+    assert result.num_foreground == 1
+    assert result.cls.item() == pytest.approx(KL_HALF_VS_QUARTER, rel=1e-6)
+    assert result.box.item() == pytest.approx(KL_HALF_VS_QUARTER / 4, rel=1e-6)
+    assert result.total.item() == pytest.approx(KL_HALF_VS_QUARTER * 1.5, rel=1e-6)
+
+
+def test_detection_kd_loss_matches_per_anchor_reference():
+    """Paper 4.3 L_KD on detection heads: pooled over anchors of all shared levels == a loop over single anchors."""
+    # Prepare: raw head outputs (B=2, 4*16 + 3, H, W) at strides 8 (2x2) and 16 (1x1), split like Ultralytics
+    gen = torch.Generator().manual_seed(6)
+    shapes = {8: 2, 16: 1}
+    student = split_head_outputs([torch.randn(2, 67, h, h, generator=gen) for h in shapes.values()], list(shapes))
+    teacher = split_head_outputs([torch.randn(2, 67, h, h, generator=gen) for h in shapes.values()], list(shapes))
+    t, threshold = 2.0, 0.6
+    cls_terms, box_terms = [], []
+    for stride, h in shapes.items():
+        for b in range(2):
+            for y in range(h):
+                for x in range(h):
+                    tc, sc = teacher[stride]["cls"][b, :, y, x], student[stride]["cls"][b, :, y, x]
+                    if torch.sigmoid(tc).max() >= threshold:
+                        cls_terms.append(binary_kd_loss(sc[None], tc[None], t))
+                        td = teacher[stride]["dfl"][b, :, y, x].reshape(4, 16)
+                        box_terms.append(dfl_kd_loss(student[stride]["dfl"][b, :, y, x].reshape(1, 4, 16), td[None], t))
+    # Execute
+    result = detection_kd_loss(student, teacher, temperature=t, fg_threshold=threshold, cls_weight=0.5)
+    # Assert
+    assert 0 < result.num_foreground == len(cls_terms) < 10
+    assert result.cls.item() == pytest.approx(torch.stack(cls_terms).mean().item(), rel=1e-5)
+    assert result.box.item() == pytest.approx(torch.stack(box_terms).mean().item(), rel=1e-5)
+    assert result.total.item() == pytest.approx(0.5 * result.cls.item() + result.box.item(), rel=1e-6)
+
+
+def test_detection_kd_loss_groups_dfl_channels_side_major():
+    """Paper 4.3 L_KD (box): channel = side * reg_max + bin as in Ultralytics' DFL, not bin-major."""
+    # Teacher channels [ln 3, ln 3, 0, ...]: side-major, side 0 = [ln 3, ln 3] is uniform like the student's zeros
+    # -> KL 0 everywhere. Bin-major would pair channels (0, 4) and (1, 5) -> [ln 3, 0] vs uniform -> > 0.
+    student = {8: _level([0.0], [0.0] * 8)}
+    teacher = {8: _level([0.0], [LN3, LN3] + [0.0] * 6)}
+    result = detection_kd_loss(student, teacher, temperature=1.0, fg_threshold=0.5)
+    assert result.num_foreground == 1
+    assert result.box.item() == pytest.approx(0.0, abs=1e-7)
+
+
+def test_detection_kd_loss_several_teachers_mix_probabilities():
+    """Paper 4.3 several neighbours in T: teacher probabilities mixed by teachers_for weights."""
+    # Prepare: nc = 1. Teacher 1 p = sigmoid(0) = 0.5 (w 0.75), teacher 2 p = sigmoid(ln 3) = 0.75 (w 0.25)
+    # -> p = 0.5625; student q = 0.5: 0.5625 ln(1.125) + 0.4375 ln(0.875) = 0.0078330; DFL all equal -> 0
+    student = {8: _level([0.0], [0.0] * 8)}
+    teachers = [{8: _level([0.0], [0.0] * 8)}, {8: _level([LN3], [0.0] * 8)}]
+    # Execute
+    result = detection_kd_loss(student, teachers, temperature=1.0, fg_threshold=0.5, teacher_weights=[0.75, 0.25])
+    # Assert
+    assert result.cls.item() == pytest.approx(0.0078330, rel=1e-4)
+    assert result.box.item() == 0.0
+    with pytest.raises(ValueError, match="teacher_weights"):
+        detection_kd_loss(student, teachers, temperature=1.0, fg_threshold=0.5)
+
+
+def test_detection_kd_loss_gradients_flow_to_student_only_and_vanish_at_teacher():
+    """Paper 4.3 L_KD: differentiable in the student, teacher constant, zero when student == teacher."""
+    # Prepare: random levels (B=2, nc=3, reg_max=16, 4x4 and 2x2) with foreground everywhere (threshold 0)
+    gen = torch.Generator().manual_seed(5)
+
+    def levels(grad):
+        return {
+            s: {
+                "cls": torch.randn(2, 3, h, h, generator=gen, requires_grad=grad),
+                "dfl": torch.randn(2, 64, h, h, generator=gen, requires_grad=grad),
+            }
+            for s, h in ((8, 4), (16, 2))
+        }
+
+    student, teacher = levels(True), levels(True)
+    # Execute
+    result = detection_kd_loss(student, teacher, temperature=2.0, fg_threshold=0.0)
+    result.total.backward()
+    same = detection_kd_loss(
+        {s: {k: v.detach() for k, v in lv.items()} for s, lv in teacher.items()}, teacher, 2.0, 0.0
+    )
+    # Assert
+    assert result.num_foreground == 2 * (16 + 4)
+    assert result.total.item() > 0
+    assert all(v.grad is not None and v.grad.abs().sum() > 0 for lv in student.values() for v in lv.values())
+    assert all(v.grad is None for lv in teacher.values() for v in lv.values())
+    assert same.total.item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_detection_kd_loss_no_foreground_is_zero_not_nan():
+    """Paper 4.3 L_KD with no confident teacher anchor: a differentiable 0, never NaN."""
+    student = {
+        8: {"cls": torch.zeros(1, 2, 2, 2, requires_grad=True), "dfl": torch.zeros(1, 8, 2, 2, requires_grad=True)}
+    }
+    teacher = {8: {"cls": torch.full((1, 2, 2, 2), -5.0), "dfl": torch.zeros(1, 8, 2, 2)}}
+    result = detection_kd_loss(student, teacher, temperature=1.0, fg_threshold=0.5)
+    result.total.backward()
+    assert result.total.item() == 0.0 and result.num_foreground == 0
+    assert torch.equal(student[8]["cls"].grad, torch.zeros(1, 2, 2, 2))
+
+
+def test_detection_kd_loss_rejects_unshared_or_mismatched_levels():
+    """Paper 4.3 L_KD across different heads: no shared stride, or different shapes on one, is an error."""
+    with pytest.raises(ValueError, match=r"no shared stride: student \[4\], teacher\(s\) \[\[32\]\]"):
+        detection_kd_loss({4: _level([0.0], [0.0] * 8)}, {32: _level([0.0], [0.0] * 8)}, 1.0, 0.5)
+    with pytest.raises(ValueError, match="stride 8 'cls'"):
+        detection_kd_loss({8: _level([0.0], [0.0] * 8)}, {8: _level([0.0, 0.0], [0.0] * 8)}, 1.0, 0.5)
+    with pytest.raises(ValueError, match="needs 'cls' and 'dfl'"):
+        detection_kd_loss({8: {"cls": torch.zeros(1, 1, 1, 1)}}, {8: _level([0.0], [0.0] * 8)}, 1.0, 0.5)

@@ -1,0 +1,446 @@
+"""Tests for common/routing.py (paper section 4.2 (a)-(c): ambiguity, offload, merge)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from common.keyframes import IoUTracker
+from common.routing import (
+    REASONS,
+    Detections,
+    ambiguity_reasons,
+    ambiguous_mask,
+    crop_image,
+    crop_regions,
+    encode_regions,
+    is_unstable,
+    keyframe_offload_fraction,
+    merge,
+    merge_overlapping,
+    offload_fraction,
+    offload_plan,
+    offload_stats,
+    payload_bytes,
+    raw_bytes,
+    reason_counts,
+    route,
+    to_frame_coords,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+T, F = True, False
+
+
+def dets(boxes, conf=None, cls=None) -> Detections:
+    n = len(boxes)
+    return Detections(
+        np.asarray(boxes, dtype=float).reshape(-1, 4),
+        [0.9] * n if conf is None else conf,
+        [0] * n if cls is None else cls,
+    )
+
+
+# --------------------------------------------------------------------------- #
+# Detections
+# --------------------------------------------------------------------------- #
+def test_detections_basics_and_json_roundtrip():
+    """Light shared type: len, area, select, index, concat, to_list/from_list via JSON."""
+    # Prepare
+    d = Detections([[0, 0, 10, 20], [5, 5, 9, 7]], [0.9, 0.2], [3, 1])
+    # Execute
+    restored = Detections.from_list(json.loads(json.dumps(d.to_list())))
+    both = Detections.concat([d, d[1]])
+    # Assert
+    assert len(d) == 2
+    np.testing.assert_allclose(d.area, [200.0, 8.0])  # 10·20, 4·2
+    assert d.to_list()[0] == {"xyxy": [0.0, 0.0, 10.0, 20.0], "conf": 0.9, "cls": 3}
+    np.testing.assert_allclose(restored.xyxy, d.xyxy)
+    np.testing.assert_allclose(restored.conf, d.conf)
+    np.testing.assert_array_equal(restored.cls, d.cls)
+    assert restored.cls.dtype == np.int64
+    np.testing.assert_array_equal(d.select([False, True]).cls, [1])
+    np.testing.assert_array_equal(both.cls, [3, 1, 1])
+    assert len(Detections.concat([])) == 0
+
+
+def test_detections_empty():
+    e = Detections.empty()
+    assert len(e) == 0 and e.xyxy.shape == (0, 4)
+    assert e.to_list() == []
+    assert len(Detections.from_list([])) == 0
+    assert Detections([], [], []).xyxy.shape == (0, 4)
+
+
+@pytest.mark.parametrize(
+    "items, match",
+    [
+        ([{"xyxy": [0, 0, 1, 1], "conf": 0.5, "cls": 0}, {"xyxy": [0, 0, 1, 1], "cls": 0}],
+         "detection 1 lacks key 'conf'"),
+        ([{"xyxy": [0, 0, 1], "conf": 0.5, "cls": 0}], "detection 0 has a bad box"),
+        ([{"xyxy": [0, 0, 1, 1], "conf": "high", "cls": 0}], "detection 0 has a non-numeric"),
+        ([{"xyxy": [0, 0, 1, 1], "conf": 0.5, "cls": 1.5}], "detection 0 has a non-numeric"),
+        ([[0, 0, 1, 1]], "detection 0 must be an object"),
+        ("not a list", "must be a list"),
+    ],
+)
+def test_detections_from_list_names_the_bad_item(items, match):
+    with pytest.raises(ValueError, match=match):
+        Detections.from_list(items)
+
+
+def test_detections_rejects_bad_shapes():
+    with pytest.raises(ValueError, match=r"shape \(N, 4\)"):
+        Detections([[0, 0, 1]], [0.5], [0])
+    with pytest.raises(ValueError, match="same length"):
+        Detections([[0, 0, 1, 1]], [0.5, 0.6], [0])
+    with pytest.raises(ValueError, match="integers"):
+        Detections([[0, 0, 1, 1]], [0.5], [0.5])
+    with pytest.raises(ValueError, match="mask has 1 entries for 2"):
+        dets([[0, 0, 1, 1], [0, 0, 2, 2]]).select([True])
+
+
+# --------------------------------------------------------------------------- #
+# Ambiguity reasons
+# --------------------------------------------------------------------------- #
+@pytest.mark.parametrize(
+    "history, n, expected",
+    [
+        ((T, F, T), 5, True),  # seen, missed, seen
+        ((T, T, T, T, T), 5, False),  # always seen
+        ((T,), 5, False),  # new track
+        ((T, F, T, T, T, T, T), 5, False),  # the miss is older than the last 5 keyframes
+        ((T, T, F, T, T, T), 5, True),  # window (T, F, T, T, T)
+        ((T, F), 5, True),  # seen then missed (a lost track)
+        ((F, F, F), 5, False),  # never seen in the window: not "intermittent"
+        ((T, F, T), 1, False),  # a 1-keyframe window cannot hold both
+        (None, 5, False),
+        ((), 5, False),
+    ],
+)
+def test_is_unstable_patterns(history, n, expected):
+    """Paper 4.2 (c): intermittent = at least one hit and one miss in the last N keyframes."""
+    assert is_unstable(history, n) is expected
+
+
+def test_each_reason_on_hand_built_detections():
+    """Paper 4.2 (a)-(c), T_conf 0.5, T_size 256 px², N 5: one detection per reason.
+
+    0: 20×20 = 400 px², 0.9, stable          → ()
+    1: 20×20, 0.3                            → (low_conf,)
+    2: 10×10 = 100 px² < 256, 0.9            → (small,)
+    3: 20×20, 0.9, history T F T             → (unstable,)
+    4: 8×8 = 64 px², 0.1, history T T F T    → all three
+    5: exactly 0.5 and exactly 16×16 = 256   → () (strict comparisons)
+    """
+    # Prepare
+    boxes = [
+        [0, 0, 20, 20],
+        [0, 0, 20, 20],
+        [0, 0, 10, 10],
+        [0, 0, 20, 20],
+        [0, 0, 8, 8],
+        [100, 100, 116, 116],
+    ]
+    scores = [0.9, 0.3, 0.9, 0.9, 0.1, 0.5]
+    histories = [(T, T), (T,), (T, T, T), (T, F, T), (T, T, F, T), (T,)]
+    # Execute
+    reasons = ambiguity_reasons(boxes, scores, histories, t_conf=0.5, t_size=256, n_frames=5)
+    # Assert
+    assert reasons == [
+        (),
+        ("low_conf",),
+        ("small",),
+        ("unstable",),
+        ("low_conf", "small", "unstable"),
+        (),
+    ]
+    np.testing.assert_array_equal(ambiguous_mask(reasons), [F, T, T, T, T, F])
+    assert reason_counts(reasons) == {"low_conf": 2, "small": 2, "unstable": 2}
+    assert REASONS == ("low_conf", "small", "unstable")
+
+
+def test_thresholds_are_parameters():
+    """t_conf = 0.95 makes a 0.9 detection ambiguous; t_size = 0 turns 'small' off."""
+    reasons = ambiguity_reasons([[0, 0, 4, 4]], [0.9], None, t_conf=0.95, t_size=0)
+    assert reasons == [("low_conf",)]
+
+
+def test_no_histories_means_no_unstable_reason():
+    assert ambiguity_reasons([[0, 0, 20, 20]], [0.9]) == [()]
+    assert ambiguity_reasons(np.zeros((0, 4)), []) == []
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"t_conf": 1.5}, "t_conf must be in \\[0, 1\\], got 1.5"),
+        ({"t_size": -1}, "t_size must be >= 0 px², got -1"),
+        ({"n_frames": 0}, "n_frames must be an integer >= 1, got 0"),
+        ({"track_histories": [(T,), (T,)]}, "track_histories has 2 entries for 1"),
+    ],
+)
+def test_ambiguity_rejects_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        ambiguity_reasons([[0, 0, 20, 20]], [0.9], **kwargs)
+
+
+def test_tracker_feeds_the_unstable_rule():
+    """Paper 4.2 (c) end to end: an object seen, missed, seen again (same place) is unstable.
+
+    A second object seen on every keyframe stays stable. Both are big and confident.
+    """
+    # Prepare
+    tracker = IoUTracker(iou_threshold=0.3, max_age=4, history=5)
+    steady = [100, 100, 140, 140]
+    flicker = [0, 0, 40, 40]
+    # Execute
+    tracker.update([steady, flicker], [0, 0])
+    tracker.update([steady], [0])  # flicker missed
+    ids = tracker.update([steady, [1, 0, 41, 40]], [0, 0])  # flicker back, 1 px right
+    result = route(dets([steady, [1, 0, 41, 40]]), tracker.histories(ids))
+    # Assert
+    assert tracker.histories(ids) == [(T, T, T), (T, F, T)]
+    assert result.reasons == [(), ("unstable",)]
+    np.testing.assert_array_equal(result.offload_mask, [F, T])
+
+
+def test_route_splits_in_order():
+    """route: confident and offloaded keep input order; the mask is over the input."""
+    # Prepare
+    d = dets([[0, 0, 20, 20], [30, 0, 50, 20], [60, 0, 80, 20]], conf=[0.3, 0.8, 0.4], cls=[1, 2, 3])
+    # Execute
+    r = route(d)
+    # Assert
+    np.testing.assert_array_equal(r.offload_mask, [T, F, T])
+    np.testing.assert_array_equal(r.confident.cls, [2])
+    np.testing.assert_array_equal(r.offloaded.cls, [1, 3])
+    assert r.reasons == [("low_conf",), (), ("low_conf",)]
+
+
+# --------------------------------------------------------------------------- #
+# Merge
+# --------------------------------------------------------------------------- #
+def test_merge_cloud_wins_overlaps():
+    """Final = confident edge + cloud; an edge box with IoU ≥ 0.5 to a cloud box is dropped.
+
+    Edge A [0,0,10,10] kept, B [20,20,30,30] offloaded, C [50,50,60,60] kept.
+    Cloud: B' = [20,20,30,30] (re-detected, class 5) and A' = [1,0,11,10]
+    (IoU with A = 90/110 = 0.82, class 7 ≠ A's class 0). Class-agnostic: A dropped
+    → result C, B', A'. Same-class only: A survives → A, C, B', A'.
+    """
+    # Prepare
+    edge = dets([[0, 0, 10, 10], [20, 20, 30, 30], [50, 50, 60, 60]], [0.9, 0.2, 0.8], [0, 0, 0])
+    cloud = dets([[20, 20, 30, 30], [1, 0, 11, 10]], [0.95, 0.7], [5, 7])
+    offloaded = [F, T, F]
+    # Execute
+    agnostic = merge(edge, cloud, offloaded, iou=0.5)
+    same_class = merge(edge, cloud, offloaded, iou=0.5, class_agnostic=False)
+    # Assert
+    np.testing.assert_allclose(agnostic.xyxy, [[50, 50, 60, 60], [20, 20, 30, 30], [1, 0, 11, 10]])
+    np.testing.assert_array_equal(agnostic.cls, [0, 5, 7])
+    np.testing.assert_allclose(agnostic.conf, [0.8, 0.95, 0.7])
+    np.testing.assert_array_equal(same_class.cls, [0, 0, 5, 7])
+
+
+def test_merge_iou_threshold_is_inclusive():
+    """IoU exactly 0.5 counts as an overlap: [0,0,10,10] vs [0,0,10,20] → 100/200 = 0.5."""
+    merged = merge(dets([[0, 0, 10, 10]]), dets([[0, 0, 10, 20]]), [F], iou=0.5)
+    np.testing.assert_allclose(merged.xyxy, [[0, 0, 10, 20]])
+    kept = merge(dets([[0, 0, 10, 10]]), dets([[0, 0, 10, 20]]), [F], iou=0.51)
+    assert len(kept) == 2
+
+
+def test_merge_empty_sides():
+    """Empty cloud: offloaded edge detections are dropped, the rest kept; empty edge: cloud only."""
+    # Prepare
+    edge = dets([[0, 0, 10, 10], [20, 20, 30, 30]], [0.9, 0.2])
+    cloud = dets([[5, 5, 15, 15]], [0.6], [2])
+    # Execute / Assert
+    np.testing.assert_allclose(merge(edge, Detections.empty(), [F, T]).xyxy, [[0, 0, 10, 10]])
+    np.testing.assert_allclose(merge(Detections.empty(), cloud, []).xyxy, [[5, 5, 15, 15]])
+    assert len(merge(Detections.empty(), Detections.empty(), None)) == 0
+    assert len(merge(edge, Detections.empty(), None)) == 2  # nothing offloaded
+    with pytest.raises(ValueError, match="offloaded_mask has 1 entries for 2"):
+        merge(edge, cloud, [T])
+    with pytest.raises(ValueError, match="iou must be in"):
+        merge(edge, cloud, None, iou=0)
+
+
+# --------------------------------------------------------------------------- #
+# Crops and coordinates
+# --------------------------------------------------------------------------- #
+def test_crop_geometry_context_and_min_size():
+    """Box [100,100,120,110] (20×10), context 0.5 → [90,95,130,115] (40×20);
+    height 20 < 32 grows 6 px each side → [90, 89, 130, 121]."""
+    crops = crop_regions([[100, 100, 120, 110]], (480, 640, 3), context=0.5, min_size=32)
+    np.testing.assert_array_equal(crops, [[90, 89, 130, 121]])
+    assert crops.dtype == np.int64
+
+
+def test_crop_is_shifted_inside_and_clipped():
+    """Corner box [0,0,4,4]: context → [-2,-2,6,6], min 32 → [-14,-14,18,18],
+    shifted inside → [0,0,32,32]. In a 20×20 image the crop is the whole image."""
+    np.testing.assert_array_equal(crop_regions([[0, 0, 4, 4]], (480, 640)), [[0, 0, 32, 32]])
+    np.testing.assert_array_equal(crop_regions([[636, 476, 640, 480]], (480, 640)), [[608, 448, 640, 480]])
+    np.testing.assert_array_equal(crop_regions([[5, 5, 10, 10]], (20, 20)), [[0, 0, 20, 20]])
+
+
+def test_crop_rounds_outwards():
+    """[10.5, 10.5, 50.5, 50.5], no context, min 1 → floor/ceil → [10, 10, 51, 51]."""
+    crops = crop_regions([[10.5, 10.5, 50.5, 50.5]], (100, 100), context=0.0, min_size=1)
+    np.testing.assert_array_equal(crops, [[10, 10, 51, 51]])
+
+
+def test_overlapping_crops_are_merged():
+    """Two close boxes: crops [84,84,116,116] and [104,84,136,116] overlap → [84,84,136,116];
+    a far box keeps its own crop [384,284,416,316]; sorted top to bottom."""
+    # Prepare: 8×8 boxes at (96..104) and (116..124), context 0.5 → 16 px, min 32
+    boxes = [[96, 96, 104, 104], [116, 96, 124, 104], [396, 296, 404, 304]]
+    # Execute
+    merged = crop_regions(boxes, (480, 640))
+    separate = crop_regions(boxes, (480, 640), merge_overlaps=False)
+    # Assert
+    np.testing.assert_array_equal(
+        separate, [[84, 84, 116, 116], [104, 84, 136, 116], [384, 284, 416, 316]]
+    )
+    np.testing.assert_array_equal(merged, [[84, 84, 136, 116], [384, 284, 416, 316]])
+
+
+def test_merge_overlapping_chains_and_touching():
+    """A∪B grows into C → one window; touching windows (shared edge) stay apart."""
+    chained = merge_overlapping([[0, 0, 10, 10], [8, 0, 20, 10], [18, 5, 30, 30]])
+    np.testing.assert_array_equal(chained, [[0, 0, 30, 30]])
+    touching = merge_overlapping([[0, 0, 10, 10], [10, 0, 20, 10]])
+    np.testing.assert_array_equal(touching, [[0, 0, 10, 10], [10, 0, 20, 10]])
+    assert merge_overlapping(np.zeros((0, 4))).shape == (0, 4)
+
+
+def test_to_frame_coords():
+    """Crop at (100, 50) sent at 2×: [10,20,30,40] → [10/2+100, 20/2+50, ...] = [105,60,115,70]."""
+    # Prepare
+    in_crop = dets([[10, 20, 30, 40]], [0.7], [4])
+    # Execute
+    same_scale = to_frame_coords(in_crop, (100, 50))
+    scaled = to_frame_coords(in_crop, (100, 50), scale=2.0)
+    aniso = to_frame_coords(in_crop, (0, 0), scale=(2.0, 4.0))
+    # Assert
+    np.testing.assert_allclose(same_scale.xyxy, [[110, 70, 130, 90]])
+    np.testing.assert_allclose(scaled.xyxy, [[105, 60, 115, 70]])
+    np.testing.assert_allclose(aniso.xyxy, [[5, 5, 15, 10]])
+    assert scaled.conf.tolist() == [0.7] and scaled.cls.tolist() == [4]
+    np.testing.assert_allclose(to_frame_coords(in_crop, (0, 0), scale=np.float64(2)).xyxy, [[5, 10, 15, 20]])
+    with pytest.raises(ValueError, match="scale must be > 0"):
+        to_frame_coords(in_crop, (0, 0), scale=0)
+    with pytest.raises(ValueError, match="crop_origin"):
+        to_frame_coords(in_crop, (0,))
+
+
+def test_crop_roundtrip_maps_cloud_box_back_to_frame():
+    """A detection made on the crop pixels maps back onto the original box."""
+    # Prepare: a bright 10×10 object at [200, 150, 210, 160] in a 480×640 frame
+    image = np.zeros((480, 640, 3), dtype=np.uint8)
+    image[150:160, 200:210] = 255
+    plan = offload_plan([[200, 150, 210, 160]], [T], image.shape)
+    x1, y1, x2, y2 = plan.regions[0]
+    crop = crop_image(image, plan.regions[0])
+    # Execute: "cloud" finds the bright pixels in the crop
+    ys, xs = np.nonzero(crop[..., 0])
+    found = dets([[xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]])
+    back = to_frame_coords(found, (x1, y1))
+    # Assert: crop [189, 139, 221, 171] (10 px box, +5 context, grown to 32)
+    np.testing.assert_array_equal(plan.regions, [[189, 139, 221, 171]])
+    np.testing.assert_allclose(back.xyxy, [[200, 150, 210, 160]])
+
+
+def test_offload_plan_modes():
+    """crops: one region per separated ambiguous box; frame: one full-frame region; none → empty."""
+    # Prepare
+    boxes = [[10, 10, 20, 20], [300, 200, 310, 210], [600, 400, 610, 410]]
+    mask = [T, F, T]
+    # Execute
+    crops = offload_plan(boxes, mask, (480, 640), mode="crops")
+    frame = offload_plan(boxes, mask, (480, 640), mode="frame")
+    nothing = offload_plan(boxes, [F, F, F], (480, 640))
+    # Assert: [10,10,20,20] → [5,5,25,25] → grown to [-1,-1,31,31] → shifted [0,0,32,32]
+    np.testing.assert_array_equal(crops.regions, [[0, 0, 32, 32], [589, 389, 621, 421]])
+    np.testing.assert_array_equal(crops.box_region, [0, -1, 1])
+    np.testing.assert_array_equal(frame.regions, [[0, 0, 640, 480]])
+    np.testing.assert_array_equal(frame.box_region, [0, -1, 0])
+    assert nothing.empty and nothing.box_region.tolist() == [-1, -1, -1]
+    with pytest.raises(ValueError, match="mode must be"):
+        offload_plan(boxes, mask, (480, 640), mode="tiles")
+
+
+def test_crop_image_rejects_outside_region():
+    with pytest.raises(ValueError, match="outside"):
+        crop_image(np.zeros((10, 10), np.uint8), [5, 5, 20, 8])
+
+
+# --------------------------------------------------------------------------- #
+# Bytes and metrics
+# --------------------------------------------------------------------------- #
+def test_byte_counts():
+    """raw: 40×32·3 + 640×480·3 = 3840 + 921600 = 925440; payload sums sizes."""
+    assert raw_bytes([[0, 0, 40, 32], [0, 0, 640, 480]]) == 925440
+    assert raw_bytes(np.zeros((0, 4))) == 0
+    assert payload_bytes([b"abc", 10]) == 13
+    with pytest.raises(ValueError, match="-1"):
+        payload_bytes([-1])
+
+
+def test_encode_regions_jpeg():
+    """Crops cost fewer bytes than the frame they come from (skipped without cv2)."""
+    try:
+        import cv2  # noqa: F401, PLC0415
+    except Exception:
+        pytest.skip("cv2 not importable")
+    # Prepare
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (240, 320, 3), dtype=np.uint8)
+    # Execute
+    crops = encode_regions(image, [[0, 0, 32, 32], [100, 100, 164, 132]], quality=90)
+    frame = encode_regions(image, [[0, 0, 320, 240]], quality=90)
+    # Assert
+    assert len(crops) == 2 and all(c[:2] == b"\xff\xd8" for c in crops)
+    assert payload_bytes(crops) == len(crops[0]) + len(crops[1])
+    assert 0 < payload_bytes(crops) < payload_bytes(frame)
+
+
+def test_offload_stats():
+    """Masks [T, F], [F, F, F], []: 1 of 5 detections (0.2), 1 of 3 keyframes (1/3)."""
+    masks = [[T, F], [F, F, F], []]
+    stats = offload_stats(masks)
+    assert (stats.detections, stats.detections_offloaded) == (5, 1)
+    assert (stats.keyframes, stats.keyframes_with_offload) == (3, 1)
+    assert offload_fraction(masks) == pytest.approx(0.2)
+    assert keyframe_offload_fraction(masks) == pytest.approx(1 / 3)
+    assert offload_fraction([]) == 0.0 and keyframe_offload_fraction([]) == 0.0
+
+
+def test_reason_counts_rejects_unknown():
+    with pytest.raises(ValueError, match="blurry"):
+        reason_counts([("blurry",)])
+
+
+# --------------------------------------------------------------------------- #
+# Import boundary (DESIGN.md section 2)
+# --------------------------------------------------------------------------- #
+@pytest.mark.parametrize("module", ["common.keyframes", "common.routing", "common.visdrone"])
+def test_module_does_not_import_heavy_dependencies(module):
+    """keyframes/routing/visdrone import neither flwr, ultralytics, wandb, torch nor cv2."""
+    code = (
+        f"import sys, {module}; "
+        "print(','.join(m for m in ('flwr', 'ultralytics', 'wandb', 'torch', 'cv2') "
+        "if m in sys.modules))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == ""

@@ -1,0 +1,181 @@
+"""Tests for common.schedule: graph maintenance of paper section 4.3, Figure 4."""
+
+import json
+
+import pytest
+
+from common.schedule import GraphMaintenance, Plan
+
+
+def _run(maintenance, rounds):
+    """Feed {round: {node: local mAP or None}} (None: present without a report); return {round: Plan}."""
+    plans = {}
+    for rnd, reports in rounds.items():
+        local = {n: v for n, v in reports.items() if v is not None}
+        plans[rnd] = maintenance.plan(rnd, list(reports), local)
+    return plans
+
+
+def test_first_round_evaluates_everyone():
+    """Paper 4.3 Fig. 4 (a)+(b): on round 1 every node is new and a global recalculation runs."""
+    # Prepare
+    m = GraphMaintenance(t_cycle=5, delta_down=0.05, patience=2)
+    # Execute
+    plan = m.plan(1, ["a", "b"], {"a": 0.5, "b": 0.4})
+    # Assert
+    assert plan.rebuild
+    assert plan.reasons == {"a": ("new", "periodic"), "b": ("new", "periodic")}
+    assert plan.evaluate == {"a", "b"} and plan.changed and plan.dropped == frozenset()
+
+
+def test_periodic_recalculation_every_t_cycle_rounds():
+    """Paper 4.3 Fig. 4 (a) periodic global recalculation: t_cycle = 3 -> rounds 1, 4, 7 only."""
+    # Prepare: stable nodes, stable local mAP
+    m = GraphMaintenance(t_cycle=3, delta_down=0.05, patience=2)
+    # Execute
+    plans = _run(m, {r: {"a": 0.5, "b": 0.5} for r in range(1, 9)})
+    # Assert
+    assert [r for r, p in plans.items() if p.rebuild] == [1, 4, 7]
+    assert plans[4].reasons == {"a": ("periodic",), "b": ("periodic",)}
+    assert all(not plans[r].changed and plans[r].evaluate == frozenset() for r in (2, 3, 5, 6, 8))
+
+
+def test_t_cycle_one_recalculates_every_round_and_skipped_rounds_count():
+    """Paper 4.3 Fig. 4 (a): T_cycle counts rounds, so a gap (resumed server) triggers the recalculation."""
+    every = _run(GraphMaintenance(t_cycle=1, delta_down=0.0, patience=1), {r: {"a": 0.5} for r in (1, 2, 3)})
+    assert all(p.rebuild for p in every.values())
+    gap = _run(GraphMaintenance(t_cycle=3, delta_down=0.0, patience=1), {1: {"a": 0.5}, 2: {"a": 0.5}, 5: {"a": 0.5}})
+    assert [r for r, p in gap.items() if p.rebuild] == [1, 5]
+
+
+def test_new_node_is_evaluated_at_once_alone():
+    """Paper 4.3 Fig. 4 (b) new-node trigger: a node never seen before is evaluated and inserted immediately."""
+    # Prepare
+    m = GraphMaintenance(t_cycle=10, delta_down=0.05, patience=2)
+    m.plan(1, ["a", "b"], {})
+    # Execute
+    plan = m.plan(2, ["a", "b", "c"], {"c": 0.3})
+    # Assert
+    assert plan.reasons == {"c": ("new",)}
+    assert not plan.rebuild
+
+
+def test_degradation_uses_only_earlier_rounds_in_the_mean():
+    """Paper 4.3 Fig. 4 (b) degradation: the current mAP is compared with the mean of the *earlier* ones."""
+    # Prepare: patience 1, delta 0.05. Round 2: 0.5 < mean(0.6) - 0.05 = 0.55 -> degraded.
+    # (Were round 2 in its own mean: mean(0.6, 0.5) - 0.05 = 0.5, and 0.5 < 0.5 would be False.)
+    m = GraphMaintenance(t_cycle=100, delta_down=0.05, patience=1)
+    # Execute
+    plans = _run(m, {1: {"a": 0.6, "b": 0.6}, 2: {"a": 0.5, "b": 0.6}})
+    # Assert: only a, only for degradation, no global rebuild
+    assert plans[2].reasons == {"a": ("degraded",)}
+    assert not plans[2].rebuild
+
+
+def test_degradation_needs_patience_and_resets_after_a_trigger():
+    """Paper 4.3 Fig. 4 (b): below mean - delta_down for `patience` consecutive rounds; the streak restarts after."""
+    # Prepare: patience 2, delta 0.05, a reports 0.8, 0.8, 0.5, 0.5, 0.5, 0.5
+    # r3: 0.5 < 0.8 - 0.05             -> streak 1
+    # r4: 0.5 < 2.1/3 - 0.05 = 0.65    -> streak 2 -> trigger, reset to 0
+    # r5: 0.5 < 2.6/4 - 0.05 = 0.60    -> streak 1 (without the reset it would trigger again)
+    # r6: 0.5 < 3.1/5 - 0.05 = 0.57    -> streak 2 -> trigger
+    m = GraphMaintenance(t_cycle=100, delta_down=0.05, patience=2)
+    values = [0.8, 0.8, 0.5, 0.5, 0.5, 0.5]
+    # Execute
+    plans = _run(m, {r: {"a": v} for r, v in enumerate(values, start=1)})
+    # Assert
+    assert [r for r, p in plans.items() if "degraded" in p.reasons.get("a", ())] == [4, 6]
+
+
+def test_recovery_breaks_the_streak():
+    """Paper 4.3 Fig. 4 (b) "consecutive": one good round resets the count."""
+    # 0.8, 0.8, 0.5 (streak 1), 0.8 (streak 0), 0.5: 0.5 < 2.9/4 - 0.05 = 0.675 -> streak 1 only
+    m = GraphMaintenance(t_cycle=100, delta_down=0.05, patience=2)
+    plans = _run(m, {r: {"a": v} for r, v in enumerate([0.8, 0.8, 0.5, 0.8, 0.5], start=1)})
+    assert all("degraded" not in p.reasons.get("a", ()) for p in plans.values())
+
+
+def test_missing_report_keeps_the_streak():
+    """Paper 4.3 Fig. 4 (b): a round without a local mAP neither counts nor breaks the streak."""
+    # 0.8, 0.8, 0.5 (streak 1), no report, 0.5: 0.5 < 2.1/3 - 0.05 = 0.65 -> streak 2 -> trigger at round 5
+    m = GraphMaintenance(t_cycle=100, delta_down=0.05, patience=2)
+    plans = _run(m, {1: {"a": 0.8}, 2: {"a": 0.8}, 3: {"a": 0.5}, 4: {"a": None}, 5: {"a": 0.5}})
+    assert plans[4].reasons == {}
+    assert plans[5].reasons == {"a": ("degraded",)}
+
+
+def test_periodic_and_degraded_in_the_same_round():
+    """Paper 4.3 Fig. 4 (a)+(b): the GraphMaintenance docstring example; both reasons are reported."""
+    # t_cycle 3: rounds 1 and 4 are global; a: 0.6, 0.6, 0.5 (streak 1), 0.5 < 1.7/3 - 0.05 = 0.517 (streak 2)
+    m = GraphMaintenance(t_cycle=3, delta_down=0.05, patience=2)
+    plans = _run(m, {r: {"a": v} for r, v in enumerate([0.6, 0.6, 0.5, 0.5], start=1)})
+    assert plans[1].reasons == {"a": ("new", "periodic")}
+    assert plans[2].reasons == plans[3].reasons == {}
+    assert plans[4].reasons == {"a": ("periodic", "degraded")}
+
+
+def test_leaving_node_is_dropped_and_returning_node_is_reevaluated():
+    """Paper 4.3 Fig. 4 dynamic membership: absent nodes leave the graph; a returning one is re-evaluated."""
+    # Prepare
+    m = GraphMaintenance(t_cycle=100, delta_down=0.05, patience=2)
+    m.plan(1, ["a", "b"], {"a": 0.5, "b": 0.7})
+    # Execute
+    left = m.plan(2, ["a"], {"a": 0.5})
+    away = m.plan(3, ["a"], {"a": 0.5})
+    back = m.plan(4, ["a", "b"], {"a": 0.5, "b": 0.7})
+    # Assert: dropped once, history remembered (2 reports for b: rounds 1 and 4)
+    assert left.dropped == {"b"} and left.changed and left.evaluate == frozenset()
+    assert away.dropped == frozenset() and not away.changed
+    assert back.reasons == {"b": ("returned",)}
+    b_state = next(r for r in m.state_dict()["nodes"] if r["id"] == "b")
+    assert b_state["map_count"] == 2 and b_state["active"]
+
+
+def test_state_dict_round_trip_resumes_identically():
+    """Paper 4.3 Fig. 4 as a continuous process: a server killed after round 3 resumes with the same plans."""
+    # Prepare: node b joins late, a degrades; values chosen so that several triggers fire
+    rounds = {
+        1: {"a": 0.8, "b": None},
+        2: {"a": 0.8, "b": 0.6},
+        3: {"a": 0.5, "c": 0.4},
+        4: {"a": 0.5, "b": 0.6, "c": 0.4},
+        5: {"a": 0.5, "b": 0.6},
+        6: {"a": 0.4, "b": 0.6, "c": 0.4},
+    }
+    reference = _run(GraphMaintenance(t_cycle=4, delta_down=0.05, patience=2), rounds)
+    first = GraphMaintenance(t_cycle=4, delta_down=0.05, patience=2)
+    _run(first, {r: rounds[r] for r in (1, 2, 3)})
+    # Execute: through JSON, as a server would save it
+    resumed = GraphMaintenance.from_state_dict(json.loads(json.dumps(first.state_dict())))
+    rest = _run(resumed, {r: rounds[r] for r in (4, 5, 6)})
+    # Assert
+    assert rest == {r: reference[r] for r in (4, 5, 6)}
+    assert resumed.state_dict() == json.loads(json.dumps(resumed.state_dict()))
+    assert reference[4] == Plan(4, {"a": ("degraded",), "b": ("returned",)}, rebuild=False, dropped=frozenset())
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"t_cycle": 0}, "t_cycle.*0"),
+        ({"t_cycle": 1.5}, "t_cycle.*1.5"),
+        ({"delta_down": -0.1}, "delta_down.*-0.1"),
+        ({"patience": 0}, "patience.*0"),
+    ],
+)
+def test_constructor_rejects_bad_settings(kwargs, message):
+    """Paper 4.3 Fig. 4 parameters (T_cycle, delta_down, patience) are validated, naming the value."""
+    with pytest.raises(ValueError, match=message):
+        GraphMaintenance(**{"t_cycle": 3, "delta_down": 0.05, "patience": 2, **kwargs})
+
+
+def test_plan_rejects_bad_calls():
+    """Paper 4.3 Fig. 4: rounds must advance; local mAP must be finite and for present nodes."""
+    m = GraphMaintenance(t_cycle=3, delta_down=0.05, patience=2)
+    m.plan(2, ["a"], {"a": 0.5})
+    with pytest.raises(ValueError, match="got 2 after 2"):
+        m.plan(2, ["a"], {})
+    with pytest.raises(ValueError, match="'z'"):
+        m.plan(3, ["a"], {"z": 0.5})
+    with pytest.raises(ValueError, match="nan"):
+        m.plan(3, ["a"], {"a": float("nan")})
