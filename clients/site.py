@@ -75,7 +75,7 @@ class LocalSite:
         log.info("%s round %s: loss %.3f, val mAP50 %.3f, test mAP50 %.3f (%.0fs)", self.spec.site_id,
                  server_round, res.loss, val.map50, test.map50, time.perf_counter() - t0)
         metrics = {
-            P.NUM_EXAMPLES: max(1, res.iterations * t.batch), P.TRAIN_LOSS: res.loss,
+            P.NUM_EXAMPLES: max(1, res.images), P.TRAIN_LOSS: res.loss,
             P.TRAIN_SECONDS: res.seconds, P.VAL_MAP50: val.map50, P.TEST_MAP50: test.map50,
             P.TEST_MAP50_95: test.map50_95, P.TEST_AP50: P.encode_ap(test.ap50),
         }

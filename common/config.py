@@ -16,6 +16,7 @@ keyword arguments (detectron2's ``from_config`` pattern).
 from __future__ import annotations
 
 import dataclasses
+import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -145,8 +146,10 @@ def _merge(base, update: Any, what: str):
     try:
         return OmegaConf.merge(base, update)
     except OmegaConfBaseException as err:
-        key = getattr(err, "full_key", None) or "?"
-        raise ConfigError(f"{what}: bad config key or value '{key}': {err.msg}") from None
+        key = getattr(err, "full_key", None)
+        if not key and isinstance(update, Mapping):  # e.g. a scalar over a whole section
+            key = ", ".join(str(k) for k in update)
+        raise ConfigError(f"{what}: bad config key or value '{key or '?'}': {err.msg or err}") from None
 
 
 def _read_yaml(path: Path) -> Any:
@@ -286,7 +289,7 @@ def from_run_config(run_config: Mapping[str, Any]) -> CedarConfig:
     preset = str(run_config.pop("preset", "") or "") or None
     overrides: dict[str, Any] = {}
     text = str(run_config.pop("overrides", "") or "")
-    for item in text.split():
+    for item in shlex.split(text):
         if "=" not in item:
             raise ConfigError(f"overrides: '{item}' is not key=value")
         key, _, value = item.partition("=")

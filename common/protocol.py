@@ -54,7 +54,7 @@ def _number(record: Mapping[str, Any], key: str, where: str) -> float:
     if key not in record:
         raise ProtocolError(f"{where}: missing '{key}'")
     value = record[key]
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(float(value)):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(float(value)):
         raise ProtocolError(f"{where}: '{key}'={value!r} is not a number")
     return float(value)
 
@@ -71,6 +71,9 @@ def parse_train_metrics(metrics: Mapping[str, Any], nc: int) -> dict[str, Any]:
     ap = metrics.get(TEST_AP50)
     if not isinstance(ap, list) or len(ap) != nc:
         raise ProtocolError(f"{where}: '{TEST_AP50}' must be a list of {nc} values, got {ap!r}")
+    bad = [v for v in ap if isinstance(v, bool) or not isinstance(v, (int, float)) or not (v == ABSENT or 0.0 <= v <= 1.0)]
+    if bad:
+        raise ProtocolError(f"{where}: '{TEST_AP50}' entries must be {ABSENT} (absent) or in [0, 1], got {bad[0]!r}")
     out[TEST_AP50] = decode_ap(ap)
     out[TEST_MAP50_95] = float(metrics.get(TEST_MAP50_95, math.nan))
     return out

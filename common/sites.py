@@ -13,6 +13,7 @@ Both the built-in benchmark (``data.source: builtin``) and user datasets
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Mapping
@@ -51,7 +52,8 @@ def _label_classes(data_yaml: Path) -> tuple[int, ...]:
     root = Path(cfg.get("path") or data_yaml.parent)
     train = cfg.get("train")
     images = root / train if isinstance(train, str) else root
-    labels = Path(str(images).replace("/images", "/labels"))
+    sa, sb = f"{os.sep}images{os.sep}", f"{os.sep}labels{os.sep}"  # as Ultralytics maps them
+    labels = Path(sb.join(f"{images}{os.sep}".rsplit(sa, 1)))
     found = set()
     for txt in labels.rglob("*.txt"):
         for line in txt.read_text().splitlines():

@@ -107,6 +107,7 @@ def build_model(arch: str, nc: int, seed: int = 0, names: list[str] | None = Non
     model = DetectionModel(cfg, nc=nc, verbose=False)
     model.names = {i: n for i, n in enumerate(names)} if names else {i: str(i) for i in range(nc)}
     model.args = get_cfg()
+    model.task = "detect"
     model.cedar_arch = arch
     return model
 
@@ -196,6 +197,7 @@ class TrainResult:
     seconds: float
     loss: float  # mean total loss of the last epoch
     loss_items: dict[str, float] = field(default_factory=dict)  # box/cls/dfl of the last epoch
+    images: int = 0  # training images (dataset size)
     extra_loss: float = 0.0  # mean of ``extra_loss`` over the last epoch (e.g. KD)
 
 
@@ -247,7 +249,7 @@ def train(
     given, is added to the detection loss (e.g. a distillation term).
     """
     if epochs <= 0:
-        return TrainResult(0, 0, 0.0, float("nan"))
+        return TrainResult(0, 0, 0.0, 0.0)
     from tqdm.auto import tqdm
 
     init_seeds(seed)
@@ -302,7 +304,8 @@ def train(
     if mosaic > 0 and epochs > 1:  # leave the (shared) loader state alone for the next call
         loader.dataset.mosaic = False
     model.eval()
-    return TrainResult(epochs, it, time.perf_counter() - t0, float(sum(last.values())), last, last_extra)
+    return TrainResult(epochs, it, time.perf_counter() - t0, float(sum(last.values())), last,
+                       len(loader.dataset), last_extra)
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -363,7 +366,7 @@ def evaluate(
     ap50 = [float("nan")] * nc
     for i, c in enumerate(m.ap_class_index):
         ap50[int(c)] = float(m.box.ap50[i])
-    nt = getattr(validator, "nt_per_class", None)
+    nt = getattr(m, "nt_per_class", None)
     return EvalResult(
         map50=float(m.box.map50), map50_95=float(m.box.map), precision=float(m.box.mp),
         recall=float(m.box.mr), ap50=ap50, images=int(validator.seen),
@@ -400,6 +403,8 @@ def export_onnx(model: DetectionModel, path: str | Path, *, imgsz: int = 320, dy
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     copy = deepcopy(model).cpu().eval()
+    copy.args = dict(copy.args if isinstance(copy.args, dict) else vars(copy.args))  # exporter indexes it
+    copy.task = "detect"
     with tempfile.TemporaryDirectory(prefix="cedar-export-") as tmp:
         copy.pt_path = str(Path(tmp) / "model.pt")
         out = _as_yolo(copy).export(format="onnx", imgsz=imgsz, dynamic=dynamic, simplify=False,

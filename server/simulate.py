@@ -64,7 +64,7 @@ def stop_local_superlinks(timeout: float = 15.0) -> int:
 def build_command(preset: str, overrides: list[str], num_nodes: int, app_dir: Path = APP_DIR) -> list[str]:
     run_config = f"preset={_toml_str(preset)}"
     if overrides:
-        run_config += f" overrides={_toml_str(' '.join(overrides))}"
+        run_config += f" overrides={_toml_str(shlex.join(overrides))}"
     return ["flwr", "run", str(app_dir), "--stream", "--run-config", run_config,
             "--federation-config", f"num-supernodes={num_nodes}"]
 

@@ -1,0 +1,1 @@
+"""Reproducible measurements (speed, accuracy) whose results are committed under ``benchmarks/results/``."""

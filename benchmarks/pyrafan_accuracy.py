@@ -1,0 +1,318 @@
+"""PyraFAN ablation: YOLO11n vs YOLO11n-P2 vs YOLO11n-PyraFAN on the built-in benchmark.
+
+Every (model, site, seed) run builds the model from YAML with that seed, trains it on
+the site's ``train`` split with the same budget (the preset's optimiser settings;
+``--epochs`` defaults to what one edge model trains in a federation:
+``epochs_per_round * num_rounds``), and evaluates it on the site's ``test`` split:
+
+* **mAP50**: Ultralytics' validator (``common.yolo.evaluate``), all objects;
+* **mAP50 (small)**: objects smaller than ``eval.small_px`` (16) px, i.e. both box
+  sides < 16 px at the image's own size (the generator's "small" objects, 5-15 px).
+  Evaluated COCO-style for a size range (as COCO's APs does for area < 32^2): large
+  ground truth is *ignored*, not deleted. Detections (conf >= ``eval.conf``, NMS at
+  ``eval.iou``, at most 300 per image) are matched greedily in confidence order, per
+  image and class, to the unmatched small ground truth of highest IoU >= 0.5 (TP);
+  a detection that instead overlaps a large ground-truth box (IoU >= 0.5) is ignored,
+  so is an unmatched detection that is itself not small (a side >= 16 px); any other
+  detection is a FP. Simply deleting large boxes from the labels would turn every
+  correct detection of a large object into a FP and punish the better detector;
+  keeping every detection would do the same for large false alarms. AP is Ultralytics'
+  101-point interpolation (``compute_ap``), averaged over the classes with at least one
+  small object in the split. The same matcher without the size range
+  (``map50_all_own``, JSON only) cross-checks it against the validator's mAP50.
+
+Per model, values are averaged over sites for each seed, then reported as the mean
+and standard deviation over seeds. Raw runs are appended to ``<out>.jsonl`` as they
+finish; a rerun with the same settings skips the runs already there (resume).
+
+Full run (standard preset, 4 sites x 3 seeds x 3 models)::
+
+    python -m benchmarks.pyrafan_accuracy --preset standard --seeds 3
+
+Smoke run::
+
+    python -m benchmarks.pyrafan_accuracy --epochs 1 --seeds 1 --sites 1 --out /tmp/acc
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger("benchmarks.pyrafan_accuracy")
+
+MODELS = ("yolo11n", "yolo11n-p2", "yolo11n-pyrafan")
+RESULTS = Path(__file__).resolve().parent / "results" / "pyrafan_accuracy"
+
+
+# --------------------------------------------------------------------------- metric
+
+
+def compute_ap(recall: np.ndarray, precision: np.ndarray) -> float:
+    """Ultralytics' ``compute_ap``: 101-point interpolated area under the precision envelope.
+
+    A perfect ranking (recall 1 at precision 1) gives 0.995, as in Ultralytics.
+    """
+    mrec = np.concatenate(([0.0], recall, [recall[-1] if len(recall) else 1.0], [1.0]))
+    mpre = np.concatenate(([1.0], precision, [0.0], [0.0]))
+    mpre = np.flip(np.maximum.accumulate(np.flip(mpre)))
+    x = np.linspace(0, 1, 101)
+    y = np.interp(x, mrec, mpre)
+    return float(np.sum((y[1:] + y[:-1]) / 2 * np.diff(x)))  # trapezoid
+
+
+def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """IoU of xyxy boxes, ``(N, 4) x (M, 4) -> (N, M)``."""
+    lt = np.maximum(a[:, None, :2], b[None, :, :2])
+    rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
+    inter = np.clip(rb - lt, 0, None).prod(-1)
+    area_a = (a[:, 2:] - a[:, :2]).prod(-1)
+    area_b = (b[:, 2:] - b[:, :2]).prod(-1)
+    return inter / np.maximum(area_a[:, None] + area_b[None, :] - inter, 1e-12)
+
+
+def _is_small(xyxy: np.ndarray, small_px: float) -> np.ndarray:
+    """Both sides < ``small_px``."""
+    return np.maximum(xyxy[:, 2] - xyxy[:, 0], xyxy[:, 3] - xyxy[:, 1]) < small_px
+
+
+def size_range_ap50(
+    preds: list[dict[str, np.ndarray]],
+    gts: list[np.ndarray],
+    nc: int,
+    small_px: float | None = 16,
+    iou_thr: float = 0.5,
+) -> dict:
+    """Per-class AP50 on small objects with COCO-style ignores (see the module docstring).
+
+    Parameters
+    ----------
+    preds : per image ``{"xyxy": (N, 4), "conf": (N,), "cls": (N,)}`` in pixels.
+    gts : per image ``(M, 5)`` rows ``cls, x0, y0, x1, y1`` in pixels.
+    small_px : size limit; ``None`` evaluates every object (no ignores).
+
+    Returns
+    -------
+    dict
+        ``map50`` (NaN without any object in range), ``ap50`` per class (NaN for a class
+        without objects in range), ``n_gt`` objects in range.
+
+    Examples
+    --------
+    Class 0, a 10 px and a 40 px object; detections: conf 0.95 on the 40 px one, 0.9 on
+    the 10 px one, 0.7 an 8 px false alarm, 0.6 a 30 px false alarm. Small range: the
+    0.95 and 0.6 ones are ignored, then TP, FP -> AP 0.995. Deleting the large label
+    instead would count the 0.95 one as FP first: AP 0.5.
+    """
+    tps = [[] for _ in range(nc)]
+    confs = [[] for _ in range(nc)]
+    n_pos = np.zeros(nc, dtype=int)
+    for pred, gt in zip(preds, gts, strict=True):
+        gt = np.asarray(gt, dtype=np.float64).reshape(-1, 5)
+        for c in range(nc):
+            g = gt[gt[:, 0] == c, 1:]
+            in_range = _is_small(g, small_px) if small_px is not None else np.ones(len(g), bool)
+            n_pos[c] += int(in_range.sum())
+            keep = pred["cls"] == c
+            if not keep.any():
+                continue
+            d, conf = pred["xyxy"][keep].astype(np.float64), pred["conf"][keep]
+            order = np.argsort(-conf, kind="stable")
+            d, conf = d[order], conf[order]
+            iou = box_iou(d, g) if len(g) else np.zeros((len(d), 0))
+            d_small = _is_small(d, small_px) if small_px is not None else np.ones(len(d), bool)
+            matched = np.zeros(len(g), bool)
+            for j in range(len(d)):
+                cand = np.where(in_range & ~matched & (iou[j] >= iou_thr))[0]
+                if len(cand):
+                    matched[cand[np.argmax(iou[j, cand])]] = True
+                    tps[c].append(1.0)
+                elif np.any(~in_range & (iou[j] >= iou_thr)) or not d_small[j]:
+                    continue  # on an ignored (large) object, or itself out of range: neither TP nor FP
+                else:
+                    tps[c].append(0.0)
+                confs[c].append(float(conf[j]))
+    ap50 = []
+    for c in range(nc):
+        if n_pos[c] == 0:
+            ap50.append(float("nan"))
+            continue
+        order = np.argsort(-np.asarray(confs[c]), kind="stable")
+        tp = np.asarray(tps[c])[order]
+        if len(tp) == 0:
+            ap50.append(0.0)
+            continue
+        tpc = np.cumsum(tp)
+        ap50.append(compute_ap(tpc / n_pos[c], tpc / np.arange(1, len(tp) + 1)))
+    present = [v for v in ap50 if not math.isnan(v)]
+    return {"map50": float(np.mean(present)) if present else float("nan"), "ap50": ap50,
+            "n_gt": int(n_pos.sum())}
+
+
+def read_split(site_dir: Path, split: str = "test") -> tuple[list[Path], list[np.ndarray]]:
+    """Image paths and their labels as ``(M, 5)`` ``cls, x0, y0, x1, y1`` pixel rows."""
+    import cv2
+
+    images = sorted((site_dir / "images" / split).glob("*.png"))
+    labels = []
+    for path in images:
+        h, w = cv2.imread(str(path)).shape[:2]
+        rows = []
+        txt = site_dir / "labels" / split / f"{path.stem}.txt"
+        for line in txt.read_text().splitlines() if txt.is_file() else []:
+            c, cx, cy, bw, bh = (float(v) for v in line.split())
+            rows.append([c, (cx - bw / 2) * w, (cy - bh / 2) * h, (cx + bw / 2) * w, (cy + bh / 2) * h])
+        labels.append(np.asarray(rows, dtype=np.float64).reshape(-1, 5))
+    return images, labels
+
+
+# --------------------------------------------------------------------------- runs
+
+
+def run_one(arch: str, site: int, seed: int, bench, cfg, epochs: int) -> dict:
+    import cv2
+    import torch
+
+    from common import yolo
+    from common.benchmark import CLASS_NAMES
+
+    t, e = cfg.train, cfg.eval
+    data = bench.site_data(site)
+    model = yolo.build_model(arch, nc=len(CLASS_NAMES), seed=seed, names=list(CLASS_NAMES))
+    torch.set_num_threads(t.threads)
+    res = yolo.train(model, data, epochs=epochs, imgsz=t.imgsz, batch=t.batch, lr0=t.lr0,
+                     weight_decay=t.weight_decay, warmup_iters=t.warmup_iters, mosaic=t.mosaic, workers=t.workers,
+                     seed=seed, device=t.device, desc=f"{arch} site {site} seed {seed}")
+    ev = yolo.evaluate(model, data, split="test", imgsz=t.imgsz, batch=e.batch, conf=e.conf, iou=e.iou,
+                       device=t.device)
+    paths, gts = read_split(bench.site_dir(site), "test")
+    preds = yolo.predict(model, [cv2.imread(str(p)) for p in paths], imgsz=t.imgsz, conf=e.conf, iou=e.iou,
+                         device=t.device)
+    small = size_range_ap50(preds, gts, len(CLASS_NAMES), small_px=e.small_px)
+    every = size_range_ap50(preds, gts, len(CLASS_NAMES), small_px=None)
+    return {"model": arch, "site": site, "seed": seed, "params": yolo.count_parameters(model),
+            "map50": ev.map50, "map50_95": ev.map50_95, "map50_small": small["map50"],
+            "ap50_small": small["ap50"], "n_small": small["n_gt"], "n_gt": every["n_gt"],
+            "map50_all_own": every["map50"], "train_loss": res.loss, "train_s": res.seconds,
+            "iterations": res.iterations, "eval_s": ev.seconds}
+
+
+def summarise(records: list[dict], models: list[str]) -> dict:
+    """Per model: per-seed means over sites, then mean and std over seeds."""
+    out = {}
+    for arch in models:
+        rows = [r for r in records if r["model"] == arch]
+        if not rows:
+            continue
+        seeds = sorted({r["seed"] for r in rows})
+        per_seed = {k: [float(np.nanmean([r[k] for r in rows if r["seed"] == s])) for s in seeds]
+                    for k in ("map50", "map50_95", "map50_small", "map50_all_own")}
+        out[arch] = {"params": rows[0]["params"], "seeds": seeds, "sites": sorted({r["site"] for r in rows}),
+                     "runs": len(rows), "train_s_mean": float(np.mean([r["train_s"] for r in rows])),
+                     **{f"{k}_mean": float(np.mean(v)) for k, v in per_seed.items()},
+                     **{f"{k}_std": float(np.std(v, ddof=1)) if len(v) > 1 else float("nan")
+                        for k, v in per_seed.items()},
+                     "per_site": {str(site): {k: float(np.nanmean([r[k] for r in rows if r["site"] == site]))
+                                              for k in ("map50", "map50_small")}
+                                  for site in sorted({r["site"] for r in rows})}}
+    return out
+
+
+def to_markdown(summary: dict, settings: dict) -> str:
+    def pm(row, key):
+        std = row[f"{key}_std"]
+        return f"{row[f'{key}_mean']:.3f}" + ("" if math.isnan(std) else f" ± {std:.3f}")
+
+    base = summary.get("yolo11n")
+    lines = [
+        "# PyraFAN ablation: accuracy on the built-in benchmark",
+        "",
+        f"`python -m benchmarks.pyrafan_accuracy {settings['argv']}`, {settings['date']}. Preset "
+        f"`{settings['preset']}`, sites {settings['sites']}, seeds {settings['seeds']}, {settings['epochs']} "
+        f"epochs at {settings['imgsz']} px, batch {settings['batch']} (the same budget for every model). "
+        "Test split of each site. mAP50: Ultralytics' validator; mAP50 small: objects with both sides < "
+        f"{settings['small_px']} px, COCO-style ignores (see the script's docstring). Mean ± std over seeds "
+        "of the mean over sites.",
+        "",
+        "| model | params | mAP50 | mAP50-95 | mAP50 small | Δ mAP50 small vs yolo11n | train s/run |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for arch, row in summary.items():
+        gain = None if base is None or arch == "yolo11n" else row["map50_small_mean"] - base["map50_small_mean"]
+        delta = "" if gain is None else f"{gain:+.3f}"
+        lines.append(f"| {arch} | {row['params'] / 1e6:.3f} M | {pm(row, 'map50')} | {pm(row, 'map50_95')} | "
+                     f"{pm(row, 'map50_small')} | {delta} | {row['train_s_mean']:.0f} |")
+    lines += ["", "Per site (mean over seeds), mAP50 / mAP50 small:", "",
+              "| model | " + " | ".join(f"site {s}" for s in settings["sites"]) + " |",
+              "|---|" + "---|" * len(settings["sites"])]
+    for arch, row in summary.items():
+        cells = [f"{row['per_site'][str(s)]['map50']:.3f} / {row['per_site'][str(s)]['map50_small']:.3f}"
+                 if str(s) in row["per_site"] else "" for s in settings["sites"]]
+        lines.append(f"| {arch} | " + " | ".join(cells) + " |")
+    lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import sys
+    from datetime import datetime, timezone
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--preset", default="standard")
+    ap.add_argument("--models", nargs="+", default=list(MODELS))
+    ap.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1")
+    ap.add_argument("--sites", type=int, default=None, help="first N sites (default: all)")
+    ap.add_argument("--epochs", type=int, default=None,
+                    help="default: train.epochs_per_round * federation.num_rounds of the preset")
+    ap.add_argument("--out", default=str(RESULTS), help="output path without suffix (.md, .json, .jsonl)")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+
+    from common.benchmark import benchmark_from_config
+    from common.config import load_config
+
+    cfg = load_config(args.preset)
+    bench = benchmark_from_config(cfg.data)
+    sites = list(range(cfg.data.num_sites if args.sites is None else min(args.sites, cfg.data.num_sites)))
+    epochs = args.epochs if args.epochs is not None else cfg.train.epochs_per_round * cfg.federation.num_rounds
+    settings = {"preset": args.preset, "sites": sites, "seeds": list(range(args.seeds)), "epochs": epochs,
+                "imgsz": cfg.train.imgsz, "batch": cfg.train.batch, "small_px": cfg.eval.small_px,
+                "data_root": str(bench.root)}
+    key = {k: settings[k] for k in ("preset", "epochs", "imgsz", "batch", "small_px")}
+
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    jsonl = out.with_suffix(".jsonl")
+    done = [json.loads(line) for line in jsonl.read_text().splitlines()] if jsonl.is_file() else []
+    done = [r for r in done if r.get("settings") == key]
+    have = {(r["model"], r["site"], r["seed"]) for r in done}
+    todo = [(a, s, seed) for seed in settings["seeds"] for s in sites for a in args.models if (a, s, seed) not in have]
+    log.info("%d runs to do (%d already in %s); data %s", len(todo), len(have), jsonl, bench.root)
+    t0 = time.perf_counter()
+    for n, (arch, site, seed) in enumerate(todo, 1):
+        record = {**run_one(arch, site, seed, bench, cfg, epochs), "settings": key}
+        with jsonl.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        done.append(record)
+        log.info("[%d/%d] %s site %d seed %d: mAP50 %.3f, small %.3f (%.0f s so far)", n, len(todo), arch, site,
+                 seed, record["map50"], record["map50_small"], time.perf_counter() - t0)
+
+    records = [r for r in done if r["model"] in args.models and r["site"] in sites and r["seed"] in settings["seeds"]]
+    summary = summarise(records, args.models)
+    settings.update(date=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+                    argv=" ".join(sys.argv[1:] if argv is None else argv))
+    out.with_suffix(".json").write_text(json.dumps({"settings": settings, "summary": summary}, indent=1) + "\n")
+    markdown = to_markdown(summary, settings)
+    out.with_suffix(".md").write_text(markdown)
+    print(markdown)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

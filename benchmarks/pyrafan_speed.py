@@ -1,0 +1,194 @@
+"""PyraFAN cost: parameters, GFLOPs at 640 px, and CPU latency per image (torch and ONNX Runtime).
+
+Models are built from YAML with the built-in benchmark's 8 classes. GFLOPs come from
+Ultralytics' ``get_flops`` (THOP: conv, BN, linear and ``nn`` layers; functional ops such
+as PyraFAN's softmax, weighted sum and nearest resize are not counted; they are a
+few MFLOPs). Latency is one forward pass of a batch-1 image to the raw head output
+(box decoding included, NMS excluded), after Conv+BN fusion, in eval mode, with
+``--threads`` intra-op threads for both runtimes. All (model, size, runtime) cells are
+measured in one process, interleaved round by round after a warm-up, so a change in
+machine load hits every cell alike; the table gives the median of ``--runs`` rounds and
+the inter-quartile range.
+
+Run::
+
+    python -m benchmarks.pyrafan_speed                 # writes benchmarks/results/pyrafan_speed.{md,json}
+    python -m benchmarks.pyrafan_speed --runs 10 --out /tmp/speed
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import subprocess
+import tempfile
+import time
+from copy import deepcopy
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger("benchmarks.pyrafan_speed")
+
+MODELS = ("yolo11n", "yolo11n-p2", "yolo11n-pyrafan", "yolo11s", "yolo11s-pyrafan")
+SIZES = (320, 640)
+NC = 8  # the built-in benchmark's classes
+RESULTS = Path(__file__).resolve().parent / "results" / "pyrafan_speed"
+
+
+def cpu_model_name() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return platform.processor() or "unknown"
+    fields = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
+    name = fields.get("Model name", "unknown").strip()
+    family, model = fields.get("CPU family", "").strip(), fields.get("Model", "").strip()
+    return f"{name} (family {family}, model {model})" if family else name
+
+
+def measure(models: list[str], sizes: list[int], runs: int, warmup: int, threads: int, workdir: Path) -> dict:
+    import onnxruntime as ort
+    import torch
+
+    from common import yolo
+
+    torch.set_num_threads(threads)
+    rng = np.random.default_rng(0)
+    inputs = {s: rng.random((1, 3, s, s), dtype=np.float32) for s in sizes}
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+
+    from ultralytics.utils.torch_utils import get_flops
+
+    info, runners = {}, {}
+    for arch in models:
+        model = yolo.build_model(arch, nc=NC, seed=0).eval()
+        info[arch] = {"params": yolo.count_parameters(model), "gflops_640": round(get_flops(model, 640), 2),
+                      "strides": [int(s) for s in model.stride.tolist()]}
+        fused = deepcopy(model).fuse(verbose=False).eval()
+        for size in sizes:
+            path = yolo.export_onnx(model, workdir / f"{arch}-{size}.onnx", imgsz=size)
+            session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+            name = session.get_inputs()[0].name
+            x_np, x_t = inputs[size], torch.from_numpy(inputs[size])
+
+            def run_torch(m=fused, x=x_t):
+                with torch.inference_mode():
+                    return m(x)[0]
+
+            def run_onnx(sess=session, n=name, x=x_np):
+                return sess.run(None, {n: x})[0]
+
+            diff = float(np.abs(run_onnx() - run_torch().numpy()).max())
+            info[arch][f"onnx_max_abs_diff_{size}"] = diff
+            runners[(arch, size, "torch")] = run_torch
+            runners[(arch, size, "onnxruntime")] = run_onnx
+        log.info("%s: %d params, %.2f GFLOPs at 640, exported", arch, info[arch]["params"], info[arch]["gflops_640"])
+
+    for fn in runners.values():
+        for _ in range(warmup):
+            fn()
+    times = {key: [] for key in runners}
+    for r in range(runs):  # interleaved: every cell once per round
+        for key, fn in runners.items():
+            t0 = time.perf_counter()
+            fn()
+            times[key].append((time.perf_counter() - t0) * 1e3)
+        if (r + 1) % 10 == 0:
+            log.info("round %d/%d", r + 1, runs)
+    latency = {
+        f"{arch}|{size}|{rt}": {"median_ms": float(np.median(v)), "p25_ms": float(np.percentile(v, 25)),
+                                "p75_ms": float(np.percentile(v, 75)), "runs": len(v)}
+        for (arch, size, rt), v in times.items()
+    }
+    return {"models": info, "latency": latency}
+
+
+def machine(threads: int) -> dict:
+    import onnxruntime as ort
+    import torch
+    import ultralytics
+
+    return {"cpu": cpu_model_name(), "logical_cpus": os.cpu_count(), "threads": threads,
+            "python": platform.python_version(), "torch": torch.__version__, "onnxruntime": ort.__version__,
+            "ultralytics": ultralytics.__version__, "platform": platform.platform()}
+
+
+def to_markdown(result: dict) -> str:
+    m, sizes, models = result["machine"], result["sizes"], list(result["models"])
+    lines = [
+        "# PyraFAN: parameters, GFLOPs and CPU latency",
+        "",
+        f"Measured {result['date']} by `python -m benchmarks.pyrafan_speed` on **{m['cpu']}**, "
+        f"{m['logical_cpus']} logical CPUs (KVM guest), {m['threads']} threads for torch and ONNX Runtime; "
+        f"torch {m['torch']}, ONNX Runtime {m['onnxruntime']}, Ultralytics {m['ultralytics']}. "
+        f"Load average {result['load_before'][0]:.2f} before and {result['load_after'][0]:.2f} after "
+        "(the machine was shared with other work: compare rows with each other rather than with "
+        "other machines).",
+        "",
+        f"nc = {result['nc']} (the built-in benchmark). Params and GFLOPs of the unfused model at 640 px "
+        "(Ultralytics' `get_flops`/THOP). Latency: batch 1, Conv+BN fused, eval, raw head output "
+        f"(no NMS); median of {result['runs']} interleaved rounds after {result['warmup']} warm-up runs "
+        "per cell, [p25-p75] in brackets.",
+        "",
+    ]
+    head = "| model | strides | params | GFLOPs@640 | " + " | ".join(
+        f"torch {s} ms | ORT {s} ms" for s in sizes) + " |"
+    lines += [head, "|" + "---|" * (4 + 2 * len(sizes))]
+    for arch in models:
+        info = result["models"][arch]
+        strides = "/".join(map(str, info["strides"]))
+        cells = [arch, strides, f"{info['params'] / 1e6:.3f} M", f"{info['gflops_640']:.2f}"]
+        for s in sizes:
+            for rt in ("torch", "onnxruntime"):
+                c = result["latency"][f"{arch}|{s}|{rt}"]
+                cells.append(f"{c['median_ms']:.1f} [{c['p25_ms']:.1f}-{c['p75_ms']:.1f}]")
+        lines.append("| " + " | ".join(cells) + " |")
+    worst = max(v for info in result["models"].values() for k, v in info.items() if k.startswith("onnx_max"))
+    lines += [
+        "",
+        f"ONNX Runtime vs torch (fused) output: max abs difference {worst:.1e} over all models and sizes "
+        "(boxes in pixels, scores in [0, 1]).",
+        "",
+        "Rows: `yolo11n`/`yolo11s` are Ultralytics' YOLO11 (P3-P5 heads); `yolo11n-p2` is YOLO11n's backbone "
+        "with a P2-P4 neck and a stock Detect head (`conf/models/yolo11n-p2.yaml`, the ablation baseline); "
+        "`*-pyrafan` have the same backbone and neck and the PyraFAN head (`common/pyrafan.py`).",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--models", nargs="+", default=list(MODELS))
+    ap.add_argument("--sizes", nargs="+", type=int, default=list(SIZES))
+    ap.add_argument("--runs", type=int, default=30, help="timed rounds (median over these)")
+    ap.add_argument("--warmup", type=int, default=5, help="untimed runs per cell first")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default=str(RESULTS), help="output path without suffix (.md and .json are written)")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+
+    load_before = os.getloadavg()
+    with tempfile.TemporaryDirectory(prefix="cedar-speed-") as tmp:
+        measured = measure(args.models, args.sizes, args.runs, args.warmup, args.threads, Path(tmp))
+    result = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "machine": machine(args.threads),
+              "nc": NC, "sizes": args.sizes, "runs": args.runs, "warmup": args.warmup,
+              "load_before": load_before, "load_after": os.getloadavg(), **measured}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
+    markdown = to_markdown(result)
+    out.with_suffix(".md").write_text(markdown)
+    print(markdown)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

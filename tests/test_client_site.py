@@ -1,0 +1,207 @@
+"""Tests for clients.site.LocalSite and common.sites.resolve_site on the tiny benchmark."""
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from common import protocol as P
+from common.benchmark import GeneratorSettings
+from common.config import ConfigError, load_config
+from common.sites import SiteSpec, class_names, num_sites, resolve_site
+from clients.site import LocalSite
+
+
+@pytest.fixture(scope="module")
+def tiny_cfg(tiny_overrides):
+    return load_config("quick", tiny_overrides)
+
+
+def _overrides_string(overrides: dict) -> str:
+    return " ".join(f"{k}={v}" for k, v in overrides.items())
+
+
+def _label_ids(label_dir: Path) -> set[int]:
+    return {int(line.split()[0]) for t in label_dir.glob("*.txt") for line in t.read_text().splitlines()}
+
+
+def test_tiny_config_resolves_to_the_session_benchmark(tiny_cfg, tiny_settings):
+    # the same generator settings -> the same cache key -> no second generation
+    assert GeneratorSettings.from_data_config(tiny_cfg.data) == tiny_settings
+    assert num_sites(tiny_cfg) == 2
+
+
+# --- resolve_site ---------------------------------------------------------------------------
+
+
+def test_resolve_site_from_partition_id(tiny_cfg, tiny_benchmark):
+    spec = resolve_site(tiny_cfg, {"partition-id": 1})
+
+    assert spec == SiteSpec(1, "site-1", (2.0, 0.0), (2, 3, 4, 5, 6), tiny_benchmark.site_data(1),
+                            tiny_benchmark.video_dir(1))
+
+
+def test_resolve_site_index_wins_and_node_config_overrides(tiny_cfg):
+    spec = resolve_site(tiny_cfg, {"site-index": "0", "partition-id": 1, "position-km": "1.5, -2",
+                                   "site-id": "tower-7"})
+
+    assert (spec.index, spec.site_id, spec.position_km, spec.classes) == (0, "tower-7", (1.5, -2.0), (0, 1, 2, 3, 4))
+
+
+@pytest.mark.parametrize("node_config, named", [
+    ({"partition-id": 2}, "partition-id=2 but the config has 2 sites (0..1)"),
+    ({"partition-id": -1}, "partition-id=-1"),
+    ({"site-index": 5}, "site-index=5"),
+    ({"partition-id": "one"}, "partition-id='one' is not an integer"),
+    ({}, "'site-index' (deployment) or 'partition-id'"),
+    ({"partition-id": 0, "position-km": "3"}, "position-km='3'"),
+])
+def test_resolve_site_errors_name_the_key(tiny_cfg, node_config, named):
+    with pytest.raises(ConfigError) as info:
+        resolve_site(tiny_cfg, node_config)
+
+    assert named in str(info.value)
+
+
+def test_from_context_uses_run_config_and_model_store(tiny_overrides, tiny_benchmark, tmp_path):
+    run_config = {"preset": "quick", "overrides": _overrides_string(tiny_overrides)}
+
+    site = LocalSite.from_context(run_config, {"partition-id": 1, "model-store": str(tmp_path / "store")})
+
+    assert site.cfg.preset == "quick" and site.cfg.train.imgsz == 128 and site.cfg.data.num_sites == 2
+    assert site.spec.data_yaml == tiny_benchmark.site_data(1)
+    assert site.store == tmp_path / "store"
+
+
+def test_from_context_default_store_is_under_cedar_home(tiny_overrides, cedar_home):
+    run_config = {"preset": "quick", "overrides": _overrides_string(tiny_overrides)}
+
+    site = LocalSite.from_context(run_config, {"partition-id": 0})
+
+    assert site.store == cedar_home / "nodes" / "site-0"
+
+
+def test_identity(tiny_cfg):
+    site = LocalSite(tiny_cfg, resolve_site(tiny_cfg, {"partition-id": 1}), Path("unused"))
+
+    identity = site.identity()
+
+    assert identity == {P.SITE_ID: "site-1", P.POSITION_KM: [2.0, 0.0], P.CLASSES: [2, 3, 4, 5, 6]}
+    assert P.parse_site(identity, nc=8) == identity
+
+
+# --- train_round ----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def site1(tiny_cfg, tmp_path_factory):
+    return LocalSite(tiny_cfg, resolve_site(tiny_cfg, {"partition-id": 1}), tmp_path_factory.mktemp("store"))
+
+
+@pytest.fixture(scope="module")
+def round1(site1):
+    return site1.train_round(server_round=1, epochs=1, weights=None)
+
+
+def test_train_round_metrics(round1, site1, tiny_benchmark):
+    # Prepare: classes with a label in site 1's test split are scored, the rest are absent (-1)
+    present = _label_ids(tiny_benchmark.site_dir(1) / "labels" / "test")
+
+    m = round1.metrics
+
+    # Assert: every protocol key, valid as the server will check it
+    assert set(m) == {P.NUM_EXAMPLES, P.TRAIN_LOSS, P.TRAIN_SECONDS, P.VAL_MAP50, P.TEST_MAP50, P.TEST_MAP50_95,
+                      P.TEST_AP50}
+    parsed = P.parse_train_metrics(m, nc=8)
+    # 8 train images, batch 4: 2 iterations x 4 images
+    assert m[P.NUM_EXAMPLES] == 8
+    assert math.isfinite(m[P.TRAIN_LOSS]) and m[P.TRAIN_LOSS] > 0 and m[P.TRAIN_SECONDS] > 0
+    assert [c for c in range(8) if m[P.TEST_AP50][c] != P.ABSENT] == sorted(present)
+    assert [c for c in range(8) if not math.isnan(parsed[P.TEST_AP50][c])] == sorted(present)
+    assert 0.0 <= m[P.TEST_MAP50_95] <= m[P.TEST_MAP50] <= 1.0
+
+
+def test_train_round_writes_the_model_store(round1, site1):
+    from common import yolo
+
+    path = site1.store / "model.pt"
+
+    blob = torch.load(path, weights_only=True)
+    assert blob["meta"] == {"round": 1, "site": "site-1"}
+    assert blob["names"] == dict(enumerate(class_names(site1.spec.data_yaml)))
+    stored = yolo.state_dict(yolo.load_weights(path))
+    assert stored.keys() == round1.weights.keys()
+    assert all(torch.equal(stored[k], round1.weights[k]) for k in stored)
+
+
+def test_train_round_changes_the_weights(round1, site1):
+    fresh = site1.build_model().state_dict()
+
+    assert any(not torch.equal(fresh[k], round1.weights[k]) for k in fresh)
+
+
+def test_next_round_starts_from_the_given_weights(round1, site1):
+    # epochs=0 trains nothing, so the returned weights are exactly the ones sent
+    res = site1.train_round(server_round=2, epochs=0, weights=round1.weights)
+
+    assert res.weights.keys() == round1.weights.keys()
+    assert all(torch.equal(res.weights[k], round1.weights[k]) for k in res.weights)
+    assert torch.load(site1.store / "model.pt", weights_only=True)["meta"]["round"] == 2
+
+
+def test_zero_epoch_round_reply_is_valid(round1, site1):
+    res = site1.train_round(server_round=2, epochs=0, weights=round1.weights)
+
+    P.parse_train_metrics(res.metrics, nc=8)
+
+
+# --- metric assembly (training and evaluation faked) ----------------------------------------
+
+
+def _fake_adapter(monkeypatch, iterations: int):
+    """Replace yolo.train/evaluate: ``iterations`` batches, fixed scores (site 1's classes are 2..6)."""
+    from common import yolo
+
+    calls = []
+
+    def train(model, data_yaml, **kw):
+        calls.append(("train", kw["epochs"], kw["batch"], kw["warmup_iters"], kw["seed"]))
+        return yolo.TrainResult(epochs=kw["epochs"], iterations=iterations, seconds=1.5, loss=2.25, images=8)
+
+    def evaluate(model, data_yaml, *, split, **kw):
+        calls.append(("evaluate", split))
+        ap = [math.nan, math.nan, 0.5, 0.25, math.nan, 0.0, 1.0, math.nan]
+        return yolo.EvalResult(map50=0.4 if split == "val" else 0.6, map50_95=0.3, precision=0.5, recall=0.5,
+                               ap50=ap, images=4, instances=9, seconds=0.1)
+
+    monkeypatch.setattr(yolo, "train", train)
+    monkeypatch.setattr(yolo, "evaluate", evaluate)
+    return calls
+
+
+def test_train_round_assembles_metrics(monkeypatch, tiny_cfg, tmp_path):
+    # Prepare: 8 train images, batch 4 -> 2 iterations
+    calls = _fake_adapter(monkeypatch, iterations=2)
+    site = LocalSite(tiny_cfg, resolve_site(tiny_cfg, {"partition-id": 1}), tmp_path)
+
+    # Execute
+    res = site.train_round(server_round=3, epochs=1, weights=None)
+
+    # Assert: warm-up only in round 1; seed = cfg.seed + 1000 * round + site index = 0 + 3000 + 1
+    assert calls == [("train", 1, 4, 0, 3001), ("evaluate", "val"), ("evaluate", "test")]
+    assert res.metrics == {P.NUM_EXAMPLES: 8, P.TRAIN_LOSS: 2.25, P.TRAIN_SECONDS: 1.5, P.VAL_MAP50: 0.4,
+                           P.TEST_MAP50: 0.6, P.TEST_MAP50_95: 0.3,
+                           P.TEST_AP50: [-1.0, -1.0, 0.5, 0.25, -1.0, 0.0, 1.0, -1.0]}
+    assert (tmp_path / "model.pt").is_file()
+
+
+def test_num_examples_is_the_number_of_training_images(monkeypatch, tiny_overrides, tmp_path):
+    # 8 train images, batch 3 -> ceil(8 / 3) = 3 iterations in 1 epoch
+    _fake_adapter(monkeypatch, iterations=3)
+    cfg = load_config("quick", {**tiny_overrides, "train.batch": 3})
+    site = LocalSite(cfg, resolve_site(cfg, {"partition-id": 1}), tmp_path)
+
+    res = site.train_round(server_round=1, epochs=1, weights=None)
+
+    assert res.metrics[P.NUM_EXAMPLES] == 8

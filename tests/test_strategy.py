@@ -1,0 +1,285 @@
+"""Tests for strategies.personalized: per-node messages, reply validation, fedavg, waiting for nodes.
+
+A fake grid and real ``flwr.app.Message`` replies; no SuperLink, no torch: milliseconds.
+"""
+
+import logging
+import time
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from common import protocol as P
+from strategies.personalized import NodeReply, PersonalizedStrategy, wait_for_nodes
+
+NC = 3
+
+
+@pytest.fixture(autouse=True)
+def server_identity(monkeypatch):
+    """Messages take run/node/task ids from the process identity a ServerApp would have."""
+    monkeypatch.setattr(TaskIdentity, "_run_id", 42)
+    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
+
+
+@pytest.fixture
+def flwr_log(caplog):
+    caplog.set_level(logging.INFO, logger="flwr")
+    return caplog
+
+
+def _arrays(*values: float) -> ArrayRecord:
+    return ArrayRecord({"w": Array(np.asarray(values, np.float32)), "b": Array(np.asarray([values[0]], np.float32))})
+
+
+def _content(node_id: int, arrays: ArrayRecord, n: int = 8, ap=(0.5, -1.0, 0.25), drop: str = "") -> RecordDict:
+    records = {
+        P.ARRAYS: arrays,
+        P.METRICS: MetricRecord({P.NUM_EXAMPLES: n, P.TRAIN_LOSS: 1.5, P.TRAIN_SECONDS: 2.0, P.VAL_MAP50: 0.3,
+                                 P.TEST_MAP50: 0.4, P.TEST_MAP50_95: 0.2, P.TEST_AP50: list(ap)}),
+        P.SITE: ConfigRecord({P.SITE_ID: f"site-{node_id}", P.POSITION_KM: [float(node_id), 0.0],
+                              P.CLASSES: [0, 2]}),
+    }
+    return RecordDict({k: v for k, v in records.items() if k != drop})
+
+
+class FakeGrid:
+    """``get_node_ids`` and ``send_and_receive``; ``reply(msg)`` returns a reply or None (no reply)."""
+
+    def __init__(self, node_ids, reply=None):
+        self.node_ids = list(node_ids)
+        self.reply = reply
+        self.sent: list[list[Message]] = []
+
+    def get_node_ids(self):
+        return list(self.node_ids)
+
+    def send_and_receive(self, messages, *, timeout=None):
+        messages = list(messages)
+        self.sent.append(messages)
+        return [r for r in (self.reply(m) for m in messages) if r is not None]
+
+
+def _strategy(evaluate_fn=None, **kw) -> PersonalizedStrategy:
+    evaluate_fn = evaluate_fn or (lambda reply: {"map50": 0.1 * reply.node_id})
+    return PersonalizedStrategy(num_classes=NC, epochs_per_round=2, evaluate_fn=evaluate_fn, **kw)
+
+
+def _weights(msg: Message) -> list[float]:
+    return msg.content[P.ARRAYS]["w"].numpy().tolist()
+
+
+# --- configure_train ------------------------------------------------------------------------
+
+
+def test_configure_train_round_one_without_weights():
+    strategy = _strategy(train_config={"lr0": 0.01})
+
+    messages = list(strategy.configure_train(1, None, ConfigRecord({"extra": 1}), FakeGrid([9, 4])))
+
+    assert [m.metadata.dst_node_id for m in messages] == [4, 9]
+    for m in messages:
+        assert m.metadata.message_type == MessageType.TRAIN
+        assert dict(m.content[P.CONFIG]) == {"lr0": 0.01, "extra": 1, P.SERVER_ROUND: 1, P.EPOCHS: 2}
+        assert P.ARRAYS not in m.content
+
+
+def test_configure_train_sends_initial_weights_to_nodes_without_their_own():
+    strategy = _strategy()
+
+    messages = list(strategy.configure_train(1, _arrays(1.0, 2.0), ConfigRecord(), FakeGrid([1, 2])))
+
+    assert [_weights(m) for m in messages] == [[1.0, 2.0], [1.0, 2.0]]
+
+
+def test_each_node_gets_its_own_weights_after_round_one():
+    # Prepare: node k returns weights [10k + round]; node 5 never replies
+    grid = FakeGrid([3, 5, 1], reply=lambda m: None if m.metadata.dst_node_id == 5 else Message(
+        _content(m.metadata.dst_node_id, _arrays(10.0 * m.metadata.dst_node_id + m.content[P.CONFIG][P.SERVER_ROUND])),
+        reply_to=m))
+    seen = []
+    strategy = _strategy()
+
+    # Execute
+    strategy.start(grid, num_rounds=2, expected_nodes=3, wait_for_nodes_s=0,
+                   on_round_end=lambda r, replies: seen.append((r, [x.node_id for x in replies])))
+
+    # Assert
+    round2 = {m.metadata.dst_node_id: m for m in grid.sent[1]}
+    assert _weights(round2[1]) == [11.0] and _weights(round2[3]) == [31.0]
+    assert P.ARRAYS not in round2[5].content  # nothing known for node 5
+    assert [m.content[P.CONFIG][P.SERVER_ROUND] for m in grid.sent[1]] == [2, 2, 2]
+    assert seen == [(1, [1, 3]), (2, [1, 3])]
+    assert {k: v["w"].numpy().tolist() for k, v in strategy.node_arrays.items()} == {1: [12.0], 3: [32.0]}
+    assert strategy.node_sites[3] == {P.SITE_ID: "site-3", P.POSITION_KM: [3.0, 0.0], P.CLASSES: [0, 2]}
+
+
+# --- aggregate_train: bad replies -----------------------------------------------------------
+
+
+def test_bad_replies_are_dropped_and_logged(flwr_log):
+    # Prepare: 1 and 6 are fine; 2 failed, 3 sent no metrics, 4 sent 2 APs for 3 classes,
+    # 5's weights make evaluate_fn raise; 7 does not reply at all
+    def reply(m):
+        node = m.metadata.dst_node_id
+        if node == 2:
+            return Message(Error(code=0, reason="out of memory"), reply_to=m)
+        if node == 7:
+            return None
+        content = _content(node, _arrays(float(node)), drop=P.METRICS if node == 3 else "",
+                           ap=(0.5, 0.5) if node == 4 else (0.5, -1.0, 0.25))
+        return Message(content, reply_to=m)
+
+    def evaluate_fn(r: NodeReply):
+        if r.node_id == 5:
+            raise ValueError("weights do not fit the model")
+        return {"map50": 0.5}
+
+    grid = FakeGrid(range(1, 8), reply)
+    strategy = _strategy(evaluate_fn)
+    rounds = []
+
+    # Execute
+    strategy.start(grid, num_rounds=1, expected_nodes=7, wait_for_nodes_s=0,
+                   on_round_end=lambda r, replies: rounds.append(replies))
+
+    # Assert: the valid ones are kept, with their parsed metrics and benchmark result
+    assert [r.node_id for r in rounds[0]] == [1, 6]
+    assert sorted(strategy.node_arrays) == [1, 6]
+    assert rounds[0][0].benchmark == {"map50": 0.5}
+    assert rounds[0][1].metrics[P.NUM_EXAMPLES] == 8.0
+    warnings = [r.getMessage() for r in flwr_log.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 5
+    assert any("node 2" in w and "out of memory" in w for w in warnings)
+    assert any("node 3" in w and f"'{P.METRICS}'" in w for w in warnings)
+    assert any("node 4" in w and f"'{P.TEST_AP50}'" in w for w in warnings)
+    assert any("node 5" in w and "weights do not fit the model" in w for w in warnings)
+    assert any("no reply from nodes [7]" in w for w in warnings)
+    assert any("2 valid replies" in r.getMessage() for r in flwr_log.records)
+
+
+def test_missing_site_record_is_dropped(flwr_log):
+    strategy = _strategy()
+    msg = next(iter(strategy.configure_train(1, None, ConfigRecord(), FakeGrid([4]))))
+
+    strategy.aggregate_train(1, [Message(_content(4, _arrays(1.0), drop=P.SITE), reply_to=msg)])
+
+    assert strategy.last_replies == [] and strategy.node_arrays == {}
+    assert any(f"no '{P.SITE}' record" in r.getMessage() for r in flwr_log.records)
+
+
+def test_personalised_aggregation_returns_no_global_model():
+    strategy = _strategy()
+    msgs = list(strategy.configure_train(1, None, ConfigRecord(), FakeGrid([1, 2])))
+
+    result = strategy.aggregate_train(1, [Message(_content(1, _arrays(1.0)), reply_to=msgs[0]),
+                                          Message(_content(2, _arrays(3.0)), reply_to=msgs[1])])
+
+    assert result == (None, None)
+    assert strategy.node_arrays[1]["w"].numpy().tolist() == [1.0]
+    assert strategy.node_arrays[2]["w"].numpy().tolist() == [3.0]
+
+
+# --- fedavg ---------------------------------------------------------------------------------
+
+
+def test_fedavg_is_the_example_weighted_mean():
+    # Prepare: n = 10 and 30 examples; mean = (10 a + 30 b) / 40, e.g. (10*1 + 30*3) / 40 = 2.5
+    a = np.array([1.0, -2.0, 4.0], np.float32)
+    b = np.array([3.0, 6.0, 0.0], np.float32)
+    strategy = _strategy(aggregation="fedavg")
+    msgs = list(strategy.configure_train(1, None, ConfigRecord(), FakeGrid([1, 2])))
+    replies = [Message(_content(1, _arrays(*a), n=10), reply_to=msgs[0]),
+               Message(_content(2, _arrays(*b), n=30), reply_to=msgs[1])]
+
+    # Execute
+    merged, metrics = strategy.aggregate_train(1, replies)
+
+    # Assert
+    expected = (10 * a.astype(np.float64) + 30 * b) / 40
+    np.testing.assert_allclose(merged["w"].numpy(), expected, rtol=1e-6)
+    np.testing.assert_allclose(merged["w"].numpy(), [2.5, 4.0, 1.0], rtol=1e-6)
+    np.testing.assert_allclose(merged["b"].numpy(), [2.5], rtol=1e-6)
+    assert metrics is None
+    # every node continues from the global model
+    nxt = list(strategy.configure_train(2, None, ConfigRecord(), FakeGrid([1, 2])))
+    assert [_weights(m) for m in nxt] == [[2.5, 4.0, 1.0]] * 2
+
+
+def test_fedavg_ignores_dropped_replies():
+    strategy = _strategy(aggregation="fedavg")
+    msgs = list(strategy.configure_train(1, None, ConfigRecord(), FakeGrid([1, 2])))
+    replies = [Message(_content(1, _arrays(1.0), n=10), reply_to=msgs[0]),
+               Message(_content(2, _arrays(100.0), n=30, ap=(0.5,)), reply_to=msgs[1])]
+
+    merged, _ = strategy.aggregate_train(1, replies)
+
+    assert merged["w"].numpy().tolist() == [1.0]
+
+
+def test_fedavg_without_valid_replies_returns_nothing():
+    strategy = _strategy(aggregation="fedavg")
+
+    assert strategy.aggregate_train(1, []) == (None, None)
+
+
+def test_unknown_aggregation_is_rejected():
+    with pytest.raises(ValueError, match="median"):
+        _strategy(aggregation="median")
+
+
+def test_evaluation_stays_on_the_server():
+    strategy = _strategy()
+
+    assert list(strategy.configure_evaluate(1, None, ConfigRecord(), FakeGrid([1]))) == []
+    assert strategy.aggregate_evaluate(1, []) is None
+
+
+# --- waiting for nodes ----------------------------------------------------------------------
+
+
+class ArrivingGrid:
+    """Nodes register one by one: the i-th call sees ``schedule[min(i, len - 1)]``."""
+
+    def __init__(self, schedule):
+        self.schedule, self.calls = schedule, 0
+
+    def get_node_ids(self):
+        ids = self.schedule[min(self.calls, len(self.schedule) - 1)]
+        self.calls += 1
+        return ids
+
+
+def test_wait_for_nodes_returns_when_enough_appear(flwr_log):
+    grid = ArrivingGrid([[], [5], [5, 2], [5, 2, 9], [5, 2, 9, 1]])
+
+    nodes = wait_for_nodes(grid, expected=3, timeout_s=10.0, poll_s=0.001)
+
+    assert nodes == [2, 5, 9]
+    assert grid.calls == 4
+    assert any("3 nodes connected" in r.getMessage() for r in flwr_log.records)
+
+
+def test_wait_for_nodes_does_not_wait_when_all_are_there():
+    grid = ArrivingGrid([[1, 2]])
+
+    t0 = time.monotonic()
+    nodes = wait_for_nodes(grid, expected=2, timeout_s=10.0, poll_s=5.0)
+
+    assert nodes == [1, 2] and grid.calls == 1
+    assert time.monotonic() - t0 < 1.0
+
+
+def test_wait_for_nodes_gives_up_after_the_timeout(flwr_log):
+    grid = ArrivingGrid([[7]])
+
+    t0 = time.monotonic()
+    nodes = wait_for_nodes(grid, expected=3, timeout_s=0.2, poll_s=0.01)
+    elapsed = time.monotonic() - t0
+
+    assert nodes == [7]
+    assert 0.2 <= elapsed < 2.0
+    assert any(r.levelno == logging.WARNING and "only 1 of 3" in r.getMessage() for r in flwr_log.records)
