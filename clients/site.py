@@ -63,7 +63,7 @@ class LocalSite:
         t0 = time.perf_counter()
         res = yolo.train(
             model, self.spec.data_yaml, epochs=epochs, imgsz=t.imgsz, batch=t.batch, lr0=t.lr0,
-            weight_decay=t.weight_decay, warmup_iters=t.warmup_iters if server_round <= 1 else 0,
+            weight_decay=t.weight_decay, warmup_iters=t.warmup_iters,  # every round: AdamW restarts
             mosaic=t.mosaic, workers=t.workers, seed=self.cfg.seed + 1000 * server_round + self.spec.index,
             device=t.device, desc=f"{self.spec.site_id} round {server_round}",
         )

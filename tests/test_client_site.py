@@ -188,8 +188,8 @@ def test_train_round_assembles_metrics(monkeypatch, tiny_cfg, tmp_path):
     # Execute
     res = site.train_round(server_round=3, epochs=1, weights=None)
 
-    # Assert: warm-up only in round 1; seed = cfg.seed + 1000 * round + site index = 0 + 3000 + 1
-    assert calls == [("train", 1, 4, 0, 3001), ("evaluate", "val"), ("evaluate", "test")]
+    # Assert: warm-up in every round (the optimizer restarts); seed = cfg.seed + 1000 * round + index = 3001
+    assert calls == [("train", 1, 4, tiny_cfg.train.warmup_iters, 3001), ("evaluate", "val"), ("evaluate", "test")]
     assert res.metrics == {P.NUM_EXAMPLES: 8, P.TRAIN_LOSS: 2.25, P.TRAIN_SECONDS: 1.5, P.VAL_MAP50: 0.4,
                            P.TEST_MAP50: 0.6, P.TEST_MAP50_95: 0.3,
                            P.TEST_AP50: [-1.0, -1.0, 0.5, 0.25, -1.0, 0.0, 1.0, -1.0]}
