@@ -22,8 +22,16 @@ log = logging.getLogger(__name__)
 app = ClientApp()
 
 
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """Who this node is: site id, position (km) and class set."""
+    site = LocalSite.from_context(context.run_config, context.node_config)
+    return Message(content=RecordDict({P.SITE: ConfigRecord(site.identity())}), reply_to=msg)
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
+    """Local training; with ``teacher-ids`` in the config, distillation from those teachers."""
     site = LocalSite.from_context(context.run_config, context.node_config)
     config = msg.content.get(P.CONFIG, ConfigRecord())
     arrays = msg.content.get(P.ARRAYS)
@@ -31,6 +39,8 @@ def train(msg: Message, context: Context) -> Message:
         server_round=int(config.get(P.SERVER_ROUND, 0)),
         epochs=int(config.get(P.EPOCHS, site.cfg.train.epochs_per_round)),
         weights=arrays.to_torch_state_dict() if arrays is not None else None,
+        kd=P.parse_kd_config(config, [msg.content.get(P.teacher_record(i))
+                                      for i in range(len(config.get(P.TEACHER_IDS, [])))]),
     )
     content = RecordDict({
         P.ARRAYS: ArrayRecord(result.weights),

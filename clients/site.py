@@ -42,17 +42,26 @@ class LocalSite:
         return {P.SITE_ID: self.spec.site_id, P.POSITION_KM: [float(v) for v in self.spec.position_km],
                 P.CLASSES: [int(c) for c in self.spec.classes]}
 
-    def build_model(self, weights: dict | None = None):
+    def build_model(self, weights: dict | None = None, arch: str | None = None):
         from common import yolo
 
         names = class_names(self.spec.data_yaml)
-        model = yolo.build_model(self.cfg.model.edge, len(names), seed=self.cfg.seed, names=names)
+        model = yolo.build_model(arch or self.cfg.model.edge, len(names), seed=self.cfg.seed, names=names)
         if weights is not None:
             yolo.load_state_dict(model, weights)
         return model
 
-    def train_round(self, server_round: int, epochs: int, weights: dict | None) -> RoundResult:
-        """Local training then evaluation on the site's own val and test splits."""
+    def distiller(self, student, kd: dict[str, Any]):
+        """Frozen teachers from a distillation message (see ``common.protocol.parse_kd_config``)."""
+        from common.distill import TeacherEnsemble
+
+        teachers = [self.build_model(rec.to_torch_state_dict(), arch) for rec, arch, _ in kd["teachers"]]
+        return TeacherEnsemble(student, teachers, [w for _, _, w in kd["teachers"]],
+                               temperature=kd["temperature"], fg_threshold=kd["fg_threshold"])
+
+    def train_round(self, server_round: int, epochs: int, weights: dict | None,
+                    kd: dict[str, Any] | None = None) -> RoundResult:
+        """Local training (distillation when ``kd`` names teachers), then evaluation on val and test."""
         import torch
 
         from common import yolo
@@ -60,12 +69,14 @@ class LocalSite:
         torch.set_num_threads(self.cfg.train.threads)
         t = self.cfg.train
         model = self.build_model(weights)
+        extra = self.distiller(model, kd) if kd else None
         t0 = time.perf_counter()
         res = yolo.train(
             model, self.spec.data_yaml, epochs=epochs, imgsz=t.imgsz, batch=t.batch, lr0=t.lr0,
             weight_decay=t.weight_decay, warmup_iters=t.warmup_iters,  # every round: AdamW restarts
             mosaic=t.mosaic, workers=t.workers, seed=self.cfg.seed + 1000 * server_round + self.spec.index,
-            device=t.device, desc=f"{self.spec.site_id} round {server_round}",
+            device=t.device, desc=f"{self.spec.site_id} round {server_round}{' KD' if kd else ''}",
+            extra_loss=extra, alpha=kd["alpha"] if kd else 1.0,
         )
         ev = self.cfg.eval
         kw = dict(imgsz=t.imgsz, batch=ev.batch, conf=ev.conf, iou=ev.iou, device=t.device)
@@ -79,4 +90,6 @@ class LocalSite:
             P.TRAIN_SECONDS: res.seconds, P.VAL_MAP50: val.map50, P.TEST_MAP50: test.map50,
             P.TEST_MAP50_95: test.map50_95, P.TEST_AP50: P.encode_ap(test.ap50),
         }
+        if kd:
+            metrics[P.KD_LOSS] = res.extra_loss
         return RoundResult(yolo.state_dict(model), metrics)

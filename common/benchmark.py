@@ -8,7 +8,8 @@ the generator settings and :data:`GENERATOR_VERSION`) and reused afterwards::
     <root>/sites/site-<i>/data.yaml      Ultralytics dataset (train/val/test)
     <root>/sites/site-<i>/site.json      position (km), classes, domain, size mix
     <root>/sites/site-<i>/{images,labels}/{train,val,test}/
-    <root>/public/data.yaml              the shared labelled benchmark (all sites)
+    <root>/public/data.yaml              the shared labelled benchmark (all sites): test split
+                                         for evaluation, train split for the cloud model
     <root>/videos/site-<i>/video.mp4     short clip written by OpenCV
     <root>/videos/site-<i>/labels/<frame>.txt, meta.json (cut, still stretches)
 
@@ -37,7 +38,7 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 CLASS_NAMES = ("insulator", "bird_nest", "damper", "bolt", "crack", "rust", "vehicle", "person")
 NUM_CLASSES = len(CLASS_NAMES)
 SPLITS = ("train", "val", "test")
@@ -65,6 +66,7 @@ class GeneratorSettings:
     val_per_site: int = 24
     test_per_site: int = 24
     public_per_site: int = 16
+    public_train_per_site: int = 32
     objects_per_image: tuple[int, int] = (4, 12)
     small_px: tuple[int, int] = (5, 15)
     large_px: tuple[int, int] = (16, 32)
@@ -466,12 +468,14 @@ def _generate_into(root: Path, s: GeneratorSettings, sites: list[Site], final_ro
     for site in sites:
         if site.noisy:
             continue  # the shared benchmark is labelled with the true task
-        for i in range(s.public_per_site):
-            img, boxes = render_scene(_rng(s.seed, site.index, 99, i), s, site, s.imgsz)
-            stem = f"public-{site.site_id}-{i:05d}"
-            _write(pub / "images" / "test" / f"{stem}.png", pub / "labels" / "test" / f"{stem}.txt",
-                   img, yolo_lines(boxes, s.imgsz, site.label_map))
-    write_data_yaml(pub, {"train": "images/test", "val": "images/test", "test": "images/test"},
+        for split, part, count in (("test", 99, s.public_per_site), ("train", 98, s.public_train_per_site)):
+            for i in range(count):
+                img, boxes = render_scene(_rng(s.seed, site.index, part, i), s, site, s.imgsz)
+                stem = f"public-{site.site_id}-{split}-{i:05d}"
+                _write(pub / "images" / split / f"{stem}.png", pub / "labels" / split / f"{stem}.txt",
+                       img, yolo_lines(boxes, s.imgsz, site.label_map))
+    # test: what every edge model is scored on; train: what the cloud model learns from
+    write_data_yaml(pub, {"train": "images/train", "val": "images/test", "test": "images/test"},
                     final_root=final_root / "public")
 
 

@@ -52,6 +52,7 @@ class DataConfig:
     val_per_site: int = 24
     test_per_site: int = 24
     public_per_site: int = 16
+    public_train_per_site: int = 32
     objects_per_image: list[int] = field(default_factory=lambda: [4, 12])
     # object side length in px at ``imgsz``: small objects are drawn in
     # [small_px[0], small_px[1]], the rest in [large_px[0], large_px[1]]
@@ -108,6 +109,38 @@ class FederationConfig:
     aggregation: str = "none"
     wait_for_nodes_s: float = 120.0
     reply_timeout_s: float = 3600.0
+    # continue the run in output_dir/run_name from its last completed round
+    resume: bool = False
+
+
+@dataclass
+class KDConfig:
+    """Knowledge distillation between sites (paper section 4.3) and from the cloud model.
+
+    ``mode``: ``none`` (local training only), ``graph`` (top-rho teachers by the
+    similarity graph), ``all`` (naive: every other site teaches every site,
+    uniform weights; the paper's Figure 6 baseline). ``cloud_rounds``: rounds
+    on which the cloud model (trained by the server) teaches every site.
+    """
+
+    mode: str = "none"
+    rho: float = 0.3
+    sigma_s_km: float = 5.0
+    min_weight: float = 0.0
+    class_weights: str = "ones"  # "ones" or "small" (small-object emphasis)
+    alpha: float = 0.5  # weight of the detection loss: alpha * det + (1 - alpha) * kd
+    temperature: float = 1.0  # paper section 5.1
+    fg_threshold: float = 0.25
+    epochs: int = 2
+    start_round: int = 1
+    cloud_rounds: list[int] = field(default_factory=list)
+    cloud_epochs: int = 10
+    # extra YOLO-format training data for the cloud model (the cloud service's hard-sample store)
+    hard_samples_dir: str = ""
+    # graph maintenance (paper Figure 4)
+    t_cycle: int = 1
+    delta_down: float = 0.05
+    patience: int = 2
 
 
 @dataclass
@@ -128,12 +161,15 @@ class CedarConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
+    kd: KDConfig = field(default_factory=KDConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
 
 _CHOICES = {
     "data.source": ("builtin", "yolo"),
     "federation.aggregation": ("none", "fedavg"),
+    "kd.mode": ("none", "graph", "all"),
+    "kd.class_weights": ("ones", "small"),
     "tracking.wandb": ("off", "offline", "online"),
 }
 
@@ -221,7 +257,14 @@ def validate(cfg: CedarConfig) -> None:
     for key in ("train.epochs_per_round",):
         if flat[key] < 0:
             raise ConfigError(f"{key}={flat[key]!r}: must be >= 0")
-    for key in ("data.small_fraction", "data.occlusion_prob", "train.mosaic"):
+    for key in ("kd.t_cycle", "kd.patience", "kd.epochs"):
+        if flat[key] < 1:
+            raise ConfigError(f"{key}={flat[key]!r}: must be >= 1")
+    if flat["kd.temperature"] <= 0 or flat["kd.sigma_s_km"] <= 0:
+        raise ConfigError(f"kd.temperature={flat['kd.temperature']!r} and kd.sigma_s_km={flat['kd.sigma_s_km']!r}"
+                          " must be > 0")
+    for key in ("data.small_fraction", "data.occlusion_prob", "train.mosaic", "kd.rho", "kd.alpha",
+                "kd.fg_threshold"):
         if not 0.0 <= flat[key] <= 1.0:
             raise ConfigError(f"{key}={flat[key]!r}: must be in [0, 1]")
     for key in ("data.objects_per_image", "data.small_px", "data.large_px", "data.clutter_per_image"):

@@ -20,6 +20,18 @@ SITE = "site"
 # ConfigRecord "config" (server -> client)
 SERVER_ROUND = "server-round"
 EPOCHS = "epochs"
+# ... of a distillation message: the student's teachers travel as ArrayRecords "teacher-<i>"
+KD_ALPHA = "kd-alpha"
+KD_TEMPERATURE = "kd-temperature"
+KD_FG_THRESHOLD = "kd-fg-threshold"
+TEACHER_IDS = "teacher-ids"
+TEACHER_WEIGHTS = "teacher-weights"
+TEACHER_ARCHS = "teacher-archs"
+
+
+def teacher_record(i: int) -> str:
+    """Name of the ArrayRecord holding the ``i``-th teacher's weights."""
+    return f"teacher-{i}"
 
 # MetricRecord "metrics" (client -> server)
 NUM_EXAMPLES = "num-examples"
@@ -29,6 +41,7 @@ VAL_MAP50 = "val-map50"
 TEST_MAP50 = "test-map50"
 TEST_MAP50_95 = "test-map50-95"
 TEST_AP50 = "test-ap50"  # per class; NaN is sent as -1 (absent class)
+KD_LOSS = "kd-loss"  # mean distillation loss of the last epoch (KD rounds only)
 
 # ConfigRecord "site" (client -> server)
 SITE_ID = "site-id"
@@ -76,6 +89,31 @@ def parse_train_metrics(metrics: Mapping[str, Any], nc: int) -> dict[str, Any]:
         raise ProtocolError(f"{where}: '{TEST_AP50}' entries must be {ABSENT} (absent) or in [0, 1], got {bad[0]!r}")
     out[TEST_AP50] = decode_ap(ap)
     out[TEST_MAP50_95] = float(metrics.get(TEST_MAP50_95, math.nan))
+    if KD_LOSS in metrics:
+        out[KD_LOSS] = _number(metrics, KD_LOSS, where)
+    return out
+
+
+def parse_kd_config(config: Mapping[str, Any], teacher_records: list) -> dict[str, Any] | None:
+    """The distillation part of a train message: ``None`` for plain local training.
+
+    Returns ``{"teachers": [(record, arch, weight)], "alpha", "temperature", "fg_threshold"}``.
+    """
+    ids = config.get(TEACHER_IDS)
+    if not ids:
+        return None
+    where = "config"
+    weights, archs = config.get(TEACHER_WEIGHTS), config.get(TEACHER_ARCHS)
+    if not isinstance(weights, list) or len(weights) != len(ids):
+        raise ProtocolError(f"{where}: '{TEACHER_WEIGHTS}'={weights!r} must have one weight per teacher {ids}")
+    if not isinstance(archs, list) or len(archs) != len(ids):
+        raise ProtocolError(f"{where}: '{TEACHER_ARCHS}'={archs!r} must name one model per teacher {ids}")
+    missing = [teacher_record(i) for i, rec in enumerate(teacher_records) if rec is None]
+    if missing:
+        raise ProtocolError(f"message has no weights for teacher record(s) {missing}")
+    out = {"teachers": list(zip(teacher_records, archs, [float(w) for w in weights])), "ids": list(ids)}
+    for key, name in ((KD_ALPHA, "alpha"), (KD_TEMPERATURE, "temperature"), (KD_FG_THRESHOLD, "fg_threshold")):
+        out[name] = _number(config, key, where)
     return out
 
 

@@ -64,6 +64,7 @@ SETTINGS.update({"runs_dir": str(ULTRALYTICS_DIR / "runs"), "weights_dir": str(U
                  "datasets_dir": str(ULTRALYTICS_DIR / "datasets")})
 LOGGER.setLevel(logging.WARNING)
 
+from common.kd import total_loss  # noqa: E402
 from ultralytics.cfg import get_cfg  # noqa: E402
 from ultralytics.data import build_dataloader, build_yolo_dataset  # noqa: E402
 from ultralytics.data.utils import check_det_dataset  # noqa: E402
@@ -240,13 +241,17 @@ def train(
     progress: bool = True,
     desc: str = "train",
     extra_loss: Callable[[torch.Tensor, dict, dict], torch.Tensor] | None = None,
+    alpha: float = 0.5,
 ) -> TrainResult:
     """Train ``model`` in place on the ``train`` split of ``data_yaml``.
 
     AdamW (no decay on biases and norms), linear warm-up over ``warmup_iters``
     then cosine decay to ``0.1 * lr0``, gradient norm clipped at 10, mosaic
     switched off in the last epoch. ``extra_loss(images, preds, batch)``, if
-    given, is added to the detection loss (e.g. a distillation term).
+    given (e.g. :class:`common.distill.TeacherEnsemble`), is mixed in as
+    ``alpha * detection + (1 - alpha) * extra`` (:func:`common.kd.total_loss`;
+    the detection loss is Ultralytics' per-batch sum, so ``extra`` is scaled
+    by the batch size to match).
     """
     if epochs <= 0:
         return TrainResult(0, 0, 0.0, 0.0)
@@ -287,7 +292,7 @@ def train(
             loss = loss_vec.sum()
             if extra_loss is not None:
                 extra = extra_loss(imgs, preds, batch_data)
-                loss = loss + extra * imgs.shape[0]  # detection loss is summed over the batch too
+                loss = total_loss(loss, extra * imgs.shape[0], alpha)
                 extra_sum += float(extra.detach())
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

@@ -1,9 +1,11 @@
-"""The server side of a federation run: config, benchmark, strategy, outputs, tracking."""
+"""The server side of a federation run: config, benchmark, strategy, cloud model, outputs, tracking, resume."""
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +14,8 @@ from common.config import CedarConfig, to_flat_dict
 from common.sites import class_names, num_sites, public_data
 from server.outputs import RunOutputs
 from server.tracking import Tracker
-from strategies.personalized import NodeReply, PersonalizedStrategy
+from strategies.graph_kd import GraphKDStrategy
+from strategies.personalized import NodeReply
 
 log = logging.getLogger(__name__)
 
@@ -33,9 +36,87 @@ class BenchmarkEvaluator:
                                  conf=ev.conf, iou=ev.iou, device=t.device)
         return {"map50": res.map50, "map50_95": res.map50_95, "ap50": res.ap50, "seconds": res.seconds}
 
-    def save(self, reply: NodeReply, path: Path, server_round: int) -> None:
-        self.yolo.from_arrayrecord(self.model, reply.arrays)
-        self.yolo.save_weights(self.model, path, round=server_round, site=reply.site[P.SITE_ID])
+    def save(self, arrays, path: Path, **meta) -> None:
+        self.yolo.from_arrayrecord(self.model, arrays)
+        self.yolo.save_weights(self.model, path, **meta)
+
+    def load(self, path: Path):
+        from flwr.app import ArrayRecord
+
+        return ArrayRecord(self.yolo.state_dict(self.yolo.load_weights(path, model=self.model)))
+
+
+class CloudModel:
+    """The cloud detector (YOLO11s by default): trained once by the server on the shared benchmark's
+    train split plus the hard samples edge sites uploaded; cached in the run folder."""
+
+    def __init__(self, cfg: CedarConfig, data_yaml: Path, names: list[str], run_dir: Path):
+        self.cfg, self.data_yaml, self.names = cfg, data_yaml, names
+        self.path = run_dir / "cloud" / "model.pt"
+        self.arrays = None
+
+    def training_data(self) -> Path:
+        """A data.yaml over the benchmark's train split and, if present, the hard-sample store."""
+        import yaml
+
+        base = yaml.safe_load(self.data_yaml.read_text())
+        root = Path(base["path"])
+        train = [str(root / base["train"])]
+        hard = Path(self.cfg.kd.hard_samples_dir).expanduser() if self.cfg.kd.hard_samples_dir else None
+        if hard and (hard / "images").is_dir() and any((hard / "images").iterdir()):
+            train.append(str(hard / "images"))
+        spec = {"path": str(root), "train": train, "val": base["val"], "nc": len(self.names),
+                "names": dict(enumerate(self.names))}
+        path = self.path.parent / "data.yaml"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(yaml.safe_dump(spec))
+        return path
+
+    def __call__(self, server_round: int):
+        from common import yolo
+
+        if self.arrays is None:
+            model = yolo.build_model(self.cfg.model.cloud, len(self.names), seed=self.cfg.seed, names=self.names)
+            if self.path.is_file():
+                yolo.load_weights(self.path, model=model)
+                log.info("cloud model: loaded %s", self.path)
+            else:
+                t = self.cfg.train
+                res = yolo.train(model, self.training_data(), epochs=self.cfg.kd.cloud_epochs, imgsz=t.imgsz,
+                                 batch=t.batch, lr0=t.lr0, weight_decay=t.weight_decay, warmup_iters=t.warmup_iters,
+                                 mosaic=t.mosaic, workers=t.workers, seed=self.cfg.seed, device=t.device,
+                                 desc="cloud")
+                yolo.save_weights(model, self.path, round=server_round, epochs=res.epochs)
+                log.info("cloud model: trained %s epochs in %.0fs -> %s", res.epochs, res.seconds, self.path)
+            self.arrays = yolo.to_arrayrecord(model)
+        return self.arrays, self.cfg.model.cloud
+
+
+def _class_weights(cfg: CedarConfig, data_yaml: Path, nc: int) -> list[float] | None:
+    """Per-column distance weights: all ones, or small-object emphasis from the benchmark's labels."""
+    if cfg.kd.class_weights == "ones":
+        return None
+    import numpy as np
+    import yaml
+
+    from common.graph import small_object_class_weights
+
+    spec = yaml.safe_load(data_yaml.read_text())
+    labels = Path(spec["path"]) / str(spec["test"]).replace("images", "labels", 1)
+    small, total = np.zeros(nc), np.zeros(nc)
+    for txt in labels.glob("*.txt"):
+        for line in txt.read_text().split("\n"):
+            if line.strip():
+                c, _, _, w, h = (float(v) for v in line.split())
+                total[int(c)] += 1
+                small[int(c)] += max(w, h) * cfg.train.imgsz < cfg.eval.small_px
+    return [1.0, *small_object_class_weights(small, total).tolist()]  # the mAP column weighs 1
+
+
+def _write_json(path: Path, data: Any) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=1, default=str))
+    os.replace(tmp, path)
 
 
 def run_federation(grid, cfg: CedarConfig) -> RunOutputs:
@@ -47,38 +128,74 @@ def run_federation(grid, cfg: CedarConfig) -> RunOutputs:
     bench_yaml = public_data(cfg)
     names = class_names(bench_yaml)
     evaluator = BenchmarkEvaluator(cfg, bench_yaml, names)
+    cloud = CloudModel(cfg, bench_yaml, names, out.run_dir) if cfg.kd.cloud_rounds else None
     tracker = Tracker(cfg.tracking.wandb, cfg.tracking.project, out.run_dir, to_flat_dict(cfg), out.run_dir.name)
-    strategy = PersonalizedStrategy(num_classes=len(names), epochs_per_round=cfg.train.epochs_per_round,
-                                    evaluate_fn=evaluator, aggregation=cfg.federation.aggregation)
+    k = cfg.kd
+    strategy = GraphKDStrategy(
+        num_classes=len(names), epochs_per_round=cfg.train.epochs_per_round, evaluate_fn=evaluator,
+        aggregation=cfg.federation.aggregation, mode=k.mode, rho=k.rho, sigma_s_km=k.sigma_s_km,
+        min_weight=k.min_weight, class_weights=_class_weights(cfg, bench_yaml, len(names)), alpha=k.alpha,
+        temperature=k.temperature, fg_threshold=k.fg_threshold, kd_epochs=k.epochs, start_round=k.start_round,
+        cloud_rounds=tuple(k.cloud_rounds), cloud_fn=cloud, edge_arch=cfg.model.edge, t_cycle=k.t_cycle,
+        delta_down=k.delta_down, patience=k.patience,
+    )
+    state_path = out.run_dir / "state.json"
+    first_round = 1
+    if cfg.federation.resume and state_path.is_file():
+        state = json.loads(state_path.read_text())
+        strategy.load_state_dict(state["strategy"])
+        for site_id in state["sites"]:
+            strategy.arrays[site_id] = evaluator.load(out.node_weights_path(site_id))
+        first_round = state["round"] + 1
+        log.info("resuming %s after round %s (%s sites)", out.run_dir, state["round"], len(state["sites"]))
 
     def on_round_end(server_round: int, replies: list[NodeReply]) -> None:
         rows = []
-        for r in sorted(replies, key=lambda r: r.site[P.SITE_ID]):
-            site_id = r.site[P.SITE_ID]
+        for r in sorted(replies, key=lambda r: r.site_id):
+            bench = r.benchmark or {}
             record = {
-                "round": server_round, "node_id": r.node_id, "site_id": site_id,
+                "round": server_round, "node_id": r.node_id, "site_id": r.site_id, "phase": r.phase,
                 "position_km": r.site[P.POSITION_KM], "classes": r.site[P.CLASSES],
                 "train_loss": r.metrics[P.TRAIN_LOSS], "train_seconds": r.metrics[P.TRAIN_SECONDS],
                 "num_examples": r.metrics[P.NUM_EXAMPLES], "val_map50": r.metrics[P.VAL_MAP50],
                 "test_map50": r.metrics[P.TEST_MAP50], "test_ap50": r.metrics[P.TEST_AP50],
-                "benchmark_map50": r.benchmark["map50"], "benchmark_map50_95": r.benchmark["map50_95"],
-                "benchmark_ap50": r.benchmark["ap50"], "eval_seconds": r.benchmark["seconds"],
+                "kd_loss": r.metrics.get(P.KD_LOSS), "teachers": r.metrics.get("teachers"),
+                "kd_alpha": k.alpha if r.phase == "kd" else None,
+                "kd_temperature": k.temperature if r.phase == "kd" else None,
+                "benchmark_map50": bench.get("map50"), "benchmark_map50_95": bench.get("map50_95"),
+                "benchmark_ap50": bench.get("ap50"), "eval_seconds": bench.get("seconds"),
             }
             out.append_metrics(record)
-            evaluator.save(r, out.node_weights_path(site_id), server_round)
-            rows.append([site_id, record["train_loss"], record["test_map50"], record["benchmark_map50"]])
-            tracker.log({f"{site_id}/{k}": v for k, v in record.items()
+            evaluator.save(r.arrays, out.node_weights_path(r.site_id), round=server_round, site=r.site_id)
+            rows.append([r.site_id, r.phase, record["train_loss"], record["test_map50"], record["benchmark_map50"]])
+            tracker.log({f"{r.site_id}/{key}": v for key, v in record.items()
                          if isinstance(v, (int, float)) and not (isinstance(v, float) and math.isnan(v))},
                         step=server_round)
-        tracker.table("round_summary", ["site", "train_loss", "test_map50", "benchmark_map50"], rows, server_round)
+        tracker.table("round_summary", ["site", "phase", "train_loss", "test_map50", "benchmark_map50"], rows,
+                      server_round)
+        if strategy.graph_record is not None:
+            graph_dir = out.run_dir / "graphs"
+            graph_dir.mkdir(exist_ok=True)
+            _write_json(graph_dir / f"round-{server_round:03d}.json", strategy.graph_record)
+            if "nodes" in strategy.graph_record:
+                from server.graph_plot import draw_graph
+
+                png = draw_graph(strategy.graph_record, graph_dir / f"round-{server_round:03d}.png")
+                tracker.image("graph", png, server_round)
+                tracker.table("graph_arcs", ["source", "target", "raw", "weight"],
+                              [[a["source"], a["target"], a["raw"], a["weight"]]
+                               for a in strategy.graph_record["arcs"]], server_round)
+        _write_json(state_path, {"round": server_round, "strategy": strategy.state_dict(),
+                                 "sites": sorted(strategy.arrays)})
         log.info("round %s summary:\n%s", server_round, "\n".join(
-            f"  {s:<10} loss {l:7.3f}  own-test mAP50 {m:.3f}  benchmark mAP50 {b:.3f}" for s, l, m, b in rows))
+            f"  {s:<10} {ph:<5} loss {lo:7.3f}  own-test mAP50 {m:.3f}  benchmark mAP50 "
+            + ("-" if b is None else f"{b:.3f}") for s, ph, lo, m, b in rows))
         out.write_summary()
 
     try:
         strategy.start(grid, num_rounds=cfg.federation.num_rounds, expected_nodes=num_sites(cfg),
                        wait_for_nodes_s=cfg.federation.wait_for_nodes_s,
-                       timeout=cfg.federation.reply_timeout_s, on_round_end=on_round_end)
+                       timeout=cfg.federation.reply_timeout_s, first_round=first_round, on_round_end=on_round_end)
     finally:
         tracker.finish()
     log.info("done: %s", out.write_summary())

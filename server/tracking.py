@@ -38,6 +38,12 @@ class Tracker:
 
             self.run.log({key: wandb.Table(columns=columns, data=rows)}, step=step)
 
+    def image(self, key: str, path: Path, step: int) -> None:
+        if self.run is not None:
+            import wandb
+
+            self.run.log({key: wandb.Image(str(path))}, step=step)
+
     def finish(self) -> None:
         if self.run is not None:
             self.run.finish()

@@ -36,9 +36,10 @@ def pytest_unconfigure(config):
     shutil.rmtree(_SESSION_HOME, ignore_errors=True)
 
 
-# 2 sites x (8 train + 4 val + 4 test + 4 public) images at 128 px and a 12-frame clip each: ~1 s
+# 2 sites x (8 train + 4 val + 4 test + 4 public test + 4 public train) images at 128 px and a
+# 12-frame clip each: ~1 s
 TINY = dict(num_sites=2, imgsz=128, train_per_site=8, val_per_site=4, test_per_site=4, public_per_site=4,
-            video_frames=12)
+            public_train_per_site=4, video_frames=12)
 
 
 @pytest.fixture(scope="session")

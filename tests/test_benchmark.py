@@ -34,7 +34,7 @@ def _labels(label_dir: Path) -> list[list[str]]:
 
 
 SMALL = GeneratorSettings(num_sites=2, imgsz=96, train_per_site=3, val_per_site=1, test_per_site=1,
-                          public_per_site=2, video_frames=6)
+                          public_per_site=2, public_train_per_site=1, video_frames=6)
 
 
 # --- determinism and caching ----------------------------------------------------------------
@@ -48,8 +48,8 @@ def test_same_settings_give_identical_bytes(tmp_path):
     # Assert
     ha, hb = _hashes(a.root), _hashes(b.root)
     assert len(ha) > 0 and ha == hb
-    # 2 sites x (3 + 1 + 1) images and 2 public images per site
-    assert sum(k.endswith(".png") for k in ha) == 2 * 5 + 2 * 2
+    # 2 sites x (3 + 1 + 1) images, 2 public test and 1 public train image per site
+    assert sum(k.endswith(".png") for k in ha) == 2 * 5 + 2 * 2 + 2 * 1
 
 
 def test_other_seed_gives_other_bytes(tmp_path):
@@ -115,7 +115,8 @@ def test_every_image_has_one_label_file(tiny_benchmark):
 @pytest.fixture(scope="module")
 def many_boxes(tmp_path_factory):
     s = GeneratorSettings(num_sites=2, imgsz=128, train_per_site=40, val_per_site=1, test_per_site=1,
-                          public_per_site=1, video_frames=6, objects_per_image=(10, 12))
+                          public_per_site=1, public_train_per_site=1, video_frames=6,
+                          objects_per_image=(10, 12))
     return s, generate(s, tmp_path_factory.mktemp("many-boxes"))
 
 
@@ -183,11 +184,15 @@ def test_public_benchmark_has_every_non_noisy_site(tmp_path):
 
     # Execute
     stems = sorted(p.stem for p in (bench.root / "public" / "images" / "test").glob("*.png"))
+    train = sorted(p.stem for p in (bench.root / "public" / "images" / "train").glob("*.png"))
 
-    # Assert
-    assert stems == ["public-site-0-00000", "public-site-0-00001", "public-site-1-00000", "public-site-1-00001"]
+    # Assert: a test split (edge evaluation) and a disjoint train split (the cloud model's data)
+    assert stems == ["public-site-0-test-00000", "public-site-0-test-00001",
+                     "public-site-1-test-00000", "public-site-1-test-00001"]
+    assert train == ["public-site-0-train-00000", "public-site-1-train-00000"]
     public_yaml = yaml.safe_load(bench.public_data.read_text())
-    assert public_yaml["test"] == "images/test"
+    assert (public_yaml["test"], public_yaml["val"], public_yaml["train"]) == ("images/test", "images/test",
+                                                                               "images/train")
     labels = sorted(p.stem for p in (bench.root / "public" / "labels" / "test").glob("*.txt"))
     assert labels == stems
 

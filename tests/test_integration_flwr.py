@@ -30,7 +30,8 @@ def test_flwr_run_two_sites_one_round(tmp_path, no_superlink_left):
     # Prepare: tiny data so the round takes seconds, outputs and caches in tmp
     overrides = [
         "data.num-sites=2", "data.imgsz=128", "train.imgsz=128", "data.train-per-site=8",
-        "data.val-per-site=4", "data.test-per-site=4", "data.public-per-site=4", "data.video-frames=8",
+        "data.val-per-site=4", "data.test-per-site=4", "data.public-per-site=4", "data.public-train-per-site=4",
+        "data.video-frames=8",
         f"data.cache-dir={tmp_path / 'cache'}", f"output-dir={tmp_path / 'outputs'}",
         "federation.num-rounds=1", "train.epochs-per-round=1", "tracking.wandb=off", "run-name=it",
     ]

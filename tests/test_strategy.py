@@ -47,18 +47,28 @@ def _content(node_id: int, arrays: ArrayRecord, n: int = 8, ap=(0.5, -1.0, 0.25)
 
 
 class FakeGrid:
-    """``get_node_ids`` and ``send_and_receive``; ``reply(msg)`` returns a reply or None (no reply)."""
+    """``get_node_ids`` and ``send_and_receive``; ``reply(msg)`` returns a reply or None (no reply).
 
-    def __init__(self, node_ids, reply=None):
+    ``query`` messages (who are you?) are answered with site ``site-<node id>`` by every node
+    except those in ``silent``; ``self.sent`` records the other messages, one list per call.
+    """
+
+    def __init__(self, node_ids, reply=None, silent=()):
         self.node_ids = list(node_ids)
         self.reply = reply
+        self.silent = set(silent)
         self.sent: list[list[Message]] = []
+        self.queries: list[Message] = []
 
     def get_node_ids(self):
         return list(self.node_ids)
 
     def send_and_receive(self, messages, *, timeout=None):
         messages = list(messages)
+        if messages and all(m.metadata.message_type == MessageType.QUERY for m in messages):
+            self.queries += messages
+            return [Message(RecordDict({P.SITE: _content(m.metadata.dst_node_id, _arrays(0.0))[P.SITE]}), reply_to=m)
+                    for m in messages if m.metadata.dst_node_id not in self.silent]
         self.sent.append(messages)
         return [r for r in (self.reply(m) for m in messages) if r is not None]
 
@@ -99,7 +109,7 @@ def test_each_node_gets_its_own_weights_after_round_one():
     # Prepare: node k returns weights [10k + round]; node 5 never replies
     grid = FakeGrid([3, 5, 1], reply=lambda m: None if m.metadata.dst_node_id == 5 else Message(
         _content(m.metadata.dst_node_id, _arrays(10.0 * m.metadata.dst_node_id + m.content[P.CONFIG][P.SERVER_ROUND])),
-        reply_to=m))
+        reply_to=m), silent=[5])
     seen = []
     strategy = _strategy()
 
@@ -113,8 +123,10 @@ def test_each_node_gets_its_own_weights_after_round_one():
     assert P.ARRAYS not in round2[5].content  # nothing known for node 5
     assert [m.content[P.CONFIG][P.SERVER_ROUND] for m in grid.sent[1]] == [2, 2, 2]
     assert seen == [(1, [1, 3]), (2, [1, 3])]
-    assert {k: v["w"].numpy().tolist() for k, v in strategy.node_arrays.items()} == {1: [12.0], 3: [32.0]}
-    assert strategy.node_sites[3] == {P.SITE_ID: "site-3", P.POSITION_KM: [3.0, 0.0], P.CLASSES: [0, 2]}
+    assert {k: v["w"].numpy().tolist() for k, v in strategy.arrays.items()} == {"site-1": [12.0], "site-3": [32.0]}
+    assert strategy.sites["site-3"] == {P.SITE_ID: "site-3", P.POSITION_KM: [3.0, 0.0], P.CLASSES: [0, 2]}
+    assert strategy.site_of == {1: "site-1", 3: "site-3"}  # asked once, before round 1
+    assert sorted(q.metadata.dst_node_id for q in grid.queries) == [1, 3, 5, 5]  # 5 is asked again in round 2
 
 
 # --- aggregate_train: bad replies -----------------------------------------------------------
@@ -138,7 +150,7 @@ def test_bad_replies_are_dropped_and_logged(flwr_log):
             raise ValueError("weights do not fit the model")
         return {"map50": 0.5}
 
-    grid = FakeGrid(range(1, 8), reply)
+    grid = FakeGrid(range(1, 8), reply, silent=[7])
     strategy = _strategy(evaluate_fn)
     rounds = []
 
@@ -148,7 +160,7 @@ def test_bad_replies_are_dropped_and_logged(flwr_log):
 
     # Assert: the valid ones are kept, with their parsed metrics and benchmark result
     assert [r.node_id for r in rounds[0]] == [1, 6]
-    assert sorted(strategy.node_arrays) == [1, 6]
+    assert sorted(strategy.arrays) == ["site-1", "site-6"]
     assert rounds[0][0].benchmark == {"map50": 0.5}
     assert rounds[0][1].metrics[P.NUM_EXAMPLES] == 8.0
     warnings = [r.getMessage() for r in flwr_log.records if r.levelno == logging.WARNING]
@@ -167,7 +179,7 @@ def test_missing_site_record_is_dropped(flwr_log):
 
     strategy.aggregate_train(1, [Message(_content(4, _arrays(1.0), drop=P.SITE), reply_to=msg)])
 
-    assert strategy.last_replies == [] and strategy.node_arrays == {}
+    assert strategy.last_replies == [] and strategy.arrays == {}
     assert any(f"no '{P.SITE}' record" in r.getMessage() for r in flwr_log.records)
 
 
@@ -179,8 +191,8 @@ def test_personalised_aggregation_returns_no_global_model():
                                           Message(_content(2, _arrays(3.0)), reply_to=msgs[1])])
 
     assert result == (None, None)
-    assert strategy.node_arrays[1]["w"].numpy().tolist() == [1.0]
-    assert strategy.node_arrays[2]["w"].numpy().tolist() == [3.0]
+    assert strategy.arrays["site-1"]["w"].numpy().tolist() == [1.0]
+    assert strategy.arrays["site-2"]["w"].numpy().tolist() == [3.0]
 
 
 # --- fedavg ---------------------------------------------------------------------------------

@@ -1,0 +1,46 @@
+"""Soft-label distillation from frozen teachers during YOLO training (paper section 4.3).
+
+:class:`TeacherEnsemble` is the ``extra_loss`` that :func:`common.yolo.train`
+adds to the detection loss: ``alpha * L_det + (1 - alpha) * L_KD`` with
+``L_KD`` from :func:`common.kd.detection_kd_loss` (per-class Bernoulli KL on
+the class logits plus KL on the DFL box distributions, on the anchors the
+teachers mark as foreground, on the strides student and teachers share; several
+teachers' soft outputs mixed by their graph weights).
+
+Why shared strides and not pseudo-labels for the rest: a PyraFAN student
+(strides 4/8/16) and a YOLO11 teacher (8/16/32) share 8 and 16, where most
+small objects live; the student's stride-4 level still learns from the
+ground-truth detection loss. Pseudo-labels would need NMS on every batch and
+add a second, noisier supervision path for little gain at these sizes.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from common.kd import detection_kd_loss
+from common.pyrafan import head_levels
+
+
+class TeacherEnsemble:
+    """Frozen teachers (eval mode, no grad) and their mixing weights, as a KD loss on a batch."""
+
+    def __init__(self, student: nn.Module, teachers: Sequence[nn.Module], weights: Sequence[float], *,
+                 temperature: float = 1.0, fg_threshold: float = 0.25):
+        if len(teachers) != len(weights) or not teachers:
+            raise ValueError(f"need one weight per teacher, got {len(teachers)} teachers and weights {list(weights)}")
+        self.student = student
+        self.teachers = [t.eval().requires_grad_(False) for t in teachers]
+        self.weights = [float(w) for w in weights]
+        self.temperature, self.fg_threshold = float(temperature), float(fg_threshold)
+        self.last = None  # the last DetectionKDLoss, for logging
+
+    def __call__(self, images: torch.Tensor, preds, batch) -> torch.Tensor:
+        with torch.no_grad():
+            teacher_levels = [head_levels(t, t(images)) for t in self.teachers]
+        self.last = detection_kd_loss(head_levels(self.student, preds), teacher_levels, self.temperature,
+                                      self.fg_threshold, teacher_weights=self.weights)
+        return self.last.total

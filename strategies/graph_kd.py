@@ -1,0 +1,162 @@
+"""Graph-guided distillation strategy (paper section 4.3; DESIGN.md 3.1-3.3).
+
+Each round, on top of :class:`PersonalizedStrategy`'s local training:
+
+1. **maintenance**: :class:`common.schedule.GraphMaintenance` decides which
+   sites to (re-)evaluate on the shared benchmark (periodic, new, returned,
+   degraded); ``evaluate_fn`` scores just those, their per-class AP50 becomes
+   their performance profile;
+2. **graph**: :func:`common.graph.build_graph` over every present site with a
+   profile (position, class set, AP vector), teacher degree (in-strength),
+   top-``rho`` teachers;
+3. **distillation**: one message *per student*, carrying its own weights, its
+   teachers' weights (``teacher-<i>`` records) and mixing weights from
+   :func:`common.graph.teachers_for`, and the KD settings; students train with
+   ``alpha * detection + (1 - alpha) * KD`` and reply like a train reply.
+   On ``cloud_rounds`` the cloud model (``cloud_fn``) is every site's teacher.
+   ``mode="all"`` is the naive baseline: every other site teaches, uniformly.
+
+The round's record for a site is its KD reply when it had one, else its
+train reply. :meth:`state_dict` holds what a resumed server needs besides the
+weights (maintenance state, profiles).
+"""
+
+from __future__ import annotations
+
+from logging import INFO, WARNING
+from typing import Any, Callable
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+
+from common import graph as G
+from common import protocol as P
+from common.schedule import GraphMaintenance
+from strategies.personalized import NodeReply, PersonalizedStrategy
+
+CloudFn = Callable[[int], tuple[ArrayRecord, str]]  # round -> (cloud weights, cloud arch)
+
+
+class GraphKDStrategy(PersonalizedStrategy):
+    def __init__(self, *, mode: str = "graph", rho: float = 0.3, sigma_s_km: float = 5.0, min_weight: float = 0.0,
+                 class_weights: list[float] | None = None, alpha: float = 0.5, temperature: float = 1.0,
+                 fg_threshold: float = 0.25, kd_epochs: int = 2, start_round: int = 1,
+                 cloud_rounds: tuple[int, ...] = (), cloud_fn: CloudFn | None = None, edge_arch: str = "yolo11n",
+                 t_cycle: int = 1, delta_down: float = 0.05, patience: int = 2, **kwargs):
+        super().__init__(**kwargs)
+        if mode not in ("none", "graph", "all"):
+            raise ValueError(f"mode={mode!r}: expected 'none', 'graph' or 'all'")
+        if cloud_rounds and cloud_fn is None:
+            raise ValueError("cloud_rounds given but no cloud_fn to provide the cloud model")
+        self.mode, self.rho, self.sigma_s_km, self.min_weight = mode, rho, sigma_s_km, min_weight
+        self.class_weights = class_weights
+        self.kd = {P.KD_ALPHA: float(alpha), P.KD_TEMPERATURE: float(temperature),
+                   P.KD_FG_THRESHOLD: float(fg_threshold)}
+        self.kd_epochs, self.start_round = kd_epochs, start_round
+        self.cloud_rounds, self.cloud_fn, self.edge_arch = set(cloud_rounds), cloud_fn, edge_arch
+        self.maintenance = GraphMaintenance(t_cycle, delta_down, patience)
+        self.profiles: dict[str, dict[str, Any]] = {}  # site -> {"position", "classes", "ap", "round"}
+        self.graph_record: dict[str, Any] | None = None  # the last round's graph, JSON-ready
+
+    def summary(self) -> None:
+        super().summary()
+        log(INFO, "\t├── KD mode %s, rho %s, sigma_s %s km, T %s, alpha %s", self.mode, self.rho,
+            self.sigma_s_km, self.kd[P.KD_TEMPERATURE], self.kd[P.KD_ALPHA])
+        log(INFO, "\t└── cloud->edge KD rounds: %s", sorted(self.cloud_rounds) or "none")
+
+    # ------------------------------------------------------------ evaluation
+    def evaluate_train_reply(self, reply: NodeReply) -> bool:
+        return False  # the maintenance plan decides (refresh_profiles)
+
+    def refresh_profiles(self, server_round: int, replies: list[NodeReply]) -> None:
+        """Evaluate the sites the maintenance plan names; keep their AP vectors as profiles."""
+        local_map = {r.site_id: r.metrics[P.VAL_MAP50] for r in replies}
+        plan = self.maintenance.plan(server_round, sorted(local_map), local_map)
+        for reply in replies:
+            reasons = plan.reasons.get(reply.site_id)
+            if not reasons or self.evaluate_fn is None:
+                continue
+            try:
+                reply.benchmark = self.evaluate_fn(reply)
+            except Exception as err:  # noqa: BLE001
+                log(WARNING, "round %s: cannot evaluate %s: %s", server_round, reply.site_id, err)
+                continue
+            self.profiles[reply.site_id] = {"position": reply.site[P.POSITION_KM], "classes": reply.site[P.CLASSES],
+                                            "ap": reply.benchmark["ap50"], "round": server_round,
+                                            "reasons": list(reasons)}
+        for site_id in plan.dropped:
+            self.profiles.pop(site_id, None)
+        log(INFO, "maintenance: round %s evaluated %s%s", server_round,
+            {s: list(r) for s, r in sorted(plan.reasons.items())} or "nobody",
+            f", dropped {sorted(plan.dropped)}" if plan.dropped else "")
+
+    # ----------------------------------------------------------------- graph
+    def teacher_plan(self, server_round: int, present: list[str]) -> dict[str, dict[str, float]]:
+        """``{student site: {teacher site: weight}}`` for this round (empty: no KD)."""
+        if server_round in self.cloud_rounds:
+            return {s: {"cloud": 1.0} for s in present}
+        if self.mode == "none" or server_round < self.start_round:
+            return {}
+        sites = [s for s in present if s in self.profiles]
+        if self.mode == "all":
+            plan = {s: {t: 1.0 / (len(sites) - 1) for t in sites if t != s} for s in sites if len(sites) > 1}
+            self.graph_record = {"round": server_round, "mode": "all", "teachers_for": plan}
+            return plan
+        graph = G.build_graph({s: self.profiles[s] for s in sites}, self.sigma_s_km,
+                              class_weights=self.class_weights, min_weight=self.min_weight)
+        degree = G.teacher_degree(graph)
+        teachers = G.select_teachers(degree, self.rho)
+        plan = {s: G.teachers_for(graph, s, teachers) for s in sites if s not in teachers}
+        plan = {s: t for s, t in plan.items() if t}  # a student with no teacher neighbour sits out
+        self.graph_record = {"round": server_round, "mode": "graph", **G.graph_to_json(graph, teachers, degree),
+                             "teachers_for": plan}
+        log(INFO, "graph: round %s, teachers %s, students %s", server_round, sorted(teachers), sorted(plan))
+        return plan
+
+    # -------------------------------------------------------------------- kd
+    def configure_kd(self, server_round: int, plan: dict[str, dict[str, float]], grid: Grid) -> list[Message]:
+        node_of = {s: n for n, s in self.site_of.items()}
+        cloud = self.cloud_fn(server_round) if any("cloud" in t for t in plan.values()) else None
+        messages = []
+        for student, teachers in sorted(plan.items()):
+            if student not in node_of or student not in self.arrays:
+                continue
+            ids = sorted(teachers)
+            if any(t != "cloud" and t not in self.arrays for t in ids):
+                log(WARNING, "kd: round %s: a teacher of %s has no weights; skipped", server_round, student)
+                continue
+            config = {**self.round_config(server_round), P.EPOCHS: self.kd_epochs, **self.kd,
+                      P.TEACHER_IDS: ids, P.TEACHER_WEIGHTS: [float(teachers[t]) for t in ids],
+                      P.TEACHER_ARCHS: [cloud[1] if t == "cloud" else self.edge_arch for t in ids]}
+            content = RecordDict({P.CONFIG: ConfigRecord(config), P.ARRAYS: self.arrays[student]})
+            for i, t in enumerate(ids):
+                content[P.teacher_record(i)] = cloud[0] if t == "cloud" else self.arrays[t]
+            messages.append(Message(content=content, dst_node_id=node_of[student], message_type=MessageType.TRAIN))
+        return messages
+
+    # ------------------------------------------------------------------ loop
+    def run_round(self, grid: Grid, server_round: int, timeout: float) -> list[NodeReply]:
+        self.graph_record = None
+        train_replies = super().run_round(grid, server_round, timeout)
+        self.refresh_profiles(server_round, train_replies)
+        plan = self.teacher_plan(server_round, [r.site_id for r in train_replies])
+        if not plan:
+            return train_replies
+        messages = self.configure_kd(server_round, plan, grid)
+        kd_replies = self.accept_replies(server_round, self.send(grid, messages, timeout, "kd"), phase="kd")
+        for reply in kd_replies:
+            reply.metrics["teachers"] = plan.get(reply.site_id, {})
+        by_site = {r.site_id: r for r in train_replies}
+        by_site.update({r.site_id: r for r in kd_replies})
+        return [by_site[s] for s in sorted(by_site)]
+
+    # ---------------------------------------------------------------- resume
+    def state_dict(self) -> dict[str, Any]:
+        return {"maintenance": self.maintenance.state_dict(), "profiles": self.profiles,
+                "sites": self.sites}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.maintenance = GraphMaintenance.from_state_dict(state["maintenance"])
+        self.profiles = dict(state["profiles"])
+        self.sites = dict(state.get("sites", {}))
