@@ -132,7 +132,7 @@ class KDConfig:
     temperature: float = 1.0  # paper section 5.1
     fg_threshold: float = 0.25
     epochs: int = 2
-    start_round: int = 1
+    start_round: int = 2  # teachers need a round of local training before they know anything
     cloud_rounds: list[int] = field(default_factory=list)
     cloud_epochs: int = 10
     # extra YOLO-format training data for the cloud model (the cloud service's hard-sample store)

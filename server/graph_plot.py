@@ -30,6 +30,7 @@ def draw_graph(record: dict[str, Any], path: Path) -> Path:
     ax.set_xlabel("x (km)")
     ax.set_ylabel("y (km)")
     ax.set_title(f"round {record.get('round')}: teachers {sorted(teachers)}", fontsize=9)
+    ax.set_aspect("equal", adjustable="datalim")
     ax.margins(0.25)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,68 @@
+"""KD training through the YOLO adapter (paper section 4.3: L_total = alpha L_det + (1 - alpha) L_KD).
+
+Real models and the tiny built-in benchmark; a few iterations each.
+"""
+
+import pytest
+import torch
+
+from common import yolo
+from common.distill import TeacherEnsemble
+
+NC = 8
+
+
+def _train(model, data, extra=None, alpha=1.0):
+    return yolo.train(model, data, epochs=1, imgsz=128, batch=4, seed=3, progress=False, mosaic=0.0,
+                      extra_loss=extra, alpha=alpha)
+
+
+def _same(a, b) -> bool:
+    return all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def test_alpha_one_ignores_the_teacher_exactly(tiny_benchmark):
+    """alpha = 1: L_total = L_det, so training with a teacher gives bit-identical weights."""
+    data = tiny_benchmark.site_data(0)
+    plain, distilled = yolo.build_model("yolo11n", NC, seed=1), yolo.build_model("yolo11n", NC, seed=1)
+    teacher = yolo.build_model("yolo11n", NC, seed=2)
+
+    _train(plain, data)
+    res = _train(distilled, data, TeacherEnsemble(distilled, [teacher], [1.0], fg_threshold=0.0), alpha=1.0)
+
+    assert _same(plain, distilled)
+    assert res.extra_loss > 0  # the KD term was computed (fg_threshold 0: every anchor), just weighted 0
+
+
+def test_kd_changes_the_student_and_never_the_teachers(tiny_benchmark):
+    data = tiny_benchmark.site_data(0)
+    plain, student = yolo.build_model("yolo11n", NC, seed=1), yolo.build_model("yolo11n", NC, seed=1)
+    teachers = [yolo.build_model("yolo11n", NC, seed=s) for s in (2, 3)]
+    before = [yolo.state_dict(t) for t in teachers]
+
+    _train(plain, data)
+    res = _train(student, data, TeacherEnsemble(student, teachers, [0.25, 0.75], fg_threshold=0.0), alpha=0.5)
+
+    assert not _same(plain, student)
+    assert res.extra_loss > 0 and torch.isfinite(torch.tensor(res.extra_loss))
+    for t, sd in zip(teachers, before):
+        assert all(torch.equal(v, sd[k]) for k, v in t.state_dict().items())
+        assert not t.training and not any(p.requires_grad for p in t.parameters())
+
+
+def test_pyrafan_student_learns_from_a_yolo11_teacher_on_shared_strides(tiny_benchmark):
+    """PyraFAN (strides 4/8/16) and YOLO11 (8/16/32) share strides 8 and 16."""
+    student = yolo.build_model("yolo11n-pyrafan", NC, seed=1)
+    teacher = yolo.build_model("yolo11n", NC, seed=2)
+    kd = TeacherEnsemble(student, [teacher], [1.0], fg_threshold=0.0)
+
+    res = _train(student, tiny_benchmark.site_data(1), kd, alpha=0.5)
+
+    assert kd.last.strides == (8, 16) and kd.last.num_foreground > 0
+    assert res.extra_loss > 0
+
+
+def test_teacher_weights_must_match_teachers():
+    student = yolo.build_model("yolo11n", NC, seed=1)
+    with pytest.raises(ValueError, match="one weight per teacher"):
+        TeacherEnsemble(student, [student], [0.5, 0.5])

@@ -1,0 +1,202 @@
+"""Tests for strategies.graph_kd: maintenance-driven evaluation, teachers, per-student KD messages.
+
+The paper's section 4.3: top-rho teachers by in-strength teach their student neighbours
+with weights renormalised from the one-hop-normalised arc weights. Fake grid, real
+``flwr.app.Message`` objects, no torch: milliseconds.
+"""
+
+import pytest
+from flwr.app import ConfigRecord, Message, MessageType
+
+from common import graph as G
+from common import protocol as P
+from strategies.graph_kd import GraphKDStrategy
+from tests.test_strategy import FakeGrid, _arrays, _content, server_identity  # noqa: F401
+
+NC = 3
+# site k: position (k, 0) km, classes {0, 2}; AP vectors chosen so that the graph is not symmetric
+AP = {1: [0.5, float("nan"), 0.25], 2: [0.4, float("nan"), 0.3], 3: [0.1, float("nan"), 0.9]}
+
+
+def _reply(m: Message, kd_loss: float | None = None) -> Message:
+    node = m.metadata.dst_node_id
+    content = _content(node, _arrays(float(node)))
+    if m.content[P.CONFIG].get(P.TEACHER_IDS):
+        content[P.METRICS][P.KD_LOSS] = 0.125
+    return Message(content, reply_to=m)
+
+
+def _strategy(**kw) -> GraphKDStrategy:
+    evaluate = lambda r: {"map50": 0.1, "ap50": AP[r.node_id]}  # noqa: E731
+    defaults = dict(num_classes=NC, epochs_per_round=1, evaluate_fn=evaluate, mode="graph", rho=0.34,
+                    sigma_s_km=5.0, kd_epochs=3, start_round=1)
+    return GraphKDStrategy(**{**defaults, **kw})
+
+
+def _expected_plan():
+    """The same graph computed directly with common.graph (an independent path through the math)."""
+    profiles = {f"site-{k}": {"position": (float(k), 0.0), "classes": [0, 2], "ap": AP[k]} for k in AP}
+    g = G.build_graph(profiles, 5.0)
+    teachers = G.select_teachers(G.teacher_degree(g), 0.34)
+    return teachers, {s: G.teachers_for(g, s, teachers) for s in profiles if s not in teachers}
+
+
+def test_round_sends_each_student_its_teachers_and_weights():
+    # Prepare
+    grid = FakeGrid([1, 2, 3], reply=_reply)
+    strategy = _strategy()
+    seen = []
+
+    # Execute: one round = local training, evaluation, graph, KD
+    strategy.start(grid, num_rounds=1, expected_nodes=3, wait_for_nodes_s=0,
+                   on_round_end=lambda r, replies: seen.extend(replies))
+
+    # Assert: ceil(0.34 * 3) = 2 teachers, 1 student; its message carries both teachers' weights
+    teachers, plan = _expected_plan()
+    assert len(teachers) == 2 and len(plan) == 1
+    (student, mixing), = plan.items()
+    train_msgs, kd_msgs = grid.sent
+    assert [m.metadata.message_type for m in train_msgs] == [MessageType.TRAIN] * 3
+    assert len(kd_msgs) == 1 and kd_msgs[0].metadata.dst_node_id == int(student[-1])
+    cfg = kd_msgs[0].content[P.CONFIG]
+    assert cfg[P.TEACHER_IDS] == sorted(mixing)
+    assert cfg[P.TEACHER_WEIGHTS] == pytest.approx([mixing[t] for t in sorted(mixing)])
+    assert sum(cfg[P.TEACHER_WEIGHTS]) == pytest.approx(1.0)
+    assert cfg[P.EPOCHS] == 3 and cfg[P.KD_ALPHA] == 0.5 and cfg[P.KD_TEMPERATURE] == 1.0
+    for i, t in enumerate(sorted(mixing)):  # teacher i's record holds teacher i's own weights
+        assert kd_msgs[0].content[P.teacher_record(i)]["w"].numpy().tolist() == [float(t[-1])]
+    # the round's record of the student is its KD reply, the teachers' their train replies
+    assert {r.site_id: r.phase for r in seen} == {s: ("kd" if s == student else "train") for s in
+                                                 ("site-1", "site-2", "site-3")}
+    kd_reply = next(r for r in seen if r.phase == "kd")
+    assert kd_reply.metrics[P.KD_LOSS] == 0.125 and kd_reply.metrics["teachers"] == mixing
+    assert set(strategy.graph_record["teachers"]) == teachers
+
+
+def test_teacher_degree_in_graph_record_matches_networkx():
+    grid = FakeGrid([1, 2, 3], reply=_reply)
+    strategy = _strategy()
+
+    strategy.start(grid, num_rounds=1, expected_nodes=3, wait_for_nodes_s=0)
+
+    profiles = {f"site-{k}": {"position": (float(k), 0.0), "classes": [0, 2], "ap": AP[k]} for k in AP}
+    g = G.build_graph(profiles, 5.0)
+    in_strength = dict(g.in_degree(weight="weight"))
+    recorded = {n["id"]: n["degree"] for n in strategy.graph_record["nodes"]}
+    assert recorded == pytest.approx(in_strength)
+
+
+def test_mode_none_and_before_start_round_send_no_kd():
+    for kw in (dict(mode="none"), dict(start_round=5)):
+        grid = FakeGrid([1, 2, 3], reply=_reply)
+        _strategy(**kw).start(grid, num_rounds=1, expected_nodes=3, wait_for_nodes_s=0)
+        assert len(grid.sent) == 1  # the train messages only
+
+
+def test_naive_mode_all_distils_every_site_from_every_other_uniformly():
+    grid = FakeGrid([1, 2, 3], reply=_reply)
+
+    _strategy(mode="all").start(grid, num_rounds=1, expected_nodes=3, wait_for_nodes_s=0)
+
+    kd_msgs = grid.sent[1]
+    assert len(kd_msgs) == 3
+    for m in kd_msgs:
+        cfg = m.content[P.CONFIG]
+        me = f"site-{m.metadata.dst_node_id}"
+        assert me not in cfg[P.TEACHER_IDS] and len(cfg[P.TEACHER_IDS]) == 2
+        assert cfg[P.TEACHER_WEIGHTS] == [0.5, 0.5]
+
+
+def test_cloud_round_makes_the_cloud_model_every_sites_teacher():
+    # Prepare: the cloud model is built once, on the first cloud round
+    calls = []
+
+    def cloud_fn(server_round):
+        calls.append(server_round)
+        return _arrays(99.0), "yolo11s"
+
+    grid = FakeGrid([1, 2], reply=_reply)
+    strategy = _strategy(mode="none", cloud_rounds=(2,), cloud_fn=cloud_fn)
+
+    # Execute
+    strategy.start(grid, num_rounds=2, expected_nodes=2, wait_for_nodes_s=0)
+
+    # Assert: round 1 trains only; round 2 sends every site the cloud model as its only teacher
+    assert len(grid.sent) == 3 and calls == [2]
+    for m in grid.sent[2]:
+        cfg = m.content[P.CONFIG]
+        assert cfg[P.TEACHER_IDS] == ["cloud"] and cfg[P.TEACHER_ARCHS] == ["yolo11s"]
+        assert cfg[P.TEACHER_WEIGHTS] == [1.0]
+        assert m.content[P.teacher_record(0)]["w"].numpy().tolist() == [99.0]
+
+
+def test_cloud_rounds_need_a_cloud_model():
+    with pytest.raises(ValueError, match="cloud_fn"):
+        _strategy(cloud_rounds=(1,))
+
+
+def test_only_planned_sites_are_evaluated():
+    # Prepare: t_cycle = 3, so round 2 re-evaluates nobody (no new node, nobody degraded)
+    evaluated = []
+
+    def evaluate(r):
+        evaluated.append((r.site_id, r.phase))
+        return {"map50": 0.1, "ap50": AP[r.node_id]}
+
+    grid = FakeGrid([1, 2, 3], reply=_reply)
+    strategy = _strategy(evaluate_fn=evaluate, t_cycle=3, mode="none")
+
+    # Execute
+    strategy.start(grid, num_rounds=2, expected_nodes=3, wait_for_nodes_s=0)
+
+    # Assert
+    assert evaluated == [("site-1", "train"), ("site-2", "train"), ("site-3", "train")]
+    assert {s: p["round"] for s, p in strategy.profiles.items()} == {"site-1": 1, "site-2": 1, "site-3": 1}
+
+
+def test_state_dict_round_trip_resumes_the_same_plans():
+    grid = FakeGrid([1, 2, 3], reply=_reply)
+    a = _strategy(t_cycle=2)
+    a.start(grid, num_rounds=1, expected_nodes=3, wait_for_nodes_s=0)
+    b = _strategy(t_cycle=2)
+
+    b.load_state_dict(a.state_dict())
+
+    assert b.profiles == a.profiles and b.sites == a.sites
+    present = {"site-1": 0.2, "site-2": 0.2, "site-3": 0.2}
+    assert b.maintenance.plan(2, sorted(present), present) == a.maintenance.plan(2, sorted(present), present)
+
+
+def test_kd_config_parsing_names_bad_keys():
+    good = ConfigRecord({P.TEACHER_IDS: ["a", "b"], P.TEACHER_WEIGHTS: [0.25, 0.75], P.TEACHER_ARCHS: ["x", "x"],
+                         P.KD_ALPHA: 0.5, P.KD_TEMPERATURE: 2.0, P.KD_FG_THRESHOLD: 0.3})
+    recs = [_arrays(1.0), _arrays(2.0)]
+
+    kd = P.parse_kd_config(good, recs)
+
+    assert [w for _, _, w in kd["teachers"]] == [0.25, 0.75]
+    assert (kd["alpha"], kd["temperature"], kd["fg_threshold"]) == (0.5, 2.0, 0.3)
+    assert P.parse_kd_config(ConfigRecord({P.EPOCHS: 1}), []) is None
+    with pytest.raises(P.ProtocolError, match=P.TEACHER_WEIGHTS):
+        P.parse_kd_config(ConfigRecord({**good, P.TEACHER_WEIGHTS: [1.0]}), recs)
+    with pytest.raises(P.ProtocolError, match="teacher-1"):
+        P.parse_kd_config(good, [recs[0], None])
+    with pytest.raises(P.ProtocolError, match=P.KD_TEMPERATURE):
+        P.parse_kd_config(ConfigRecord({k: v for k, v in good.items() if k != P.KD_TEMPERATURE}), recs)
+
+
+def test_dropped_student_reply_keeps_the_round_going():
+    # Prepare: the student fails in its KD phase
+    def reply(m):
+        if m.content[P.CONFIG].get(P.TEACHER_IDS):
+            return None
+        return _reply(m)
+
+    grid = FakeGrid([1, 2, 3], reply=reply)
+    seen = []
+
+    _strategy().start(grid, num_rounds=2, expected_nodes=3, wait_for_nodes_s=0,
+                      on_round_end=lambda r, replies: seen.append((r, sorted(x.phase for x in replies))))
+
+    # Assert: every round still reports all three sites, from their train replies
+    assert seen == [(1, ["train"] * 3), (2, ["train"] * 3)]
