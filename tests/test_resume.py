@@ -1,6 +1,6 @@
 """A killed server resumes from its last completed round (issue: graph-guided KD, item 7).
 
-An in-process grid runs each node's ClientApp function (``clients.app``) on the
+A :class:`server.local_grid.LocalGrid` runs each node's ClientApp handler on the
 tiny benchmark; the "kill" is an exception raised while round 2 is in flight,
 as when the ServerApp process dies mid-round.
 """
@@ -9,46 +9,31 @@ import json
 
 import pytest
 import torch
-from flwr.app import Context, Message, RecordDict
+from flwr.app import Message
 
-from clients import app as client_app
 from common import protocol as P
 from common import yolo
 from common.config import load_config
 from server.federation import run_federation
+from server.local_grid import LocalGrid
 
 
 class Killed(Exception):
     pass
 
 
-class InProcessGrid:
-    """Delivers each message to the ClientApp handler of its node, in this process."""
+def _grid(overrides: dict, node_ids, kill_in_round=None) -> LocalGrid:
+    """A local grid whose server "dies" when it sends a train message of ``kill_in_round``."""
+    def before_send(msg):
+        if msg.metadata.message_type != "query":
+            if msg.content[P.CONFIG][P.SERVER_ROUND] == kill_in_round:
+                raise Killed(f"server killed in round {kill_in_round}")
+            grid.train_messages.append(msg)
 
-    def __init__(self, cfg_overrides: dict, node_ids=(11, 12), kill_in_round=None):
-        self.node_ids = list(node_ids)
-        self.run_config = {"preset": "quick", "overrides": " ".join(f"{k}={v}" for k, v in cfg_overrides.items())}
-        self.kill_in_round = kill_in_round
-        self.train_messages: list[Message] = []
-
-    def get_node_ids(self):
-        return list(self.node_ids)
-
-    def send_and_receive(self, messages, *, timeout=None):
-        replies = []
-        for m in messages:
-            node = m.metadata.dst_node_id
-            ctx = Context(run_id=1, node_id=node, node_config={"partition-id": self.node_ids.index(node)},
-                          state=RecordDict(), run_config=self.run_config)
-            if m.metadata.message_type == "query":
-                reply = client_app.query(m, ctx)
-            else:
-                if m.content[P.CONFIG][P.SERVER_ROUND] == self.kill_in_round:
-                    raise Killed(f"server killed in round {self.kill_in_round}")
-                self.train_messages.append(m)
-                reply = client_app.train(m, ctx)
-            replies.append(reply)
-        return replies
+    run_config = {"preset": "quick", "overrides": " ".join(f"{k}={v}" for k, v in overrides.items())}
+    grid = LocalGrid(run_config, node_ids, before_send)
+    grid.train_messages = []
+    return grid
 
 
 @pytest.fixture
@@ -63,22 +48,19 @@ def _weights_of(msg: Message) -> dict:
 
 
 @pytest.mark.slow
-def test_killed_server_resumes_after_its_last_completed_round(overrides, monkeypatch, tmp_path):
-    monkeypatch.setattr("flwr.supercore.task_identity.TaskIdentity._run_id", 1)
-    monkeypatch.setattr("flwr.supercore.task_identity.TaskIdentity._task_id", 1)
-    monkeypatch.setattr("flwr.supercore.task_identity.TaskIdentity._node_id", 0)
+def test_killed_server_resumes_after_its_last_completed_round(overrides, tmp_path):
     cfg = load_config("quick", overrides)
     run_dir = tmp_path / "out" / "r"
 
     # Execute 1: the server dies while round 2 is in flight
     with pytest.raises(Killed):
-        run_federation(InProcessGrid(overrides, kill_in_round=2), cfg)
+        run_federation(_grid(overrides, (11, 12), kill_in_round=2), cfg)
     state = json.loads((run_dir / "state.json").read_text())
     saved = {s: yolo.load_weights(run_dir / "nodes" / s / "model.pt") for s in ("site-0", "site-1")}
     graph1 = (run_dir / "graphs" / "round-001.json").read_text()
 
     # Execute 2: a new server (new node ids, as after a restart) with resume on
-    grid = InProcessGrid(overrides, node_ids=(21, 22))
+    grid = _grid(overrides, (21, 22))
     run_federation(grid, load_config("quick", {**overrides, "federation.resume": True}))
 
     # Assert: it continued at round 2, from the saved weights, with the same graph history

@@ -1,0 +1,144 @@
+"""Does distillation help? Whole federations, side by side (paper section 4.3, Table 1, Figure 6).
+
+Variants, each run for every seed on the same built-in benchmark (``data.seed``
+fixed, the training seed varies):
+
+- ``none``: local training only (the baseline);
+- ``graph``: edge->edge graph-guided KD (top-rho teachers);
+- ``cloud``: cloud->edge KD from a YOLO11s trained by the server (``--cloud-rounds``);
+- ``all``: naive KD, every other site teaches every site uniformly.
+
+``--noisy`` adds a site whose labels follow a different task (Figure 6): the
+table then reports the mean mAP50 of the *other* sites and how often the
+noisy site was picked as a teacher.
+
+Federations run through :class:`server.local_grid.LocalGrid` (the real
+ServerApp and ClientApp code, in one process, no Ray), so the comparison
+measures the method, not the transport. Each site's mAP50 is on its own test
+split after the last round.
+
+Run::
+
+    python -m benchmarks.kd_federation --preset standard --seeds 0 1 2 --variants none graph cloud
+    python -m benchmarks.kd_federation --preset standard --seeds 0 1 2 --variants none graph all --noisy
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+from benchmarks.pyrafan_speed import cpu_model_name
+
+RESULTS = Path(__file__).resolve().parent / "results"
+VARIANTS = {
+    "none": {"kd.mode": "none"},
+    "graph": {"kd.mode": "graph"},
+    "all": {"kd.mode": "all"},
+    "cloud": {"kd.mode": "none"},  # + kd.cloud-rounds
+}
+
+
+def run_variant(preset: str, variant: str, seed: int, overrides: dict, cloud_rounds: list[int], out_dir: Path) -> dict:
+    from common.config import load_config
+    from common.sites import num_sites
+    from server.federation import run_federation
+    from server.local_grid import LocalGrid
+
+    ov = {**overrides, **VARIANTS[variant], "seed": seed, "output-dir": str(out_dir),
+          "run-name": f"{variant}-seed{seed}", "tracking.wandb": "off", "federation.wait-for-nodes-s": 0}
+    if variant == "cloud":
+        ov["kd.cloud-rounds"] = cloud_rounds
+    cfg = load_config(preset, ov)
+    run_config = {"preset": preset, "overrides": " ".join(
+        f"{k}={json.dumps(v) if isinstance(v, list) else v}" for k, v in ov.items())}
+    t0 = time.perf_counter()
+    out = run_federation(LocalGrid(run_config, range(1, num_sites(cfg) + 1)), cfg)
+    rows = [json.loads(x) for x in (out.run_dir / "metrics.jsonl").read_text().splitlines()]
+    last = max(r["round"] for r in rows)
+    final = {r["site_id"]: r["test_map50"] for r in rows if r["round"] == last}
+    teachers = []
+    for g in sorted((out.run_dir / "graphs").glob("round-*.json")) if (out.run_dir / "graphs").is_dir() else []:
+        rec = json.loads(g.read_text())
+        teachers.append(sorted(rec.get("teachers") or {t for v in rec.get("teachers_for", {}).values() for t in v}))
+    return {"variant": variant, "seed": seed, "final_test_map50": final, "teachers_per_round": teachers,
+            "seconds": time.perf_counter() - t0}
+
+
+def summarise(results: list[dict], noisy_site: str | None) -> list[str]:
+    by_variant: dict[str, list[float]] = {}
+    picked: dict[str, int] = {}
+    for r in results:
+        sites = {s: v for s, v in r["final_test_map50"].items() if s != noisy_site}
+        by_variant.setdefault(r["variant"], []).append(statistics.fmean(sites.values()))
+        if noisy_site:
+            picked[r["variant"]] = picked.get(r["variant"], 0) + sum(noisy_site in t for t in r["teachers_per_round"])
+    base = statistics.fmean(by_variant["none"]) if "none" in by_variant else None
+    lines = ["| variant | mean edge mAP50 | std over seeds | per seed | vs none |"
+             + (" noisy site picked as teacher (rounds) |" if noisy_site else ""),
+             "|---|---|---|---|---|" + ("---|" if noisy_site else "")]
+    for variant, vals in by_variant.items():
+        mean = statistics.fmean(vals)
+        std = statistics.stdev(vals) if len(vals) > 1 else 0.0
+        rel = f"{100 * (mean - base) / base:+.1f}%" if base else "-"
+        line = f"| {variant} | {mean:.3f} | {std:.3f} | {', '.join(f'{v:.3f}' for v in vals)} | {rel} |"
+        lines.append(line + (f" {picked.get(variant, 0)} |" if noisy_site else ""))
+    return lines
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", default="standard")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--variants", nargs="+", default=["none", "graph", "cloud"], choices=sorted(VARIANTS))
+    parser.add_argument("--cloud-rounds", type=int, nargs="+", default=[2])
+    parser.add_argument("--noisy", action="store_true", help="add a site trained on a different task")
+    parser.add_argument("--set", nargs="*", default=[], help="extra config overrides key=value")
+    parser.add_argument("--out", type=Path, default=None, help="results file stem (default benchmarks/results/...)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+
+    from common.config import load_config, parse_value
+
+    overrides = {k: parse_value(v) for k, v in (s.split("=", 1) for s in args.set)}
+    if args.noisy:
+        overrides["data.noisy-site"] = True
+    cfg = load_config(args.preset, overrides)
+    noisy_site = f"site-{cfg.data.num_sites}" if args.noisy else None
+    t0 = time.perf_counter()
+    results = []
+    with tempfile.TemporaryDirectory(prefix="cedar-kd-bench-") as tmp:
+        for seed in args.seeds:
+            for variant in args.variants:
+                results.append(run_variant(args.preset, variant, seed, overrides, args.cloud_rounds, Path(tmp)))
+                logging.info("%s seed %s: %s", variant, seed, results[-1]["final_test_map50"])
+    stem = args.out or RESULTS / ("kd_noisy" if args.noisy else "kd_federation")
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    header = [
+        f"# Distillation in a federation ({'with a noisy site' if args.noisy else 'edge->edge and cloud->edge'})",
+        "",
+        f"Measured {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC by `python -m benchmarks.kd_federation "
+        f"--preset {args.preset} --seeds {' '.join(map(str, args.seeds))} --variants {' '.join(args.variants)}"
+        f"{' --noisy' if args.noisy else ''}{' --set ' + ' '.join(args.set) if args.set else ''}` on "
+        f"{cpu_model_name()}, 2 CPU cores; wall time {time.perf_counter() - t0:.0f} s.",
+        "",
+        f"{cfg.data.num_sites} sites{' + 1 noisy' if args.noisy else ''}, {cfg.federation.num_rounds} rounds of "
+        f"{cfg.train.epochs_per_round} local epochs at {cfg.train.imgsz} px; KD: rho {cfg.kd.rho}, "
+        f"alpha {cfg.kd.alpha}, T {cfg.kd.temperature}, {cfg.kd.epochs} KD epochs from round {cfg.kd.start_round}; "
+        f"cloud rounds {args.cloud_rounds}. mAP50 = mean over sites of each site's own test split after the last "
+        "round" + (" (the noisy site excluded)." if args.noisy else "."),
+        "",
+    ]
+    stem.with_suffix(".md").write_text("\n".join(header + summarise(results, noisy_site)) + "\n")
+    stem.with_suffix(".json").write_text(json.dumps(results, indent=1))
+    print(stem.with_suffix(".md").read_text())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,135 @@
+"""End to end in deployment mode: a real ``flower-superlink``, two ``flower-supernode`` processes on loopback
+(insecure), ``flwr run . <connection>``, one round with graph KD on the tiny benchmark.
+
+Unlike the simulation test, the ServerApp runs in a ``flwr-serverapp`` started by the
+SuperLink's SuperExec, and each site's ClientApp in a ``flwr-clientapp`` started by its
+SuperNode's SuperExec; the sites come from ``--node-config "site-index=<i>"``.
+Run with ``pytest -m integration tests/test_deployment.py``. The process helpers live in
+``tests/deploy_helpers.py`` (reused by the TLS / SuperNode-authentication test).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from tests.deploy_helpers import (
+    HOST,
+    MARKER_VAR,
+    Proc,
+    deploy_env,
+    flwr_run_command,
+    problems,
+    start_superlink,
+    start_supernode,
+    stop_all,
+    tail,
+    wait_for_port,
+    write_flwr_config,
+)
+
+pytestmark = pytest.mark.integration
+
+APP_DIR = Path(__file__).resolve().parent.parent
+CONNECTION = "cedar-test"
+RUN_TIMEOUT_S = 600  # flwr run --stream (the whole round, 2 CPU cores shared)
+DONE_TIMEOUT_S = 300  # after flwr run returned: the ServerApp writing DONE
+
+
+@dataclass
+class Deployment:
+    tmp: Path
+    env: dict
+    superlink: Proc | None = None
+    supernodes: list[Proc] = field(default_factory=list)
+    procs: list[Proc] = field(default_factory=list)  # everything started, for teardown
+
+    def logs(self, lines: int = 40) -> str:
+        """Problems found in every log, then the last lines of each (for assertion messages)."""
+        extra = [x for x in [self.tmp / "logs" / "flwr-run.log"] if x.exists()]
+        return "\n".join([f"----- problems -----\n{problems([p.log for p in self.procs] + extra)}"]
+                         + [p.tail(lines) for p in self.procs]
+                         + [f"----- {x} -----\n{tail(x, lines)}" for x in extra])
+
+
+@pytest.fixture
+def deployment(tmp_path):
+    """SuperLink + 2 SuperNodes (sites 0 and 1) on free loopback ports; always torn down, nothing left alive."""
+    env = deploy_env(tmp_path / "flwr-home")
+    dep = Deployment(tmp_path, env)
+    try:
+        dep.superlink = start_superlink(tmp_path, env, wait=False)
+        dep.procs.append(dep.superlink)
+        wait_for_port(dep.superlink.port, proc=dep.superlink)
+        address = f"{HOST}:{dep.superlink.port}"
+        write_flwr_config(tmp_path / "flwr-home", CONNECTION, address, insecure=True)
+        for i in range(2):
+            node = start_supernode(tmp_path, env, address,
+                                   {"site-index": i, "model-store": str(tmp_path / "stores" / f"site-{i}")},
+                                   wait=False)
+            dep.procs.append(node)
+            dep.supernodes.append(node)
+        for node in dep.supernodes:
+            wait_for_port(node.port, proc=node)
+        yield dep
+    finally:
+        left = stop_all(dep.procs, marker=env[MARKER_VAR])
+        assert not left, f"still alive after teardown: {left}\n{dep.logs()}"
+
+
+def test_deployment_two_supernodes_one_kd_round(deployment, tiny_overrides):
+    dep = deployment
+    out_dir = dep.tmp / "out"
+    overrides = [f"{k}={v}" for k, v in tiny_overrides.items()] + [
+        "data.num-sites=2", f"output-dir={out_dir}", "run-name=dep", "tracking.wandb=off",
+        "federation.num-rounds=1", "kd.mode=graph", "kd.rho=0.5", "kd.start-round=1", "kd.epochs=1",
+        "kd.fg-threshold=0.0", "federation.wait-for-nodes-s=60",
+    ]
+    cmd = flwr_run_command(APP_DIR, CONNECTION, "quick", overrides, stream=True)
+
+    # Execute: submit to the SuperLink and stream the run's logs until it ends
+    run_log = dep.tmp / "logs" / "flwr-run.log"
+    t0 = time.monotonic()
+    with open(run_log, "wb") as fh:
+        try:
+            rc = subprocess.run(cmd, env=dep.env, cwd=dep.tmp, stdout=fh, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, timeout=RUN_TIMEOUT_S).returncode
+        except subprocess.TimeoutExpired:
+            rc = None
+    run_dir = out_dir / "dep"
+    deadline = time.monotonic() + DONE_TIMEOUT_S
+    while not (run_dir / "DONE").is_file() and time.monotonic() < deadline and dep.superlink.alive():
+        time.sleep(1.0)
+    elapsed = time.monotonic() - t0
+
+    # Assert: the run finished (flwr run exits 0 even when the ServerApp raised, hence DONE)
+    assert rc == 0, f"flwr run rc={rc} after {elapsed:.0f}s\n{dep.logs()}"
+    assert (run_dir / "DONE").is_file(), f"no {run_dir}/DONE after {elapsed:.0f}s\n{dep.logs()}"
+    for proc in dep.procs:
+        assert proc.alive(), f"{proc.name} died during the run\n{dep.logs()}"
+    assert "Successfully started run" in tail(run_log, 10_000), dep.logs()
+
+    # one metrics line per site for round 1: the teacher's train reply and the student's KD reply
+    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    assert sorted(r["site_id"] for r in lines) == ["site-0", "site-1"], lines
+    assert all(r["round"] == 1 for r in lines), lines
+    kd = [r for r in lines if r["phase"] == "kd"]
+    assert len(kd) == 1 and kd[0]["teachers"], f"no KD reply in round 1: {lines}\n{dep.logs()}"
+    teacher = next(r for r in lines if r["phase"] != "kd")
+    assert set(kd[0]["teachers"]) == {teacher["site_id"]}, lines
+
+    graph = json.loads((run_dir / "graphs" / "round-001.json").read_text())
+    assert sorted(n["id"] for n in graph["nodes"]) == ["site-0", "site-1"], graph
+    assert graph["teachers"] == [teacher["site_id"]], graph
+    for site in ("site-0", "site-1"):
+        assert (run_dir / "nodes" / site / "model.pt").is_file()
+        # the ClientApp ran in deployment mode: it used the store given in its SuperNode's node-config
+        assert (dep.tmp / "stores" / site / "model.pt").is_file(), f"no model store for {site}\n{dep.logs()}"
+    # both SuperNodes actually answered messages
+    for node in dep.supernodes:
+        assert "Sent successfully" in tail(node.log, 10_000), node.tail()
