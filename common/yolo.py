@@ -102,8 +102,8 @@ def build_model(arch: str, nc: int, seed: int = 0, names: list[str] | None = Non
     if nc <= 0:
         raise ModelError(f"nc={nc}: a detector needs at least one class")
     cfg = resolve_model_cfg(arch)
-    if "pyrafan" in Path(cfg).stem:
-        import common.pyrafan  # noqa: F401  (registers PyraFAN with Ultralytics)
+    import common.pyrafan  # noqa: F401  (registers PyraFAN with Ultralytics; here to avoid an import cycle)
+
     torch.manual_seed(seed)
     model = DetectionModel(cfg, nc=nc, verbose=False)
     model.names = {i: n for i, n in enumerate(names)} if names else {i: str(i) for i in range(nc)}
