@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 
+import torch  # noqa: F401  ArrayRecord.to_torch_state_dict works only once torch is imported
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 

@@ -1,0 +1,755 @@
+"""The cloud detection service: the cloud model behind HTTP, and the hard-sample store.
+
+Run it on the cloud host (next to ``flower-superlink``)::
+
+    python -m server.cloud --weights outputs/<run>/cloud/model.pt --host 0.0.0.0 --port 8443 \\
+        --token-file cloud.token --certfile cert.pem --keyfile key.pem --store hard-samples
+
+It serves any detector saved by :func:`common.yolo.save_weights` (YOLO11s,
+YOLO11s-PyraFAN, ...; the file names its architecture and classes, ``--arch``
+overrides the architecture). The model is loaded once; requests are decoded
+and detected one at a time on a single worker thread, so the event loop keeps
+answering (``/health`` stays fast) while a large image is being detected.
+
+API
+---
+``GET /health`` (no auth)
+    ``{"status": "ok", "model": arch, "classes": [names], "served": n, "stored": m, "imgsz": s}``;
+    ``served`` counts answered detection requests since start, ``stored`` the samples in the store.
+
+``POST /detect``: one frame
+    Body: the raw image bytes with ``Content-Type: image/jpeg`` or ``image/png``,
+    or ``multipart/form-data`` with one file part named ``image``. Answer::
+
+        {"site": "site-0", "frame": "17", "width": W, "height": H, "model": arch,
+         "detections": [{"xyxy": [x1, y1, x2, y2], "conf": c, "cls": k}, ...],   # frame pixels
+         "sample": "site-0-17-000042", "seconds": t}
+
+``POST /detect/crops``: regions of one frame
+    Body: ``multipart/form-data`` with a part ``meta`` (JSON) and one file part
+    ``crop`` per crop (JPEG or PNG), in the order of ``meta["crops"]``::
+
+        meta = {"crops": [{"x0": 100, "y0": 50}, {"x0": 300, "y0": 0, "scale": 2.0}]}
+
+    ``(x0, y0)`` is the crop's top-left corner in the frame (pixels, >= 0);
+    ``scale`` (default 1; a number or ``[sx, sy]``) is the factor the crop was
+    resized by before sending (sent size = crop size * scale). Answer::
+
+        {"site", "frame", "model", "seconds",
+         "crops": [{"x0", "y0", "scale", "width", "height", "sample",
+                    "detections": [...]}],          # each crop's detections, in FRAME pixels
+         "detections": [...]}                      # all crops merged (per-class NMS at --iou)
+
+    With httpx::
+
+        files = [("meta", (None, json.dumps(meta), "application/json"))]
+        files += [("crop", (f"{i}.jpg", jpeg_bytes, "image/jpeg")) for i, jpeg_bytes in enumerate(crops)]
+        r = httpx.post(url + "/detect/crops", files=files, headers={
+            "Authorization": f"Bearer {token}", "X-Cedar-Site": "site-0", "X-Cedar-Frame": "17"})
+        dets = Detections.from_list(r.json()["detections"])
+
+Headers: ``Authorization: Bearer <token>`` (every endpoint but ``/health``;
+compared in constant time), ``X-Cedar-Site`` (required, ``[A-Za-z0-9_.-]{1,64}``),
+``X-Cedar-Frame`` (optional, same pattern).
+
+Errors are JSON ``{"detail": "<message naming the bad value>"}``: 400 bad or
+missing header, undecodable image ("cannot decode image: ...") or malformed
+multipart body; 401 missing or wrong token; 408 body not received within
+``--read-timeout``; 413 body over ``--max-body-mb`` (checked on
+``Content-Length`` *and* while the body streams in, so an unlimited body is
+never buffered), image over ``--max-pixels`` (read from the PNG/JPEG header
+*before* decoding: a 40000x40000 PNG "bomb" is refused without allocating),
+or more than ``--max-crops`` crops; 415 a content type other than JPEG/PNG
+(or multipart where allowed); 422 bad crop metadata (naming the field, e.g.
+``meta.crops[1].x0``). A bad request never stops the service.
+
+Hard-sample store (``--store DIR``)
+    Every accepted frame or crop is kept with the cloud's labels, in YOLO
+    format, as the hard-sample set that cloud-to-edge KD trains the cloud
+    model on (set ``kd.hard_samples_dir`` to ``DIR``)::
+
+        DIR/images/<site>-<frame>-<n>.<png|jpg>   the bytes exactly as uploaded (no re-encoding)
+        DIR/labels/<site>-<frame>-<n>.txt         "cls cx cy w h", normalised to that image
+        DIR/index.jsonl                           one JSON line per sample: id, site, frame, time,
+                                                  kind (frame|crop), origin, scale, size, n detections
+        DIR/data.yaml                             path/train/val/nc/names (no download key)
+
+    ``<frame>`` is ``X-Cedar-Frame`` or, without it, ``t<unix ms>``; ``<n>`` is
+    a store-wide sequence number, so names never collide. Files are written
+    to a temporary name and renamed (label first, then image, then the index
+    line: an image never appears without its labels). One process per store.
+
+TLS: give ``--certfile`` and ``--keyfile`` (PEM); clients then use ``https://``
+and verify against that certificate (or its CA).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hmac
+import itertools
+import json
+import logging
+import math
+import os
+import re
+import struct
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from email.message import Message
+from email.parser import HeaderParser
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from common.keyframes import box_iou
+from common.routing import Detections, to_frame_coords
+
+log = logging.getLogger(__name__)
+
+SITE_PATTERN = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+IMAGE_TYPES = {"image/jpeg": "jpeg", "image/jpg": "jpeg", "image/png": "png"}
+SUFFIX = {"jpeg": ".jpg", "png": ".png"}
+# a multipart file part may also come untyped or as octet-stream (the bytes' signature decides)
+PART_TYPES = {*IMAGE_TYPES, "application/octet-stream", ""}
+TOKEN_ENV = "CEDAR_CLOUD_TOKEN"
+
+#: ``detect(images) -> detections per image``: BGR uint8 arrays in, image-pixel boxes out.
+DetectFn = Callable[[list[np.ndarray]], list[Detections]]
+
+
+class RequestError(Exception):
+    """A client error: HTTP ``status`` and a message naming the bad value."""
+
+    def __init__(self, status: int, detail: str, headers: dict[str, str] | None = None):
+        super().__init__(detail)
+        self.status, self.detail, self.headers = status, detail, headers
+
+
+class StoreError(RuntimeError):
+    """The hard-sample store folder is unusable (e.g. made for other classes)."""
+
+
+def _show(value: Any, limit: int = 80) -> str:
+    """``repr`` cut to ``limit`` characters (never echo a whole hostile header back)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+# --------------------------------------------------------------------------- image headers
+
+
+_JPEG_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def image_header(data: bytes) -> tuple[str, int, int]:
+    """``(format, width, height)`` of PNG/JPEG bytes, from the header only (nothing is decoded).
+
+    PNG: the IHDR chunk must come first (bytes 12-24: ``IHDR``, width, height).
+    JPEG: markers are walked from SOI to the first start-of-frame (SOF) segment,
+    whose payload is ``precision(1) height(2) width(2)``.
+
+    Raises
+    ------
+    RequestError
+        400 if the bytes are not a PNG/JPEG with a readable, non-zero size.
+
+    Examples
+    --------
+    A PNG whose IHDR says 40000x40000 -> ``("png", 40000, 40000)`` from 24 bytes.
+    """
+    if data[:8] == _PNG_MAGIC:
+        if len(data) < 24 or data[12:16] != b"IHDR":
+            raise RequestError(400, "cannot decode image: PNG without an IHDR header")
+        width, height = struct.unpack(">II", data[16:24])
+        if width == 0 or height == 0:
+            raise RequestError(400, f"cannot decode image: PNG header says {width}x{height}")
+        return "png", int(width), int(height)
+    if data[:2] == b"\xff\xd8":
+        i, n = 2, len(data)
+        while i < n:
+            if data[i] != 0xFF:  # skip to the next marker
+                i += 1
+                continue
+            while i < n and data[i] == 0xFF:  # fill bytes
+                i += 1
+            if i >= n:
+                break
+            marker = data[i]
+            i += 1
+            if marker in (0xD8, 0x01, 0x00) or 0xD0 <= marker <= 0xD7:
+                continue  # standalone markers (0x00: a stuffed byte)
+            if marker == 0xD9 or i + 2 > n:
+                break
+            (length,) = struct.unpack(">H", data[i:i + 2])
+            if marker in _JPEG_SOF:
+                if i + 7 > n:
+                    break
+                height, width = struct.unpack(">HH", data[i + 3:i + 7])
+                if width == 0 or height == 0:
+                    raise RequestError(400, f"cannot decode image: JPEG header says {width}x{height}")
+                return "jpeg", int(width), int(height)
+            if length < 2:
+                break
+            i += length
+        raise RequestError(400, "cannot decode image: no JPEG frame header (SOF) found")
+    raise RequestError(400, f"cannot decode image: not a JPEG or PNG (starts with {_show(data[:8])})")
+
+
+def parse_max_pixels(text: str) -> int:
+    """``"4096x4096"`` -> 16777216; a plain integer is a pixel count."""
+    m = re.fullmatch(r"\s*(\d+)\s*[xX*]\s*(\d+)\s*", str(text))
+    value = int(m[1]) * int(m[2]) if m else int(text) if str(text).strip().isdigit() else 0
+    if value <= 0:
+        raise ValueError(f"max pixels must be WIDTHxHEIGHT or a positive integer, got {text!r}")
+    return value
+
+
+def decode_image(data: bytes, max_pixels: int) -> tuple[str, np.ndarray]:
+    """``(format, BGR image)``; the size is checked from the header *before* decoding.
+
+    Raises :class:`RequestError` 413 for too many pixels, 400 for anything undecodable.
+    """
+    fmt, width, height = image_header(data)
+    if width * height > max_pixels:
+        raise RequestError(413, f"image is {width}x{height} = {width * height} pixels; "
+                                f"the limit is {max_pixels} pixels (--max-pixels)")
+    import cv2
+
+    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    if image is None or image.size == 0:
+        raise RequestError(400, f"cannot decode image: corrupt or truncated {fmt.upper()} "
+                                f"({len(data)} bytes, header {width}x{height})")
+    return fmt, image
+
+
+# --------------------------------------------------------------------------- request bodies
+
+
+def media_type(content_type: str | None) -> tuple[str, Message]:
+    """``("multipart/form-data", parsed header)`` from a Content-Type value (lower-cased type)."""
+    msg = Message()
+    msg["content-type"] = content_type or ""
+    return (msg.get_content_type() if content_type else ""), msg
+
+
+@dataclass
+class Part:
+    name: str | None
+    filename: str | None
+    content_type: str
+    data: bytes
+
+
+def parse_multipart(body: bytes, boundary: str, max_parts: int) -> list[Part]:
+    """Split a ``multipart/form-data`` body (RFC 7578) into parts, byte-exact.
+
+    Raises :class:`RequestError` 400 if it is malformed, 413 for more than ``max_parts`` parts.
+    """
+    if not boundary or len(boundary) > 200:
+        raise RequestError(400, f"multipart body needs a boundary parameter, got {_show(boundary)}")
+    delim = b"\r\n--" + boundary.encode("latin-1")
+    sections = (b"\r\n" + body).split(delim)
+    if len(sections) < 2:
+        raise RequestError(400, "malformed multipart body: boundary not found")
+    parts = []
+    for section in sections[1:]:
+        if section.startswith(b"--"):
+            return parts  # closing delimiter
+        if len(parts) >= max_parts:
+            raise RequestError(413, f"more than {max_parts} parts in the multipart body (--max-crops)")
+        head, sep, data = section.partition(b"\r\n\r\n")
+        if not sep:
+            raise RequestError(400, f"malformed multipart body: part {len(parts)} has no header end")
+        headers = HeaderParser().parsestr(head.lstrip(b" \t").lstrip(b"\r\n").decode("latin-1"))
+        parts.append(Part(headers.get_param("name", header="content-disposition"), headers.get_filename(),
+                          headers.get_content_type() if headers.get("content-type") else "", data))
+    raise RequestError(400, "malformed multipart body: no closing boundary")
+
+
+async def read_body(request, max_bytes: int, timeout_s: float) -> bytes:
+    """The request body, refused with 413 as soon as it exceeds ``max_bytes`` (never buffered beyond)."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not declared.strip().isdigit():
+            raise RequestError(400, f"bad Content-Length {_show(declared)}")
+        if int(declared) > max_bytes:
+            raise RequestError(413, f"body of {int(declared)} bytes is over the limit of {max_bytes} "
+                                    f"bytes (--max-body-mb)")
+    chunks, size = [], 0
+
+    async def collect():
+        nonlocal size
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > max_bytes:
+                raise RequestError(413, f"body is over the limit of {max_bytes} bytes (--max-body-mb); "
+                                        f"stopped reading at {size} bytes")
+            chunks.append(chunk)
+
+    try:
+        await asyncio.wait_for(collect(), timeout_s)
+    except asyncio.TimeoutError:
+        raise RequestError(408, f"body not received within {timeout_s:g} s ({size} bytes so far)") from None
+    if size == 0:
+        raise RequestError(400, "empty body: send an image")
+    return b"".join(chunks)
+
+
+def _number(value: Any, field: str, positive: bool) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or (value <= 0 if positive else value < 0):
+        raise RequestError(422, f"{field} must be a finite number {'> 0' if positive else '>= 0'}, "
+                                f"got {_show(value)}")
+    return float(value)
+
+
+def parse_crop_meta(text: bytes, n_crops: int) -> list[dict]:
+    """Validate ``{"crops": [{"x0", "y0", "scale"?}, ...]}`` against ``n_crops`` crop parts.
+
+    Returns one ``{"x0": float, "y0": float, "scale": float | [sx, sy]}`` per crop;
+    a bad field raises :class:`RequestError` 422 naming it (``meta.crops[1].x0``).
+    """
+    try:
+        meta = json.loads(text)
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise RequestError(422, f"meta is not valid JSON: {err}") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("crops"), list):
+        raise RequestError(422, f"meta must be an object with a list 'crops', got {_show(meta)}")
+    crops = meta["crops"]
+    if len(crops) != n_crops:
+        raise RequestError(422, f"meta.crops lists {len(crops)} crops but the body has {n_crops} 'crop' parts")
+    out = []
+    for i, item in enumerate(crops):
+        where = f"meta.crops[{i}]"
+        if not isinstance(item, dict):
+            raise RequestError(422, f"{where} must be an object, got {_show(item)}")
+        for key in ("x0", "y0"):
+            if key not in item:
+                raise RequestError(422, f"{where}.{key} is missing")
+        unknown = sorted(set(item) - {"x0", "y0", "scale"})
+        if unknown:
+            raise RequestError(422, f"{where} has unknown field(s) {unknown} (allowed: x0, y0, scale)")
+        scale = item.get("scale", 1.0)
+        if isinstance(scale, list):
+            if len(scale) != 2:
+                raise RequestError(422, f"{where}.scale must be a number or [sx, sy], got {_show(scale)}")
+            scale = [_number(v, f"{where}.scale[{j}]", True) for j, v in enumerate(scale)]
+        else:
+            scale = _number(scale, f"{where}.scale", True)
+        out.append({"x0": _number(item["x0"], f"{where}.x0", False),
+                    "y0": _number(item["y0"], f"{where}.y0", False), "scale": scale})
+    return out
+
+
+# --------------------------------------------------------------------------- detections
+
+
+def nms(dets: Detections, iou: float) -> Detections:
+    """Greedy per-class non-maximum suppression: keep the most confident of boxes overlapping by ``>= iou``.
+
+    Used to merge crops of one frame (overlapping crops may see an object twice).
+    Example: ``[0,0,10,10]`` (0.9) and ``[1,0,11,10]`` (0.8), same class: IoU =
+    90/110 ≈ 0.82 >= 0.7 -> only the first is kept; of another class, both are.
+    """
+    if len(dets) < 2:
+        return dets
+    order = np.argsort(-dets.conf, kind="stable")
+    overlap = box_iou(dets.xyxy, dets.xyxy) >= iou  # (N, N)
+    same = dets.cls[:, None] == dets.cls[None, :]
+    suppressed = np.zeros(len(dets), dtype=bool)
+    keep = []
+    for i in order:
+        if suppressed[i]:
+            continue
+        keep.append(i)
+        suppressed |= overlap[i] & same[i]
+    return dets[np.sort(np.array(keep))]
+
+
+def crops_to_frame(per_crop: Sequence[Detections], metas: Sequence[dict]) -> list[Detections]:
+    """Each crop's detections (crop pixels) in frame pixels, via :func:`common.routing.to_frame_coords`.
+
+    Example: a crop at origin ``(100, 50)``, scale 1, with a box ``[10, 10, 20, 20]``
+    -> ``[110, 60, 120, 70]``; sent at 2x, ``[20, 20, 40, 40]`` maps to the same box.
+    """
+    return [to_frame_coords(d, (m["x0"], m["y0"]), m["scale"]) for d, m in zip(per_crop, metas)]
+
+
+def yolo_label_lines(dets: Detections, width: int, height: int) -> list[str]:
+    """``cls cx cy w h`` normalised to a ``width`` x ``height`` image (boxes clipped; empty ones dropped).
+
+    Example: ``[10, 20, 30, 60]`` class 3 on 100x200 -> ``"3 0.200000 0.200000 0.200000 0.200000"``.
+    """
+    lines = []
+    for (x1, y1, x2, y2), k in zip(dets.xyxy, dets.cls):
+        x1, x2 = np.clip([x1, x2], 0, width)
+        y1, y2 = np.clip([y1, y2], 0, height)
+        if x2 - x1 <= 0 or y2 - y1 <= 0:
+            continue
+        lines.append(f"{int(k)} {(x1 + x2) / 2 / width:.6f} {(y1 + y2) / 2 / height:.6f} "
+                     f"{(x2 - x1) / width:.6f} {(y2 - y1) / height:.6f}")
+    return lines
+
+
+class YoloDetector:
+    """The cloud model, loaded once; ``__call__`` detects a batch under a lock (one at a time)."""
+
+    def __init__(self, model, *, imgsz: int = 320, conf: float = 0.25, iou: float = 0.7, device: str = "cpu"):
+        self.model, self.imgsz, self.conf, self.iou, self.device = model, imgsz, conf, iou, device
+        self.lock = threading.Lock()
+
+    @classmethod
+    def from_file(cls, weights: str | Path, arch: str | None = None, **kwargs) -> "YoloDetector":
+        from common import yolo
+
+        model = yolo.load_weights(weights, arch=arch).eval()
+        return cls(model, **kwargs)
+
+    @property
+    def arch(self) -> str:
+        return str(getattr(self.model, "cedar_arch", None) or "unknown")
+
+    @property
+    def names(self) -> list[str]:
+        return [str(self.model.names[k]) for k in sorted(self.model.names)]
+
+    def __call__(self, images: list[np.ndarray]) -> list[Detections]:
+        from common import yolo
+
+        with self.lock:
+            raw = yolo.predict(self.model, images, imgsz=self.imgsz, conf=self.conf, iou=self.iou,
+                               device=self.device)
+        return [Detections(r["xyxy"], r["conf"], r["cls"]) for r in raw]
+
+
+# --------------------------------------------------------------------------- hard-sample store
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+class HardSampleStore:
+    """Uploaded samples with the cloud's labels, as a YOLO dataset (see the module docstring)."""
+
+    def __init__(self, root: str | Path, names: Sequence[str]):
+        import yaml
+
+        self.root = Path(root).expanduser().resolve()
+        self.names = list(names)
+        self.images, self.labels, self.index = self.root / "images", self.root / "labels", self.root / "index.jsonl"
+        self.images.mkdir(parents=True, exist_ok=True)
+        self.labels.mkdir(parents=True, exist_ok=True)
+        data_yaml = self.root / "data.yaml"
+        if data_yaml.is_file():
+            old = yaml.safe_load(data_yaml.read_text()) or {}
+            old_names = old.get("names")
+            old_names = [old_names[k] for k in sorted(old_names)] if isinstance(old_names, dict) else old_names
+            if old_names and [str(n) for n in old_names] != self.names:
+                raise StoreError(f"{self.root} holds samples labelled for classes {old_names}, "
+                                 f"not this model's {self.names}; use another --store")
+        spec = {"path": str(self.root), "train": "images", "val": "images", "nc": len(self.names),
+                "names": dict(enumerate(self.names))}
+        _atomic_write(data_yaml, yaml.safe_dump(spec, sort_keys=False).encode())
+        self.lock = threading.Lock()
+        self.count = sum(1 for _ in self.index.open("rb")) if self.index.is_file() else 0
+        existing = [int(m[1]) for p in self.images.iterdir() if (m := re.search(r"-(\d+)\.\w+$", p.name))]
+        self._seq = itertools.count(max([self.count, *existing]) + 1)
+
+    def add(self, *, site: str, frame: str | None, kind: str, data: bytes, fmt: str, image_hw: tuple[int, int],
+            dets: Detections, origin: tuple[float, float] | None = None, scale: Any = None) -> str:
+        """Store one sample (``dets`` in the pixels of this image) and return its id."""
+        height, width = image_hw
+        lines = yolo_label_lines(dets, width, height)
+        frame_part = frame or f"t{time.time_ns() // 1_000_000}"
+        with self.lock:
+            sample_id = f"{site}-{frame_part}-{next(self._seq):06d}"
+            while any(self.images.glob(f"{sample_id}.*")):  # a stray file from another writer
+                sample_id = f"{site}-{frame_part}-{next(self._seq):06d}"
+            # label before image: an image must never be seen without its labels (it would be a negative)
+            _atomic_write(self.labels / f"{sample_id}.txt", "".join(f"{ln}\n" for ln in lines).encode())
+            _atomic_write(self.images / f"{sample_id}{SUFFIX[fmt]}", data)
+            entry = {"id": sample_id, "site": site, "frame": frame, "time": round(time.time(), 3), "kind": kind,
+                     "origin": list(origin) if origin is not None else None, "scale": scale,
+                     "width": width, "height": height, "detections": len(lines),
+                     "image": f"images/{sample_id}{SUFFIX[fmt]}", "label": f"labels/{sample_id}.txt"}
+            with self.index.open("a", encoding="utf-8") as fh:
+                fh.write(json.dumps(entry) + "\n")
+                fh.flush()
+                os.fsync(fh.fileno())
+            self.count += 1
+        return sample_id
+
+
+# --------------------------------------------------------------------------- the service
+
+
+@dataclass
+class Limits:
+    max_body_bytes: int = 8 * 1024 * 1024
+    max_pixels: int = 4096 * 4096
+    max_crops: int = 64
+    read_timeout_s: float = 60.0
+
+
+class CloudService:
+    """Everything behind the endpoints, buildable in a test with any ``detect`` function."""
+
+    def __init__(self, detect: DetectFn, *, arch: str, names: Sequence[str], token: str,
+                 store: HardSampleStore | None, limits: Limits | None = None, iou: float = 0.7,
+                 imgsz: int | None = None):
+        if not token:
+            raise ValueError("the cloud service needs a non-empty bearer token")
+        self.detect, self.arch, self.names, self.store = detect, arch, list(names), store
+        self.limits, self.iou, self.imgsz = limits or Limits(), iou, imgsz
+        self._token = token.encode()
+        self.served = 0
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cedar-detect")
+
+    # -- request checks
+    def authorize(self, header: str | None) -> None:
+        challenge = {"WWW-Authenticate": "Bearer"}
+        if not header:
+            raise RequestError(401, "missing bearer token: send 'Authorization: Bearer <token>'", challenge)
+        scheme, _, given = header.partition(" ")
+        if scheme.lower() != "bearer" or not given.strip():
+            raise RequestError(401, "malformed Authorization header: expected 'Bearer <token>'", challenge)
+        if not hmac.compare_digest(given.strip().encode(), self._token):
+            raise RequestError(401, "invalid bearer token", challenge)
+
+    @staticmethod
+    def ids(site: str | None, frame: str | None) -> tuple[str, str | None]:
+        if site is None:
+            raise RequestError(400, "missing header X-Cedar-Site (the sending site's id)")
+        if not SITE_PATTERN.fullmatch(site):
+            raise RequestError(400, f"bad X-Cedar-Site {_show(site)}: must match [A-Za-z0-9_.-]{{1,64}}")
+        if frame is not None and not SITE_PATTERN.fullmatch(frame):
+            raise RequestError(400, f"bad X-Cedar-Frame {_show(frame)}: must match [A-Za-z0-9_.-]{{1,64}}")
+        return site, frame
+
+    # -- work (runs on the single worker thread)
+    def _store(self, **kwargs) -> str | None:
+        if self.store is None:
+            return None
+        try:
+            return self.store.add(**kwargs)
+        except OSError as err:  # a full disk must not cost the edge its answer
+            log.error("hard-sample store: cannot write %s sample of %s: %s", kwargs.get("kind"),
+                      kwargs.get("site"), err)
+            return None
+
+    def detect_frame(self, data: bytes, site: str, frame: str | None) -> dict:
+        t0 = time.perf_counter()
+        fmt, image = decode_image(data, self.limits.max_pixels)
+        dets = self.detect([image])[0]
+        sample = self._store(site=site, frame=frame, kind="frame", data=data, fmt=fmt,
+                             image_hw=image.shape[:2], dets=dets)
+        self.served += 1
+        seconds = time.perf_counter() - t0
+        log.info("detect: site=%s frame=%s %dx%d -> %d detections in %.3fs", site, frame, image.shape[1],
+                 image.shape[0], len(dets), seconds)
+        return {"site": site, "frame": frame, "width": int(image.shape[1]), "height": int(image.shape[0]),
+                "model": self.arch, "detections": dets.to_list(), "sample": sample, "seconds": round(seconds, 4)}
+
+    def detect_crops(self, crops: list[bytes], metas: list[dict], site: str, frame: str | None) -> dict:
+        t0 = time.perf_counter()
+        decoded = []
+        for i, data in enumerate(crops):
+            try:
+                decoded.append(decode_image(data, self.limits.max_pixels))
+            except RequestError as err:
+                raise RequestError(err.status, f"crop {i}: {err.detail}") from None
+        per_crop = self.detect([image for _, image in decoded])
+        in_frame = crops_to_frame(per_crop, metas)
+        out = []
+        for data, (fmt, image), meta, dets, framed in zip(crops, decoded, metas, per_crop, in_frame):
+            sample = self._store(site=site, frame=frame, kind="crop", data=data, fmt=fmt, image_hw=image.shape[:2],
+                                 dets=dets, origin=(meta["x0"], meta["y0"]), scale=meta["scale"])
+            out.append({**meta, "width": int(image.shape[1]), "height": int(image.shape[0]), "sample": sample,
+                        "detections": framed.to_list()})
+        merged = nms(Detections.concat(in_frame), self.iou)
+        self.served += 1
+        seconds = time.perf_counter() - t0
+        log.info("detect/crops: site=%s frame=%s %d crops -> %d detections in %.3fs", site, frame, len(crops),
+                 len(merged), seconds)
+        return {"site": site, "frame": frame, "model": self.arch, "crops": out, "detections": merged.to_list(),
+                "seconds": round(seconds, 4)}
+
+    async def run(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+
+    def health(self) -> dict:
+        return {"status": "ok", "model": self.arch, "classes": self.names, "served": self.served,
+                "stored": self.store.count if self.store else 0, "imgsz": self.imgsz}
+
+
+def create_app(service: CloudService):
+    """The FastAPI app over ``service``."""
+    from fastapi import FastAPI, Request
+    from fastapi.responses import JSONResponse
+
+    app = FastAPI(title="cedar cloud detection service", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.service = service
+
+    @app.exception_handler(RequestError)
+    async def request_error(request: Request, err: RequestError):
+        log.warning("%s %s -> %d: %s", request.method, request.url.path, err.status, err.detail)
+        return JSONResponse({"detail": err.detail}, status_code=err.status, headers=err.headers)
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, err: Exception):
+        log.exception("%s %s failed", request.method, request.url.path)
+        return JSONResponse({"detail": f"internal error: {type(err).__name__}"}, status_code=500)
+
+    def checked(request: Request) -> tuple[str, str | None, str, Message]:
+        service.authorize(request.headers.get("authorization"))
+        site, frame = service.ids(request.headers.get("x-cedar-site"), request.headers.get("x-cedar-frame"))
+        kind, parsed = media_type(request.headers.get("content-type"))
+        return site, frame, kind, parsed
+
+    @app.get("/health")
+    async def health():
+        return service.health()
+
+    @app.post("/detect")
+    async def detect(request: Request):
+        site, frame, kind, parsed = checked(request)
+        if kind not in IMAGE_TYPES and kind != "multipart/form-data":
+            raise RequestError(415, f"unsupported Content-Type {_show(request.headers.get('content-type'))}: "
+                                    f"send image/jpeg, image/png or multipart/form-data")
+        body = await read_body(request, service.limits.max_body_bytes, service.limits.read_timeout_s)
+        if kind == "multipart/form-data":
+            parts = parse_multipart(body, parsed.get_param("boundary") or "", max_parts=2)
+            images = [p for p in parts if p.name == "image"]
+            if len(images) != 1:
+                raise RequestError(422, f"multipart body must have exactly one part named 'image', got parts "
+                                        f"{_show([p.name for p in parts])}")
+            if images[0].content_type not in PART_TYPES:
+                raise RequestError(415, f"unsupported image part type {_show(images[0].content_type)}: "
+                                        f"send image/jpeg or image/png")
+            body = images[0].data
+        return await service.run(service.detect_frame, body, site, frame)
+
+    @app.post("/detect/crops")
+    async def detect_crops(request: Request):
+        site, frame, kind, parsed = checked(request)
+        if kind != "multipart/form-data":
+            raise RequestError(415, f"unsupported Content-Type {_show(request.headers.get('content-type'))}: "
+                                    f"send multipart/form-data with a 'meta' part and 'crop' parts")
+        body = await read_body(request, service.limits.max_body_bytes, service.limits.read_timeout_s)
+        parts = parse_multipart(body, parsed.get_param("boundary") or "", max_parts=service.limits.max_crops + 1)
+        metas = [p for p in parts if p.name == "meta"]
+        crops = [p for p in parts if p.name == "crop"]
+        other = [p.name for p in parts if p.name not in ("meta", "crop")]
+        if len(metas) != 1:
+            raise RequestError(422, f"the body needs exactly one 'meta' part, got {len(metas)}")
+        if other:
+            raise RequestError(422, f"unexpected part(s) {_show(other)}: only 'meta' and 'crop'")
+        if not crops:
+            raise RequestError(422, "no 'crop' parts in the body")
+        for i, p in enumerate(crops):
+            if p.content_type not in PART_TYPES:
+                raise RequestError(415, f"crop {i}: unsupported type {_show(p.content_type)}: "
+                                        f"send image/jpeg or image/png")
+        meta = parse_crop_meta(metas[0].data, len(crops))
+        return await service.run(service.detect_crops, [p.data for p in crops], meta, site, frame)
+
+    return app
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m server.cloud", description="cedar cloud detection service")
+    p.add_argument("--weights", required=True, help="a weights file written by common.yolo.save_weights")
+    p.add_argument("--arch", default=None, help="architecture (default: the one named in the weights file)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8443)
+    auth = p.add_mutually_exclusive_group()
+    auth.add_argument("--token", help=f"bearer token (visible in ps; prefer --token-file or ${TOKEN_ENV})")
+    auth.add_argument("--token-file", help="file holding the bearer token")
+    p.add_argument("--certfile", help="TLS certificate (PEM); with --keyfile serves HTTPS")
+    p.add_argument("--keyfile", help="TLS private key (PEM)")
+    p.add_argument("--store", required=True, help="hard-sample store folder")
+    p.add_argument("--imgsz", type=int, default=320)
+    p.add_argument("--conf", type=float, default=0.25)
+    p.add_argument("--iou", type=float, default=0.7)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--max-body-mb", type=float, default=8.0)
+    p.add_argument("--max-pixels", default="4096x4096", help="WIDTHxHEIGHT (their product is the limit) or a count")
+    p.add_argument("--max-crops", type=int, default=64)
+    p.add_argument("--read-timeout", type=float, default=60.0, help="seconds to receive a request body")
+    p.add_argument("--log-level", default="info")
+    return p
+
+
+def _token(args, parser) -> str:
+    if args.token_file:
+        try:
+            token = Path(args.token_file).expanduser().read_text().strip()
+        except OSError as err:
+            parser.error(f"cannot read --token-file {args.token_file}: {err}")
+    else:
+        token = (args.token or os.environ.get(TOKEN_ENV, "")).strip()
+    if not token:
+        parser.error(f"a bearer token is required: --token, --token-file or ${TOKEN_ENV}")
+    return token
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    token = _token(args, parser)
+    if bool(args.certfile) != bool(args.keyfile):
+        parser.error("TLS needs both --certfile and --keyfile")
+    try:
+        max_pixels = parse_max_pixels(args.max_pixels)
+    except ValueError as err:
+        parser.error(str(err))
+    if args.max_body_mb <= 0 or args.max_crops < 1 or args.imgsz < 32 or not 0 <= args.conf <= 1 \
+            or not 0 < args.iou <= 1 or args.read_timeout <= 0:
+        parser.error("need --max-body-mb > 0, --max-crops >= 1, --imgsz >= 32, 0 <= --conf <= 1, "
+                     "0 < --iou <= 1, --read-timeout > 0")
+
+    from common.yolo import ModelError
+
+    try:
+        detector = YoloDetector.from_file(args.weights, args.arch, imgsz=args.imgsz, conf=args.conf, iou=args.iou,
+                                          device=args.device)
+        store = HardSampleStore(args.store, detector.names)
+    except (ModelError, StoreError, OSError) as err:
+        log.error("%s", err)
+        return 2
+    limits = Limits(max_body_bytes=int(args.max_body_mb * 1024 * 1024), max_pixels=max_pixels,
+                    max_crops=args.max_crops, read_timeout_s=args.read_timeout)
+    service = CloudService(detector, arch=detector.arch, names=detector.names, token=token, store=store,
+                           limits=limits, iou=args.iou, imgsz=args.imgsz)
+    app = create_app(service)
+
+    import uvicorn
+
+    scheme = "https" if args.certfile else "http"
+    print(f"cedar cloud service: {detector.arch} ({len(detector.names)} classes) on {scheme}://{args.host}:"
+          f"{args.port}, store {store.root}", flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, ssl_certfile=args.certfile, ssl_keyfile=args.keyfile,
+                log_level=args.log_level.lower(), timeout_keep_alive=30)
+    service.executor.shutdown(wait=False, cancel_futures=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
