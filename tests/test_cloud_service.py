@@ -1,0 +1,542 @@
+"""The cloud detection service (server/cloud.py).
+
+Two layers:
+
+- pure pieces and the app in-process (Starlette's TestClient) with a fake
+  detector that always finds ``[10, 10, 20, 20]``, so coordinate mapping is
+  checked against hand-worked values;
+- the REAL process (``python -m server.cloud``) on loopback, with an untrained
+  YOLO11n written by ``save_weights``: health, detection on PNG/JPEG, crops,
+  every 4xx path, the service surviving them, concurrency, the hard-sample
+  store (trainable by Ultralytics) and TLS.
+
+The untrained model gives a few detections only at very low confidence, so the
+real service runs with ``--conf 0.001``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import ipaddress
+import json
+import os
+import ssl
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import cv2
+import httpx
+import numpy as np
+import pytest
+
+from common.routing import Detections, to_frame_coords
+from server.cloud import (CloudService, HardSampleStore, Limits, RequestError, create_app, crops_to_frame,
+                          decode_image, image_header, nms, parse_crop_meta, parse_max_pixels, parse_multipart,
+                          yolo_label_lines)
+from tests.deploy_helpers import free_port, tail
+
+TOKEN = "s3cret-token"
+NAMES = ["insulator", "bird_nest", "damper", "bolt", "crack", "rust", "vehicle", "person"]
+PNG_BOMB = b"\x89PNG\r\n\x1a\n" + b"\x00\x00\x00\x0dIHDR" + (40000).to_bytes(4, "big") * 2 + b"\x08\x02\x00\x00\x00" \
+    + b"\x00" * 4 + b"\x00\x00\x00\x00IEND\xaeB`\x82"
+
+
+def _png(h: int = 48, w: int = 64, seed: int = 0) -> bytes:
+    img = np.random.default_rng(seed).integers(0, 255, (h, w, 3), dtype=np.uint8)
+    return cv2.imencode(".png", img)[1].tobytes()
+
+
+def _jpeg(img: np.ndarray) -> bytes:
+    return cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, 90])[1].tobytes()
+
+
+def _crop_files(meta, crops: list[bytes], kind: str = "image/png"):
+    files = [("meta", (None, json.dumps(meta).encode(), "application/json"))]
+    return files + [("crop", (f"{i}.png", data, kind)) for i, data in enumerate(crops)]
+
+
+# =========================================================================== pure pieces
+
+
+def test_image_header_reads_png_and_jpeg_sizes_without_decoding():
+    # Prepare
+    img = np.zeros((30, 70, 3), np.uint8)
+    # Execute / Assert
+    assert image_header(cv2.imencode(".png", img)[1].tobytes()) == ("png", 70, 30)
+    assert image_header(_jpeg(img)) == ("jpeg", 70, 30)
+    assert image_header(cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_PROGRESSIVE, 1])[1].tobytes()) == ("jpeg", 70, 30)
+    assert image_header(PNG_BOMB) == ("png", 40000, 40000)  # 24 bytes read, nothing allocated
+    for bad in (b"GIF89a....", b"\xff\xd8\xff\xe0\x00\x10JFIF", b"\x89PNG\r\n\x1a\n"):
+        with pytest.raises(RequestError, match="cannot decode image") as err:
+            image_header(bad)
+        assert err.value.status == 400
+
+
+def test_decode_image_refuses_a_bomb_before_decoding_and_corrupt_bytes():
+    with pytest.raises(RequestError, match=r"40000x40000 = 1600000000 pixels") as err:
+        decode_image(PNG_BOMB, parse_max_pixels("4096x4096"))
+    assert err.value.status == 413
+    good = _jpeg(np.full((20, 20, 3), 128, np.uint8))
+    with pytest.raises(RequestError, match="cannot decode image") as err:
+        decode_image(good[:len(good) // 2], 4096 * 4096)  # truncated
+    assert err.value.status == 400
+    fmt, img = decode_image(good, 400)  # exactly at the limit: 20*20 = 400
+    assert fmt == "jpeg" and img.shape == (20, 20, 3)
+    assert parse_max_pixels("4096x4096") == 16777216 and parse_max_pixels("1000") == 1000
+    with pytest.raises(ValueError, match="WIDTHxHEIGHT"):
+        parse_max_pixels("big")
+
+
+def test_crops_to_frame_hand_checked():
+    # a crop at origin (100, 50) with a box [10, 10, 20, 20] -> [110, 60, 120, 70];
+    # the same crop sent at 2x sees [20, 20, 40, 40] -> 20/2 + 100 = 110, ... -> the same box;
+    # sx=2, sy=4 on [10, 10, 20, 20] at (0, 0) -> [5, 2.5, 10, 5]
+    dets = [Detections([[10, 10, 20, 20]], [0.9], [3]), Detections([[20, 20, 40, 40]], [0.8], [1]),
+            Detections([[10, 10, 20, 20]], [0.7], [2])]
+    metas = [{"x0": 100, "y0": 50, "scale": 1.0}, {"x0": 100, "y0": 50, "scale": 2.0},
+             {"x0": 0, "y0": 0, "scale": [2.0, 4.0]}]
+    out = crops_to_frame(dets, metas)
+    assert out[0].xyxy.tolist() == [[110, 60, 120, 70]] and out[0].cls.tolist() == [3]
+    assert out[1].xyxy.tolist() == [[110, 60, 120, 70]]
+    assert out[2].xyxy.tolist() == [[5, 2.5, 10, 5]]
+    assert np.allclose(out[0].xyxy, to_frame_coords(dets[0], (100, 50)).xyxy)
+
+
+def test_nms_merges_same_class_overlaps_only():
+    # [0,0,10,10] vs [1,0,11,10]: IoU = 90/110 ≈ 0.82 >= 0.7
+    dets = Detections([[0, 0, 10, 10], [1, 0, 11, 10], [1, 0, 11, 10], [50, 50, 60, 60]], [0.8, 0.9, 0.5, 0.3],
+                      [0, 0, 1, 0])
+    kept = nms(dets, 0.7)
+    assert kept.xyxy.tolist() == [[1, 0, 11, 10], [1, 0, 11, 10], [50, 50, 60, 60]]
+    assert kept.conf.tolist() == [0.9, 0.5, 0.3]
+    assert len(nms(Detections(), 0.7)) == 0
+
+
+def test_yolo_label_lines_normalise_to_the_stored_image_and_clip():
+    # [10, 20, 30, 60] on 100x200: cx = 20/100, cy = 40/200, w = 20/100, h = 40/200
+    # [90, 190, 130, 230] is clipped to [90, 190, 100, 200]: cx = 0.95, cy = 0.975, w = 0.1, h = 0.05
+    # [150, 0, 160, 10] lies outside: dropped
+    dets = Detections([[10, 20, 30, 60], [90, 190, 130, 230], [150, 0, 160, 10]], [0.9, 0.8, 0.7], [3, 0, 1])
+    assert yolo_label_lines(dets, 100, 200) == ["3 0.200000 0.200000 0.200000 0.200000",
+                                                "0 0.950000 0.975000 0.100000 0.050000"]
+
+
+def test_parse_crop_meta_names_the_bad_field():
+    assert parse_crop_meta(b'{"crops": [{"x0": 1, "y0": 2}, {"x0": 0, "y0": 0, "scale": [2, 3]}]}', 2) == [
+        {"x0": 1.0, "y0": 2.0, "scale": 1.0}, {"x0": 0.0, "y0": 0.0, "scale": [2.0, 3.0]}]
+    cases = {
+        b"not json": "meta is not valid JSON",
+        b"[1, 2]": "list 'crops'",
+        b'{"crops": [{"x0": 1, "y0": 2}]}': "lists 1 crops but the body has 2",
+        b'{"crops": [{"x0": 1, "y0": 2}, {"y0": 3}]}': r"meta.crops\[1\].x0 is missing",
+        b'{"crops": [{"x0": 1, "y0": 2}, {"x0": "abc", "y0": 3}]}': r"meta.crops\[1\].x0 must be a finite number",
+        b'{"crops": [{"x0": 1, "y0": -2}, {"x0": 0, "y0": 3}]}': r"meta.crops\[0\].y0 .* got -2",
+        b'{"crops": [{"x0": 1, "y0": 2, "scale": 0}, {"x0": 0, "y0": 3}]}': r"meta.crops\[0\].scale must .* > 0",
+        b'{"crops": [{"x0": 1, "y0": 2, "zoom": 2}, {"x0": 0, "y0": 3}]}': r"unknown field\(s\) \['zoom'\]",
+    }
+    for text, message in cases.items():
+        with pytest.raises(RequestError, match=message) as err:
+            parse_crop_meta(text, 2)
+        assert err.value.status == 422
+
+
+def test_parse_multipart_is_byte_exact():
+    # Prepare: binary payloads full of CR/LF and dashes, encoded by httpx itself
+    payload = bytes(range(256)) * 3 + b"\r\n--\r\n\r\n"
+    request = httpx.Request("POST", "http://x", files=[("meta", (None, b'{"a": 1}', "application/json")),
+                                                       ("crop", ("a.png", payload, "image/png"))])
+    body = request.read()
+    boundary = request.headers["content-type"].split("boundary=")[1]
+    # Execute
+    parts = parse_multipart(body, boundary, max_parts=5)
+    # Assert
+    assert [(p.name, p.filename, p.content_type) for p in parts] == [("meta", None, "application/json"),
+                                                                    ("crop", "a.png", "image/png")]
+    assert parts[0].data == b'{"a": 1}' and parts[1].data == payload
+    with pytest.raises(RequestError, match="more than 1 parts") as err:
+        parse_multipart(body, boundary, max_parts=1)
+    assert err.value.status == 413
+    with pytest.raises(RequestError, match="boundary not found"):
+        parse_multipart(b"junk", boundary, max_parts=5)
+
+
+# =========================================================================== in-process app, fake detector
+
+
+def _fake_detect(images):
+    """Every image: one box [10, 10, 20, 20], class 3, confidence 0.9."""
+    return [Detections([[10, 10, 20, 20]], [0.9], [3]) for _ in images]
+
+
+class _InProcess:
+    """A synchronous client for the ASGI app (httpx's ASGITransport, no server, no sockets)."""
+
+    def __init__(self, app, headers):
+        self.app, self.headers = app, headers
+
+    def post(self, url, headers=None, **kwargs) -> httpx.Response:
+        async def go():
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=self.app), base_url="http://cloud",
+                                         headers=self.headers) as client:
+                return await client.post(url, headers=headers, **kwargs)
+
+        return asyncio.run(go())
+
+
+@pytest.fixture
+def app_client(tmp_path):
+    store = HardSampleStore(tmp_path / "store", NAMES)
+    service = CloudService(_fake_detect, arch="fake", names=NAMES, token=TOKEN, store=store,
+                           limits=Limits(max_body_bytes=200_000, max_pixels=512 * 512, max_crops=4))
+    yield _InProcess(create_app(service), {"Authorization": f"Bearer {TOKEN}", "X-Cedar-Site": "site-3"}), store
+    service.executor.shutdown()
+
+
+def test_crops_endpoint_maps_to_frame_and_stores_crop_labels(app_client):
+    # Prepare: crop 0 (64x48) at (100, 50); crop 1 (32x32) at (0, 0) sent at 2x (a 16x16 region)
+    client, store = app_client
+    meta = {"crops": [{"x0": 100, "y0": 50}, {"x0": 0, "y0": 0, "scale": 2}]}
+    # Execute
+    r = client.post("/detect/crops", files=_crop_files(meta, [_png(48, 64), _png(32, 32, 1)]),
+                    headers={"X-Cedar-Frame": "f7"})
+    # Assert
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["crops"][0]["detections"] == [{"xyxy": [110.0, 60.0, 120.0, 70.0], "conf": 0.9, "cls": 3}]
+    assert body["crops"][1]["detections"][0]["xyxy"] == [5.0, 5.0, 10.0, 10.0]  # 10/2 + 0, 20/2 + 0
+    assert [c["width"] for c in body["crops"]] == [64, 32]
+    assert sorted(d["xyxy"][0] for d in body["detections"]) == [5.0, 110.0]  # merged, no overlap
+    # labels are in the stored crop's own pixels: [10, 10, 20, 20] on 64x48 -> cx 15/64, cy 15/48, w 10/64, h 10/48
+    label = (store.root / "labels" / f"{body['crops'][0]['sample']}.txt").read_text()
+    assert label == f"3 {15 / 64:.6f} {15 / 48:.6f} {10 / 64:.6f} {10 / 48:.6f}\n"
+    index = [json.loads(line) for line in store.index.read_text().splitlines()]
+    assert [(e["kind"], e["origin"], e["scale"], e["frame"], e["site"]) for e in index] == [
+        ("crop", [100.0, 50.0], 1.0, "f7", "site-3"), ("crop", [0.0, 0.0], 2.0, "f7", "site-3")]
+    assert index[0]["id"].startswith("site-3-f7-")
+
+
+def test_in_process_errors_and_limits(app_client):
+    client, _ = app_client
+    assert client.post("/detect/crops", files=_crop_files({"crops": [{"x0": 1}]}, [_png()])).status_code == 422
+    five = _crop_files({"crops": [{"x0": 0, "y0": 0}] * 5}, [_png(8, 8)] * 5)
+    r = client.post("/detect/crops", files=five)
+    assert r.status_code == 413 and "more than 5 parts" in r.json()["detail"] and "--max-crops" in r.json()["detail"]
+    r = client.post("/detect/crops", files=_crop_files({"crops": [{"x0": 0, "y0": 0}]}, [b"GIF89a"], "image/gif"))
+    assert r.status_code == 415 and "image/gif" in r.json()["detail"]
+    r = client.post("/detect/crops", content=_png(), headers={"Content-Type": "image/png"})
+    assert r.status_code == 415
+    flat = cv2.imencode(".png", np.zeros((600, 600, 3), np.uint8))[1].tobytes()  # small file, many pixels
+    r = client.post("/detect", content=flat, headers={"Content-Type": "image/png"})
+    assert r.status_code == 413 and "600x600" in r.json()["detail"]
+    r = client.post("/detect", files={"image": ("x.png", _png(), "image/png")})
+    assert r.status_code == 200 and r.json()["detections"][0]["xyxy"] == [10.0, 10.0, 20.0, 20.0]
+
+
+def test_store_refuses_a_folder_made_for_other_classes(tmp_path):
+    from server.cloud import StoreError
+
+    HardSampleStore(tmp_path, NAMES)
+    HardSampleStore(tmp_path, NAMES)  # same classes: fine
+    with pytest.raises(StoreError, match="other classes|not this model"):
+        HardSampleStore(tmp_path, ["a", "b"])
+
+
+# =========================================================================== the real process
+
+
+def _start(tmp: Path, name: str, weights: Path, store: Path, *extra: str) -> tuple[subprocess.Popen, str, Path]:
+    port = free_port()
+    log_path = tmp / f"{name}.log"
+    args = [sys.executable, "-m", "server.cloud", "--weights", str(weights), "--host", "127.0.0.1",
+            "--port", str(port), "--token-file", str(tmp / "token"), "--store", str(store), "--imgsz", "128",
+            "--conf", "0.001", *extra]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                cwd=Path(__file__).resolve().parent.parent)
+    return proc, f"127.0.0.1:{port}", log_path
+
+
+def _wait_healthy(proc, url: str, log_path: Path, verify=True, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"cloud service exited with {proc.returncode}:\n{tail(log_path)}")
+        try:
+            if httpx.get(f"{url}/health", verify=verify, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    pytest.fail(f"cloud service not healthy after {timeout:.0f}s:\n{tail(log_path)}")
+
+
+def _stop(proc: subprocess.Popen, log_path: Path) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+    assert proc.poll() is not None, f"cloud service still running:\n{tail(log_path)}"
+
+
+@pytest.fixture(scope="module")
+def cloud_weights(tmp_path_factory) -> Path:
+    from common import yolo
+
+    model = yolo.build_model("yolo11n", len(NAMES), names=NAMES)  # untrained is fine
+    return yolo.save_weights(model, tmp_path_factory.mktemp("cloud-weights") / "cloud.pt")
+
+
+@pytest.fixture(scope="module")
+def cloud(tmp_path_factory, cloud_weights):
+    """One real service (1 MiB body limit, 512x512 pixel limit) shared by the tests below."""
+    tmp = tmp_path_factory.mktemp("cloud-service")
+    (tmp / "token").write_text(TOKEN + "\n")
+    store = tmp / "store"
+    proc, address, log_path = _start(tmp, "cloud", cloud_weights, store, "--max-body-mb", "1",
+                                     "--max-pixels", "512x512")
+    url = f"http://{address}"
+    try:
+        _wait_healthy(proc, url, log_path)
+        with httpx.Client(base_url=url, timeout=60,
+                          headers={"Authorization": f"Bearer {TOKEN}", "X-Cedar-Site": "site-0"}) as client:
+            yield {"proc": proc, "url": url, "client": client, "store": store, "log": log_path}
+    finally:
+        _stop(proc, log_path)
+
+
+@pytest.fixture(scope="module")
+def frame_png(tiny_benchmark) -> bytes:
+    path = sorted((tiny_benchmark.site_dir(0) / "images" / "test").glob("*.png"))[0]
+    return path.read_bytes()
+
+
+def _check_detections(items, width, height):
+    for d in items:
+        assert set(d) == {"xyxy", "conf", "cls"}
+        x1, y1, x2, y2 = d["xyxy"]
+        assert -1 <= x1 <= x2 <= width + 1 and -1 <= y1 <= y2 <= height + 1
+        assert 0 <= d["conf"] <= 1 and 0 <= d["cls"] < len(NAMES)
+    Detections.from_list(items)  # the client-side type reads it back
+
+
+def test_health_names_the_model_and_classes(cloud):
+    r = httpx.get(f"{cloud['url']}/health")  # no token needed
+    assert r.status_code == 200
+    body = r.json()
+    assert body["status"] == "ok" and body["model"] == "yolo11n" and body["classes"] == NAMES
+    assert isinstance(body["served"], int)
+
+
+def test_detect_png_and_jpeg_frames_and_store_them(cloud, frame_png):
+    # Prepare
+    client, store = cloud["client"], cloud["store"]
+    image = cv2.imdecode(np.frombuffer(frame_png, np.uint8), cv2.IMREAD_COLOR)
+    h, w = image.shape[:2]
+    served = httpx.get(f"{cloud['url']}/health").json()["served"]
+    # Execute
+    r_png = client.post("/detect", content=frame_png, headers={"Content-Type": "image/png", "X-Cedar-Frame": "11"})
+    r_jpg = client.post("/detect", content=_jpeg(image), headers={"Content-Type": "image/jpeg", "X-Cedar-Frame": "12"})
+    r_multi = client.post("/detect", files={"image": ("f.jpg", _jpeg(image), "image/jpeg")})
+    # Assert
+    for r in (r_png, r_jpg, r_multi):
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert (body["width"], body["height"], body["model"], body["site"]) == (w, h, "yolo11n", "site-0")
+        _check_detections(body["detections"], w, h)
+    assert r_png.json()["frame"] == "11" and r_multi.json()["frame"] is None
+    assert httpx.get(f"{cloud['url']}/health").json()["served"] == served + 3
+    # the untrained model at --conf 0.001 finds a few (deterministic) boxes: the labels must say the same
+    dets = Detections.from_list(r_png.json()["detections"])
+    assert len(dets) > 0
+    sample = r_png.json()["sample"]
+    assert sample.startswith("site-0-11-")
+    stored = store / "images" / f"{sample}.png"
+    assert stored.read_bytes() == frame_png  # kept exactly as uploaded
+    assert (store / "images" / f"{r_jpg.json()['sample']}.jpg").is_file()
+    lines = (store / "labels" / f"{sample}.txt").read_text().splitlines()
+    assert lines == yolo_label_lines(dets, w, h)
+    index = {e["id"]: e for e in map(json.loads, (store / "index.jsonl").read_text().splitlines())}
+    assert index[sample]["site"] == "site-0" and index[sample]["frame"] == "11"
+    assert index[sample]["kind"] == "frame" and index[sample]["detections"] == len(lines)
+    assert (index[sample]["width"], index[sample]["height"]) == (w, h)
+
+
+def test_crops_are_mapped_to_frame_coordinates(cloud, frame_png):
+    # Prepare: two crops of the frame, at (100, 50)-ish and (0, 0) sent at 2x
+    client, store = cloud["client"], cloud["store"]
+    frame = cv2.imdecode(np.frombuffer(frame_png, np.uint8), cv2.IMREAD_COLOR)
+    crop0 = frame[50:114, 60:124]  # origin (60, 50), 64x64
+    crop1 = cv2.resize(frame[0:40, 0:40], (80, 80))  # origin (0, 0), scale 2
+    meta = {"crops": [{"x0": 60, "y0": 50}, {"x0": 0, "y0": 0, "scale": 2.0}]}
+    files = _crop_files(meta, [cv2.imencode(".png", crop0)[1].tobytes(), _jpeg(crop1)])
+    files[2] = ("crop", ("1.jpg", files[2][1][1], "image/jpeg"))
+    # Execute
+    r = client.post("/detect/crops", files=files, headers={"X-Cedar-Frame": "crops-1"})
+    # Assert
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert [(c["x0"], c["y0"], c["scale"], c["width"], c["height"]) for c in body["crops"]] == [
+        (60, 50, 1.0, 64, 64), (0, 0, 2.0, 80, 80)]
+    index = {e["id"]: e for e in map(json.loads, (store / "index.jsonl").read_text().splitlines())}
+    n_checked = 0
+    for crop in body["crops"]:
+        entry = index[crop["sample"]]
+        assert entry["kind"] == "crop" and entry["origin"] == [crop["x0"], crop["y0"]]
+        # stored labels are in crop pixels: map them to the frame by hand and find them in the answer
+        answer = np.array([d["xyxy"] for d in crop["detections"]]).reshape(-1, 4)
+        s = crop["scale"]
+        for line in (store / "labels" / f"{crop['sample']}.txt").read_text().splitlines():
+            _, cx, cy, bw, bh = map(float, line.split())
+            cx, cy, bw, bh = cx * crop["width"], cy * crop["height"], bw * crop["width"], bh * crop["height"]
+            expected = np.array([(cx - bw / 2) / s + crop["x0"], (cy - bh / 2) / s + crop["y0"],
+                                 (cx + bw / 2) / s + crop["x0"], (cy + bh / 2) / s + crop["y0"]])
+            assert np.abs(answer - expected).max(axis=1).min() < 0.01 * crop["width"], (expected, answer)
+            n_checked += 1
+    assert n_checked > 0
+    merged = np.array([d["xyxy"] for d in body["detections"]]).reshape(-1, 4)
+    assert 0 < len(merged) <= sum(len(c["detections"]) for c in body["crops"])
+
+
+def test_bad_requests_get_clear_4xx_and_the_service_keeps_serving(cloud, frame_png):
+    client, url = cloud["client"], cloud["url"]
+    png = {"Content-Type": "image/png"}
+    jpg = {"Content-Type": "image/jpeg"}
+
+    def check(r, status, text):
+        assert r.status_code == status, (r.status_code, r.text)
+        assert text in r.json()["detail"], r.json()
+
+    good_jpeg = _jpeg(np.full((32, 32, 3), 90, np.uint8))
+    check(client.post("/detect", content=good_jpeg[:20] + b"\x00" * 300, headers=jpg), 400, "cannot decode image")
+    check(client.post("/detect", content=good_jpeg[: len(good_jpeg) // 2], headers=jpg), 400, "cannot decode image")
+    check(client.post("/detect", content=b"\x00" * 100, headers=png), 400, "not a JPEG or PNG")
+    check(client.post("/detect", content=PNG_BOMB, headers=png), 413, "40000x40000")
+    check(client.post("/detect", content=b"x" * (1024 * 1024 + 1), headers=png), 413, "over the limit")
+
+    def stream():  # no Content-Length: counted while it streams in
+        for _ in range(40):
+            yield b"\x89PNG" + b"\x00" * 65532
+
+    check(client.post("/detect", content=stream(), headers=png), 413, "stopped reading")
+    check(client.post("/detect", content=b"hello", headers={"Content-Type": "text/plain"}), 415, "text/plain")
+    check(client.post("/detect", content=b"GIF89a", headers={"Content-Type": "image/gif"}), 415, "image/gif")
+    check(httpx.post(f"{url}/detect", content=frame_png, headers={**png, "X-Cedar-Site": "s"}), 401, "missing bearer")
+    check(httpx.post(f"{url}/detect", content=frame_png, headers={**png, "X-Cedar-Site": "s",
+                                                                   "Authorization": "Bearer nope"}), 401, "invalid")
+    check(client.post("/detect", content=frame_png, headers={**png, "X-Cedar-Site": "../etc"}), 400, "X-Cedar-Site")
+    check(client.post("/detect", content=frame_png, headers={**png, "X-Cedar-Site": "a" * 65}), 400, "X-Cedar-Site")
+    check(client.post("/detect", content=frame_png, headers={**png, "X-Cedar-Frame": "a b"}), 400, "X-Cedar-Frame")
+    bad_meta = _crop_files({"crops": [{"x0": 10, "y0": "top"}]}, [frame_png])
+    check(client.post("/detect/crops", files=bad_meta), 422, "meta.crops[0].y0")
+    check(client.post("/detect/crops", files=_crop_files({"crops": [{"x0": 1, "y0": 1}]}, [PNG_BOMB])), 413,
+          "crop 0")
+    # Assert: still alive, still answering
+    assert cloud["proc"].poll() is None
+    assert httpx.get(f"{url}/health").json()["status"] == "ok"
+    r = client.post("/detect", content=frame_png, headers=png)
+    assert r.status_code == 200 and "detections" in r.json()
+
+
+def test_concurrent_requests_get_unique_samples(cloud, frame_png):
+    client, store = cloud["client"], cloud["store"]
+    before = len((store / "index.jsonl").read_text().splitlines()) if (store / "index.jsonl").exists() else 0
+
+    def one(i):
+        return client.post("/detect", content=frame_png,
+                           headers={"Content-Type": "image/png", "X-Cedar-Site": f"site-{i % 2}",
+                                    "X-Cedar-Frame": "same"})
+
+    with ThreadPoolExecutor(6) as pool:
+        replies = list(pool.map(one, range(6)))
+    assert [r.status_code for r in replies] == [200] * 6
+    assert len({r.json()["detections"].__repr__() for r in replies}) == 1  # same image, same answer
+    samples = {r.json()["sample"] for r in replies}
+    assert len(samples) == 6
+    assert len((store / "index.jsonl").read_text().splitlines()) == before + 6
+
+
+def test_hard_sample_store_is_a_trainable_yolo_dataset(cloud, frame_png):
+    # Prepare: at least one sample in the store
+    client, store = cloud["client"], cloud["store"]
+    assert client.post("/detect", content=frame_png, headers={"Content-Type": "image/png"}).status_code == 200
+    from common import yolo  # noqa: F401  (makes Ultralytics offline first)
+    from ultralytics.data.utils import check_det_dataset
+
+    # Execute
+    data = check_det_dataset(str(store / "data.yaml"))
+    # Assert
+    assert "download" not in (store / "data.yaml").read_text()
+    assert data["nc"] == len(NAMES) and [data["names"][i] for i in range(len(NAMES))] == NAMES
+    entries = [json.loads(line) for line in (store / "index.jsonl").read_text().splitlines()]
+    images = sorted(p for p in (store / "images").iterdir() if not p.name.startswith("."))
+    assert len(entries) == len(images) > 0
+    assert not [p for p in (store / "images").iterdir() if p.name.startswith(".")]  # no temp files left
+    for e in entries:
+        assert set(e) >= {"id", "site", "frame", "time", "kind", "origin", "detections"}
+        img = cv2.imread(str(store / e["image"]))
+        assert img is not None and img.shape[:2] == (e["height"], e["width"])
+        lines = (store / e["label"]).read_text().splitlines()
+        assert len(lines) == e["detections"]
+        for line in lines:
+            k, *xywh = line.split()
+            assert 0 <= int(k) < len(NAMES) and len(xywh) == 4
+            assert all(0 <= float(v) <= 1 for v in xywh)
+
+
+# --------------------------------------------------------------------------- TLS
+
+
+def _self_signed(tmp: Path) -> tuple[Path, Path]:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                           critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    certfile, keyfile = tmp / "cert.pem", tmp / "key.pem"
+    certfile.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    keyfile.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                          serialization.NoEncryption()))
+    return certfile, keyfile
+
+
+def test_tls_mode(tmp_path, cloud_weights, frame_png):
+    # Prepare
+    (tmp_path / "token").write_text(TOKEN)
+    certfile, keyfile = _self_signed(tmp_path)
+    proc, address, log_path = _start(tmp_path, "cloud-tls", cloud_weights, tmp_path / "store",
+                                     "--certfile", str(certfile), "--keyfile", str(keyfile))
+    verify = ssl.create_default_context(cafile=str(certfile))
+    try:
+        _wait_healthy(proc, f"https://{address}", log_path, verify=verify)
+        # Execute
+        r = httpx.post(f"https://{address}/detect", content=frame_png, verify=verify, timeout=60,
+                       headers={"Content-Type": "image/png", "X-Cedar-Site": "site-1",
+                                "Authorization": f"Bearer {TOKEN}"})
+        # Assert
+        assert r.status_code == 200, r.text
+        assert r.json()["site"] == "site-1"
+        with pytest.raises(httpx.ConnectError):  # an unverified server is refused by default
+            httpx.get(f"https://{address}/health", timeout=5)
+        with pytest.raises(httpx.HTTPError):  # plain HTTP gets no answer
+            httpx.get(f"http://{address}/health", timeout=5)
+        assert proc.poll() is None
+    finally:
+        _stop(proc, log_path)
