@@ -41,23 +41,29 @@ def local_superlinks() -> list:
     return found
 
 
-def stop_local_superlinks(timeout: float = 15.0) -> int:
-    """Terminate (then kill) local simulation SuperLinks and their children; returns how many."""
+def stop_processes(procs: list, timeout: float = 15.0) -> None:
+    """Terminate ``procs`` (psutil processes), wait, then kill whatever is still alive."""
     import psutil
 
-    procs = local_superlinks()
-    family = [c for p in procs for c in p.children(recursive=True)] + procs
-    for p in family:
+    procs = list({p.pid: p for p in procs}.values())
+    for p in procs:
         try:
             p.terminate()
         except psutil.NoSuchProcess:
             pass
-    _, alive = psutil.wait_procs(family, timeout=timeout)
+    _, alive = psutil.wait_procs(procs, timeout=timeout)
     for p in alive:
         try:
             p.kill()
         except psutil.NoSuchProcess:
             pass
+    psutil.wait_procs(alive, timeout=5)
+
+
+def stop_local_superlinks(timeout: float = 15.0) -> int:
+    """Terminate (then kill) local simulation SuperLinks and their children; returns how many."""
+    procs = local_superlinks()
+    stop_processes([c for p in procs for c in p.children(recursive=True)] + procs, timeout)
     return len(procs)
 
 

@@ -44,6 +44,8 @@ from typing import Iterable, Mapping, Sequence
 
 import psutil
 
+from server.simulate import stop_processes
+
 HOST = "127.0.0.1"
 MARKER_VAR = "CEDAR_DEPLOY_TEST_ID"
 
@@ -285,25 +287,9 @@ def marked(marker: str) -> list[psutil.Process]:
     return found
 
 
-def _stop(procs: list[psutil.Process], timeout: float) -> None:
-    procs = list({p.pid: p for p in procs}.values())
-    for p in procs:
-        try:
-            p.terminate()
-        except psutil.NoSuchProcess:
-            pass
-    _, alive = psutil.wait_procs(procs, timeout=timeout)
-    for p in alive:
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(alive, timeout=5)
-
-
 def stop_tree(proc: Proc | subprocess.Popen, timeout: float = 10.0) -> None:
     """Terminate (then kill) ``proc`` and its descendants; the whole tree is collected before anything stops."""
-    _stop(tree(proc), timeout)
+    stop_processes(tree(proc), timeout)
     popen = proc.popen if isinstance(proc, Proc) else proc
     try:
         popen.wait(timeout=5)  # reap our direct child
@@ -317,7 +303,7 @@ def stop_all(procs: Iterable[Proc], marker: str | None = None, timeout: float = 
     family = [p for proc in procs for p in tree(proc)]
     if marker:
         family += marked(marker)
-    _stop(family, timeout)
+    stop_processes(family, timeout)
     for proc in procs:
         try:
             proc.popen.wait(timeout=5)

@@ -1,0 +1,1293 @@
+"""The edge runtime: live detection on a video, image folder or camera, with cloud refinement.
+
+Run it on each edge box, next to ``flower-supernode`` (which keeps the site's
+model store up to date after every federated round)::
+
+    python -m clients.edge --source video.mp4 --weights /var/lib/cedar/model-store/model.pt \\
+        --cloud https://cloud:8443 --token-file cloud.token --cafile cert.pem --site site-0 \\
+        --out results.jsonl --video annotated.mp4
+
+Per frame (paper section 4.2):
+
+1. **Keyframes.** :class:`common.keyframes.KeyframeSelector` (``--beta``) decides
+   whether the frame is a keyframe. Only keyframes are detected. A non-keyframe
+   gets an ``edge`` line that *reuses the last keyframe's edge detections*
+   (``"keyframe": false``, ``"source_frame": k``); it is never offloaded.
+2. **Edge detection** on the keyframe with the site's current model: PyTorch
+   (``--weights``) or ONNX Runtime (``--onnx``, exported from ``--weights``
+   when missing or stale). Both share one letterbox and one NMS written here,
+   checked against :func:`common.yolo.predict` in the tests.
+3. **Tracks and routing.** :class:`common.keyframes.IoUTracker` associates boxes
+   across keyframes (reset at a scene cut); :func:`common.routing.route` marks a
+   detection ambiguous when ``conf < --t-conf``, area ``< --t-size`` px², or its
+   track was intermittent over the last ``--n-frames`` keyframes.
+4. **Output at once.** The ``edge`` JSON line is written and flushed before
+   anything is sent. The ambiguous part (crops with context, or the whole
+   keyframe with ``--offload frame``; :func:`common.routing.offload_plan`) is
+   JPEG-encoded, written to the disk queue and handed to a background worker.
+5. **Refinement.** When the cloud answers, a ``refined`` line for that frame
+   carries ``merge(edge, cloud, offloaded)`` (:func:`common.routing.merge`).
+
+Delivery guarantees (``--queue-dir``, default ``$CEDAR_HOME/edge/<site>/queue``)
+    Every offload is written to the queue *before* it is sent (one JSON file per
+    offload: metadata, edge detections and the base64 JPEG payloads; written to a
+    temporary name, fsynced and renamed). One worker thread sends entries in
+    order. Connection errors, timeouts, 408/429/5xx and 401/403 are retried with
+    exponential backoff (``--retry-base`` doubling up to ``--retry-max`` s, ±10 %
+    jitter) while the edge keeps serving frames. Other 4xx answers (the cloud
+    refuses the content) move the entry to ``queue/failed/`` with the error and
+    emit a ``failed`` line: kept, never retried in a loop. On success the worker
+    (1) appends the offload id to ``queue/delivered.log`` (fsync: the commit
+    point), (2) writes the ``refined`` line, (3) deletes the entry. At start-up
+    entries whose id is already in ``delivered.log`` are deleted unsent, and an
+    id already delivered or queued is never queued again, so the ``refined``
+    line of an offload is written at most once; a crash between (1) and (2)
+    loses that one line (the id says it was delivered), which is the price of
+    never duplicating. A request whose answer is lost in transit (timeout after
+    the cloud stored it) is sent again: the cloud's hard-sample store may then
+    hold that sample twice, the result file still has one line.
+    At the end of the source the runtime waits up to ``--drain-timeout`` s for
+    the queue to empty; what is left stays on disk and is sent first by the
+    next run on the same ``--queue-dir`` (its ``refined`` lines then appear in
+    that run's output, with the original ``run`` and ``frame``). One process
+    per queue folder (a lock file enforces it).
+
+Offload ids
+    ``<site>.<run>.<frame:06d>``; ``run`` (``--run-id``, default a UTC time stamp
+    plus random hex) keeps ids unique across runs, since frame numbers restart at 0.
+    The cloud sees ``X-Cedar-Site: <site>`` and ``X-Cedar-Frame: <run>.<frame:06d>``,
+    so each hard sample in its store names its offload.
+
+Continuous learning (``--reload-every``)
+    Between frames, every ``--reload-every`` s, the weights file is ``stat``-ed;
+    when its (mtime, size, inode) changed and its SHA-256 differs from the
+    running model's, a new detector is built on a background thread (for
+    ``--onnx`` this includes the re-export) and swapped in before a later frame:
+    frames are never held up by a reload. A file that fails to load is logged
+    and ignored until it changes again. Every line carries ``"model"``: the first
+    12 hex digits of the SHA-256 of the weights file the detections came from.
+
+Output (``--out``, JSON lines; ``--append`` to keep an existing file)
+    ``{"kind": "edge", "site", "run", "frame", "time", "pts_s", "keyframe",
+    "keyframe_reason", "source_frame", "model", "detections": [{"xyxy", "conf",
+    "cls", "track", "reasons"}], "offload": null | {"id", "mode", "regions",
+    "detections", "bytes"}, "latency_ms": {"edge", "total"}}``
+
+    ``{"kind": "refined", "site", "run", "frame", "offload_id", "time", "model",
+    "mode", "detections": [{"xyxy", "conf", "cls", "source": "edge"|"cloud"}],
+    "cloud_detections": [...], "latency_ms": {"cloud_rtt", "since_edge"},
+    "bytes_sent", "request_bytes", "attempts", "cloud_model", "recovered"}``
+
+    ``{"kind": "failed", "offload_id", "error", ...}`` and a last
+    ``{"kind": "summary", ...}`` line. ``time`` is Unix seconds (when the frame was
+    read; when the answer arrived), ``pts_s`` the media time (frame / fps).
+
+Annotated video (``--video``)
+    Edge boxes (green: confident, orange: offloaded) and, once the frame's
+    keyframe has been refined *before the frame is written*, the refined boxes
+    (magenta). Refinement is asynchronous, so a keyframe itself is drawn with
+    edge boxes only; the frames after it show the refined boxes as soon as they
+    have arrived. The JSON lines are the complete record.
+
+Signals: Ctrl-C (SIGINT) ends the source and drains as at the end of a video
+(a second Ctrl-C stops draining); SIGTERM ends the source without draining (the
+queue is on disk). The ``common/`` boundary holds: Ultralytics is reached only
+through :mod:`common.yolo`, and the ONNX path imports no torch unless it has to
+re-export the model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import base64
+import hashlib
+import json
+import logging
+import os
+import random
+import re
+import secrets
+import signal
+import ssl
+import sys
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Protocol, Sequence
+
+import numpy as np
+
+from common.keyframes import IoUTracker, KeyframeSelector, box_iou
+from common.routing import Detections, encode_regions, merge, offload_plan, payload_bytes, route
+
+log = logging.getLogger("clients.edge" if __name__ == "__main__" else __name__)
+
+ID_PATTERN = re.compile(r"[A-Za-z0-9_.-]{1,64}")  # what the cloud accepts in X-Cedar-Site / X-Cedar-Frame
+TOKEN_ENV = "CEDAR_CLOUD_TOKEN"
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+QUEUE_FORMAT = 1
+MAX_WH = 7680.0  # class offset for batched per-class NMS (Ultralytics' value)
+
+
+class EdgeError(RuntimeError):
+    """A source, model file or queue folder is unusable; the message names it."""
+
+
+# =========================================================================== frames
+
+
+@dataclass
+class Frame:
+    """One frame: 0-based ``index``, BGR ``image``, media time ``pts_s`` (None if unknown), Unix ``time``."""
+
+    index: int
+    image: np.ndarray
+    pts_s: float | None
+    time: float
+
+
+class FrameSource:
+    """Frames of a video file, a folder of images (sorted by name) or a camera index.
+
+    ``spec`` is a camera when it is a non-negative integer that is not an
+    existing path. ``fps`` (media time of image folders, and of the annotated
+    video) defaults to the video's own rate, else 10.
+    """
+
+    def __init__(self, spec: str | Path, fps: float | None = None, max_frames: int | None = None):
+        self.spec, self.max_frames = str(spec), max_frames
+        path = Path(self.spec).expanduser()
+        self._cap = None
+        self._files: list[Path] = []
+        if self.spec.isdigit() and not path.exists():
+            self.kind = "camera"
+        elif path.is_dir():
+            self.kind = "images"
+            self._files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+            if not self._files:
+                raise EdgeError(f"--source {self.spec}: no images ({', '.join(IMAGE_SUFFIXES)}) in the folder")
+        elif path.is_file():
+            self.kind = "video"
+        else:
+            raise EdgeError(f"--source {self.spec}: no such file, folder or camera index")
+        native = None
+        if self.kind in ("video", "camera"):
+            import cv2
+
+            self._cap = cv2.VideoCapture(int(self.spec) if self.kind == "camera" else str(path))
+            if not self._cap.isOpened():
+                raise EdgeError(f"--source {self.spec}: OpenCV cannot open this {self.kind}")
+            native = float(self._cap.get(cv2.CAP_PROP_FPS) or 0.0) or None
+        self.fps = float(fps) if fps else (native or 10.0)
+
+    def __iter__(self) -> Iterator[Frame]:
+        import cv2
+
+        t0 = time.monotonic()
+        for index in range(self.max_frames if self.max_frames is not None else sys.maxsize):
+            if self.kind == "images":
+                if index >= len(self._files):
+                    return
+                image = cv2.imread(str(self._files[index]), cv2.IMREAD_COLOR)
+                if image is None:
+                    log.warning("skipping unreadable image %s", self._files[index])
+                    continue
+            else:
+                ok, image = self._cap.read()
+                if not ok or image is None:
+                    return
+            pts = time.monotonic() - t0 if self.kind == "camera" else index / self.fps
+            yield Frame(index, image, round(pts, 4), time.time())
+
+    def close(self) -> None:
+        if self._cap is not None:
+            self._cap.release()
+            self._cap = None
+
+
+# =========================================================================== detection: letterbox + NMS
+
+
+@dataclass(frozen=True)
+class Letterbox:
+    """How a frame was fitted into the network input: ``gain`` and padding ``(left, top)`` in input pixels."""
+
+    gain_x: float
+    gain_y: float
+    left: int
+    top: int
+    shape: tuple[int, int]  # original (H, W)
+
+
+def letterbox(image: np.ndarray, imgsz: int | tuple[int, int], stride: int = 32,
+              auto: bool = False) -> tuple[np.ndarray, Letterbox]:
+    """Ultralytics' ``LetterBox`` (centre padding with grey 114) plus BGR->RGB, CHW, /255.
+
+    ``r = min(H_in / H, W_in / W)``; the frame is resized to ``round(W r) x round(H r)``
+    (bilinear) and padded to the input size, or only to a multiple of ``stride``
+    when ``auto`` (what Ultralytics does for PyTorch models). Example: a 128x64
+    (HxW) frame into 320x320: ``r = 2.5``, resized to 160x320 (WxH), 80 px grey on
+    the left and right.
+
+    Returns ``(x, lb)``: ``x`` is ``(1, 3, h, w)`` float32 in [0, 1].
+    """
+    import cv2
+
+    new_h, new_w = (imgsz, imgsz) if isinstance(imgsz, int) else imgsz
+    h, w = image.shape[:2]
+    r = min(new_h / h, new_w / w)
+    unpad_w, unpad_h = max(round(w * r), 1), max(round(h * r), 1)
+    dw, dh = new_w - unpad_w, new_h - unpad_h
+    if auto:
+        dw, dh = dw % stride, dh % stride
+    dw, dh = dw / 2, dh / 2
+    if (w, h) != (unpad_w, unpad_h):
+        image = cv2.resize(image, (unpad_w, unpad_h), interpolation=cv2.INTER_LINEAR)
+    top, bottom, left, right = round(dh - 0.1), round(dh + 0.1), round(dw - 0.1), round(dw + 0.1)
+    image = cv2.copyMakeBorder(image, top, bottom, left, right, cv2.BORDER_CONSTANT, value=(114, 114, 114))
+    x = np.ascontiguousarray(image[:, :, ::-1].transpose(2, 0, 1))[None].astype(np.float32) / 255.0
+    return x, Letterbox(unpad_w / w, unpad_h / h, left, top, (h, w))
+
+
+def nms(boxes: np.ndarray, scores: np.ndarray, iou: float) -> np.ndarray:
+    """Greedy NMS (as ``torchvision.ops.nms``): indices kept, by descending score.
+
+    A box is dropped when its IoU with a kept, higher-scoring box is ``> iou``.
+    Example: ``[0,0,10,10]`` (0.9), ``[1,0,11,10]`` (0.8, IoU 90/110 ≈ 0.82),
+    ``[20,20,30,30]`` (0.7) at ``iou=0.7`` -> ``[0, 2]``.
+    """
+    order = np.argsort(-scores, kind="stable")
+    keep = []
+    while order.size:
+        i = order[0]
+        keep.append(int(i))
+        rest = order[1:]
+        if not rest.size:
+            break
+        order = rest[box_iou(boxes[i:i + 1], boxes[rest])[0] <= iou]
+    return np.array(keep, dtype=np.int64)
+
+
+def postprocess(raw: np.ndarray, lb: Letterbox, conf: float = 0.25, iou: float = 0.7,
+                max_det: int = 300, max_nms: int = 30000) -> Detections:
+    """Raw YOLO head output ``(4 + nc, A)`` (``cx, cy, w, h`` in input pixels, class scores) -> frame detections.
+
+    Best class per anchor, kept when its score is ``> conf``; per-class NMS at
+    ``iou``; at most ``max_det``; boxes mapped back through the letterbox
+    (``x_frame = (x_in - left) / gain_x``) and clipped to the frame, as
+    Ultralytics' ``non_max_suppression`` + ``scale_boxes`` do.
+    """
+    scores_all = raw[4:]  # (nc, A)
+    cls = scores_all.argmax(0)
+    score = scores_all[cls, np.arange(scores_all.shape[1])]
+    keep = score > conf
+    xywh, score, cls = raw[:4, keep].T.astype(np.float64), score[keep].astype(np.float64), cls[keep]
+    if len(score) > max_nms:
+        top = np.argsort(-score, kind="stable")[:max_nms]
+        xywh, score, cls = xywh[top], score[top], cls[top]
+    xyxy = np.concatenate([xywh[:, :2] - xywh[:, 2:] / 2, xywh[:, :2] + xywh[:, 2:] / 2], axis=1)
+    kept = nms(xyxy + cls[:, None] * MAX_WH, score, iou)[:max_det] if len(score) else np.zeros(0, np.int64)
+    xyxy, score, cls = xyxy[kept], score[kept], cls[kept]
+    h, w = lb.shape
+    xyxy = (xyxy - [lb.left, lb.top, lb.left, lb.top]) / [lb.gain_x, lb.gain_y, lb.gain_x, lb.gain_y]
+    xyxy = np.clip(xyxy, 0, [w, h, w, h])
+    return Detections(xyxy.reshape(-1, 4), score, cls.astype(np.int64))
+
+
+class Predictor(Protocol):
+    """What the runtime calls: one BGR frame in, frame-pixel detections out."""
+
+    def __call__(self, image: np.ndarray) -> Detections: ...
+
+
+class TorchPredictor:
+    """A detector from :mod:`common.yolo` run with PyTorch (Conv+BN fused, like Ultralytics' predictor)."""
+
+    def __init__(self, model, *, imgsz: int = 320, conf: float = 0.25, iou: float = 0.7, device: str = "cpu",
+                 fuse: bool = True):
+        import copy
+
+        import torch
+
+        self._torch = torch
+        model = copy.deepcopy(model).to(device).float().eval()
+        if fuse:
+            model = model.fuse(verbose=False)
+        self.model, self.imgsz, self.conf, self.iou, self.device = model, imgsz, conf, iou, device
+        self.stride = max(int(model.stride.max()), 32)
+        self.names = dict(model.names)
+
+    def __call__(self, image: np.ndarray) -> Detections:
+        x, lb = letterbox(image, self.imgsz, self.stride, auto=True)
+        with self._torch.inference_mode():
+            out = self.model(self._torch.from_numpy(x).to(self.device))
+        raw = out[0] if isinstance(out, (list, tuple)) else out  # eval: (y, feats); y is (1, 4 + nc, A)
+        return postprocess(raw[0].float().cpu().numpy(), lb, self.conf, self.iou)
+
+
+class OnnxPredictor:
+    """An ONNX export of the detector (:func:`common.yolo.export_onnx`) run with ONNX Runtime."""
+
+    def __init__(self, path: str | Path, *, imgsz: int = 320, conf: float = 0.25, iou: float = 0.7,
+                 threads: int = 0):
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        if threads:
+            opts.intra_op_num_threads = threads
+        self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        inp = self.session.get_inputs()[0]
+        self.input_name = inp.name
+        h, w = inp.shape[2:4]
+        self.static = isinstance(h, int) and isinstance(w, int)
+        self.imgsz = (h, w) if self.static else (imgsz, imgsz)
+        meta = self.session.get_modelmeta().custom_metadata_map
+        self.stride = int(meta.get("stride", 32))
+        try:
+            self.names = ast.literal_eval(meta["names"]) if "names" in meta else {}
+        except (ValueError, SyntaxError):
+            self.names = {}
+        self.conf, self.iou = conf, iou
+
+    def __call__(self, image: np.ndarray) -> Detections:
+        x, lb = letterbox(image, self.imgsz, self.stride, auto=not self.static)
+        raw = self.session.run(None, {self.input_name: x})[0]  # (1, 4 + nc, A)
+        return postprocess(raw[0], lb, self.conf, self.iou)
+
+
+# =========================================================================== the site's model, hot-swapped
+
+
+def file_version(path: str | Path) -> str:
+    """First 12 hex digits of the SHA-256 of a file (the model version in every JSON line)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()[:12]
+
+
+def _stat_key(path: Path) -> tuple[int, int, int] | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_mtime_ns, st.st_size, st.st_ino
+
+
+class EdgeModel:
+    """The site's current detector, rebuilt when the weights file changes (see the module docstring).
+
+    ``load(weights_path, version) -> Predictor`` builds a detector; the default
+    builds a :class:`TorchPredictor`, or an :class:`OnnxPredictor` when ``onnx``
+    is given (exporting ``onnx`` from the weights whenever the weights' version
+    differs from the one recorded next to it in ``<onnx>.json``).
+    """
+
+    def __init__(self, weights: str | Path, *, onnx: str | Path | None = None, imgsz: int = 320,
+                 conf: float = 0.25, iou: float = 0.7, device: str = "cpu", reload_every: float = 2.0,
+                 background: bool = True, load: Callable[[Path, str], Predictor] | None = None):
+        self.weights = Path(weights).expanduser()
+        self.onnx = Path(onnx).expanduser() if onnx else None
+        self.imgsz, self.conf, self.iou, self.device = imgsz, conf, iou, device
+        self.reload_every, self.background = float(reload_every), background
+        self._load = load or self._default_load
+        if not self.weights.is_file():
+            raise EdgeError(f"--weights {self.weights}: no such file (the site's model store writes model.pt)")
+        self._stat = _stat_key(self.weights)
+        self.version = file_version(self.weights)
+        t0 = time.perf_counter()
+        self.predictor = self._load(self.weights, self.version)
+        log.info("edge model %s from %s (%s) in %.2fs", self.version, self.weights,
+                 "onnx" if self.onnx else "torch", time.perf_counter() - t0)
+        self.reloads = 0
+        self._next_check = time.monotonic() + self.reload_every
+        self._lock = threading.Lock()
+        self._loader: threading.Thread | None = None
+        self._ready: tuple[Predictor, str, float] | None = None
+
+    # -- building
+    def _default_load(self, path: Path, version: str) -> Predictor:
+        from common import yolo
+
+        if self.onnx is None:
+            return TorchPredictor(yolo.load_weights(path), imgsz=self.imgsz, conf=self.conf, iou=self.iou,
+                                  device=self.device)
+        sidecar = self.onnx.with_name(self.onnx.name + ".json")
+        try:
+            recorded = json.loads(sidecar.read_text())
+        except (OSError, ValueError):
+            recorded = {}
+        if not self.onnx.is_file() or recorded.get("version") != version or recorded.get("imgsz") != self.imgsz:
+            tmp = self.onnx.with_name(f".{self.onnx.stem}.{os.getpid()}.tmp.onnx")
+            yolo.export_onnx(yolo.load_weights(path), tmp, imgsz=self.imgsz)
+            os.replace(tmp, self.onnx)
+            _atomic_write(sidecar, json.dumps({"weights": str(path), "version": version,
+                                               "imgsz": self.imgsz}).encode())
+            log.info("exported %s from %s (version %s)", self.onnx, path, version)
+        return OnnxPredictor(self.onnx, imgsz=self.imgsz, conf=self.conf, iou=self.iou)
+
+    def _build(self, version: str) -> None:
+        t0 = time.perf_counter()
+        try:
+            predictor = self._load(self.weights, version)
+        except Exception as err:  # a bad file must not stop the edge: keep the running model
+            log.warning("reload of %s (version %s) failed, keeping model %s: %s", self.weights, version,
+                        self.version, err)
+            return
+        with self._lock:
+            self._ready = (predictor, version, time.perf_counter() - t0)
+
+    # -- polling (main thread, between frames)
+    def poll(self, now: float | None = None) -> bool:
+        """Swap in a model that finished loading; every ``reload_every`` s look at the file. True if swapped."""
+        swapped = self._swap()
+        now = time.monotonic() if now is None else now
+        if self.reload_every <= 0 or now < self._next_check or (self._loader and self._loader.is_alive()):
+            return swapped
+        self._next_check = now + self.reload_every
+        key = _stat_key(self.weights)
+        if key is None or key == self._stat:
+            return swapped
+        self._stat = key
+        try:
+            version = file_version(self.weights)
+        except OSError as err:
+            log.warning("cannot read %s: %s", self.weights, err)
+            return swapped
+        if version == self.version:
+            return swapped  # touched, same content
+        log.info("weights changed: %s -> %s, loading", self.version, version)
+        if self.background:
+            self._loader = threading.Thread(target=self._build, args=(version,), name="cedar-reload", daemon=True)
+            self._loader.start()
+            return swapped
+        self._build(version)
+        return self._swap() or swapped
+
+    def _swap(self) -> bool:
+        with self._lock:
+            ready, self._ready = self._ready, None
+        if ready is None:
+            return False
+        old = self.version
+        self.predictor, self.version, seconds = ready
+        self.reloads += 1
+        log.info("hot-swapped edge model %s -> %s (loaded in %.2fs, reload %d)", old, self.version, seconds,
+                 self.reloads)
+        return True
+
+    def wait_reload(self, timeout: float = 60.0) -> bool:
+        """Wait for a background load to finish and swap it in (for tests and shutdown)."""
+        if self._loader is not None:
+            self._loader.join(timeout)
+        return self._swap()
+
+
+class StaticModel:
+    """A fixed predictor with a fixed version (no file, no reload): for tests and embedding."""
+
+    def __init__(self, predictor: Predictor, version: str = "static"):
+        self.predictor, self.version, self.reloads = predictor, version, 0
+
+    def poll(self, now: float | None = None) -> bool:
+        return False
+
+
+# =========================================================================== the cloud client
+
+
+class CloudUnavailable(Exception):
+    """The cloud could not answer now (connection, timeout, 408/429/5xx, auth): retry later."""
+
+
+class CloudRejected(Exception):
+    """The cloud refused this offload for good (4xx on its content): do not retry."""
+
+
+@dataclass
+class CloudAnswer:
+    detections: Detections  # frame pixels
+    rtt_ms: float
+    request_bytes: int = 0
+    model: str | None = None
+
+
+@dataclass
+class OffloadEntry:
+    """One queued offload (the JSON file in the queue folder, see :class:`DiskQueue`)."""
+
+    id: str
+    site: str
+    run: str
+    frame: int
+    mode: str  # "crops" | "frame"
+    created: float  # Unix time of the edge line
+    model: str  # edge model version
+    pts_s: float | None
+    image_shape: list[int]
+    regions: list[list[int]]
+    edge: list[dict]  # all edge detections of the keyframe (Detections.to_list + reasons)
+    offloaded: list[bool]
+    payloads: list[bytes]  # JPEG per region, in order
+    path: Path | None = None
+
+    @property
+    def tag(self) -> str:
+        """``X-Cedar-Frame``: ``<run>.<frame:06d>``."""
+        return f"{self.run}.{self.frame:06d}"
+
+    @property
+    def payload_bytes(self) -> int:
+        return payload_bytes(self.payloads)
+
+    def to_json(self) -> dict:
+        return {"format": QUEUE_FORMAT, "id": self.id, "site": self.site, "run": self.run, "frame": self.frame,
+                "mode": self.mode, "created": self.created, "model": self.model, "pts_s": self.pts_s,
+                "image_shape": self.image_shape, "regions": self.regions, "edge": self.edge,
+                "offloaded": self.offloaded,
+                "payloads": [base64.b64encode(p).decode("ascii") for p in self.payloads]}
+
+    @classmethod
+    def from_json(cls, data: dict, path: Path | None = None) -> "OffloadEntry":
+        if data.get("format") != QUEUE_FORMAT:
+            raise ValueError(f"unknown queue entry format {data.get('format')!r}")
+        return cls(id=data["id"], site=data["site"], run=data["run"], frame=int(data["frame"]), mode=data["mode"],
+                   created=float(data["created"]), model=data["model"], pts_s=data.get("pts_s"),
+                   image_shape=list(data["image_shape"]), regions=[list(r) for r in data["regions"]],
+                   edge=list(data["edge"]), offloaded=[bool(b) for b in data["offloaded"]],
+                   payloads=[base64.b64decode(p) for p in data["payloads"]], path=path)
+
+
+class CloudClient:
+    """HTTP(S) client of the cloud detection service (:mod:`server.cloud`)."""
+
+    def __init__(self, url: str, token: str, site: str, *, cafile: str | None = None, timeout: float = 10.0):
+        import httpx
+
+        if not token:
+            raise EdgeError("a bearer token is required: --token, --token-file or $" + TOKEN_ENV)
+        self._httpx = httpx
+        verify: Any = ssl.create_default_context(cafile=cafile) if cafile else True
+        self.url = url.rstrip("/")
+        self.client = httpx.Client(base_url=self.url, verify=verify, timeout=timeout,
+                                   headers={"Authorization": f"Bearer {token}", "X-Cedar-Site": site})
+
+    def send(self, entry: OffloadEntry) -> CloudAnswer:
+        httpx = self._httpx
+        headers = {"X-Cedar-Frame": entry.tag}
+        t0 = time.perf_counter()
+        try:
+            if entry.mode == "frame":
+                r = self.client.post("/detect", content=entry.payloads[0],
+                                     headers={**headers, "Content-Type": "image/jpeg"})
+            else:
+                meta = {"crops": [{"x0": int(r[0]), "y0": int(r[1])} for r in entry.regions]}
+                files = [("meta", (None, json.dumps(meta).encode(), "application/json"))]
+                files += [("crop", (f"{i}.jpg", data, "image/jpeg")) for i, data in enumerate(entry.payloads)]
+                r = self.client.post("/detect/crops", files=files, headers=headers)
+        except httpx.TransportError as err:  # refused, reset, DNS, TLS, timeouts
+            raise CloudUnavailable(f"{type(err).__name__}: {err}") from None
+        rtt_ms = (time.perf_counter() - t0) * 1000
+        if r.status_code in (401, 403, 408, 429) or r.status_code >= 500:
+            raise CloudUnavailable(f"HTTP {r.status_code}: {_detail(r)}")
+        if r.status_code != 200:
+            raise CloudRejected(f"HTTP {r.status_code}: {_detail(r)}")
+        try:
+            body = r.json()
+            dets = Detections.from_list(body["detections"])
+        except (ValueError, KeyError, TypeError) as err:
+            raise CloudRejected(f"unreadable answer: {err}") from None
+        return CloudAnswer(dets, rtt_ms, int(r.request.headers.get("content-length", 0)), body.get("model"))
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def _detail(response) -> str:
+    try:
+        return str(response.json().get("detail"))[:200]
+    except ValueError:
+        return response.text[:200]
+
+
+# =========================================================================== the disk queue
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+class DiskQueue:
+    """Pending offloads, one JSON file each, in order; ``delivered.log`` lists delivered ids.
+
+    Layout: ``<dir>/<seq:020d>-<id>.json`` (``seq`` = enqueue time in ns, so
+    older runs' entries sort first), ``<dir>/delivered.log`` (one id per line),
+    ``<dir>/failed/`` (entries the cloud refused, with ``.error`` files),
+    ``<dir>/.lock`` (held while a runtime uses the folder).
+    """
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root).expanduser()
+        self.failed_dir = self.root / "failed"
+        self.failed_dir.mkdir(parents=True, exist_ok=True)
+        self._lock_fh = open(self.root / ".lock", "a+")
+        try:
+            import fcntl
+
+            fcntl.flock(self._lock_fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except ImportError:  # pragma: no cover - not POSIX
+            pass
+        except OSError:
+            self._lock_fh.close()
+            raise EdgeError(f"--queue-dir {self.root} is in use by another edge runtime") from None
+        self.delivered_log = self.root / "delivered.log"
+        self.delivered: set[str] = set()
+        if self.delivered_log.is_file():
+            self.delivered = {ln.strip() for ln in self.delivered_log.read_text().splitlines() if ln.strip()}
+        self._last_seq = 0
+        for stale in self.root.glob(".*.tmp"):
+            stale.unlink(missing_ok=True)
+        self.queued: set[str] = set()
+        self.recovered = 0
+        for path in self.paths():
+            entry_id = self.id_of(path)
+            if entry_id in self.delivered:  # crashed after the commit, before the delete
+                log.info("queue: %s was already delivered; removing it", entry_id)
+                path.unlink(missing_ok=True)
+            else:
+                self.queued.add(entry_id)
+                self.recovered += 1
+        if self.recovered:
+            log.info("queue: %d offload(s) left by an earlier run in %s will be sent first", self.recovered,
+                     self.root)
+
+    @staticmethod
+    def id_of(path: Path) -> str:
+        return path.stem.split("-", 1)[1]
+
+    def paths(self) -> list[Path]:
+        """Pending entry files, oldest first."""
+        return sorted(p for p in self.root.glob("*.json") if not p.name.startswith(".") and "-" in p.stem)
+
+    def __len__(self) -> int:
+        return len(self.paths())
+
+    def put(self, entry: OffloadEntry) -> Path | None:
+        """Write ``entry`` durably; None (and nothing written) if its id was already queued or delivered."""
+        if entry.id in self.delivered or entry.id in self.queued:
+            log.warning("queue: offload %s was already %s; not queued again", entry.id,
+                        "delivered" if entry.id in self.delivered else "queued")
+            return None
+        seq = max(time.time_ns(), self._last_seq + 1)
+        self._last_seq = seq
+        path = self.root / f"{seq:020d}-{entry.id}.json"
+        _atomic_write(path, json.dumps(entry.to_json(), separators=(",", ":")).encode())
+        self.queued.add(entry.id)
+        entry.path = path
+        return path
+
+    def load(self, path: Path) -> OffloadEntry:
+        return OffloadEntry.from_json(json.loads(path.read_bytes()), path)
+
+    def commit(self, entry_id: str) -> None:
+        """Mark delivered (the commit point): append the id to ``delivered.log`` and fsync."""
+        with open(self.delivered_log, "a", encoding="utf-8") as fh:
+            fh.write(entry_id + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        self.delivered.add(entry_id)
+
+    def remove(self, path: Path) -> None:
+        path.unlink(missing_ok=True)
+        self.queued.discard(self.id_of(path))
+
+    def fail(self, path: Path, error: str) -> None:
+        """Move a refused entry to ``failed/`` with its error next to it."""
+        target = self.failed_dir / path.name
+        _atomic_write(target.with_suffix(".error"), error.encode())
+        os.replace(path, target)
+        self.queued.discard(self.id_of(path))
+
+    def close(self) -> None:
+        if not self._lock_fh.closed:
+            self._lock_fh.close()
+
+
+# =========================================================================== the background offloader
+
+
+class Offloader:
+    """One worker thread sending queued offloads in order, with backoff (see the module docstring).
+
+    ``on_delivered(entry, answer, attempts)`` and ``on_failed(entry, error)``
+    run on the worker thread, after the commit.
+    """
+
+    def __init__(self, queue: DiskQueue, client, *, on_delivered: Callable, on_failed: Callable,
+                 retry_base: float = 0.5, retry_max: float = 30.0):
+        self.queue, self.client = queue, client
+        self.on_delivered, self.on_failed = on_delivered, on_failed
+        self.retry_base, self.retry_max = retry_base, retry_max
+        self._pending: deque[Path] = deque(queue.paths())
+        self._cv = threading.Condition()
+        self._stop = False
+        self._abandoned = False
+        self._busy = False
+        self._tries: dict[str, int] = {}  # send attempts of the head entry, by id
+        self.attempts = 0
+        self.failures = 0
+        self.online: bool | None = None
+        self._thread = threading.Thread(target=self._loop, name="cedar-offload", daemon=True)
+        self._thread.start()
+
+    def submit(self, entry: OffloadEntry) -> bool:
+        """Queue durably (main thread) and wake the worker; False if the id was seen before."""
+        path = self.queue.put(entry)
+        if path is None:
+            return False
+        with self._cv:
+            self._pending.append(path)
+            self._cv.notify_all()
+        return True
+
+    def pending(self) -> int:
+        with self._cv:
+            return len(self._pending)
+
+    def drain(self, timeout: float, cancelled: Callable[[], bool] = lambda: False) -> bool:
+        """Wait up to ``timeout`` s (or until ``cancelled()``) for the queue to empty; True if it did."""
+        deadline = time.monotonic() + max(0.0, timeout)
+        with self._cv:
+            while self._pending:
+                left = deadline - time.monotonic()
+                if left <= 0 or cancelled():
+                    return False
+                self._cv.wait(min(left, 0.5))
+        return True
+
+    def stop(self, join_timeout: float = 30.0) -> None:
+        """Stop the worker after its current request; a request still running after ``join_timeout``
+        is abandoned (its entry stays queued, its answer is not used)."""
+        with self._cv:
+            self._stop = True
+            self._cv.notify_all()
+        self._thread.join(join_timeout)
+        if self._thread.is_alive():
+            with self._cv:
+                self._abandoned = True
+            log.warning("offload worker still busy after %.0fs; its entry stays queued", join_timeout)
+
+    def _wait(self, seconds: float) -> None:
+        with self._cv:
+            if not self._stop:
+                self._cv.wait(seconds)
+
+    def _loop(self) -> None:
+        delay = 0.0
+        while True:
+            with self._cv:
+                while not self._pending and not self._stop:
+                    self._cv.wait()
+                if self._stop:
+                    return
+                path = self._pending[0]
+            try:
+                entry = self.queue.load(path)
+            except (OSError, ValueError, KeyError) as err:
+                log.error("queue: unreadable entry %s (%s); moved to failed/", path.name, err)
+                self._finish(path, None, lambda err=err: self.queue.fail(path, f"unreadable entry: {err}"))
+                continue
+            self.attempts += 1
+            tries = self._tries[entry.id] = self._tries.get(entry.id, 0) + 1
+            try:
+                answer = self.client.send(entry)
+            except CloudUnavailable as err:
+                self.failures += 1
+                delay = min(self.retry_max, self.retry_base if delay == 0 else delay * 2)
+                if self.online is not False:
+                    log.warning("cloud unavailable (%s); %d offload(s) queued, retrying with backoff", err,
+                                self.pending())
+                else:
+                    log.info("cloud still unavailable (%s); next try in %.1fs", err, delay)
+                self.online = False
+                self._wait(delay * random.uniform(0.9, 1.1))
+                continue
+            except CloudRejected as err:
+                log.error("cloud refused offload %s: %s; kept in %s", entry.id, err, self.queue.failed_dir)
+
+                def reject(entry=entry, err=err):
+                    self.queue.fail(path, str(err))
+                    self.on_failed(entry, str(err))
+
+                self._finish(path, entry.id, reject)
+                continue
+            if self.online is False:
+                log.info("cloud reachable again; %d offload(s) to send", self.pending())
+            self.online, delay = True, 0.0
+            with self._cv:
+                if self._abandoned:
+                    return  # the runtime has closed its output: leave the entry queued
+            self.queue.commit(entry.id)  # the commit point: from here on it is delivered
+
+            def deliver(entry=entry, answer=answer, tries=tries):
+                self.on_delivered(entry, answer, tries)
+                self.queue.remove(path)
+
+            self._finish(path, entry.id, deliver)
+
+    def _finish(self, path: Path, entry_id: str | None, action: Callable[[], None]) -> None:
+        try:
+            action()
+        except Exception:  # never let one entry kill the worker
+            log.exception("offload worker: handling %s failed", path.name)
+        self._tries.pop(entry_id, None)
+        with self._cv:
+            if self._pending and self._pending[0] == path:
+                self._pending.popleft()
+            self._cv.notify_all()
+
+
+# =========================================================================== output
+
+
+class JsonlWriter:
+    """Thread-safe JSON-lines output, one flushed line per record."""
+
+    def __init__(self, path: str | Path, append: bool = False):
+        self.path = Path(path).expanduser()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._fh = open(self.path, "a" if append else "w", encoding="utf-8")
+        self._lock = threading.Lock()
+
+    def write(self, record: dict) -> None:
+        line = json.dumps(record, separators=(",", ":"))
+        with self._lock:
+            if self._fh.closed:
+                log.error("output closed; dropping a %s line for frame %s", record.get("kind"), record.get("frame"))
+                return
+            self._fh.write(line + "\n")
+            self._fh.flush()
+
+    def close(self) -> None:
+        with self._lock:
+            if not self._fh.closed:
+                self._fh.close()
+
+
+class VideoAnnotator:
+    """``--video``: every frame with edge boxes and, when already available, its keyframe's refined boxes."""
+
+    GREEN, ORANGE, MAGENTA = (0, 200, 0), (0, 140, 255), (255, 0, 255)
+
+    def __init__(self, path: str | Path, fps: float):
+        self.path, self.fps = Path(path).expanduser(), fps
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._writer = None
+
+    def write(self, image: np.ndarray, edge: Detections, offloaded: np.ndarray, refined: Detections | None,
+              label: str) -> None:
+        import cv2
+
+        if self._writer is None:
+            h, w = image.shape[:2]
+            self._writer = cv2.VideoWriter(str(self.path), cv2.VideoWriter_fourcc(*"mp4v"), self.fps, (w, h))
+            if not self._writer.isOpened():
+                raise EdgeError(f"--video {self.path}: OpenCV cannot write it")
+        canvas = image.copy()
+        for box, off in zip(edge.xyxy, offloaded):
+            x1, y1, x2, y2 = (int(round(v)) for v in box)
+            cv2.rectangle(canvas, (x1, y1), (x2, y2), self.ORANGE if off else self.GREEN, 1)
+        if refined is not None:
+            for box in refined.xyxy:
+                x1, y1, x2, y2 = (int(round(v)) for v in box)
+                cv2.rectangle(canvas, (x1 - 1, y1 - 1), (x2 + 1, y2 + 1), self.MAGENTA, 1)
+        cv2.putText(canvas, label, (2, 10), cv2.FONT_HERSHEY_SIMPLEX, 0.3, (255, 255, 255), 1, cv2.LINE_AA)
+        self._writer.write(canvas)
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.release()
+            self._writer = None
+
+
+# =========================================================================== the runtime
+
+
+@dataclass
+class EdgeSettings:
+    """Routing, keyframe and offload settings (plain values; the CLI fills them)."""
+
+    site: str = "site-0"
+    run_id: str | None = None
+    t_conf: float = 0.5
+    t_size: float = 256.0
+    n_frames: int = 5
+    beta: float = 1.5
+    warmup: int = 3
+    cut_threshold: float = 0.25
+    max_gap: int | None = None
+    track_iou: float = 0.3
+    offload: str = "crops"
+    context: float = 0.5
+    min_crop: int = 32
+    jpeg_quality: int = 90
+    merge_iou: float = 0.5
+    drain_timeout: float = 30.0
+    retry_base: float = 0.5
+    retry_max: float = 30.0
+
+    def __post_init__(self) -> None:
+        if not ID_PATTERN.fullmatch(self.site):
+            raise EdgeError(f"--site {self.site!r} must match [A-Za-z0-9_.-]{{1,64}}")
+        if self.run_id is None:
+            self.run_id = time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + "-" + secrets.token_hex(2)
+        if not re.fullmatch(r"[A-Za-z0-9_-]{1,40}", self.run_id):
+            raise EdgeError(f"--run-id {self.run_id!r} must match [A-Za-z0-9_-]{{1,40}} (no dots)")
+        if self.offload not in ("crops", "frame"):
+            raise EdgeError(f"--offload must be 'crops' or 'frame', got {self.offload!r}")
+
+
+@dataclass
+class Summary:
+    frames: int = 0
+    keyframes: int = 0
+    detections: int = 0
+    offloaded_detections: int = 0
+    offloaded_frames: int = 0
+    bytes_queued: int = 0
+    bytes_sent: int = 0
+    request_bytes: int = 0
+    refined: int = 0
+    recovered: int = 0
+    failed: int = 0
+    queue_left: int = 0
+    reloads: int = 0
+    model: str = ""
+    edge_ms: list = field(default_factory=list, repr=False)
+    rtt_ms: list = field(default_factory=list, repr=False)
+    wall_s: float = 0.0
+
+    def to_dict(self) -> dict:
+        d = {k: v for k, v in self.__dict__.items() if k not in ("edge_ms", "rtt_ms")}
+        d["edge_ms_mean"] = round(float(np.mean(self.edge_ms)), 2) if self.edge_ms else None
+        d["cloud_rtt_ms_mean"] = round(float(np.mean(self.rtt_ms)), 2) if self.rtt_ms else None
+        d["wall_s"] = round(self.wall_s, 3)
+        return d
+
+    def table(self) -> str:
+        d = self.to_dict()
+        rows = [("frames", d["frames"]), ("keyframes", d["keyframes"]), ("edge detections", d["detections"]),
+                ("offloaded detections", d["offloaded_detections"]),
+                ("offloaded frames", d["offloaded_frames"]), ("bytes queued", d["bytes_queued"]),
+                ("bytes sent", d["bytes_sent"]), ("refined delivered", d["refined"]),
+                ("  of them from earlier runs", d["recovered"]), ("refused by the cloud", d["failed"]),
+                ("queue left", d["queue_left"]), ("model reloads", d["reloads"]), ("model", d["model"]),
+                ("edge ms (mean)", d["edge_ms_mean"]), ("cloud rtt ms (mean)", d["cloud_rtt_ms_mean"]),
+                ("wall s", d["wall_s"])]
+        return "\n".join(f"  {k:<28} {v}" for k, v in rows)
+
+
+def _round(v: float | None, nd: int = 2) -> float | None:
+    return None if v is None else round(float(v), nd)
+
+
+class EdgeRuntime:
+    """Keyframes -> edge detection -> tracks -> routing -> output now, offload in the background.
+
+    Parameters
+    ----------
+    model : EdgeModel or StaticModel
+        ``.predictor`` (frame -> :class:`Detections`), ``.version``, ``.poll()``.
+    client : object
+        ``.send(OffloadEntry) -> CloudAnswer``, raising :class:`CloudUnavailable` or
+        :class:`CloudRejected` (:class:`CloudClient`, or a fake in tests).
+    queue_dir, out : paths of the disk queue folder and the JSON-lines output.
+    """
+
+    def __init__(self, model, client, settings: EdgeSettings, *, queue_dir: str | Path, out: str | Path,
+                 video: str | Path | None = None, fps: float = 10.0, append: bool = False):
+        self.model, self.client, self.s = model, client, settings
+        self.queue = DiskQueue(queue_dir)
+        self.writer = JsonlWriter(out, append=append)
+        self.video = VideoAnnotator(video, fps) if video else None
+        self.selector = KeyframeSelector(beta=settings.beta, warmup=settings.warmup,
+                                         cut_threshold=settings.cut_threshold, max_gap=settings.max_gap)
+        self.tracker = IoUTracker(iou_threshold=settings.track_iou, max_age=max(0, settings.n_frames - 1),
+                                  history=settings.n_frames)
+        self.summary = Summary(model=model.version)
+        self._stats_lock = threading.Lock()
+        self._refined: dict[tuple[str, int], Detections] = {}  # (run, keyframe) -> merged, for the video
+        self._last: tuple[int, Detections, list, np.ndarray, list] | None = None
+        self._edge_sent_at: dict[str, float] = {}
+        self.stop_requested = False
+        self.drain_requested = True
+        self._closed = False
+        self.offloader = Offloader(self.queue, client, on_delivered=self._delivered, on_failed=self._failed,
+                                   retry_base=settings.retry_base, retry_max=settings.retry_max)
+
+    # -- one frame (main thread)
+    def process(self, frame: Frame) -> dict:
+        t0 = time.perf_counter()
+        s = self.s
+        is_key, reason = self.selector.update_with_reason(frame.image)
+        if self._last is None:
+            is_key, reason = True, reason or "first"
+        edge_ms = None
+        offload = None
+        if is_key:
+            if reason == "cut":
+                self.tracker.reset()
+            t1 = time.perf_counter()
+            dets = self.model.predictor(frame.image)
+            edge_ms = (time.perf_counter() - t1) * 1000
+            track_ids = self.tracker.update(dets.xyxy, dets.cls)
+            routing = route(dets, self.tracker.histories(track_ids), t_conf=s.t_conf, t_size=s.t_size,
+                            n_frames=s.n_frames)
+            mask = routing.offload_mask
+            self._last = (frame.index, dets, routing.reasons, mask, track_ids.tolist())
+            with self._stats_lock:
+                self.summary.keyframes += 1
+                self.summary.detections += len(dets)
+                self.summary.edge_ms.append(edge_ms)
+        source, dets, reasons, mask, track_ids = self._last
+        det_list = [{**d, "track": int(t), "reasons": list(r)}
+                    for d, t, r in zip(dets.to_list(), track_ids, reasons)]
+        entry = None
+        if is_key and mask.any():
+            plan = offload_plan(dets.xyxy, mask, frame.image.shape, mode=s.offload, context=s.context,
+                                min_size=s.min_crop)
+            payloads = encode_regions(frame.image, plan.regions, quality=s.jpeg_quality)
+            entry = OffloadEntry(
+                id=f"{s.site}.{s.run_id}.{frame.index:06d}", site=s.site, run=s.run_id, frame=frame.index,
+                mode=s.offload, created=frame.time, model=self.model.version, pts_s=frame.pts_s,
+                image_shape=list(frame.image.shape[:2]), regions=plan.regions.tolist(), edge=det_list,
+                offloaded=mask.tolist(), payloads=payloads)
+            offload = {"id": entry.id, "mode": s.offload, "regions": entry.regions, "detections": int(mask.sum()),
+                       "bytes": entry.payload_bytes}
+        record = {"kind": "edge", "site": s.site, "run": s.run_id, "frame": frame.index,
+                  "time": round(frame.time, 3), "pts_s": frame.pts_s, "keyframe": bool(is_key),
+                  "keyframe_reason": reason if is_key else None, "source_frame": source,
+                  "model": self.model.version, "detections": det_list, "offload": offload,
+                  "latency_ms": {"edge": _round(edge_ms), "total": _round((time.perf_counter() - t0) * 1000)}}
+        self.writer.write(record)  # the edge result is out before anything is sent
+        if entry is not None:
+            self._edge_sent_at[entry.id] = time.time()
+            if self.offloader.submit(entry):
+                with self._stats_lock:
+                    self.summary.offloaded_frames += 1
+                    self.summary.offloaded_detections += int(mask.sum())
+                    self.summary.bytes_queued += entry.payload_bytes
+        if self.video is not None:
+            with self._stats_lock:
+                refined = self._refined.get((s.run_id, source))
+            self.video.write(frame.image, dets, mask, refined,
+                             f"{frame.index}{' K' if is_key else ''} {self.model.version[:6]}")
+        with self._stats_lock:
+            self.summary.frames += 1
+        return record
+
+    # -- worker callbacks
+    def _delivered(self, entry: OffloadEntry, answer: CloudAnswer, attempts: int) -> None:
+        edge = Detections.from_list(entry.edge)
+        merged = merge(edge, answer.detections, np.array(entry.offloaded, dtype=bool), iou=self.s.merge_iou)
+        n_edge = len(merged) - len(answer.detections)
+        items = [{**d, "source": "edge" if i < n_edge else "cloud"} for i, d in enumerate(merged.to_list())]
+        now = time.time()
+        sent_at = self._edge_sent_at.pop(entry.id, None)
+        recovered = entry.run != self.s.run_id or sent_at is None
+        self.writer.write({
+            "kind": "refined", "site": entry.site, "run": entry.run, "frame": entry.frame, "offload_id": entry.id,
+            "time": round(now, 3), "pts_s": entry.pts_s, "keyframe": True, "model": entry.model, "mode": entry.mode,
+            "detections": items, "cloud_detections": answer.detections.to_list(),
+            "latency_ms": {"cloud_rtt": _round(answer.rtt_ms),
+                           "since_edge": _round((now - sent_at) * 1000 if sent_at else None)},
+            "bytes_sent": entry.payload_bytes, "request_bytes": answer.request_bytes, "attempts": attempts,
+            "cloud_model": answer.model, "recovered": recovered})
+        with self._stats_lock:
+            self._refined[(entry.run, entry.frame)] = merged
+            self.summary.refined += 1
+            self.summary.recovered += int(recovered)
+            self.summary.bytes_sent += entry.payload_bytes
+            self.summary.request_bytes += answer.request_bytes
+            self.summary.rtt_ms.append(answer.rtt_ms)
+
+    def _failed(self, entry: OffloadEntry, error: str) -> None:
+        self.writer.write({"kind": "failed", "site": entry.site, "run": entry.run, "frame": entry.frame,
+                           "offload_id": entry.id, "time": round(time.time(), 3), "error": error})
+        with self._stats_lock:
+            self.summary.failed += 1
+
+    # -- the loop
+    def run(self, frames: Iterable[Frame]) -> Summary:
+        """Process every frame, then drain the queue for up to ``drain_timeout`` s and close."""
+        t0 = time.perf_counter()
+        try:
+            for frame in frames:
+                if self.model.poll():
+                    self.summary.reloads = self.model.reloads
+                    self.summary.model = self.model.version
+                self.process(frame)
+                if self.stop_requested:
+                    log.info("stop requested after frame %d", frame.index)
+                    break
+        finally:
+            self.close(drain=self.drain_requested)
+            self.summary.wall_s = time.perf_counter() - t0
+        return self.summary
+
+    def close(self, drain: bool = True) -> None:
+        """Drain (unless ``drain`` is False), stop the worker, write the summary line, close everything."""
+        if self._closed:
+            return
+        self._closed = True
+        if drain and self.s.drain_timeout > 0 and self.offloader.pending():
+            log.info("draining %d offload(s), up to %.0fs", self.offloader.pending(), self.s.drain_timeout)
+            self.offloader.drain(self.s.drain_timeout, cancelled=lambda: not self.drain_requested)
+        self.offloader.stop(join_timeout=30.0)
+        self.summary.queue_left = len(self.queue)
+        self.summary.reloads = getattr(self.model, "reloads", 0)
+        self.summary.model = self.model.version
+        if self.summary.queue_left:
+            log.warning("%d offload(s) left in %s; the next run sends them", self.summary.queue_left,
+                        self.queue.root)
+        self.writer.write({"kind": "summary", "site": self.s.site, "run": self.s.run_id,
+                           "time": round(time.time(), 3), **self.summary.to_dict()})
+        self.writer.close()
+        if self.video is not None:
+            self.video.close()
+        self.queue.close()
+
+
+# =========================================================================== CLI
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m clients.edge", description="cedar edge runtime",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--source", required=True, help="video file, folder of images, or camera index")
+    p.add_argument("--weights", required=True, help="the site's model store file (<store>/model.pt)")
+    p.add_argument("--onnx", help="run with ONNX Runtime from this file (exported from --weights when stale)")
+    p.add_argument("--cloud", required=True, help="cloud service URL, e.g. https://cloud:8443")
+    auth = p.add_mutually_exclusive_group()
+    auth.add_argument("--token", help=f"bearer token (visible in ps; prefer --token-file or ${TOKEN_ENV})")
+    auth.add_argument("--token-file", help="file holding the bearer token")
+    p.add_argument("--cafile", help="CA/certificate (PEM) to verify the cloud's TLS certificate")
+    p.add_argument("--site", default="site-0", help="this site's id (X-Cedar-Site)")
+    p.add_argument("--out", required=True, help="JSON-lines results")
+    p.add_argument("--append", action="store_true", help="append to --out instead of replacing it")
+    p.add_argument("--video", help="annotated video to write (mp4)")
+    p.add_argument("--offload", choices=("crops", "frame"), default="crops")
+    p.add_argument("--t-conf", type=float, default=0.5, help="T_conf: lower confidence is ambiguous")
+    p.add_argument("--t-size", type=float, default=256.0, help="T_size in px²: smaller boxes are ambiguous")
+    p.add_argument("--n-frames", type=int, default=5, help="N keyframes for the 'unstable' rule")
+    p.add_argument("--beta", type=float, default=1.5, help="keyframe threshold: beta * median difference")
+    p.add_argument("--warmup", type=int, default=3, help="differences before the motion rule applies")
+    p.add_argument("--cut-threshold", type=float, default=0.25, help="RMS difference that is a scene cut")
+    p.add_argument("--max-gap", type=int, default=None, help="force a keyframe after this many frames")
+    p.add_argument("--imgsz", type=int, default=320)
+    p.add_argument("--conf", type=float, default=0.25, help="edge detector confidence threshold (NMS)")
+    p.add_argument("--iou", type=float, default=0.7, help="edge detector NMS IoU")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--context", type=float, default=0.5, help="crop margin, fraction of the box per side")
+    p.add_argument("--min-crop", type=int, default=32, help="minimum crop side in px")
+    p.add_argument("--jpeg-quality", type=int, default=90)
+    p.add_argument("--merge-iou", type=float, default=0.5)
+    p.add_argument("--queue-dir", help="disk queue (default $CEDAR_HOME/edge/<site>/queue)")
+    p.add_argument("--drain-timeout", type=float, default=30.0, help="seconds to wait for the queue at the end")
+    p.add_argument("--retry-base", type=float, default=0.5, help="first retry delay (s), doubled per failure")
+    p.add_argument("--retry-max", type=float, default=30.0, help="longest retry delay (s)")
+    p.add_argument("--timeout", type=float, default=10.0, help="HTTP timeout per request (s)")
+    p.add_argument("--reload-every", type=float, default=2.0, help="seconds between weight-file checks (0: off)")
+    p.add_argument("--run-id", help="id of this run in offload ids (default: UTC time + random)")
+    p.add_argument("--fps", type=float, help="frame rate for image folders and the video (default: source's or 10)")
+    p.add_argument("--max-frames", type=int, help="stop after this many frames")
+    p.add_argument("--log-level", default="info")
+    return p
+
+
+def _token(args, parser) -> str:
+    if args.token_file:
+        try:
+            token = Path(args.token_file).expanduser().read_text().strip()
+        except OSError as err:
+            parser.error(f"cannot read --token-file {args.token_file}: {err}")
+    else:
+        token = (args.token or os.environ.get(TOKEN_ENV, "")).strip()
+    if not token:
+        parser.error(f"a bearer token is required: --token, --token-file or ${TOKEN_ENV}")
+    return token
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    token = _token(args, parser)
+    if not 0 <= args.t_conf <= 1 or args.t_size < 0 or args.n_frames < 1 or args.beta <= 0 or args.imgsz < 32 \
+            or not 0 <= args.conf <= 1 or not 0 < args.iou <= 1 or args.drain_timeout < 0 or args.retry_base <= 0 \
+            or args.retry_max < args.retry_base or args.timeout <= 0:
+        parser.error("need 0 <= --t-conf <= 1, --t-size >= 0, --n-frames >= 1, --beta > 0, --imgsz >= 32, "
+                     "0 <= --conf <= 1, 0 < --iou <= 1, --drain-timeout >= 0, 0 < --retry-base <= --retry-max, "
+                     "--timeout > 0")
+    try:
+        settings = EdgeSettings(
+            site=args.site, run_id=args.run_id, t_conf=args.t_conf, t_size=args.t_size, n_frames=args.n_frames,
+            beta=args.beta, warmup=args.warmup, cut_threshold=args.cut_threshold, max_gap=args.max_gap,
+            offload=args.offload, context=args.context, min_crop=args.min_crop, jpeg_quality=args.jpeg_quality,
+            merge_iou=args.merge_iou, drain_timeout=args.drain_timeout, retry_base=args.retry_base,
+            retry_max=args.retry_max)
+        queue_dir = Path(args.queue_dir).expanduser() if args.queue_dir else \
+            Path(os.environ.get("CEDAR_HOME", "~/.cache/cedar")).expanduser() / "edge" / args.site / "queue"
+        source = FrameSource(args.source, fps=args.fps, max_frames=args.max_frames)
+        model = EdgeModel(args.weights, onnx=args.onnx, imgsz=args.imgsz, conf=args.conf, iou=args.iou,
+                          device=args.device, reload_every=args.reload_every)
+        client = CloudClient(args.cloud, token, args.site, cafile=args.cafile, timeout=args.timeout)
+        runtime = EdgeRuntime(model, client, settings, queue_dir=queue_dir, out=args.out, video=args.video,
+                              fps=source.fps, append=args.append)
+    except (EdgeError, OSError, ValueError) as err:
+        log.error("%s", err)
+        return 2
+
+    def on_signal(signum, _frame):
+        if signum == signal.SIGTERM or runtime.stop_requested:  # SIGTERM or a second Ctrl-C: no draining
+            runtime.drain_requested = False
+        runtime.stop_requested = True
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    print(f"cedar edge runtime: site {settings.site}, run {settings.run_id}, {source.kind} {args.source}, "
+          f"model {model.version}, cloud {args.cloud}, queue {queue_dir}", flush=True)
+    try:
+        summary = runtime.run(source)
+    finally:
+        source.close()
+        client.close()
+    print("cedar edge runtime summary:\n" + summary.table(), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
