@@ -16,7 +16,10 @@ Per frame (paper section 4.2):
 2. **Edge detection** on the keyframe with the site's current model: PyTorch
    (``--weights``) or ONNX Runtime (``--onnx``, exported from ``--weights``
    when missing or stale). Both share one letterbox and one NMS written here,
-   checked against :func:`common.yolo.predict` in the tests.
+   checked against :func:`common.yolo.predict` in the tests. As in Ultralytics,
+   PyTorch pads a frame only to a multiple of the stride, a fixed-size ONNX
+   export to the full square, so on non-square frames the two can differ
+   slightly (identical on square frames).
 3. **Tracks and routing.** :class:`common.keyframes.IoUTracker` associates boxes
    across keyframes (reset at a scene cut); :func:`common.routing.route` marks a
    detection ambiguous when ``conf < --t-conf``, area ``< --t-size`` px², or its
@@ -50,7 +53,8 @@ Delivery guarantees (``--queue-dir``, default ``$CEDAR_HOME/edge/<site>/queue``)
     the queue to empty; what is left stays on disk and is sent first by the
     next run on the same ``--queue-dir`` (its ``refined`` lines then appear in
     that run's output, with the original ``run`` and ``frame``). One process
-    per queue folder (a lock file enforces it).
+    per queue folder (a lock file enforces it). ``delivered.log`` grows by one
+    id (~40 bytes) per offload; delete it only together with the queue entries.
 
 Offload ids
     ``<site>.<run>.<frame:06d>``; ``run`` (``--run-id``, default a UTC time stamp
@@ -71,16 +75,27 @@ Output (``--out``, JSON lines; ``--append`` to keep an existing file)
     ``{"kind": "edge", "site", "run", "frame", "time", "pts_s", "keyframe",
     "keyframe_reason", "source_frame", "model", "detections": [{"xyxy", "conf",
     "cls", "track", "reasons"}], "offload": null | {"id", "mode", "regions",
-    "detections", "bytes"}, "latency_ms": {"edge", "total"}}``
+    "detections", "bytes"}, "latency_ms": {"edge", "total"}}``: one per frame,
+    in frame order. ``reasons`` per detection is a subset of ``["low_conf",
+    "small", "unstable"]`` (empty = confident); ``latency_ms.edge`` is the
+    detector call (null on non-keyframes), ``total`` frame in -> line out;
+    ``offload.bytes`` the JPEG payload queued for the cloud.
 
-    ``{"kind": "refined", "site", "run", "frame", "offload_id", "time", "model",
-    "mode", "detections": [{"xyxy", "conf", "cls", "source": "edge"|"cloud"}],
-    "cloud_detections": [...], "latency_ms": {"cloud_rtt", "since_edge"},
-    "bytes_sent", "request_bytes", "attempts", "cloud_model", "recovered"}``
+    ``{"kind": "refined", "site", "run", "frame", "offload_id", "time", "pts_s",
+    "keyframe": true, "model", "mode", "detections": [{"xyxy", "conf", "cls",
+    "source": "edge"|"cloud"}], "cloud_detections": [...], "latency_ms":
+    {"cloud_rtt", "since_edge"}, "bytes_sent", "request_bytes", "attempts",
+    "cloud_model", "recovered"}``: one per delivered offload, after that frame's
+    ``edge`` line; ``detections`` is ``merge(edge, cloud, offloaded)``;
+    ``bytes_sent`` the JPEG payload, ``request_bytes`` the whole HTTP body;
+    ``recovered`` marks offloads queued by an earlier run.
 
-    ``{"kind": "failed", "offload_id", "error", ...}`` and a last
-    ``{"kind": "summary", ...}`` line. ``time`` is Unix seconds (when the frame was
-    read; when the answer arrived), ``pts_s`` the media time (frame / fps).
+    ``{"kind": "failed", "offload_id", "error", ...}`` instead of ``refined`` for
+    an offload the cloud refused, and a last ``{"kind": "summary", ...}`` line.
+    ``time`` is Unix seconds (frame read; answer received), ``pts_s`` the media
+    time (frame / fps; seconds since start for a camera). Every detection list
+    reads back with :meth:`common.routing.Detections.from_list`. ``model`` is the
+    version of the model that made the edge detections.
 
 Annotated video (``--video``)
     Edge boxes (green: confident, orange: offloaded) and, once the frame's
@@ -154,11 +169,13 @@ class FrameSource:
 
     ``spec`` is a camera when it is a non-negative integer that is not an
     existing path. ``fps`` (media time of image folders, and of the annotated
-    video) defaults to the video's own rate, else 10.
+    video) defaults to the video's own rate, else 10. ``realtime`` paces a file
+    or folder at ``fps`` (frame i is not read before ``i / fps`` s), as a camera would.
     """
 
-    def __init__(self, spec: str | Path, fps: float | None = None, max_frames: int | None = None):
-        self.spec, self.max_frames = str(spec), max_frames
+    def __init__(self, spec: str | Path, fps: float | None = None, max_frames: int | None = None,
+                 realtime: bool = False):
+        self.spec, self.max_frames, self.realtime = str(spec), max_frames, realtime
         path = Path(self.spec).expanduser()
         self._cap = None
         self._files: list[Path] = []
@@ -200,6 +217,8 @@ class FrameSource:
                 if not ok or image is None:
                     return
             pts = time.monotonic() - t0 if self.kind == "camera" else index / self.fps
+            if self.realtime and self.kind != "camera":
+                time.sleep(max(0.0, t0 + pts - time.monotonic()))
             yield Frame(index, image, round(pts, 4), time.time())
 
     def close(self) -> None:
@@ -397,6 +416,9 @@ class EdgeModel:
         self._load = load or self._default_load
         if not self.weights.is_file():
             raise EdgeError(f"--weights {self.weights}: no such file (the site's model store writes model.pt)")
+        if self.onnx is not None:  # exports cut short by an earlier exit
+            for stale in self.onnx.parent.glob(f".{self.onnx.stem}.*.tmp.onnx"):
+                stale.unlink(missing_ok=True)
         self._stat = _stat_key(self.weights)
         self.version = file_version(self.weights)
         t0 = time.perf_counter()
@@ -755,7 +777,6 @@ class Offloader:
         self._cv = threading.Condition()
         self._stop = False
         self._abandoned = False
-        self._busy = False
         self._tries: dict[str, int] = {}  # send attempts of the head entry, by id
         self.attempts = 0
         self.failures = 0
@@ -823,7 +844,13 @@ class Offloader:
             self.attempts += 1
             tries = self._tries[entry.id] = self._tries.get(entry.id, 0) + 1
             try:
-                answer = self.client.send(entry)
+                try:
+                    answer = self.client.send(entry)
+                except (CloudUnavailable, CloudRejected):
+                    raise
+                except Exception as err:  # a client bug must not kill the worker: keep the entry, retry
+                    log.exception("offload %s: unexpected error while sending", entry.id)
+                    raise CloudUnavailable(f"{type(err).__name__}: {err}") from None
             except CloudUnavailable as err:
                 self.failures += 1
                 delay = min(self.retry_max, self.retry_base if delay == 0 else delay * 2)
@@ -850,7 +877,12 @@ class Offloader:
             with self._cv:
                 if self._abandoned:
                     return  # the runtime has closed its output: leave the entry queued
-            self.queue.commit(entry.id)  # the commit point: from here on it is delivered
+            try:
+                self.queue.commit(entry.id)  # the commit point: from here on it is delivered
+            except OSError as err:  # e.g. a full disk: not delivered as far as we know; send again later
+                log.error("queue: cannot record delivery of %s (%s); will send it again", entry.id, err)
+                self._wait(self.retry_max)
+                continue
 
             def deliver(entry=entry, answer=answer, tries=tries):
                 self.on_delivered(entry, answer, tries)
@@ -1040,11 +1072,12 @@ class EdgeRuntime:
         self.summary = Summary(model=model.version)
         self._stats_lock = threading.Lock()
         self._refined: dict[tuple[str, int], Detections] = {}  # (run, keyframe) -> merged, for the video
-        self._last: tuple[int, Detections, list, np.ndarray, list] | None = None
+        self._last: tuple | None = None  # (keyframe index, dets, reasons, offload mask, track ids, model version)
         self._edge_sent_at: dict[str, float] = {}
         self.stop_requested = False
         self.drain_requested = True
         self._closed = False
+        self._t0 = time.perf_counter()
         self.offloader = Offloader(self.queue, client, on_delivered=self._delivered, on_failed=self._failed,
                                    retry_base=settings.retry_base, retry_max=settings.retry_max)
 
@@ -1067,12 +1100,12 @@ class EdgeRuntime:
             routing = route(dets, self.tracker.histories(track_ids), t_conf=s.t_conf, t_size=s.t_size,
                             n_frames=s.n_frames)
             mask = routing.offload_mask
-            self._last = (frame.index, dets, routing.reasons, mask, track_ids.tolist())
+            self._last = (frame.index, dets, routing.reasons, mask, track_ids.tolist(), self.model.version)
             with self._stats_lock:
                 self.summary.keyframes += 1
                 self.summary.detections += len(dets)
                 self.summary.edge_ms.append(edge_ms)
-        source, dets, reasons, mask, track_ids = self._last
+        source, dets, reasons, mask, track_ids, version = self._last  # non-keyframes reuse the keyframe's
         det_list = [{**d, "track": int(t), "reasons": list(r)}
                     for d, t, r in zip(dets.to_list(), track_ids, reasons)]
         entry = None
@@ -1082,7 +1115,7 @@ class EdgeRuntime:
             payloads = encode_regions(frame.image, plan.regions, quality=s.jpeg_quality)
             entry = OffloadEntry(
                 id=f"{s.site}.{s.run_id}.{frame.index:06d}", site=s.site, run=s.run_id, frame=frame.index,
-                mode=s.offload, created=frame.time, model=self.model.version, pts_s=frame.pts_s,
+                mode=s.offload, created=frame.time, model=version, pts_s=frame.pts_s,
                 image_shape=list(frame.image.shape[:2]), regions=plan.regions.tolist(), edge=det_list,
                 offloaded=mask.tolist(), payloads=payloads)
             offload = {"id": entry.id, "mode": s.offload, "regions": entry.regions, "detections": int(mask.sum()),
@@ -1090,12 +1123,14 @@ class EdgeRuntime:
         record = {"kind": "edge", "site": s.site, "run": s.run_id, "frame": frame.index,
                   "time": round(frame.time, 3), "pts_s": frame.pts_s, "keyframe": bool(is_key),
                   "keyframe_reason": reason if is_key else None, "source_frame": source,
-                  "model": self.model.version, "detections": det_list, "offload": offload,
+                  "model": version, "detections": det_list, "offload": offload,
                   "latency_ms": {"edge": _round(edge_ms), "total": _round((time.perf_counter() - t0) * 1000)}}
         self.writer.write(record)  # the edge result is out before anything is sent
         if entry is not None:
             self._edge_sent_at[entry.id] = time.time()
-            if self.offloader.submit(entry):
+            if not self.offloader.submit(entry):
+                self._edge_sent_at.pop(entry.id, None)
+            else:
                 with self._stats_lock:
                     self.summary.offloaded_frames += 1
                     self.summary.offloaded_detections += int(mask.sum())
@@ -1104,7 +1139,7 @@ class EdgeRuntime:
             with self._stats_lock:
                 refined = self._refined.get((s.run_id, source))
             self.video.write(frame.image, dets, mask, refined,
-                             f"{frame.index}{' K' if is_key else ''} {self.model.version[:6]}")
+                             f"{frame.index}{' K' if is_key else ''} {version[:6]}")
         with self._stats_lock:
             self.summary.frames += 1
         return record
@@ -1128,6 +1163,8 @@ class EdgeRuntime:
             "cloud_model": answer.model, "recovered": recovered})
         with self._stats_lock:
             self._refined[(entry.run, entry.frame)] = merged
+            while len(self._refined) > 64:  # only recent keyframes can still be drawn
+                self._refined.pop(next(iter(self._refined)))
             self.summary.refined += 1
             self.summary.recovered += int(recovered)
             self.summary.bytes_sent += entry.payload_bytes
@@ -1143,7 +1180,7 @@ class EdgeRuntime:
     # -- the loop
     def run(self, frames: Iterable[Frame]) -> Summary:
         """Process every frame, then drain the queue for up to ``drain_timeout`` s and close."""
-        t0 = time.perf_counter()
+        self._t0 = time.perf_counter()
         try:
             for frame in frames:
                 if self.model.poll():
@@ -1155,7 +1192,6 @@ class EdgeRuntime:
                     break
         finally:
             self.close(drain=self.drain_requested)
-            self.summary.wall_s = time.perf_counter() - t0
         return self.summary
 
     def close(self, drain: bool = True) -> None:
@@ -1170,6 +1206,7 @@ class EdgeRuntime:
         self.summary.queue_left = len(self.queue)
         self.summary.reloads = getattr(self.model, "reloads", 0)
         self.summary.model = self.model.version
+        self.summary.wall_s = time.perf_counter() - self._t0
         if self.summary.queue_left:
             log.warning("%d offload(s) left in %s; the next run sends them", self.summary.queue_left,
                         self.queue.root)
@@ -1224,6 +1261,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--run-id", help="id of this run in offload ids (default: UTC time + random)")
     p.add_argument("--fps", type=float, help="frame rate for image folders and the video (default: source's or 10)")
     p.add_argument("--max-frames", type=int, help="stop after this many frames")
+    p.add_argument("--realtime", action="store_true", help="pace a file or folder at --fps, like a camera")
     p.add_argument("--log-level", default="info")
     return p
 
@@ -1245,6 +1283,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request is too much
     token = _token(args, parser)
     if not 0 <= args.t_conf <= 1 or args.t_size < 0 or args.n_frames < 1 or args.beta <= 0 or args.imgsz < 32 \
             or not 0 <= args.conf <= 1 or not 0 < args.iou <= 1 or args.drain_timeout < 0 or args.retry_base <= 0 \
@@ -1261,7 +1300,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             retry_max=args.retry_max)
         queue_dir = Path(args.queue_dir).expanduser() if args.queue_dir else \
             Path(os.environ.get("CEDAR_HOME", "~/.cache/cedar")).expanduser() / "edge" / args.site / "queue"
-        source = FrameSource(args.source, fps=args.fps, max_frames=args.max_frames)
+        source = FrameSource(args.source, fps=args.fps, max_frames=args.max_frames, realtime=args.realtime)
         model = EdgeModel(args.weights, onnx=args.onnx, imgsz=args.imgsz, conf=args.conf, iou=args.iou,
                           device=args.device, reload_every=args.reload_every)
         client = CloudClient(args.cloud, token, args.site, cafile=args.cafile, timeout=args.timeout)

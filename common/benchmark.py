@@ -38,7 +38,7 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-GENERATOR_VERSION = 2
+GENERATOR_VERSION = 3
 CLASS_NAMES = ("insulator", "bird_nest", "damper", "bolt", "crack", "rust", "vehicle", "person")
 NUM_CLASSES = len(CLASS_NAMES)
 SPLITS = ("train", "val", "test")
@@ -74,6 +74,7 @@ class GeneratorSettings:
     occlusion_prob: float = 0.15
     clutter_per_image: tuple[int, int] = (6, 16)
     noise_std: float = 10.0
+    contrast: tuple[float, float] = (0.5, 0.9)  # opacity of the drawn objects
     classes_per_site: int = 5
     video_frames: int = 60
     noisy_site: bool = False
@@ -261,7 +262,7 @@ def _paste(img: np.ndarray, cls: int, x: float, y: float, w: float, h: float, rn
 
 
 def _clutter(img: np.ndarray, rng, n: int, near: list[tuple[float, float]]) -> None:
-    """Distractors: power lines, bushes, rocks and orange survey tags."""
+    """Distractors: power lines, bushes, rocks, orange survey tags and look-alike decoys."""
     size = img.shape[0]
     for _ in range(rng.integers(1, 3)):  # power lines across the frame
         y_a, y_b = rng.uniform(0, size, 2)
@@ -273,7 +274,10 @@ def _clutter(img: np.ndarray, rng, n: int, near: list[tuple[float, float]]) -> N
         else:
             cx, cy = rng.uniform(0, size, 2)
         r = rng.uniform(2, 9)
-        kind = rng.integers(3)
+        kind = rng.integers(4)
+        if kind == 3:
+            _decoy(img, rng, cx, cy)
+            continue
         if kind == 0:  # bush
             color = tuple(float(v) for v in rng.uniform([20, 70, 20], [60, 130, 60]))
         elif kind == 1:  # rock
@@ -284,6 +288,35 @@ def _clutter(img: np.ndarray, rng, n: int, near: list[tuple[float, float]]) -> N
             r = rng.uniform(1.5, 4)
         cv2.ellipse(img, (int(cx), int(cy)), (int(r) + 1, int(r * rng.uniform(0.5, 1.0)) + 1),
                     float(rng.uniform(0, 180)), 0, 360, color, -1, cv2.LINE_AA)
+
+
+def _decoy(img: np.ndarray, rng, cx: float, cy: float) -> None:
+    """A small unlabelled look-alike: a single pale disc (not an insulator chain), a hexagon
+    without its dark centre (not a bolt), a straight dark stroke (not a zig-zag crack), a plain
+    brown disc (not a nest) or a grey box without windscreen (not a vehicle)."""
+    s = rng.uniform(4, 12)
+    kind = rng.integers(5)
+    c = (int(round(cx * 16)), int(round(cy * 16)))  # 4 fractional bits
+    r = int(round(s / 2 * 16))
+    jitter = rng.uniform(-20, 20)
+    if kind == 0:
+        cv2.circle(img, c, r, (235 + jitter, 225 + jitter, 200 + jitter), -1, cv2.LINE_AA, 4)
+    elif kind == 1:
+        ang = np.arange(6) * np.pi / 3
+        pts = np.stack([cx + s / 2 * np.cos(ang), cy + s / 2 * np.sin(ang)], 1)
+        cv2.fillPoly(img, [np.round(pts * 16).astype(np.int32)], (180 + jitter,) * 3, cv2.LINE_AA, 4)
+    elif kind == 2:
+        a = rng.uniform(0, np.pi)
+        d = (np.cos(a) * s / 2, np.sin(a) * s / 2)
+        p, q = (int(round((cx - d[0]) * 16)), int(round((cy - d[1]) * 16))), \
+            (int(round((cx + d[0]) * 16)), int(round((cy + d[1]) * 16)))
+        cv2.line(img, p, q, (25, 25, 30), 1, cv2.LINE_AA, 4)
+    elif kind == 3:
+        cv2.circle(img, c, r, (40 + jitter, 70 + jitter, 110 + jitter), -1, cv2.LINE_AA, 4)
+    else:
+        w, h = s * 0.9, s * 0.5
+        pts = np.array([(cx - w, cy - h), (cx + w, cy - h), (cx + w, cy + h), (cx - w, cy + h)])
+        cv2.fillPoly(img, [np.round(pts * 16).astype(np.int32)], (150 + jitter,) * 3, cv2.LINE_AA, 4)
 
 
 def _sample_box(rng, s: GeneratorSettings, small_fraction: float, cls: int) -> tuple[float, float]:
@@ -315,14 +348,14 @@ def render_scene(rng, s: GeneratorSettings, site: Site, size: int) -> tuple[np.n
              [(c[0], c[1]) for c in centres])
     boxes = []
     for cls, x, y, w, h in objects:
-        _paste(img, cls, x, y, w, h, rng, alpha=rng.uniform(0.75, 1.0))
+        _paste(img, cls, x, y, w, h, rng, alpha=rng.uniform(*s.contrast))
         if rng.random() < s.occlusion_prob:  # foliage covering 30-50% of the object
             frac = rng.uniform(0.3, 0.5)
             ox = x + (w * (1 - frac) if rng.random() < 0.5 else -w * 0.1)
             leaf = tuple(float(v) for v in rng.uniform([20, 70, 20], [60, 130, 60]))
             cv2.rectangle(img, (int(ox), int(y - 1)), (int(ox + w * frac + 1), int(y + h + 1)), leaf, -1)
         boxes.append((cls, x, y, x + w, y + h))
-    img = cv2.GaussianBlur(img, (3, 3), 0.6)  # camera blur
+    img = cv2.GaussianBlur(img, (3, 3), 0.8)  # camera blur
     return np.clip(img, 0, 255).astype(np.uint8), boxes
 
 

@@ -61,7 +61,9 @@ class DataConfig:
     small_fraction: float = 0.75
     occlusion_prob: float = 0.15
     clutter_per_image: list[int] = field(default_factory=lambda: [6, 16])
-    noise_std: float = 10.0
+    noise_std: float = 12.0
+    # opacity range of the drawn objects: lower is harder (objects blend into the ground)
+    contrast: list[float] = field(default_factory=lambda: [0.5, 0.9])
     classes_per_site: int = 5
     video_frames: int = 60
     noisy_site: bool = False
@@ -267,6 +269,8 @@ def validate(cfg: CedarConfig) -> None:
                 "kd.fg_threshold"):
         if not 0.0 <= flat[key] <= 1.0:
             raise ConfigError(f"{key}={flat[key]!r}: must be in [0, 1]")
+    if not (len(flat["data.contrast"]) == 2 and 0 < flat["data.contrast"][0] <= flat["data.contrast"][1] <= 1):
+        raise ConfigError(f"data.contrast={flat['data.contrast']!r}: expected [low, high] with 0 < low <= high <= 1")
     for key in ("data.objects_per_image", "data.small_px", "data.large_px", "data.clutter_per_image"):
         pair = flat[key]
         if len(pair) != 2 or pair[0] > pair[1] or pair[0] < 0:

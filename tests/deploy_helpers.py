@@ -22,6 +22,24 @@ Flower 1.41's deployment CLI, as used here:
   whose ``address`` is the SuperLink's ``127.0.0.1:P`` (see
   :func:`write_flwr_config`).
 
+TLS and SuperNode authentication (``tests/test_secure_deployment.py``; files from
+``python -m server.make_certs``):
+
+- ``flower-superlink --ssl-ca-certfile ca.crt --ssl-certfile server.pem
+  --ssl-keyfile server.key --enable-supernode-auth`` (no ``--insecure``): all
+  three APIs on HTTPS; the server certificate needs a SubjectAltName for the
+  address clients dial *and* for ``127.0.0.1`` (the SuperLink's own SuperExec
+  reaches the Runtime API there, ``0.0.0.0`` is rewritten to ``127.0.0.1``).
+- ``flwr supernode register node-i.pub <connection> --location "lat,lon" --name
+  site-i --format json`` (public key: one OpenSSH ``ecdsa-sha2-nistp*`` line)
+  goes through the Control API of ``<connection>`` (``root-certificates`` in
+  ``config.toml``); no account login is needed without ``--account-auth``.
+  With ``--enable-supernode-auth`` this is the ONLY way a node id is created.
+- ``flower-supernode --root-certificates ca.crt --auth-supernode-private-key
+  node-i.key`` (OpenSSH private key): the node activates the id registered
+  for its public key; an unregistered key gets ``[code: 2004] Failed to
+  activate SuperNode`` and the process exits (rc 1, Flower exit code 305).
+
 Every process gets ``FLWR_HOME`` (a temp dir: installed FABs, CLI config) and
 ``FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1`` (use this environment, no
 ``uv sync``), plus a per-test marker variable: the SuperExecs are started in
@@ -31,6 +49,7 @@ strays by that marker, not only by parenthood.
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import socket
@@ -40,7 +59,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
+from typing import Iterable, Mapping, Protocol, Sequence
 
 import psutil
 
@@ -168,19 +187,44 @@ def wait_for_log(proc: Proc, text: str, timeout: float = 60.0) -> None:
 
 
 # ------------------------------------------------------------------ SuperLink
+class TlsFiles(Protocol):
+    """What :func:`server.make_certs.make_certs` returns (only these paths are used here)."""
+
+    ca_cert: Path
+    server_cert: Path
+    server_key: Path
+
+
+def tls_superlink_args(certs: TlsFiles, supernode_auth: bool = False) -> list[str]:
+    """``--ssl-ca-certfile ca.crt --ssl-certfile server.pem --ssl-keyfile server.key [--enable-supernode-auth]``."""
+    args = ["--ssl-ca-certfile", str(Path(certs.ca_cert).resolve()),
+            "--ssl-certfile", str(Path(certs.server_cert).resolve()),
+            "--ssl-keyfile", str(Path(certs.server_key).resolve())]
+    if supernode_auth:
+        args.append("--enable-supernode-auth")
+    return args
+
+
 def start_superlink(tmp: Path, env: Mapping[str, str], extra_args: Iterable[str] = (), *, insecure: bool = True,
                     port: int | None = None, host: str = HOST, isolation: str = "subprocess",
-                    name: str = "superlink", wait: bool = True) -> Proc:
+                    name: str = "superlink", wait: bool = True, certs: TlsFiles | None = None,
+                    supernode_auth: bool = False) -> Proc:
     """``flower-superlink`` on ``host:port`` (one port for Fleet, Control and Runtime APIs in Flower 1.41).
 
-    TLS: pass ``insecure=False`` and ``extra_args=["--ssl-ca-certfile", ca, "--ssl-certfile", crt,
-    "--ssl-keyfile", key]`` (add ``"--enable-supernode-auth"`` for SuperNode authentication).
+    TLS: ``certs=make_certs(...)`` (implies ``insecure=False``); SuperNode authentication:
+    ``supernode_auth=True`` (then only SuperNodes registered with ``flwr supernode register`` get in).
+    ``extra_args`` are appended as given.
     """
     port = port or free_port(host)
     args = [_bin("flower-superlink"), "--host", host, "--port", str(port), "--isolation", isolation,
             "--disable-runtime-dependency-installation"]
-    if insecure:
-        args.append("--insecure")
+    if certs is not None:
+        args += tls_superlink_args(certs, supernode_auth)
+    else:
+        if insecure:
+            args.append("--insecure")
+        if supernode_auth:
+            args.append("--enable-supernode-auth")
     args += list(extra_args)
     proc = start_process(name, args, env, Path(tmp) / "logs", port=port)
     if wait:
@@ -206,19 +250,22 @@ def node_config_arg(node_config: Mapping[str, object]) -> str:
 def start_supernode(tmp: Path, env: Mapping[str, str], superlink_address: str, node_config: Mapping[str, object],
                     extra_args: Iterable[str] = (), *, insecure: bool = True, root_cert: Path | str | None = None,
                     port: int | None = None, host: str = HOST, isolation: str = "subprocess",
-                    name: str | None = None, wait: bool = True) -> Proc:
+                    name: str | None = None, wait: bool = True, auth_key: Path | str | None = None) -> Proc:
     """``flower-supernode`` connected to ``superlink_address`` (``host:port``), its Runtime API on ``host:port``.
 
-    TLS: ``insecure=False, root_cert=<CA pem>``; authentication: ``extra_args=["--auth-supernode-private-key", key]``.
+    TLS: ``root_cert=<CA pem>`` (implies ``insecure=False``); authentication: ``auth_key=<node-i.key>``
+    (``--auth-supernode-private-key``, an OpenSSH EC private key whose public key was registered).
     """
     port = port or free_port(host)
     name = name or f"supernode-{node_config.get('site-index', port)}"
     args = [_bin("flower-supernode"), "--superlink", superlink_address, "--node-config", node_config_arg(node_config),
             "--host", host, "--port", str(port), "--isolation", isolation]
-    if insecure:
+    if root_cert is not None:
+        args += ["--root-certificates", str(Path(root_cert).resolve())]
+    elif insecure:
         args.append("--insecure")
-    elif root_cert is not None:
-        args += ["--root-certificates", str(root_cert)]
+    if auth_key is not None:
+        args += ["--auth-supernode-private-key", str(Path(auth_key).resolve())]
     args += list(extra_args)
     proc = start_process(name, args, env, Path(tmp) / "logs", port=port)
     if wait:
@@ -262,6 +309,72 @@ def flwr_run_command(app_dir: Path, connection: str, preset: str, overrides: Seq
     if stream:
         cmd.append("--stream")
     return cmd
+
+
+def flwr_cli(args: Sequence[str], env: Mapping[str, str], log_dir: Path | None = None, name: str = "flwr-cli",
+             timeout: float = 120.0, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """Run ``flwr <args>`` to completion (stdout and stderr captured; appended to ``log_dir/<name>.log``)."""
+    cmd = [_bin("flwr"), *args]
+    res = subprocess.run(cmd, env=dict(env), cwd=str(cwd) if cwd else None, capture_output=True, text=True,
+                         stdin=subprocess.DEVNULL, timeout=timeout)
+    if log_dir is not None:
+        Path(log_dir).mkdir(parents=True, exist_ok=True)
+        with open(Path(log_dir) / f"{name}.log", "a") as fh:
+            fh.write(f"$ {shlex.join(cmd)}\n[rc {res.returncode}]\n{res.stdout}{res.stderr}\n")
+    return res
+
+
+def _json_out(res: subprocess.CompletedProcess) -> dict:
+    """The JSON object ``flwr ... --format json`` printed (anything before the first ``{`` is ignored)."""
+    text = res.stdout
+    start = text.find("{")
+    if start < 0:
+        raise RuntimeError(f"no JSON from flwr (rc {res.returncode}):\n{res.stdout}\n{res.stderr}")
+    return json.loads(text[start:])
+
+
+def register_supernode(public_key: Path | str, connection: str, env: Mapping[str, str], *,
+                       location: str | None = None, node_name: str | None = None, log_dir: Path | None = None,
+                       timeout: float = 120.0) -> int:
+    """``flwr supernode register <public key> <connection> [--location "lat,lon"] [--name N]``: the new node id.
+
+    Only a SuperLink started with ``--enable-supernode-auth`` needs (and only then accepts) this; the key file
+    is the OpenSSH public key (``node-<i>.pub`` of ``server.make_certs``).
+    """
+    args = ["supernode", "register", str(Path(public_key).resolve()), connection, "--format", "json"]
+    if location is not None:
+        args += ["--location", location]
+    if node_name is not None:
+        args += ["--name", node_name]
+    res = flwr_cli(args, env, log_dir, name="flwr-supernode-register", timeout=timeout)
+    out = _json_out(res) if "{" in res.stdout else {}
+    if res.returncode != 0 or not out.get("success"):
+        raise RuntimeError(f"flwr supernode register {public_key} failed (rc {res.returncode}):\n"
+                           f"{res.stdout}\n{res.stderr}")
+    return int(out["node-id"])
+
+
+def list_supernodes(connection: str, env: Mapping[str, str], log_dir: Path | None = None,
+                    timeout: float = 120.0) -> list[dict]:
+    """``flwr supernode list <connection> --format json``: ``[{"node-id": "...", "status": "online", ...}]``.
+
+    Status is ``registered`` (never connected), ``online``, ``offline`` or ``unregistered``; the listing does
+    not include the location (the ServerApp's ``grid.get_nodes()`` does).
+    """
+    res = flwr_cli(["supernode", "list", connection, "--format", "json"], env, log_dir, name="flwr-supernode-list",
+                   timeout=timeout)
+    out = _json_out(res)
+    if res.returncode != 0 or not out.get("success"):
+        raise RuntimeError(f"flwr supernode list failed (rc {res.returncode}):\n{res.stdout}\n{res.stderr}")
+    return list(out.get("nodes", []))
+
+
+def wait_for_exit(proc: Proc, timeout: float = 60.0) -> int | None:
+    """Wait up to ``timeout`` s for ``proc`` to exit; its return code, or ``None`` if still running."""
+    try:
+        return proc.popen.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return None
 
 
 # ---------------------------------------------------------------- stopping
