@@ -72,6 +72,7 @@ class PersonalizedStrategy(Strategy):
         self.site_of: dict[int, str] = {}  # Flower node id -> site id
         self.arrays: dict[str, ArrayRecord] = {}  # latest weights per site
         self.sites: dict[str, dict[str, Any]] = {}  # identity per site
+        self.locations: dict[int, tuple[float, float]] = {}  # node id -> registered (lat, lon), if any
         self.last_replies: list[NodeReply] = []
 
     def summary(self) -> None:
@@ -80,7 +81,13 @@ class PersonalizedStrategy(Strategy):
 
     # --------------------------------------------------------------- identity
     def identify(self, grid: Grid, timeout: float = 120.0) -> None:
-        """Ask nodes we have not seen which site they are (a ``query`` message each)."""
+        """Ask nodes we have not seen which site they are (a ``query`` message each).
+
+        Also reads the locations registered with ``flwr supernode register --location
+        "lat,lon"`` (authenticated deployments; ``grid.get_nodes()``), which then win over
+        the position a node reports from its node-config.
+        """
+        self.locations.update(registered_locations(grid))
         unknown = [n for n in sorted(grid.get_node_ids()) if n not in self.site_of]
         if not unknown:
             return
@@ -100,12 +107,21 @@ class PersonalizedStrategy(Strategy):
         log(INFO, "identify: %s", ", ".join(f"{n}={s}" for n, s in sorted(self.site_of.items())) or "none")
 
     def _bind(self, node_id: int, site: dict[str, Any]) -> None:
+        if node_id in self.locations:
+            site[P.POSITION_KM] = self.position_km(self.locations[node_id])
         site_id = site[P.SITE_ID]
         for other, sid in list(self.site_of.items()):  # a restarted site comes back under a new node id
             if sid == site_id and other != node_id:
                 del self.site_of[other]
         self.site_of[node_id] = site_id
         self.sites[site_id] = site
+
+    def position_km(self, latlon: tuple[float, float]) -> list[float]:
+        """(lat, lon) -> km on a local plane around the first registered location (stable across rounds)."""
+        from common.graph import latlon_to_km
+
+        ref = self.locations[min(self.locations)]
+        return [float(v) for v in latlon_to_km(latlon[0], latlon[1], ref[0], ref[1])]
 
     # ------------------------------------------------------------------ train
     def round_config(self, server_round: int) -> dict[str, Any]:
@@ -207,6 +223,25 @@ class PersonalizedStrategy(Strategy):
             replies = self.run_round(grid, server_round, timeout)
             if on_round_end is not None:
                 on_round_end(server_round, replies)
+
+
+def registered_locations(grid: Grid) -> dict[int, tuple[float, float]]:
+    """``{node id: (lat, lon)}`` of the nodes registered with a location (empty in simulation)."""
+    found = {}
+    try:
+        nodes = list(grid.get_nodes())
+    except (AttributeError, NotImplementedError):
+        return found
+    for node in nodes:
+        text = getattr(node, "location", "") or ""
+        try:
+            lat, lon = (float(v) for v in text.split(","))
+        except ValueError:
+            if text:
+                log(WARNING, "node %s: ignoring location %r (expected 'lat,lon')", node.node_id, text)
+            continue
+        found[int(node.node_id)] = (lat, lon)
+    return found
 
 
 def wait_for_nodes(grid: Grid, expected: int, timeout_s: float, poll_s: float = 1.0) -> list[int]:

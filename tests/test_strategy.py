@@ -295,3 +295,22 @@ def test_wait_for_nodes_gives_up_after_the_timeout(flwr_log):
     assert nodes == [7]
     assert 0.2 <= elapsed < 2.0
     assert any(r.levelno == logging.WARNING and "only 1 of 3" in r.getMessage() for r in flwr_log.records)
+
+
+# --- registered locations (flwr supernode register --location "lat,lon") ------------------
+
+
+def test_registered_location_replaces_the_reported_position():
+    """Node 2 registered at 0.009 degrees north of node 1: 0.009 * pi / 180 * 6371.0088 km = 1.000756 km."""
+    from types import SimpleNamespace
+
+    grid = FakeGrid([1, 2], reply=lambda m: Message(_content(m.metadata.dst_node_id, _arrays(1.0)), reply_to=m))
+    grid.get_nodes = lambda: [SimpleNamespace(node_id=1, location="48.0,11.0"),
+                              SimpleNamespace(node_id=2, location="48.009,11.0")]
+    strategy = _strategy()
+
+    strategy.start(grid, num_rounds=1, expected_nodes=2, wait_for_nodes_s=0)
+
+    assert strategy.sites["site-1"][P.POSITION_KM] == [0.0, 0.0]
+    assert strategy.sites["site-2"][P.POSITION_KM] == pytest.approx([0.0, 1.000756], abs=1e-6)
+    assert strategy.last_replies[1].site[P.POSITION_KM] == pytest.approx([0.0, 1.000756], abs=1e-6)
