@@ -137,11 +137,11 @@ import numpy as np
 
 from common.keyframes import IoUTracker, KeyframeSelector, box_iou
 from common.routing import Detections, encode_regions, merge, offload_plan, payload_bytes, route
+from common.tokens import TOKEN_ENV, resolve_token
 
 log = logging.getLogger("clients.edge" if __name__ == "__main__" else __name__)
 
 ID_PATTERN = re.compile(r"[A-Za-z0-9_.-]{1,64}")  # what the cloud accepts in X-Cedar-Site / X-Cedar-Frame
-TOKEN_ENV = "CEDAR_CLOUD_TOKEN"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 QUEUE_FORMAT = 1
 MAX_WH = 7680.0  # class offset for batched per-class NMS (Ultralytics' value)
@@ -1266,25 +1266,15 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _token(args, parser) -> str:
-    if args.token_file:
-        try:
-            token = Path(args.token_file).expanduser().read_text().strip()
-        except OSError as err:
-            parser.error(f"cannot read --token-file {args.token_file}: {err}")
-    else:
-        token = (args.token or os.environ.get(TOKEN_ENV, "")).strip()
-    if not token:
-        parser.error(f"a bearer token is required: --token, --token-file or ${TOKEN_ENV}")
-    return token
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request is too much
-    token = _token(args, parser)
+    try:
+        token = resolve_token(args.token, args.token_file)
+    except ValueError as err:
+        parser.error(str(err))
     if not 0 <= args.t_conf <= 1 or args.t_size < 0 or args.n_frames < 1 or args.beta <= 0 or args.imgsz < 32 \
             or not 0 <= args.conf <= 1 or not 0 < args.iou <= 1 or args.drain_timeout < 0 or args.retry_base <= 0 \
             or args.retry_max < args.retry_base or args.timeout <= 0:

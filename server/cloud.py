@@ -121,6 +121,7 @@ from fastapi.responses import JSONResponse
 
 from common.keyframes import box_iou
 from common.routing import Detections, to_frame_coords
+from common.tokens import TOKEN_ENV, resolve_token
 
 log = logging.getLogger("server.cloud" if __name__ == "__main__" else __name__)
 
@@ -129,7 +130,6 @@ IMAGE_TYPES = {"image/jpeg": "jpeg", "image/jpg": "jpeg", "image/png": "png"}
 SUFFIX = {"jpeg": ".jpg", "png": ".png"}
 # a multipart file part may also come untyped or as octet-stream (the bytes' signature decides)
 PART_TYPES = {*IMAGE_TYPES, "application/octet-stream", ""}
-TOKEN_ENV = "CEDAR_CLOUD_TOKEN"
 
 #: ``detect(images) -> detections per image``: BGR uint8 arrays in, image-pixel boxes out.
 DetectFn = Callable[[list[np.ndarray]], list[Detections]]
@@ -708,24 +708,14 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _token(args, parser) -> str:
-    if args.token_file:
-        try:
-            token = Path(args.token_file).expanduser().read_text().strip()
-        except OSError as err:
-            parser.error(f"cannot read --token-file {args.token_file}: {err}")
-    else:
-        token = (args.token or os.environ.get(TOKEN_ENV, "")).strip()
-    if not token:
-        parser.error(f"a bearer token is required: --token, --token-file or ${TOKEN_ENV}")
-    return token
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    token = _token(args, parser)
+    try:
+        token = resolve_token(args.token, args.token_file)
+    except ValueError as err:
+        parser.error(str(err))
     if bool(args.certfile) != bool(args.keyfile):
         parser.error("TLS needs both --certfile and --keyfile")
     try:
