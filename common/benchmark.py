@@ -14,10 +14,12 @@ the generator settings and :data:`GENERATOR_VERSION`) and reused afterwards::
     <root>/videos/site-<i>/labels/<frame>.txt, meta.json (cut, still stretches)
 
 What makes it hard (and realistic for inspection drones): most objects are
-5-15 px across at the preset's image size (``small_fraction``), drawn at 4x and
-area-downsampled so their edges blur; some are partly covered by foliage
-(``occlusion_prob``); clutter (power lines, bushes, rocks, orange tags that are
-not rust) sits near the objects; each site has its own background, lighting and
+4-12 px across at the preset's image size (``small_fraction``), drawn at 4x and
+area-downsampled so their edges blur, and faint (drawn at 40-85 % opacity,
+``contrast``); some are partly covered by foliage (``occlusion_prob``); clutter
+(power lines, bushes, rocks, orange tags that are not rust, and look-alike
+decoys: a single pale disc, a hexagon without its centre, a straight dark
+stroke) sits near the objects; each site has its own background, lighting and
 colour cast (its *domain*), class subset and size mix. The optional *noisy*
 site draws the same kinds of scenes but labels them with a permuted class map:
 its model learns a different task (paper section 5.2, Figure 6).
@@ -68,13 +70,13 @@ class GeneratorSettings:
     public_per_site: int = 16
     public_train_per_site: int = 32
     objects_per_image: tuple[int, int] = (4, 12)
-    small_px: tuple[int, int] = (5, 15)
+    small_px: tuple[int, int] = (4, 12)
     large_px: tuple[int, int] = (16, 32)
     small_fraction: float = 0.75
     occlusion_prob: float = 0.15
     clutter_per_image: tuple[int, int] = (6, 16)
-    noise_std: float = 10.0
-    contrast: tuple[float, float] = (0.5, 0.9)  # opacity of the drawn objects
+    noise_std: float = 14.0
+    contrast: tuple[float, float] = (0.4, 0.85)  # opacity of the drawn objects
     classes_per_site: int = 5
     video_frames: int = 60
     noisy_site: bool = False

@@ -56,14 +56,14 @@ class DataConfig:
     objects_per_image: list[int] = field(default_factory=lambda: [4, 12])
     # object side length in px at ``imgsz``: small objects are drawn in
     # [small_px[0], small_px[1]], the rest in [large_px[0], large_px[1]]
-    small_px: list[int] = field(default_factory=lambda: [5, 15])
+    small_px: list[int] = field(default_factory=lambda: [4, 12])
     large_px: list[int] = field(default_factory=lambda: [16, 32])
     small_fraction: float = 0.75
     occlusion_prob: float = 0.15
     clutter_per_image: list[int] = field(default_factory=lambda: [6, 16])
-    noise_std: float = 12.0
+    noise_std: float = 14.0
     # opacity range of the drawn objects: lower is harder (objects blend into the ground)
-    contrast: list[float] = field(default_factory=lambda: [0.5, 0.9])
+    contrast: list[float] = field(default_factory=lambda: [0.4, 0.85])
     classes_per_site: int = 5
     video_frames: int = 60
     noisy_site: bool = False

@@ -123,7 +123,7 @@ def many_boxes(tmp_path_factory):
 @pytest.mark.parametrize("index", [0, 1])
 def test_size_mix_matches_the_site_small_fraction(many_boxes, index):
     # Prepare: enough boxes for a tight bound. _sample_box draws "small" with probability
-    # small_fraction, side in small_px=[5, 15] and longer side scaled to <= 15 px; a large box has
+    # small_fraction, side in small_px=[4, 12] and longer side scaled to <= 12 px; a large box has
     # side in [16, 32] and longer side = side * sqrt(max(a, 1/a)) >= 16 px (scaled down to 32 at most).
     # So "longer side < 16 px" is exactly "drawn small" (labels have 6 decimals: error < 1e-4 px),
     # and the count of small boxes is Binomial(N, p) with p = the site's small_fraction.
@@ -136,7 +136,7 @@ def test_size_mix_matches_the_site_small_fraction(many_boxes, index):
 
     # Assert
     assert site.small_fraction == pytest.approx((0.75, 0.83)[index])
-    assert not np.any((longer > 15.0 + 1e-3) & (longer < 16.0 - 1e-3))  # nothing in the gap
+    assert not np.any((longer > 12.0 + 1e-3) & (longer < 16.0 - 1e-3))  # nothing in the gap
     n = len(longer)  # >= 40 x 10 = 400
     frac = float(np.mean(longer < 15.5))
     tol = 4 * math.sqrt(site.small_fraction * (1 - site.small_fraction) / n)  # 4 sigma: ~0.085 at n=400

@@ -279,7 +279,7 @@ def test_to_flat_dict():
     assert flat["train.batch"] == 3
     assert flat["data.imgsz"] == 256
     assert flat["preset"] == "quick"
-    assert flat["data.small_px"] == [5, 15]
+    assert flat["data.small_px"] == [4, 12]
     assert "train" not in flat and "data" not in flat  # only leaves
 
     def leaves(cls, prefix=""):
