@@ -391,16 +391,34 @@ def _as_yolo(model: DetectionModel):
     return yolo
 
 
+class Predictor:
+    """Ultralytics' predict front end, built once for a snapshot of ``model``.
+
+    The weights are copied when the predictor is made (inference fuses Conv+BN
+    in place), so later training of ``model`` does not change it: make a new
+    predictor for new weights. Building one costs ~150 ms on 2 CPU cores;
+    reusing it is what a service should do.
+    """
+
+    def __init__(self, model: DetectionModel, *, imgsz: int = 320, conf: float = 0.25, iou: float = 0.7,
+                 device: str = "cpu"):
+        self.yolo = _as_yolo(deepcopy(model).eval())
+        self.kwargs = dict(imgsz=imgsz, conf=conf, iou=iou, device=device, verbose=False, save=False)
+
+    def __call__(self, images: list[np.ndarray]) -> list[dict[str, np.ndarray]]:
+        """Detections per BGR image: ``{"xyxy": (N,4), "conf": (N,), "cls": (N,)}`` in image pixels."""
+        return [
+            {"xyxy": r.boxes.xyxy.cpu().numpy().astype(np.float32),
+             "conf": r.boxes.conf.cpu().numpy().astype(np.float32),
+             "cls": r.boxes.cls.cpu().numpy().astype(np.int64)}
+            for r in self.yolo.predict(images, **self.kwargs)
+        ]
+
+
 def predict(model: DetectionModel, images: list[np.ndarray], *, imgsz: int = 320, conf: float = 0.25,
             iou: float = 0.7, device: str = "cpu") -> list[dict[str, np.ndarray]]:
-    """Detections per BGR image: ``{"xyxy": (N,4), "conf": (N,), "cls": (N,)}`` in image pixels."""
-    yolo = _as_yolo(deepcopy(model).eval())
-    results = yolo.predict(images, imgsz=imgsz, conf=conf, iou=iou, device=device, verbose=False, save=False)
-    return [
-        {"xyxy": r.boxes.xyxy.cpu().numpy().astype(np.float32), "conf": r.boxes.conf.cpu().numpy().astype(np.float32),
-         "cls": r.boxes.cls.cpu().numpy().astype(np.int64)}
-        for r in results
-    ]
+    """One-off :class:`Predictor` call (builds the front end each time)."""
+    return Predictor(model, imgsz=imgsz, conf=conf, iou=iou, device=device)(images)
 
 
 def export_onnx(model: DetectionModel, path: str | Path, *, imgsz: int = 320, dynamic: bool = False) -> Path:
