@@ -37,7 +37,7 @@ from common.routing import Detections, to_frame_coords
 from server.cloud import (CloudService, HardSampleStore, Limits, RequestError, create_app, crops_to_frame,
                           decode_image, image_header, nms, parse_crop_meta, parse_max_pixels, parse_multipart,
                           yolo_label_lines)
-from tests.deploy_helpers import free_port, tail
+from tests.deploy_helpers import free_port, stop_tree, tail
 
 TOKEN = "s3cret-token"
 NAMES = ["insulator", "bird_nest", "damper", "bolt", "crack", "rust", "vehicle", "person"]
@@ -276,13 +276,7 @@ def _wait_healthy(proc, url: str, log_path: Path, verify=True, timeout: float = 
 
 
 def _stop(proc: subprocess.Popen, log_path: Path) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
+    stop_tree(proc, timeout=15)
     assert proc.poll() is not None, f"cloud service still running:\n{tail(log_path)}"
 
 

@@ -38,7 +38,7 @@ from clients.edge import (CloudAnswer, CloudRejected, CloudUnavailable, DiskQueu
                           EdgeRuntime, EdgeSettings, FrameSource, OffloadEntry, StaticModel, file_version,
                           letterbox, nms, postprocess)
 from common.routing import Detections, merge
-from tests.deploy_helpers import free_port, tail
+from tests.deploy_helpers import free_port, stop_tree, tail
 
 ROOT = Path(__file__).resolve().parent.parent
 TOKEN = "edge-test-token"
@@ -551,13 +551,7 @@ def _start_cloud(tmp: Path, weights: Path, port: int) -> tuple[subprocess.Popen,
 
 
 def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
+    stop_tree(proc, timeout=15)
     assert proc.poll() is not None
 
 
