@@ -6,7 +6,10 @@ fixed, the training seed varies):
 - ``none``: local training only (the baseline);
 - ``graph``: edge->edge graph-guided KD (top-rho teachers);
 - ``cloud``: cloud->edge KD from a YOLO11s trained by the server (``--cloud-rounds``);
-- ``all``: naive KD, every other site teaches every site uniformly.
+- ``all``: naive KD, every other site teaches every site uniformly;
+- ``extra``: the ``graph`` schedule with ``alpha = 1`` (the KD term weighted 0): the
+  students get the same extra epochs without the teachers, so ``graph`` vs ``extra``
+  isolates the distillation from the additional training.
 
 ``--noisy`` adds a site whose labels follow a different task (Figure 6): the
 table then reports the mean mAP50 of the *other* sites and how often the
@@ -42,6 +45,7 @@ VARIANTS = {
     "graph": {"kd.mode": "graph"},
     "all": {"kd.mode": "all"},
     "cloud": {"kd.mode": "none"},  # + kd.cloud-rounds
+    "extra": {"kd.mode": "graph", "kd.alpha": 1.0},
 }
 
 
