@@ -82,6 +82,7 @@ class LocalSite:
         kw = dict(imgsz=t.imgsz, batch=ev.batch, conf=ev.conf, iou=ev.iou, device=t.device)
         val = yolo.evaluate(model, self.spec.data_yaml, split="val", **kw)
         test = yolo.evaluate(model, self.spec.data_yaml, split="test", **kw)
+        routing = self.routing_metrics(model)
         yolo.save_weights(model, self.store / "model.pt", round=server_round, site=self.spec.site_id)
         log.info("%s round %s: loss %.3f, val mAP50 %.3f, test mAP50 %.3f (%.0fs)", self.spec.site_id,
                  server_round, res.loss, val.map50, test.map50, time.perf_counter() - t0)
@@ -92,4 +93,48 @@ class LocalSite:
         }
         if kd:
             metrics[P.KD_LOSS] = res.extra_loss
-        return RoundResult(yolo.state_dict(model), metrics)
+        return RoundResult(yolo.state_dict(model), {**metrics, **routing})
+
+    def routing_metrics(self, model) -> dict[str, float]:
+        """Ambiguity routing on the test split (paper section 4.2): what the edge would offload.
+
+        Each test image is detected alone (batch 1, as on an edge box) at
+        ``routing.det_conf``; a detection is ambiguous if below ``t_conf`` or smaller
+        than ``t_size`` px² (still images have no tracks). Recall is class-agnostic at
+        IoU 0.5 (:func:`common.routing.matched_gt`), of all edge detections and of the
+        confident ones alone (the edge's answer without the cloud).
+        """
+        import cv2
+        import numpy as np
+
+        from common import yolo
+        from common.routing import ambiguity_reasons, matched_gt
+        from common.sites import label_path, split_dir
+
+        r, t = self.cfg.routing, self.cfg.train
+        predictor = yolo.Predictor(model, imgsz=t.imgsz, conf=r.det_conf, iou=self.cfg.eval.iou, device=t.device)
+        detections = ambiguous = 0
+        found_all, found_confident, ms = [], [], []
+        for path in sorted(split_dir(self.spec.data_yaml, "test").glob("*.*")):
+            image = cv2.imread(str(path))
+            if image is None:
+                continue
+            t0 = time.perf_counter()
+            det = predictor([image])[0]
+            ms.append(1000 * (time.perf_counter() - t0))
+            amb = np.array([bool(x) for x in ambiguity_reasons(det["xyxy"], det["conf"], None, r.t_conf, r.t_size)],
+                           dtype=bool)
+            detections, ambiguous = detections + len(amb), ambiguous + int(amb.sum())
+            h, w = image.shape[:2]
+            labels = label_path(path)
+            rows = np.loadtxt(labels, ndmin=2) if labels.is_file() and labels.stat().st_size else np.zeros((0, 5))
+            gt = np.stack([(rows[:, 1] - rows[:, 3] / 2) * w, (rows[:, 2] - rows[:, 4] / 2) * h,
+                           (rows[:, 1] + rows[:, 3] / 2) * w, (rows[:, 2] + rows[:, 4] / 2) * h], 1)
+            found_all.extend(matched_gt(det["xyxy"], det["conf"], gt))
+            found_confident.extend(matched_gt(det["xyxy"][~amb], det["conf"][~amb], gt))
+        if not ms:
+            return {}
+        return {P.OFFLOAD_FRACTION: ambiguous / detections if detections else 0.0,
+                P.EDGE_RECALL: float(np.mean(found_all)) if found_all else 0.0,
+                P.CONFIDENT_RECALL: float(np.mean(found_confident)) if found_confident else 0.0,
+                P.EDGE_LATENCY_MS: float(np.median(ms))}

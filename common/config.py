@@ -105,6 +105,16 @@ class EvalConfig:
 
 
 @dataclass
+class RoutingConfig:
+    """Ambiguity routing (paper section 4.2 (a)-(c)); the ClientApp reports what it would offload."""
+
+    det_conf: float = 0.25  # the edge model's detection threshold
+    t_conf: float = 0.5  # below: ambiguous (low confidence)
+    t_size: float = 256.0  # box area in px^2 below: ambiguous (small)
+    n_frames: int = 5  # keyframes over which an intermittent track is ambiguous (videos)
+
+
+@dataclass
 class FederationConfig:
     num_rounds: int = 3
     # "none": every site keeps its own (personalised) model; "fedavg": average
@@ -162,6 +172,7 @@ class CedarConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    routing: RoutingConfig = field(default_factory=RoutingConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
     kd: KDConfig = field(default_factory=KDConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
@@ -266,7 +277,7 @@ def validate(cfg: CedarConfig) -> None:
         raise ConfigError(f"kd.temperature={flat['kd.temperature']!r} and kd.sigma_s_km={flat['kd.sigma_s_km']!r}"
                           " must be > 0")
     for key in ("data.small_fraction", "data.occlusion_prob", "train.mosaic", "kd.rho", "kd.alpha",
-                "kd.fg_threshold"):
+                "kd.fg_threshold", "routing.det_conf", "routing.t_conf"):
         if not 0.0 <= flat[key] <= 1.0:
             raise ConfigError(f"{key}={flat[key]!r}: must be in [0, 1]")
     if not (len(flat["data.contrast"]) == 2 and 0 < flat["data.contrast"][0] <= flat["data.contrast"][1] <= 1):

@@ -42,6 +42,12 @@ TEST_MAP50 = "test-map50"
 TEST_MAP50_95 = "test-map50-95"
 TEST_AP50 = "test-ap50"  # per class; NaN is sent as -1 (absent class)
 KD_LOSS = "kd-loss"  # mean distillation loss of the last epoch (KD rounds only)
+# ambiguity routing on the site's test split (paper section 4.2), optional
+OFFLOAD_FRACTION = "offload-fraction"  # share of edge detections that would go to the cloud
+EDGE_RECALL = "edge-recall"  # recall (IoU 0.5, class-agnostic) of all edge detections
+CONFIDENT_RECALL = "confident-recall"  # ... of the confident ones only (edge output without the cloud)
+EDGE_LATENCY_MS = "edge-latency-ms"  # per image, batch 1
+ROUTING_KEYS = (OFFLOAD_FRACTION, EDGE_RECALL, CONFIDENT_RECALL, EDGE_LATENCY_MS)
 
 # ConfigRecord "site" (client -> server)
 SITE_ID = "site-id"
@@ -89,8 +95,9 @@ def parse_train_metrics(metrics: Mapping[str, Any], nc: int) -> dict[str, Any]:
         raise ProtocolError(f"{where}: '{TEST_AP50}' entries must be {ABSENT} (absent) or in [0, 1], got {bad[0]!r}")
     out[TEST_AP50] = decode_ap(ap)
     out[TEST_MAP50_95] = float(metrics.get(TEST_MAP50_95, math.nan))
-    if KD_LOSS in metrics:
-        out[KD_LOSS] = _number(metrics, KD_LOSS, where)
+    for key in (KD_LOSS, *ROUTING_KEYS):
+        if key in metrics:
+            out[key] = _number(metrics, key, where)
     return out
 
 

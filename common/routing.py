@@ -770,3 +770,29 @@ def reason_counts(reasons: Iterable[tuple[str, ...]]) -> dict[str, int]:
     if unknown:
         raise ValueError(f"unknown ambiguity reasons: {sorted(unknown)}")
     return {r: counts.get(r, 0) for r in REASONS}
+
+
+def matched_gt(pred_xyxy: Any, pred_conf: Any, gt_xyxy: Any, iou: float = 0.5) -> np.ndarray:
+    """Which ground-truth boxes a set of detections finds (greedy, highest confidence first).
+
+    Detection i (in descending confidence) takes the unmatched ground-truth box j with the
+    highest IoU, if that IoU is >= ``iou``; class labels are ignored (recall of objects).
+    Recall = ``matched.mean()``, false-negative rate = 1 - recall.
+
+    Examples
+    --------
+    GT ``[0,0,10,10]`` and ``[20,20,30,30]``; detections ``[0,0,10,9]`` (IoU 0.9) and
+    ``[50,50,60,60]`` (IoU 0) -> ``[True, False]``: recall 0.5, FNR 0.5.
+    """
+    gt = np.asarray(gt_xyxy, dtype=float).reshape(-1, 4)
+    pred = np.asarray(pred_xyxy, dtype=float).reshape(-1, 4)
+    matched = np.zeros(len(gt), dtype=bool)
+    if not len(gt) or not len(pred):
+        return matched
+    ious = box_iou(pred, gt)  # (P, G)
+    for i in np.argsort(-np.asarray(pred_conf, dtype=float), kind="stable"):
+        candidates = np.where(matched, -1.0, ious[i])
+        j = int(np.argmax(candidates))
+        if candidates[j] >= iou:
+            matched[j] = True
+    return matched

@@ -46,14 +46,25 @@ def class_names(data_yaml: str | Path) -> list[str]:
     raise ConfigError(f"{path}: 'names' must list the class names")
 
 
+def split_dir(data_yaml: Path, split: str) -> Path:
+    """The image folder of a split of an Ultralytics data.yaml."""
+    cfg = yaml.safe_load(Path(data_yaml).read_text())
+    root = Path(cfg.get("path") or Path(data_yaml).parent)
+    folder = cfg.get(split)
+    if not isinstance(folder, str):
+        raise ConfigError(f"{data_yaml}: '{split}' must be one folder")
+    return root / folder
+
+
+def label_path(image: Path) -> Path:
+    """Where Ultralytics looks for an image's labels (last ``/images/`` -> ``/labels/``, ``.txt``)."""
+    sa, sb = f"{os.sep}images{os.sep}", f"{os.sep}labels{os.sep}"
+    return Path(sb.join(str(image).rsplit(sa, 1))).with_suffix(".txt")
+
+
 def _label_classes(data_yaml: Path) -> tuple[int, ...]:
     """Class ids present in the train labels of a YOLO dataset."""
-    cfg = yaml.safe_load(data_yaml.read_text())
-    root = Path(cfg.get("path") or data_yaml.parent)
-    train = cfg.get("train")
-    images = root / train if isinstance(train, str) else root
-    sa, sb = f"{os.sep}images{os.sep}", f"{os.sep}labels{os.sep}"  # as Ultralytics maps them
-    labels = Path(sb.join(f"{images}{os.sep}".rsplit(sa, 1)))
+    labels = label_path(split_dir(data_yaml, "train") / "x").parent
     found = set()
     for txt in labels.rglob("*.txt"):
         for line in txt.read_text().splitlines():

@@ -112,7 +112,10 @@ def test_train_round_metrics(round1, site1, tiny_benchmark):
 
     # Assert: every protocol key, valid as the server will check it
     assert set(m) == {P.NUM_EXAMPLES, P.TRAIN_LOSS, P.TRAIN_SECONDS, P.VAL_MAP50, P.TEST_MAP50, P.TEST_MAP50_95,
-                      P.TEST_AP50}
+                      P.TEST_AP50, *P.ROUTING_KEYS}
+    assert all(0.0 <= m[k] <= 1.0 for k in (P.OFFLOAD_FRACTION, P.EDGE_RECALL, P.CONFIDENT_RECALL))
+    assert m[P.CONFIDENT_RECALL] <= m[P.EDGE_RECALL]  # the confident detections are a subset
+    assert m[P.EDGE_LATENCY_MS] > 0
     parsed = P.parse_train_metrics(m, nc=8)
     # 8 train images, batch 4: 2 iterations x 4 images
     assert m[P.NUM_EXAMPLES] == 8
@@ -190,6 +193,8 @@ def test_train_round_assembles_metrics(monkeypatch, tiny_cfg, tmp_path):
 
     # Assert: warm-up in every round (the optimizer restarts); seed = cfg.seed + 1000 * round + index = 3001
     assert calls == [("train", 1, 4, tiny_cfg.train.warmup_iters, 3001), ("evaluate", "val"), ("evaluate", "test")]
+    routing = {k: res.metrics.pop(k) for k in P.ROUTING_KEYS}
+    assert set(routing) == set(P.ROUTING_KEYS)
     assert res.metrics == {P.NUM_EXAMPLES: 8, P.TRAIN_LOSS: 2.25, P.TRAIN_SECONDS: 1.5, P.VAL_MAP50: 0.4,
                            P.TEST_MAP50: 0.6, P.TEST_MAP50_95: 0.3,
                            P.TEST_AP50: [-1.0, -1.0, 0.5, 0.25, -1.0, 0.0, 1.0, -1.0]}
@@ -205,3 +210,44 @@ def test_num_examples_is_the_number_of_training_images(monkeypatch, tiny_overrid
     res = site.train_round(server_round=1, epochs=1, weights=None)
 
     assert res.metrics[P.NUM_EXAMPLES] == 8
+
+
+def test_routing_metrics_with_a_detector_that_returns_the_ground_truth(site1, monkeypatch):
+    """Paper section 4.2 (b): a perfect detector at conf 0.9 still offloads every box under t_size px².
+
+    Expected from the labels themselves: recall 1; the confident boxes are those with area >= 256 px²,
+    so confident recall = offload complement = (#GT with area >= 256) / #GT.
+    """
+    import numpy as np
+
+    from common import yolo
+    from common.sites import label_path, split_dir
+
+    def gt_pixels(path):
+        rows = np.loadtxt(label_path(path), ndmin=2)
+        size = 128  # the tiny benchmark's imgsz
+        return np.stack([(rows[:, 1] - rows[:, 3] / 2), (rows[:, 2] - rows[:, 4] / 2),
+                         (rows[:, 1] + rows[:, 3] / 2), (rows[:, 2] + rows[:, 4] / 2)], 1) * size
+
+    images = sorted(split_dir(site1.spec.data_yaml, "test").glob("*.png"))
+    truth = iter([gt_pixels(p) for p in images])
+
+    class Perfect:
+        def __init__(self, *a, **k):
+            pass
+
+        def __call__(self, imgs):
+            boxes = next(truth)
+            return [{"xyxy": boxes.astype(np.float32), "conf": np.full(len(boxes), 0.9, np.float32),
+                     "cls": np.zeros(len(boxes), np.int64)}]
+
+    monkeypatch.setattr(yolo, "Predictor", Perfect)
+    all_boxes = np.concatenate([gt_pixels(p) for p in images])
+    big = ((all_boxes[:, 2] - all_boxes[:, 0]) * (all_boxes[:, 3] - all_boxes[:, 1]) >= 256).mean()
+
+    m = site1.routing_metrics(model=None)
+
+    assert m[P.EDGE_RECALL] == 1.0
+    assert m[P.CONFIDENT_RECALL] == pytest.approx(big)
+    assert m[P.OFFLOAD_FRACTION] == pytest.approx(1 - big)
+    assert 0 < big < 1  # the tiny benchmark has both kinds, so the check is not vacuous
