@@ -134,8 +134,9 @@ def main(argv: list[str] | None = None) -> None:
         "",
         f"{cfg.data.num_sites} sites{' + 1 noisy' if args.noisy else ''}, {cfg.federation.num_rounds} rounds of "
         f"{cfg.train.epochs_per_round} local epochs at {cfg.train.imgsz} px; KD: rho {cfg.kd.rho}, "
-        f"alpha {cfg.kd.alpha}, T {cfg.kd.temperature}, {cfg.kd.epochs} KD epochs from round {cfg.kd.start_round}; "
-        f"cloud rounds {args.cloud_rounds}. mAP50 = mean over sites of each site's own test split after the last "
+        f"alpha {cfg.kd.alpha}, T {cfg.kd.temperature}, {cfg.kd.epochs} KD epochs from round {cfg.kd.start_round}"
+        + (f"; cloud rounds {args.cloud_rounds}" if "cloud" in args.variants else "")
+        + ". mAP50 = mean over sites of each site's own test split after the last "
         "round" + (" (the noisy site excluded)." if args.noisy else "."),
         "",
     ]
