@@ -137,6 +137,7 @@ import numpy as np
 
 from common.keyframes import IoUTracker, KeyframeSelector, box_iou
 from common.routing import Detections, encode_regions, merge, offload_plan, payload_bytes, route
+from common.files import atomic_write
 from common.tokens import TOKEN_ENV, resolve_token
 
 log = logging.getLogger("clients.edge" if __name__ == "__main__" else __name__)
@@ -447,7 +448,7 @@ class EdgeModel:
             tmp = self.onnx.with_name(f".{self.onnx.stem}.{os.getpid()}.tmp.onnx")
             yolo.export_onnx(yolo.load_weights(path), tmp, imgsz=self.imgsz)
             os.replace(tmp, self.onnx)
-            _atomic_write(sidecar, json.dumps({"weights": str(path), "version": version,
+            atomic_write(sidecar, json.dumps({"weights": str(path), "version": version,
                                                "imgsz": self.imgsz}).encode())
             log.info("exported %s from %s (version %s)", self.onnx, path, version)
         return OnnxPredictor(self.onnx, imgsz=self.imgsz, conf=self.conf, iou=self.iou)
@@ -639,29 +640,6 @@ def _detail(response) -> str:
 # =========================================================================== the disk queue
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 class DiskQueue:
     """Pending offloads, one JSON file each, in order; ``delivered.log`` lists delivered ids.
 
@@ -726,7 +704,7 @@ class DiskQueue:
         seq = max(time.time_ns(), self._last_seq + 1)
         self._last_seq = seq
         path = self.root / f"{seq:020d}-{entry.id}.json"
-        _atomic_write(path, json.dumps(entry.to_json(), separators=(",", ":")).encode())
+        atomic_write(path, json.dumps(entry.to_json(), separators=(",", ":")).encode())
         self.queued.add(entry.id)
         entry.path = path
         return path
@@ -749,7 +727,7 @@ class DiskQueue:
     def fail(self, path: Path, error: str) -> None:
         """Move a refused entry to ``failed/`` with its error next to it."""
         target = self.failed_dir / path.name
-        _atomic_write(target.with_suffix(".error"), error.encode())
+        atomic_write(target.with_suffix(".error"), error.encode())
         os.replace(path, target)
         self.queued.discard(self.id_of(path))
 

@@ -114,6 +114,7 @@ import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
+from common.files import atomic_write
 from common.keyframes import box_iou
 from common.routing import Detections, to_frame_coords
 from common.tokens import TOKEN_ENV, resolve_token
@@ -439,15 +440,6 @@ class YoloDetector:
 # --------------------------------------------------------------------------- hard-sample store
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
 class HardSampleStore:
     """Uploaded samples with the cloud's labels, as a YOLO dataset (see the module docstring)."""
 
@@ -469,7 +461,7 @@ class HardSampleStore:
                                  f"not this model's {self.names}; use another --store")
         spec = {"path": str(self.root), "train": "images", "val": "images", "nc": len(self.names),
                 "names": dict(enumerate(self.names))}
-        _atomic_write(data_yaml, yaml.safe_dump(spec, sort_keys=False).encode())
+        atomic_write(data_yaml, yaml.safe_dump(spec, sort_keys=False).encode())
         self.lock = threading.Lock()
         self.count = sum(1 for _ in self.index.open("rb")) if self.index.is_file() else 0
         existing = [int(m[1]) for p in self.images.iterdir() if (m := re.search(r"-(\d+)\.\w+$", p.name))]
@@ -486,8 +478,8 @@ class HardSampleStore:
             while any(self.images.glob(f"{sample_id}.*")):  # a stray file from another writer
                 sample_id = f"{site}-{frame_part}-{next(self._seq):06d}"
             # label before image: an image must never be seen without its labels (it would be a negative)
-            _atomic_write(self.labels / f"{sample_id}.txt", "".join(f"{ln}\n" for ln in lines).encode())
-            _atomic_write(self.images / f"{sample_id}{SUFFIX[fmt]}", data)
+            atomic_write(self.labels / f"{sample_id}.txt", "".join(f"{ln}\n" for ln in lines).encode())
+            atomic_write(self.images / f"{sample_id}{SUFFIX[fmt]}", data)
             entry = {"id": sample_id, "site": site, "frame": frame, "time": round(time.time(), 3), "kind": kind,
                      "origin": list(origin) if origin is not None else None, "scale": scale,
                      "width": width, "height": height, "detections": len(lines),

@@ -5,12 +5,12 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 from pathlib import Path
 from typing import Any
 
 from common import protocol as P
 from common.config import CedarConfig, to_flat_dict
+from common.files import atomic_write
 from common.sites import class_names, num_sites, public_data
 from server.outputs import RunOutputs
 from server.tracking import Tracker
@@ -113,10 +113,8 @@ def _class_weights(cfg: CedarConfig, data_yaml: Path, nc: int) -> list[float] | 
     return [1.0, *small_object_class_weights(small, total).tolist()]  # the mAP column weighs 1
 
 
-def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=1, default=str))
-    os.replace(tmp, path)
+def _json(data: Any) -> bytes:
+    return json.dumps(data, indent=1, default=str).encode()
 
 
 def run_federation(grid, cfg: CedarConfig) -> RunOutputs:
@@ -177,7 +175,7 @@ def run_federation(grid, cfg: CedarConfig) -> RunOutputs:
         if strategy.graph_record is not None:
             graph_dir = out.run_dir / "graphs"
             graph_dir.mkdir(exist_ok=True)
-            _write_json(graph_dir / f"round-{server_round:03d}.json", strategy.graph_record)
+            atomic_write(graph_dir / f"round-{server_round:03d}.json", _json(strategy.graph_record))
             if "nodes" in strategy.graph_record:
                 from server.graph_plot import draw_graph
 
@@ -186,8 +184,8 @@ def run_federation(grid, cfg: CedarConfig) -> RunOutputs:
                 tracker.table("graph_arcs", ["source", "target", "raw", "weight"],
                               [[a["source"], a["target"], a["raw"], a["weight"]]
                                for a in strategy.graph_record["arcs"]], server_round)
-        _write_json(state_path, {"round": server_round, "strategy": strategy.state_dict(),
-                                 "sites": sorted(strategy.arrays)})
+        atomic_write(state_path, _json({"round": server_round, "strategy": strategy.state_dict(),
+                                        "sites": sorted(strategy.arrays)}))
         log.info("round %s summary:\n%s", server_round, "\n".join(
             f"  {s:<10} {ph:<5} loss {lo:7.3f}  own-test mAP50 {m:.3f}  benchmark mAP50 "
             + ("-" if b is None else f"{b:.3f}") for s, ph, lo, m, b in rows))
