@@ -133,10 +133,15 @@ class KDConfig:
     similarity graph), ``all`` (naive: every other site teaches every site,
     uniform weights; the paper's Figure 6 baseline). ``cloud_rounds``: rounds
     on which the cloud model (trained by the server) teaches every site.
+    ``teacher_rank``: ``map_degree`` (default: in-strength x benchmark mAP) or
+    ``degree`` (the paper's in-strength alone); ``better_only``: a student learns
+    only from teachers with a higher benchmark mAP (see ``common.graph``).
     """
 
     mode: str = "none"
     rho: float = 0.3
+    teacher_rank: str = "map_degree"
+    better_only: bool = True
     sigma_s_km: float = 5.0
     min_weight: float = 0.0
     class_weights: str = "ones"  # "ones" or "small" (small-object emphasis)
@@ -182,6 +187,7 @@ _CHOICES = {
     "data.source": ("builtin", "yolo"),
     "federation.aggregation": ("none", "fedavg"),
     "kd.mode": ("none", "graph", "all"),
+    "kd.teacher_rank": ("map_degree", "degree"),
     "kd.class_weights": ("ones", "small"),
     "tracking.wandb": ("off", "offline", "online"),
 }

@@ -32,6 +32,17 @@ Where the paper is unclear or wrong, this module decides as follows.
   that a student remains. A node with degree 0 is never a teacher (nobody leans on
   it), so fewer teachers come back when fewer nodes have a positive degree.
   Ties are broken by ascending node id, so node ids must be mutually comparable.
+* **Accuracy (our addition).** Nothing in the paper's degree ranks by accuracy: in our
+  first KD measurement (``benchmarks/results/kd_federation_probe.md``) the in-strength
+  picked the two *weakest* sites as teachers every round (close to each other and to
+  the benchmark-wide mean in AP space, so the others "lean on" them most), and
+  distilling the strong sites towards them cost 0.15 mAP50 each. So by default
+  (``kd.teacher_rank = map_degree``) teachers are ranked by
+  :func:`accuracy_weighted_degree` ``d_i * mAP_i`` (benchmark mAP, the first entry
+  of V before normalisation), and :func:`teachers_for` with ``better_only`` keeps only
+  teachers whose benchmark mAP is strictly above the student's: a model never learns
+  from one that scores lower on the shared benchmark. ``teacher_rank = degree`` and
+  ``better_only = False`` give the paper's rule.
 """
 
 from __future__ import annotations
@@ -367,6 +378,21 @@ def teacher_degree(graph: nx.DiGraph) -> dict[Hashable, float]:
     return {node: float(sum(w for _, _, w in graph.in_edges(node, data="weight"))) for node in graph.nodes}
 
 
+def accuracy_weighted_degree(graph: nx.DiGraph, degree: Mapping[Hashable, float] | None = None) -> dict[Hashable, float]:
+    """Teacher score ``d_i * mAP_i``: in-strength weighted by benchmark mAP (our addition, see the module docstring).
+
+    ``mAP_i`` is the node's benchmark mAP (``raw_vector[0]``, the mean of its present
+    classes' AP); a node without any AP (NaN) scores 0 and never teaches.
+
+    Examples
+    --------
+    In-strengths {A: 2, B: 0.8, C: 0.2} and mAPs {A: 0.1, B: 0.5, C: 0.4} ->
+    {A: 0.2, B: 0.4, C: 0.08}: B, less central but five times as accurate, ranks first.
+    """
+    degree = teacher_degree(graph) if degree is None else degree
+    return {node: float(degree.get(node, 0.0)) * _benchmark_map(graph, node) for node in graph.nodes}
+
+
 def select_teachers(degree: Mapping[Hashable, float], rho: float) -> set:
     """Teacher set T: the top-``rho`` fraction of nodes by degree (paper section 4.3).
 
@@ -400,13 +426,16 @@ def select_teachers(degree: Mapping[Hashable, float], rho: float) -> set:
     return set(ranked[:count])
 
 
-def teachers_for(graph: nx.DiGraph, student: Hashable, teachers: Iterable[Hashable]) -> dict[Hashable, float]:
+def teachers_for(graph: nx.DiGraph, student: Hashable, teachers: Iterable[Hashable],
+                 better_only: bool = False) -> dict[Hashable, float]:
     """The student's teachers and their mixing weights (paper section 4.3: "if its neighbor j is in T").
 
     ``w_j = a_ij / sum_{k in N(i) ∩ T} a_ik`` over the student's out-neighbours that are
     teachers (never the student itself); the weights sum to 1. A student without a
     teacher neighbour gets ``{}`` and trains without KD this round. In the paper only
-    nodes outside T are students; the caller asks for those.
+    nodes outside T are students; the caller asks for those. With ``better_only`` a
+    teacher whose benchmark mAP is not strictly above the student's is left out
+    (our addition, see the module docstring).
 
     Examples
     --------
@@ -415,6 +444,9 @@ def teachers_for(graph: nx.DiGraph, student: Hashable, teachers: Iterable[Hashab
     if student not in graph:
         raise ValueError(f"student {student!r} is not a node of the graph")
     teacher_set = set(teachers)
+    if better_only:
+        floor = _benchmark_map(graph, student)
+        teacher_set = {t for t in teacher_set if t in graph and _benchmark_map(graph, t) > floor}
     arcs = {j: w for _, j, w in graph.out_edges(student, data="weight") if j in teacher_set and j != student}
     total = sum(arcs.values())
     return {j: w / total for j, w in arcs.items()}
@@ -453,6 +485,12 @@ def graph_to_json(graph: nx.DiGraph, teachers: Iterable[Hashable], degree: Mappi
         "nodes": nodes,
         "arcs": arcs,
     }
+
+
+def _benchmark_map(graph: nx.DiGraph, node: Hashable) -> float:
+    """The node's benchmark mAP (first entry of its raw V); 0 when it has none (NaN)."""
+    value = float(graph.nodes[node]["raw_vector"][0])
+    return 0.0 if math.isnan(value) else value
 
 
 def _check_sigma(sigma_s: float) -> None:

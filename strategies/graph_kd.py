@@ -7,8 +7,9 @@ Each round, on top of :class:`PersonalizedStrategy`'s local training:
    degraded); ``evaluate_fn`` scores just those, their per-class AP50 becomes
    their performance profile;
 2. **graph**: :func:`common.graph.build_graph` over every present site with a
-   profile (position, class set, AP vector), teacher degree (in-strength),
-   top-``rho`` teachers;
+   profile (position, class set, AP vector), teacher degree (in-strength,
+   by default weighted by benchmark mAP), top-``rho`` teachers; a student only
+   learns from teachers more accurate than itself (``better_only``);
 3. **distillation**: one message *per student*, carrying its own weights, its
    teachers' weights (``teacher-<i>`` records) and mixing weights from
    :func:`common.graph.teachers_for`, and the KD settings; students train with
@@ -39,7 +40,8 @@ CloudFn = Callable[[int], tuple[ArrayRecord, str]]  # round -> (cloud weights, c
 
 
 class GraphKDStrategy(PersonalizedStrategy):
-    def __init__(self, *, mode: str = "graph", rho: float = 0.3, sigma_s_km: float = 5.0, min_weight: float = 0.0,
+    def __init__(self, *, mode: str = "graph", rho: float = 0.3, teacher_rank: str = "map_degree",
+                 better_only: bool = True, sigma_s_km: float = 5.0, min_weight: float = 0.0,
                  class_weights: list[float] | None = None, alpha: float = 0.5, temperature: float = 1.0,
                  fg_threshold: float = 0.25, kd_epochs: int = 2, start_round: int = 1,
                  cloud_rounds: tuple[int, ...] = (), cloud_fn: CloudFn | None = None, edge_arch: str = "yolo11n",
@@ -49,7 +51,10 @@ class GraphKDStrategy(PersonalizedStrategy):
             raise ValueError(f"mode={mode!r}: expected 'none', 'graph' or 'all'")
         if cloud_rounds and cloud_fn is None:
             raise ValueError("cloud_rounds given but no cloud_fn to provide the cloud model")
+        if teacher_rank not in ("map_degree", "degree"):
+            raise ValueError(f"teacher_rank={teacher_rank!r}: expected 'map_degree' or 'degree'")
         self.mode, self.rho, self.sigma_s_km, self.min_weight = mode, rho, sigma_s_km, min_weight
+        self.teacher_rank, self.better_only = teacher_rank, better_only
         self.class_weights = class_weights
         self.kd = {P.KD_ALPHA: float(alpha), P.KD_TEMPERATURE: float(temperature),
                    P.KD_FG_THRESHOLD: float(fg_threshold)}
@@ -61,6 +66,8 @@ class GraphKDStrategy(PersonalizedStrategy):
 
     def summary(self) -> None:
         super().summary()
+        log(INFO, "\t├── teachers ranked by %s%s", self.teacher_rank,
+            ", only more accurate teachers" if self.better_only else "")
         log(INFO, "\t├── KD mode %s, rho %s, sigma_s %s km, T %s, alpha %s", self.mode, self.rho,
             self.sigma_s_km, self.kd[P.KD_TEMPERATURE], self.kd[P.KD_ALPHA])
         log(INFO, "\t└── cloud->edge KD rounds: %s", sorted(self.cloud_rounds) or "none")
@@ -106,11 +113,12 @@ class GraphKDStrategy(PersonalizedStrategy):
         graph = G.build_graph({s: self.profiles[s] for s in sites}, self.sigma_s_km,
                               class_weights=self.class_weights, min_weight=self.min_weight)
         degree = G.teacher_degree(graph)
-        teachers = G.select_teachers(degree, self.rho)
-        plan = {s: G.teachers_for(graph, s, teachers) for s in sites if s not in teachers}
+        score = G.accuracy_weighted_degree(graph, degree) if self.teacher_rank == "map_degree" else degree
+        teachers = G.select_teachers(score, self.rho)
+        plan = {s: G.teachers_for(graph, s, teachers, self.better_only) for s in sites if s not in teachers}
         plan = {s: t for s, t in plan.items() if t}  # a student with no teacher neighbour sits out
         self.graph_record = {"round": server_round, "mode": "graph", **G.graph_to_json(graph, teachers, degree),
-                             "teachers_for": plan}
+                             "teacher_rank": self.teacher_rank, "score": score, "teachers_for": plan}
         log(INFO, "graph: round %s, teachers %s, students %s", server_round, sorted(teachers), sorted(plan))
         return plan
 

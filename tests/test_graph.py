@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from common.graph import (
+    accuracy_weighted_degree,
     build_graph,
     graph_to_json,
     latlon_to_km,
@@ -444,6 +445,50 @@ def test_teachers_for_hand_worked():
     assert teachers_for(g, "C", {"A"}) == {}
     with pytest.raises(ValueError, match="'X'"):
         teachers_for(g, "X", {"A"})
+
+
+def _graph_with_maps(arcs, maps):
+    g = nx.DiGraph()
+    g.add_weighted_edges_from(arcs)
+    for node, m in maps.items():
+        g.nodes[node]["raw_vector"] = np.array([m, m])
+    return g
+
+
+def test_accuracy_weighted_degree_hand_worked():
+    """Our addition to paper 4.3's degree: d_i * mAP_i (the docstring example); NaN mAP -> 0."""
+    # Prepare: in-strengths A 2, B 0.8, C 0.2 (see test_teacher_degree_hand_worked)
+    arcs = [("A", "B", 0.8), ("A", "C", 0.2), ("B", "A", 1.0), ("C", "A", 1.0)]
+    g = _graph_with_maps(arcs, {"A": 0.1, "B": 0.5, "C": 0.4})
+    # Execute / Assert: 2 * 0.1 = 0.2, 0.8 * 0.5 = 0.4, 0.2 * 0.4 = 0.08
+    score = accuracy_weighted_degree(g)
+    assert score == pytest.approx({"A": 0.2, "B": 0.4, "C": 0.08})
+    assert select_teachers(score, 0.3) == {"B"}  # the paper's in-strength alone would pick A
+    assert select_teachers(teacher_degree(g), 0.3) == {"A"}
+    g.nodes["B"]["raw_vector"] = np.array([NAN, NAN])
+    assert accuracy_weighted_degree(g)["B"] == 0.0
+
+
+def test_accuracy_weighted_degree_matches_numpy_on_a_built_graph():
+    """d_i * mAP_i against an independent numpy product over networkx in-degrees and the profiles' nanmean."""
+    profiles = _four_node_profiles()
+    g = build_graph(profiles, sigma_s=2.0)
+    score = accuracy_weighted_degree(g)
+    in_deg = dict(g.in_degree(weight="weight"))
+    for node, p in profiles.items():
+        assert score[node] == pytest.approx(in_deg[node] * np.nanmean(np.asarray(p["ap"], dtype=float)))
+
+
+def test_teachers_for_better_only_drops_weaker_teachers():
+    """Our addition: with better_only a student never learns from a teacher whose benchmark mAP is not above its own."""
+    # Prepare: S (mAP 0.3) -> A 0.5 (mAP 0.6), B 0.3 (mAP 0.3, a tie), C 0.2 (mAP 0.1)
+    arcs = [("S", "A", 0.5), ("S", "B", 0.3), ("S", "C", 0.2)]
+    g = _graph_with_maps(arcs, {"S": 0.3, "A": 0.6, "B": 0.3, "C": 0.1})
+    # Execute / Assert
+    assert teachers_for(g, "S", {"A", "B", "C"}) == pytest.approx({"A": 0.5, "B": 0.3, "C": 0.2})
+    assert teachers_for(g, "S", {"A", "B", "C"}, better_only=True) == pytest.approx({"A": 1.0})
+    assert teachers_for(g, "S", {"B", "C"}, better_only=True) == {}  # no better teacher: sits out
+    assert teachers_for(g, "A", set(), better_only=True) == {}
 
 
 def test_full_pipeline_every_student_weights_sum_to_one():

@@ -33,18 +33,45 @@ def _strategy(**kw) -> GraphKDStrategy:
     return GraphKDStrategy(**{**defaults, **kw})
 
 
-def _expected_plan():
+def _expected_plan(paper_rule: bool = False):
     """The same graph computed directly with common.graph (an independent path through the math)."""
     profiles = {f"site-{k}": {"position": (float(k), 0.0), "classes": [0, 2], "ap": AP[k]} for k in AP}
     g = G.build_graph(profiles, 5.0)
-    teachers = G.select_teachers(G.teacher_degree(g), 0.34)
-    return teachers, {s: G.teachers_for(g, s, teachers) for s in profiles if s not in teachers}
+    degree = G.teacher_degree(g)
+    teachers = G.select_teachers(degree if paper_rule else G.accuracy_weighted_degree(g), 0.34)
+    return teachers, {s: G.teachers_for(g, s, teachers, better_only=not paper_rule)
+                      for s in profiles if s not in teachers}
+
+
+@pytest.mark.parametrize("paper_rule", [False, True])
+def test_teacher_rank_and_better_only_follow_config(paper_rule):
+    """Default: teachers by in-strength x benchmark mAP, only more accurate ones teach; paper rule: in-strength."""
+    grid = FakeGrid([1, 2, 3], reply=_reply)
+    kw = dict(teacher_rank="degree", better_only=False) if paper_rule else {}
+    strategy = _strategy(**kw)
+
+    strategy.start(grid, num_rounds=1, expected_nodes=3, wait_for_nodes_s=0)
+
+    teachers, plan = _expected_plan(paper_rule)
+    plan = {s: t for s, t in plan.items() if t}  # a student without a (better) teacher sits out
+    assert set(strategy.graph_record["teachers"]) == teachers
+    assert strategy.graph_record["teachers_for"].keys() == plan.keys()
+    for student, mixing in plan.items():
+        assert strategy.graph_record["teachers_for"][student] == pytest.approx(mixing)
+    assert strategy.graph_record["teacher_rank"] == ("degree" if paper_rule else "map_degree")
+    # here site-3 has the best benchmark mAP (0.5 vs 0.375 and 0.35): by default nobody may teach it
+    assert len(grid.sent) == (2 if paper_rule else 1)
+
+
+def test_bad_teacher_rank_is_an_error_naming_it():
+    with pytest.raises(ValueError, match="'best'"):
+        _strategy(teacher_rank="best")
 
 
 def test_round_sends_each_student_its_teachers_and_weights():
-    # Prepare
+    # Prepare: the paper's rule, so that the one student has teachers
     grid = FakeGrid([1, 2, 3], reply=_reply)
-    strategy = _strategy()
+    strategy = _strategy(teacher_rank="degree", better_only=False)
     seen = []
 
     # Execute: one round = local training, evaluation, graph, KD
@@ -52,7 +79,7 @@ def test_round_sends_each_student_its_teachers_and_weights():
                    on_round_end=lambda r, replies: seen.extend(replies))
 
     # Assert: ceil(0.34 * 3) = 2 teachers, 1 student; its message carries both teachers' weights
-    teachers, plan = _expected_plan()
+    teachers, plan = _expected_plan(paper_rule=True)
     assert len(teachers) == 2 and len(plan) == 1
     (student, mixing), = plan.items()
     train_msgs, kd_msgs = grid.sent
