@@ -93,6 +93,17 @@ def summarise(results: list[dict], noisy_site: str | None) -> list[str]:
         rel = f"{100 * (mean - base) / base:+.1f}%" if base else "-"
         line = f"| {variant} | {mean:.3f} | {std:.3f} | {', '.join(f'{v:.3f}' for v in vals)} | {rel} |"
         lines.append(line + (f" {picked.get(variant, 0)} |" if noisy_site else ""))
+    variants = list(by_variant)
+    sites = sorted({s for r in results for s in r["final_test_map50"]})
+    lines += ["", "Per site, own test mAP50 after the last round (mean over seeds):", "",
+              "| site | " + " | ".join(variants) + " |", "|---|" + "---|" * len(variants)]
+    for site in sites:
+        cells = [statistics.fmean(r["final_test_map50"][site] for r in results if r["variant"] == v) for v in variants]
+        lines.append(f"| {site} | " + " | ".join(f"{c:.3f}" for c in cells) + " |")
+    teachers = {(r["variant"], r["seed"]): r["teachers_per_round"] for r in results if r["teachers_per_round"]}
+    if teachers:
+        lines += ["", "Teachers per KD round: " + "; ".join(
+            f"{v} seed {s}: {' / '.join(','.join(t) or '-' for t in ts)}" for (v, s), ts in teachers.items()), ""]
     return lines
 
 
@@ -115,33 +126,48 @@ def main(argv: list[str] | None = None) -> None:
         overrides["data.noisy-site"] = True
     cfg = load_config(args.preset, overrides)
     noisy_site = f"site-{cfg.data.num_sites}" if args.noisy else None
+    stem = args.out or RESULTS / ("kd_noisy" if args.noisy else "kd_federation")
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    # one JSON line per finished federation, keyed by the settings: a rerun skips what is done (resume)
+    key = {"preset": args.preset, "set": sorted(args.set), "noisy": args.noisy, "cloud_rounds": args.cloud_rounds,
+           "teacher_rank": cfg.kd.teacher_rank, "better_only": cfg.kd.better_only}
+    jsonl = stem.with_suffix(".jsonl")
+    done = [json.loads(line) for line in jsonl.read_text().splitlines()] if jsonl.is_file() else []
+    done = {(r["variant"], r["seed"]): r for r in done if r.get("settings") == key}
     t0 = time.perf_counter()
-    results = []
     with tempfile.TemporaryDirectory(prefix="cedar-kd-bench-") as tmp:
         for seed in args.seeds:
             for variant in args.variants:
-                results.append(run_variant(args.preset, variant, seed, overrides, args.cloud_rounds, Path(tmp)))
-                logging.info("%s seed %s: %s", variant, seed, results[-1]["final_test_map50"])
-    stem = args.out or RESULTS / ("kd_noisy" if args.noisy else "kd_federation")
-    stem.parent.mkdir(parents=True, exist_ok=True)
+                if (variant, seed) in done:
+                    continue
+                result = {**run_variant(args.preset, variant, seed, overrides, args.cloud_rounds, Path(tmp)),
+                          "settings": key}
+                with jsonl.open("a") as f:
+                    f.write(json.dumps(result) + "\n")
+                done[variant, seed] = result
+                logging.info("%s seed %s: %s", variant, seed, result["final_test_map50"])
+    results = [done[v, s] for s in args.seeds for v in args.variants]
+    wall = sum(r["seconds"] for r in results)
     header = [
         f"# Distillation in a federation ({'with a noisy site' if args.noisy else 'edge->edge and cloud->edge'})",
         "",
         f"Measured {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC by `python -m benchmarks.kd_federation "
         f"--preset {args.preset} --seeds {' '.join(map(str, args.seeds))} --variants {' '.join(args.variants)}"
         f"{' --noisy' if args.noisy else ''}{' --set ' + ' '.join(args.set) if args.set else ''}` on "
-        f"{cpu_model_name()}, 2 CPU cores; wall time {time.perf_counter() - t0:.0f} s.",
+        f"{cpu_model_name()}, 2 CPU cores; {wall:.0f} s of federations ({time.perf_counter() - t0:.0f} s in "
+        "this invocation; the runs are resumable).",
         "",
         f"{cfg.data.num_sites} sites{' + 1 noisy' if args.noisy else ''}, {cfg.federation.num_rounds} rounds of "
         f"{cfg.train.epochs_per_round} local epochs at {cfg.train.imgsz} px; KD: rho {cfg.kd.rho}, "
-        f"alpha {cfg.kd.alpha}, T {cfg.kd.temperature}, {cfg.kd.epochs} KD epochs from round {cfg.kd.start_round}"
+        f"alpha {cfg.kd.alpha}, T {cfg.kd.temperature}, {cfg.kd.epochs} KD epochs from round {cfg.kd.start_round}, "
+        f"teachers ranked by {cfg.kd.teacher_rank}{', only more accurate teachers' if cfg.kd.better_only else ''}"
         + (f"; cloud rounds {args.cloud_rounds}" if "cloud" in args.variants else "")
         + ". mAP50 = mean over sites of each site's own test split after the last "
         "round" + (" (the noisy site excluded)." if args.noisy else "."),
         "",
     ]
     stem.with_suffix(".md").write_text("\n".join(header + summarise(results, noisy_site)) + "\n")
-    stem.with_suffix(".json").write_text(json.dumps(results, indent=1))
+    stem.with_suffix(".json").write_text(json.dumps(results, indent=1) + "\n")
     print(stem.with_suffix(".md").read_text())
 
 
