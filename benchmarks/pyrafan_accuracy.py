@@ -175,6 +175,13 @@ def read_split(site_dir: Path, split: str = "test") -> tuple[list[Path], list[np
 # --------------------------------------------------------------------------- runs
 
 
+def weights_path(arch: str, site: int, seed: int, epochs: int, preset: str) -> Path:
+    """Where a run keeps its trained model (other benchmarks reuse it: edge models for collaboration)."""
+    from common.yolo import CEDAR_HOME
+
+    return CEDAR_HOME / "models" / f"{preset}-{arch}-site{site}-seed{seed}-{epochs}ep.pt"
+
+
 def run_one(arch: str, site: int, seed: int, bench, cfg, epochs: int) -> dict:
     import cv2
     import torch
@@ -189,6 +196,8 @@ def run_one(arch: str, site: int, seed: int, bench, cfg, epochs: int) -> dict:
     res = yolo.train(model, data, epochs=epochs, imgsz=t.imgsz, batch=t.batch, lr0=t.lr0,
                      weight_decay=t.weight_decay, warmup_iters=t.warmup_iters, mosaic=t.mosaic, workers=t.workers,
                      seed=seed, device=t.device, desc=f"{arch} site {site} seed {seed}")
+    saved = yolo.save_weights(model, weights_path(arch, site, seed, epochs, cfg.preset), site=site, seed=seed,
+                              epochs=epochs, imgsz=t.imgsz)
     ev = yolo.evaluate(model, data, split="test", imgsz=t.imgsz, batch=e.batch, conf=e.conf, iou=e.iou,
                        device=t.device)
     paths, gts = read_split(bench.site_dir(site), "test")
@@ -200,7 +209,7 @@ def run_one(arch: str, site: int, seed: int, bench, cfg, epochs: int) -> dict:
             "map50": ev.map50, "map50_95": ev.map50_95, "map50_small": small["map50"],
             "ap50_small": small["ap50"], "n_small": small["n_gt"], "n_gt": every["n_gt"],
             "map50_all_own": every["map50"], "train_loss": res.loss, "train_s": res.seconds,
-            "iterations": res.iterations, "eval_s": ev.seconds}
+            "iterations": res.iterations, "eval_s": ev.seconds, "weights": str(saved)}
 
 
 def summarise(records: list[dict], models: list[str]) -> dict:
