@@ -1,0 +1,465 @@
+"""Cloud-edge collaborative inference, measured end to end (paper sections 4.1-4.2, Tables 1/3/4, Figure 5).
+
+Real parts: the cloud detection service runs as its own process (``python -m
+server.cloud``) on loopback; the edge side is the edge runtime's own pipeline
+(:class:`clients.edge.EdgeRuntime`: keyframes, tracks, ambiguity routing,
+JPEG offload through the disk queue and :class:`clients.edge.CloudClient`,
+merge). Edge and cloud get one CPU thread each on the same machine.
+
+Models
+    *Edge*: the ``standard``-preset models that ``benchmarks.pyrafan_accuracy``
+    trains on one site (kept under ``$CEDAR_HOME/models``; trained here with the
+    same budget when missing). *Cloud*: ``model.cloud`` (YOLO11s) trained on the
+    benchmark's public train split (the cloud never sees a site's private data)
+    for the same number of iterations as an edge model; cached likewise.
+
+Data
+    The site's test images (every image is a keyframe: ``max_gap=1``) and the
+    site's video (90 frames with per-frame labels, a still stretch and a cut).
+
+Metrics (all at the operating points: edge ``routing.det_conf``, cloud ``--conf``)
+    mAP50: Ultralytics' 101-point AP over the detections each variant outputs,
+    class-aware, IoU 0.5 (``benchmarks.pyrafan_accuracy.size_range_ap50``);
+    recall and FNR = 1 - recall: ground truth matched class-aware at IoU 0.5;
+    offload: fraction of keyframes with an upload and of edge detections routed
+    to the cloud; bytes: JPEG payload per frame; latency per frame: edge =
+    keyframe detection, collaborative = edge + cloud round trip when the frame
+    was offloaded (the refined answer), cloud only = JPEG encode + round trip of
+    the whole frame. A non-keyframe reuses its keyframe's detections (and, in
+    the collaboration, its refined answer).
+
+Run (standard preset; trains what is missing, then ~10 min)::
+
+    python -m benchmarks.collaboration --preset standard
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import secrets
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from dataclasses import replace
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks.pyrafan_accuracy import read_split, size_range_ap50, weights_path
+from benchmarks.pyrafan_speed import cpu_model_name
+
+log = logging.getLogger("benchmarks.collaboration")
+RESULTS = Path(__file__).resolve().parent / "results" / "collaboration"
+EDGE_MODELS = ("yolo11n", "yolo11n-p2", "yolo11n-pyrafan")
+PAPER = {"edge_map50": 0.328, "cloud_map50": 0.401, "collab_map50": 0.429, "edge_fnr": 0.46, "collab_fnr": 0.37}
+
+
+# --------------------------------------------------------------------------- models
+
+
+def edge_model(cfg, bench, arch: str, site: int, seed: int) -> Path:
+    """The site's trained edge model (the PyraFAN accuracy benchmark's file, trained here if missing)."""
+    epochs = cfg.train.epochs_per_round * cfg.federation.num_rounds
+    path = weights_path(arch, site, seed, epochs, cfg.preset)
+    if not path.is_file():
+        from benchmarks.pyrafan_accuracy import run_one
+
+        log.info("training edge model %s site %d seed %d (%d epochs)", arch, site, seed, epochs)
+        run_one(arch, site, seed, bench, cfg, epochs)
+    return path
+
+
+def cloud_model(cfg, bench, seed: int) -> Path:
+    """``model.cloud`` trained on the public train split for as many iterations as an edge model."""
+    import yaml
+
+    from common import yolo
+    from common.benchmark import CLASS_NAMES
+
+    t = cfg.train
+    edge_iters = t.epochs_per_round * cfg.federation.num_rounds * math.ceil(cfg.data.train_per_site / t.batch)
+    spec = yaml.safe_load(bench.public_data.read_text())
+    n_train = len(list((Path(spec["path"]) / spec["train"]).glob("*.png")))
+    epochs = math.ceil(edge_iters / math.ceil(n_train / t.batch))
+    path = yolo.CEDAR_HOME / "models" / f"{cfg.preset}-cloud-{cfg.model.cloud}-public-seed{seed}-{epochs}ep.pt"
+    if path.is_file():
+        return path
+    import torch
+
+    torch.set_num_threads(t.threads)
+    model = yolo.build_model(cfg.model.cloud, nc=len(CLASS_NAMES), seed=seed, names=list(CLASS_NAMES))
+    log.info("training the cloud model %s on %d public images, %d epochs", cfg.model.cloud, n_train, epochs)
+    res = yolo.train(model, bench.public_data, epochs=epochs, imgsz=t.imgsz, batch=t.batch, lr0=t.lr0,
+                     weight_decay=t.weight_decay, warmup_iters=t.warmup_iters, mosaic=t.mosaic, workers=t.workers,
+                     seed=seed, device=t.device, desc=f"cloud {cfg.model.cloud}")
+    return yolo.save_weights(model, path, epochs=epochs, iterations=res.iterations, train_s=res.seconds)
+
+
+# --------------------------------------------------------------------------- the cloud service
+
+
+@contextmanager
+def cloud_service(weights: Path, workdir: Path, *, imgsz: int, conf: float, iou: float, threads: int = 1):
+    """``python -m server.cloud`` on a free loopback port; yields ``(url, token)``; always stopped."""
+    import socket
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    token = secrets.token_urlsafe(24)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "CEDAR_CLOUD_TOKEN": token}
+    log_path = workdir / "cloud.log"
+    args = [sys.executable, "-m", "server.cloud", "--weights", str(weights), "--port", str(port),
+            "--store", str(workdir / "store"), "--imgsz", str(imgsz), "--conf", str(conf), "--iou", str(iou),
+            "--log-level", "warning"]
+    with log_path.open("w") as log_file:
+        proc = subprocess.Popen(args, env=env, stdout=log_file, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(url + "/health", timeout=2) as r:
+                    if json.loads(r.read())["status"] == "ok":
+                        break
+            except OSError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the cloud service did not start:\n{log_path.read_text()[-3000:]}")
+            time.sleep(0.5)
+        yield url, token
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+# --------------------------------------------------------------------------- runs
+
+
+def run_edge(weights: Path, source: Path, settings, client, workdir: Path, *, imgsz: int, conf: float,
+             iou: float) -> list[dict]:
+    """The edge runtime over ``source``; its JSON lines (edge, refined, failed, summary)."""
+    from clients.edge import EdgeModel, EdgeRuntime, FrameSource
+
+    out = workdir / f"{settings.run_id}.jsonl"
+    model = EdgeModel(weights, imgsz=imgsz, conf=conf, iou=iou, reload_every=1e9)
+    runtime = EdgeRuntime(model, client, settings, queue_dir=workdir / f"queue-{settings.run_id}", out=out)
+    frames = FrameSource(source)
+    try:
+        runtime.run(frames)
+    finally:
+        frames.close()
+    return [json.loads(line) for line in out.read_text().splitlines()]
+
+
+def cloud_only(source: Path, client, site: str, quality: int = 90) -> tuple[list, list[float], list[int]]:
+    """Every frame whole to ``/detect``: detections, per-frame latency (encode + round trip), bytes."""
+    from clients.edge import FrameSource, OffloadEntry
+    from common.routing import encode_regions
+
+    dets, ms, sizes = [], [], []
+    frames = FrameSource(source)
+    for frame in frames:
+        t0 = time.perf_counter()
+        h, w = frame.image.shape[:2]
+        payloads = encode_regions(frame.image, [[0, 0, w, h]], quality=quality)
+        entry = OffloadEntry(id=f"{site}.cloud.{frame.index:06d}", site=site, run="cloud", frame=frame.index,
+                             mode="frame", created=frame.time, model="-", pts_s=frame.pts_s, image_shape=[h, w],
+                             regions=[[0, 0, w, h]], edge=[], offloaded=[], payloads=payloads)
+        answer = client.send(entry)
+        ms.append((time.perf_counter() - t0) * 1000)
+        sizes.append(entry.payload_bytes)
+        dets.append(answer.detections)
+    frames.close()
+    return dets, ms, sizes
+
+
+def per_frame(records: list[dict], collaborative: bool) -> list:
+    """Final detections per frame: the edge line's, or the refined answer of its keyframe."""
+    from common.routing import Detections
+
+    refined = {r["frame"]: r for r in records if r["kind"] == "refined"}
+    failed = [r for r in records if r["kind"] == "failed"]
+    if failed:
+        raise RuntimeError(f"{len(failed)} offloads refused by the cloud, e.g. {failed[0]['error']}")
+    out = []
+    for r in sorted((r for r in records if r["kind"] == "edge"), key=lambda r: r["frame"]):
+        src = refined.get(r["source_frame"]) if collaborative else None
+        out.append(Detections.from_list((src or r)["detections"]))
+    return out
+
+
+def score(dets: list, gts: list[np.ndarray], nc: int, small_px: float) -> dict:
+    """mAP50 (all objects and small ones), recall and FNR at IoU 0.5, class-aware."""
+    from common.routing import matched_gt
+
+    preds = [{"xyxy": d.xyxy, "conf": d.conf, "cls": d.cls} for d in dets]
+    found = []
+    for d, gt in zip(dets, gts):
+        for c in np.unique(gt[:, 0]).astype(int):
+            mine, theirs = d.cls == c, gt[:, 0] == c
+            found.extend(matched_gt(d.xyxy[mine], d.conf[mine], gt[theirs, 1:]))
+    recall = float(np.mean(found)) if found else float("nan")
+    return {"map50": size_range_ap50(preds, gts, nc, small_px=None)["map50"],
+            "map50_small": size_range_ap50(preds, gts, nc, small_px=small_px)["map50"],
+            "recall": recall, "fnr": 1.0 - recall, "n_gt": int(sum(len(g) for g in gts))}
+
+
+def offload_figures(records: list[dict]) -> dict:
+    edge = [r for r in records if r["kind"] == "edge"]
+    keys = [r for r in edge if r["keyframe"]]
+    refined = {r["frame"]: r for r in records if r["kind"] == "refined"}
+    n_det = sum(len(r["detections"]) for r in keys)
+    n_off = sum(r["offload"]["detections"] for r in keys if r["offload"])
+    edge_ms = [r["latency_ms"]["edge"] for r in keys]
+    collab_ms = [r["latency_ms"]["edge"] + (refined[r["frame"]]["latency_ms"]["cloud_rtt"]
+                                           if r["frame"] in refined else 0.0) for r in keys]
+    return {"frames": len(edge), "keyframes": len(keys), "keyframe_fraction": len(keys) / len(edge),
+            "offloaded_keyframes": sum(1 for r in keys if r["offload"]) / len(keys),
+            "offloaded_detections": n_off / n_det if n_det else 0.0,
+            "bytes_per_frame": sum(r["offload"]["bytes"] for r in keys if r["offload"]) / len(edge),
+            "edge_ms": float(np.mean(edge_ms)), "collab_ms": float(np.mean(collab_ms)),
+            "delivered": len(refined)}
+
+
+def video_labels(video_dir: Path, n: int, size: int) -> list[np.ndarray]:
+    out = []
+    for i in range(n):
+        txt = video_dir / "labels" / f"{i:06d}.txt"
+        rows = np.loadtxt(txt, ndmin=2) if txt.is_file() and txt.stat().st_size else np.zeros((0, 5))
+        xyxy = np.stack([rows[:, 1] - rows[:, 3] / 2, rows[:, 2] - rows[:, 4] / 2,
+                         rows[:, 1] + rows[:, 3] / 2, rows[:, 2] + rows[:, 4] / 2], 1) * size
+        out.append(np.column_stack([rows[:, 0], xyxy]))
+    return out
+
+
+# --------------------------------------------------------------------------- the experiment
+
+
+def measure(args, cfg, bench, workdir: Path) -> dict:
+    import torch
+
+    from clients.edge import CloudClient, EdgeSettings
+    from common.benchmark import CLASS_NAMES
+
+    torch.set_num_threads(1)
+    nc, small_px, r = len(CLASS_NAMES), cfg.eval.small_px, cfg.routing
+    site_id = f"site-{args.site}"
+    images_dir = bench.site_dir(args.site) / "images" / "test"
+    paths, image_gts = read_split(bench.site_dir(args.site), "test")
+    video_dir = bench.video_dir(args.site)
+    meta = json.loads((video_dir / "meta.json").read_text())
+    video_gts = video_labels(video_dir, meta["frames"], meta["imgsz"])
+    edges = {arch: edge_model(cfg, bench, arch, args.site, args.seed) for arch in args.edge_models}
+    cloud = cloud_model(cfg, bench, args.seed)
+    kw = dict(imgsz=cfg.train.imgsz, conf=r.det_conf, iou=cfg.eval.iou)
+    base = EdgeSettings(site=site_id, t_conf=r.t_conf, t_size=r.t_size, n_frames=r.n_frames, drain_timeout=600)
+    main_arch = args.edge_models[0]
+    result: dict = {"edge_weights": {a: str(p) for a, p in edges.items()}, "cloud_weights": str(cloud)}
+    with cloud_service(cloud, workdir, imgsz=cfg.train.imgsz, conf=args.cloud_conf, iou=cfg.eval.iou) as (url, tok):
+        client = CloudClient(url, tok, site_id, timeout=120)
+        try:
+            # warm both sides up (first calls build the predictors)
+            run_edge(edges[main_arch], images_dir, replace(base, run_id="warmup", max_gap=1, t_conf=1.0), client,
+                     workdir, **kw)
+
+            def images_run(arch: str, t_conf: float, offload: str) -> dict:
+                rid = f"img-{arch}-{offload}-{int(round(t_conf * 100))}"
+                recs = run_edge(edges[arch], images_dir, replace(base, run_id=rid, max_gap=1, t_conf=t_conf,
+                                                                 offload=offload), client, workdir, **kw)
+                return {"edge": score(per_frame(recs, False), image_gts, nc, small_px),
+                        "collab": score(per_frame(recs, True), image_gts, nc, small_px), **offload_figures(recs)}
+
+            def video_run(arch: str, offload: str, every_frame: bool) -> dict:
+                rid = f"vid-{arch}-{offload}-{'all' if every_frame else 'key'}"
+                settings = replace(base, run_id=rid, offload=offload, max_gap=1 if every_frame else None)
+                recs = run_edge(edges[arch], video_dir / "video.mp4", settings, client, workdir, **kw)
+                return {"edge": score(per_frame(recs, False), video_gts, nc, small_px),
+                        "collab": score(per_frame(recs, True), video_gts, nc, small_px), **offload_figures(recs)}
+
+            dets, ms, sizes = cloud_only(images_dir, client, site_id)
+            result["images_cloud"] = {**score(dets, image_gts, nc, small_px), "ms": float(np.mean(ms)),
+                                      "bytes_per_frame": float(np.mean(sizes))}
+            dets, ms, sizes = cloud_only(video_dir / "video.mp4", client, site_id)
+            result["video_cloud"] = {**score(dets, video_gts, nc, small_px), "ms": float(np.mean(ms)),
+                                     "bytes_per_frame": float(np.mean(sizes))}
+            result["images"] = {mode: images_run(main_arch, r.t_conf, mode) for mode in ("crops", "frame")}
+            result["video"] = {f"{mode}-{'all' if every else 'key'}": video_run(main_arch, mode, every)
+                               for mode in ("crops", "frame") for every in (False, True)}
+            result["sweep"] = {arch: {str(t): images_run(arch, t, "crops") for t in args.t_conf_sweep}
+                               for arch in args.edge_models}
+        finally:
+            client.close()
+    return result
+
+
+# --------------------------------------------------------------------------- report
+
+
+def _rel(ours: float, base: float) -> str:
+    return f"{100 * (ours - base) / base:+.1f}%" if base else "-"
+
+
+def to_markdown(res: dict, settings: dict) -> str:
+    img, vid = res["images"], res["video"]
+    main = settings["edge_models"][0]
+    lines = [
+        "# Cloud-edge collaborative inference on the built-in benchmark",
+        "",
+        f"`python -m benchmarks.collaboration {settings['argv']}`, {settings['date']}, {settings['machine']}; "
+        f"wall time {settings['wall_s']:.0f} s. Site {settings['site']} (test split: {settings['n_images']} "
+        f"images; video: {settings['n_frames']} frames), edge model `{main}` (seed {settings['seed']}, "
+        f"{settings['edge_epochs']} epochs), cloud model `{settings['cloud']}` trained on the public train split "
+        "for as many iterations. The cloud service is a separate process on loopback; edge and cloud get one "
+        f"CPU thread each. Edge detections at conf >= {settings['det_conf']}, cloud at >= {settings['cloud_conf']}; "
+        f"routing t_conf {settings['t_conf']}, t_size {settings['t_size']} px², n_frames {settings['n_frames_rule']}.",
+        "",
+        "## Images (every image a keyframe)",
+        "",
+        "| variant | mAP50 | mAP50 small | recall | FNR | offloaded images | offloaded detections | "
+        "bytes / image | latency / image (ms) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    e, c = img["crops"]["edge"], res["images_cloud"]
+
+    def row(name, s, off="-", det="-", nbytes=0.0, ms=0.0):
+        return (f"| {name} | {s['map50']:.3f} | {s['map50_small']:.3f} | {s['recall']:.3f} | {s['fnr']:.3f} | "
+                f"{off} | {det} | {nbytes:.0f} | {ms:.1f} |")
+
+    lines.append(row("edge alone", e, ms=img["crops"]["edge_ms"]))
+    lines.append(row("cloud alone (whole image)", c, "100%", "-", c["bytes_per_frame"], c["ms"]))
+    for mode in ("crops", "frame"):
+        x = img[mode]
+        lines.append(row(f"collaboration ({mode})", x["collab"], f"{100 * x['offloaded_keyframes']:.0f}%",
+                         f"{100 * x['offloaded_detections']:.0f}%", x["bytes_per_frame"], x["collab_ms"]))
+    col = img["crops"]["collab"]
+    lines += [
+        "",
+        "Against the paper (VisDrone; ours: the built-in benchmark, so only the directions compare):",
+        "",
+        "| claim | paper | ours |",
+        "|---|---|---|",
+        f"| collaboration vs cloud alone, mAP50 | 0.429 vs 0.401 (+6.98%) | {col['map50']:.3f} vs {c['map50']:.3f} "
+        f"({_rel(col['map50'], c['map50'])}) |",
+        f"| collaboration vs edge alone, mAP50 | 0.429 vs 0.328 | {col['map50']:.3f} vs {e['map50']:.3f} "
+        f"({_rel(col['map50'], e['map50'])}) |",
+        f"| FNR, collaboration vs edge | 0.37 vs 0.46 (-19.56%) | {col['fnr']:.3f} vs {e['fnr']:.3f} "
+        f"({_rel(col['fnr'], e['fnr'])}) |",
+        f"| crop upload vs whole-frame upload, bytes | - (goal <= 25%) | {img['crops']['bytes_per_frame']:.0f} vs "
+        f"{img['frame']['bytes_per_frame']:.0f} B/image "
+        f"({100 * img['crops']['bytes_per_frame'] / max(img['frame']['bytes_per_frame'], 1):.0f}%), mAP50 "
+        f"{img['crops']['collab']['map50']:.3f} vs {img['frame']['collab']['map50']:.3f} |",
+        "",
+        "## Video (keyframes: β = 1.5; non-keyframes reuse their keyframe's answer)",
+        "",
+        "| variant | keyframes | mAP50 edge | mAP50 collaboration | recall edge | recall collab. | offloaded "
+        "keyframes | bytes / frame | edge ms / keyframe | collab. ms / keyframe |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for key, x in vid.items():
+        mode, which = key.split("-")
+        name = f"{mode}, {'every frame detected' if which == 'all' else 'keyframes only'}"
+        lines.append(f"| {name} | {100 * x['keyframe_fraction']:.0f}% | {x['edge']['map50']:.3f} | "
+                     f"{x['collab']['map50']:.3f} | {x['edge']['recall']:.3f} | {x['collab']['recall']:.3f} | "
+                     f"{100 * x['offloaded_keyframes']:.0f}% | {x['bytes_per_frame']:.0f} | {x['edge_ms']:.1f} | "
+                     f"{x['collab_ms']:.1f} |")
+    vc = res["video_cloud"]
+    lines.append(f"| cloud alone, every frame | 100% | - | {vc['map50']:.3f} (cloud) | - | {vc['recall']:.3f} (cloud) | "
+                 f"100% | {vc['bytes_per_frame']:.0f} | - | {vc['ms']:.1f} (cloud) |")
+    k, a = vid["crops-key"], vid["crops-all"]
+    lines += [
+        "",
+        f"The keyframe selector drops {100 * (1 - k['keyframe_fraction']):.0f}% of the frames; mAP50 cost "
+        f"{100 * (a['edge']['map50'] - k['edge']['map50']):+.1f} points (edge) and "
+        f"{100 * (a['collab']['map50'] - k['collab']['map50']):+.1f} points (collaboration) against detecting "
+        "every frame (goal: >= 50% dropped for <= 1 point).",
+        "",
+        "## Collaborative mAP50 vs t_conf (paper Figure 5; images, crop offload)",
+        "",
+        "| edge model | edge alone | " + " | ".join(f"t_conf {t}" for t in settings["t_conf_sweep"]) + " |",
+        "|---|---|" + "---|" * len(settings["t_conf_sweep"]),
+    ]
+    for arch, runs in res["sweep"].items():
+        first = runs[str(settings["t_conf_sweep"][0])]
+        cells = [f"{runs[str(t)]['collab']['map50']:.3f} ({100 * runs[str(t)]['offloaded_detections']:.0f}% off.)"
+                 for t in settings["t_conf_sweep"]]
+        lines.append(f"| {arch} | {first['edge']['map50']:.3f} | " + " | ".join(cells) + " |")
+    lines += ["", f"Cloud alone on the same images: mAP50 {c['map50']:.3f}. Plot: `collaboration_tconf.png`.", ""]
+    return "\n".join(lines)
+
+
+def plot_sweep(res: dict, settings: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    ts = settings["t_conf_sweep"]
+    for arch, runs in res["sweep"].items():
+        ax.plot(ts, [runs[str(t)]["collab"]["map50"] for t in ts], marker="o", label=f"{arch} + cloud")
+    ax.axhline(res["images_cloud"]["map50"], color="gray", linestyle="--", label="cloud alone")
+    ax.set_xlabel("t_conf (edge detections below it go to the cloud)")
+    ax.set_ylabel("collaborative mAP50")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--preset", default="standard")
+    ap.add_argument("--site", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=1, help="seed of the edge and cloud models")
+    ap.add_argument("--edge-models", nargs="+", default=list(EDGE_MODELS),
+                    help="the first one is the main table's edge model")
+    ap.add_argument("--cloud-conf", type=float, default=0.25)
+    ap.add_argument("--t-conf-sweep", type=float, nargs="+", default=[0.3, 0.4, 0.5, 0.6, 0.7])
+    ap.add_argument("--set", nargs="*", default=[], help="config overrides key=value")
+    ap.add_argument("--out", default=str(RESULTS), help="output path without suffix (.md, .json, .png)")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+
+    from common.benchmark import benchmark_from_config
+    from common.config import load_config, parse_value
+
+    cfg = load_config(args.preset, {k: parse_value(v) for k, v in (s.split("=", 1) for s in args.set)})
+    bench = benchmark_from_config(cfg.data)
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="cedar-collab-") as tmp:
+        res = measure(args, cfg, bench, Path(tmp))
+    meta = json.loads((bench.video_dir(args.site) / "meta.json").read_text())
+    settings = {"argv": " ".join(sys.argv[1:] if argv is None else argv), "site": args.site, "seed": args.seed,
+                "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+                "machine": f"{cpu_model_name()}, {os.cpu_count()} CPU cores", "wall_s": time.perf_counter() - t0,
+                "edge_models": args.edge_models, "edge_epochs": cfg.train.epochs_per_round * cfg.federation.num_rounds,
+                "cloud": cfg.model.cloud, "det_conf": cfg.routing.det_conf, "cloud_conf": args.cloud_conf,
+                "t_conf": cfg.routing.t_conf, "t_size": cfg.routing.t_size, "n_frames_rule": cfg.routing.n_frames,
+                "t_conf_sweep": args.t_conf_sweep, "n_images": cfg.data.test_per_site, "n_frames": meta["frames"]}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps({"settings": settings, "result": res}, indent=1) + "\n")
+    plot_sweep(res, settings, out.parent / f"{out.name}_tconf.png")
+    markdown = to_markdown(res, settings)
+    out.with_suffix(".md").write_text(markdown)
+    print(markdown)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
