@@ -28,15 +28,34 @@ class RoundResult:
 class LocalSite:
     """One site's detector, data and model store."""
 
-    def __init__(self, cfg: CedarConfig, spec: SiteSpec, store: Path):
+    def __init__(self, cfg: CedarConfig, spec: SiteSpec, store: Path, cloud: Mapping[str, str] | None = None):
         self.cfg, self.spec, self.store = cfg, spec, Path(store).expanduser()
+        r = cfg.routing
+        self.cloud = {"url": r.cloud_url, "token-file": r.cloud_token_file, "cafile": r.cloud_cafile,
+                      **{k: str(v) for k, v in (cloud or {}).items() if v}}
 
     @classmethod
     def from_context(cls, run_config: Mapping[str, Any], node_config: Mapping[str, Any]) -> "LocalSite":
         cfg = from_run_config(run_config)
         spec = resolve_site(cfg, node_config)
         default_store = Path(os.environ.get("CEDAR_HOME", "~/.cache/cedar")) / "nodes" / spec.site_id
-        return cls(cfg, spec, Path(str(node_config.get("model-store", default_store))))
+        cloud = {k: node_config.get(f"cloud-{k}") for k in ("url", "token-file", "cafile")}
+        return cls(cfg, spec, Path(str(node_config.get("model-store", default_store))), cloud)
+
+    def cloud_client(self):
+        """A :class:`clients.edge.CloudClient` for the configured cloud service, or None when there is none."""
+        if not self.cloud["url"]:
+            return None
+        from clients.edge import CloudClient
+        from common.tokens import resolve_token
+
+        try:
+            token = resolve_token(None, self.cloud["token-file"] or None)
+        except ValueError as err:
+            log.warning("%s: cloud service %s configured but no token (%s): edge metrics only",
+                        self.spec.site_id, self.cloud["url"], err)
+            return None
+        return CloudClient(self.cloud["url"], token, self.spec.site_id, cafile=self.cloud["cafile"] or None)
 
     def identity(self) -> dict[str, Any]:
         return {P.SITE_ID: self.spec.site_id, P.POSITION_KM: [float(v) for v in self.spec.position_km],
@@ -96,26 +115,35 @@ class LocalSite:
         return RoundResult(yolo.state_dict(model), {**metrics, **routing})
 
     def routing_metrics(self, model) -> dict[str, float]:
-        """Ambiguity routing on the test split (paper section 4.2): what the edge would offload.
+        """Ambiguity routing on the test split (paper section 4.2): what the edge offloads, and what it gains.
 
         Each test image is detected alone (batch 1, as on an edge box) at
         ``routing.det_conf``; a detection is ambiguous if below ``t_conf`` or smaller
         than ``t_size`` px² (still images have no tracks). Recall is class-agnostic at
         IoU 0.5 (:func:`common.routing.matched_gt`), of all edge detections and of the
-        confident ones alone (the edge's answer without the cloud).
+        confident ones alone (the edge's answer without the cloud). When the node
+        knows a cloud detection service (``routing.cloud-url`` or node-config
+        ``cloud-url``), the ambiguous part of each image (``routing.offload``: crops
+        with context or the whole image) is sent to it as the edge runtime does, and
+        the merged answer's recall, the per-image latency (edge, plus the round trip
+        when offloaded) and the uploaded bytes are reported too. A cloud that cannot
+        answer costs only those collaborative metrics, never the round.
         """
         import cv2
         import numpy as np
 
+        from clients.edge import CloudRejected, CloudUnavailable, OffloadEntry
         from common import yolo
-        from common.routing import ambiguity_reasons, matched_gt
+        from common.routing import (Detections, ambiguity_reasons, encode_regions, matched_gt, merge,
+                                    offload_plan)
         from common.sites import label_path, split_dir
 
         r, t = self.cfg.routing, self.cfg.train
         predictor = yolo.Predictor(model, imgsz=t.imgsz, conf=r.det_conf, iou=self.cfg.eval.iou, device=t.device)
+        client = self.cloud_client()
         detections = ambiguous = 0
-        found_all, found_confident, ms = [], [], []
-        for path in sorted(split_dir(self.spec.data_yaml, "test").glob("*.*")):
+        found_all, found_confident, found_collab, ms, collab_ms, sent = [], [], [], [], [], []
+        for n, path in enumerate(sorted(split_dir(self.spec.data_yaml, "test").glob("*.*"))):
             image = cv2.imread(str(path))
             if image is None:
                 continue
@@ -132,9 +160,38 @@ class LocalSite:
                            (rows[:, 1] + rows[:, 3] / 2) * w, (rows[:, 2] + rows[:, 4] / 2) * h], 1)
             found_all.extend(matched_gt(det["xyxy"], det["conf"], gt))
             found_confident.extend(matched_gt(det["xyxy"][~amb], det["conf"][~amb], gt))
+            if client is None:
+                continue
+            edge = Detections(det["xyxy"], det["conf"], det["cls"])
+            final, rtt, nbytes = edge.select(~amb), 0.0, 0
+            if amb.any():
+                plan = offload_plan(edge.xyxy, amb, image.shape, mode=r.offload)
+                entry = OffloadEntry(
+                    id=f"{self.spec.site_id}.eval.{n:06d}", site=self.spec.site_id, run="eval", frame=n,
+                    mode=r.offload, created=time.time(), model="eval", pts_s=None, image_shape=[h, w],
+                    regions=plan.regions.tolist(), edge=edge.to_list(), offloaded=amb.tolist(),
+                    payloads=encode_regions(image, plan.regions))
+                try:
+                    answer = client.send(entry)
+                except (CloudUnavailable, CloudRejected) as err:
+                    log.warning("%s: cloud service %s: %s: edge metrics only", self.spec.site_id,
+                                self.cloud["url"], err)
+                    client.close()
+                    client, found_collab = None, []
+                    continue
+                final, rtt, nbytes = merge(edge, answer.detections, amb), answer.rtt_ms, entry.payload_bytes
+            found_collab.extend(matched_gt(final.xyxy, final.conf, gt))
+            collab_ms.append(ms[-1] + rtt)
+            sent.append(nbytes)
+        if client is not None:
+            client.close()
         if not ms:
             return {}
-        return {P.OFFLOAD_FRACTION: ambiguous / detections if detections else 0.0,
-                P.EDGE_RECALL: float(np.mean(found_all)) if found_all else 0.0,
-                P.CONFIDENT_RECALL: float(np.mean(found_confident)) if found_confident else 0.0,
-                P.EDGE_LATENCY_MS: float(np.median(ms))}
+        out = {P.OFFLOAD_FRACTION: ambiguous / detections if detections else 0.0,
+               P.EDGE_RECALL: float(np.mean(found_all)) if found_all else 0.0,
+               P.CONFIDENT_RECALL: float(np.mean(found_confident)) if found_confident else 0.0,
+               P.EDGE_LATENCY_MS: float(np.median(ms))}
+        if client is not None:
+            out.update({P.COLLAB_RECALL: float(np.mean(found_collab)) if found_collab else 0.0,
+                        P.COLLAB_LATENCY_MS: float(np.median(collab_ms)), P.UPLOAD_BYTES: float(np.mean(sent))})
+        return out

@@ -112,6 +112,12 @@ class RoutingConfig:
     t_conf: float = 0.5  # below: ambiguous (low confidence)
     t_size: float = 256.0  # box area in px^2 below: ambiguous (small)
     n_frames: int = 5  # keyframes over which an intermittent track is ambiguous (videos)
+    # the cloud detection service (server/cloud.py) for the collaborative metrics; node-config keys
+    # cloud-url / cloud-token-file / cloud-cafile override these per node. Empty: edge metrics only.
+    cloud_url: str = ""
+    cloud_token_file: str = ""
+    cloud_cafile: str = ""
+    offload: str = "crops"  # "crops" (with context) or "frame"
 
 
 @dataclass
@@ -188,6 +194,7 @@ _CHOICES = {
     "federation.aggregation": ("none", "fedavg"),
     "kd.mode": ("none", "graph", "all"),
     "kd.teacher_rank": ("map_degree", "degree"),
+    "routing.offload": ("crops", "frame"),
     "kd.class_weights": ("ones", "small"),
     "tracking.wandb": ("off", "offline", "online"),
 }

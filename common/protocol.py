@@ -48,6 +48,11 @@ EDGE_RECALL = "edge-recall"  # recall (IoU 0.5, class-agnostic) of all edge dete
 CONFIDENT_RECALL = "confident-recall"  # ... of the confident ones only (edge output without the cloud)
 EDGE_LATENCY_MS = "edge-latency-ms"  # per image, batch 1
 ROUTING_KEYS = (OFFLOAD_FRACTION, EDGE_RECALL, CONFIDENT_RECALL, EDGE_LATENCY_MS)
+# collaboration with the cloud detection service (only when the node knows the service), optional
+COLLAB_RECALL = "collab-recall"  # recall of the merged edge + cloud answer
+COLLAB_LATENCY_MS = "collab-latency-ms"  # per image: edge + cloud round trip when offloaded
+UPLOAD_BYTES = "upload-bytes"  # JPEG bytes sent per test image
+COLLAB_KEYS = (COLLAB_RECALL, COLLAB_LATENCY_MS, UPLOAD_BYTES)
 
 # ConfigRecord "site" (client -> server)
 SITE_ID = "site-id"
@@ -95,7 +100,7 @@ def parse_train_metrics(metrics: Mapping[str, Any], nc: int) -> dict[str, Any]:
         raise ProtocolError(f"{where}: '{TEST_AP50}' entries must be {ABSENT} (absent) or in [0, 1], got {bad[0]!r}")
     out[TEST_AP50] = decode_ap(ap)
     out[TEST_MAP50_95] = float(metrics.get(TEST_MAP50_95, math.nan))
-    for key in (KD_LOSS, *ROUTING_KEYS):
+    for key in (KD_LOSS, *ROUTING_KEYS, *COLLAB_KEYS):
         if key in metrics:
             out[key] = _number(metrics, key, where)
     return out

@@ -158,7 +158,7 @@ def run_federation(grid, cfg: CedarConfig) -> RunOutputs:
                 "num_examples": r.metrics[P.NUM_EXAMPLES], "val_map50": r.metrics[P.VAL_MAP50],
                 "test_map50": r.metrics[P.TEST_MAP50], "test_ap50": r.metrics[P.TEST_AP50],
                 "kd_loss": r.metrics.get(P.KD_LOSS), "teachers": r.metrics.get("teachers"),
-                **{key.replace("-", "_"): r.metrics.get(key) for key in P.ROUTING_KEYS},
+                **{key.replace("-", "_"): r.metrics.get(key) for key in (*P.ROUTING_KEYS, *P.COLLAB_KEYS)},
                 "kd_alpha": k.alpha if r.phase == "kd" else None,
                 "kd_temperature": k.temperature if r.phase == "kd" else None,
                 "benchmark_map50": bench.get("map50"), "benchmark_map50_95": bench.get("map50_95"),

@@ -251,3 +251,83 @@ def test_routing_metrics_with_a_detector_that_returns_the_ground_truth(site1, mo
     assert m[P.CONFIDENT_RECALL] == pytest.approx(big)
     assert m[P.OFFLOAD_FRACTION] == pytest.approx(1 - big)
     assert 0 < big < 1  # the tiny benchmark has both kinds, so the check is not vacuous
+
+
+class _FakeCloud:
+    """Answers each offload with the ground-truth boxes it covers (``perfect``), nothing, or an outage."""
+
+    def __init__(self, answer: str):
+        self.answer, self.entries, self.closed = answer, [], False
+
+    def send(self, entry):
+        import numpy as np
+
+        from clients.edge import CloudAnswer, CloudUnavailable
+        from common.routing import Detections
+
+        self.entries.append(entry)
+        if self.answer == "down":
+            raise CloudUnavailable("connection refused")
+        offloaded = [d for d, off in zip(entry.edge, entry.offloaded) if off]
+        dets = Detections.from_list(offloaded if self.answer == "perfect" else [])
+        return CloudAnswer(dets, rtt_ms=10.0, request_bytes=entry.payload_bytes + 100)
+
+    def close(self):
+        self.closed = True
+
+
+@pytest.mark.parametrize("answer", ["perfect", "empty", "down"])
+def test_collaborative_metrics_merge_the_cloud_answer(site1, monkeypatch, answer):
+    """Paper section 4.2: offloaded boxes are replaced by the cloud's answer; recall of the merged output.
+
+    With the perfect detector at conf 0.9, exactly the boxes under t_size (256 px²) are offloaded. A cloud
+    that returns them gives collaborative recall 1; one that returns nothing leaves the confident recall;
+    an unreachable one drops only the collaborative metrics.
+    """
+    import numpy as np
+
+    from common import yolo
+    from common.sites import label_path, split_dir
+
+    images = sorted(split_dir(site1.spec.data_yaml, "test").glob("*.png"))
+    truth = iter([np.loadtxt(label_path(p), ndmin=2) for p in images])
+
+    class Perfect:
+        def __init__(self, *a, **k):
+            pass
+
+        def __call__(self, imgs):
+            rows = next(truth)
+            xyxy = np.stack([rows[:, 1] - rows[:, 3] / 2, rows[:, 2] - rows[:, 4] / 2,
+                             rows[:, 1] + rows[:, 3] / 2, rows[:, 2] + rows[:, 4] / 2], 1) * 128
+            return [{"xyxy": xyxy.astype(np.float32), "conf": np.full(len(rows), 0.9, np.float32),
+                     "cls": rows[:, 0].astype(np.int64)}]
+
+    cloud = _FakeCloud(answer)
+    monkeypatch.setattr(yolo, "Predictor", Perfect)
+    monkeypatch.setattr(site1, "cloud_client", lambda: cloud)
+
+    m = site1.routing_metrics(model=None)
+
+    assert cloud.closed
+    if answer == "down":
+        assert len(cloud.entries) == 1 and not set(P.COLLAB_KEYS) & set(m)
+        return
+    with_small = [e for e in cloud.entries if any(e.offloaded)]
+    assert len(cloud.entries) == len(with_small) > 0  # only images with an ambiguous box are sent
+    assert m[P.COLLAB_RECALL] == (1.0 if answer == "perfect" else pytest.approx(m[P.CONFIDENT_RECALL]))
+    assert m[P.UPLOAD_BYTES] == pytest.approx(sum(e.payload_bytes for e in cloud.entries) / len(images))
+    assert m[P.COLLAB_LATENCY_MS] >= m[P.EDGE_LATENCY_MS]
+
+
+def test_cloud_settings_from_node_config_override_the_run_config(tiny_cfg, tmp_path):
+    from clients.site import LocalSite
+
+    cfg = load_config("quick", {"routing.cloud-url": "https://cloud:8443"})
+    site = LocalSite(cfg, resolve_site(cfg, {"partition-id": 0}), tmp_path)
+    assert site.cloud["url"] == "https://cloud:8443"
+    site = LocalSite.from_context({"preset": "quick", "overrides": "routing.cloud-url=https://a:1"},
+                                  {"partition-id": 0, "cloud-url": "https://b:2", "cloud-token-file": "/nope"})
+    assert site.cloud == {"url": "https://b:2", "token-file": "/nope", "cafile": ""}
+    assert site.cloud_client() is None  # the token file cannot be read: edge metrics only, no crash
+    assert LocalSite(tiny_cfg, resolve_site(tiny_cfg, {"partition-id": 0}), tmp_path).cloud_client() is None
