@@ -104,6 +104,16 @@ Annotated video (``--video``)
     edge boxes only; the frames after it show the refined boxes as soon as they
     have arrived. The JSON lines are the complete record.
 
+Super-resolution (``--upscale MODEL.npz``)
+    Every frame is first upscaled by an A+ model (:mod:`common.superres`, trained
+    with ``python -m common.superres train``) and the runtime then works on the
+    upscaled frame only: keyframe selection, detection, the crops or frame sent
+    to the cloud, the annotated video. All coordinates (``xyxy``, ``regions``,
+    the cloud's boxes) are therefore in *upscaled-frame* pixels (divide by the
+    model's scale for the camera's pixels); edge lines gain
+    ``latency_ms.upscale``, and ``latency_ms.total`` includes it. Meant for
+    low-resolution cameras whose small objects are a few pixels across.
+
 Signals: Ctrl-C (SIGINT) ends the source and drains as at the end of a video
 (a second Ctrl-C stops draining); SIGTERM ends the source without draining (the
 queue is on disk). The ``common/`` boundary holds: Ultralytics is reached only
@@ -968,6 +978,7 @@ class EdgeSettings:
     drain_timeout: float = 30.0
     retry_base: float = 0.5
     retry_max: float = 30.0
+    upscale: str | None = None  # A+ super-resolution model (.npz) applied to every frame first
 
     def __post_init__(self) -> None:
         if not ID_PATTERN.fullmatch(self.site):
@@ -1040,6 +1051,11 @@ class EdgeRuntime:
     def __init__(self, model, client, settings: EdgeSettings, *, queue_dir: str | Path, out: str | Path,
                  video: str | Path | None = None, fps: float = 10.0, append: bool = False):
         self.model, self.client, self.s = model, client, settings
+        self.upscaler = None
+        if settings.upscale:  # before the queue lock: a bad model file stops the start cleanly
+            from common.superres import load_model
+
+            self.upscaler = load_model(settings.upscale)
         self.queue = DiskQueue(queue_dir)
         self.writer = JsonlWriter(out, append=append)
         self.video = VideoAnnotator(video, fps) if video else None
@@ -1063,6 +1079,10 @@ class EdgeRuntime:
     def process(self, frame: Frame) -> dict:
         t0 = time.perf_counter()
         s = self.s
+        upscale_ms = None
+        if self.upscaler is not None:  # everything below sees (and reports in) the upscaled frame
+            frame = Frame(frame.index, self.upscaler.upscale(frame.image), frame.pts_s, frame.time)
+            upscale_ms = (time.perf_counter() - t0) * 1000
         is_key, reason = self.selector.update_with_reason(frame.image)
         if self._last is None:
             is_key, reason = True, reason or "first"
@@ -1103,6 +1123,8 @@ class EdgeRuntime:
                   "keyframe_reason": reason if is_key else None, "source_frame": source,
                   "model": version, "detections": det_list, "offload": offload,
                   "latency_ms": {"edge": _round(edge_ms), "total": _round((time.perf_counter() - t0) * 1000)}}
+        if upscale_ms is not None:
+            record["latency_ms"]["upscale"] = _round(upscale_ms)
         self.writer.write(record)  # the edge result is out before anything is sent
         if entry is not None:
             self._edge_sent_at[entry.id] = time.time()
@@ -1222,6 +1244,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=3, help="differences before the motion rule applies")
     p.add_argument("--cut-threshold", type=float, default=0.25, help="RMS difference that is a scene cut")
     p.add_argument("--max-gap", type=int, default=None, help="force a keyframe after this many frames")
+    p.add_argument("--upscale", metavar="MODEL.npz",
+                   help="super-resolve every frame with this A+ model first (common.superres); "
+                        "boxes are then in upscaled-frame pixels")
     p.add_argument("--imgsz", type=int, default=320)
     p.add_argument("--conf", type=float, default=0.25, help="edge detector confidence threshold (NMS)")
     p.add_argument("--iou", type=float, default=0.7, help="edge detector NMS IoU")
@@ -1265,7 +1290,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             beta=args.beta, warmup=args.warmup, cut_threshold=args.cut_threshold, max_gap=args.max_gap,
             offload=args.offload, context=args.context, min_crop=args.min_crop, jpeg_quality=args.jpeg_quality,
             merge_iou=args.merge_iou, drain_timeout=args.drain_timeout, retry_base=args.retry_base,
-            retry_max=args.retry_max)
+            retry_max=args.retry_max, upscale=args.upscale)
         queue_dir = Path(args.queue_dir).expanduser() if args.queue_dir else \
             Path(os.environ.get("CEDAR_HOME", "~/.cache/cedar")).expanduser() / "edge" / args.site / "queue"
         source = FrameSource(args.source, fps=args.fps, max_frames=args.max_frames, realtime=args.realtime)
@@ -1286,7 +1311,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     print(f"cedar edge runtime: site {settings.site}, run {settings.run_id}, {source.kind} {args.source}, "
-          f"model {model.version}, cloud {args.cloud}, queue {queue_dir}", flush=True)
+          f"model {model.version}, cloud {args.cloud}, queue {queue_dir}"
+          + (f", upscale x{runtime.upscaler.scale} ({args.upscale})" if runtime.upscaler else ""), flush=True)
     try:
         summary = runtime.run(source)
     finally:
