@@ -212,9 +212,31 @@ def score(dets: list, gts: list[np.ndarray], nc: int, small_px: float) -> dict:
             mine, theirs = d.cls == c, gt[:, 0] == c
             found.extend(matched_gt(d.xyxy[mine], d.conf[mine], gt[theirs, 1:]))
     recall = float(np.mean(found)) if found else float("nan")
-    return {"map50": size_range_ap50(preds, gts, nc, small_px=None)["map50"],
-            "map50_small": size_range_ap50(preds, gts, nc, small_px=small_px)["map50"],
-            "recall": recall, "fnr": 1.0 - recall, "n_gt": int(sum(len(g) for g in gts))}
+    every = size_range_ap50(preds, gts, nc, small_px=None)
+    return {"map50": every["map50"], "map50_small": size_range_ap50(preds, gts, nc, small_px=small_px)["map50"],
+            "recall": recall, "fnr": 1.0 - recall, "n_gt": int(sum(len(g) for g in gts)),
+            **precision_one(every["conf"], every["tp"], every["n_gt"])}
+
+
+def precision_one(conf: list[float], tp: list[float], n_gt: int) -> dict:
+    """Paper Tables 3-4: the confidence from which on precision is 1.0, and the recall there.
+
+    Detections sorted by confidence; above the highest-scoring false positive every
+    detection is correct: ``conf_p1`` is that false positive's confidence (precision is
+    1.0 for thresholds above it; lower is better), ``recall_p1`` the recall above it.
+    No false positive at all: ``conf_p1`` = 0. The first detection false: ``conf_p1`` =
+    its confidence and ``recall_p1`` = 0.
+
+    Examples
+    --------
+    conf [0.9, 0.8, 0.6, 0.5], tp [1, 1, 0, 1], 4 objects -> conf_p1 0.6, recall_p1 0.5.
+    """
+    order = np.argsort(-np.asarray(conf, dtype=float), kind="stable")
+    flags = np.asarray(tp, dtype=float)[order]
+    false = np.where(flags == 0)[0]
+    k = int(false[0]) if len(false) else len(flags)
+    return {"conf_p1": float(np.asarray(conf, dtype=float)[order][k]) if len(false) else 0.0,
+            "recall_p1": float(flags[:k].sum() / n_gt) if n_gt else float("nan")}
 
 
 def offload_figures(records: list[dict]) -> dict:
@@ -328,15 +350,15 @@ def to_markdown(res: dict, settings: dict) -> str:
         "",
         "## Images (every image a keyframe)",
         "",
-        "| variant | mAP50 | mAP50 small | recall | FNR | offloaded images | offloaded detections | "
-        "bytes / image | latency / image (ms) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| variant | mAP50 | mAP50 small | recall | FNR | conf at precision 1 | recall there | offloaded "
+        "images | offloaded detections | bytes / image | latency / image (ms) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     e, c = img["crops"]["edge"], res["images_cloud"]
 
     def row(name, s, off="-", det="-", nbytes=0.0, ms=0.0):
         return (f"| {name} | {s['map50']:.3f} | {s['map50_small']:.3f} | {s['recall']:.3f} | {s['fnr']:.3f} | "
-                f"{off} | {det} | {nbytes:.0f} | {ms:.1f} |")
+                f"{s['conf_p1']:.3f} | {s['recall_p1']:.3f} | {off} | {det} | {nbytes:.0f} | {ms:.1f} |")
 
     lines.append(row("edge alone", e, ms=img["crops"]["edge_ms"]))
     lines.append(row("cloud alone (whole image)", c, "100%", "-", c["bytes_per_frame"], c["ms"]))
@@ -364,20 +386,22 @@ def to_markdown(res: dict, settings: dict) -> str:
         "",
         "## Video (keyframes: β = 1.5; non-keyframes reuse their keyframe's answer)",
         "",
-        "| variant | keyframes | mAP50 edge | mAP50 collaboration | recall edge | recall collab. | offloaded "
-        "keyframes | bytes / frame | edge ms / keyframe | collab. ms / keyframe |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| variant | keyframes | mAP50 edge | mAP50 collaboration | recall edge | recall collab. | conf at "
+        "precision 1 edge / collab. | offloaded keyframes | bytes / frame | edge ms / keyframe | collab. ms / "
+        "keyframe |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for key, x in vid.items():
         mode, which = key.split("-")
         name = f"{mode}, {'every frame detected' if which == 'all' else 'keyframes only'}"
         lines.append(f"| {name} | {100 * x['keyframe_fraction']:.0f}% | {x['edge']['map50']:.3f} | "
                      f"{x['collab']['map50']:.3f} | {x['edge']['recall']:.3f} | {x['collab']['recall']:.3f} | "
+                     f"{x['edge']['conf_p1']:.3f} / {x['collab']['conf_p1']:.3f} | "
                      f"{100 * x['offloaded_keyframes']:.0f}% | {x['bytes_per_frame']:.0f} | {x['edge_ms']:.1f} | "
                      f"{x['collab_ms']:.1f} |")
     vc = res["video_cloud"]
     lines.append(f"| cloud alone, every frame | 100% | - | {vc['map50']:.3f} (cloud) | - | {vc['recall']:.3f} (cloud) | "
-                 f"100% | {vc['bytes_per_frame']:.0f} | - | {vc['ms']:.1f} (cloud) |")
+                 f"- / {vc['conf_p1']:.3f} (cloud) | 100% | {vc['bytes_per_frame']:.0f} | - | {vc['ms']:.1f} (cloud) |")
     k, a = vid["crops-key"], vid["crops-all"]
     lines += [
         "",

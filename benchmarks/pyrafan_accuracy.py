@@ -101,7 +101,8 @@ def size_range_ap50(
     -------
     dict
         ``map50`` (NaN without any object in range), ``ap50`` per class (NaN for a class
-        without objects in range), ``n_gt`` objects in range.
+        without objects in range), ``n_gt`` objects in range, and every counted
+        detection's ``conf`` and ``tp`` (1.0 / 0.0), pooled over classes.
 
     Examples
     --------
@@ -152,7 +153,7 @@ def size_range_ap50(
         ap50.append(compute_ap(tpc / n_pos[c], tpc / np.arange(1, len(tp) + 1)))
     present = [v for v in ap50 if not math.isnan(v)]
     return {"map50": float(np.mean(present)) if present else float("nan"), "ap50": ap50,
-            "n_gt": int(n_pos.sum())}
+            "n_gt": int(n_pos.sum()), "conf": [v for c in confs for v in c], "tp": [v for c in tps for v in c]}
 
 
 def read_split(site_dir: Path, split: str = "test") -> tuple[list[Path], list[np.ndarray]]:
