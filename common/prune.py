@@ -394,6 +394,12 @@ def find_groups(model: nn.Module) -> list[ChannelGroup]:
         elif type(m) is Detect and getattr(m, "one2one_cv2", None) is None:
             b.detect(path, m)
     b.layers(model.model)
+    for g in b.groups:  # the surgery cuts plain (groups=1) and depthwise convs only
+        convs = [model.get_submodule(p).conv for p, _ in g.producers] + [model.get_submodule(p)
+                                                                          for p, _ in g.consumers]
+        dws = [model.get_submodule(p).conv for p in g.passthrough]
+        if any(c.groups != 1 for c in convs) or any(not c.groups == c.in_channels == c.out_channels for c in dws):
+            g.frozen = True
     tied: dict[str, list[ChannelGroup]] = {}
     for g in b.groups:
         if g.tie:

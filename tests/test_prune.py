@@ -403,3 +403,23 @@ def test_parameter_count_without_cutting_equals_the_cut(yolo11n):
     predicted = prune._parameters_after(yolo11n, *prune._masks(yolo11n, groups, keep))
 
     assert predicted == yolo.count_parameters(prune.apply_pruning(deepcopy(yolo11n), groups, keep))
+
+
+def test_grouped_convs_are_left_alone():
+    # Prepare: a bottleneck whose cv2 is a grouped conv (g=2) cannot be cut by channel index alone
+    from ultralytics.nn.modules.block import Bottleneck
+
+    class _Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.b = Bottleneck(8, 8, g=2)
+            self.model = []
+
+        def forward(self, x):
+            return self.b(x)
+
+    # Execute
+    groups = prune.find_groups(_Net())
+
+    # Assert
+    assert [(g.name, g.frozen) for g in groups] == [("b.cv1", True)]
