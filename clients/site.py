@@ -84,18 +84,21 @@ class LocalSite:
         import torch
 
         from common import yolo
+        from common.adverse import AdverseAugment
 
         torch.set_num_threads(self.cfg.train.threads)
         t = self.cfg.train
         model = self.build_model(weights)
         extra = self.distiller(model, kd) if kd else None
+        seed = self.cfg.seed + 1000 * server_round + self.spec.index
+        augment = AdverseAugment(t.adverse_p, seed=seed) if t.adverse_p > 0 else None
         t0 = time.perf_counter()
         res = yolo.train(
             model, self.spec.data_yaml, epochs=epochs, imgsz=t.imgsz, batch=t.batch, lr0=t.lr0,
             weight_decay=t.weight_decay, warmup_iters=t.warmup_iters,  # every round: AdamW restarts
-            mosaic=t.mosaic, workers=t.workers, seed=self.cfg.seed + 1000 * server_round + self.spec.index,
+            mosaic=t.mosaic, workers=t.workers, seed=seed,
             device=t.device, desc=f"{self.spec.site_id} round {server_round}{' KD' if kd else ''}",
-            extra_loss=extra, alpha=kd["alpha"] if kd else 1.0,
+            extra_loss=extra, alpha=kd["alpha"] if kd else 1.0, augment=augment,
         )
         ev = self.cfg.eval
         kw = dict(imgsz=t.imgsz, batch=ev.batch, conf=ev.conf, iou=ev.iou, device=t.device)

@@ -94,6 +94,8 @@ class TrainConfig:
     workers: int = 0
     device: str = "cpu"
     threads: int = 2
+    # probability that a training image gets a random adverse condition (common.adverse); 0: off
+    adverse_p: float = 0.0
 
 
 @dataclass
@@ -289,7 +291,7 @@ def validate(cfg: CedarConfig) -> None:
     if flat["kd.temperature"] <= 0 or flat["kd.sigma_s_km"] <= 0:
         raise ConfigError(f"kd.temperature={flat['kd.temperature']!r} and kd.sigma_s_km={flat['kd.sigma_s_km']!r}"
                           " must be > 0")
-    for key in ("data.small_fraction", "data.occlusion_prob", "train.mosaic", "kd.rho", "kd.alpha",
+    for key in ("data.small_fraction", "data.occlusion_prob", "train.mosaic", "train.adverse_p", "kd.rho", "kd.alpha",
                 "kd.fg_threshold", "routing.det_conf", "routing.t_conf"):
         if not 0.0 <= flat[key] <= 1.0:
             raise ConfigError(f"{key}={flat[key]!r}: must be in [0, 1]")

@@ -211,15 +211,48 @@ def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+# ``augment(image, boxes_xyxy) -> (image, keep)``: BGR uint8 image and its boxes in pixels; ``keep`` is
+# None or a bool per box (False drops that label); it must not modify ``image`` in place (a cached copy)
+Augment = Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, "np.ndarray | None"]]
+
+
+def _augment_dataset(dataset, augment: Augment) -> None:
+    """Run ``augment`` on every image ``dataset`` loads (mosaic tiles included), before Ultralytics' transforms.
+
+    Wrapping ``get_image_and_label`` (which Mosaic also calls for its extra
+    tiles) corrupts the whole source image with its labels in pixels, so
+    fog, blur or occluders act on the scene, not on letterbox padding, and a
+    hidden object's label can be dropped before geometry and HSV augmentation.
+    """
+    load = dataset.get_image_and_label
+
+    def get_image_and_label(index: int) -> dict:
+        label = load(index)
+        boxes = deepcopy(label["instances"])
+        boxes.convert_bbox("xyxy")
+        if boxes.normalized:
+            boxes.denormalize(label["img"].shape[1], label["img"].shape[0])
+        label["img"], keep = augment(label["img"], boxes.bboxes)
+        if keep is not None and not np.all(keep):
+            keep = np.asarray(keep, bool)
+            label["instances"], label["cls"] = label["instances"][keep], label["cls"][keep]
+        return label
+
+    dataset.get_image_and_label = get_image_and_label
+
+
 def make_train_loader(data_yaml: str | Path, *, imgsz: int, batch: int, stride: int = 32,
-                      mosaic: float = 1.0, workers: int = 0, seed: int = 0, split: str = "train"):
-    """Ultralytics' augmenting dataloader over a dataset split."""
+                      mosaic: float = 1.0, workers: int = 0, seed: int = 0, split: str = "train",
+                      augment: Augment | None = None):
+    """Ultralytics' augmenting dataloader over a dataset split (``augment``: see :func:`_augment_dataset`)."""
     hyp = get_cfg(overrides=dict(imgsz=imgsz, batch=batch, mosaic=mosaic, workers=workers, seed=seed,
                                  scale=0.3, translate=0.1, fliplr=0.5, plots=False))
     data = check_det_dataset(str(data_yaml))
     if not data.get(split):
         raise ModelError(f"{data_yaml}: no '{split}' split")
     dataset = build_yolo_dataset(hyp, data[split], batch, data, mode="train", rect=False, stride=stride)
+    if augment is not None:
+        _augment_dataset(dataset, augment)
     loader = build_dataloader(dataset, batch, workers, shuffle=True, rank=-1, pin_memory=False, device="cpu")
     return loader, hyp
 
@@ -242,6 +275,7 @@ def train(
     desc: str = "train",
     extra_loss: Callable[[torch.Tensor, dict, dict], torch.Tensor] | None = None,
     alpha: float = 0.5,
+    augment: Augment | None = None,
 ) -> TrainResult:
     """Train ``model`` in place on the ``train`` split of ``data_yaml``.
 
@@ -251,7 +285,8 @@ def train(
     given (e.g. :class:`common.distill.TeacherEnsemble`), is mixed in as
     ``alpha * detection + (1 - alpha) * extra`` (:func:`common.kd.total_loss`;
     the detection loss is Ultralytics' per-batch sum, so ``extra`` is scaled
-    by the batch size to match).
+    by the batch size to match). ``augment`` (e.g. :class:`common.adverse.AdverseAugment`) sees every
+    loaded training image before Ultralytics' own augmentation (:func:`_augment_dataset`).
     """
     if epochs <= 0:
         return TrainResult(0, 0, 0.0, 0.0)
@@ -263,7 +298,7 @@ def train(
     model.to(dev).train()
     stride = max(int(model.stride.max()), 32)
     loader, hyp = make_train_loader(data_yaml, imgsz=imgsz, batch=batch, stride=stride,
-                                    mosaic=mosaic, workers=workers, seed=seed)
+                                    mosaic=mosaic, workers=workers, seed=seed, augment=augment)
     model.args = hyp
     criterion = model.init_criterion()
     optimizer = torch.optim.AdamW(_param_groups(model, weight_decay), lr=lr0, betas=(0.937, 0.999))
