@@ -484,7 +484,11 @@ def sample_patches(pairs: Iterable[tuple[np.ndarray, np.ndarray]], patch: int, s
         f, _ = patch_features(mid, patch, stride)  # (N, 4P^2)
         r = extract_patches(hr - mid, patch, stride).reshape(len(f), -1)  # (N, P^2)
         images += 1
-        keys = np.concatenate([keys, rng.random(len(f))])
+        new = rng.random(len(f))
+        if len(keys) >= samples:  # full: only keys below the largest kept one can enter
+            enter = new < keys.max()
+            new, f, r = new[enter], f[enter], r[enter]
+        keys = np.concatenate([keys, new])
         f_all = f if f_all is None else np.concatenate([f_all, f])
         r_all = r if r_all is None else np.concatenate([r_all, r])
         if len(keys) > samples:
