@@ -78,7 +78,7 @@ def train_models(bench, scale: int, samples: int, cache: Path) -> tuple[dict, di
         t0 = time.perf_counter()
         model = sr.fit_patches(sample, params, meta={"images": len(files)})
         seconds = time.perf_counter() - t0
-        path = model.save(cache / f"{bench.root.name}-x{scale}-K{params.atoms}.npz")
+        path = model.save(cache / f"{bench.root.name}-x{scale}-K{model.atoms.shape[0]}-n{model.neighbours}.npz")
         models[name] = model
         info[name] = {"fit_s": round(seconds, 1), "atoms": int(model.atoms.shape[0]),
                       "pca_dims": model.pca.shape[1], "neighbours": int(model.neighbours),
@@ -139,7 +139,8 @@ def _write_split(root: Path, src_images: Path, src_labels: Path, transform) -> P
             raise OSError(f"could not write {root / 'images' / 'test' / f.name}")
     from common.benchmark import write_data_yaml
 
-    return write_data_yaml(root, {"test": "images/test"})
+    # Ultralytics wants train and val keys: all three name the one split
+    return write_data_yaml(root, {"train": "images/test", "val": "images/test", "test": "images/test"})
 
 
 def detection(bench, site: int, methods: dict, scale: int, weights: Path, imgsz: int, ev) -> dict:
