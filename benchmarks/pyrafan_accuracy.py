@@ -281,13 +281,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--epochs", type=int, default=None,
                     help="default: train.epochs_per_round * federation.num_rounds of the preset")
     ap.add_argument("--out", default=str(RESULTS), help="output path without suffix (.md, .json, .jsonl)")
+    ap.add_argument("--set", nargs="*", default=[], help="config overrides key=value (e.g. train.threads=1)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
 
     from common.benchmark import benchmark_from_config
-    from common.config import load_config
+    from common.config import load_config, parse_value
 
-    cfg = load_config(args.preset)
+    cfg = load_config(args.preset, {k: parse_value(v) for k, v in (s.split("=", 1) for s in args.set)})
     bench = benchmark_from_config(cfg.data)
     sites = list(range(cfg.data.num_sites if args.sites is None else min(args.sites, cfg.data.num_sites)))
     epochs = args.epochs if args.epochs is not None else cfg.train.epochs_per_round * cfg.federation.num_rounds
