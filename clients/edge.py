@@ -112,7 +112,9 @@ Super-resolution (``--upscale MODEL.npz``)
     the cloud's boxes) are therefore in *upscaled-frame* pixels (divide by the
     model's scale for the camera's pixels); edge lines gain
     ``latency_ms.upscale``, and ``latency_ms.total`` includes it. Meant for
-    low-resolution cameras whose small objects are a few pixels across.
+    low-resolution cameras whose small objects are a few pixels across; set
+    ``--imgsz`` to at least the upscaled size, or the detector's letterbox
+    shrinks the frame again.
 
 Signals: Ctrl-C (SIGINT) ends the source and drains as at the end of a video
 (a second Ctrl-C stops draining); SIGTERM ends the source without draining (the
