@@ -122,6 +122,28 @@ def variants(data_yaml: Path, cache: Path, conditions, severities, seed: int) ->
     return out
 
 
+def examples_grid(datasets: dict[str, Path], conditions, severities, path: Path, index: int = 0) -> Path:
+    """One test image: a row per condition, clean then each severity (JPEG)."""
+    import cv2
+
+    from common.sites import split_dir
+
+    def image(name: str):
+        files = sorted(split_dir(datasets[name], "test").glob("*.png"))
+        return cv2.imread(str(files[index]))
+
+    clean = image("clean")
+    rows = [np.concatenate([clean] + [image(f"{c}/{v}") for v in severities], 1) for c in conditions]
+    grid = np.concatenate(rows, 0)
+    for r, c in enumerate(conditions):
+        for k, label in enumerate(["clean"] + [f"{c} {v}" for v in severities]):
+            org = (k * clean.shape[1] + 4, r * clean.shape[0] + 16)
+            cv2.putText(grid, label, org, cv2.FONT_HERSHEY_SIMPLEX, 0.45, (0, 0, 0), 3, cv2.LINE_AA)
+            cv2.putText(grid, label, org, cv2.FONT_HERSHEY_SIMPLEX, 0.45, (255, 255, 255), 1, cv2.LINE_AA)
+    cv2.imwrite(str(path), grid, [cv2.IMWRITE_JPEG_QUALITY, 85])
+    return path
+
+
 def summarise(records: list[dict]) -> dict:
     """``{training: {dataset: {map50_mean, map50_std, map50_95_mean, map50_95_std, seeds}}}``."""
     out: dict = {}
@@ -167,6 +189,9 @@ def to_markdown(result: dict) -> str:
         f"({s['test_images']} images) clean and corrupted (`python -m common.adverse make`, corruption seed "
         f"{s['corruption_seed']}, the same images for every model). mAP50 (Ultralytics' validator), "
         "mean ± std over seeds.",
+        "",
+        f"![one test image, clean and under each condition]({result['examples']})" if result.get("examples")
+        else "",
         "",
         f"Severity {table_sev}:",
         "",
@@ -325,6 +350,8 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
+    grid = examples_grid(datasets, adverse.CONDITIONS, args.severities, out.parent / f"{out.name}_examples.jpg")
+    result["examples"] = grid.name
     markdown = to_markdown(result)
     out.with_suffix(".md").write_text(markdown)
     print(markdown)

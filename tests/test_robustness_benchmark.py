@@ -42,5 +42,6 @@ def test_robustness_benchmark_runs_end_to_end(tiny_overrides, tmp_path):
                                            "mean_adverse"}
     assert len(res["records"]) == 2 * 5 and all(r["images"] == 4 for r in res["records"])
     assert "| Δ (with − without) |" in md and "| occlusion |" in md and res["settings"]["threads"] == 1
+    assert (tmp_path / "rob_examples.jpg").stat().st_size > 0 and "rob_examples.jpg" in md
     runs = {r["training"]: r for r in res["training_runs"]}
     assert runs["with"]["loaded_images"] > 0 and sum(runs["with"]["corrupted"].values()) > 0
