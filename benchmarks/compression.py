@@ -3,10 +3,14 @@
 For each trained edge model (``--seeds``: the models ``benchmarks.pyrafan_accuracy``
 saves, ``<CEDAR_HOME>/models/<preset>-yolo11n-site<S>-seed<N>-<E>ep.pt``) and each
 ``--ratios`` value, :mod:`common.prune` removes that fraction of the parameters
-(lowest-entropy channels, scored on ``--calib-images`` train images), then fine-tunes
-``--epochs`` epochs with :func:`common.yolo.train` (the preset's batch, size and
-schedule; learning rate ``--lr0``). A **control** row fine-tunes the unpruned model
-with the same budget, so the gain of the extra epochs alone is visible.
+(lowest-entropy channels, scored on ``--calib-images`` train images; the dropped
+channels' means folded into the next layer), then fine-tunes ``--epochs`` epochs with
+:func:`common.yolo.train` (the preset's batch, size, schedule and, unless ``--lr0``,
+learning rate). A **control** row fine-tunes the unpruned model with the same
+budget, so the gain of the extra epochs alone is visible. Right after each cut, the
+same widths are also cut by other criteria (entropy over each channel's own range,
+BatchNorm |gamma|, random channels) and evaluated, to see whether entropy picks
+better channels than they do.
 
 Columns, side by side in one run:
 
@@ -31,7 +35,7 @@ settings reuses them.
 
 Run (the committed result)::
 
-    OMP_NUM_THREADS=1 python -m benchmarks.compression --seeds 1 2 --ratios 0.3 0.5 0.7 --epochs 5 --threads 1
+    OMP_NUM_THREADS=1 python -m benchmarks.compression --seeds 1 2 --ratios 0.3 0.5 0.7 --epochs 5
 
 Smoke run::
 
@@ -60,6 +64,7 @@ log = logging.getLogger("benchmarks.compression")
 
 RESULTS = Path(__file__).resolve().parent / "results" / "compression"
 RATIOS = (0.3, 0.5, 0.7)
+CRITERIA = ("map50_random_no_ft", "map50_entropy_own_range_no_ft", "map50_bn_gamma_no_ft")
 
 
 def variant_name(ratio: float | None, epochs: int) -> str:
@@ -85,13 +90,29 @@ def accuracy(model, bench, site: int, cfg) -> dict:
     return {"map50": ev.map50, "map50_95": ev.map50_95, "map50_small": small["map50"]}
 
 
-def run_seed(seed: int, args, cfg, bench, key: dict, done: dict, jsonl: Path) -> list[dict]:
-    """The original, the control and every ratio for one trained model (rows already in ``done`` are reused)."""
+def criteria_scores(model, groups, batches, seed: int, bins: int) -> dict[str, dict]:
+    """Channel scores of the baselines the entropy criterion is compared with (highest kept)."""
     import torch
 
+    from common import prune
+
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "random": {grp.name: torch.rand(grp.size, generator=g) for grp in groups},
+        # the scale-free variant of the estimator: each channel binned over its own range
+        "entropy_own_range": prune.calibrate(model, groups, batches, bins, shared_range=False).entropy,
+        # network slimming's magnitude criterion
+        "bn_gamma": {grp.name: sum(model.get_submodule(p).bn.weight.detach().abs()[o: o + grp.size]
+                                   for p, o in grp.producers) for grp in groups if not grp.frozen},
+    }
+
+
+def run_seed(seed: int, args, cfg, bench, key: dict, done: dict, jsonl: Path) -> list[dict]:
+    """The original, the control and every ratio for one trained model (rows already in ``done`` are reused)."""
     from common import prune, yolo
 
     t = cfg.train
+    data = bench.site_data(args.site)
     src = weights_path(args.arch, args.site, seed, args.train_epochs, cfg.preset)
     original = yolo.load_weights(src)
     rows = []
@@ -102,31 +123,37 @@ def run_seed(seed: int, args, cfg, bench, key: dict, done: dict, jsonl: Path) ->
         with jsonl.open("a") as f:
             f.write(json.dumps({**row, "settings": key}) + "\n")
     rows.append(done[(seed, "original")])
+    cal = baselines = None
     for ratio in [0.0, *args.ratios]:
         name = variant_name(ratio, args.epochs)
         if (seed, name) in done:
             rows.append(done[(seed, name)])
             continue
         model = deepcopy(original)
-        t0 = time.perf_counter()
         row = {"seed": seed, "variant": name, "ratio": ratio}
         kept = {}
         if ratio > 0:
-            report = prune.compress(model, bench.site_data(args.site), ratio, imgsz=t.imgsz,
-                                    calib_images=args.calib_images, bins=args.bins)
+            groups = prune.find_groups(original)
+            if cal is None:  # one calibration per model, shared by every ratio
+                t0 = time.perf_counter()
+                batches = list(prune.calibration_batches(data, imgsz=t.imgsz, max_images=args.calib_images))
+                cal = prune.calibrate(original, groups, batches, args.bins)
+                calib_s = time.perf_counter() - t0
+                baselines = criteria_scores(original, groups, batches, seed, args.bins)
+            report = prune.prune_to_ratio(model, ratio, cal.entropy, groups, input_mean=cal.input_mean)
             kept = report.kept_channels
-            row.update(keep_fraction=report.keep_fraction, ratio_achieved=report.ratio_achieved,
-                       prune_s=time.perf_counter() - t0,
+            row.update(keep_fraction=report.keep_fraction, ratio_achieved=report.ratio_achieved, calib_s=calib_s,
                        **{f"{k}_no_ft": v for k, v in accuracy(model, bench, args.site, cfg).items()})
-            # the same widths, random channels: is entropy better than chance at choosing what to keep?
-            chance = deepcopy(original)
-            g = torch.Generator().manual_seed(seed)
-            scores = {grp.name: torch.rand(grp.size, generator=g) for grp in prune.find_groups(chance)}
-            prune.prune_to_ratio(chance, ratio, scores)
-            assert yolo.count_parameters(chance) == yolo.count_parameters(model)
-            row.update({f"{k}_random_no_ft": v for k, v in accuracy(chance, bench, args.site, cfg).items()})
-        res = yolo.train(model, bench.site_data(args.site), epochs=args.epochs, imgsz=t.imgsz, batch=t.batch,
-                         lr0=args.lr0, weight_decay=t.weight_decay, warmup_iters=t.warmup_iters, mosaic=t.mosaic,
+            # the same widths and mean compensation, other criteria: does entropy choose better?
+            for crit, scores in baselines.items():
+                other = deepcopy(original)
+                prune.prune_to_ratio(other, ratio, scores, groups, input_mean=cal.input_mean)
+                assert yolo.count_parameters(other) == yolo.count_parameters(model)
+                ev = yolo.evaluate(other, data, split="test", imgsz=t.imgsz, batch=cfg.eval.batch,
+                                   conf=cfg.eval.conf, iou=cfg.eval.iou)
+                row[f"map50_{crit}_no_ft"] = ev.map50
+        res = yolo.train(model, data, epochs=args.epochs, imgsz=t.imgsz, batch=t.batch, lr0=args.lr0,
+                         weight_decay=t.weight_decay, warmup_iters=t.warmup_iters, mosaic=t.mosaic,
                          workers=t.workers, seed=seed, desc=f"seed {seed} {name}")
         out = yolo.CEDAR_HOME / "models" / "compression" / f"{src.stem}-r{ratio:g}-ft{args.epochs}.pt"
         prune.save_pruned(model, out, kept, prune_ratio=ratio, finetune_epochs=args.epochs, lr0=args.lr0)
@@ -197,8 +224,8 @@ def summarise(rows: list[dict], cost: dict) -> list[dict]:
     for name in names:
         rs = [r for r in rows if r["variant"] == name]
         line = {"variant": name, "ratio": rs[0]["ratio"], "seeds": [r["seed"] for r in rs], **cost.get(name, {})}
-        for k in ("map50", "map50_95", "map50_small", "map50_no_ft", "map50_small_no_ft", "map50_random_no_ft",
-                  "map50_small_random_no_ft", "ratio_achieved"):
+        for k in ("map50", "map50_95", "map50_small", "map50_no_ft", "map50_small_no_ft", *CRITERIA,
+                  "ratio_achieved"):
             if k in rs[0]:
                 line[k] = [float(r[k]) for r in rs]
                 line[f"{k}_mean"] = float(np.mean(line[k]))
@@ -224,9 +251,7 @@ def to_markdown(result: dict) -> str:
         return f"{c['median']:.1f} [{c['p25']:.1f}-{c['p75']:.1f}]" if c else "-"
 
     def cut(line):
-        if "map50_no_ft_mean" not in line:
-            return "-"
-        return f"{acc(line, 'map50_no_ft')} ({line['map50_random_no_ft_mean']:.3f})"
+        return acc(line, "map50_no_ft")
 
     base_params = result["summary"][0]["params"]
     lines = [
@@ -240,17 +265,18 @@ def to_markdown(result: dict) -> str:
         "",
         f"Models: preset `{s['preset']}`, {s['arch']} trained {s['train_epochs']} epochs on site {s['site']} "
         f"(seeds {s['seeds']}). Pruning: lowest-entropy channels ({s['bins']}-bin histogram entropy of "
-        f"post-activation values on {s['calib_images']} train images, `common/prune.py`), one keep fraction per "
-        f"model; fine-tune {s['epochs']} epochs at lr0 {s['lr0']}, {imgsz} px, batch {s['batch']} "
+        f"post-activation values, bins shared by each layer, on {s['calib_images']} train images, "
+        f"`common/prune.py`), one keep fraction per model; fine-tune {s['epochs']} epochs at lr0 {s['lr0']}, "
+        f"{imgsz} px, batch {s['batch']} "
         f"({s['iterations_per_epoch']} iterations/epoch). Test split of site {s['site']} ({s['test_images']} images). "
-        "Accuracy: mean over seeds (per seed in brackets); \"after cut\": right after pruning, no fine-tune, and in "
-        "brackets the same widths with random channels kept instead of the highest-entropy ones; retention = "
-        "mAP50 / the original's mAP50. Cost: "
+        "Accuracy: mean over seeds (per seed in brackets); \"after cut\": right after pruning (dropped channels' "
+        "calibration means folded into the next layer), before the fine-tune; retention = fine-tuned mAP50 / the "
+        "original's mAP50. Cost: "
         f"GFLOPs at {imgsz} px (THOP, unfused), latency batch 1 at {imgsz} px, fused, raw head output, median of "
         f"{s['runs']} interleaved rounds [p25-p75].",
         "",
-        f"| model | params | removed | GFLOPs@{imgsz} | ONNX MB | torch ms | ORT ms | mAP50 after cut "
-        "(random channels) | mAP50 | retention | mAP50-95 | mAP50 small |",
+        f"| model | params | removed | GFLOPs@{imgsz} | ONNX MB | torch ms | ORT ms | mAP50 after cut | mAP50 | "
+        "retention | mAP50-95 | mAP50 small |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for line in result["summary"]:
@@ -261,7 +287,17 @@ def to_markdown(result: dict) -> str:
             f"{acc(line, 'map50')} | {line['retention_mean']:.1%} | {acc(line, 'map50_95')} | "
             f"{acc(line, 'map50_small')} |")
     worst = max(line["onnx_max_abs_diff"] for line in result["summary"])
-    lines += ["", f"ONNX Runtime vs torch (fused): max abs output difference {worst:.1e} over all rows.", ""]
+    lines += ["", f"ONNX Runtime vs torch (fused): max abs output difference {worst:.1e} over all rows.", "",
+              "Which channels to keep: mAP50 right after the cut (no fine-tune), the same widths and the same "
+              "mean compensation, channels chosen by each criterion (highest kept):", "",
+              "| removed | entropy, shared bins (ours) | entropy, per-channel bins | BN abs(gamma) | random |",
+              "|---|---|---|---|---|"]
+    for line in result["summary"]:
+        if "map50_no_ft_mean" in line:
+            lines.append(f"| {line['ratio']:.0%} | {acc(line, 'map50_no_ft')} | "
+                         f"{acc(line, 'map50_entropy_own_range_no_ft')} | {acc(line, 'map50_bn_gamma_no_ft')} | "
+                         f"{acc(line, 'map50_random_no_ft')} |")
+    lines.append("")
     return "\n".join(lines)
 
 
@@ -275,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="epochs the models were trained (file name); default: epochs_per_round * num_rounds")
     ap.add_argument("--ratios", type=float, nargs="+", default=list(RATIOS), help="fractions of parameters removed")
     ap.add_argument("--epochs", type=int, default=5, help="fine-tune epochs (also for the control)")
-    ap.add_argument("--lr0", type=float, default=0.002, help="fine-tune learning rate")
+    ap.add_argument("--lr0", type=float, default=None, help="fine-tune learning rate (default: the preset's)")
     ap.add_argument("--calib-images", type=int, default=64)
     ap.add_argument("--bins", type=int, default=32)
     ap.add_argument("--runs", type=int, default=30, help="timed latency rounds")
@@ -296,6 +332,8 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
     cfg = load_config(args.preset)
+    if args.lr0 is None:
+        args.lr0 = cfg.train.lr0
     if args.train_epochs is None:
         args.train_epochs = cfg.train.epochs_per_round * cfg.federation.num_rounds
     bench = benchmark_from_config(cfg.data)

@@ -65,20 +65,29 @@ def pruned11n(yolo11n) -> nn.Module:
 # --------------------------------------------------------------------------- entropy estimator
 
 
-def test_entropy_hand_values():
-    # Prepare: columns are channels
-    constant = [2.5, 2.5, 2.5, 2.5]
-    two_values = [-1.0, 7.0, -1.0, 7.0]  # two values equally often: ln 2 whatever the values
-    worked = [0.0, 0.0, 1.0, 3.0]  # 3 bins on [0, 3]: counts [2, 1, 1] -> 1.5 ln 2
-    x = torch.tensor([constant, two_values, worked]).T  # (N=4, C=3)
+def test_entropy_hand_values_shared_range():
+    # Prepare: columns are channels; the layer's range is [-1, 7], 8 bins of width 1
+    constant = [2.5, 2.5, 2.5, 2.5]  # bin 3 only -> 0
+    two_values = [-1.0, 7.0, -1.0, 7.0]  # bins 0 and 7, equally often -> ln 2
+    worked = [0.0, 0.0, 1.0, 3.0]  # bins 1, 1, 2, 4: counts [2, 1, 1] -> 1.5 ln 2
+    faint = [0.0, 0.1, 0.0, 0.1]  # bin 1 only -> 0 (ln 2 on its own range)
+    x = torch.tensor([constant, two_values, worked, faint]).T  # (N=4, C=4)
 
     # Execute
-    h3 = prune.channel_entropy(x, bins=3)
-    h32 = prune.channel_entropy(x, bins=32)
+    shared = prune.channel_entropy(x, bins=8)
+    own = prune.channel_entropy(x, bins=8, shared_range=False)
 
     # Assert
-    np.testing.assert_allclose(h3.numpy(), [0.0, math.log(2), 1.5 * math.log(2)], atol=1e-12)
-    np.testing.assert_allclose(h32[:2].numpy(), [0.0, math.log(2)], atol=1e-12)
+    np.testing.assert_allclose(shared.numpy(), [0.0, math.log(2), 1.5 * math.log(2), 0.0], atol=1e-12)
+    # own range: [0, 3] in 8 bins of 3/8 puts 0, 0, 1, 3 in bins 0, 0, 2, 7 -> 1.5 ln 2 as well
+    np.testing.assert_allclose(own.numpy(), [0.0, math.log(2), 1.5 * math.log(2), math.log(2)], atol=1e-12)
+
+
+def test_entropy_two_values_is_log_2_whatever_the_bins():
+    x = torch.tensor([[-1.0], [7.0], [-1.0], [7.0]])
+
+    for bins in (2, 3, 32):
+        assert prune.channel_entropy(x, bins=bins).item() == pytest.approx(math.log(2), abs=1e-12)
 
 
 def test_entropy_uniform_over_all_bins_is_log_bins():
@@ -121,6 +130,8 @@ def test_entropy_meter_two_passes_equal_one_shot():
     expected = prune.channel_entropy(torch.cat(batches), bins=16)
     np.testing.assert_allclose(meter.entropy().numpy(), expected.numpy(), atol=1e-12)
     assert meter.entropy()[3].item() == 0.0
+    # shared bins: the faint channel (x 0.01) lands in at most 2 of the 16 bins, the wide one spreads
+    assert meter.entropy()[2].item() <= math.log(2) < meter.entropy()[1].item()
 
 
 def test_entropy_rejects_empty_input():
@@ -186,6 +197,30 @@ def test_pruned_pair_keeps_the_kept_channels_and_matches_a_zeroed_original():
     # ... and the pair's output is the original's with the dropped channels zeroed
     torch.testing.assert_close(out, ref, atol=1e-6, rtol=0)
     assert not torch.allclose(out, pair(x), atol=1e-3)  # the dropped channels did matter
+
+
+def test_constant_channels_dropped_with_mean_compensation_leave_the_output_unchanged():
+    # Prepare: channels 1 and 4 of the producer are constant, SiLU(0.7) and SiLU(-1.3) (BN gamma = 0)
+    pair, group = _pair_and_group()
+    with torch.no_grad():
+        pair.a.bn.weight[[1, 4]] = 0.0
+        pair.a.bn.bias[[1, 4]] = torch.tensor([0.7, -1.3])
+    x = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = pair(x)
+
+    # Execute
+    cal = prune.calibrate(pair, [group], [x], bins=32)
+    compensated = prune.apply_pruning(deepcopy(pair), [group], {"a": [0, 2, 3, 5]}, cal.input_mean)
+    plain = prune.apply_pruning(deepcopy(pair), [group], {"a": [0, 2, 3, 5]})
+
+    # Assert: constant channels have no entropy; their means (SiLU(b) = b * sigmoid(b)) move into b's BN
+    assert cal.entropy["a"][[1, 4]].tolist() == [0.0, 0.0] and (cal.entropy["a"][[0, 2, 3, 5]] > 0).all()
+    silu = [0.7 / (1 + math.exp(-0.7)), -1.3 / (1 + math.exp(1.3))]  # 0.4678, -0.2785
+    np.testing.assert_allclose(cal.input_mean["b.conv"][[1, 4]].numpy(), silu, rtol=1e-6)
+    with torch.no_grad():
+        torch.testing.assert_close(compensated(x), ref, atol=1e-5, rtol=0)  # 1x1 consumer: no border effect
+        assert not torch.allclose(plain(x), ref, atol=1e-3)
 
 
 def test_pruned_pair_parameter_count_by_hand():
@@ -313,20 +348,20 @@ def test_pruned_model_exports_to_onnx_matching_torch(tmp_path, pruned11n):
 
 
 def test_dead_channel_has_zero_entropy_and_is_cut_first(yolo11n):
-    # Prepare: channel 5 of layer 7's output made constant (0)
+    # Prepare: channel 5 of layer 1's output (32 channels, 16 x 16 at 64 px) made constant (0)
     model = deepcopy(yolo11n)
     groups = prune.find_groups(model)
-    group = next(g for g in groups if g.name == "model.7")
+    group = next(g for g in groups if g.name == "model.1")
     prune.zero_channels(model, group, [5])
     images = [torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(5))]
 
     # Execute
     entropy = prune.group_entropies(model, [group], images, bins=16)
 
-    # Assert
-    h = entropy["model.7"]
-    assert h.shape == (256,) and h[5].item() == 0.0 and (h[torch.arange(256) != 5] > 0).all()
-    assert 5 not in prune.select_channels(entropy, [group], 0.99)["model.7"]
+    # Assert: 512 samples per channel; only the dead one scores 0, and it is the first to go
+    h = entropy["model.1"]
+    assert h.shape == (32,) and h[5].item() == 0.0 and (h[torch.arange(32) != 5] > 0).all()
+    assert prune.select_channels(entropy, [group], 31 / 32)["model.1"] == [c for c in range(32) if c != 5]
 
 
 def test_prune_to_ratio_reaches_the_target(yolo11n):
