@@ -183,7 +183,7 @@ def to_markdown(r: dict) -> str:
         f"(KVM guest), 1 thread (OpenCV, torch; OMP_NUM_THREADS={m['omp_num_threads']}); numpy {m['numpy']}, "
         f"OpenCV {m['opencv']}, torch {m['torch']}, Ultralytics {m['ultralytics']}. Load average "
         f"{r['load_before'][0]:.2f} before and {r['load_after'][0]:.2f} after (the machine was shared with "
-        "a training run: latencies are upper bounds; compare rows with each other).",
+        "other benchmark runs: wall-clock latencies are upper bounds; compare rows with each other).",
         "",
         f"Built-in benchmark, preset `{s['preset']}` ({s['benchmark']}). x{s['scale']}: HR test images "
         f"area-downscaled to {lr} and upscaled back to {hr}. Upscalers trained on the train split of every site "
@@ -229,6 +229,8 @@ def to_markdown(r: dict) -> str:
         for name, v in d.items():
             lines.append(f"| {name} | {v['map50']:.4f} | {v['map50_95']:.4f} | {v['precision']:.3f} "
                          f"| {v['recall']:.3f} |")
+        lines += ["", "One detector (one training seed) on one site's test split: the differences between the "
+                  "learned upscalers were not tested for significance."]
     lines.append("")
     return "\n".join(lines)
 
