@@ -7,9 +7,9 @@ site's ``train`` split), per seed:
 * **without**: the plain YOLO11n that ``benchmarks.pyrafan_accuracy`` saves
   (``<CEDAR_HOME>/models/<preset>-yolo11n-site<i>-seed<s>-<E>ep.pt``), reused;
   ``--train-missing`` trains a missing one with that benchmark's ``run_one``;
-* **with**: the same call plus :class:`common.adverse.AdverseAugment` (``--adverse-p``:
-  each loaded training image gets a random condition at a random severity 1-3
-  with that probability), saved as ``<preset>-yolo11n-adverse<p>-site<i>-seed<s>-<E>ep.pt``
+* **with** (one model per ``--adverse-p`` value, named ``p=<p>``): the same call plus
+  :class:`common.adverse.AdverseAugment` (each loaded training image gets a random
+  condition at a random severity 1-3 with probability p), saved as ``<preset>-yolo11n-adverse<p>-site<i>-seed<s>-<E>ep.pt``
   and skipped when the file exists (resume).
 
 Every model is evaluated (``common.yolo.evaluate``, mAP50 and mAP50-95) on the site's
@@ -21,9 +21,9 @@ Note that training and test corruptions come from the same families and paramete
 table (different random draws): this measures robustness to *seen* kinds of
 corruption, not generalisation to unseen ones.
 
-Full run (standard preset, site 0, seeds 1 and 2, one thread)::
+Full run (standard preset, site 0, seeds 1 and 2, one thread, p = 0.5 and 0.2)::
 
-    python -m benchmarks.robustness --set train.threads=1
+    python -m benchmarks.robustness --adverse-p 0.5 0.2 --set train.threads=1
 
 Smoke run::
 
@@ -47,7 +47,11 @@ log = logging.getLogger("benchmarks.robustness")
 
 ARCH = "yolo11n"
 RESULTS = Path(__file__).resolve().parent / "results" / "robustness"
-TRAININGS = ("without", "with")
+
+
+def training_name(p: float | None) -> str:
+    """``without`` (plain) or ``p=0.5`` (adverse augmentation with that probability)."""
+    return "without" if p is None else f"p={p:g}"
 
 
 def adverse_weights_path(site: int, seed: int, epochs: int, preset: str, p: float) -> Path:
@@ -172,7 +176,9 @@ def _pm(cell: dict | None, key: str = "map50") -> str:
 def to_markdown(result: dict) -> str:
     s, m, summary = result["settings"], result["machine"], result["summary"]
     conditions, table_sev = s["conditions"], s["table_severity"]
-    labels = {"without": f"{ARCH} (plain)", "with": f"{ARCH} + adverse aug. (p={s['adverse_p']:g})"}
+    trainings = [training_name(None)] + [training_name(p) for p in s["adverse_p"]]
+    labels = {t: f"{ARCH} (plain)" if t == "without" else f"{ARCH} + adverse aug. ({t})" for t in trainings}
+    ps = ", ".join(f"{p:g}" for p in s["adverse_p"])
     lines = [
         "# Robustness to adverse conditions",
         "",
@@ -183,7 +189,7 @@ def to_markdown(result: dict) -> str:
         "",
         f"Preset `{s['preset']}`, site {s['site']}, seeds {s['seeds']}: YOLO11n trained {s['epochs']} epochs at "
         f"{s['imgsz']} px, batch {s['batch']} on the site's {s['train_images']} train images, without and with "
-        f"adverse augmentation (`common.adverse.AdverseAugment`, p = {s['adverse_p']:g}: a random condition at "
+        f"adverse augmentation (`common.adverse.AdverseAugment`, p = {ps}: a random condition at "
         "a random severity 1-3 on each loaded training image, before Ultralytics' own augmentation); the same "
         "training call otherwise. Evaluated on the site's test split "
         f"({s['test_images']} images) clean and corrupted (`python -m common.adverse make`, corruption seed "
@@ -198,27 +204,28 @@ def to_markdown(result: dict) -> str:
         "| training | clean | " + " | ".join(conditions) + " | mean adverse |",
         "|---|---|" + "---|" * (len(conditions) + 1),
     ]
-    for training in TRAININGS:
+    for training in trainings:
         if training not in summary:
             continue
         row = summary[training]
         cells = [_pm(row.get("clean"))] + [_pm(row.get(f"{c}/{table_sev}")) for c in conditions]
         lines.append(f"| {labels[training]} | " + " | ".join(cells) + f" | {row['mean_adverse'][str(table_sev)]:.3f} |")
-    if all(t in summary for t in TRAININGS):
-        w, wo = summary["with"], summary["without"]
+    for training in trainings[1:]:
+        if training not in summary or "without" not in summary:
+            continue
+        w, wo = summary[training], summary["without"]
         deltas = [w["clean"]["map50_mean"] - wo["clean"]["map50_mean"]]
         deltas += [w[f"{c}/{table_sev}"]["map50_mean"] - wo[f"{c}/{table_sev}"]["map50_mean"] for c in conditions]
         deltas.append(w["mean_adverse"][str(table_sev)] - wo["mean_adverse"][str(table_sev)])
-        lines.append("| Δ (with − without) | " + " | ".join(f"{d:+.3f}" for d in deltas) + " |")
-    lines += ["", "Every severity (mAP50, mean over seeds; without → with):", "",
+        lines.append(f"| Δ ({training} − without) | " + " | ".join(f"{d:+.3f}" for d in deltas) + " |")
+    lines += ["", f"Every severity (mAP50, mean over seeds; {' → '.join(trainings)}):", "",
               "| condition | " + " | ".join(f"severity {v}" for v in s["severities"]) + " |",
               "|---|" + "---|" * len(s["severities"])]
     for c in conditions:
         cells = []
         for v in s["severities"]:
-            a = summary.get("without", {}).get(f"{c}/{v}")
-            b = summary.get("with", {}).get(f"{c}/{v}")
-            cells.append(" → ".join(f"{x['map50_mean']:.3f}" for x in (a, b) if x is not None))
+            got = [summary.get(t, {}).get(f"{c}/{v}") for t in trainings]
+            cells.append(" → ".join(f"{x['map50_mean']:.3f}" for x in got if x is not None))
         lines.append(f"| {c} | " + " | ".join(cells) + " |")
     lines += ["", "Parameters (`common.adverse.PARAMS`; motion-blur lengths at 320 px):", "",
               "| condition | " + " | ".join(f"severity {v}" for v in s["severities"]) + " |",
@@ -259,7 +266,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--epochs", type=int, default=None,
                     help="default: train.epochs_per_round * federation.num_rounds of the preset")
-    ap.add_argument("--adverse-p", type=float, default=0.5)
+    ap.add_argument("--adverse-p", type=float, nargs="+", default=[0.5],
+                    help="one model per probability and seed (default: 0.5)")
     ap.add_argument("--severities", type=int, nargs="+", default=[1, 2, 3])
     ap.add_argument("--table-severity", type=int, default=2)
     ap.add_argument("--corruption-seed", type=int, default=0)
@@ -288,18 +296,19 @@ def main(argv: list[str] | None = None) -> int:
 
     # models: reuse, or train (resumable: one file per model)
     models, trained_now, runs = {}, [], []
-    for training in ("with", "without"):  # ours first: the plain ones may still be on their way
+    for p in [*args.adverse_p, None]:  # ours first: the plain ones may still be on their way
         for seed in args.seeds:
-            if training == "with":
-                path = adverse_weights_path(args.site, seed, epochs, cfg.preset, args.adverse_p)
-                trained_now += [] if path.is_file() else [f"with seed {seed}"]
-                models[(training, seed)] = train_with_adverse(args.site, seed, bench, cfg, epochs, args.adverse_p)
+            name = training_name(p)
+            if p is not None:
+                path = adverse_weights_path(args.site, seed, epochs, cfg.preset, p)
+                trained_now += [] if path.is_file() else [f"{name} seed {seed}"]
+                models[(name, seed)] = train_with_adverse(args.site, seed, bench, cfg, epochs, p)
             else:
                 path = weights_path(ARCH, args.site, seed, epochs, cfg.preset)
-                trained_now += [] if path.is_file() else [f"without seed {seed}"]
-                models[(training, seed)] = baseline_weights(args.site, seed, bench, cfg, epochs,
-                                                            args.train_missing)
-    models = {k: models[k] for k in sorted(models, key=lambda k: (TRAININGS.index(k[0]), k[1]))}
+                trained_now += [] if path.is_file() else [f"{name} seed {seed}"]
+                models[(name, seed)] = baseline_weights(args.site, seed, bench, cfg, epochs, args.train_missing)
+    order = [training_name(None)] + [training_name(p) for p in args.adverse_p]
+    models = {k: models[k] for k in sorted(models, key=lambda k: (order.index(k[0]), k[1]))}
     for (training, seed), path in models.items():
         meta = torch.load(path, map_location="cpu", weights_only=True).get("meta", {})
         if "train_s" not in meta:  # a plain model: its training time is in the PyraFAN benchmark's records

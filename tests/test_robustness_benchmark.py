@@ -30,18 +30,21 @@ def test_robustness_benchmark_runs_end_to_end(tiny_overrides, tmp_path):
     out = tmp_path / "rob"
 
     robustness.main(["--preset", "quick", "--epochs", "1", "--seeds", "0", "--severities", "2", "--train-missing",
-                     "--out", str(out), "--set", *sets, "train.threads=1"])
+                     "--adverse-p", "0.5", "1", "--out", str(out), "--set", *sets, "train.threads=1"])
     again = robustness.main(["--preset", "quick", "--epochs", "1", "--seeds", "0", "--severities", "2",
-                             "--out", str(out), "--set", *sets, "train.threads=1"])  # resumes: nothing to train
+                             "--adverse-p", "0.5", "1", "--out", str(out), "--set", *sets,
+                             "train.threads=1"])  # resumes: nothing to train
 
     res = json.loads(out.with_suffix(".json").read_text())
     md = out.with_suffix(".md").read_text()
     assert again == 0 and res["trained_now"] == []
-    assert set(res["summary"]) == {"without", "with"}
-    assert set(res["summary"]["with"]) == {"clean", "fog/2", "low_light/2", "motion_blur/2", "occlusion/2",
+    assert set(res["summary"]) == {"without", "p=0.5", "p=1"}
+    assert set(res["summary"]["p=0.5"]) == {"clean", "fog/2", "low_light/2", "motion_blur/2", "occlusion/2",
                                            "mean_adverse"}
-    assert len(res["records"]) == 2 * 5 and all(r["images"] == 4 for r in res["records"])
-    assert "| Δ (with − without) |" in md and "| occlusion |" in md and res["settings"]["threads"] == 1
+    assert len(res["records"]) == 3 * 5 and all(r["images"] == 4 for r in res["records"])
+    assert "| Δ (p=0.5 − without) |" in md and "| Δ (p=1 − without) |" in md and "| occlusion |" in md
+    assert res["settings"]["threads"] == 1
     assert (tmp_path / "rob_examples.jpg").stat().st_size > 0 and "rob_examples.jpg" in md
     runs = {r["training"]: r for r in res["training_runs"]}
-    assert runs["with"]["loaded_images"] > 0 and sum(runs["with"]["corrupted"].values()) > 0
+    assert runs["p=0.5"]["loaded_images"] > 0 and sum(runs["p=0.5"]["corrupted"].values()) > 0
+    assert sum(runs["p=1"]["corrupted"].values()) == runs["p=1"]["loaded_images"]  # every image
