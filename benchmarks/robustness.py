@@ -9,8 +9,8 @@ site's ``train`` split), per seed:
   ``--train-missing`` trains a missing one with that benchmark's ``run_one``;
 * **with** (one model per ``--adverse-p`` value, named ``p=<p>``): the same call plus
   :class:`common.adverse.AdverseAugment` (each loaded training image gets a random
-  condition at a random severity 1-3 with probability p), saved as ``<preset>-yolo11n-adverse<p>-site<i>-seed<s>-<E>ep.pt``
-  and skipped when the file exists (resume).
+  condition at a random severity 1-3 with probability p), saved as
+  ``<preset>-yolo11n-adverse<p>-site<i>-seed<s>-<E>ep.pt`` and skipped when the file exists (resume).
 
 Every model is evaluated (``common.yolo.evaluate``, mAP50 and mAP50-95) on the site's
 clean ``test`` split and on adverse copies of it (``common.adverse.make_variant``,
