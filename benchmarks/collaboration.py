@@ -76,8 +76,8 @@ def edge_model(cfg, bench, arch: str, site: int, seed: int) -> Path:
     return path
 
 
-def cloud_model(cfg, bench, seed: int) -> Path:
-    """``model.cloud`` trained on the public train split for as many iterations as an edge model."""
+def cloud_model(cfg, bench, seed: int, iters_factor: float = 1.0) -> Path:
+    """``model.cloud`` trained on the public train split for ``iters_factor`` times an edge model's iterations."""
     import yaml
 
     from common import yolo
@@ -87,7 +87,7 @@ def cloud_model(cfg, bench, seed: int) -> Path:
     edge_iters = t.epochs_per_round * cfg.federation.num_rounds * math.ceil(cfg.data.train_per_site / t.batch)
     spec = yaml.safe_load(bench.public_data.read_text())
     n_train = len(list((Path(spec["path"]) / spec["train"]).glob("*.png")))
-    epochs = math.ceil(edge_iters / math.ceil(n_train / t.batch))
+    epochs = math.ceil(iters_factor * edge_iters / math.ceil(n_train / t.batch))
     path = yolo.CEDAR_HOME / "models" / f"{cfg.preset}-cloud-{cfg.model.cloud}-public-seed{seed}-{epochs}ep.pt"
     if path.is_file():
         return path
@@ -285,7 +285,7 @@ def measure(args, cfg, bench, workdir: Path) -> dict:
     meta = json.loads((video_dir / "meta.json").read_text())
     video_gts = video_labels(video_dir, meta["frames"], meta["imgsz"])
     edges = {arch: edge_model(cfg, bench, arch, args.site, args.seed) for arch in args.edge_models}
-    cloud = cloud_model(cfg, bench, args.seed)
+    cloud = cloud_model(cfg, bench, args.seed, args.cloud_iters)
     kw = dict(imgsz=cfg.train.imgsz, conf=r.det_conf, iou=cfg.eval.iou)
     base = EdgeSettings(site=site_id, t_conf=r.t_conf, t_size=r.t_size, n_frames=r.n_frames, drain_timeout=600)
     main_arch = args.edge_models[0]
@@ -344,7 +344,7 @@ def to_markdown(res: dict, settings: dict) -> str:
         f"wall time {settings['wall_s']:.0f} s. Site {settings['site']} (test split: {settings['n_images']} "
         f"images; video: {settings['n_frames']} frames), edge model `{main}` (seed {settings['seed']}, "
         f"{settings['edge_epochs']} epochs), cloud model `{settings['cloud']}` trained on the public train split "
-        "for as many iterations. The cloud service is a separate process on loopback; edge and cloud get one "
+        f"for {settings.get('cloud_iters', 1.0):g}x an edge model's iterations. The cloud service is a separate process on loopback; edge and cloud get one "
         f"CPU thread each. Edge detections at conf >= {settings['det_conf']}, cloud at >= {settings['cloud_conf']}; "
         f"routing t_conf {settings['t_conf']}, t_size {settings['t_size']} px², n_frames {settings['n_frames_rule']}.",
         "",
@@ -452,6 +452,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--edge-models", nargs="+", default=list(EDGE_MODELS),
                     help="the first one is the main table's edge model")
     ap.add_argument("--cloud-conf", type=float, default=0.25)
+    ap.add_argument("--cloud-iters", type=float, default=1.0,
+                    help="cloud training iterations as a multiple of an edge model's (a larger model needs more)")
     ap.add_argument("--t-conf-sweep", type=float, nargs="+", default=[0.3, 0.4, 0.5, 0.6, 0.7])
     ap.add_argument("--set", nargs="*", default=[], help="config overrides key=value")
     ap.add_argument("--out", default=str(RESULTS), help="output path without suffix (.md, .json, .png)")
@@ -472,7 +474,7 @@ def main(argv: list[str] | None = None) -> int:
                 "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
                 "machine": f"{cpu_model_name()}, {os.cpu_count()} CPU cores", "wall_s": time.perf_counter() - t0,
                 "edge_models": args.edge_models, "edge_epochs": cfg.train.epochs_per_round * cfg.federation.num_rounds,
-                "cloud": cfg.model.cloud, "det_conf": cfg.routing.det_conf, "cloud_conf": args.cloud_conf,
+                "cloud": cfg.model.cloud, "cloud_iters": args.cloud_iters, "det_conf": cfg.routing.det_conf, "cloud_conf": args.cloud_conf,
                 "t_conf": cfg.routing.t_conf, "t_size": cfg.routing.t_size, "n_frames_rule": cfg.routing.n_frames,
                 "t_conf_sweep": args.t_conf_sweep, "n_images": cfg.data.test_per_site, "n_frames": meta["frames"]}
     out = Path(args.out)
