@@ -290,6 +290,13 @@ def measure(args, cfg, bench, workdir: Path) -> dict:
     base = EdgeSettings(site=site_id, t_conf=r.t_conf, t_size=r.t_size, n_frames=r.n_frames, drain_timeout=600)
     main_arch = args.edge_models[0]
     result: dict = {"edge_weights": {a: str(p) for a, p in edges.items()}, "cloud_weights": str(cloud)}
+    from common import yolo
+
+    # each model's own quality on the test split (PNG, Ultralytics' validator at conf 0.001): context for the rest
+    result["validator_map50"] = {
+        name: yolo.evaluate(yolo.load_weights(path), bench.site_data(args.site), split="test", imgsz=cfg.train.imgsz,
+                            batch=cfg.eval.batch, conf=cfg.eval.conf, iou=cfg.eval.iou).map50
+        for name, path in {**edges, "cloud": cloud}.items()}
     with cloud_service(cloud, workdir, imgsz=cfg.train.imgsz, conf=args.cloud_conf, iou=cfg.eval.iou) as (url, tok):
         client = CloudClient(url, tok, site_id, timeout=120)
         try:
@@ -297,8 +304,9 @@ def measure(args, cfg, bench, workdir: Path) -> dict:
             run_edge(edges[main_arch], images_dir, replace(base, run_id="warmup", max_gap=1, t_conf=1.0), client,
                      workdir, **kw)
 
-            def images_run(arch: str, t_conf: float, offload: str) -> dict:
-                rid = f"img-{arch}-{offload}-{int(round(t_conf * 100))}"
+            def images_run(arch: str, t_conf: float, offload: str, tag: str) -> dict:
+                # a run id is an offload id prefix: never reuse one (the queue would skip "delivered" ids)
+                rid = f"{tag}-{arch}-{offload}-{int(round(t_conf * 100))}"
                 recs = run_edge(edges[arch], images_dir, replace(base, run_id=rid, max_gap=1, t_conf=t_conf,
                                                                  offload=offload), client, workdir, **kw)
                 return {"edge": score(per_frame(recs, False), image_gts, nc, small_px),
@@ -317,14 +325,35 @@ def measure(args, cfg, bench, workdir: Path) -> dict:
             dets, ms, sizes = cloud_only(video_dir / "video.mp4", client, site_id)
             result["video_cloud"] = {**score(dets, video_gts, nc, small_px), "ms": float(np.mean(ms)),
                                      "bytes_per_frame": float(np.mean(sizes))}
-            result["images"] = {mode: images_run(main_arch, r.t_conf, mode) for mode in ("crops", "frame")}
+            result["images"] = {mode: images_run(main_arch, r.t_conf, mode, "img") for mode in ("crops", "frame")}
             result["video"] = {f"{mode}-{'all' if every else 'key'}": video_run(main_arch, mode, every)
                                for mode in ("crops", "frame") for every in (False, True)}
-            result["sweep"] = {arch: {str(t): images_run(arch, t, "crops") for t in args.t_conf_sweep}
+            result["sweep"] = {arch: {str(t): images_run(arch, t, "crops", "sweep") for t in args.t_conf_sweep}
                                for arch in args.edge_models}
         finally:
             client.close()
+    # keyframe rules on the video, edge only (no cloud): how many frames each drops and what it costs
+    result["keyframes"] = {}
+    for beta, gap in [(b, None) for b in args.beta_sweep] + [(1.5, g) for g in (*args.gap_sweep, 1)]:
+        settings = replace(base, run_id=f"kf-{int(beta * 100)}-{gap or 0}", beta=beta, max_gap=gap)
+        recs = run_edge(edges[main_arch], video_dir / "video.mp4", settings, NullCloud(), workdir, **kw)
+        result["keyframes"][f"{beta:g}/{gap or '-'}"] = {
+            "beta": beta, "max_gap": gap, **score(per_frame(recs, False), video_gts, nc, small_px),
+            "keyframe_fraction": offload_figures(recs)["keyframe_fraction"]}
     return result
+
+
+class NullCloud:
+    """A cloud that answers at once with nothing (for edge-only runs of the runtime)."""
+
+    def send(self, entry):
+        from clients.edge import CloudAnswer
+        from common.routing import Detections
+
+        return CloudAnswer(Detections.empty(), 0.0)
+
+    def close(self) -> None:
+        pass
 
 
 # --------------------------------------------------------------------------- report
@@ -346,7 +375,9 @@ def to_markdown(res: dict, settings: dict) -> str:
         f"{settings['edge_epochs']} epochs), cloud model `{settings['cloud']}` trained on the public train split "
         f"for {settings.get('cloud_iters', 1.0):g}x an edge model's iterations. The cloud service is a separate process on loopback; edge and cloud get one "
         f"CPU thread each. Edge detections at conf >= {settings['det_conf']}, cloud at >= {settings['cloud_conf']}; "
-        f"routing t_conf {settings['t_conf']}, t_size {settings['t_size']} px², n_frames {settings['n_frames_rule']}.",
+        f"routing t_conf {settings['t_conf']}, t_size {settings['t_size']} px², n_frames {settings['n_frames_rule']}. "
+        "Each model's mAP50 on these test images by Ultralytics' validator (PNG, conf 0.001): "
+        + ", ".join(f"{k} {v:.3f}" for k, v in res.get("validator_map50", {}).items()) + ".",
         "",
         "## Images (every image a keyframe)",
         "",
@@ -420,7 +451,17 @@ def to_markdown(res: dict, settings: dict) -> str:
         cells = [f"{runs[str(t)]['collab']['map50']:.3f} ({100 * runs[str(t)]['offloaded_detections']:.0f}% off.)"
                  for t in settings["t_conf_sweep"]]
         lines.append(f"| {arch} | {first['edge']['map50']:.3f} | " + " | ".join(cells) + " |")
-    lines += ["", f"Cloud alone on the same images: mAP50 {c['map50']:.3f}. Plot: `collaboration_tconf.png`.", ""]
+    lines += ["", f"Cloud alone on the same images: mAP50 {c['map50']:.3f}. Plot: `collaboration_tconf.png`.", "",
+              "## Keyframe rules on the video (edge alone; a non-keyframe reuses its keyframe's detections)", "",
+              "| β | max_gap | frames detected | frames dropped | mAP50 | Δ mAP50 vs every frame (points) | recall |",
+              "|---|---|---|---|---|---|---|"]
+    kf = res["keyframes"]
+    every = next(x for x in kf.values() if x["max_gap"] == 1)
+    for x in kf.values():
+        lines.append(f"| {x['beta']:g} | {x['max_gap'] or '-'} | {100 * x['keyframe_fraction']:.0f}% | "
+                     f"{100 * (1 - x['keyframe_fraction']):.0f}% | {x['map50']:.3f} | "
+                     f"{100 * (x['map50'] - every['map50']):+.1f} | {x['recall']:.3f} |")
+    lines.append("")
     return "\n".join(lines)
 
 
@@ -455,6 +496,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cloud-iters", type=float, default=1.0,
                     help="cloud training iterations as a multiple of an edge model's (a larger model needs more)")
     ap.add_argument("--t-conf-sweep", type=float, nargs="+", default=[0.3, 0.4, 0.5, 0.6, 0.7])
+    ap.add_argument("--beta-sweep", type=float, nargs="+", default=[1.0, 1.2, 1.5, 2.0],
+                    help="keyframe beta values tried on the video (edge only)")
+    ap.add_argument("--gap-sweep", type=int, nargs="+", default=[2, 3, 5],
+                    help="keyframe max_gap values tried with beta 1.5 (gap 1 = every frame is always added)")
     ap.add_argument("--set", nargs="*", default=[], help="config overrides key=value")
     ap.add_argument("--out", default=str(RESULTS), help="output path without suffix (.md, .json, .png)")
     args = ap.parse_args(argv)

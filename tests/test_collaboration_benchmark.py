@@ -35,4 +35,9 @@ def test_collaboration_benchmark_runs_end_to_end(tiny_overrides, tmp_path):
     for run in res["video"].values():
         assert run["frames"] == 12
     assert res["video"]["crops-all"]["keyframe_fraction"] == 1.0
+    kf = res["keyframes"]
+    assert kf["1.5/1"]["keyframe_fraction"] == 1.0 and kf["1.5/2"]["keyframe_fraction"] >= 0.5
+    assert kf["1.5/1"]["map50"] == res["video"]["crops-all"]["edge"]["map50"]  # same edge, every frame
+    assert set(res["validator_map50"]) == {"yolo11n", "cloud"}
+    assert "## Keyframe rules on the video" in md
     assert 0 <= res["images_cloud"]["recall"] <= 1 or res["images_cloud"]["recall"] != res["images_cloud"]["recall"]
