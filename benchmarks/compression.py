@@ -1,4 +1,4 @@
-"""Entropy channel filtering (platform text (seeds/002)): a site's trained model before and after compression.
+r"""Entropy channel filtering (platform text (seeds/002)): a site's trained model before and after compression.
 
 For each trained edge model (``--seeds``: the models ``benchmarks.pyrafan_accuracy``
 saves, ``<CEDAR_HOME>/models/<preset>-yolo11n-site<S>-seed<N>-<E>ep.pt``) and each
@@ -10,7 +10,9 @@ learning rate). A **control** row fine-tunes the unpruned model with the same
 budget, so the gain of the extra epochs alone is visible. Right after each cut, the
 same widths are also cut by other criteria (entropy over each channel's own range,
 BatchNorm |gamma|, random channels) and evaluated, to see whether entropy picks
-better channels than they do.
+better channels than they do. ``--scratch`` adds, per ratio, the pruned *shape* trained
+from a random init with the fine-tune budget: does the cut keep anything that
+training the small network directly would not find?
 
 Columns, side by side in one run:
 
@@ -36,10 +38,15 @@ settings reuses them.
 Run (the committed result)::
 
     OMP_NUM_THREADS=1 python -m benchmarks.compression --seeds 1 2 --ratios 0.3 0.5 0.7 --epochs 5
+    # the original's training budget for the fine-tune, against the same shape from scratch:
+    OMP_NUM_THREADS=1 python -m benchmarks.compression --seeds 1 2 --ratios 0.7 --epochs 25 --no-control \
+        --scratch --out benchmarks/results/compression_ft25
 
-Smoke run::
+Smoke run (first a 1-epoch quick-preset model for seed 0, site 0)::
 
-    python -m benchmarks.compression --preset quick --seeds 0 --epochs 1 --runs 3 --out /tmp/comp
+    python -m benchmarks.pyrafan_accuracy --preset quick --models yolo11n --seeds 1 --sites 1 --epochs 1 \
+        --out /tmp/acc
+    python -m benchmarks.compression --preset quick --seeds 0 --train-epochs 1 --epochs 1 --runs 3 --out /tmp/comp
 """
 
 from __future__ import annotations
@@ -73,6 +80,10 @@ def variant_name(ratio: float | None, epochs: int) -> str:
     if ratio == 0:
         return f"control: +{epochs} ep, no pruning"
     return f"pruned {ratio:.0%} + {epochs} ep"
+
+
+def scratch_name(ratio: float, epochs: int) -> str:
+    return f"pruned {ratio:.0%} shape, random init + {epochs} ep"
 
 
 def accuracy(model, bench, site: int, cfg) -> dict:
@@ -124,7 +135,7 @@ def run_seed(seed: int, args, cfg, bench, key: dict, done: dict, jsonl: Path) ->
             f.write(json.dumps({**row, "settings": key}) + "\n")
     rows.append(done[(seed, "original")])
     cal = baselines = None
-    for ratio in [0.0, *args.ratios]:
+    for ratio in [0.0, *args.ratios] if args.control else args.ratios:
         name = variant_name(ratio, args.epochs)
         if (seed, name) in done:
             rows.append(done[(seed, name)])
@@ -165,6 +176,27 @@ def run_seed(seed: int, args, cfg, bench, key: dict, done: dict, jsonl: Path) ->
         log.info("seed %d %s: %d params, mAP50 %.3f (no fine-tune %s)", seed, name, row["params"], row["map50"],
                  f"{row['map50_no_ft']:.3f}" if "map50_no_ft" in row else "-")
         rows.append(row)
+    for ratio in args.ratios if args.scratch else ():
+        # "rethinking the value of pruning": the pruned shape trained from a random init with the same budget
+        name = scratch_name(ratio, args.epochs)
+        if (seed, name) not in done:
+            pruned = prune.load_pruned(done[(seed, variant_name(ratio, args.epochs))]["weights"])
+            model = yolo.build_model(args.arch, nc=yolo.num_classes(original), seed=seed,
+                                     names=[original.names[k] for k in sorted(original.names)])
+            prune.apply_pruning(model, prune.find_groups(model),
+                                {g: range(k) for g, k in pruned.cedar_pruned_channels.items()})
+            assert yolo.count_parameters(model) == yolo.count_parameters(pruned)
+            res = yolo.train(model, data, epochs=args.epochs, imgsz=t.imgsz, batch=t.batch, lr0=args.lr0,
+                             weight_decay=t.weight_decay, warmup_iters=t.warmup_iters, mosaic=t.mosaic,
+                             workers=t.workers, seed=seed, desc=f"seed {seed} {name}")
+            row = {"seed": seed, "variant": name, "ratio": ratio, "params": yolo.count_parameters(model),
+                   "finetune_s": res.seconds, "finetune_iterations": res.iterations,
+                   **accuracy(model, bench, args.site, cfg)}
+            done[(seed, name)] = row
+            with jsonl.open("a") as f:
+                f.write(json.dumps({**row, "settings": key}) + "\n")
+            log.info("seed %d %s: mAP50 %.3f", seed, name, row["map50"])
+        rows.append(done[(seed, name)])
     return rows
 
 
@@ -311,6 +343,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="epochs the models were trained (file name); default: epochs_per_round * num_rounds")
     ap.add_argument("--ratios", type=float, nargs="+", default=list(RATIOS), help="fractions of parameters removed")
     ap.add_argument("--epochs", type=int, default=5, help="fine-tune epochs (also for the control)")
+    ap.add_argument("--no-control", dest="control", action="store_false",
+                    help="skip the control (fine-tuning the unpruned model)")
+    ap.add_argument("--scratch", action="store_true",
+                    help="also train each pruned shape from a random init with the fine-tune budget")
     ap.add_argument("--lr0", type=float, default=None, help="fine-tune learning rate (default: the preset's)")
     ap.add_argument("--calib-images", type=int, default=64)
     ap.add_argument("--bins", type=int, default=32)
@@ -357,10 +393,14 @@ def main(argv: list[str] | None = None) -> int:
     rows = [r for seed in args.seeds for r in run_seed(seed, args, cfg, bench, key, done, jsonl)]
 
     first = args.seeds[0]
-    weights = {r["variant"]: r["weights"] for r in rows if r["seed"] == first and "control" not in r["variant"]}
+    weights = {r["variant"]: r["weights"] for r in rows
+               if r["seed"] == first and "control" not in r["variant"] and "weights" in r}
     with tempfile.TemporaryDirectory(prefix="cedar-compression-") as tmp:
         cost = measure_cost(weights, cfg.train.imgsz, args.runs, args.warmup, args.threads, Path(tmp))
-    cost[variant_name(0.0, args.epochs)] = cost["original"]  # the same network
+    if args.control:
+        cost[variant_name(0.0, args.epochs)] = cost["original"]  # the same network
+    for ratio in args.ratios if args.scratch else ():
+        cost[scratch_name(ratio, args.epochs)] = cost[variant_name(ratio, args.epochs)]
     train_images = len(list((bench.site_dir(args.site) / "images" / "train").glob("*.png")))
     settings = {**key, "seeds": args.seeds, "ratios": args.ratios, "imgsz": cfg.train.imgsz,
                 "batch": cfg.train.batch, "runs": args.runs, "warmup": args.warmup,
