@@ -89,6 +89,9 @@ def test_deployment_two_supernodes_one_kd_round(deployment, tiny_overrides):
         "data.num-sites=2", f"output-dir={out_dir}", "run-name=dep", "tracking.wandb=off",
         "federation.num-rounds=1", "kd.mode=graph", "kd.rho=0.5", "kd.start-round=1", "kd.epochs=1",
         "kd.fg-threshold=0.0", "federation.wait-for-nodes-s=60",
+        # the paper's in-strength rule: after one tiny round both models score ~0 on the benchmark, and the
+        # default accuracy-weighted rule would (rightly) pick no teacher; this test is about the transport
+        "kd.teacher-rank=degree", "kd.better-only=false",
     ]
     cmd = flwr_run_command(APP_DIR, CONNECTION, "quick", overrides, stream=True)
 
