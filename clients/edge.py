@@ -579,6 +579,17 @@ class OffloadEntry:
     def payload_bytes(self) -> int:
         return payload_bytes(self.payloads)
 
+    @classmethod
+    def for_keyframe(cls, image: np.ndarray, boxes: Any, offloaded: Any, *, site: str, run: str, frame: int,
+                     mode: str, created: float, model: str, edge: list[dict], pts_s: float | None = None,
+                     context: float = 0.5, min_size: int = 32, quality: int = 90) -> "OffloadEntry":
+        """The offload of one keyframe: crops around the ``offloaded`` boxes (or the whole frame), as JPEG."""
+        plan = offload_plan(boxes, offloaded, image.shape, mode=mode, context=context, min_size=min_size)
+        return cls(id=f"{site}.{run}.{frame:06d}", site=site, run=run, frame=frame, mode=mode, created=created,
+                   model=model, pts_s=pts_s, image_shape=list(image.shape[:2]), regions=plan.regions.tolist(),
+                   edge=edge, offloaded=np.asarray(offloaded, dtype=bool).tolist(),
+                   payloads=encode_regions(image, plan.regions, quality=quality))
+
     def to_json(self) -> dict:
         return {"format": QUEUE_FORMAT, "id": self.id, "site": self.site, "run": self.run, "frame": self.frame,
                 "mode": self.mode, "created": self.created, "model": self.model, "pts_s": self.pts_s,
@@ -1110,14 +1121,10 @@ class EdgeRuntime:
                     for d, t, r in zip(dets.to_list(), track_ids, reasons)]
         entry = None
         if is_key and mask.any():
-            plan = offload_plan(dets.xyxy, mask, frame.image.shape, mode=s.offload, context=s.context,
-                                min_size=s.min_crop)
-            payloads = encode_regions(frame.image, plan.regions, quality=s.jpeg_quality)
-            entry = OffloadEntry(
-                id=f"{s.site}.{s.run_id}.{frame.index:06d}", site=s.site, run=s.run_id, frame=frame.index,
-                mode=s.offload, created=frame.time, model=version, pts_s=frame.pts_s,
-                image_shape=list(frame.image.shape[:2]), regions=plan.regions.tolist(), edge=det_list,
-                offloaded=mask.tolist(), payloads=payloads)
+            entry = OffloadEntry.for_keyframe(
+                frame.image, dets.xyxy, mask, site=s.site, run=s.run_id, frame=frame.index, mode=s.offload,
+                created=frame.time, model=version, edge=det_list, pts_s=frame.pts_s, context=s.context,
+                min_size=s.min_crop, quality=s.jpeg_quality)
             offload = {"id": entry.id, "mode": s.offload, "regions": entry.regions, "detections": int(mask.sum()),
                        "bytes": entry.payload_bytes}
         record = {"kind": "edge", "site": s.site, "run": s.run_id, "frame": frame.index,

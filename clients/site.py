@@ -137,8 +137,7 @@ class LocalSite:
 
         from clients.edge import CloudRejected, CloudUnavailable, OffloadEntry
         from common import yolo
-        from common.routing import (Detections, ambiguity_reasons, encode_regions, matched_gt, merge,
-                                    offload_plan)
+        from common.routing import Detections, ambiguity_reasons, matched_gt, merge
         from common.sites import label_path, split_dir
 
         r, t = self.cfg.routing, self.cfg.train
@@ -168,12 +167,9 @@ class LocalSite:
             edge = Detections(det["xyxy"], det["conf"], det["cls"])
             final, rtt, nbytes = edge.select(~amb), 0.0, 0
             if amb.any():
-                plan = offload_plan(edge.xyxy, amb, image.shape, mode=r.offload)
-                entry = OffloadEntry(
-                    id=f"{self.spec.site_id}.eval.{n:06d}", site=self.spec.site_id, run="eval", frame=n,
-                    mode=r.offload, created=time.time(), model="eval", pts_s=None, image_shape=[h, w],
-                    regions=plan.regions.tolist(), edge=edge.to_list(), offloaded=amb.tolist(),
-                    payloads=encode_regions(image, plan.regions))
+                entry = OffloadEntry.for_keyframe(image, edge.xyxy, amb, site=self.spec.site_id, run="eval", frame=n,
+                                                  mode=r.offload, created=time.time(), model="eval",
+                                                  edge=edge.to_list())
                 try:
                     answer = client.send(entry)
                 except (CloudUnavailable, CloudRejected) as err:
