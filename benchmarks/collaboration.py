@@ -53,7 +53,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.pyrafan_accuracy import read_split, size_range_ap50, weights_path
-from benchmarks.pyrafan_speed import cpu_model_name
+from benchmarks.harness import cpu_model_name, write_report
 
 log = logging.getLogger("benchmarks.collaboration")
 RESULTS = Path(__file__).resolve().parent / "results" / "collaboration"
@@ -524,11 +524,8 @@ def main(argv: list[str] | None = None) -> int:
                 "t_conf_sweep": args.t_conf_sweep, "n_images": cfg.data.test_per_site, "n_frames": meta["frames"]}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps({"settings": settings, "result": res}, indent=1) + "\n")
     plot_sweep(res, settings, out.parent / f"{out.name}_tconf.png")
-    markdown = to_markdown(res, settings)
-    out.with_suffix(".md").write_text(markdown)
-    print(markdown)
+    write_report(out, {"settings": settings, "result": res}, to_markdown(res, settings))
     return 0
 
 

@@ -21,7 +21,7 @@ Columns, side by side in one run:
   float32);
 * **CPU latency** per image, torch and ONNX Runtime: batch 1, Conv+BN fused, raw head
   output (no NMS), ``--threads`` threads, all cells interleaved round by round after a
-  warm-up (the method of ``benchmarks/pyrafan_speed.py``); median and [p25-p75];
+  warm-up (``benchmarks.harness``, as in ``benchmarks/pyrafan_speed.py``); median and [p25-p75];
 * **mAP50** and mAP50-95 on the site's ``test`` split (``common.yolo.evaluate``), right
   after the cut (no fine-tune) and after the fine-tune; **retention** = fine-tuned
   mAP50 / original mAP50; **mAP50 small** (objects < ``eval.small_px`` px, the matcher of
@@ -65,7 +65,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.pyrafan_accuracy import read_split, size_range_ap50, weights_path
-from benchmarks.pyrafan_speed import cpu_model_name, machine
+from benchmarks.harness import cpu_model_name, latency_runners, machine, time_interleaved, write_report
 
 log = logging.getLogger("benchmarks.compression")
 
@@ -202,49 +202,23 @@ def run_seed(seed: int, args, cfg, bench, key: dict, done: dict, jsonl: Path) ->
 
 def measure_cost(weights: dict[str, str], imgsz: int, runs: int, warmup: int, threads: int, workdir: Path) -> dict:
     """Params, GFLOPs, ONNX size and interleaved torch / ONNX Runtime latency of each model file."""
-    import onnxruntime as ort
     import torch
     from ultralytics.utils.torch_utils import get_flops
 
     from common import prune, yolo
 
     torch.set_num_threads(threads)
-    x_np = np.random.default_rng(0).random((1, 3, imgsz, imgsz), dtype=np.float32)
-    x_t = torch.from_numpy(x_np)
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    x = np.random.default_rng(0).random((1, 3, imgsz, imgsz), dtype=np.float32)
     info, runners = {}, {}
     for name, path in weights.items():
         model = prune.load_pruned(path).eval()
         onnx_path = yolo.export_onnx(model, workdir / f"{len(info)}.onnx", imgsz=imgsz)
         info[name] = {"params": yolo.count_parameters(model), f"gflops_{imgsz}": round(get_flops(model, imgsz), 3),
                       "onnx_mb": onnx_path.stat().st_size / 2**20}
-        fused = deepcopy(model).fuse(verbose=False).eval()
-        session = ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
-        input_name = session.get_inputs()[0].name
-
-        def run_torch(m=fused):
-            with torch.inference_mode():
-                return m(x_t)[0]
-
-        def run_onnx(s=session, n=input_name):
-            return s.run(None, {n: x_np})[0]
-
-        info[name]["onnx_max_abs_diff"] = float(np.abs(run_onnx() - run_torch().numpy()).max())
+        run_torch, run_onnx, info[name]["onnx_max_abs_diff"] = latency_runners(model, onnx_path, x, threads)
         runners[(name, "torch")], runners[(name, "onnxruntime")] = run_torch, run_onnx
-    for fn in runners.values():
-        for _ in range(warmup):
-            fn()
-    times = {k: [] for k in runners}
-    for _ in range(runs):  # interleaved: every cell once per round
-        for k, fn in runners.items():
-            t0 = time.perf_counter()
-            fn()
-            times[k].append((time.perf_counter() - t0) * 1e3)
-    for (name, rt), v in times.items():
-        info[name][f"{rt}_ms"] = {"median": float(np.median(v)), "p25": float(np.percentile(v, 25)),
-                                  "p75": float(np.percentile(v, 75)), "runs": len(v)}
+    for (name, rt), stats in time_interleaved(runners, runs, warmup).items():
+        info[name][f"{rt}_ms"] = stats
     return info
 
 
@@ -280,7 +254,7 @@ def to_markdown(result: dict) -> str:
 
     def ms(line, rt):
         c = line.get(f"{rt}_ms")
-        return f"{c['median']:.1f} [{c['p25']:.1f}-{c['p75']:.1f}]" if c else "-"
+        return f"{c['median_ms']:.1f} [{c['p25_ms']:.1f}-{c['p75_ms']:.1f}]" if c else "-"
 
     def cut(line):
         return acc(line, "map50_no_ft")
@@ -411,10 +385,7 @@ def main(argv: list[str] | None = None) -> int:
               "machine": {**machine(args.threads), "cpu": cpu_model_name()}, "settings": settings,
               "load_before": load_before, "load_after": os.getloadavg(), "summary": summarise(rows, cost),
               "rows": rows}
-    out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
-    markdown = to_markdown(result)
-    out.with_suffix(".md").write_text(markdown)
-    print(markdown)
+    write_report(out, result, to_markdown(result))
     return 0
 
 

@@ -37,7 +37,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from benchmarks.pyrafan_speed import cpu_model_name
+from benchmarks.harness import cpu_model_name, write_report
 
 RESULTS = Path(__file__).resolve().parent / "results"
 VARIANTS = {
@@ -166,9 +166,7 @@ def main(argv: list[str] | None = None) -> None:
         "round" + (" (the noisy site excluded)." if args.noisy else "."),
         "",
     ]
-    stem.with_suffix(".md").write_text("\n".join(header + summarise(results, noisy_site)) + "\n")
-    stem.with_suffix(".json").write_text(json.dumps(results, indent=1) + "\n")
-    print(stem.with_suffix(".md").read_text())
+    write_report(stem, results, "\n".join(header + summarise(results, noisy_site)) + "\n")
 
 
 if __name__ == "__main__":

@@ -45,6 +45,8 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks.harness import write_report
+
 log = logging.getLogger("benchmarks.pyrafan_accuracy")
 
 MODELS = ("yolo11n", "yolo11n-p2", "yolo11n-pyrafan")
@@ -318,10 +320,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = summarise(records, args.models)
     settings.update(date=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
                     argv=" ".join(sys.argv[1:] if argv is None else argv))
-    out.with_suffix(".json").write_text(json.dumps({"settings": settings, "summary": summary}, indent=1) + "\n")
-    markdown = to_markdown(summary, settings)
-    out.with_suffix(".md").write_text(markdown)
-    print(markdown)
+    write_report(out, {"settings": settings, "summary": summary}, to_markdown(summary, settings))
     return 0
 
 

@@ -19,18 +19,15 @@ Run::
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
-import platform
-import subprocess
 import tempfile
-import time
-from copy import deepcopy
 from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
+
+from benchmarks.harness import latency_runners, machine, time_interleaved, write_report
 
 log = logging.getLogger("benchmarks.pyrafan_speed")
 
@@ -40,19 +37,7 @@ NC = 8  # the built-in benchmark's classes
 RESULTS = Path(__file__).resolve().parent / "results" / "pyrafan_speed"
 
 
-def cpu_model_name() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        return platform.processor() or "unknown"
-    fields = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
-    name = fields.get("Model name", "unknown").strip()
-    family, model = fields.get("CPU family", "").strip(), fields.get("Model", "").strip()
-    return f"{name} (family {family}, model {model})" if family else name
-
-
 def measure(models: list[str], sizes: list[int], runs: int, warmup: int, threads: int, workdir: Path) -> dict:
-    import onnxruntime as ort
     import torch
 
     from common import yolo
@@ -60,9 +45,6 @@ def measure(models: list[str], sizes: list[int], runs: int, warmup: int, threads
     torch.set_num_threads(threads)
     rng = np.random.default_rng(0)
     inputs = {s: rng.random((1, 3, s, s), dtype=np.float32) for s in sizes}
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
 
     from ultralytics.utils.torch_utils import get_flops
 
@@ -71,53 +53,16 @@ def measure(models: list[str], sizes: list[int], runs: int, warmup: int, threads
         model = yolo.build_model(arch, nc=NC, seed=0).eval()
         info[arch] = {"params": yolo.count_parameters(model), "gflops_640": round(get_flops(model, 640), 2),
                       "strides": [int(s) for s in model.stride.tolist()]}
-        fused = deepcopy(model).fuse(verbose=False).eval()
         for size in sizes:
             path = yolo.export_onnx(model, workdir / f"{arch}-{size}.onnx", imgsz=size)
-            session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-            name = session.get_inputs()[0].name
-            x_np, x_t = inputs[size], torch.from_numpy(inputs[size])
-
-            def run_torch(m=fused, x=x_t):
-                with torch.inference_mode():
-                    return m(x)[0]
-
-            def run_onnx(sess=session, n=name, x=x_np):
-                return sess.run(None, {n: x})[0]
-
-            diff = float(np.abs(run_onnx() - run_torch().numpy()).max())
+            run_torch, run_onnx, diff = latency_runners(model, path, inputs[size], threads)
             info[arch][f"onnx_max_abs_diff_{size}"] = diff
             runners[(arch, size, "torch")] = run_torch
             runners[(arch, size, "onnxruntime")] = run_onnx
         log.info("%s: %d params, %.2f GFLOPs at 640, exported", arch, info[arch]["params"], info[arch]["gflops_640"])
 
-    for fn in runners.values():
-        for _ in range(warmup):
-            fn()
-    times = {key: [] for key in runners}
-    for r in range(runs):  # interleaved: every cell once per round
-        for key, fn in runners.items():
-            t0 = time.perf_counter()
-            fn()
-            times[key].append((time.perf_counter() - t0) * 1e3)
-        if (r + 1) % 10 == 0:
-            log.info("round %d/%d", r + 1, runs)
-    latency = {
-        f"{arch}|{size}|{rt}": {"median_ms": float(np.median(v)), "p25_ms": float(np.percentile(v, 25)),
-                                "p75_ms": float(np.percentile(v, 75)), "runs": len(v)}
-        for (arch, size, rt), v in times.items()
-    }
+    latency = {f"{arch}|{size}|{rt}": v for (arch, size, rt), v in time_interleaved(runners, runs, warmup).items()}
     return {"models": info, "latency": latency}
-
-
-def machine(threads: int) -> dict:
-    import onnxruntime as ort
-    import torch
-    import ultralytics
-
-    return {"cpu": cpu_model_name(), "logical_cpus": os.cpu_count(), "threads": threads,
-            "python": platform.python_version(), "torch": torch.__version__, "onnxruntime": ort.__version__,
-            "ultralytics": ultralytics.__version__, "platform": platform.platform()}
 
 
 def to_markdown(result: dict) -> str:
@@ -181,12 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "machine": machine(args.threads),
               "nc": NC, "sizes": args.sizes, "runs": args.runs, "warmup": args.warmup,
               "load_before": load_before, "load_after": os.getloadavg(), **measured}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
-    markdown = to_markdown(result)
-    out.with_suffix(".md").write_text(markdown)
-    print(markdown)
+    write_report(args.out, result, to_markdown(result))
     return 0
 
 

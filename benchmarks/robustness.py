@@ -36,12 +36,12 @@ import argparse
 import json
 import logging
 import math
-import os
-import platform
 import time
 from pathlib import Path
 
 import numpy as np
+
+from benchmarks.harness import machine, write_report
 
 log = logging.getLogger("benchmarks.robustness")
 
@@ -246,16 +246,6 @@ def to_markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
-def machine() -> dict:
-    import torch
-    import ultralytics
-
-    from benchmarks.pyrafan_speed import cpu_model_name
-
-    return {"cpu": cpu_model_name(), "logical_cpus": os.cpu_count(), "python": platform.python_version(),
-            "torch": torch.__version__, "ultralytics": ultralytics.__version__, "platform": platform.platform()}
-
-
 def main(argv: list[str] | None = None) -> int:
     import sys
     from datetime import datetime, timezone
@@ -352,18 +342,15 @@ def main(argv: list[str] | None = None) -> int:
                 "test_images": len(list((bench.site_dir(args.site) / "images" / "test").glob("*.png"))),
                 "data": str(data), "models": {f"{k[0]}-seed{k[1]}": str(v) for k, v in models.items()}}
     result = {"command": "python -m benchmarks.robustness " + " ".join(sys.argv[1:] if argv is None else argv),
-              "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "machine": machine(),
+              "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "machine": machine(cfg.train.threads),
               "wall_s": time.perf_counter() - t_start, "trained_now": trained_now, "training_runs": runs,
               "settings": settings, "params": {c: adverse.PARAMS[c] for c in adverse.CONDITIONS},
               "dropped_labels": dropped, "test_labels": test_labels, "summary": summary, "records": records}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
     grid = examples_grid(datasets, adverse.CONDITIONS, args.severities, out.parent / f"{out.name}_examples.jpg")
     result["examples"] = grid.name
-    markdown = to_markdown(result)
-    out.with_suffix(".md").write_text(markdown)
-    print(markdown)
+    write_report(out, result, to_markdown(result))
     return 0
 
 

@@ -31,10 +31,8 @@ Run it with one thread (the latency is single-core)::
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
-import platform
 import shutil
 import sys
 import tempfile
@@ -45,7 +43,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from benchmarks.pyrafan_speed import cpu_model_name
+from benchmarks import harness
+from benchmarks.harness import write_report
 from common import superres as sr
 
 log = logging.getLogger("benchmarks.superres")
@@ -163,14 +162,8 @@ def detection(bench, site: int, methods: dict, scale: int, weights: Path, imgsz:
 
 
 def machine() -> dict:
-    import torch
-
-    import ultralytics
-
-    return {"cpu": cpu_model_name(), "logical_cpus": os.cpu_count(), "threads": 1,
-            "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "python": platform.python_version(),
-            "numpy": np.__version__, "opencv": cv2.__version__, "torch": torch.__version__,
-            "ultralytics": ultralytics.__version__, "platform": platform.platform()}
+    return {**harness.machine(1), "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "numpy": np.__version__,
+            "opencv": cv2.__version__}
 
 
 def to_markdown(r: dict) -> str:
@@ -279,12 +272,7 @@ def main(argv: list[str] | None = None) -> int:
                      "eval_conf": cfg.eval.conf, "eval_iou": cfg.eval.iou},
         "training": training, "quality": quality, "detection": det,
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
-    markdown = to_markdown(result)
-    out.with_suffix(".md").write_text(markdown)
-    print(markdown)
+    write_report(args.out, result, to_markdown(result))
     return 0
 
 

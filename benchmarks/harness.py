@@ -1,0 +1,94 @@
+"""What every benchmark shares: the machine's description, interleaved latency timing, writing the report."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import subprocess
+import time
+from collections.abc import Callable, Hashable, Mapping
+from copy import deepcopy
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+
+def cpu_model_name() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return platform.processor() or "unknown"
+    fields = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
+    name = fields.get("Model name", "unknown").strip()
+    family, model = fields.get("CPU family", "").strip(), fields.get("Model", "").strip()
+    return f"{name} (family {family}, model {model})" if family else name
+
+
+def machine(threads: int) -> dict:
+    import onnxruntime as ort
+    import torch
+    import ultralytics
+
+    return {"cpu": cpu_model_name(), "logical_cpus": os.cpu_count(), "threads": threads,
+            "python": platform.python_version(), "torch": torch.__version__, "onnxruntime": ort.__version__,
+            "ultralytics": ultralytics.__version__, "platform": platform.platform()}
+
+
+def latency_runners(model, onnx_path: Path, x: np.ndarray, threads: int) -> tuple[Callable, Callable, float]:
+    """Batch forward passes of ``model`` (Conv+BN fused, eval) and of its ONNX export on the input ``x``.
+
+    Returns ``(run_torch, run_onnx, max_abs_diff)``: the raw head outputs of both, and how far apart they are.
+    """
+    import onnxruntime as ort
+    import torch
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    session = ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    fused = deepcopy(model).fuse(verbose=False).eval()
+    x_t = torch.from_numpy(x)
+
+    def run_torch():
+        with torch.inference_mode():
+            return fused(x_t)[0]
+
+    def run_onnx():
+        return session.run(None, {name: x})[0]
+
+    return run_torch, run_onnx, float(np.abs(run_onnx() - run_torch().numpy()).max())
+
+
+def time_interleaved(runners: Mapping[Hashable, Callable], runs: int, warmup: int) -> dict:
+    """Milliseconds per call of each runner: ``{key: {"median_ms", "p25_ms", "p75_ms", "runs"}}``.
+
+    After ``warmup`` calls each, every runner is called once per round for ``runs``
+    rounds, so a change in machine load hits every cell alike.
+    """
+    for fn in runners.values():
+        for _ in range(warmup):
+            fn()
+    times = {key: [] for key in runners}
+    for r in range(runs):
+        for key, fn in runners.items():
+            t0 = time.perf_counter()
+            fn()
+            times[key].append((time.perf_counter() - t0) * 1e3)
+        if (r + 1) % 10 == 0:
+            log.info("round %d/%d", r + 1, runs)
+    return {key: {"median_ms": float(np.median(v)), "p25_ms": float(np.percentile(v, 25)),
+                  "p75_ms": float(np.percentile(v, 75)), "runs": len(v)} for key, v in times.items()}
+
+
+def write_report(out: str | Path, result: dict | list, markdown: str) -> None:
+    """``<out>.json`` and ``<out>.md`` (folders made as needed); the markdown is printed too."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
+    out.with_suffix(".md").write_text(markdown)
+    print(markdown)
