@@ -6,10 +6,10 @@ fixed, the training seed varies):
 - ``none``: local training only (the baseline);
 - ``graph``: edge->edge graph-guided KD (top-rho teachers);
 - ``cloud``: cloud->edge KD from a YOLO11s trained by the server (``--cloud-rounds``);
-- ``all``: naive KD, every other site teaches every site uniformly;
-- ``extra``: the ``graph`` schedule with ``alpha = 1`` (the KD term weighted 0): the
-  students get the same extra epochs without the teachers, so ``graph`` vs ``extra``
-  isolates the distillation from the additional training.
+- ``all``: naive KD, every other site teaches every site uniformly.
+
+Distillation runs inside each round's local epochs, so every variant trains
+for exactly as many epochs: the differences are the teachers' doing.
 
 ``--noisy`` adds a site whose labels follow a different task (Figure 6): the
 table then reports the mean mAP50 of the *other* sites and how often the
@@ -45,8 +45,18 @@ VARIANTS = {
     "graph": {"kd.mode": "graph"},
     "all": {"kd.mode": "all"},
     "cloud": {"kd.mode": "none"},  # + kd.cloud-rounds
-    "extra": {"kd.mode": "graph", "kd.alpha": 1.0},
 }
+
+
+def settings_view(settings: dict, variant: str) -> dict:
+    """The part of a run's settings that its result depends on: ``none`` ignores every KD setting."""
+    view = {k: settings.get(k) for k in ("preset", "noisy")}
+    view["set"] = sorted(s for s in settings.get("set", []) if variant != "none" or not s.startswith("kd."))
+    if variant != "none":
+        view.update({k: settings.get(k) for k in ("teacher_rank", "better_only", "student_check", "schedule")})
+    if variant == "cloud":
+        view["cloud_rounds"] = settings.get("cloud_rounds")
+    return view
 
 
 def run_variant(preset: str, variant: str, seed: int, overrides: dict, cloud_rounds: list[int], out_dir: Path) -> dict:
@@ -67,25 +77,31 @@ def run_variant(preset: str, variant: str, seed: int, overrides: dict, cloud_rou
     rows = [json.loads(x) for x in (out.run_dir / "metrics.jsonl").read_text().splitlines()]
     last = max(r["round"] for r in rows)
     final = {r["site_id"]: r["test_map50"] for r in rows if r["round"] == last}
+    # per KD round, the teachers each student actually distilled from (after its own check)
+    kept = [{r["site_id"]: sorted(r["teachers"]) for r in rows if r["round"] == n and r.get("teachers")}
+            for n in range(1, last + 1)]
     teachers = []
     for g in sorted((out.run_dir / "graphs").glob("round-*.json")) if (out.run_dir / "graphs").is_dir() else []:
         rec = json.loads(g.read_text())
         teachers.append(sorted(rec.get("teachers") or {t for v in rec.get("teachers_for", {}).values() for t in v}))
     return {"variant": variant, "seed": seed, "final_test_map50": final, "teachers_per_round": teachers,
-            "seconds": time.perf_counter() - t0}
+            "kept_per_round": kept, "seconds": time.perf_counter() - t0}
 
 
 def summarise(results: list[dict], noisy_site: str | None) -> list[str]:
     by_variant: dict[str, list[float]] = {}
-    picked: dict[str, int] = {}
+    picked: dict[str, str] = {}
     for r in results:
         sites = {s: v for s, v in r["final_test_map50"].items() if s != noisy_site}
         by_variant.setdefault(r["variant"], []).append(statistics.fmean(sites.values()))
         if noisy_site:
-            picked[r["variant"]] = picked.get(r["variant"], 0) + sum(noisy_site in t for t in r["teachers_per_round"])
+            proposed = sum(noisy_site in t for t in r["teachers_per_round"])
+            taught = sum(noisy_site in ts for kept in r.get("kept_per_round", []) for ts in kept.values())
+            old = picked.get(r["variant"], "0 / 0").split(" / ")
+            picked[r["variant"]] = f"{int(old[0]) + proposed} / {int(old[1]) + taught}"
     base = statistics.fmean(by_variant["none"]) if "none" in by_variant else None
     lines = ["| variant | mean edge mAP50 | std over seeds | per seed | vs none |"
-             + (" noisy site picked as teacher (rounds) |" if noisy_site else ""),
+             + (" noisy site picked as teacher (rounds) / taught (student-rounds) |" if noisy_site else ""),
              "|---|---|---|---|---|" + ("---|" if noisy_site else "")]
     for variant, vals in by_variant.items():
         mean = statistics.fmean(vals)
@@ -104,6 +120,12 @@ def summarise(results: list[dict], noisy_site: str | None) -> list[str]:
     if teachers:
         lines += ["", "Teachers per KD round: " + "; ".join(
             f"{v} seed {s}: {' / '.join(','.join(t) or '-' for t in ts)}" for (v, s), ts in teachers.items()), ""]
+    kept = {(r["variant"], r["seed"]): r["kept_per_round"] for r in results if any(r.get("kept_per_round", []))}
+    if kept:
+        lines += ["Student <- teachers it kept, per round (after the student-side check): " + "; ".join(
+            f"{v} seed {s}: " + " / ".join(f"r{n + 1} " + (", ".join(f"{st}<-{'+'.join(ts)}" for st, ts in k.items()))
+                                           for n, k in enumerate(ks) if k)
+            for (v, s), ks in kept.items()), ""]
     return lines
 
 
@@ -130,10 +152,12 @@ def main(argv: list[str] | None = None) -> None:
     stem.parent.mkdir(parents=True, exist_ok=True)
     # one JSON line per finished federation, keyed by the settings: a rerun skips what is done (resume)
     key = {"preset": args.preset, "set": sorted(args.set), "noisy": args.noisy, "cloud_rounds": args.cloud_rounds,
-           "teacher_rank": cfg.kd.teacher_rank, "better_only": cfg.kd.better_only}
+           "teacher_rank": cfg.kd.teacher_rank, "better_only": cfg.kd.better_only,
+           "student_check": cfg.kd.student_check, "schedule": "in-round"}
     jsonl = stem.with_suffix(".jsonl")
-    done = [json.loads(line) for line in jsonl.read_text().splitlines()] if jsonl.is_file() else []
-    done = {(r["variant"], r["seed"]): r for r in done if r.get("settings") == key}
+    lines = [json.loads(line) for line in jsonl.read_text().splitlines()] if jsonl.is_file() else []
+    done = {(r["variant"], r["seed"]): r for r in lines
+            if settings_view(r.get("settings", {}), r["variant"]) == settings_view(key, r["variant"])}
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="cedar-kd-bench-") as tmp:
         for seed in args.seeds:
@@ -159,8 +183,9 @@ def main(argv: list[str] | None = None) -> None:
         "",
         f"{cfg.data.num_sites} sites{' + 1 noisy' if args.noisy else ''}, {cfg.federation.num_rounds} rounds of "
         f"{cfg.train.epochs_per_round} local epochs at {cfg.train.imgsz} px; KD: rho {cfg.kd.rho}, "
-        f"alpha {cfg.kd.alpha}, T {cfg.kd.temperature}, {cfg.kd.epochs} KD epochs from round {cfg.kd.start_round}, "
+        f"alpha {cfg.kd.alpha}, T {cfg.kd.temperature}, inside the local epochs from round {cfg.kd.start_round}, "
         f"teachers ranked by {cfg.kd.teacher_rank}{', only more accurate teachers' if cfg.kd.better_only else ''}"
+        f"{', kept by a student only if better on its own val split' if cfg.kd.student_check else ''}"
         + (f"; cloud rounds {args.cloud_rounds}" if "cloud" in args.variants else "")
         + ". mAP50 = mean over sites of each site's own test split after the last "
         "round" + (" (the noisy site excluded)." if args.noisy else "."),

@@ -70,13 +70,44 @@ class LocalSite:
             yolo.load_state_dict(model, weights)
         return model
 
-    def distiller(self, student, kd: dict[str, Any]):
-        """Frozen teachers from a distillation message (see ``common.protocol.parse_kd_config``)."""
+    def distiller(self, student, kd: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+        """Frozen teachers from a distillation message (see ``common.protocol.parse_kd_config``).
+
+        With ``student_check`` the student first scores itself and every proposed
+        teacher on its *own* validation split and keeps only the teachers that beat
+        it there (their graph weights renormalised): the shared benchmark mixes every
+        site's domain, so a teacher that ranks high there can still be worse on this
+        site's data, and distilling from it pulls the student down. Nothing leaves
+        the site but the scores. Returns ``(TeacherEnsemble or None, metrics)``.
+        """
         from common.distill import TeacherEnsemble
 
         teachers = [self.build_model(rec.to_torch_state_dict(), arch) for rec, arch, _ in kd["teachers"]]
-        return TeacherEnsemble(student, teachers, [w for _, _, w in kd["teachers"]],
-                               temperature=kd["temperature"], fg_threshold=kd["fg_threshold"])
+        weights = [w for _, _, w in kd["teachers"]]
+        metrics: dict[str, Any] = {}
+        if kd.get("student_check"):
+            own = self.evaluate(student, "val").map50
+            scores = [self.evaluate(t, "val").map50 for t in teachers]
+            kept = [s > own for s in scores]
+            metrics = {P.START_VAL_MAP50: own, P.TEACHER_VAL_MAP50: scores, P.TEACHERS_KEPT: [int(k) for k in kept]}
+            log.info("%s: own val mAP50 %.3f; teachers %s: %s", self.spec.site_id, own,
+                     ", ".join(f"{i} {s:.3f}" for i, s in zip(kd["ids"], scores)),
+                     "kept " + ", ".join(i for i, k in zip(kd["ids"], kept) if k) if any(kept) else "none kept")
+            teachers = [t for t, k in zip(teachers, kept) if k]
+            weights = [w for w, k in zip(weights, kept) if k]
+        if not teachers:
+            return None, metrics
+        total = sum(weights)
+        return TeacherEnsemble(student, teachers, [w / total for w in weights],
+                               temperature=kd["temperature"], fg_threshold=kd["fg_threshold"]), metrics
+
+    def evaluate(self, model, split: str):
+        """Ultralytics' validator on one of this site's splits, at the evaluation settings."""
+        from common import yolo
+
+        t, ev = self.cfg.train, self.cfg.eval
+        return yolo.evaluate(model, self.spec.data_yaml, split=split, imgsz=t.imgsz, batch=ev.batch, conf=ev.conf,
+                             iou=ev.iou, device=t.device)
 
     def train_round(self, server_round: int, epochs: int, weights: dict | None,
                     kd: dict[str, Any] | None = None) -> RoundResult:
@@ -89,7 +120,7 @@ class LocalSite:
         torch.set_num_threads(self.cfg.train.threads)
         t = self.cfg.train
         model = self.build_model(weights)
-        extra = self.distiller(model, kd) if kd else None
+        extra, kd_metrics = self.distiller(model, kd) if kd else (None, {})
         seed = self.cfg.seed + 1000 * server_round + self.spec.index
         augment = AdverseAugment(t.adverse_p, seed=seed) if t.adverse_p > 0 else None
         t0 = time.perf_counter()
@@ -97,13 +128,10 @@ class LocalSite:
             model, self.spec.data_yaml, epochs=epochs, imgsz=t.imgsz, batch=t.batch, lr0=t.lr0,
             weight_decay=t.weight_decay, warmup_iters=t.warmup_iters,  # every round: AdamW restarts
             mosaic=t.mosaic, workers=t.workers, seed=seed,
-            device=t.device, desc=f"{self.spec.site_id} round {server_round}{' KD' if kd else ''}",
-            extra_loss=extra, alpha=kd["alpha"] if kd else 1.0, augment=augment,
+            device=t.device, desc=f"{self.spec.site_id} round {server_round}{' KD' if extra else ''}",
+            extra_loss=extra, alpha=kd["alpha"] if extra else 1.0, augment=augment,
         )
-        ev = self.cfg.eval
-        kw = dict(imgsz=t.imgsz, batch=ev.batch, conf=ev.conf, iou=ev.iou, device=t.device)
-        val = yolo.evaluate(model, self.spec.data_yaml, split="val", **kw)
-        test = yolo.evaluate(model, self.spec.data_yaml, split="test", **kw)
+        val, test = self.evaluate(model, "val"), self.evaluate(model, "test")
         routing = self.routing_metrics(model)
         yolo.save_weights(model, self.store / "model.pt", round=server_round, site=self.spec.site_id)
         log.info("%s round %s: loss %.3f, val mAP50 %.3f, test mAP50 %.3f (%.0fs)", self.spec.site_id,
@@ -113,9 +141,9 @@ class LocalSite:
             P.TRAIN_SECONDS: res.seconds, P.VAL_MAP50: val.map50, P.TEST_MAP50: test.map50,
             P.TEST_MAP50_95: test.map50_95, P.TEST_AP50: P.encode_ap(test.ap50),
         }
-        if kd:
+        if extra:
             metrics[P.KD_LOSS] = res.extra_loss
-        return RoundResult(yolo.state_dict(model), {**metrics, **routing})
+        return RoundResult(yolo.state_dict(model), {**metrics, **kd_metrics, **routing})
 
     def routing_metrics(self, model) -> dict[str, float]:
         """Ambiguity routing on the test split (paper section 4.2): what the edge offloads, and what it gains.

@@ -143,23 +143,30 @@ class KDConfig:
     on which the cloud model (trained by the server) teaches every site.
     ``teacher_rank``: ``map_degree`` (default: in-strength x benchmark mAP) or
     ``degree`` (the paper's in-strength alone); ``better_only``: a student learns
-    only from teachers with a higher benchmark mAP (see ``common.graph``).
+    only from teachers with a higher benchmark mAP (see ``common.graph``);
+    ``student_check``: the student keeps only the teachers that beat it on its own
+    validation split (see ``clients.site.LocalSite.distiller``). Distillation runs
+    inside a round's local epochs (``train.epochs_per_round``), from the teachers'
+    models of the round before. ``cloud_weights``: a cloud model file the project
+    produced (e.g. the collaboration benchmark's); empty: the server trains
+    ``model.cloud`` for ``cloud_epochs`` on the benchmark plus the hard samples.
     """
 
     mode: str = "none"
     rho: float = 0.3
     teacher_rank: str = "map_degree"
     better_only: bool = True
+    student_check: bool = True
     sigma_s_km: float = 5.0
     min_weight: float = 0.0
     class_weights: str = "ones"  # "ones" or "small" (small-object emphasis)
     alpha: float = 0.5  # weight of the detection loss: alpha * det + (1 - alpha) * kd
     temperature: float = 1.0  # paper section 5.1
     fg_threshold: float = 0.25
-    epochs: int = 2
     start_round: int = 2  # teachers need a round of local training before they know anything
     cloud_rounds: list[int] = field(default_factory=list)
     cloud_epochs: int = 10
+    cloud_weights: str = ""
     # extra YOLO-format training data for the cloud model (the cloud service's hard-sample store)
     hard_samples_dir: str = ""
     # graph maintenance (paper Figure 4)
@@ -285,7 +292,7 @@ def validate(cfg: CedarConfig) -> None:
     for key in ("train.epochs_per_round",):
         if flat[key] < 0:
             raise ConfigError(f"{key}={flat[key]!r}: must be >= 0")
-    for key in ("kd.t_cycle", "kd.patience", "kd.epochs"):
+    for key in ("kd.t_cycle", "kd.patience"):
         if flat[key] < 1:
             raise ConfigError(f"{key}={flat[key]!r}: must be >= 1")
     if flat["kd.temperature"] <= 0 or flat["kd.sigma_s_km"] <= 0:

@@ -27,6 +27,7 @@ KD_FG_THRESHOLD = "kd-fg-threshold"
 TEACHER_IDS = "teacher-ids"
 TEACHER_WEIGHTS = "teacher-weights"
 TEACHER_ARCHS = "teacher-archs"
+KD_STUDENT_CHECK = "kd-student-check"  # the student keeps only teachers better than itself on its own val split
 
 
 def teacher_record(i: int) -> str:
@@ -42,6 +43,11 @@ TEST_MAP50 = "test-map50"
 TEST_MAP50_95 = "test-map50-95"
 TEST_AP50 = "test-ap50"  # per class; NaN is sent as -1 (absent class)
 KD_LOSS = "kd-loss"  # mean distillation loss of the last epoch (KD rounds only)
+# the student-side check (KD rounds only): its own val mAP50 before training, each proposed
+# teacher's val mAP50 on the student's val split, and 1/0 per teacher for kept/dropped
+START_VAL_MAP50 = "start-val-map50"
+TEACHER_VAL_MAP50 = "teacher-val-map50"
+TEACHERS_KEPT = "teachers-kept"
 # ambiguity routing on the site's test split (paper section 4.2), optional
 OFFLOAD_FRACTION = "offload-fraction"  # share of edge detections that would go to the cloud
 EDGE_RECALL = "edge-recall"  # recall (IoU 0.5, class-agnostic) of all edge detections
@@ -100,9 +106,16 @@ def parse_train_metrics(metrics: Mapping[str, Any], nc: int) -> dict[str, Any]:
         raise ProtocolError(f"{where}: '{TEST_AP50}' entries must be {ABSENT} (absent) or in [0, 1], got {bad[0]!r}")
     out[TEST_AP50] = decode_ap(ap)
     out[TEST_MAP50_95] = float(metrics.get(TEST_MAP50_95, math.nan))
-    for key in (KD_LOSS, *ROUTING_KEYS, *COLLAB_KEYS):
+    for key in (KD_LOSS, START_VAL_MAP50, *ROUTING_KEYS, *COLLAB_KEYS):
         if key in metrics:
             out[key] = _number(metrics, key, where)
+    for key in (TEACHER_VAL_MAP50, TEACHERS_KEPT):
+        if key in metrics:
+            values = metrics[key]
+            if not isinstance(values, list) or any(isinstance(v, bool) or not isinstance(v, (int, float))
+                                                   or not math.isfinite(float(v)) for v in values):
+                raise ProtocolError(f"{where}: '{key}'={values!r} must be a list of numbers")
+            out[key] = [float(v) for v in values]
     return out
 
 
@@ -123,7 +136,8 @@ def parse_kd_config(config: Mapping[str, Any], teacher_records: list) -> dict[st
     missing = [teacher_record(i) for i, rec in enumerate(teacher_records) if rec is None]
     if missing:
         raise ProtocolError(f"message has no weights for teacher record(s) {missing}")
-    out = {"teachers": list(zip(teacher_records, archs, [float(w) for w in weights])), "ids": list(ids)}
+    out = {"teachers": list(zip(teacher_records, archs, [float(w) for w in weights])), "ids": list(ids),
+           "student_check": bool(config.get(KD_STUDENT_CHECK, False))}
     for key, name in ((KD_ALPHA, "alpha"), (KD_TEMPERATURE, "temperature"), (KD_FG_THRESHOLD, "fg_threshold")):
         out[name] = _number(config, key, where)
     return out

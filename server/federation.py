@@ -47,8 +47,9 @@ class BenchmarkEvaluator:
 
 
 class CloudModel:
-    """The cloud detector (YOLO11s by default): trained once by the server on the shared benchmark's
-    train split plus the hard samples edge sites uploaded; cached in the run folder."""
+    """The cloud detector (YOLO11s by default): ``kd.cloud_weights`` when given, else trained once by the
+    server on the shared benchmark's train split plus the hard samples edge sites uploaded (cached in the
+    run folder)."""
 
     def __init__(self, cfg: CedarConfig, data_yaml: Path, names: list[str], run_dir: Path):
         self.cfg, self.data_yaml, self.names = cfg, data_yaml, names
@@ -77,9 +78,12 @@ class CloudModel:
 
         if self.arrays is None:
             model = yolo.build_model(self.cfg.model.cloud, len(self.names), seed=self.cfg.seed, names=self.names)
-            if self.path.is_file():
-                yolo.load_weights(self.path, model=model)
-                log.info("cloud model: loaded %s", self.path)
+            given = Path(self.cfg.kd.cloud_weights).expanduser() if self.cfg.kd.cloud_weights else None
+            if given is not None and not given.is_file():
+                raise FileNotFoundError(f"kd.cloud-weights={self.cfg.kd.cloud_weights!r}: no such file")
+            if given is not None or self.path.is_file():
+                yolo.load_weights(given or self.path, model=model)
+                log.info("cloud model: loaded %s", given or self.path)
             else:
                 t = self.cfg.train
                 res = yolo.train(model, self.training_data(), epochs=self.cfg.kd.cloud_epochs, imgsz=t.imgsz,
@@ -133,7 +137,7 @@ def run_federation(grid, cfg: CedarConfig) -> RunOutputs:
         num_classes=len(names), epochs_per_round=cfg.train.epochs_per_round, evaluate_fn=evaluator,
         aggregation=cfg.federation.aggregation, mode=k.mode, rho=k.rho, teacher_rank=k.teacher_rank, better_only=k.better_only, sigma_s_km=k.sigma_s_km,
         min_weight=k.min_weight, class_weights=_class_weights(cfg, bench_yaml, len(names)), alpha=k.alpha,
-        temperature=k.temperature, fg_threshold=k.fg_threshold, kd_epochs=k.epochs, start_round=k.start_round,
+        temperature=k.temperature, fg_threshold=k.fg_threshold, student_check=k.student_check, start_round=k.start_round,
         cloud_rounds=tuple(k.cloud_rounds), cloud_fn=cloud, edge_arch=cfg.model.edge, t_cycle=k.t_cycle,
         delta_down=k.delta_down, patience=k.patience,
     )

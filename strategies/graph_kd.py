@@ -1,25 +1,29 @@
 """Graph-guided distillation strategy (paper section 4.3; DESIGN.md 3.1-3.3).
 
-Each round, on top of :class:`PersonalizedStrategy`'s local training:
+Round ``r``, on top of :class:`PersonalizedStrategy`'s per-site models:
 
-1. **maintenance**: :class:`common.schedule.GraphMaintenance` decides which
-   sites to (re-)evaluate on the shared benchmark (periodic, new, returned,
-   degraded); ``evaluate_fn`` scores just those, their per-class AP50 becomes
-   their performance profile;
-2. **graph**: :func:`common.graph.build_graph` over every present site with a
-   profile (position, class set, AP vector), teacher degree (in-strength,
-   by default weighted by benchmark mAP), top-``rho`` teachers; a student only
-   learns from teachers more accurate than itself (``better_only``);
-3. **distillation**: one message *per student*, carrying its own weights, its
-   teachers' weights (``teacher-<i>`` records) and mixing weights from
-   :func:`common.graph.teachers_for`, and the KD settings; students train with
-   ``alpha * detection + (1 - alpha) * KD`` and reply like a train reply.
+1. **graph** (from what round ``r - 1`` measured): :func:`common.graph.build_graph`
+   over every present site with a profile (position, class set, AP vector on the
+   shared benchmark), teacher degree (in-strength, by default weighted by
+   benchmark mAP), top-``rho`` teachers; a student only learns from teachers more
+   accurate than itself (``better_only``);
+2. **training with distillation**: one message *per node*. A student's carries
+   its own weights, its teachers' weights (``teacher-<i>`` records, the teachers'
+   models from round ``r - 1``), mixing weights from
+   :func:`common.graph.teachers_for` and the KD settings; it trains its usual
+   local epochs with ``alpha * detection + (1 - alpha) * KD`` (with
+   ``student_check`` it first drops the teachers that do not beat it on its own
+   validation split). Everyone else trains as usual. Distillation therefore costs
+   no extra epochs: a federation with KD and one without train equally long.
    On ``cloud_rounds`` the cloud model (``cloud_fn``) is every site's teacher.
    ``mode="all"`` is the naive baseline: every other site teaches, uniformly.
+3. **maintenance**: :class:`common.schedule.GraphMaintenance` decides which sites
+   to (re-)evaluate on the shared benchmark (periodic, new, returned, degraded);
+   ``evaluate_fn`` scores just those and their per-class AP50 becomes their
+   profile for the next round's graph.
 
-The round's record for a site is its KD reply when it had one, else its
-train reply. :meth:`state_dict` holds what a resumed server needs besides the
-weights (maintenance state, profiles).
+:meth:`state_dict` holds what a resumed server needs besides the weights
+(maintenance state, profiles).
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from __future__ import annotations
 from logging import INFO, WARNING
 from typing import Any, Callable
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
@@ -43,7 +47,7 @@ class GraphKDStrategy(PersonalizedStrategy):
     def __init__(self, *, mode: str = "graph", rho: float = 0.3, teacher_rank: str = "map_degree",
                  better_only: bool = True, sigma_s_km: float = 5.0, min_weight: float = 0.0,
                  class_weights: list[float] | None = None, alpha: float = 0.5, temperature: float = 1.0,
-                 fg_threshold: float = 0.25, kd_epochs: int = 2, start_round: int = 1,
+                 fg_threshold: float = 0.25, student_check: bool = True, start_round: int = 1,
                  cloud_rounds: tuple[int, ...] = (), cloud_fn: CloudFn | None = None, edge_arch: str = "yolo11n",
                  t_cycle: int = 1, delta_down: float = 0.05, patience: int = 2, **kwargs):
         super().__init__(**kwargs)
@@ -57,8 +61,8 @@ class GraphKDStrategy(PersonalizedStrategy):
         self.teacher_rank, self.better_only = teacher_rank, better_only
         self.class_weights = class_weights
         self.kd = {P.KD_ALPHA: float(alpha), P.KD_TEMPERATURE: float(temperature),
-                   P.KD_FG_THRESHOLD: float(fg_threshold)}
-        self.kd_epochs, self.start_round = kd_epochs, start_round
+                   P.KD_FG_THRESHOLD: float(fg_threshold), P.KD_STUDENT_CHECK: bool(student_check)}
+        self.start_round = start_round
         self.cloud_rounds, self.cloud_fn, self.edge_arch = set(cloud_rounds), cloud_fn, edge_arch
         self.maintenance = GraphMaintenance(t_cycle, delta_down, patience)
         self.profiles: dict[str, dict[str, Any]] = {}  # site -> {"position", "classes", "ap", "round"}
@@ -123,41 +127,47 @@ class GraphKDStrategy(PersonalizedStrategy):
         return plan
 
     # -------------------------------------------------------------------- kd
-    def configure_kd(self, server_round: int, plan: dict[str, dict[str, float]], grid: Grid) -> list[Message]:
-        node_of = {s: n for n, s in self.site_of.items()}
+    def configure_round(self, server_round: int, plan: dict[str, dict[str, float]], grid: Grid) -> list[Message]:
+        """The round's train messages; a student's also carries its teachers and the KD settings."""
+        messages = list(self.configure_train(server_round, None, ConfigRecord(), grid))
         cloud = self.cloud_fn(server_round) if any("cloud" in t for t in plan.values()) else None
-        messages = []
-        for student, teachers in sorted(plan.items()):
-            if student not in node_of or student not in self.arrays:
+        for msg in messages:
+            student = self.site_of.get(msg.metadata.dst_node_id)
+            teachers = plan.get(student)
+            if not teachers or P.ARRAYS not in msg.content:
                 continue
             ids = sorted(teachers)
             if any(t != "cloud" and t not in self.arrays for t in ids):
-                log(WARNING, "kd: round %s: a teacher of %s has no weights; skipped", server_round, student)
+                log(WARNING, "kd: round %s: a teacher of %s has no weights; it trains without", server_round, student)
                 continue
-            config = {**self.round_config(server_round), P.EPOCHS: self.kd_epochs, **self.kd,
-                      P.TEACHER_IDS: ids, P.TEACHER_WEIGHTS: [float(teachers[t]) for t in ids],
-                      P.TEACHER_ARCHS: [cloud[1] if t == "cloud" else self.edge_arch for t in ids]}
-            content = RecordDict({P.CONFIG: ConfigRecord(config), P.ARRAYS: self.arrays[student]})
+            config = msg.content[P.CONFIG]
+            config.update({**self.kd, P.TEACHER_IDS: ids, P.TEACHER_WEIGHTS: [float(teachers[t]) for t in ids],
+                           P.TEACHER_ARCHS: [cloud[1] if t == "cloud" else self.edge_arch for t in ids]})
             for i, t in enumerate(ids):
-                content[P.teacher_record(i)] = cloud[0] if t == "cloud" else self.arrays[t]
-            messages.append(Message(content=content, dst_node_id=node_of[student], message_type=MessageType.TRAIN))
+                msg.content[P.teacher_record(i)] = cloud[0] if t == "cloud" else self.arrays[t]
         return messages
 
     # ------------------------------------------------------------------ loop
     def run_round(self, grid: Grid, server_round: int, timeout: float) -> list[NodeReply]:
         self.graph_record = None
-        train_replies = super().run_round(grid, server_round, timeout)
-        self.refresh_profiles(server_round, train_replies)
-        plan = self.teacher_plan(server_round, [r.site_id for r in train_replies])
-        if not plan:
-            return train_replies
-        messages = self.configure_kd(server_round, plan, grid)
-        kd_replies = self.accept_replies(server_round, self.send(grid, messages, timeout, "kd"), phase="kd")
-        for reply in kd_replies:
-            reply.metrics["teachers"] = plan.get(reply.site_id, {})
-        by_site = {r.site_id: r for r in train_replies}
-        by_site.update({r.site_id: r for r in kd_replies})
-        return [by_site[s] for s in sorted(by_site)]
+        self.identify(grid)
+        present = sorted({self.site_of[n] for n in grid.get_node_ids() if n in self.site_of})
+        plan = self.teacher_plan(server_round, present)
+        messages = self.configure_round(server_round, plan, grid)
+        sent = {self.site_of.get(m.metadata.dst_node_id) for m in messages if P.TEACHER_IDS in m.content[P.CONFIG]}
+        replies = self.accept_replies(server_round, self.send(grid, messages, timeout, f"round {server_round}"),
+                                      evaluate=self.evaluate_train_reply)
+        for reply in replies:
+            if reply.site_id not in sent:
+                continue
+            ids = sorted(plan[reply.site_id])
+            kept = reply.metrics.get(P.TEACHERS_KEPT, [1.0] * len(ids))
+            reply.metrics["teachers"] = {t: plan[reply.site_id][t] for t, k in zip(ids, kept) if k}
+            reply.metrics["teachers_proposed"] = plan[reply.site_id]
+            if reply.metrics["teachers"]:
+                reply.phase = "kd"
+        self.refresh_profiles(server_round, replies)
+        return replies
 
     # ---------------------------------------------------------------- resume
     def state_dict(self) -> dict[str, Any]:

@@ -87,11 +87,11 @@ def test_deployment_two_supernodes_one_kd_round(deployment, tiny_overrides):
     out_dir = dep.tmp / "out"
     overrides = [f"{k}={v}" for k, v in tiny_overrides.items()] + [
         "data.num-sites=2", f"output-dir={out_dir}", "run-name=dep", "tracking.wandb=off",
-        "federation.num-rounds=1", "kd.mode=graph", "kd.rho=0.5", "kd.start-round=1", "kd.epochs=1",
+        "federation.num-rounds=2", "kd.mode=graph", "kd.rho=0.5", "kd.start-round=2",
         "kd.fg-threshold=0.0", "federation.wait-for-nodes-s=60",
-        # the paper's in-strength rule: after one tiny round both models score ~0 on the benchmark, and the
-        # default accuracy-weighted rule would (rightly) pick no teacher; this test is about the transport
-        "kd.teacher-rank=degree", "kd.better-only=false",
+        # the paper's in-strength rule and no student-side check: after one tiny round both models score ~0,
+        # and the default rules would (rightly) pick no teacher; this test is about the transport
+        "kd.teacher-rank=degree", "kd.better-only=false", "kd.student-check=false",
     ]
     cmd = flwr_run_command(APP_DIR, CONNECTION, "quick", overrides, stream=True)
 
@@ -117,16 +117,17 @@ def test_deployment_two_supernodes_one_kd_round(deployment, tiny_overrides):
         assert proc.alive(), f"{proc.name} died during the run\n{dep.logs()}"
     assert "Successfully started run" in tail(run_log, 10_000), dep.logs()
 
-    # one metrics line per site for round 1: the teacher's train reply and the student's KD reply
+    # one metrics line per site and round; in round 2 the teacher's train reply and the student's KD reply
     lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
-    assert sorted(r["site_id"] for r in lines) == ["site-0", "site-1"], lines
-    assert all(r["round"] == 1 for r in lines), lines
+    assert sorted((r["round"], r["site_id"]) for r in lines) == [(1, "site-0"), (1, "site-1"), (2, "site-0"),
+                                                                 (2, "site-1")], lines
+    lines = [r for r in lines if r["round"] == 2]
     kd = [r for r in lines if r["phase"] == "kd"]
-    assert len(kd) == 1 and kd[0]["teachers"], f"no KD reply in round 1: {lines}\n{dep.logs()}"
+    assert len(kd) == 1 and kd[0]["teachers"], f"no KD reply in round 2: {lines}\n{dep.logs()}"
     teacher = next(r for r in lines if r["phase"] != "kd")
     assert set(kd[0]["teachers"]) == {teacher["site_id"]}, lines
 
-    graph = json.loads((run_dir / "graphs" / "round-001.json").read_text())
+    graph = json.loads((run_dir / "graphs" / "round-002.json").read_text())
     assert sorted(n["id"] for n in graph["nodes"]) == ["site-0", "site-1"], graph
     assert graph["teachers"] == [teacher["site_id"]], graph
     for site in ("site-0", "site-1"):

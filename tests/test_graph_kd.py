@@ -1,8 +1,10 @@
 """Tests for strategies.graph_kd: maintenance-driven evaluation, teachers, per-student KD messages.
 
 The paper's section 4.3: top-rho teachers by in-strength teach their student neighbours
-with weights renormalised from the one-hop-normalised arc weights. Fake grid, real
-``flwr.app.Message`` objects, no torch: milliseconds.
+with weights renormalised from the one-hop-normalised arc weights. Round r's graph comes
+from the profiles round r - 1 measured, and the students distil inside round r's local
+training (one message per node). Fake grid, real ``flwr.app.Message`` objects, no torch:
+milliseconds.
 """
 
 import pytest
@@ -18,18 +20,25 @@ NC = 3
 AP = {1: [0.5, float("nan"), 0.25], 2: [0.4, float("nan"), 0.3], 3: [0.1, float("nan"), 0.9]}
 
 
-def _reply(m: Message, kd_loss: float | None = None) -> Message:
+def _reply(m: Message, kept: list[int] | None = None) -> Message:
     node = m.metadata.dst_node_id
     content = _content(node, _arrays(float(node)))
     if m.content[P.CONFIG].get(P.TEACHER_IDS):
         content[P.METRICS][P.KD_LOSS] = 0.125
+        if kept is not None:  # the student-side check's verdict
+            content[P.METRICS][P.TEACHERS_KEPT] = kept
     return Message(content, reply_to=m)
+
+
+def _kd_msgs(grid: FakeGrid, round_index: int) -> list[Message]:
+    """The messages of one round that carry teachers."""
+    return [m for m in grid.sent[round_index] if m.content[P.CONFIG].get(P.TEACHER_IDS)]
 
 
 def _strategy(**kw) -> GraphKDStrategy:
     evaluate = lambda r: {"map50": 0.1, "ap50": AP[r.node_id]}  # noqa: E731
     defaults = dict(num_classes=NC, epochs_per_round=1, evaluate_fn=evaluate, mode="graph", rho=0.34,
-                    sigma_s_km=5.0, kd_epochs=3, start_round=1)
+                    sigma_s_km=5.0, start_round=1)
     return GraphKDStrategy(**{**defaults, **kw})
 
 
@@ -50,7 +59,7 @@ def test_teacher_rank_and_better_only_follow_config(paper_rule):
     kw = dict(teacher_rank="degree", better_only=False) if paper_rule else {}
     strategy = _strategy(**kw)
 
-    strategy.start(grid, num_rounds=1, expected_nodes=3, wait_for_nodes_s=0)
+    strategy.start(grid, num_rounds=2, expected_nodes=3, wait_for_nodes_s=0)
 
     teachers, plan = _expected_plan(paper_rule)
     plan = {s: t for s, t in plan.items() if t}  # a student without a (better) teacher sits out
@@ -60,7 +69,8 @@ def test_teacher_rank_and_better_only_follow_config(paper_rule):
         assert strategy.graph_record["teachers_for"][student] == pytest.approx(mixing)
     assert strategy.graph_record["teacher_rank"] == ("degree" if paper_rule else "map_degree")
     # here site-3 has the best benchmark mAP (0.5 vs 0.375 and 0.35): by default nobody may teach it
-    assert len(grid.sent) == (2 if paper_rule else 1)
+    assert len(grid.sent) == 2 and not _kd_msgs(grid, 0)
+    assert len(_kd_msgs(grid, 1)) == (1 if paper_rule else 0)
 
 
 def test_bad_teacher_rank_is_an_error_naming_it():
@@ -71,40 +81,61 @@ def test_bad_teacher_rank_is_an_error_naming_it():
 def test_round_sends_each_student_its_teachers_and_weights():
     # Prepare: the paper's rule, so that the one student has teachers
     grid = FakeGrid([1, 2, 3], reply=_reply)
-    strategy = _strategy(teacher_rank="degree", better_only=False)
+    strategy = _strategy(teacher_rank="degree", better_only=False, epochs_per_round=4)
     seen = []
 
-    # Execute: one round = local training, evaluation, graph, KD
-    strategy.start(grid, num_rounds=1, expected_nodes=3, wait_for_nodes_s=0,
-                   on_round_end=lambda r, replies: seen.extend(replies))
+    # Execute: round 1 trains and profiles every site; round 2's graph picks teachers from those profiles
+    strategy.start(grid, num_rounds=2, expected_nodes=3, wait_for_nodes_s=0,
+                   on_round_end=lambda r, replies: seen.append(replies))
 
-    # Assert: ceil(0.34 * 3) = 2 teachers, 1 student; its message carries both teachers' weights
+    # Assert: ceil(0.34 * 3) = 2 teachers, 1 student; its round-2 train message carries both teachers' weights
     teachers, plan = _expected_plan(paper_rule=True)
     assert len(teachers) == 2 and len(plan) == 1
     (student, mixing), = plan.items()
-    train_msgs, kd_msgs = grid.sent
-    assert [m.metadata.message_type for m in train_msgs] == [MessageType.TRAIN] * 3
-    assert len(kd_msgs) == 1 and kd_msgs[0].metadata.dst_node_id == int(student[-1])
-    cfg = kd_msgs[0].content[P.CONFIG]
+    assert [m.metadata.message_type for m in grid.sent[1]] == [MessageType.TRAIN] * 3
+    kd_msg, = _kd_msgs(grid, 1)
+    assert kd_msg.metadata.dst_node_id == int(student[-1])
+    cfg = kd_msg.content[P.CONFIG]
     assert cfg[P.TEACHER_IDS] == sorted(mixing)
     assert cfg[P.TEACHER_WEIGHTS] == pytest.approx([mixing[t] for t in sorted(mixing)])
     assert sum(cfg[P.TEACHER_WEIGHTS]) == pytest.approx(1.0)
-    assert cfg[P.EPOCHS] == 3 and cfg[P.KD_ALPHA] == 0.5 and cfg[P.KD_TEMPERATURE] == 1.0
-    for i, t in enumerate(sorted(mixing)):  # teacher i's record holds teacher i's own weights
-        assert kd_msgs[0].content[P.teacher_record(i)]["w"].numpy().tolist() == [float(t[-1])]
-    # the round's record of the student is its KD reply, the teachers' their train replies
-    assert {r.site_id: r.phase for r in seen} == {s: ("kd" if s == student else "train") for s in
-                                                 ("site-1", "site-2", "site-3")}
-    kd_reply = next(r for r in seen if r.phase == "kd")
+    # distillation inside the round's own local epochs: no extra training for the students
+    assert cfg[P.EPOCHS] == 4 and cfg[P.SERVER_ROUND] == 2
+    assert cfg[P.KD_ALPHA] == 0.5 and cfg[P.KD_TEMPERATURE] == 1.0 and cfg[P.KD_STUDENT_CHECK] is True
+    for i, t in enumerate(sorted(mixing)):  # teacher i's record holds teacher i's round-1 weights
+        assert kd_msg.content[P.teacher_record(i)]["w"].numpy().tolist() == [float(t[-1])]
+    assert kd_msg.content[P.ARRAYS]["w"].numpy().tolist() == [float(student[-1])]  # its own round-1 model
+    # one reply per site per round; the student's is marked as a KD reply
+    assert [sorted(r.phase for r in replies) for replies in seen] == [["train"] * 3, ["kd", "train", "train"]]
+    kd_reply = next(r for r in seen[1] if r.phase == "kd")
+    assert kd_reply.site_id == student
     assert kd_reply.metrics[P.KD_LOSS] == 0.125 and kd_reply.metrics["teachers"] == mixing
     assert set(strategy.graph_record["teachers"]) == teachers
+
+
+@pytest.mark.parametrize("kept", [[1, 0], [0, 0]])
+def test_student_check_verdict_is_recorded(kept):
+    """The student reports which proposed teachers it kept; dropping them all makes its round plain training."""
+    grid = FakeGrid([1, 2, 3], reply=lambda m: _reply(m, kept))
+    seen = []
+
+    _strategy(teacher_rank="degree", better_only=False).start(
+        grid, num_rounds=2, expected_nodes=3, wait_for_nodes_s=0, on_round_end=lambda r, replies: seen.append(replies))
+
+    _, plan = _expected_plan(paper_rule=True)
+    (student, mixing), = plan.items()
+    reply = next(r for r in seen[1] if r.site_id == student)
+    ids = sorted(mixing)
+    assert reply.metrics["teachers_proposed"] == mixing
+    assert reply.metrics["teachers"] == {t: mixing[t] for t, k in zip(ids, kept) if k}
+    assert reply.phase == ("kd" if any(kept) else "train")
 
 
 def test_teacher_degree_in_graph_record_matches_networkx():
     grid = FakeGrid([1, 2, 3], reply=_reply)
     strategy = _strategy()
 
-    strategy.start(grid, num_rounds=1, expected_nodes=3, wait_for_nodes_s=0)
+    strategy.start(grid, num_rounds=2, expected_nodes=3, wait_for_nodes_s=0)
 
     profiles = {f"site-{k}": {"position": (float(k), 0.0), "classes": [0, 2], "ap": AP[k]} for k in AP}
     g = G.build_graph(profiles, 5.0)
@@ -116,16 +147,16 @@ def test_teacher_degree_in_graph_record_matches_networkx():
 def test_mode_none_and_before_start_round_send_no_kd():
     for kw in (dict(mode="none"), dict(start_round=5)):
         grid = FakeGrid([1, 2, 3], reply=_reply)
-        _strategy(**kw).start(grid, num_rounds=1, expected_nodes=3, wait_for_nodes_s=0)
-        assert len(grid.sent) == 1  # the train messages only
+        _strategy(**kw).start(grid, num_rounds=2, expected_nodes=3, wait_for_nodes_s=0)
+        assert len(grid.sent) == 2 and not _kd_msgs(grid, 0) and not _kd_msgs(grid, 1)
 
 
 def test_naive_mode_all_distils_every_site_from_every_other_uniformly():
     grid = FakeGrid([1, 2, 3], reply=_reply)
 
-    _strategy(mode="all").start(grid, num_rounds=1, expected_nodes=3, wait_for_nodes_s=0)
+    _strategy(mode="all").start(grid, num_rounds=2, expected_nodes=3, wait_for_nodes_s=0)
 
-    kd_msgs = grid.sent[1]
+    kd_msgs = _kd_msgs(grid, 1)
     assert len(kd_msgs) == 3
     for m in kd_msgs:
         cfg = m.content[P.CONFIG]
@@ -149,8 +180,9 @@ def test_cloud_round_makes_the_cloud_model_every_sites_teacher():
     strategy.start(grid, num_rounds=2, expected_nodes=2, wait_for_nodes_s=0)
 
     # Assert: round 1 trains only; round 2 sends every site the cloud model as its only teacher
-    assert len(grid.sent) == 3 and calls == [2]
-    for m in grid.sent[2]:
+    assert len(grid.sent) == 2 and calls == [2] and not _kd_msgs(grid, 0)
+    assert len(_kd_msgs(grid, 1)) == 2
+    for m in grid.sent[1]:
         cfg = m.content[P.CONFIG]
         assert cfg[P.TEACHER_IDS] == ["cloud"] and cfg[P.TEACHER_ARCHS] == ["yolo11s"]
         assert cfg[P.TEACHER_WEIGHTS] == [1.0]
@@ -213,7 +245,7 @@ def test_kd_config_parsing_names_bad_keys():
 
 
 def test_dropped_student_reply_keeps_the_round_going():
-    # Prepare: the student fails in its KD phase
+    # Prepare: the student fails in its KD round
     def reply(m):
         if m.content[P.CONFIG].get(P.TEACHER_IDS):
             return None
@@ -222,8 +254,13 @@ def test_dropped_student_reply_keeps_the_round_going():
     grid = FakeGrid([1, 2, 3], reply=reply)
     seen = []
 
-    _strategy().start(grid, num_rounds=2, expected_nodes=3, wait_for_nodes_s=0,
-                      on_round_end=lambda r, replies: seen.append((r, sorted(x.phase for x in replies))))
+    strategy = _strategy(teacher_rank="degree", better_only=False)
+    strategy.start(grid, num_rounds=2, expected_nodes=3, wait_for_nodes_s=0,
+                   on_round_end=lambda r, replies: seen.append((r, sorted(x.site_id for x in replies))))
 
-    # Assert: every round still reports all three sites, from their train replies
-    assert seen == [(1, ["train"] * 3), (2, ["train"] * 3)]
+    # Assert: the round goes on without the student's reply; the server keeps its round-1 weights
+    _, plan = _expected_plan(paper_rule=True)
+    (student, _), = plan.items()
+    others = sorted({"site-1", "site-2", "site-3"} - {student})
+    assert seen == [(1, ["site-1", "site-2", "site-3"]), (2, others)]
+    assert strategy.arrays[student]["w"].numpy().tolist() == [float(student[-1])]

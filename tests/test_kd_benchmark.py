@@ -6,12 +6,13 @@ import pytest
 
 from benchmarks import kd_federation
 
-pytestmark = pytest.mark.slow
 
 
+
+@pytest.mark.slow
 def test_kd_benchmark_writes_tables_and_resumes(tiny_overrides, tmp_path, monkeypatch):
     # Prepare: tiny data, 2 rounds, KD from round 2
-    sets = [f"{k}={v}" for k, v in {**tiny_overrides, "federation.num-rounds": 2, "kd.epochs": 1}.items()]
+    sets = [f"{k}={v}" for k, v in {**tiny_overrides, "federation.num-rounds": 2, "kd.start-round": 2}.items()]
     argv = ["--preset", "quick", "--seeds", "0", "--variants", "none", "graph", "--out", str(tmp_path / "kd"),
             "--set", *sets]
     calls = []
@@ -32,3 +33,17 @@ def test_kd_benchmark_writes_tables_and_resumes(tiny_overrides, tmp_path, monkey
     md = (tmp_path / "kd.md").read_text()
     assert "| none |" in md and "| graph |" in md and "| site-0 |" in md
     assert "teachers ranked by map_degree, only more accurate teachers" in md
+
+
+@pytest.mark.parametrize("variant, reused", [("none", True), ("graph", False)])
+def test_a_run_without_kd_is_reused_when_only_kd_settings_change(variant, reused):
+    """``none`` never distils: a change of KD settings (here kd.alpha and the student check) keeps its result."""
+    old = {"preset": "standard", "set": ["kd.alpha=0.5", "train.threads=1"], "noisy": False, "cloud_rounds": [2],
+           "teacher_rank": "map_degree", "better_only": True}
+    new = {**old, "set": ["kd.alpha=0.7", "train.threads=1"], "student_check": True, "schedule": "in-round"}
+
+    same = kd_federation.settings_view(old, variant) == kd_federation.settings_view(new, variant)
+
+    assert same is reused
+    assert kd_federation.settings_view({**new, "set": ["train.threads=2"]}, "none") != \
+        kd_federation.settings_view(new, "none")
