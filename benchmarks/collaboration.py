@@ -304,11 +304,12 @@ def measure(args, cfg, bench, workdir: Path) -> dict:
             run_edge(edges[main_arch], images_dir, replace(base, run_id="warmup", max_gap=1, t_conf=1.0), client,
                      workdir, **kw)
 
-            def images_run(arch: str, t_conf: float, offload: str, tag: str) -> dict:
+            def images_run(arch: str, t_conf: float, offload: str, tag: str, keep: bool = False) -> dict:
                 # a run id is an offload id prefix: never reuse one (the queue would skip "delivered" ids)
-                rid = f"{tag}-{arch}-{offload}-{int(round(t_conf * 100))}"
+                rid = f"{tag}-{arch}-{offload}-{int(round(t_conf * 100))}{'-keep' if keep else ''}"
                 recs = run_edge(edges[arch], images_dir, replace(base, run_id=rid, max_gap=1, t_conf=t_conf,
-                                                                 offload=offload), client, workdir, **kw)
+                                                                 offload=offload, keep_unanswered=keep),
+                                client, workdir, **kw)
                 return {"edge": score(per_frame(recs, False), image_gts, nc, small_px),
                         "collab": score(per_frame(recs, True), image_gts, nc, small_px), **offload_figures(recs)}
 
@@ -326,6 +327,7 @@ def measure(args, cfg, bench, workdir: Path) -> dict:
             result["video_cloud"] = {**score(dets, video_gts, nc, small_px), "ms": float(np.mean(ms)),
                                      "bytes_per_frame": float(np.mean(sizes))}
             result["images"] = {mode: images_run(main_arch, r.t_conf, mode, "img") for mode in ("crops", "frame")}
+            result["images"]["crops-keep"] = images_run(main_arch, r.t_conf, "crops", "img", keep=True)
             result["video"] = {f"{mode}-{'all' if every else 'key'}": video_run(main_arch, mode, every)
                                for mode in ("crops", "frame") for every in (False, True)}
             result["sweep"] = {arch: {str(t): images_run(arch, t, "crops", "sweep") for t in args.t_conf_sweep}
@@ -393,9 +395,10 @@ def to_markdown(res: dict, settings: dict) -> str:
 
     lines.append(row("edge alone", e, ms=img["crops"]["edge_ms"]))
     lines.append(row("cloud alone (whole image)", c, "100%", "-", c["bytes_per_frame"], c["ms"]))
-    for mode in ("crops", "frame"):
+    for mode in [m for m in ("crops", "frame", "crops-keep") if m in img]:
         x = img[mode]
-        lines.append(row(f"collaboration ({mode})", x["collab"], f"{100 * x['offloaded_keyframes']:.0f}%",
+        name = "crops, unanswered edge boxes kept" if mode == "crops-keep" else mode
+        lines.append(row(f"collaboration ({name})", x["collab"], f"{100 * x['offloaded_keyframes']:.0f}%",
                          f"{100 * x['offloaded_detections']:.0f}%", x["bytes_per_frame"], x["collab_ms"]))
     col = img["crops"]["collab"]
     lines += [
@@ -414,6 +417,16 @@ def to_markdown(res: dict, settings: dict) -> str:
         f"{img['frame']['bytes_per_frame']:.0f} B/image "
         f"({100 * img['crops']['bytes_per_frame'] / max(img['frame']['bytes_per_frame'], 1):.0f}%), mAP50 "
         f"{img['crops']['collab']['map50']:.3f} vs {img['frame']['collab']['map50']:.3f} |",
+    ]
+    if "crops-keep" in img:
+        k = img["crops-keep"]["collab"]
+        lines += [
+            f"| with unanswered edge boxes kept: vs cloud alone, vs edge alone, mAP50 | - | {k['map50']:.3f} "
+            f"({_rel(k['map50'], c['map50'])}, {_rel(k['map50'], e['map50'])}) |",
+            f"| with unanswered edge boxes kept: FNR vs edge | - | {k['fnr']:.3f} vs {e['fnr']:.3f} "
+            f"({_rel(k['fnr'], e['fnr'])}) |",
+        ]
+    lines += [
         "",
         "## Video (keyframes: β = 1.5; non-keyframes reuse their keyframe's answer)",
         "",

@@ -988,6 +988,7 @@ class EdgeSettings:
     min_crop: int = 32
     jpeg_quality: int = 90
     merge_iou: float = 0.5
+    keep_unanswered: bool = False  # offloaded edge boxes no cloud box overlaps stay (common.routing.merge)
     drain_timeout: float = 30.0
     retry_base: float = 0.5
     retry_max: float = 30.0
@@ -1156,7 +1157,8 @@ class EdgeRuntime:
     # -- worker callbacks
     def _delivered(self, entry: OffloadEntry, answer: CloudAnswer, attempts: int) -> None:
         edge = Detections.from_list(entry.edge)
-        merged = merge(edge, answer.detections, np.array(entry.offloaded, dtype=bool), iou=self.s.merge_iou)
+        merged = merge(edge, answer.detections, np.array(entry.offloaded, dtype=bool), iou=self.s.merge_iou,
+                       keep_unanswered=self.s.keep_unanswered)
         n_edge = len(merged) - len(answer.detections)
         items = [{**d, "source": "edge" if i < n_edge else "cloud"} for i, d in enumerate(merged.to_list())]
         now = time.time()
@@ -1264,6 +1266,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--min-crop", type=int, default=32, help="minimum crop side in px")
     p.add_argument("--jpeg-quality", type=int, default=90)
     p.add_argument("--merge-iou", type=float, default=0.5)
+    p.add_argument("--keep-unanswered", action="store_true",
+                   help="keep offloaded edge detections that no cloud detection overlaps")
     p.add_argument("--queue-dir", help="disk queue (default $CEDAR_HOME/edge/<site>/queue)")
     p.add_argument("--drain-timeout", type=float, default=30.0, help="seconds to wait for the queue at the end")
     p.add_argument("--retry-base", type=float, default=0.5, help="first retry delay (s), doubled per failure")
@@ -1298,7 +1302,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             site=args.site, run_id=args.run_id, t_conf=args.t_conf, t_size=args.t_size, n_frames=args.n_frames,
             beta=args.beta, warmup=args.warmup, cut_threshold=args.cut_threshold, max_gap=args.max_gap,
             offload=args.offload, context=args.context, min_crop=args.min_crop, jpeg_quality=args.jpeg_quality,
-            merge_iou=args.merge_iou, drain_timeout=args.drain_timeout, retry_base=args.retry_base,
+            merge_iou=args.merge_iou, keep_unanswered=args.keep_unanswered, drain_timeout=args.drain_timeout, retry_base=args.retry_base,
             retry_max=args.retry_max, upscale=args.upscale)
         queue_dir = Path(args.queue_dir).expanduser() if args.queue_dir else \
             Path(os.environ.get("CEDAR_HOME", "~/.cache/cedar")).expanduser() / "edge" / args.site / "queue"

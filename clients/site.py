@@ -206,7 +206,8 @@ class LocalSite:
                     client.close()
                     client, found_collab = None, []
                     continue
-                final, rtt, nbytes = merge(edge, answer.detections, amb), answer.rtt_ms, entry.payload_bytes
+                final = merge(edge, answer.detections, amb, keep_unanswered=r.keep_unanswered)
+                rtt, nbytes = answer.rtt_ms, entry.payload_bytes
             found_collab.extend(matched_gt(final.xyxy, final.conf, gt))
             collab_ms.append(ms[-1] + rtt)
             sent.append(nbytes)

@@ -120,6 +120,7 @@ class RoutingConfig:
     cloud_token_file: str = ""
     cloud_cafile: str = ""
     offload: str = "crops"  # "crops" (with context) or "frame"
+    keep_unanswered: bool = False  # merge keeps offloaded edge boxes that no cloud box overlaps
 
 
 @dataclass

@@ -383,12 +383,18 @@ def merge(
     offloaded_mask: Any = None,
     iou: float = 0.5,
     class_agnostic: bool = True,
+    keep_unanswered: bool = False,
 ) -> Detections:
     """Final detections: kept edge detections plus the cloud's, cloud wins overlaps.
 
     ``kept = {e ∈ edge : not offloaded(e) and max_c IoU(e, c) < iou}`` (over
     cloud detections c of any class, or of e's class when ``class_agnostic``
     is False); result = ``kept`` followed by all of ``cloud``.
+
+    With ``keep_unanswered`` an offloaded edge detection that no cloud box
+    overlaps stays too, at its own confidence: the cloud's silence is then not
+    taken as a "no" (right when the cloud misses small objects the edge finds;
+    costs precision when the edge's doubtful boxes are mostly false).
 
     Parameters
     ----------
@@ -410,6 +416,8 @@ def merge(
     Edge: A ``[0,0,10,10]`` (kept), B ``[20,20,30,30]`` (offloaded), C
     ``[50,50,60,60]`` (kept); cloud: ``[20,20,30,30]`` and ``[1,0,11,10]``
     (IoU with A = 90/110 ≈ 0.82 ≥ 0.5). Result: C, then the two cloud boxes.
+    With ``keep_unanswered`` the same: B overlaps a cloud box. Had the cloud
+    answered only ``[1,0,11,10]``, B would stay: B, C, then that cloud box.
     """
     if not 0.0 < iou <= 1.0:
         raise ValueError(f"iou must be in (0, 1], got {iou!r}")
@@ -421,7 +429,7 @@ def merge(
             raise ValueError(
                 f"offloaded_mask has {offloaded.shape[0]} entries for {len(edge)} edge detections"
             )
-    keep = ~offloaded
+    keep = np.ones(len(edge), dtype=bool) if keep_unanswered else ~offloaded
     if len(cloud) and keep.any():
         overlaps = box_iou(edge.xyxy, cloud.xyxy) >= iou  # (E, C)
         if not class_agnostic:

@@ -40,4 +40,8 @@ def test_collaboration_benchmark_runs_end_to_end(tiny_overrides, tmp_path):
     assert kf["1.5/1"]["map50"] == res["video"]["crops-all"]["edge"]["map50"]  # same edge, every frame
     assert set(res["validator_map50"]) == {"yolo11n", "cloud"}
     assert "## Keyframe rules on the video" in md
+    # keeping the offloaded edge boxes the cloud did not answer only adds detections: recall cannot drop
+    keep = img["crops-keep"]
+    assert "| collaboration (crops, unanswered edge boxes kept) |" in md
+    assert keep["edge"] == img["crops"]["edge"] and keep["collab"]["recall"] >= img["crops"]["collab"]["recall"]
     assert 0 <= res["images_cloud"]["recall"] <= 1 or res["images_cloud"]["recall"] != res["images_cloud"]["recall"]

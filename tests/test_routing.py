@@ -248,6 +248,29 @@ def test_merge_cloud_wins_overlaps():
     np.testing.assert_array_equal(same_class.cls, [0, 0, 5, 7])
 
 
+def test_merge_keep_unanswered_keeps_offloaded_boxes_the_cloud_did_not_answer():
+    """keep_unanswered: an offloaded edge box with no cloud box at IoU ≥ 0.5 stays at its own confidence.
+
+    Edge A [0,0,10,10] kept (0.9), B [20,20,30,30] offloaded (0.2), D [40,40,50,50] offloaded (0.3).
+    Cloud answers only B' = [21,20,31,30] (IoU with B = 90/110 = 0.82): B is replaced, D stays.
+    Without the option D is dropped. An empty cloud answer keeps every edge box.
+    """
+    # Prepare
+    edge = dets([[0, 0, 10, 10], [20, 20, 30, 30], [40, 40, 50, 50]], [0.9, 0.2, 0.3], [0, 1, 2])
+    cloud = dets([[21, 20, 31, 30]], [0.8], [1])
+    offloaded = [F, T, T]
+    # Execute
+    kept = merge(edge, cloud, offloaded, keep_unanswered=True)
+    plain = merge(edge, cloud, offloaded)
+    silent = merge(edge, Detections.empty(), offloaded, keep_unanswered=True)
+    # Assert
+    np.testing.assert_allclose(kept.xyxy, [[0, 0, 10, 10], [40, 40, 50, 50], [21, 20, 31, 30]])
+    np.testing.assert_allclose(kept.conf, [0.9, 0.3, 0.8])
+    np.testing.assert_array_equal(plain.cls, [0, 1])
+    np.testing.assert_allclose(plain.conf, [0.9, 0.8])
+    np.testing.assert_array_equal(silent.cls, [0, 1, 2])
+
+
 def test_merge_iou_threshold_is_inclusive():
     """IoU exactly 0.5 counts as an overlap: [0,0,10,10] vs [0,0,10,20] → 100/200 = 0.5."""
     merged = merge(dets([[0, 0, 10, 10]]), dets([[0, 0, 10, 20]]), [F], iou=0.5)
