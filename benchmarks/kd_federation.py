@@ -6,7 +6,8 @@ fixed, the training seed varies):
 - ``none``: local training only (the baseline);
 - ``graph``: edge->edge graph-guided KD (top-rho teachers);
 - ``cloud``: cloud->edge KD from a YOLO11s trained by the server (``--cloud-rounds``);
-- ``all``: naive KD, every other site teaches every site uniformly.
+- ``all``: naive KD, every other site teaches every site uniformly;
+- ``both``: ``graph`` plus the cloud model on ``--cloud-rounds`` (half of the soft labels each).
 
 Distillation runs inside each round's local epochs, so every variant trains
 for exactly as many epochs: the differences are the teachers' doing.
@@ -45,7 +46,9 @@ VARIANTS = {
     "graph": {"kd.mode": "graph"},
     "all": {"kd.mode": "all"},
     "cloud": {"kd.mode": "none"},  # + kd.cloud-rounds
+    "both": {"kd.mode": "graph"},  # + kd.cloud-rounds
 }
+CLOUD_VARIANTS = ("cloud", "both")
 
 
 def settings_view(settings: dict, variant: str) -> dict:
@@ -54,20 +57,22 @@ def settings_view(settings: dict, variant: str) -> dict:
     view["set"] = sorted(s for s in settings.get("set", []) if variant != "none" or not s.startswith("kd."))
     if variant != "none":
         view.update({k: settings.get(k) for k in ("teacher_rank", "better_only", "student_check", "schedule")})
-    if variant == "cloud":
+    if variant in CLOUD_VARIANTS:
         view["cloud_rounds"] = settings.get("cloud_rounds")
     return view
 
 
-def run_variant(preset: str, variant: str, seed: int, overrides: dict, cloud_rounds: list[int], out_dir: Path) -> dict:
+def run_variant(preset: str, variant: str, seed: int, overrides: dict, cloud_rounds: list[int], out_dir: Path,
+                name: str | None = None) -> dict:
+    """One federation; its run folder is ``out_dir / name`` (default ``<variant>-seed<seed>``)."""
     from common.config import load_config
     from common.sites import num_sites
     from server.federation import run_federation
     from server.local_grid import LocalGrid
 
     ov = {**overrides, **VARIANTS[variant], "seed": seed, "output-dir": str(out_dir),
-          "run-name": f"{variant}-seed{seed}", "tracking.wandb": "off", "federation.wait-for-nodes-s": 0}
-    if variant == "cloud":
+          "run-name": name or f"{variant}-seed{seed}", "tracking.wandb": "off", "federation.wait-for-nodes-s": 0}
+    if variant in CLOUD_VARIANTS:
         ov["kd.cloud-rounds"] = cloud_rounds
     cfg = load_config(preset, ov)
     run_config = {"preset": preset, "overrides": " ".join(
@@ -186,7 +191,7 @@ def main(argv: list[str] | None = None) -> None:
         f"alpha {cfg.kd.alpha}, T {cfg.kd.temperature}, inside the local epochs from round {cfg.kd.start_round}, "
         f"teachers ranked by {cfg.kd.teacher_rank}{', only more accurate teachers' if cfg.kd.better_only else ''}"
         f"{', kept by a student only if better on its own val split' if cfg.kd.student_check else ''}"
-        + (f"; cloud rounds {args.cloud_rounds}" if "cloud" in args.variants else "")
+        + (f"; cloud rounds {args.cloud_rounds}" if set(CLOUD_VARIANTS) & set(args.variants) else "")
         + ". mAP50 = mean over sites of each site's own test split after the last "
         "round" + (" (the noisy site excluded)." if args.noisy else "."),
         "",

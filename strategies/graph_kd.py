@@ -15,7 +15,8 @@ Round ``r``, on top of :class:`PersonalizedStrategy`'s per-site models:
    ``student_check`` it first drops the teachers that do not beat it on its own
    validation split). Everyone else trains as usual. Distillation therefore costs
    no extra epochs: a federation with KD and one without train equally long.
-   On ``cloud_rounds`` the cloud model (``cloud_fn``) is every site's teacher.
+   On ``cloud_rounds`` the cloud model (``cloud_fn``) teaches every site too
+   (alone, or for half of the soft labels beside a student's edge teachers).
    ``mode="all"`` is the naive baseline: every other site teaches, uniformly.
 3. **maintenance**: :class:`common.schedule.GraphMaintenance` decides which sites
    to (re-)evaluate on the shared benchmark (periodic, new, returned, degraded);
@@ -104,9 +105,19 @@ class GraphKDStrategy(PersonalizedStrategy):
 
     # ----------------------------------------------------------------- graph
     def teacher_plan(self, server_round: int, present: list[str]) -> dict[str, dict[str, float]]:
-        """``{student site: {teacher site: weight}}`` for this round (empty: no KD)."""
-        if server_round in self.cloud_rounds:
-            return {s: {"cloud": 1.0} for s in present}
+        """``{student site: {teacher site: weight}}`` for this round (empty: no KD).
+
+        On a cloud round the cloud model teaches every site; a site that also has edge
+        teachers this round takes half its soft labels from the cloud and half from them.
+        """
+        plan = self.edge_plan(server_round, present)
+        if server_round not in self.cloud_rounds:
+            return plan
+        return {s: {"cloud": 0.5, **{t: w / 2 for t, w in plan[s].items()}} if plan.get(s) else {"cloud": 1.0}
+                for s in present}
+
+    def edge_plan(self, server_round: int, present: list[str]) -> dict[str, dict[str, float]]:
+        """Edge teachers per student: the graph's (``mode="graph"``) or every other site's (``"all"``)."""
         if self.mode == "none" or server_round < self.start_round:
             return {}
         sites = [s for s in present if s in self.profiles]

@@ -189,6 +189,23 @@ def test_cloud_round_makes_the_cloud_model_every_sites_teacher():
         assert m.content[P.teacher_record(0)]["w"].numpy().tolist() == [99.0]
 
 
+def test_cloud_round_with_graph_mode_mixes_cloud_and_edge_teachers_half_and_half():
+    grid = FakeGrid([1, 2, 3], reply=_reply)
+    strategy = _strategy(teacher_rank="degree", better_only=False, cloud_rounds=(2,),
+                         cloud_fn=lambda r: (_arrays(99.0), "yolo11s"))
+
+    strategy.start(grid, num_rounds=2, expected_nodes=3, wait_for_nodes_s=0)
+
+    teachers, plan = _expected_plan(paper_rule=True)
+    (student, mixing), = plan.items()
+    for m in grid.sent[1]:
+        cfg = m.content[P.CONFIG]
+        site = f"site-{m.metadata.dst_node_id}"
+        expected = {"cloud": 0.5, **{t: w / 2 for t, w in mixing.items()}} if site == student else {"cloud": 1.0}
+        assert dict(zip(cfg[P.TEACHER_IDS], cfg[P.TEACHER_WEIGHTS])) == pytest.approx(expected)
+        assert sum(cfg[P.TEACHER_WEIGHTS]) == pytest.approx(1.0)
+
+
 def test_cloud_rounds_need_a_cloud_model():
     with pytest.raises(ValueError, match="cloud_fn"):
         _strategy(cloud_rounds=(1,))
