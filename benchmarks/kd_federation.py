@@ -44,7 +44,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 VARIANTS = {
     "none": {"kd.mode": "none"},
     "graph": {"kd.mode": "graph"},
-    "all": {"kd.mode": "all"},
+    "all": {"kd.mode": "all", "kd.student-check": False},  # naive: no site refuses a teacher
     "cloud": {"kd.mode": "none"},  # + kd.cloud-rounds
     "both": {"kd.mode": "graph"},  # + kd.cloud-rounds
 }
@@ -76,7 +76,7 @@ def run_variant(preset: str, variant: str, seed: int, overrides: dict, cloud_rou
         ov["kd.cloud-rounds"] = cloud_rounds
     cfg = load_config(preset, ov)
     run_config = {"preset": preset, "overrides": " ".join(
-        f"{k}={json.dumps(v) if isinstance(v, list) else v}" for k, v in ov.items())}
+        f"{k}={json.dumps(v, separators=(',', ':')) if isinstance(v, list) else v}" for k, v in ov.items())}
     t0 = time.perf_counter()
     out = run_federation(LocalGrid(run_config, range(1, num_sites(cfg) + 1)), cfg)
     rows = [json.loads(x) for x in (out.run_dir / "metrics.jsonl").read_text().splitlines()]

@@ -177,6 +177,25 @@ class KDConfig:
 
 
 @dataclass
+class ReproduceConfig:
+    """The budget of ``python -m benchmarks.reproduce`` (paper Tables 1-4, Figures 5-8).
+
+    Its own, smaller than a preset's federation, so that the ``standard`` preset's
+    reproduction fits 90 minutes on 2 CPU cores: ``workers`` jobs at a time (one torch
+    thread each on CPU), federations of ``num_rounds`` x ``epochs_per_round`` local
+    epochs with KD (edge and cloud) from round 2, one cloud model trained for
+    ``cloud_iters`` times one site's edge iterations.
+    """
+
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    num_rounds: int = 2
+    epochs_per_round: int = 2
+    cloud_iters: float = 4.0
+    workers: int = 2
+    t_conf_sweep: list[float] = field(default_factory=lambda: [0.3, 0.4, 0.5, 0.6, 0.7])
+
+
+@dataclass
 class TrackingConfig:
     # "off", "offline" (default, files under the run folder) or "online"
     wandb: str = "offline"
@@ -196,6 +215,7 @@ class CedarConfig:
     routing: RoutingConfig = field(default_factory=RoutingConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
     kd: KDConfig = field(default_factory=KDConfig)
+    reproduce: ReproduceConfig = field(default_factory=ReproduceConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
 
@@ -293,7 +313,7 @@ def validate(cfg: CedarConfig) -> None:
     for key in ("train.epochs_per_round",):
         if flat[key] < 0:
             raise ConfigError(f"{key}={flat[key]!r}: must be >= 0")
-    for key in ("kd.t_cycle", "kd.patience"):
+    for key in ("kd.t_cycle", "kd.patience", "reproduce.num_rounds", "reproduce.workers"):
         if flat[key] < 1:
             raise ConfigError(f"{key}={flat[key]!r}: must be >= 1")
     if flat["kd.temperature"] <= 0 or flat["kd.sigma_s_km"] <= 0:

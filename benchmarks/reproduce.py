@@ -1,0 +1,530 @@
+"""The paper's Tables 1-4 and Figures 5-8 on the built-in benchmark, one command (paper section 5).
+
+Run::
+
+    python -m benchmarks.reproduce --preset standard     # 2 CPU cores
+    python -m benchmarks.reproduce --preset paper        # 640 px, on a GPU
+
+Writes ``benchmarks/results/reproduce_<preset>.md`` (every table with the paper's
+number beside ours), ``.json`` (all measurements) and ``reproduce_<preset>_fig5..8.png``.
+
+What runs (budget: the preset's ``reproduce`` section, ``common.config.ReproduceConfig``):
+
+- **cloud**: one cloud model (``model.cloud``, YOLO11s) trained on the shared
+  benchmark's public train split; the cloud is a server-side asset, the seeds vary
+  the edge side.
+- **federations**, per seed, through the real ServerApp/ClientApp code
+  (:func:`benchmarks.kd_federation.run_variant`): ``none`` (edge model),
+  ``pyrafan`` (``none`` with the YOLO11n-PyraFAN edge), ``cloud`` (cloud->edge KD on
+  every round from 2), ``graph`` (edge->edge graph KD), ``both``, and with a noisy
+  site added (a different task) ``noisy-graph`` and ``noisy-all`` (naive KD from
+  every site) for Figure 6.
+- **collaboration**, per seed: the real cloud detection service process and the edge
+  runtime's own pipeline (:mod:`benchmarks.collaboration`) on every site's test
+  images and video, for each federation's edge models; the t_conf sweep (Figure 5) on
+  site 0 for three edge models.
+- **speed**: GFLOPs at 640 px; **upload**: JPEG bytes and cloud inference time per
+  image size, with a documented link model for Figure 8.
+
+Jobs run ``workers`` at a time in separate processes (one torch thread each on CPU)
+and are cached in ``<work>/jobs.jsonl`` keyed by the settings: a rerun skips what is
+done, so an interrupted reproduction resumes.
+
+All detection figures of Tables 1-4 come from one scorer
+(:func:`benchmarks.collaboration.score`: detections at the deployment thresholds,
+mAP50 class-aware, recall at IoU 0.5), so edge, cloud and collaboration compare
+like for like; Figure 6 uses each federation's own metric (Ultralytics' validator on
+every site's test split), the same one the KD benchmark reports.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import statistics
+import sys
+import time
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from dataclasses import replace
+from datetime import datetime, timezone
+from multiprocessing import get_context
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks.harness import cpu_model_name, write_report
+
+log = logging.getLogger("benchmarks.reproduce")
+RESULTS = Path(__file__).resolve().parent / "results"
+
+# the paper's numbers (VisDrone-DET / VisDrone-VID), section 5
+PAPER_T1 = {"cloud": (0.401, 0.302), "edge": (0.328, 0.246), "pyrafan": (0.368, 0.262), "cloud_kd": (0.336, 0.249),
+            "graph_kd": (0.336, 0.248), "both_kd": (0.337, 0.247), "collab": (0.429, 0.302)}
+PAPER_T2 = {"edge": (0.298, 7.7, 145), "pyrafan": (None, None, None), "cloud": (None, None, None),
+            "collab": (0.429, 15.7, 135)}
+PAPER_T3 = {"cloud": (0.952, 0.60, 0.40), "edge": (0.972, 0.54, 0.46), "cloud_kd": (0.960, 0.54, 0.46),
+            "pyrafan": (0.967, 0.55, 0.45), "collab": (0.952, 0.63, 0.37)}
+PAPER_T4 = {"cloud": (0.980, 0.57, 0.43), "edge": (0.999, 0.55, 0.45), "cloud_kd": (0.974, 0.51, 0.49),
+            "pyrafan": (0.982, 0.56, 0.44), "collab": (0.98, 0.57, 0.43)}
+PAPER_F6 = {"none": 0.328, "graph": 0.336, "noisy-all": 0.32}
+ROWS = {"cloud": "cloud model", "edge": "edge model", "pyrafan": "edge model with PyraFAN",
+        "cloud_kd": "cloud->edge distillation", "graph_kd": "edge->edge (graph) distillation",
+        "both_kd": "cloud->edge + edge->edge distillation", "collab": "cloud-edge collaboration"}
+# which federation's site models play each edge role
+EDGE_ROLES = {"edge": "none", "pyrafan": "pyrafan", "cloud_kd": "cloud", "graph_kd": "graph", "both_kd": "both"}
+FIG5_ROLES = ("edge", "pyrafan", "cloud_kd")
+FEDERATIONS = {  # name -> (kd_federation variant, extra overrides)
+    "none": ("none", {}), "pyrafan": ("none", {"model.edge": "yolo11n-pyrafan"}), "cloud": ("cloud", {}),
+    "graph": ("graph", {}), "both": ("both", {}),
+    "noisy-graph": ("graph", {"data.noisy-site": True}), "noisy-all": ("all", {"data.noisy-site": True}),
+}
+# Figure 8's link model (no real WAN here): time = RTT + bytes * 8 / bandwidth
+LINKS = {"edge server (LAN / 5G MEC)": {"rtt_ms": 5.0, "mbit_s": 100.0},
+         "cloud server (WAN uplink)": {"rtt_ms": 60.0, "mbit_s": 20.0}}
+UPLOAD_SIZES = (160, 320, 480, 640, 960, 1280)
+
+
+# --------------------------------------------------------------------------- configuration
+def job_config(preset: str, overrides: dict):
+    """The preset with the reproduction's budget applied (rounds, epochs; 1 torch thread per worker on CPU)."""
+    from common.config import load_config
+
+    cfg = load_config(preset, overrides)
+    r = cfg.reproduce
+    budget = {"federation.num-rounds": r.num_rounds, "train.epochs-per-round": r.epochs_per_round,
+              "kd.start-round": 2}
+    if cfg.train.device == "cpu" and r.workers > 1:
+        budget["train.threads"] = 1
+    return load_config(preset, {**budget, **overrides}), {**budget, **overrides}
+
+
+# --------------------------------------------------------------------------- jobs
+def plan_jobs(cfg) -> dict[str, list[str]]:
+    """``{job: [jobs it needs]}``."""
+    jobs: dict[str, list[str]] = {"cloud": [], "speed": [], "upload": ["cloud"]}
+    for seed in cfg.reproduce.seeds:
+        for name, (variant, _) in FEDERATIONS.items():
+            jobs[f"fed:{name}:{seed}"] = ["cloud"] if variant in ("cloud", "both") else []
+        jobs[f"collab:{seed}"] = ["cloud", *(f"fed:{f}:{seed}" for f in EDGE_ROLES.values())]
+    return jobs
+
+
+def run_job(job: str, preset: str, overrides: dict, work: str, done: dict) -> dict:
+    """One job in a worker process; ``done`` holds the results of the jobs it needs."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    cfg, ov = job_config(preset, overrides)
+    os.environ.setdefault("OMP_NUM_THREADS", str(cfg.train.threads))
+    import torch
+
+    torch.set_num_threads(cfg.train.threads)
+    t0 = time.perf_counter()
+    kind, *rest = job.split(":")
+    out = {"cloud": lambda: cloud_job(cfg), "speed": lambda: speed_job(cfg),
+           "upload": lambda: upload_job(cfg, done["cloud"]["weights"]),
+           "fed": lambda: federation_job(preset, ov, rest[0], int(rest[1]), Path(work), done.get("cloud")),
+           "collab": lambda: collab_job(cfg, int(rest[0]), done, Path(work))}[kind]()
+    return {**out, "seconds": time.perf_counter() - t0}
+
+
+def cloud_job(cfg) -> dict:
+    from benchmarks.collaboration import cloud_model
+    from common.benchmark import benchmark_from_config
+
+    path = cloud_model(cfg, benchmark_from_config(cfg.data), cfg.reproduce.seeds[0], cfg.reproduce.cloud_iters)
+    return {"weights": str(path)}
+
+
+def federation_job(preset: str, overrides: dict, name: str, seed: int, work: Path, cloud: dict | None) -> dict:
+    from benchmarks.kd_federation import run_variant
+
+    variant, extra = FEDERATIONS[name]
+    ov = {**overrides, **extra}
+    if cloud:
+        ov["kd.cloud-weights"] = cloud["weights"]
+    rounds = list(range(2, int(ov["federation.num-rounds"]) + 1))
+    res = run_variant(preset, variant, seed, ov, rounds, work / "runs", name=f"{name}-seed{seed}")
+    res["run_dir"] = str(work / "runs" / f"{name}-seed{seed}")
+    res["noisy_site"] = f"site-{max(int(s.split('-')[1]) for s in res['final_test_map50'])}" if "noisy" in name \
+        else None
+    return res
+
+
+def collab_job(cfg, seed: int, done: dict, work: Path) -> dict:
+    """Every site: edge models of each role alone and with the cloud, on images and video; cloud alone."""
+    import tempfile
+
+    from benchmarks.collaboration import (cloud_only, cloud_service, offload_figures, per_frame, run_edge, score,
+                                          video_labels)
+    from benchmarks.pyrafan_accuracy import read_split
+    from clients.edge import CloudClient, EdgeSettings
+    from common.benchmark import CLASS_NAMES, benchmark_from_config
+
+    bench = benchmark_from_config(cfg.data)
+    nc, small_px, r = len(CLASS_NAMES), cfg.eval.small_px, cfg.routing
+    kw = dict(imgsz=cfg.train.imgsz, conf=r.det_conf, iou=cfg.eval.iou)
+    out: dict = {"sites": {}, "sweep": {}}
+    with tempfile.TemporaryDirectory(prefix="cedar-repro-", dir=work) as tmp, \
+            cloud_service(Path(done["cloud"]["weights"]), Path(tmp), imgsz=cfg.train.imgsz, conf=r.det_conf,
+                          iou=cfg.eval.iou) as (url, token):
+        tmp = Path(tmp)
+        for site in range(cfg.data.num_sites):
+            site_id = f"site-{site}"
+            (tmp / site_id).mkdir()
+            client = CloudClient(url, token, site_id, timeout=120)
+            base = EdgeSettings(site=site_id, t_conf=r.t_conf, t_size=r.t_size, n_frames=r.n_frames,
+                                drain_timeout=600)
+            images = bench.site_dir(site) / "images" / "test"
+            _, image_gts = read_split(bench.site_dir(site), "test")
+            video = bench.video_dir(site)
+            meta = json.loads((video / "meta.json").read_text())
+            video_gts = video_labels(video, meta["frames"], meta["imgsz"])
+            res: dict = {}
+            try:
+                for source, gts, tag in ((images, image_gts, "images"), (video / "video.mp4", video_gts, "video")):
+                    dets, ms, sizes = cloud_only(source, client, site_id)
+                    res[f"cloud/{tag}"] = {**score(dets, gts, nc, small_px), "ms": float(np.mean(ms)),
+                                           "bytes": float(np.mean(sizes))}
+                for role, fed in EDGE_ROLES.items():
+                    weights = Path(done[f"fed:{fed}:{seed}"]["run_dir"]) / "nodes" / site_id / "model.pt"
+                    for source, gts, tag, gap in ((images, image_gts, "images", 1),
+                                                  (video / "video.mp4", video_gts, "video", None)):
+                        rid = f"{role}-{tag}-s{seed}"
+                        recs = run_edge(weights, source, replace(base, run_id=rid, max_gap=gap), client,
+                                        tmp / site_id, **kw)
+                        res[f"{role}/{tag}"] = {"edge": score(per_frame(recs, False), gts, nc, small_px),
+                                                "collab": score(per_frame(recs, True), gts, nc, small_px),
+                                                **offload_figures(recs)}
+                    if site == 0 and role in FIG5_ROLES:
+                        for t in cfg.reproduce.t_conf_sweep:
+                            rid = f"sweep-{role}-{int(round(t * 100))}-s{seed}"
+                            recs = run_edge(weights, images, replace(base, run_id=rid, max_gap=1, t_conf=t), client,
+                                            tmp / site_id, **kw)
+                            out["sweep"].setdefault(role, {})[str(t)] = score(per_frame(recs, True), image_gts, nc,
+                                                                              small_px)["map50"]
+            finally:
+                client.close()
+            out["sites"][site_id] = res
+    return out
+
+
+def speed_job(cfg) -> dict:
+    from ultralytics.utils.torch_utils import get_flops
+
+    from common import yolo
+    from common.benchmark import CLASS_NAMES
+
+    archs = {"edge": cfg.model.edge, "pyrafan": "yolo11n-pyrafan", "cloud": cfg.model.cloud}
+    return {"gflops_640": {role: round(get_flops(yolo.build_model(a, nc=len(CLASS_NAMES), seed=0), 640), 2)
+                           for role, a in archs.items()}, "archs": archs}
+
+
+def upload_job(cfg, cloud_weights: str) -> dict:
+    """Figure 8: JPEG bytes per image size (site 0's test images resized) and the cloud model's inference time."""
+    import cv2
+    import torch
+
+    from common import yolo
+    from common.benchmark import benchmark_from_config
+
+    bench = benchmark_from_config(cfg.data)
+    paths = sorted((bench.site_dir(0) / "images" / "test").glob("*.png"))[:8]
+    images = [cv2.imread(str(p)) for p in paths]
+    model = yolo.load_weights(cloud_weights).eval()
+    out = {}
+    for size in UPLOAD_SIZES:
+        nbytes = [len(cv2.imencode(".jpg", cv2.resize(im, (size, size)), [cv2.IMWRITE_JPEG_QUALITY, 90])[1])
+                  for im in images]
+        x = torch.rand(1, 3, size, size)
+        with torch.inference_mode():
+            model(x)
+            t0 = time.perf_counter()
+            for _ in range(3):
+                model(x)
+        infer_ms = (time.perf_counter() - t0) / 3 * 1000
+        mean_bytes = float(np.mean(nbytes))
+        out[str(size)] = {"bytes": mean_bytes, "cloud_infer_ms": infer_ms,
+                          **{name: link["rtt_ms"] + mean_bytes * 8 / (link["mbit_s"] * 1e6) * 1000
+                             for name, link in LINKS.items()}}
+    return out
+
+
+# --------------------------------------------------------------------------- scheduling
+def settings_key(preset: str, overrides: dict, cfg) -> str:
+    from common.config import to_flat_dict
+
+    flat = to_flat_dict(cfg)
+    return json.dumps({"preset": preset, "overrides": overrides,
+                       "reproduce": {k: v for k, v in flat.items() if k.startswith("reproduce.")}}, sort_keys=True)
+
+
+def run_all(preset: str, overrides: dict, work: Path) -> tuple[dict, float]:
+    """Every job, ``workers`` at a time, resuming from ``work/jobs.jsonl``; returns (results, wall seconds)."""
+    cfg, _ = job_config(preset, overrides)
+    key = settings_key(preset, overrides, cfg)
+    work.mkdir(parents=True, exist_ok=True)
+    cache = work / "jobs.jsonl"
+    done = {}
+    if cache.is_file():
+        for line in cache.read_text().splitlines():
+            rec = json.loads(line)
+            if rec["key"] == key:
+                done[rec["job"]] = rec["result"]
+    jobs = plan_jobs(cfg)
+    pending = {j: deps for j, deps in jobs.items() if j not in done}
+    t0 = time.perf_counter()
+    log.info("%d jobs, %d cached, %d to run, %d at a time", len(jobs), len(jobs) - len(pending), len(pending),
+             cfg.reproduce.workers)
+    from benchmarks import reproduce  # pickled by its module name, also when this file runs as __main__
+
+    with ProcessPoolExecutor(max_workers=cfg.reproduce.workers, mp_context=get_context("spawn")) as pool:
+        running = {}
+        while pending or running:
+            for job in [j for j, deps in pending.items() if all(d in done for d in deps)]:
+                if len(running) >= cfg.reproduce.workers:
+                    break
+                deps = {d: done[d] for d in pending.pop(job)}
+                running[pool.submit(reproduce.run_job, job, preset, overrides, str(work), deps)] = job
+            if not running:
+                raise RuntimeError(f"jobs {sorted(pending)} wait on jobs that cannot run")
+            finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            for fut in finished:
+                job = running.pop(fut)
+                done[job] = fut.result()  # a failed job stops the reproduction (the others stay cached)
+                with cache.open("a") as f:
+                    f.write(json.dumps({"job": job, "key": key, "result": done[job]}) + "\n")
+                log.info("done %s (%.0f s); %d left", job, done[job]["seconds"], len(pending) + len(running))
+    return {j: done[j] for j in jobs}, time.perf_counter() - t0
+
+
+# --------------------------------------------------------------------------- summaries
+def _stats(values: list[float]) -> tuple[float, float]:
+    vals = [v for v in values if v is not None and not math.isnan(v)]
+    if not vals:
+        return float("nan"), float("nan")
+    return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0)
+
+
+def summarise(results: dict, cfg) -> dict:
+    """Per role and source: the mean over sites per seed, then mean and std over seeds."""
+    seeds = cfg.reproduce.seeds
+    out: dict = {}
+
+    def metric(role: str, tag: str, seed: int, key: str) -> float:
+        sites = results[f"collab:{seed}"]["sites"].values()
+        if role == "cloud":
+            vals = [s[f"cloud/{tag}"][key] for s in sites]
+        elif role == "collab":
+            vals = [s[f"edge/{tag}"]["collab"][key] for s in sites]
+        else:
+            vals = [s[f"{role}/{tag}"]["edge"][key] for s in sites]
+        return statistics.fmean(vals)
+
+    for role in ROWS:
+        for tag in ("images", "video"):
+            for key in ("map50", "map50_small", "recall", "fnr", "conf_p1", "recall_p1"):
+                per_seed = [metric(role, tag, s, key) for s in seeds]
+                out.setdefault(role, {}).setdefault(tag, {})[key] = (*_stats(per_seed), per_seed)
+    # latency per image (ms), images: edge models alone, the collaboration (edge + cloud round trip when offloaded)
+    lat = {}
+    for role in ("edge", "pyrafan"):
+        lat[role] = _stats([statistics.fmean(s[f"{role}/images"]["edge_ms"] for s in
+                                             results[f"collab:{seed}"]["sites"].values()) for seed in seeds])
+    lat["cloud"] = _stats([statistics.fmean(s["cloud/images"]["ms"] for s in results[f"collab:{seed}"]["sites"]
+                                            .values()) for seed in seeds])
+    lat["collab"] = _stats([statistics.fmean(s["edge/images"]["collab_ms"] for s in results[f"collab:{seed}"]
+                                             ["sites"].values()) for seed in seeds])
+    out["latency_ms"] = lat
+    out["offloaded_detections"] = _stats([statistics.fmean(s["edge/images"]["offloaded_detections"] for s in
+                                                           results[f"collab:{seed}"]["sites"].values())
+                                          for seed in seeds])
+    # Figure 5: collaborative mAP50 vs t_conf, site 0
+    out["sweep"] = {role: {t: _stats([results[f"collab:{s}"]["sweep"][role][t] for s in seeds])
+                           for t in results[f"collab:{seeds[0]}"]["sweep"][role]} for role in FIG5_ROLES}
+    # Figure 6: mean own-test mAP50 over the regular sites (the noisy site excluded)
+    fig6 = {}
+    for name in ("none", "graph", "noisy-graph", "noisy-all"):
+        per_seed = []
+        for s in seeds:
+            r = results[f"fed:{name}:{s}"]
+            per_seed.append(statistics.fmean(v for k, v in r["final_test_map50"].items() if k != r["noisy_site"]))
+        fig6[name] = (*_stats(per_seed), per_seed)
+    out["fig6"] = fig6
+    runs = {n: [results[f"fed:{n}:{s}"] for s in seeds] for n in ("noisy-graph", "noisy-all")}
+    out["noisy_taught"] = {n: sum(r["noisy_site"] in ts for r in rs for kept in r["kept_per_round"]
+                                  for ts in kept.values()) for n, rs in runs.items()}
+    return out
+
+
+def _rel(a: float, b: float) -> str:
+    return f"{100 * (a - b) / b:+.1f}%" if b and not math.isnan(a) and not math.isnan(b) else "-"
+
+
+def _ms(stat) -> str:
+    return f"{stat[0]:.3f} ± {stat[1]:.3f}" if not math.isnan(stat[0]) else "-"
+
+
+def to_markdown(summary: dict, results: dict, meta: dict) -> str:
+    seeds = meta["seeds"]
+    lines = [f"# Reproduction of the paper's Tables 1-4 and Figures 5-8 (`{meta['preset']}` preset)", "",
+             f"`{meta['command']}` on {meta['machine']}, {meta['date']}; wall time {meta['wall_s'] / 60:.1f} min "
+             f"for this invocation ({meta['job_s'] / 60:.0f} min of jobs in all, {meta['workers']} at a time). "
+             f"Built-in benchmark: {meta['sites']} sites, {meta['imgsz']} px; federations of {meta['rounds']} rounds x "
+             f"{meta['epochs']} local epochs, KD from round 2; seeds {', '.join(map(str, seeds))} "
+             "(mean ± std over seeds of the mean over sites). Cloud model: "
+             f"`{meta['cloud_arch']}` trained on the public split. The paper's numbers are VisDrone-DET/-VID with "
+             "pre-training and a GPU; only directions and ratios compare. 'rel.' = change relative to the edge "
+             "model in the same column.", ""]
+    t1 = "## Table 1: ablation, mAP50 (images = DET, video = VID)"
+    lines += [t1, "", "| model | paper DET | paper rel. | ours images | ours rel. | paper VID | paper rel. | "
+              "ours video | ours rel. |", "|---|---|---|---|---|---|---|---|---|"]
+    for role, name in ROWS.items():
+        p, o = PAPER_T1[role], summary[role]
+        pe, oe = PAPER_T1["edge"], summary["edge"]
+        lines.append(f"| {name} | {p[0]:.3f} | {_rel(p[0], pe[0])} | {_ms(o['images']['map50'])} | "
+                     f"{_rel(o['images']['map50'][0], oe['images']['map50'][0])} | {p[1]:.3f} | {_rel(p[1], pe[1])} | "
+                     f"{_ms(o['video']['map50'])} | {_rel(o['video']['map50'][0], oe['video']['map50'][0])} |")
+    g, lat = meta["gflops"], summary["latency_ms"]
+    off = summary["offloaded_detections"][0]
+    gf = {"edge": g["edge"], "pyrafan": g["pyrafan"], "cloud": g["cloud"], "collab": g["edge"] + off * g["cloud"]}
+    lines += ["", "## Table 2: accuracy and speed (images)", "",
+              "GFLOPs at 640 px; the collaboration's = edge + offloaded fraction of detections x cloud "
+              f"({100 * off:.0f}% offloaded). FPS = 1000 / mean per-image latency on this machine (1 CPU thread "
+              "per side; the collaboration's includes the cloud round trip when an image is offloaded).", "",
+              "| model | paper mAP50 | paper GFLOPs | paper FPS | ours mAP50 | ours GFLOPs | ours FPS |",
+              "|---|---|---|---|---|---|---|"]
+    for role in ("edge", "pyrafan", "cloud", "collab"):
+        p = PAPER_T2[role]
+        pm = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
+        lines.append(f"| {ROWS[role]} | {pm(p[0], '.3f')} | {pm(p[1], '.1f')} | {pm(p[2], '.0f')} | "
+                     f"{_ms(summary[role]['images']['map50'])} | {gf[role]:.1f} | {1000 / lat[role][0]:.1f} |")
+    for title, paper, tag in (("Table 3: images (DET)", PAPER_T3, "images"), ("Table 4: video (VID)", PAPER_T4,
+                                                                              "video")):
+        lines += ["", f"## {title}: confidence at which precision reaches 1.0, recall, FNR", "",
+                  "| model | paper conf | ours conf | paper recall | ours recall | paper FNR | ours FNR | "
+                  "FNR rel. to edge (paper / ours) |", "|---|---|---|---|---|---|---|---|"]
+        for role in ("cloud", "edge", "cloud_kd", "pyrafan", "collab"):
+            p, o = paper[role], summary[role][tag]
+            name = "KD-trained edge model (cloud->edge)" if role == "cloud_kd" else ROWS[role]
+            lines.append(f"| {name} | {p[0]:.3f} | {_ms(o['conf_p1'])} | {p[1]:.2f} | {_ms(o['recall'])} | "
+                         f"{p[2]:.2f} | {_ms(o['fnr'])} | {_rel(p[2], paper['edge'][2])} / "
+                         f"{_rel(o['fnr'][0], summary['edge'][tag]['fnr'][0])} |")
+    lines += ["", "## Figure 5: collaborative mAP50 vs t_conf (site 0 images)", "",
+              f"![Figure 5](reproduce_{meta['preset']}_fig5.png)", "",
+              "| t_conf | " + " | ".join(ROWS[r] + " + cloud" for r in FIG5_ROLES) + " |",
+              "|---|" + "---|" * len(FIG5_ROLES)]
+    for t in summary["sweep"][FIG5_ROLES[0]]:
+        lines.append(f"| {t} | " + " | ".join(_ms(summary["sweep"][r][t]) for r in FIG5_ROLES) + " |")
+    f6 = summary["fig6"]
+    lines += ["", "## Figure 6: distillation with similar teachers vs with a noisy teacher present", "",
+              f"![Figure 6](reproduce_{meta['preset']}_fig6.png)", "",
+              "Mean own-test mAP50 (Ultralytics' validator) of the regular sites; the noisy site excluded.", "",
+              "| federation | paper | ours | ours rel. to no KD |", "|---|---|---|---|",
+              f"| no KD | {PAPER_F6['none']:.3f} | {_ms(f6['none'])} | - |",
+              f"| graph KD, similar sites only | {PAPER_F6['graph']:.3f} | {_ms(f6['graph'])} | "
+              f"{_rel(f6['graph'][0], f6['none'][0])} |",
+              f"| graph KD, noisy site present | - | {_ms(f6['noisy-graph'])} | "
+              f"{_rel(f6['noisy-graph'][0], f6['none'][0])} |",
+              f"| naive KD from every site, noisy site present | {PAPER_F6['noisy-all']:.3f} | {_ms(f6['noisy-all'])} "
+              f"| {_rel(f6['noisy-all'][0], f6['none'][0])} |", "",
+              f"Student-rounds in which the noisy site taught: graph {summary['noisy_taught']['noisy-graph']}, "
+              f"naive {summary['noisy_taught']['noisy-all']}.", "",
+              "## Figure 7: latency per image (ms, this machine)", "",
+              f"![Figure 7](reproduce_{meta['preset']}_fig7.png)", "",
+              "| " + " | ".join(ROWS[r] for r in lat) + " |", "|" + "---|" * len(lat),
+              "| " + " | ".join(_ms(lat[r]) for r in lat) + " |", "",
+              "## Figure 8: upload time vs image size", "",
+              f"![Figure 8](reproduce_{meta['preset']}_fig8.png)", "",
+              "JPEG (quality 90) bytes of site 0's test images resized to each size, measured; upload time from a "
+              "link model, not a real network: " + "; ".join(f"{n}: RTT {v['rtt_ms']:g} ms, {v['mbit_s']:g} Mbit/s"
+                                                             for n, v in LINKS.items())
+              + ". Cloud inference measured on this machine (1 thread).", "",
+              "| size (px) | bytes | " + " | ".join(f"upload to {n} (ms)" for n in LINKS) + " | cloud inference (ms) |",
+              "|---|---|" + "---|" * len(LINKS) + "---|"]
+    for size, u in results["upload"].items():
+        if size == "seconds":
+            continue
+        lines.append(f"| {size} | {u['bytes']:.0f} | " + " | ".join(f"{u[n]:.1f}" for n in LINKS)
+                     + f" | {u['cloud_infer_ms']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(summary: dict, results: dict, preset: str, out_dir: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def save(fig, n):
+        fig.tight_layout()
+        fig.savefig(out_dir / f"reproduce_{preset}_fig{n}.png", dpi=120)
+        plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for role in FIG5_ROLES:
+        ts = list(summary["sweep"][role])
+        ax.errorbar([float(t) for t in ts], [summary["sweep"][role][t][0] for t in ts],
+                    yerr=[summary["sweep"][role][t][1] for t in ts], marker="o", capsize=3, label=ROWS[role])
+    ax.set_xlabel("t_conf"), ax.set_ylabel("collaborative mAP50"), ax.legend(), ax.set_title("Figure 5")
+    save(fig, 5)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    names = ["none", "graph", "noisy-graph", "noisy-all"]
+    f6 = summary["fig6"]
+    ax.bar(names, [f6[n][0] for n in names], yerr=[f6[n][1] for n in names], capsize=4)
+    ax.set_ylabel("mean own-test mAP50 (regular sites)"), ax.set_title("Figure 6")
+    save(fig, 6)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    lat = summary["latency_ms"]
+    ax.bar([ROWS[r] for r in lat], [lat[r][0] for r in lat], yerr=[lat[r][1] for r in lat], capsize=4)
+    ax.set_ylabel("ms per image"), ax.set_title("Figure 7"), ax.tick_params(axis="x", labelsize=7)
+    save(fig, 7)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    sizes = [s for s in results["upload"] if s != "seconds"]
+    for name in LINKS:
+        ax.plot([int(s) for s in sizes], [results["upload"][s][name] for s in sizes], marker="o",
+                label=f"upload to {name}")
+    ax.plot([int(s) for s in sizes], [results["upload"][s]["cloud_infer_ms"] for s in sizes], marker="s",
+            label="cloud inference")
+    ax.set_xlabel("image size (px)"), ax.set_ylabel("ms"), ax.legend(fontsize=7), ax.set_title("Figure 8")
+    save(fig, 8)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--preset", default="standard")
+    ap.add_argument("--set", nargs="*", default=[], help="config overrides key=value (e.g. reproduce.seeds=[0,1])")
+    ap.add_argument("--work", type=Path, default=None,
+                    help="models, runs and the job cache (default $CEDAR_HOME/reproduce/<preset>)")
+    ap.add_argument("--out", type=Path, default=None, help="report folder (default benchmarks/results)")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+
+    from common import yolo
+    from common.config import parse_value
+
+    overrides = {k: parse_value(v) for k, v in (s.split("=", 1) for s in args.set)}
+    work = args.work or yolo.CEDAR_HOME / "reproduce" / args.preset
+    out_dir = args.out or RESULTS
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cfg, _ = job_config(args.preset, overrides)
+    t0 = time.perf_counter()
+    results, _ = run_all(args.preset, overrides, work)
+    summary = summarise(results, cfg)
+    r = cfg.reproduce
+    meta = {"preset": args.preset, "command": "python -m benchmarks.reproduce " + " ".join(
+        sys.argv[1:] if argv is None else argv), "machine": f"{cpu_model_name()}, {os.cpu_count()} CPU cores",
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "wall_s": time.perf_counter() - t0,
+        "job_s": sum(v["seconds"] for v in results.values()), "workers": r.workers, "seeds": r.seeds,
+        "sites": cfg.data.num_sites, "imgsz": cfg.train.imgsz, "rounds": r.num_rounds, "epochs": r.epochs_per_round,
+        "cloud_arch": cfg.model.cloud, "gflops": results["speed"]["gflops_640"]}
+    plot(summary, results, args.preset, out_dir)
+    write_report(out_dir / f"reproduce_{args.preset}", {"meta": meta, "summary": summary, "jobs": results},
+                 to_markdown(summary, results, meta))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

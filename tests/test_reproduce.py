@@ -1,0 +1,54 @@
+"""The reproduction command end to end on tiny data: every job, the report, the plots, resume."""
+
+import json
+
+import pytest
+
+from benchmarks import reproduce
+
+pytestmark = pytest.mark.slow
+
+
+def test_reproduce_runs_every_job_writes_the_report_and_resumes(tiny_overrides, tmp_path):
+    # Prepare: tiny data, one seed, a YOLO11n as the cloud, two workers (the process pool)
+    sets = [f"{k}={v}" for k, v in {**tiny_overrides, "model.cloud": "yolo11n", "reproduce.seeds": "[0]",
+                                     "reproduce.epochs-per-round": 1, "reproduce.cloud-iters": 1,
+                                     "reproduce.t-conf-sweep": "[0.5,1.0]"}.items()]
+    argv = ["--preset", "quick", "--work", str(tmp_path / "work"), "--out", str(tmp_path / "res"), "--set", *sets]
+
+    # Execute: run, then again (everything cached: no job runs twice)
+    reproduce.main(argv)
+    jobs = (tmp_path / "work" / "jobs.jsonl").read_text().splitlines()
+    reproduce.main(argv)
+
+    # Assert: one cached result per planned job, and the rerun added none
+    assert (tmp_path / "work" / "jobs.jsonl").read_text().splitlines() == jobs
+    names = [json.loads(line)["job"] for line in jobs]
+    assert sorted(names) == sorted(["cloud", "speed", "upload", "collab:0",
+                                    *(f"fed:{f}:0" for f in reproduce.FEDERATIONS)])
+    md = (tmp_path / "res" / "reproduce_quick.md").read_text()
+    for heading in ("Table 1", "Table 2", "Table 3", "Table 4", "Figure 5", "Figure 6", "Figure 7", "Figure 8"):
+        assert f"## {heading}" in md
+    for n in (5, 6, 7, 8):
+        assert (tmp_path / "res" / f"reproduce_quick_fig{n}.png").stat().st_size > 0
+    report = json.loads((tmp_path / "res" / "reproduce_quick.json").read_text())
+    summary, results = report["summary"], report["jobs"]
+    # the collaboration's latency is the edge's plus the cloud round trips of the same run
+    assert summary["latency_ms"]["collab"][0] >= summary["latency_ms"]["edge"][0]
+    # every site of every federation has a model that the collaboration job scored
+    sites = results["collab:0"]["sites"]
+    assert set(sites) == set(results["fed:none:0"]["final_test_map50"])
+    for site in sites.values():
+        for role in reproduce.EDGE_ROLES:
+            for tag in ("images", "video"):
+                assert 0.0 <= site[f"{role}/{tag}"]["edge"]["recall"] <= 1.0 or \
+                    site[f"{role}/{tag}"]["edge"]["n_gt"] == 0
+    # t_conf = 1.0 offloads every detection; the noisy federations exclude their noisy site from Figure 6
+    assert set(results["collab:0"]["sweep"]) == set(reproduce.FIG5_ROLES)
+    assert results["fed:noisy-all:0"]["noisy_site"] not in results["fed:none:0"]["final_test_map50"]
+    # Figure 8: bytes grow with the image size; the WAN link model is slower than the edge link at every size
+    up = results["upload"]
+    sizes = [s for s in up if s != "seconds"]
+    assert [up[s]["bytes"] for s in sizes] == sorted(up[s]["bytes"] for s in sizes)
+    edge_link, cloud_link = reproduce.LINKS
+    assert all(up[s][cloud_link] > up[s][edge_link] for s in sizes)
