@@ -52,8 +52,14 @@ CLOUD_VARIANTS = ("cloud", "both")
 
 
 def settings_view(settings: dict, variant: str) -> dict:
-    """The part of a run's settings that its result depends on: ``none`` ignores every KD setting."""
-    view = {k: settings.get(k) for k in ("preset", "noisy")}
+    """The part of a run's settings that its result depends on.
+
+    ``none`` ignores every KD setting and the noisy site: without distillation the
+    sites never see each other's models, so the regular sites' results are the same
+    with or without a noisy site in the federation (the noisy run reuses them).
+    """
+    view = {"preset": settings.get("preset")} if variant == "none" else \
+        {k: settings.get(k) for k in ("preset", "noisy")}
     view["set"] = sorted(s for s in settings.get("set", []) if variant != "none" or not s.startswith("kd."))
     if variant != "none":
         view.update({k: settings.get(k) for k in ("teacher_rank", "better_only", "student_check", "schedule")})
@@ -119,8 +125,9 @@ def summarise(results: list[dict], noisy_site: str | None) -> list[str]:
     lines += ["", "Per site, own test mAP50 after the last round (mean over seeds):", "",
               "| site | " + " | ".join(variants) + " |", "|---|" + "---|" * len(variants)]
     for site in sites:
-        cells = [statistics.fmean(r["final_test_map50"][site] for r in results if r["variant"] == v) for v in variants]
-        lines.append(f"| {site} | " + " | ".join(f"{c:.3f}" for c in cells) + " |")
+        cells = [[r["final_test_map50"][site] for r in results if r["variant"] == v and site in r["final_test_map50"]]
+                 for v in variants]
+        lines.append(f"| {site} | " + " | ".join(f"{statistics.fmean(c):.3f}" if c else "-" for c in cells) + " |")
     teachers = {(r["variant"], r["seed"]): r["teachers_per_round"] for r in results if r["teachers_per_round"]}
     if teachers:
         lines += ["", "Teachers per KD round: " + "; ".join(
@@ -160,7 +167,9 @@ def main(argv: list[str] | None = None) -> None:
            "teacher_rank": cfg.kd.teacher_rank, "better_only": cfg.kd.better_only,
            "student_check": cfg.kd.student_check, "schedule": "in-round"}
     jsonl = stem.with_suffix(".jsonl")
-    lines = [json.loads(line) for line in jsonl.read_text().splitlines()] if jsonl.is_file() else []
+    # the noisy experiment also finds its "none" runs among the plain federations' (see settings_view)
+    files = {jsonl, RESULTS / "kd_federation.jsonl"} if args.noisy else {jsonl}
+    lines = [json.loads(line) for f in sorted(files) if f.is_file() for line in f.read_text().splitlines()]
     done = {(r["variant"], r["seed"]): r for r in lines
             if settings_view(r.get("settings", {}), r["variant"]) == settings_view(key, r["variant"])}
     t0 = time.perf_counter()

@@ -47,3 +47,6 @@ def test_a_run_without_kd_is_reused_when_only_kd_settings_change(variant, reused
     assert same is reused
     assert kd_federation.settings_view({**new, "set": ["train.threads=2"]}, "none") != \
         kd_federation.settings_view(new, "none")
+    # a noisy site changes nothing for the regular sites of a federation without KD
+    assert (kd_federation.settings_view({**new, "noisy": True}, variant) == kd_federation.settings_view(new, variant)) \
+        is reused
