@@ -36,7 +36,7 @@ import pytest
 
 from clients.edge import (CloudAnswer, CloudRejected, CloudUnavailable, DiskQueue, EdgeError, EdgeModel,
                           EdgeRuntime, EdgeSettings, FrameSource, OffloadEntry, StaticModel, file_version,
-                          letterbox, nms, postprocess)
+                          Frame, flow_shift, letterbox, nms, postprocess)
 from common.routing import Detections, merge
 from tests.deploy_helpers import free_port, stop_tree, tail
 
@@ -178,6 +178,50 @@ def _benchmark_frames(tiny_benchmark, site: int = 0) -> list[np.ndarray]:
 
 
 # =========================================================================== pure pieces
+
+
+def _moving_square(n: int = 7, step: tuple[int, int] = (3, 2)) -> tuple[list[np.ndarray], list[list[float]]]:
+    """Frames of a textured 12 px square on a smooth background, moving ``step`` px per frame; its boxes."""
+    rng = np.random.default_rng(0)
+    texture = rng.integers(0, 255, (12, 12, 3), dtype=np.uint8)
+    background = cv2.GaussianBlur(rng.integers(90, 130, (96, 128, 3), dtype=np.uint8), (9, 9), 0)
+    frames, boxes = [], []
+    for t in range(n):
+        x, y = 20 + step[0] * t, 20 + step[1] * t
+        frame = background.copy()
+        frame[y:y + 12, x:x + 12] = texture
+        frames.append(frame)
+        boxes.append([float(x), float(y), float(x + 12), float(y + 12)])
+    return frames, boxes
+
+
+def test_flow_shift_follows_a_moving_texture():
+    """A square moved (3, 2) px: its box moves by (3, 2) within 0.25 px, keeps its size; no boxes -> none."""
+    frames, boxes = _moving_square(2)
+    prev, cur = (cv2.cvtColor(f, cv2.COLOR_BGR2GRAY) for f in frames)
+
+    moved = flow_shift(prev, cur, np.array([boxes[0]]))
+
+    np.testing.assert_allclose(moved, [boxes[1]], atol=0.25)
+    assert flow_shift(prev, cur, np.zeros((0, 4))).shape == (0, 4)
+
+
+def test_propagate_moves_reused_boxes_on_non_keyframes(tmp_path):
+    """max_gap 3: frames 1, 2, 4, 5 reuse a keyframe's box; with --propagate they follow the square."""
+    frames, boxes = _moving_square(6)
+    by_frame = {f.tobytes(): b for f, b in zip(frames, boxes)}  # the scripted detector finds the square exactly
+    model = StaticModel(lambda image: Detections([by_frame[image.tobytes()]], [0.9], [0]), "v-square")
+    out = {}
+    for flow in (False, True):
+        runtime = EdgeRuntime(model, FakeCloud(), _settings(max_gap=3, propagate=flow, beta=100.0),
+                              queue_dir=tmp_path / f"q{flow}", out=tmp_path / f"{flow}.jsonl")
+        runtime.run(iter([Frame(i, f, i / 10, float(i)) for i, f in enumerate(frames)]))
+        out[flow] = [ln for ln in _lines(tmp_path / f"{flow}.jsonl") if ln["kind"] == "edge"]
+
+    assert [ln["keyframe"] for ln in out[True]] == [True, False, False, True, False, False]
+    for t, (plain, moved) in enumerate(zip(out[False], out[True])):
+        np.testing.assert_allclose(moved["detections"][0]["xyxy"], boxes[t], atol=0.5)
+        np.testing.assert_allclose(plain["detections"][0]["xyxy"], boxes[t - t % 3], atol=1e-4)
 
 
 def test_letterbox_hand_checked():
