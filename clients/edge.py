@@ -12,10 +12,11 @@ Per frame (paper section 4.2):
 1. **Keyframes.** :class:`common.keyframes.KeyframeSelector` (``--beta``) decides
    whether the frame is a keyframe. Only keyframes are detected. A non-keyframe
    gets an ``edge`` line that *reuses the last keyframe's edge detections*
-   (``"keyframe": false``, ``"source_frame": k``); it is never offloaded. With
-   ``--propagate`` those boxes follow the objects: :func:`flow_shift` moves each
-   by the median sparse optical flow (pyramidal Lucas-Kanade) of five points
-   inside it, frame to frame (a few ms per frame instead of a detection).
+   (``"keyframe": false``, ``"source_frame": k``); it is never offloaded. Those
+   boxes follow the objects (``--no-propagate``: they stay put): :func:`flow_shift`
+   moves each by the median sparse optical flow (pyramidal Lucas-Kanade) of five
+   points inside it, frame to frame (well under a millisecond, against tens for a
+   detection).
 2. **Edge detection** on the keyframe with the site's current model: PyTorch
    (``--weights``) or ONNX Runtime (``--onnx``, exported from ``--weights``
    when missing or stale). Both share one letterbox and one NMS written here,
@@ -1032,7 +1033,7 @@ class EdgeSettings:
     retry_base: float = 0.5
     retry_max: float = 30.0
     upscale: str | None = None  # A+ super-resolution model (.npz) applied to every frame first
-    propagate: bool = False  # move reused boxes on non-keyframes by optical flow (flow_shift)
+    propagate: bool = True  # move reused boxes on non-keyframes by optical flow (flow_shift)
 
     def __post_init__(self) -> None:
         if not ID_PATTERN.fullmatch(self.site):
@@ -1306,8 +1307,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=3, help="differences before the motion rule applies")
     p.add_argument("--cut-threshold", type=float, default=0.25, help="RMS difference that is a scene cut")
     p.add_argument("--max-gap", type=int, default=None, help="force a keyframe after this many frames")
-    p.add_argument("--propagate", action="store_true",
-                   help="on non-keyframes, move the reused boxes by optical flow instead of repeating them")
+    p.add_argument("--propagate", action=argparse.BooleanOptionalAction, default=True,
+                   help="on non-keyframes, move the reused boxes by optical flow (default; --no-propagate repeats "
+                        "the keyframe's boxes as they are)")
     p.add_argument("--upscale", metavar="MODEL.npz",
                    help="super-resolve every frame with this A+ model first (common.superres); "
                         "boxes are then in upscaled-frame pixels")

@@ -128,7 +128,9 @@ def _lines(path: Path) -> list[dict]:
 
 
 def _settings(**kw) -> EdgeSettings:
-    base = dict(site="site-7", run_id="runA", max_gap=2, retry_base=0.01, retry_max=0.05, drain_timeout=20)
+    # boxes on non-keyframes stay as detected (flow propagation has its own test)
+    base = dict(site="site-7", run_id="runA", max_gap=2, retry_base=0.01, retry_max=0.05, drain_timeout=20,
+                propagate=False)
     return EdgeSettings(**{**base, **kw})
 
 
