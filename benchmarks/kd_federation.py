@@ -25,6 +25,9 @@ Run::
 
     python -m benchmarks.kd_federation --preset standard --seeds 0 1 2 --variants none graph cloud
     python -m benchmarks.kd_federation --preset standard --seeds 0 1 2 --variants none graph all --noisy
+
+``--set data.similar-pairs=true --out benchmarks/results/kd_similar`` runs the same on a benchmark
+where sites come in pairs of the same kind (``common.benchmark.make_sites``).
 """
 
 from __future__ import annotations
@@ -160,15 +163,17 @@ def main(argv: list[str] | None = None) -> None:
         overrides["data.noisy-site"] = True
     cfg = load_config(args.preset, overrides)
     noisy_site = f"site-{cfg.data.num_sites}" if args.noisy else None
-    stem = args.out or RESULTS / ("kd_noisy" if args.noisy else "kd_federation")
+    stem = args.out or RESULTS / ("kd_federation_noisy" if args.noisy else "kd_federation")
     stem.parent.mkdir(parents=True, exist_ok=True)
     # one JSON line per finished federation, keyed by the settings: a rerun skips what is done (resume)
     key = {"preset": args.preset, "set": sorted(args.set), "noisy": args.noisy, "cloud_rounds": args.cloud_rounds,
            "teacher_rank": cfg.kd.teacher_rank, "better_only": cfg.kd.better_only,
            "student_check": cfg.kd.student_check, "schedule": "in-round"}
     jsonl = stem.with_suffix(".jsonl")
-    # the noisy experiment also finds its "none" runs among the plain federations' (see settings_view)
-    files = {jsonl, RESULTS / "kd_federation.jsonl"} if args.noisy else {jsonl}
+    # the noisy experiment (stem "<name>_noisy") also finds its "none" runs among the plain federations'
+    # ("<name>.jsonl"; see settings_view)
+    plain = stem.with_name(stem.name.removesuffix("_noisy") + ".jsonl")
+    files = {jsonl, plain} if args.noisy else {jsonl}
     lines = [json.loads(line) for f in sorted(files) if f.is_file() for line in f.read_text().splitlines()]
     done = {(r["variant"], r["seed"]): r for r in lines
             if settings_view(r.get("settings", {}), r["variant"]) == settings_view(key, r["variant"])}

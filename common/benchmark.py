@@ -81,6 +81,7 @@ class GeneratorSettings:
     video_frames: int = 60
     noisy_site: bool = False
     site_spacing_km: float = 2.0
+    similar_pairs: bool = False
 
     @classmethod
     def from_data_config(cls, data) -> "GeneratorSettings":
@@ -91,7 +92,10 @@ class GeneratorSettings:
         return cls(**kwargs)
 
     def key(self) -> str:
-        blob = json.dumps({"version": GENERATOR_VERSION, **asdict(self)}, sort_keys=True)
+        fields = asdict(self)
+        if not fields["similar_pairs"]:  # added later: benchmarks generated before keep their key
+            del fields["similar_pairs"]
+        blob = json.dumps({"version": GENERATOR_VERSION, **fields}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
@@ -124,16 +128,21 @@ def make_sites(s: GeneratorSettings) -> list[Site]:
 
     Site i sees the classes ``{(2i + k) mod 8 : k < classes_per_site}`` so that
     neighbours share some classes and differ in others, domain ``i mod 6``
-    and a size mix ``small_fraction`` shifted by a per-site offset.
+    and a size mix ``small_fraction`` shifted by a per-site offset. Every site is
+    then its own domain: a model trained at one site detects little at another.
+    With ``similar_pairs`` sites come in pairs of the same kind (sites 2k and
+    2k+1 share classes, domain and size mix, with their own images), the case
+    where a neighbour's model has something to teach.
     """
     k = min(s.classes_per_site, NUM_CLASSES)
     offsets = (0.0, 0.08, -0.08, 0.12, -0.12, 0.04)
     sites = []
     for i in range(s.num_sites):
-        classes = tuple(sorted({(2 * i + j) % NUM_CLASSES for j in range(k)}))
+        kind = i - i % 2 if s.similar_pairs else i
+        classes = tuple(sorted({(2 * kind + j) % NUM_CLASSES for j in range(k)}))
         pos = (s.site_spacing_km * (i % 3), s.site_spacing_km * (i // 3))
-        frac = float(np.clip(s.small_fraction + offsets[i % len(offsets)], 0.0, 1.0))
-        sites.append(Site(i, f"site-{i}", pos, classes, DOMAINS[i % len(DOMAINS)][0], frac))
+        frac = float(np.clip(s.small_fraction + offsets[kind % len(offsets)], 0.0, 1.0))
+        sites.append(Site(i, f"site-{i}", pos, classes, DOMAINS[kind % len(DOMAINS)][0], frac))
     if s.noisy_site:
         i = s.num_sites
         # a derangement: every class is labelled as another one

@@ -67,6 +67,8 @@ class DataConfig:
     classes_per_site: int = 5
     video_frames: int = 60
     noisy_site: bool = False
+    # sites 2k and 2k+1 of the same kind (classes, domain, size mix), see common.benchmark.make_sites
+    similar_pairs: bool = False
     site_spacing_km: float = 2.0
     # source: yolo
     site_data: list[str] = field(default_factory=list)
