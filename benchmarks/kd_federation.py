@@ -72,8 +72,15 @@ def settings_view(settings: dict, variant: str) -> dict:
 
 
 def run_variant(preset: str, variant: str, seed: int, overrides: dict, cloud_rounds: list[int], out_dir: Path,
-                name: str | None = None) -> dict:
-    """One federation; its run folder is ``out_dir / name`` (default ``<variant>-seed<seed>``)."""
+                name: str | None = None, start_from: Path | None = None) -> dict:
+    """One federation; its run folder is ``out_dir / name`` (default ``<variant>-seed<seed>``).
+
+    ``start_from``: the run folder of a finished federation to continue from (its rounds
+    are copied and the run resumes after them, ``federation.resume``): variants whose first
+    rounds are identical (no KD before ``kd.start-round``) train those rounds once.
+    """
+    import shutil
+
     from common.config import load_config
     from common.sites import num_sites
     from server.federation import run_federation
@@ -83,6 +90,12 @@ def run_variant(preset: str, variant: str, seed: int, overrides: dict, cloud_rou
           "run-name": name or f"{variant}-seed{seed}", "tracking.wandb": "off", "federation.wait-for-nodes-s": 0}
     if variant in CLOUD_VARIANTS:
         ov["kd.cloud-rounds"] = cloud_rounds
+    if start_from is not None:
+        dest = out_dir / ov["run-name"]
+        shutil.rmtree(dest, ignore_errors=True)  # what a crashed attempt left
+        shutil.copytree(start_from, dest)
+        (dest / "DONE").unlink(missing_ok=True)
+        ov["federation.resume"] = True
     cfg = load_config(preset, ov)
     run_config = {"preset": preset, "overrides": " ".join(
         f"{k}={json.dumps(v, separators=(',', ':')) if isinstance(v, list) else v}" for k, v in ov.items())}

@@ -18,7 +18,9 @@ What runs (budget: the preset's ``reproduce`` section, ``common.config.Reproduce
   ``pyrafan`` (``none`` with the YOLO11n-PyraFAN edge), ``cloud`` (cloud->edge KD on
   every round from 2), ``graph`` (edge->edge graph KD), ``both``, and with a noisy
   site added (a different task) ``noisy-graph`` and ``noisy-all`` (naive KD from
-  every site) for Figure 6.
+  every site) for Figure 6. KD starts at round 2, so round 1 is the same for
+  ``none``/``cloud``/``graph``/``both`` (and for the two noisy ones): it is trained once
+  (``base``, ``base-noisy``) and each variant continues from a copy of it.
 - **collaboration**, per seed: the real cloud detection service process and the edge
   runtime's own pipeline (:mod:`benchmarks.collaboration`) on every site's test
   images and video, for each federation's edge models; the t_conf sweep (Figure 5) on
@@ -76,10 +78,13 @@ ROWS = {"cloud": "cloud model", "edge": "edge model", "pyrafan": "edge model wit
 # which federation's site models play each edge role
 EDGE_ROLES = {"edge": "none", "pyrafan": "pyrafan", "cloud_kd": "cloud", "graph_kd": "graph", "both_kd": "both"}
 FIG5_ROLES = ("edge", "pyrafan", "cloud_kd")
-FEDERATIONS = {  # name -> (kd_federation variant, extra overrides)
-    "none": ("none", {}), "pyrafan": ("none", {"model.edge": "yolo11n-pyrafan"}), "cloud": ("cloud", {}),
-    "graph": ("graph", {}), "both": ("both", {}),
-    "noisy-graph": ("graph", {"data.noisy-site": True}), "noisy-all": ("all", {"data.noisy-site": True}),
+NOISY = {"data.noisy-site": True}
+FEDERATIONS = {  # name -> (kd_federation variant, extra overrides, the federation whose round 1 it continues)
+    "base": ("none", {"federation.num-rounds": 1}, None),
+    "base-noisy": ("none", {"federation.num-rounds": 1, **NOISY}, None),
+    "none": ("none", {}, "base"), "cloud": ("cloud", {}, "base"), "graph": ("graph", {}, "base"),
+    "both": ("both", {}, "base"), "pyrafan": ("none", {"model.edge": "yolo11n-pyrafan"}, None),
+    "noisy-graph": ("graph", NOISY, "base-noisy"), "noisy-all": ("all", NOISY, "base-noisy"),
 }
 # Figure 8's link model (no real WAN here): time = RTT + bytes * 8 / bandwidth
 LINKS = {"edge server (LAN / 5G MEC)": {"rtt_ms": 5.0, "mbit_s": 100.0},
@@ -106,8 +111,9 @@ def plan_jobs(cfg) -> dict[str, list[str]]:
     """``{job: [jobs it needs]}``."""
     jobs: dict[str, list[str]] = {"cloud": [], "speed": [], "upload": ["cloud"]}
     for seed in cfg.reproduce.seeds:
-        for name, (variant, _) in FEDERATIONS.items():
-            jobs[f"fed:{name}:{seed}"] = ["cloud"] if variant in ("cloud", "both") else []
+        for name, (variant, _, base) in FEDERATIONS.items():
+            jobs[f"fed:{name}:{seed}"] = (["cloud"] if variant in ("cloud", "both") else []) + \
+                ([f"fed:{base}:{seed}"] if base else [])
         jobs[f"collab:{seed}"] = ["cloud", *(f"fed:{f}:{seed}" for f in EDGE_ROLES.values())]
     return jobs
 
@@ -125,7 +131,7 @@ def run_job(job: str, preset: str, overrides: dict, work: str, done: dict) -> di
     kind, *rest = job.split(":")
     out = {"cloud": lambda: cloud_job(cfg), "speed": lambda: speed_job(cfg),
            "upload": lambda: upload_job(cfg, done["cloud"]["weights"]),
-           "fed": lambda: federation_job(preset, ov, rest[0], int(rest[1]), Path(work), done.get("cloud")),
+           "fed": lambda: federation_job(preset, ov, rest[0], int(rest[1]), Path(work), done),
            "collab": lambda: collab_job(cfg, int(rest[0]), done, Path(work))}[kind]()
     return {**out, "seconds": time.perf_counter() - t0}
 
@@ -138,15 +144,16 @@ def cloud_job(cfg) -> dict:
     return {"weights": str(path)}
 
 
-def federation_job(preset: str, overrides: dict, name: str, seed: int, work: Path, cloud: dict | None) -> dict:
+def federation_job(preset: str, overrides: dict, name: str, seed: int, work: Path, done: dict) -> dict:
     from benchmarks.kd_federation import run_variant
 
-    variant, extra = FEDERATIONS[name]
+    variant, extra, base = FEDERATIONS[name]
     ov = {**overrides, **extra}
-    if cloud:
-        ov["kd.cloud-weights"] = cloud["weights"]
+    if "cloud" in done:
+        ov["kd.cloud-weights"] = done["cloud"]["weights"]
     rounds = list(range(2, int(ov["federation.num-rounds"]) + 1))
-    res = run_variant(preset, variant, seed, ov, rounds, work / "runs", name=f"{name}-seed{seed}")
+    start = Path(done[f"fed:{base}:{seed}"]["run_dir"]) if base else None
+    res = run_variant(preset, variant, seed, ov, rounds, work / "runs", name=f"{name}-seed{seed}", start_from=start)
     res["run_dir"] = str(work / "runs" / f"{name}-seed{seed}")
     res["noisy_site"] = f"site-{max(int(s.split('-')[1]) for s in res['final_test_map50'])}" if "noisy" in name \
         else None

@@ -1,6 +1,7 @@
 """The reproduction command end to end on tiny data: every job, the report, the plots, resume."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -43,6 +44,11 @@ def test_reproduce_runs_every_job_writes_the_report_and_resumes(tiny_overrides, 
             for tag in ("images", "video"):
                 assert 0.0 <= site[f"{role}/{tag}"]["edge"]["recall"] <= 1.0 or \
                     site[f"{role}/{tag}"]["edge"]["n_gt"] == 0
+    # round 1 is trained once: the KD variants continue from a copy of the base federation's round
+    base = (Path(results["fed:base:0"]["run_dir"]) / "metrics.jsonl").read_text().splitlines()
+    for name in ("none", "graph", "cloud", "both"):
+        rows = (Path(results[f"fed:{name}:0"]["run_dir"]) / "metrics.jsonl").read_text().splitlines()
+        assert rows[:len(base)] == base and {json.loads(r)["round"] for r in rows[len(base):]} == {2}
     # t_conf = 1.0 offloads every detection; the noisy federations exclude their noisy site from Figure 6
     assert set(results["collab:0"]["sweep"]) == set(reproduce.FIG5_ROLES)
     assert results["fed:noisy-all:0"]["noisy_site"] not in results["fed:none:0"]["final_test_map50"]
