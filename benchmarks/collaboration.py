@@ -187,17 +187,25 @@ def cloud_only(source: Path, client, site: str, quality: int = 90) -> tuple[list
 
 
 def per_frame(records: list[dict], collaborative: bool) -> list:
-    """Final detections per frame: the edge line's, or the refined answer of its keyframe."""
+    """Final detections per frame: the edge line's, or the refined answer of its keyframe (on a later frame
+    moved as the edge boxes moved, :func:`clients.edge.carry_boxes`)."""
+    from clients.edge import carry_boxes
     from common.routing import Detections
 
     refined = {r["frame"]: r for r in records if r["kind"] == "refined"}
     failed = [r for r in records if r["kind"] == "failed"]
     if failed:
         raise RuntimeError(f"{len(failed)} offloads refused by the cloud, e.g. {failed[0]['error']}")
+    edge = {r["frame"]: r for r in records if r["kind"] == "edge"}
     out = []
-    for r in sorted((r for r in records if r["kind"] == "edge"), key=lambda r: r["frame"]):
+    for r in sorted(edge.values(), key=lambda r: r["frame"]):
         src = refined.get(r["source_frame"]) if collaborative else None
-        out.append(Detections.from_list((src or r)["detections"]))
+        dets = Detections.from_list((src or r)["detections"])
+        if src is not None and r["frame"] != r["source_frame"]:  # moved the way the edge boxes moved
+            key = np.array([d["xyxy"] for d in edge[r["source_frame"]]["detections"]])
+            now = np.array([d["xyxy"] for d in r["detections"]])
+            dets = Detections(carry_boxes(dets.xyxy, key, now), dets.conf, dets.cls)
+        out.append(dets)
     return out
 
 

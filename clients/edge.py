@@ -1009,6 +1009,29 @@ def flow_shift(prev: np.ndarray, cur: np.ndarray, boxes: np.ndarray, win: int = 
     return out
 
 
+def carry_boxes(boxes: np.ndarray, key_boxes: np.ndarray, now_boxes: np.ndarray) -> np.ndarray:
+    """Boxes found on a keyframe (e.g. its refined answer) moved to a later frame as its edge boxes moved.
+
+    ``key_boxes`` are the keyframe's edge boxes and ``now_boxes`` the same boxes, in the
+    same order, on the later frame (propagated by :func:`flow_shift`). Each of ``boxes``
+    takes the displacement of the keyframe edge box it overlaps most, and stays put when
+    it overlaps none.
+
+    Examples
+    --------
+    Edge boxes ``[0,0,10,10]`` -> ``[2,0,12,10]`` and ``[50,50,60,60]`` -> ``[50,51,60,61]``;
+    a refined box ``[1,0,11,10]`` moves by (2, 0) to ``[3,0,13,10]``, ``[80,80,90,90]`` stays.
+    """
+    boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
+    key_boxes = np.asarray(key_boxes, dtype=np.float32).reshape(-1, 4)
+    if not len(boxes) or not len(key_boxes):
+        return boxes.copy()
+    shift = np.asarray(now_boxes, dtype=np.float32).reshape(-1, 4) - key_boxes
+    iou = box_iou(boxes, key_boxes)
+    best = iou.argmax(axis=1)
+    return boxes + np.where(iou.max(axis=1)[:, None] > 0, shift[best], 0.0)
+
+
 @dataclass
 class EdgeSettings:
     """Routing, keyframe and offload settings (plain values; the CLI fills them)."""
@@ -1200,6 +1223,9 @@ class EdgeRuntime:
         if self.video is not None:
             with self._stats_lock:
                 refined = self._refined.get((s.run_id, source))
+            if refined is not None and not is_key:  # the keyframe's refined answer, moved with the edge boxes
+                refined = Detections(carry_boxes(refined.xyxy, self._last[1].xyxy, dets.xyxy), refined.conf,
+                                     refined.cls)
             self.video.write(frame.image, dets, mask, refined,
                              f"{frame.index}{' K' if is_key else ''} {version[:6]}")
         with self._stats_lock:

@@ -36,7 +36,7 @@ import pytest
 
 from clients.edge import (CloudAnswer, CloudRejected, CloudUnavailable, DiskQueue, EdgeError, EdgeModel,
                           EdgeRuntime, EdgeSettings, FrameSource, OffloadEntry, StaticModel, file_version,
-                          Frame, flow_shift, letterbox, nms, postprocess)
+                          Frame, carry_boxes, flow_shift, letterbox, nms, postprocess)
 from common.routing import Detections, merge
 from tests.deploy_helpers import free_port, stop_tree, tail
 
@@ -206,6 +206,21 @@ def test_flow_shift_follows_a_moving_texture():
 
     np.testing.assert_allclose(moved, [boxes[1]], atol=0.25)
     assert flow_shift(prev, cur, np.zeros((0, 4))).shape == (0, 4)
+
+
+def test_carry_boxes_hand_checked():
+    """Edge [0,0,10,10] -> [2,0,12,10], [50,50,60,60] -> [50,51,60,61]: a refined box overlapping the first
+    moves by (2, 0); one overlapping both takes the larger overlap's shift; one overlapping none stays."""
+    key = [[0, 0, 10, 10], [50, 50, 60, 60]]
+    now = [[2, 0, 12, 10], [50, 51, 60, 61]]
+    refined = [[1, 0, 11, 10], [80, 80, 90, 90], [8, 8, 52, 52]]
+
+    moved = carry_boxes(refined, key, now)
+
+    # [8,8,52,52] overlaps the first box by 2x2 = 4 px² and the second by 2x2 = 4 px²: IoU ties -> the first
+    np.testing.assert_allclose(moved, [[3, 0, 13, 10], [80, 80, 90, 90], [10, 8, 54, 52]])
+    assert carry_boxes(np.zeros((0, 4)), key, now).shape == (0, 4)
+    np.testing.assert_allclose(carry_boxes(refined[:1], np.zeros((0, 4)), np.zeros((0, 4))), refined[:1])
 
 
 def test_propagate_moves_reused_boxes_on_non_keyframes(tmp_path):
