@@ -66,6 +66,7 @@ def settings_view(settings: dict, variant: str) -> dict:
     view["set"] = sorted(s for s in settings.get("set", []) if variant != "none" or not s.startswith("kd."))
     if variant != "none":
         view.update({k: settings.get(k) for k in ("teacher_rank", "better_only", "student_check", "schedule")})
+        view["teacher_scope"] = settings.get("teacher_scope", "global")
     if variant in CLOUD_VARIANTS:
         view["cloud_rounds"] = settings.get("cloud_rounds")
     return view
@@ -181,7 +182,7 @@ def main(argv: list[str] | None = None) -> None:
     # one JSON line per finished federation, keyed by the settings: a rerun skips what is done (resume)
     key = {"preset": args.preset, "set": sorted(args.set), "noisy": args.noisy, "cloud_rounds": args.cloud_rounds,
            "teacher_rank": cfg.kd.teacher_rank, "better_only": cfg.kd.better_only,
-           "student_check": cfg.kd.student_check, "schedule": "in-round"}
+           "student_check": cfg.kd.student_check, "schedule": "in-round", "teacher_scope": cfg.kd.teacher_scope}
     jsonl = stem.with_suffix(".jsonl")
     # the noisy experiment (stem "<name>_noisy") also finds its "none" runs among the plain federations'
     # ("<name>.jsonl"; see settings_view)
@@ -216,7 +217,8 @@ def main(argv: list[str] | None = None) -> None:
         f"{cfg.data.num_sites} sites{' + 1 noisy' if args.noisy else ''}, {cfg.federation.num_rounds} rounds of "
         f"{cfg.train.epochs_per_round} local epochs at {cfg.train.imgsz} px; KD: rho {cfg.kd.rho}, "
         f"alpha {cfg.kd.alpha}, T {cfg.kd.temperature}, inside the local epochs from round {cfg.kd.start_round}, "
-        f"teachers ranked by {cfg.kd.teacher_rank}{', only more accurate teachers' if cfg.kd.better_only else ''}"
+        f"teachers ranked by {cfg.kd.teacher_rank} ({cfg.kd.teacher_scope} scope)"
+        f"{', only more accurate teachers' if cfg.kd.better_only else ''}"
         f"{', kept by a student only if better on its own val split' if cfg.kd.student_check else ''}"
         + (f"; cloud rounds {args.cloud_rounds}" if set(CLOUD_VARIANTS) & set(args.variants) else "")
         + ". mAP50 = mean over sites of each site's own test split after the last "

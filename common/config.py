@@ -158,6 +158,7 @@ class KDConfig:
     mode: str = "none"
     rho: float = 0.3
     teacher_rank: str = "map_degree"
+    teacher_scope: str = "global"  # "global": the paper's top-rho set; "local": common.graph.local_plan
     better_only: bool = True
     student_check: bool = True
     sigma_s_km: float = 5.0
@@ -226,6 +227,7 @@ _CHOICES = {
     "federation.aggregation": ("none", "fedavg"),
     "kd.mode": ("none", "graph", "all"),
     "kd.teacher_rank": ("map_degree", "degree"),
+    "kd.teacher_scope": ("global", "local"),
     "routing.offload": ("crops", "frame"),
     "kd.class_weights": ("ones", "small"),
     "tracking.wandb": ("off", "offline", "online"),

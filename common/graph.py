@@ -452,6 +452,31 @@ def teachers_for(graph: nx.DiGraph, student: Hashable, teachers: Iterable[Hashab
     return {j: w / total for j, w in arcs.items()}
 
 
+def local_plan(graph: nx.DiGraph, score: Mapping[Hashable, float],
+               better_only: bool = False) -> dict[Hashable, dict[Hashable, float]]:
+    """Every node learns from its neighbours that rank above it (``teacher_scope="local"``).
+
+    The paper picks one global teacher set, the top-``rho`` by degree, and only nodes
+    outside it learn. When the sites form groups of similar ones, a global top set can
+    fall inside one group and leave the others without a relevant teacher. The local
+    reading of "higher models are distilled towards lower models" (section 4.3) gives
+    each node ``teachers_for(graph, i, {j : score_j > score_i})``: every arc i -> j whose
+    head outranks its tail carries knowledge, weighted as ``teachers_for`` weighs it.
+    The top-ranked node (and any node nobody outranks) learns from nobody.
+
+    Examples
+    --------
+    Scores {A: 3, B: 2, C: 1}; arcs C->A 0.25, C->B 0.75, B->A 1.0 -> {B: {A: 1.0}, C: {A: 0.25, B: 0.75}}.
+    """
+    plan = {}
+    for node in graph:
+        above = {t for t in graph if t != node and score[t] > score[node]}
+        teachers = teachers_for(graph, node, above, better_only) if above else {}
+        if teachers:
+            plan[node] = teachers
+    return plan
+
+
 def graph_to_json(graph: nx.DiGraph, teachers: Iterable[Hashable], degree: Mapping[Hashable, float]) -> dict:
     """A JSON-serialisable snapshot of the graph, its degrees and teachers (saved every round).
 

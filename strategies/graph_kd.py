@@ -46,6 +46,7 @@ CloudFn = Callable[[int], tuple[ArrayRecord, str]]  # round -> (cloud weights, c
 
 class GraphKDStrategy(PersonalizedStrategy):
     def __init__(self, *, mode: str = "graph", rho: float = 0.3, teacher_rank: str = "map_degree",
+                 teacher_scope: str = "global",
                  better_only: bool = True, sigma_s_km: float = 5.0, min_weight: float = 0.0,
                  class_weights: list[float] | None = None, alpha: float = 0.5, temperature: float = 1.0,
                  fg_threshold: float = 0.25, student_check: bool = True, start_round: int = 1,
@@ -58,6 +59,9 @@ class GraphKDStrategy(PersonalizedStrategy):
             raise ValueError("cloud_rounds given but no cloud_fn to provide the cloud model")
         if teacher_rank not in ("map_degree", "degree"):
             raise ValueError(f"teacher_rank={teacher_rank!r}: expected 'map_degree' or 'degree'")
+        if teacher_scope not in ("global", "local"):
+            raise ValueError(f"teacher_scope={teacher_scope!r}: expected 'global' or 'local'")
+        self.teacher_scope = teacher_scope
         self.mode, self.rho, self.sigma_s_km, self.min_weight = mode, rho, sigma_s_km, min_weight
         self.teacher_rank, self.better_only = teacher_rank, better_only
         self.class_weights = class_weights
@@ -129,11 +133,16 @@ class GraphKDStrategy(PersonalizedStrategy):
                               class_weights=self.class_weights, min_weight=self.min_weight)
         degree = G.teacher_degree(graph)
         score = G.accuracy_weighted_degree(graph, degree) if self.teacher_rank == "map_degree" else degree
-        teachers = G.select_teachers(score, self.rho)
-        plan = {s: G.teachers_for(graph, s, teachers, self.better_only) for s in sites if s not in teachers}
-        plan = {s: t for s, t in plan.items() if t}  # a student with no teacher neighbour sits out
+        if self.teacher_scope == "local":  # every site learns from the neighbours ranked above it
+            plan = G.local_plan(graph, score, self.better_only)
+            teachers = {t for ts in plan.values() for t in ts}
+        else:
+            teachers = G.select_teachers(score, self.rho)
+            plan = {s: G.teachers_for(graph, s, teachers, self.better_only) for s in sites if s not in teachers}
+            plan = {s: t for s, t in plan.items() if t}  # a student with no teacher neighbour sits out
         self.graph_record = {"round": server_round, "mode": "graph", **G.graph_to_json(graph, teachers, degree),
-                             "teacher_rank": self.teacher_rank, "score": score, "teachers_for": plan}
+                             "teacher_rank": self.teacher_rank, "teacher_scope": self.teacher_scope, "score": score,
+                             "teachers_for": plan}
         log(INFO, "graph: round %s, teachers %s, students %s", server_round, sorted(teachers), sorted(plan))
         return plan
 

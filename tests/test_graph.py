@@ -11,6 +11,7 @@ import networkx as nx
 import numpy as np
 import pytest
 
+from common import graph as graph_mod
 from common.graph import (
     accuracy_weighted_degree,
     build_graph,
@@ -544,3 +545,16 @@ def test_core_modules_do_not_import_heavy_frameworks():
     )
     # Assert
     assert json.loads(result.stdout) == []
+
+
+def test_local_plan_every_node_learns_from_the_neighbours_ranked_above_it():
+    """common.graph.local_plan, hand-checked: scores {A: 3, B: 2, C: 1}; arcs C->A 0.25, C->B 0.75, B->A 1.0,
+    A->B 1.0 -> B learns from A (1.0), C from A and B (0.25, 0.75), A (the top) from nobody."""
+    g = nx.DiGraph()
+    g.add_weighted_edges_from([("C", "A", 0.25), ("C", "B", 0.75), ("B", "A", 1.0), ("A", "B", 1.0)])
+
+    plan = graph_mod.local_plan(g, {"A": 3.0, "B": 2.0, "C": 1.0})
+
+    assert plan == {"B": {"A": 1.0}, "C": {"A": 0.25, "B": 0.75}}
+    # equal scores teach nobody; without arcs above it a node sits out
+    assert graph_mod.local_plan(g, {"A": 1.0, "B": 1.0, "C": 1.0}) == {}

@@ -73,6 +73,26 @@ def test_teacher_rank_and_better_only_follow_config(paper_rule):
     assert len(_kd_msgs(grid, 1)) == (1 if paper_rule else 0)
 
 
+def test_local_scope_lets_every_site_learn_from_the_sites_ranked_above_it():
+    grid = FakeGrid([1, 2, 3], reply=_reply)
+    strategy = _strategy(teacher_scope="local", teacher_rank="degree", better_only=False)
+
+    strategy.start(grid, num_rounds=2, expected_nodes=3, wait_for_nodes_s=0)
+
+    profiles = {f"site-{k}": {"position": (float(k), 0.0), "classes": [0, 2], "ap": AP[k]} for k in AP}
+    g = G.build_graph(profiles, 5.0)
+    expected = G.local_plan(g, G.teacher_degree(g))
+    assert len(expected) == 2  # two of the three sites have someone ranked above them
+    assert strategy.graph_record["teacher_scope"] == "local"
+    sent = {f"site-{m.metadata.dst_node_id}": dict(zip(m.content[P.CONFIG][P.TEACHER_IDS],
+                                                       m.content[P.CONFIG][P.TEACHER_WEIGHTS]))
+            for m in _kd_msgs(grid, 1)}
+    for plan in (strategy.graph_record["teachers_for"], sent):
+        assert plan.keys() == expected.keys()
+        for student, mixing in expected.items():
+            assert plan[student] == pytest.approx(mixing)
+
+
 def test_bad_teacher_rank_is_an_error_naming_it():
     with pytest.raises(ValueError, match="'best'"):
         _strategy(teacher_rank="best")
