@@ -406,6 +406,71 @@ def yolo_label_lines(dets: Detections, width: int, height: int) -> list[str]:
     return lines
 
 
+def pack_crops(sizes: Sequence[tuple[int, int]], tile: int, gap: int = 2) -> list[tuple[int, int, int] | None]:
+    """Shelf packing of crops ``(width, height)`` onto ``tile`` x ``tile`` canvases, at scale 1.
+
+    Returns ``(tile index, x, y)`` per crop (its top-left corner on that tile), or None
+    for a crop larger than a tile. Crops go tallest first; each shelf is a row as tall
+    as its first crop, ``gap`` px between neighbours.
+
+    Examples
+    --------
+    Tile 100: sizes (60, 40), (50, 50), (30, 20) -> the 50x50 at (0, 0, 0), the 60x40 can't
+    fit beside it (52 + 60 > 100) -> next shelf (0, 0, 52), the 30x20 beside it (0, 62, 52).
+    """
+    out: list[tuple[int, int, int] | None] = [None] * len(sizes)
+    index, x, y, shelf = 0, 0, 0, 0
+    for i in sorted(range(len(sizes)), key=lambda k: -sizes[k][1]):
+        w, h = sizes[i]
+        if w > tile or h > tile:
+            continue
+        if x + w > tile:  # next shelf
+            x, y, shelf = 0, y + shelf + gap, 0
+        if y + h > tile:  # next tile
+            index, x, y, shelf = index + 1, 0, 0, 0
+        out[i] = (index, x, y)
+        x, shelf = x + w + gap, max(shelf, h)
+    return out
+
+
+def detect_packed(detect: Callable[[list[np.ndarray]], list[Detections]], images: Sequence[np.ndarray],
+                  tile: int) -> list[Detections]:
+    """Detect crops at their own scale: pasted onto gray tiles the model's input size, not blown up.
+
+    A detector letterboxes each input to its input size, so a 40 px crop sent alone is
+    enlarged 8x and its small objects become large ones the model never saw. Here the
+    crops are packed (:func:`pack_crops`) onto ``tile``-sized canvases filled with the
+    letterbox gray (114) and the tiles are detected in one batch; each detection goes to
+    the crop that holds its centre, in that crop's pixels, clipped to it. A crop larger
+    than a tile is detected alone, as before.
+    """
+    placements = pack_crops([(im.shape[1], im.shape[0]) for im in images], tile)
+    n_tiles = 1 + max((p[0] for p in placements if p is not None), default=-1)
+    tiles = [np.full((tile, tile, 3), 114, np.uint8) for _ in range(n_tiles)]
+    for image, place in zip(images, placements):
+        if place is not None:
+            t, x, y = place
+            h, w = image.shape[:2]
+            tiles[t][y:y + h, x:x + w] = image if image.ndim == 3 else image[..., None]
+    alone = [i for i, p in enumerate(placements) if p is None]
+    answers = detect(tiles + [images[i] for i in alone])
+    out = [Detections.empty() for _ in images]
+    for i, dets in zip(alone, answers[n_tiles:]):
+        out[i] = dets
+    for i, (image, place) in enumerate(zip(images, placements)):
+        if place is None:
+            continue
+        t, x, y = place
+        h, w = image.shape[:2]
+        dets = answers[t]
+        cx, cy = (dets.xyxy[:, 0] + dets.xyxy[:, 2]) / 2, (dets.xyxy[:, 1] + dets.xyxy[:, 3]) / 2
+        inside = (cx >= x) & (cx < x + w) & (cy >= y) & (cy < y + h)
+        mine = dets.select(inside)
+        boxes = np.clip(mine.xyxy - np.array([x, y, x, y], np.float32), 0, [w, h, w, h]).astype(np.float32)
+        out[i] = Detections(boxes, mine.conf, mine.cls)
+    return out
+
+
 class YoloDetector:
     """The cloud model, loaded once; ``__call__`` detects a batch under a lock (one at a time)."""
 
@@ -570,7 +635,9 @@ class CloudService:
                 decoded.append(decode_image(data, self.limits.max_pixels))
             except RequestError as err:
                 raise RequestError(err.status, f"crop {i}: {err.detail}") from None
-        per_crop = self.detect([image for _, image in decoded])
+        images = [image for _, image in decoded]
+        # with the model's input size known, crops keep their scale (packed onto tiles); else one by one
+        per_crop = detect_packed(self.detect, images, self.imgsz) if self.imgsz else self.detect(images)
         in_frame = crops_to_frame(per_crop, metas)
         out = []
         for data, (fmt, image), meta, dets, framed in zip(crops, decoded, metas, per_crop, in_frame):

@@ -35,8 +35,8 @@ import pytest
 
 from common.routing import Detections, to_frame_coords
 from server.cloud import (CloudService, HardSampleStore, Limits, RequestError, create_app, crops_to_frame,
-                          decode_image, image_header, nms, parse_crop_meta, parse_max_pixels, parse_multipart,
-                          yolo_label_lines)
+                          decode_image, detect_packed, image_header, nms, pack_crops, parse_crop_meta,
+                          parse_max_pixels, parse_multipart, yolo_label_lines)
 from tests.deploy_helpers import free_port, stop_tree, tail
 
 TOKEN = "s3cret-token"
@@ -104,6 +104,43 @@ def test_crops_to_frame_hand_checked():
     assert out[1].xyxy.tolist() == [[110, 60, 120, 70]]
     assert out[2].xyxy.tolist() == [[5, 2.5, 10, 5]]
     assert np.allclose(out[0].xyxy, to_frame_coords(dets[0], (100, 50)).xyxy)
+
+
+def test_pack_crops_hand_checked():
+    """Tile 100, gap 2: tallest first; a shelf fills left to right, then the next shelf, then the next tile."""
+    assert pack_crops([(60, 40), (50, 50), (30, 20)], 100) == [(0, 0, 52), (0, 0, 0), (0, 62, 52)]
+    assert pack_crops([(60, 60), (60, 60), (200, 10)], 100) == [(0, 0, 0), (1, 0, 0), None]
+    assert pack_crops([], 100) == []
+
+
+def _white_boxes(images):
+    """A fake detector: a class-0 box around each white (255) blob of each image; records the input sizes."""
+    _white_boxes.sizes.append([im.shape[:2] for im in images])
+    out = []
+    for im in images:
+        n, _, stats, _ = cv2.connectedComponentsWithStats((im[..., 0] == 255).astype(np.uint8))
+        boxes = [[x, y, x + w, y + h] for x, y, w, h, _ in stats[1:n]]
+        out.append(Detections(boxes, [0.9] * len(boxes), [0] * len(boxes)) if boxes else Detections.empty())
+    return out
+
+
+def test_detect_packed_keeps_each_crop_at_its_scale_and_maps_boxes_back():
+    """Three crops with a white square each, packed onto one 64 px tile (one detector call); a 100 px crop
+    goes alone. Each crop gets its own square back, in its own pixels."""
+    crops = []
+    for (h, w), (y, x, side) in zip([(20, 30), (24, 24), (16, 40), (100, 100)],
+                                    [(2, 3, 5), (10, 4, 6), (5, 30, 4), (40, 50, 8)]):
+        crop = np.full((h, w, 3), 60, np.uint8)
+        crop[y:y + side, x:x + side] = 255
+        crops.append((crop, [x, y, x + side, y + side]))
+    _white_boxes.sizes = []
+
+    found = detect_packed(_white_boxes, [c for c, _ in crops], 64)
+
+    for dets, (_, box) in zip(found, crops):
+        np.testing.assert_allclose(dets.xyxy, [box])
+    # one call: one 64x64 tile holding the three small crops, then the large crop as it is
+    assert _white_boxes.sizes == [[(64, 64), (100, 100)]]
 
 
 def test_nms_merges_same_class_overlaps_only():
