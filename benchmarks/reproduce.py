@@ -8,7 +8,9 @@ Run::
 Writes ``benchmarks/results/reproduce_<preset>.md`` (every table with the paper's
 number beside ours), ``.json`` (all measurements) and ``reproduce_<preset>_fig5..8.png``.
 
-What runs (budget: the preset's ``reproduce`` section, ``common.config.ReproduceConfig``):
+What runs (budget: the preset's ``reproduce`` section, ``common.config.ReproduceConfig``; the
+built-in benchmark with ``data.similar-pairs`` and graph KD with ``kd.teacher-scope=local``, see
+:func:`job_config`; ``--set`` overrides any of it):
 
 - **cloud**: one cloud model (``model.cloud``, YOLO11s) trained on the shared
   benchmark's public train split; the cloud is a server-side asset, the seeds vary
@@ -99,8 +101,11 @@ def job_config(preset: str, overrides: dict):
 
     cfg = load_config(preset, overrides)
     r = cfg.reproduce
+    # the paper's premise: sites with something to teach each other. The built-in benchmark then has sites
+    # in pairs of the same kind, and each site learns from the neighbours ranked above it (common.graph
+    # .local_plan); with every site its own domain no site's model helps another (benchmarks/results/kd_*.md)
     budget = {"federation.num-rounds": r.num_rounds, "train.epochs-per-round": r.epochs_per_round,
-              "kd.start-round": 2}
+              "kd.start-round": 2, "data.similar-pairs": True, "kd.teacher-scope": "local"}
     if cfg.train.device == "cpu" and r.workers > 1:
         budget["train.threads"] = 1
     return load_config(preset, {**budget, **overrides}), {**budget, **overrides}
