@@ -67,6 +67,7 @@ def settings_view(settings: dict, variant: str) -> dict:
     if variant != "none":
         view.update({k: settings.get(k) for k in ("teacher_rank", "better_only", "student_check", "schedule")})
         view["teacher_scope"] = settings.get("teacher_scope", "global")
+        view["check_margin"] = settings.get("check_margin", 0.0)
     if variant in CLOUD_VARIANTS:
         view["cloud_rounds"] = settings.get("cloud_rounds")
     return view
@@ -182,7 +183,8 @@ def main(argv: list[str] | None = None) -> None:
     # one JSON line per finished federation, keyed by the settings: a rerun skips what is done (resume)
     key = {"preset": args.preset, "set": sorted(args.set), "noisy": args.noisy, "cloud_rounds": args.cloud_rounds,
            "teacher_rank": cfg.kd.teacher_rank, "better_only": cfg.kd.better_only,
-           "student_check": cfg.kd.student_check, "schedule": "in-round", "teacher_scope": cfg.kd.teacher_scope}
+           "student_check": cfg.kd.student_check, "schedule": "in-round", "teacher_scope": cfg.kd.teacher_scope,
+           "check_margin": cfg.kd.check_margin}
     jsonl = stem.with_suffix(".jsonl")
     # the noisy experiment (stem "<name>_noisy") also finds its "none" runs among the plain federations'
     # ("<name>.jsonl"; see settings_view)
@@ -219,7 +221,8 @@ def main(argv: list[str] | None = None) -> None:
         f"alpha {cfg.kd.alpha}, T {cfg.kd.temperature}, inside the local epochs from round {cfg.kd.start_round}, "
         f"teachers ranked by {cfg.kd.teacher_rank} ({cfg.kd.teacher_scope} scope)"
         f"{', only more accurate teachers' if cfg.kd.better_only else ''}"
-        f"{', kept by a student only if better on its own val split' if cfg.kd.student_check else ''}"
+        + (f", kept by a student only if better on its own val split by > {cfg.kd.check_margin:g}"
+           if cfg.kd.student_check else "")
         + (f"; cloud rounds {args.cloud_rounds}" if set(CLOUD_VARIANTS) & set(args.variants) else "")
         + ". mAP50 = mean over sites of each site's own test split after the last "
         "round" + (" (the noisy site excluded)." if args.noisy else "."),

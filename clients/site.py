@@ -75,7 +75,9 @@ class LocalSite:
 
         With ``student_check`` the student first scores itself and every proposed
         teacher on its *own* validation split and keeps only the teachers that beat
-        it there (their graph weights renormalised): the shared benchmark mixes every
+        it there by more than ``check_margin`` mAP50 (their graph weights
+        renormalised; a small val split cannot tell a few points apart, and two
+        untrained models both score ~0): the shared benchmark mixes every
         site's domain, so a teacher that ranks high there can still be worse on this
         site's data, and distilling from it pulls the student down. Nothing leaves
         the site but the scores. Returns ``(TeacherEnsemble or None, metrics)``.
@@ -88,7 +90,7 @@ class LocalSite:
         if kd.get("student_check"):
             own = self.evaluate(student, "val").map50
             scores = [self.evaluate(t, "val").map50 for t in teachers]
-            kept = [s > own for s in scores]
+            kept = [s > own + kd.get("check_margin", 0.0) for s in scores]
             metrics = {P.START_VAL_MAP50: own, P.TEACHER_VAL_MAP50: scores, P.TEACHERS_KEPT: [int(k) for k in kept]}
             log.info("%s: own val mAP50 %.3f; teachers %s: %s", self.spec.site_id, own,
                      ", ".join(f"{i} {s:.3f}" for i, s in zip(kd["ids"], scores)),

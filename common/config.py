@@ -161,6 +161,7 @@ class KDConfig:
     teacher_scope: str = "global"  # "global": the paper's top-rho set; "local": common.graph.local_plan
     better_only: bool = True
     student_check: bool = True
+    check_margin: float = 0.05  # by how much (val mAP50) a teacher must beat the student to be kept
     sigma_s_km: float = 5.0
     min_weight: float = 0.0
     class_weights: str = "ones"  # "ones" or "small" (small-object emphasis)
@@ -324,7 +325,7 @@ def validate(cfg: CedarConfig) -> None:
         raise ConfigError(f"kd.temperature={flat['kd.temperature']!r} and kd.sigma_s_km={flat['kd.sigma_s_km']!r}"
                           " must be > 0")
     for key in ("data.small_fraction", "data.occlusion_prob", "train.mosaic", "train.adverse_p", "kd.rho", "kd.alpha",
-                "kd.fg_threshold", "routing.det_conf", "routing.t_conf"):
+                "kd.fg_threshold", "kd.check_margin", "routing.det_conf", "routing.t_conf"):
         if not 0.0 <= flat[key] <= 1.0:
             raise ConfigError(f"{key}={flat[key]!r}: must be in [0, 1]")
     if not (len(flat["data.contrast"]) == 2 and 0 < flat["data.contrast"][0] <= flat["data.contrast"][1] <= 1):

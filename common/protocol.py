@@ -28,6 +28,7 @@ TEACHER_IDS = "teacher-ids"
 TEACHER_WEIGHTS = "teacher-weights"
 TEACHER_ARCHS = "teacher-archs"
 KD_STUDENT_CHECK = "kd-student-check"  # the student keeps only teachers better than itself on its own val split
+KD_CHECK_MARGIN = "kd-check-margin"  # ... by more than this (val mAP50)
 
 
 def teacher_record(i: int) -> str:
@@ -137,7 +138,8 @@ def parse_kd_config(config: Mapping[str, Any], teacher_records: list) -> dict[st
     if missing:
         raise ProtocolError(f"message has no weights for teacher record(s) {missing}")
     out = {"teachers": list(zip(teacher_records, archs, [float(w) for w in weights])), "ids": list(ids),
-           "student_check": bool(config.get(KD_STUDENT_CHECK, False))}
+           "student_check": bool(config.get(KD_STUDENT_CHECK, False)),
+           "check_margin": float(config.get(KD_CHECK_MARGIN, 0.0))}
     for key, name in ((KD_ALPHA, "alpha"), (KD_TEMPERATURE, "temperature"), (KD_FG_THRESHOLD, "fg_threshold")):
         out[name] = _number(config, key, where)
     return out

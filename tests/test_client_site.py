@@ -331,3 +331,28 @@ def test_cloud_settings_from_node_config_override_the_run_config(tiny_cfg, tmp_p
     assert site.cloud == {"url": "https://b:2", "token-file": "/nope", "cafile": ""}
     assert site.cloud_client() is None  # the token file cannot be read: edge metrics only, no crash
     assert LocalSite(tiny_cfg, resolve_site(tiny_cfg, {"partition-id": 0}), tmp_path).cloud_client() is None
+
+
+def test_student_check_keeps_only_teachers_better_by_more_than_the_margin(monkeypatch, tiny_cfg, tmp_path):
+    """Own val mAP50 0.30; teachers a 0.40, b 0.33, c 0.10, margin 0.05 -> only a is kept, weight 1.0.
+    Two untrained models (0.001 vs 0.000) do not count as better."""
+    import torch
+    from types import SimpleNamespace
+
+    site = LocalSite(tiny_cfg, resolve_site(tiny_cfg, {"partition-id": 1}), tmp_path)
+    student = torch.nn.Linear(1, 1)
+    teachers = {name: torch.nn.Linear(1, 1) for name in "abc"}
+    scores = {id(student): 0.30, id(teachers["a"]): 0.40, id(teachers["b"]): 0.33, id(teachers["c"]): 0.10}
+    monkeypatch.setattr(site, "build_model", lambda weights, arch=None: teachers[weights])
+    monkeypatch.setattr(site, "evaluate", lambda model, split: SimpleNamespace(map50=scores[id(model)]))
+    record = lambda name: SimpleNamespace(to_torch_state_dict=lambda: name)  # noqa: E731
+    kd = {"teachers": [(record(n), "yolo11n", w) for n, w in zip("abc", (0.2, 0.5, 0.3))], "ids": list("abc"),
+          "temperature": 1.0, "fg_threshold": 0.25, "student_check": True, "check_margin": 0.05}
+
+    ensemble, metrics = site.distiller(student, kd)
+
+    assert ensemble.teachers == [teachers["a"]] and ensemble.weights == [1.0]
+    assert metrics == {P.START_VAL_MAP50: 0.30, P.TEACHER_VAL_MAP50: [0.40, 0.33, 0.10], P.TEACHERS_KEPT: [1, 0, 0]}
+    scores.update({id(student): 0.0, id(teachers["a"]): 0.001, id(teachers["b"]): 0.0, id(teachers["c"]): 0.0})
+    assert site.distiller(student, kd)[0] is None  # nobody kept: plain training
+    assert site.distiller(student, {**kd, "student_check": False})[0].weights == [0.2, 0.5, 0.3]
