@@ -63,7 +63,9 @@ def settings_view(settings: dict, variant: str) -> dict:
     """
     view = {"preset": settings.get("preset")} if variant == "none" else \
         {k: settings.get(k) for k in ("preset", "noisy")}
-    view["set"] = sorted(s for s in settings.get("set", []) if variant != "none" or not s.startswith("kd."))
+    # kd.check-margin is compared as its own field (runs before it existed had none: 0)
+    view["set"] = sorted(s for s in settings.get("set", []) if not s.startswith("kd.check-margin")
+                         and (variant != "none" or not s.startswith("kd.")))
     if variant != "none":
         view.update({k: settings.get(k) for k in ("teacher_rank", "better_only", "student_check", "schedule")})
         view["teacher_scope"] = settings.get("teacher_scope", "global")
@@ -118,25 +120,29 @@ def run_variant(preset: str, variant: str, seed: int, overrides: dict, cloud_rou
 
 
 def summarise(results: list[dict], noisy_site: str | None) -> list[str]:
-    by_variant: dict[str, list[float]] = {}
+    by_variant: dict[str, dict[int, float]] = {}  # variant -> seed -> mean over the (regular) sites
     picked: dict[str, str] = {}
     for r in results:
         sites = {s: v for s, v in r["final_test_map50"].items() if s != noisy_site}
-        by_variant.setdefault(r["variant"], []).append(statistics.fmean(sites.values()))
+        by_variant.setdefault(r["variant"], {})[r["seed"]] = statistics.fmean(sites.values())
         if noisy_site:
             proposed = sum(noisy_site in t for t in r["teachers_per_round"])
             taught = sum(noisy_site in ts for kept in r.get("kept_per_round", []) for ts in kept.values())
             old = picked.get(r["variant"], "0 / 0").split(" / ")
             picked[r["variant"]] = f"{int(old[0]) + proposed} / {int(old[1]) + taught}"
-    base = statistics.fmean(by_variant["none"]) if "none" in by_variant else None
-    lines = ["| variant | mean edge mAP50 | std over seeds | per seed | vs none |"
+    none = by_variant.get("none", {})
+    lines = ["| variant | mean edge mAP50 | std over seeds | per seed | vs none on the same seeds |"
              + (" noisy site picked as teacher (rounds) / taught (student-rounds) |" if noisy_site else ""),
              "|---|---|---|---|---|" + ("---|" if noisy_site else "")]
-    for variant, vals in by_variant.items():
+    for variant, per_seed in by_variant.items():
+        vals = list(per_seed.values())
         mean = statistics.fmean(vals)
         std = statistics.stdev(vals) if len(vals) > 1 else 0.0
-        rel = f"{100 * (mean - base) / base:+.1f}%" if base else "-"
-        line = f"| {variant} | {mean:.3f} | {std:.3f} | {', '.join(f'{v:.3f}' for v in vals)} | {rel} |"
+        paired = [s for s in per_seed if s in none]
+        base = statistics.fmean(none[s] for s in paired) if paired else None
+        rel = f"{100 * (statistics.fmean(per_seed[s] for s in paired) - base) / base:+.1f}%" if base else "-"
+        line = (f"| {variant} | {mean:.3f} | {std:.3f} | "
+                f"{', '.join(f'{v:.3f} (s{s})' for s, v in per_seed.items())} | {rel} |")
         lines.append(line + (f" {picked.get(variant, 0)} |" if noisy_site else ""))
     variants = list(by_variant)
     sites = sorted({s for r in results for s in r["final_test_map50"]})
@@ -168,6 +174,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--noisy", action="store_true", help="add a site trained on a different task")
     parser.add_argument("--set", nargs="*", default=[], help="extra config overrides key=value")
     parser.add_argument("--out", type=Path, default=None, help="results file stem (default benchmarks/results/...)")
+    parser.add_argument("--report-only", action="store_true", help="write the tables from the finished runs only")
+    parser.add_argument("--report", type=Path, default=None, help="stem of the .md/.json tables (default: --out)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
@@ -197,7 +205,7 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="cedar-kd-bench-") as tmp:
         for seed in args.seeds:
             for variant in args.variants:
-                if (variant, seed) in done:
+                if (variant, seed) in done or args.report_only:
                     continue
                 result = {**run_variant(args.preset, variant, seed, overrides, args.cloud_rounds, Path(tmp)),
                           "settings": key}
@@ -205,7 +213,7 @@ def main(argv: list[str] | None = None) -> None:
                     f.write(json.dumps(result) + "\n")
                 done[variant, seed] = result
                 logging.info("%s seed %s: %s", variant, seed, result["final_test_map50"])
-    results = [done[v, s] for s in args.seeds for v in args.variants]
+    results = [done[v, s] for s in args.seeds for v in args.variants if (v, s) in done]
     wall = sum(r["seconds"] for r in results)
     header = [
         f"# Distillation in a federation ({'with a noisy site' if args.noisy else 'edge->edge and cloud->edge'})",
@@ -228,7 +236,7 @@ def main(argv: list[str] | None = None) -> None:
         "round" + (" (the noisy site excluded)." if args.noisy else "."),
         "",
     ]
-    write_report(stem, results, "\n".join(header + summarise(results, noisy_site)) + "\n")
+    write_report(args.report or stem, results, "\n".join(header + summarise(results, noisy_site)) + "\n")
 
 
 if __name__ == "__main__":
