@@ -146,11 +146,13 @@ def summarise(results: list[dict], noisy_site: str | None) -> list[str]:
         lines.append(line + (f" {picked.get(variant, 0)} |" if noisy_site else ""))
     variants = list(by_variant)
     sites = sorted({s for r in results for s in r["final_test_map50"]})
-    lines += ["", "Per site, own test mAP50 after the last round (mean over seeds):", "",
+    common = set.intersection(*(set(per_seed) for per_seed in by_variant.values()))
+    lines += ["", f"Per site, own test mAP50 after the last round (mean over the seeds every variant has: "
+              f"{', '.join(map(str, sorted(common)))}):", "",
               "| site | " + " | ".join(variants) + " |", "|---|" + "---|" * len(variants)]
     for site in sites:
-        cells = [[r["final_test_map50"][site] for r in results if r["variant"] == v and site in r["final_test_map50"]]
-                 for v in variants]
+        cells = [[r["final_test_map50"][site] for r in results if r["variant"] == v and r["seed"] in common
+                  and site in r["final_test_map50"]] for v in variants]
         lines.append(f"| {site} | " + " | ".join(f"{statistics.fmean(c):.3f}" if c else "-" for c in cells) + " |")
     teachers = {(r["variant"], r["seed"]): r["teachers_per_round"] for r in results if r["teachers_per_round"]}
     if teachers:
