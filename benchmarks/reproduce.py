@@ -325,34 +325,29 @@ def summarise(results: dict, cfg) -> dict:
     seeds = cfg.reproduce.seeds
     out: dict = {}
 
-    def metric(role: str, tag: str, seed: int, key: str) -> float:
-        sites = results[f"collab:{seed}"]["sites"].values()
+    def over_sites(seed: int, value) -> float:
+        """Mean over the sites of the collaboration job of ``seed`` of ``value(site results)``."""
+        return statistics.fmean(value(site) for site in results[f"collab:{seed}"]["sites"].values())
+
+    def metric(role: str, tag: str, key: str):
         if role == "cloud":
-            vals = [s[f"cloud/{tag}"][key] for s in sites]
-        elif role == "collab":
-            vals = [s[f"edge/{tag}"]["collab"][key] for s in sites]
-        else:
-            vals = [s[f"{role}/{tag}"]["edge"][key] for s in sites]
-        return statistics.fmean(vals)
+            return lambda site: site[f"cloud/{tag}"][key]
+        if role == "collab":
+            return lambda site: site[f"edge/{tag}"]["collab"][key]
+        return lambda site: site[f"{role}/{tag}"]["edge"][key]
 
     for role in ROWS:
         for tag in ("images", "video"):
             for key in ("map50", "map50_small", "recall", "fnr", "conf_p1", "recall_p1"):
-                per_seed = [metric(role, tag, s, key) for s in seeds]
+                per_seed = [over_sites(s, metric(role, tag, key)) for s in seeds]
                 out.setdefault(role, {}).setdefault(tag, {})[key] = (*_stats(per_seed), per_seed)
     # latency per image (ms), images: edge models alone, the collaboration (edge + cloud round trip when offloaded)
-    lat = {}
-    for role in ("edge", "pyrafan"):
-        lat[role] = _stats([statistics.fmean(s[f"{role}/images"]["edge_ms"] for s in
-                                             results[f"collab:{seed}"]["sites"].values()) for seed in seeds])
-    lat["cloud"] = _stats([statistics.fmean(s["cloud/images"]["ms"] for s in results[f"collab:{seed}"]["sites"]
-                                            .values()) for seed in seeds])
-    lat["collab"] = _stats([statistics.fmean(s["edge/images"]["collab_ms"] for s in results[f"collab:{seed}"]
-                                             ["sites"].values()) for seed in seeds])
-    out["latency_ms"] = lat
-    out["offloaded_detections"] = _stats([statistics.fmean(s["edge/images"]["offloaded_detections"] for s in
-                                                           results[f"collab:{seed}"]["sites"].values())
-                                          for seed in seeds])
+    latency = {"edge": ("edge/images", "edge_ms"), "pyrafan": ("pyrafan/images", "edge_ms"),
+               "cloud": ("cloud/images", "ms"), "collab": ("edge/images", "collab_ms")}
+    out["latency_ms"] = {role: _stats([over_sites(s, lambda site: site[run][key]) for s in seeds])
+                         for role, (run, key) in latency.items()}
+    out["offloaded_detections"] = _stats([over_sites(s, lambda site: site["edge/images"]["offloaded_detections"])
+                                          for s in seeds])
     # Figure 5: collaborative mAP50 vs t_conf, site 0
     out["sweep"] = {role: {t: _stats([results[f"collab:{s}"]["sweep"][role][t] for s in seeds])
                            for t in results[f"collab:{seeds[0]}"]["sweep"][role]} for role in FIG5_ROLES}

@@ -46,7 +46,7 @@ class NodeReply:
     metrics: dict[str, Any]
     arrays: ArrayRecord
     benchmark: dict[str, Any] = field(default_factory=dict)  # filled by evaluate_fn
-    phase: str = "train"  # "train" or "kd"
+    phase: str = "train"  # "kd" when the site distilled from at least one teacher this round
 
     @property
     def site_id(self) -> str:
@@ -140,7 +140,7 @@ class PersonalizedStrategy(Strategy):
             messages.append(Message(content=content, dst_node_id=node_id, message_type=MessageType.TRAIN))
         return messages
 
-    def parse_reply(self, msg: Message, phase: str = "train") -> NodeReply:
+    def parse_reply(self, msg: Message) -> NodeReply:
         """Validate one reply; raises :class:`common.protocol.ProtocolError` naming the problem."""
         node_id = msg.metadata.src_node_id
         if msg.has_error():
@@ -151,25 +151,25 @@ class PersonalizedStrategy(Strategy):
                 raise P.ProtocolError(f"node {node_id}: reply has no '{name}' record")
         metrics = P.parse_train_metrics(content[P.METRICS], self.num_classes)
         site = P.parse_site(content[P.SITE], self.num_classes)
-        return NodeReply(node_id, site, metrics, content[P.ARRAYS], phase=phase)
+        return NodeReply(node_id, site, metrics, content[P.ARRAYS])
 
-    def accept_replies(self, server_round: int, replies: Iterable[Message], phase: str = "train",
+    def accept_replies(self, server_round: int, replies: Iterable[Message],
                        evaluate: Callable[[NodeReply], bool] = lambda reply: True) -> list[NodeReply]:
         """Validate replies, keep each site's weights, score those ``evaluate`` selects."""
         accepted = []
         for msg in replies:
             try:
-                reply = self.parse_reply(msg, phase)
+                reply = self.parse_reply(msg)
                 if self.evaluate_fn is not None and evaluate(reply):
                     reply.benchmark = self.evaluate_fn(reply)
             except Exception as err:  # noqa: BLE001  a bad reply must never crash the round
-                log(WARNING, "%s: round %s: dropping reply of node %s: %s",
-                    phase, server_round, msg.metadata.src_node_id, err)
+                log(WARNING, "train: round %s: dropping reply of node %s: %s", server_round,
+                    msg.metadata.src_node_id, err)
                 continue
             self._bind(reply.node_id, reply.site)
             self.arrays[reply.site_id] = reply.arrays
             accepted.append(reply)
-        log(INFO, "%s: round %s, %s valid replies", phase, server_round, len(accepted))
+        log(INFO, "train: round %s, %s valid replies", server_round, len(accepted))
         return accepted
 
     def evaluate_train_reply(self, reply: NodeReply) -> bool:
@@ -206,7 +206,7 @@ class PersonalizedStrategy(Strategy):
         return replies
 
     def run_round(self, grid: Grid, server_round: int, timeout: float) -> list[NodeReply]:
-        """One round; returns the round's accepted replies. Subclasses add phases."""
+        """One round; returns the round's accepted replies."""
         self.identify(grid)
         messages = list(self.configure_train(server_round, None, ConfigRecord(), grid))
         self.aggregate_train(server_round, self.send(grid, messages, timeout, f"round {server_round}"))
