@@ -186,6 +186,29 @@ def cloud_only(source: Path, client, site: str, quality: int = 90) -> tuple[list
     return dets, ms, sizes
 
 
+# merge policies scored offline on the same cloud answers (name -> common.routing.merge keywords); the
+# runtime's own refined lines use the default ("cloud" wins, offloaded unanswered edge boxes dropped)
+MERGES = {"cloud": {}, "cloud+keep": {"keep_unanswered": True}, "fuse": {"resolve": "fuse"},
+          "fuse+keep": {"resolve": "fuse", "keep_unanswered": True}}
+
+
+def remerged(records: list[dict], **merge_kw) -> list[dict]:
+    """The records with each refined answer merged again from its ``cloud_detections`` and its keyframe's edge
+    line (offloaded = the detections with ambiguity reasons), by ``common.routing.merge(**merge_kw)``."""
+    from common.routing import Detections, merge
+
+    edge = {r["frame"]: r for r in records if r["kind"] == "edge"}
+    out = []
+    for r in records:
+        if r["kind"] == "refined":
+            key = edge[r["frame"]]["detections"]
+            final = merge(Detections.from_list(key), Detections.from_list(r["cloud_detections"]),
+                          [bool(d["reasons"]) for d in key], **merge_kw)
+            r = {**r, "detections": final.to_list()}
+        out.append(r)
+    return out
+
+
 def per_frame(records: list[dict], collaborative: bool) -> list:
     """Final detections per frame: the edge line's, or the refined answer of its keyframe (on a later frame
     moved as the edge boxes moved, :func:`clients.edge.carry_boxes`)."""
@@ -312,14 +335,15 @@ def measure(args, cfg, bench, workdir: Path) -> dict:
             run_edge(edges[main_arch], images_dir, replace(base, run_id="warmup", max_gap=1, t_conf=1.0), client,
                      workdir, **kw)
 
-            def images_run(arch: str, t_conf: float, offload: str, tag: str, keep: bool = False) -> dict:
+            def images_run(arch: str, t_conf: float, offload: str, tag: str) -> dict:
                 # a run id is an offload id prefix: never reuse one (the queue would skip "delivered" ids)
-                rid = f"{tag}-{arch}-{offload}-{int(round(t_conf * 100))}{'-keep' if keep else ''}"
+                rid = f"{tag}-{arch}-{offload}-{int(round(t_conf * 100))}"
                 recs = run_edge(edges[arch], images_dir, replace(base, run_id=rid, max_gap=1, t_conf=t_conf,
-                                                                 offload=offload, keep_unanswered=keep),
-                                client, workdir, **kw)
+                                                                 offload=offload), client, workdir, **kw)
                 return {"edge": score(per_frame(recs, False), image_gts, nc, small_px),
-                        "collab": score(per_frame(recs, True), image_gts, nc, small_px), **offload_figures(recs)}
+                        "collab": score(per_frame(recs, True), image_gts, nc, small_px),
+                        "merges": {name: score(per_frame(remerged(recs, **m), True), image_gts, nc, small_px)
+                                   for name, m in MERGES.items()}, **offload_figures(recs)}
 
             def video_run(arch: str, offload: str, every_frame: bool) -> dict:
                 rid = f"vid-{arch}-{offload}-{'all' if every_frame else 'key'}"
@@ -335,7 +359,6 @@ def measure(args, cfg, bench, workdir: Path) -> dict:
             result["video_cloud"] = {**score(dets, video_gts, nc, small_px), "ms": float(np.mean(ms)),
                                      "bytes_per_frame": float(np.mean(sizes))}
             result["images"] = {mode: images_run(main_arch, r.t_conf, mode, "img") for mode in ("crops", "frame")}
-            result["images"]["crops-keep"] = images_run(main_arch, r.t_conf, "crops", "img", keep=True)
             result["video"] = {f"{mode}-{'all' if every else 'key'}": video_run(main_arch, mode, every)
                                for mode in ("crops", "frame") for every in (False, True)}
             result["sweep"] = {arch: {str(t): images_run(arch, t, "crops", "sweep") for t in args.t_conf_sweep}
@@ -405,15 +428,21 @@ def to_markdown(res: dict, settings: dict) -> str:
 
     lines.append(row("edge alone", e, ms=img["crops"]["edge_ms"]))
     lines.append(row("cloud alone (whole image)", c, "100%", "-", c["bytes_per_frame"], c["ms"]))
-    for mode in [m for m in ("crops", "frame", "crops-keep") if m in img]:
+    for mode in ("crops", "frame"):
         x = img[mode]
-        name = "crops, unanswered edge boxes kept" if mode == "crops-keep" else mode
-        lines.append(row(f"collaboration ({name})", x["collab"], f"{100 * x['offloaded_keyframes']:.0f}%",
-                         f"{100 * x['offloaded_detections']:.0f}%", x["bytes_per_frame"], x["collab_ms"]))
+        for name, m in x.get("merges", {"cloud": x["collab"]}).items():
+            lines.append(row(f"collaboration ({mode}, merge {name})", m, f"{100 * x['offloaded_keyframes']:.0f}%",
+                             f"{100 * x['offloaded_detections']:.0f}%", x["bytes_per_frame"], x["collab_ms"]))
     col = img["crops"]["collab"]
     lines += [
         "",
-        "Against the paper (VisDrone; ours: the built-in benchmark, so only the directions compare):",
+        "Merge policies (`common.routing.merge`, scored on the same cloud answers): `cloud` = the cloud's box "
+        "replaces every edge box it overlaps and offloaded edge boxes it did not answer are dropped (the runtime's "
+        "default); `+keep` = those unanswered edge boxes stay (`--keep-unanswered`); `fuse` = overlapping edge and "
+        "cloud boxes become one (confidence-weighted box, noisy-or confidence; `--merge fuse`).",
+        "",
+        "Against the paper (VisDrone; ours: the built-in benchmark, so only the directions compare; "
+        "collaboration = crops, merge `cloud`):",
         "",
         "| claim | paper | ours |",
         "|---|---|---|",
@@ -428,14 +457,11 @@ def to_markdown(res: dict, settings: dict) -> str:
         f"({100 * img['crops']['bytes_per_frame'] / max(img['frame']['bytes_per_frame'], 1):.0f}%), mAP50 "
         f"{img['crops']['collab']['map50']:.3f} vs {img['frame']['collab']['map50']:.3f} |",
     ]
-    if "crops-keep" in img:
-        k = img["crops-keep"]["collab"]
-        lines += [
-            f"| with unanswered edge boxes kept: vs cloud alone, vs edge alone, mAP50 | - | {k['map50']:.3f} "
-            f"({_rel(k['map50'], c['map50'])}, {_rel(k['map50'], e['map50'])}) |",
-            f"| with unanswered edge boxes kept: FNR vs edge | - | {k['fnr']:.3f} vs {e['fnr']:.3f} "
-            f"({_rel(k['fnr'], e['fnr'])}) |",
-        ]
+    for name, m in img["crops"].get("merges", {}).items():
+        if name != "cloud":
+            lines.append(f"| merge {name}: vs cloud alone, vs edge alone (mAP50); FNR vs edge | - | {m['map50']:.3f} "
+                         f"({_rel(m['map50'], c['map50'])}, {_rel(m['map50'], e['map50'])}); {m['fnr']:.3f} vs "
+                         f"{e['fnr']:.3f} ({_rel(m['fnr'], e['fnr'])}) |")
     lines += [
         "",
         "## Video (keyframes: β = 1.5; non-keyframes reuse their keyframe's answer)",

@@ -152,7 +152,7 @@ from typing import Any, Callable, Iterable, Iterator, Protocol, Sequence
 import numpy as np
 
 from common.keyframes import IoUTracker, KeyframeSelector, box_iou
-from common.routing import Detections, encode_regions, merge, offload_plan, payload_bytes, route
+from common.routing import MERGE_POLICIES, Detections, encode_regions, merge, offload_plan, payload_bytes, route
 from common.files import atomic_write
 from common.tokens import TOKEN_ENV, resolve_token
 
@@ -1052,6 +1052,7 @@ class EdgeSettings:
     jpeg_quality: int = 90
     merge_iou: float = 0.5
     keep_unanswered: bool = False  # offloaded edge boxes no cloud box overlaps stay (common.routing.merge)
+    merge: str = "cloud"  # "cloud" wins overlaps or "fuse" edge and cloud boxes (common.routing.merge)
     drain_timeout: float = 30.0
     retry_base: float = 0.5
     retry_max: float = 30.0
@@ -1236,7 +1237,7 @@ class EdgeRuntime:
     def _delivered(self, entry: OffloadEntry, answer: CloudAnswer, attempts: int) -> None:
         edge = Detections.from_list(entry.edge)
         merged = merge(edge, answer.detections, np.array(entry.offloaded, dtype=bool), iou=self.s.merge_iou,
-                       keep_unanswered=self.s.keep_unanswered)
+                       keep_unanswered=self.s.keep_unanswered, resolve=self.s.merge)
         n_edge = len(merged) - len(answer.detections)
         items = [{**d, "source": "edge" if i < n_edge else "cloud"} for i, d in enumerate(merged.to_list())]
         now = time.time()
@@ -1349,6 +1350,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--merge-iou", type=float, default=0.5)
     p.add_argument("--keep-unanswered", action="store_true",
                    help="keep offloaded edge detections that no cloud detection overlaps")
+    p.add_argument("--merge", choices=MERGE_POLICIES, default="cloud",
+                   help="edge and cloud boxes that overlap: the cloud's replaces the edge's, or the two fuse "
+                        "(confidence-weighted box, noisy-or confidence; common.routing.merge)")
     p.add_argument("--queue-dir", help="disk queue (default $CEDAR_HOME/edge/<site>/queue)")
     p.add_argument("--drain-timeout", type=float, default=30.0, help="seconds to wait for the queue at the end")
     p.add_argument("--retry-base", type=float, default=0.5, help="first retry delay (s), doubled per failure")
@@ -1383,7 +1387,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             site=args.site, run_id=args.run_id, t_conf=args.t_conf, t_size=args.t_size, n_frames=args.n_frames,
             beta=args.beta, warmup=args.warmup, cut_threshold=args.cut_threshold, max_gap=args.max_gap,
             offload=args.offload, context=args.context, min_crop=args.min_crop, jpeg_quality=args.jpeg_quality,
-            merge_iou=args.merge_iou, keep_unanswered=args.keep_unanswered, drain_timeout=args.drain_timeout,
+            merge_iou=args.merge_iou, keep_unanswered=args.keep_unanswered, merge=args.merge, drain_timeout=args.drain_timeout,
             retry_base=args.retry_base, retry_max=args.retry_max, upscale=args.upscale, propagate=args.propagate)
         queue_dir = Path(args.queue_dir).expanduser() if args.queue_dir else \
             Path(os.environ.get("CEDAR_HOME", "~/.cache/cedar")).expanduser() / "edge" / args.site / "queue"

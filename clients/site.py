@@ -208,7 +208,7 @@ class LocalSite:
                     client.close()
                     client, found_collab = None, []
                     continue
-                final = merge(edge, answer.detections, amb, keep_unanswered=r.keep_unanswered)
+                final = merge(edge, answer.detections, amb, keep_unanswered=r.keep_unanswered, resolve=r.merge)
                 rtt, nbytes = answer.rtt_ms, entry.payload_bytes
             found_collab.extend(matched_gt(final.xyxy, final.conf, gt))
             collab_ms.append(ms[-1] + rtt)

@@ -123,6 +123,7 @@ class RoutingConfig:
     cloud_cafile: str = ""
     offload: str = "crops"  # "crops" (with context) or "frame"
     keep_unanswered: bool = False  # merge keeps offloaded edge boxes that no cloud box overlaps
+    merge: str = "cloud"  # overlaps of edge and cloud boxes: "cloud" wins or "fuse" (common.routing.merge)
 
 
 @dataclass
@@ -230,6 +231,7 @@ _CHOICES = {
     "kd.teacher_rank": ("map_degree", "degree"),
     "kd.teacher_scope": ("global", "local"),
     "routing.offload": ("crops", "frame"),
+    "routing.merge": ("cloud", "fuse"),
     "kd.class_weights": ("ones", "small"),
     "tracking.wandb": ("off", "offline", "online"),
 }

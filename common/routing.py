@@ -377,6 +377,9 @@ def route(
 # --------------------------------------------------------------------------- #
 # Merge
 # --------------------------------------------------------------------------- #
+MERGE_POLICIES = ("cloud", "fuse")
+
+
 def merge(
     edge: Detections,
     cloud: Detections,
@@ -384,8 +387,9 @@ def merge(
     iou: float = 0.5,
     class_agnostic: bool = True,
     keep_unanswered: bool = False,
+    resolve: str = "cloud",
 ) -> Detections:
-    """Final detections: kept edge detections plus the cloud's, cloud wins overlaps.
+    """Final detections: kept edge detections plus the cloud's, overlaps resolved by ``resolve``.
 
     ``kept = {e ∈ edge : not offloaded(e) and max_c IoU(e, c) < iou}`` (over
     cloud detections c of any class, or of e's class when ``class_agnostic``
@@ -395,6 +399,18 @@ def merge(
     overlaps stays too, at its own confidence: the cloud's silence is then not
     taken as a "no" (right when the cloud misses small objects the edge finds;
     costs precision when the edge's doubtful boxes are mostly false).
+
+    ``resolve="fuse"`` treats edge and cloud as two detectors of one ensemble
+    instead of trusting the cloud outright (right when the cloud is not the
+    better model on this site's data). Edge and cloud boxes are paired one to
+    one, greedily by descending IoU (ties: lower edge index, then lower cloud
+    index), pairs with IoU >= ``iou`` (and, unless ``class_agnostic``, the same
+    class). Each pair becomes one detection: box = confidence-weighted mean of
+    the two boxes, class = the more confident side's (edge on a tie),
+    confidence = noisy-or ``1 - (1 - c_e)(1 - c_c)`` (both saw it: surer than
+    either alone). Unpaired cloud boxes stay; an unpaired edge box stays unless
+    it was offloaded (then only with ``keep_unanswered``). Order: fused pairs
+    (edge order), unpaired edge, unpaired cloud.
 
     Parameters
     ----------
@@ -418,9 +434,15 @@ def merge(
     (IoU with A = 90/110 ≈ 0.82 ≥ 0.5). Result: C, then the two cloud boxes.
     With ``keep_unanswered`` the same: B overlaps a cloud box. Had the cloud
     answered only ``[1,0,11,10]``, B would stay: B, C, then that cloud box.
+
+    Fused: edge ``[0,0,10,10]`` conf 0.4 cls 1, cloud ``[2,0,12,10]`` conf 0.6
+    cls 2 (IoU 80/120 ≈ 0.67): one box ``[1.2,0,11.2,10]`` (0.4·0 + 0.6·2 = 1.2),
+    cls 2, conf 1 − 0.6·0.4 = 0.76.
     """
     if not 0.0 < iou <= 1.0:
         raise ValueError(f"iou must be in (0, 1], got {iou!r}")
+    if resolve not in MERGE_POLICIES:
+        raise ValueError(f"resolve must be one of {MERGE_POLICIES}, got {resolve!r}")
     if offloaded_mask is None:
         offloaded = np.zeros(len(edge), dtype=bool)
     else:
@@ -430,12 +452,29 @@ def merge(
                 f"offloaded_mask has {offloaded.shape[0]} entries for {len(edge)} edge detections"
             )
     keep = np.ones(len(edge), dtype=bool) if keep_unanswered else ~offloaded
-    if len(cloud) and keep.any():
-        overlaps = box_iou(edge.xyxy, cloud.xyxy) >= iou  # (E, C)
+    overlap = np.zeros((len(edge), len(cloud)))
+    if len(edge) and len(cloud):
+        overlap = box_iou(edge.xyxy, cloud.xyxy)  # (E, C)
         if not class_agnostic:
-            overlaps &= edge.cls[:, None] == cloud.cls[None, :]
-        keep &= ~overlaps.any(axis=1)
-    return Detections.concat([edge.select(keep), cloud])
+            overlap = np.where(edge.cls[:, None] == cloud.cls[None, :], overlap, 0.0)
+    if resolve == "cloud":
+        keep &= ~(overlap >= iou).any(axis=1)
+        return Detections.concat([edge.select(keep), cloud])
+    pairs = []
+    free_e, free_c = np.ones(len(edge), dtype=bool), np.ones(len(cloud), dtype=bool)
+    for flat in np.argsort(-overlap, axis=None, kind="stable"):
+        e, c = divmod(int(flat), len(cloud))
+        if overlap[e, c] < iou:
+            break
+        if free_e[e] and free_c[c]:
+            pairs.append((e, c))
+            free_e[e] = free_c[c] = False
+    pairs = np.array(sorted(pairs), dtype=np.int64).reshape(-1, 2)
+    pe, pc = edge[pairs[:, 0]], cloud[pairs[:, 1]]
+    w = (pe.conf / np.maximum(pe.conf + pc.conf, 1e-12))[:, None]
+    fused = Detections(w * pe.xyxy + (1 - w) * pc.xyxy, 1.0 - (1.0 - pe.conf) * (1.0 - pc.conf),
+                       np.where(pc.conf > pe.conf, pc.cls, pe.cls))
+    return Detections.concat([fused, edge.select(free_e & keep), cloud.select(free_c)])
 
 
 # --------------------------------------------------------------------------- #

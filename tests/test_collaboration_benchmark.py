@@ -6,9 +6,32 @@ import pytest
 
 from benchmarks import collaboration
 
-pytestmark = pytest.mark.slow
 
 
+def test_remerged_recomputes_each_refined_answer_under_another_policy():
+    """remerged: refined detections = merge(keyframe edge line, its cloud_detections, offloaded = with reasons).
+
+    Edge: A [0,0,10,10] 0.9 confident, B [20,20,30,30] 0.4 offloaded (low_conf). Cloud answered B' =
+    [21,20,31,30] 0.6 (IoU with B = 90/110). Merge "cloud": A, B'. "fuse": B+B' → noisy-or 1 − 0.6·0.4 = 0.76,
+    box 0.4·B + 0.6·B' = [20.6,20,30.6,30], then A. Edge lines pass through unchanged.
+    """
+    # Prepare
+    edge = {"kind": "edge", "frame": 0, "source_frame": 0, "detections": [
+        {"xyxy": [0, 0, 10, 10], "conf": 0.9, "cls": 0, "track": 1, "reasons": []},
+        {"xyxy": [20, 20, 30, 30], "conf": 0.4, "cls": 1, "track": 2, "reasons": ["low_conf"]}]}
+    refined = {"kind": "refined", "frame": 0, "detections": [],
+               "cloud_detections": [{"xyxy": [21, 20, 31, 30], "conf": 0.6, "cls": 1}]}
+    # Execute
+    plain = collaboration.remerged([edge, refined])
+    fused = collaboration.remerged([edge, refined], resolve="fuse")
+    # Assert
+    assert plain[0] is edge and [d["conf"] for d in plain[1]["detections"]] == [0.9, 0.6]
+    assert [d["conf"] for d in fused[1]["detections"]] == pytest.approx([0.76, 0.9])
+    assert fused[1]["detections"][0]["xyxy"] == pytest.approx([20.6, 20, 30.6, 30])
+    assert refined["detections"] == []  # the input records are not modified
+
+
+@pytest.mark.slow
 def test_collaboration_benchmark_runs_end_to_end(tiny_overrides, tmp_path):
     # Prepare: tiny data and models (1 epoch), one edge model, a two-point t_conf sweep
     sets = [f"{k}={v}" for k, v in {**tiny_overrides, "federation.num-rounds": 1, "model.cloud": "yolo11n"}.items()]
@@ -21,7 +44,7 @@ def test_collaboration_benchmark_runs_end_to_end(tiny_overrides, tmp_path):
     # Assert: every table is there, the numbers are consistent with each other
     res = json.loads(out.with_suffix(".json").read_text())["result"]
     md = out.with_suffix(".md").read_text()
-    assert "| collaboration (crops) |" in md and "| edge alone |" in md and "t_conf 1.0" in md
+    assert "| collaboration (crops, merge cloud) |" in md and "| edge alone |" in md and "t_conf 1.0" in md
     assert (tmp_path / "collab_tconf.png").stat().st_size > 0
     img = res["images"]
     assert img["crops"]["frames"] == img["crops"]["keyframes"] == 4  # every test image is a keyframe
@@ -40,8 +63,10 @@ def test_collaboration_benchmark_runs_end_to_end(tiny_overrides, tmp_path):
     assert kf["1.5/1"]["map50"] == res["video"]["crops-all"]["edge"]["map50"]  # same edge, every frame
     assert set(res["validator_map50"]) == {"yolo11n", "cloud"}
     assert "## Keyframe rules on the video" in md
-    # keeping the offloaded edge boxes the cloud did not answer only adds detections: recall cannot drop
-    keep = img["crops-keep"]
-    assert "| collaboration (crops, unanswered edge boxes kept) |" in md
-    assert keep["edge"] == img["crops"]["edge"] and keep["collab"]["recall"] >= img["crops"]["collab"]["recall"]
+    # merged again offline, the default policy gives exactly the runtime's own refined answers; keeping the
+    # offloaded edge boxes the cloud did not answer only adds detections: recall cannot drop
+    merges = img["crops"]["merges"]
+    assert merges["cloud"] == img["crops"]["collab"]
+    assert merges["cloud+keep"]["recall"] >= merges["cloud"]["recall"]
+    assert "| collaboration (crops, merge fuse+keep) |" in md
     assert 0 <= res["images_cloud"]["recall"] <= 1 or res["images_cloud"]["recall"] != res["images_cloud"]["recall"]

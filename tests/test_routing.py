@@ -271,6 +271,56 @@ def test_merge_keep_unanswered_keeps_offloaded_boxes_the_cloud_did_not_answer():
     np.testing.assert_array_equal(silent.cls, [0, 1, 2])
 
 
+def test_merge_fuse_pairs_edge_and_cloud_as_one_ensemble():
+    """resolve="fuse": one-to-one pairs by descending IoU, box weighted by confidence, noisy-or confidence.
+
+    Edge A [0,0,10,10] 0.4 cls 1 (offloaded), B [20,20,30,30] 0.3 (offloaded), C [50,50,60,60] 0.9 (kept).
+    Cloud A' [2,0,12,10] 0.6 cls 2 (IoU with A = 80/120 = 0.67), E [100,100,110,110] 0.5.
+    A+A' → box 0.4·A + 0.6·A' = [1.2,0,11.2,10], cls 2 (cloud surer), conf 1 − 0.6·0.4 = 0.76;
+    B unpaired and offloaded → dropped (kept with keep_unanswered); C, E stay as they are.
+    """
+    # Prepare
+    edge = dets([[0, 0, 10, 10], [20, 20, 30, 30], [50, 50, 60, 60]], [0.4, 0.3, 0.9], [1, 0, 0])
+    cloud = dets([[2, 0, 12, 10], [100, 100, 110, 110]], [0.6, 0.5], [2, 1])
+    offloaded = [T, T, F]
+    # Execute
+    fused = merge(edge, cloud, offloaded, resolve="fuse")
+    kept = merge(edge, cloud, offloaded, resolve="fuse", keep_unanswered=True)
+    same_class = merge(edge, cloud, offloaded, resolve="fuse", class_agnostic=False)
+    # Assert
+    np.testing.assert_allclose(fused.xyxy, [[1.2, 0, 11.2, 10], [50, 50, 60, 60], [100, 100, 110, 110]])
+    np.testing.assert_allclose(fused.conf, [0.76, 0.9, 0.5])
+    np.testing.assert_array_equal(fused.cls, [2, 0, 1])
+    np.testing.assert_array_equal(kept.cls, [2, 0, 0, 1])
+    np.testing.assert_allclose(kept.conf, [0.76, 0.3, 0.9, 0.5])
+    # classes differ: no pair; A was offloaded and is unanswered → only C, A', E
+    np.testing.assert_allclose(same_class.conf, [0.9, 0.6, 0.5])
+
+
+def test_merge_fuse_pairs_greedily_by_iou_and_each_box_once():
+    """Two edge boxes on one cloud box: the higher-IoU edge box pairs, the other stays unpaired.
+
+    Edge P [0,0,10,10] 0.5, Q [1,0,11,10] 0.5 (both kept, not offloaded); cloud R [1,0,11,10] 0.5.
+    IoU(P,R) = 90/110 = 0.82, IoU(Q,R) = 1 → Q+R fuse (conf 1 − 0.25 = 0.75, box R), P stays at 0.5.
+    The cloud policy instead drops both edge boxes (each overlaps R). With no cloud boxes, fuse = the
+    unoffloaded edge boxes.
+    """
+    # Prepare
+    edge = dets([[0, 0, 10, 10], [1, 0, 11, 10]], [0.5, 0.5], [3, 3])
+    cloud = dets([[1, 0, 11, 10]], [0.5], [3])
+    # Execute
+    fused = merge(edge, cloud, [F, F], resolve="fuse")
+    trusted = merge(edge, cloud, [F, F])
+    alone = merge(edge, Detections.empty(), [T, F], resolve="fuse")
+    # Assert
+    np.testing.assert_allclose(fused.xyxy, [[1, 0, 11, 10], [0, 0, 10, 10]])
+    np.testing.assert_allclose(fused.conf, [0.75, 0.5])
+    np.testing.assert_allclose(trusted.conf, [0.5])
+    np.testing.assert_allclose(alone.xyxy, [[1, 0, 11, 10]])
+    with pytest.raises(ValueError, match="'vote'"):
+        merge(edge, cloud, resolve="vote")
+
+
 def test_merge_iou_threshold_is_inclusive():
     """IoU exactly 0.5 counts as an overlap: [0,0,10,10] vs [0,0,10,20] → 100/200 = 0.5."""
     merged = merge(dets([[0, 0, 10, 10]]), dets([[0, 0, 10, 20]]), [F], iou=0.5)
