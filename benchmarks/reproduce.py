@@ -456,7 +456,59 @@ def to_markdown(summary: dict, results: dict, meta: dict) -> str:
             continue
         lines.append(f"| {size} | {u['bytes']:.0f} | " + " | ".join(f"{u[n]:.1f}" for n in LINKS)
                      + f" | {u['cloud_infer_ms']:.1f} |")
+    lines += ["", "## The paper's claims on this benchmark", "",
+              "Verdict: the difference between the two sides, paired seed by seed, in the paper's direction on every "
+              "seed ('yes'), on average only ('mixed') or not on average ('no').", "",
+              "| claim | paper | ours | supported |", "|---|---|---|---|"]
+    lines += [f"| {c} | {p} | {o} | {v} |" for c, p, o, v in claims(summary)]
     return "\n".join(lines) + "\n"
+
+
+def _verdict(diffs: list[float], sign: int) -> str:
+    """Whether per-seed differences (ours minus the baseline, paired by seed) go the paper's way (``sign``)."""
+    diffs = [d for d in diffs if d is not None and not math.isnan(d)]
+    if not diffs:
+        return "not measured"
+    agree = sum(d * sign > 0 for d in diffs)
+    if agree == len(diffs):
+        return f"yes ({agree}/{len(diffs)} seeds)"
+    return f"{'mixed' if statistics.fmean(diffs) * sign > 0 else 'no'} ({agree}/{len(diffs)} seeds)"
+
+
+def claims(summary: dict) -> list[tuple[str, str, str, str]]:
+    """The paper's claims, each as (claim, paper, ours, verdict); the verdict pairs the two sides seed by seed."""
+    out = []
+
+    def compare(claim: str, paper: str, a: list, b: list, sign: int) -> None:
+        diffs = [x - y for x, y in zip(a[2], b[2])]
+        out.append((claim, paper, f"{a[0]:.3f} vs {b[0]:.3f} ({_rel(a[0], b[0])})", _verdict(diffs, sign)))
+
+    for tag, col in (("images", 0), ("video", 1)):
+        t1 = {role: summary[role][tag]["map50"] for role in ROWS}
+        for role, base in (("cloud", "edge"), ("pyrafan", "edge"), ("cloud_kd", "edge"), ("graph_kd", "edge"),
+                           ("both_kd", "edge"), ("collab", "cloud"), ("collab", "edge")):
+            p, q = PAPER_T1[role][col], PAPER_T1[base][col]
+            sign = 1 if p > q else -1
+            compare(f"{ROWS[role]} {'>' if sign > 0 else '<'} {ROWS[base]}, mAP50 ({tag})",
+                    f"{p:.3f} vs {q:.3f} ({_rel(p, q)})", t1[role], t1[base], sign)
+        paper = PAPER_T3 if tag == "images" else PAPER_T4
+        p, q = paper["collab"][2], paper["edge"][2]
+        compare(f"collaboration FNR < edge FNR ({tag})", f"{p:.2f} vs {q:.2f} ({_rel(p, q)})",
+                summary["collab"][tag]["fnr"], summary["edge"][tag]["fnr"], -1)
+    f6 = summary["fig6"]
+    compare("graph KD (similar sites) > no KD (Figure 6)", f"{PAPER_F6['graph']:.3f} vs {PAPER_F6['none']:.3f}",
+            f6["graph"], f6["none"], 1)
+    compare("naive KD with a noisy site < no KD (Figure 6)", f"{PAPER_F6['noisy-all']:.3f} vs {PAPER_F6['none']:.3f}",
+            f6["noisy-all"], f6["none"], -1)
+    compare("graph KD with a noisy site > naive KD with it (Figure 6)", "-", f6["noisy-graph"], f6["noisy-all"], 1)
+    taught = summary["noisy_taught"]
+    out.append(("graph-guided selection never makes the noisy site a teacher", "yes",
+                f"taught {taught['noisy-graph']} student-rounds (naive: {taught['noisy-all']})",
+                "yes" if taught["noisy-graph"] == 0 else "no"))
+    lat = summary["latency_ms"]
+    out.append(("collaboration latency < cloud alone (Figure 7)", "-", f"{lat['collab'][0]:.1f} vs "
+                f"{lat['cloud'][0]:.1f} ms", "yes (means)" if lat["collab"][0] < lat["cloud"][0] else "no (means)"))
+    return out
 
 
 def plot(summary: dict, results: dict, preset: str, out_dir: Path) -> None:
@@ -506,15 +558,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--work", type=Path, default=None,
                     help="models, runs and the job cache (default $CEDAR_HOME/reproduce/<preset>)")
     ap.add_argument("--out", type=Path, default=None, help="report folder (default benchmarks/results)")
+    ap.add_argument("--report-only", action="store_true",
+                    help="only write the markdown and plots again from the report's .json (no job runs)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    out_dir = args.out or RESULTS
+    stem = out_dir / f"reproduce_{args.preset}"
+    if args.report_only:
+        report = json.loads(stem.with_suffix(".json").read_text())
+        plot(report["summary"], report["jobs"], args.preset, out_dir)
+        write_report(stem, report, to_markdown(report["summary"], report["jobs"], report["meta"]))
+        return 0
 
     from common import yolo
     from common.config import parse_value
 
     overrides = {k: parse_value(v) for k, v in (s.split("=", 1) for s in args.set)}
     work = args.work or yolo.CEDAR_HOME / "reproduce" / args.preset
-    out_dir = args.out or RESULTS
     out_dir.mkdir(parents=True, exist_ok=True)
     cfg, _ = job_config(args.preset, overrides)
     t0 = time.perf_counter()
@@ -528,7 +588,7 @@ def main(argv: list[str] | None = None) -> int:
         "sites": cfg.data.num_sites, "imgsz": cfg.train.imgsz, "rounds": r.num_rounds, "epochs": r.epochs_per_round,
         "cloud_arch": cfg.model.cloud, "gflops": results["speed"]["gflops_640"]}
     plot(summary, results, args.preset, out_dir)
-    write_report(out_dir / f"reproduce_{args.preset}", {"meta": meta, "summary": summary, "jobs": results},
+    write_report(stem, {"meta": meta, "summary": summary, "jobs": results},
                  to_markdown(summary, results, meta))
     return 0
 

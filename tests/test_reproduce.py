@@ -7,9 +7,18 @@ import pytest
 
 from benchmarks import reproduce
 
-pytestmark = pytest.mark.slow
 
 
+def test_verdict_pairs_seeds_and_follows_the_papers_direction():
+    """yes: every paired difference goes the paper's way; mixed: only the mean does; no: not even the mean."""
+    assert reproduce._verdict([0.02, 0.01, 0.03], 1) == "yes (3/3 seeds)"
+    assert reproduce._verdict([0.05, -0.01, 0.01], 1) == "mixed (2/3 seeds)"
+    assert reproduce._verdict([-0.05, 0.01, 0.01], 1) == "no (2/3 seeds)"
+    assert reproduce._verdict([-0.02, -0.01], -1) == "yes (2/2 seeds)"  # e.g. a lower FNR
+    assert reproduce._verdict([float("nan")], 1) == "not measured"
+
+
+@pytest.mark.slow
 def test_reproduce_runs_every_job_writes_the_report_and_resumes(tiny_overrides, tmp_path):
     # Prepare: tiny data, one seed, a YOLO11n as the cloud, two workers (the process pool)
     sets = [f"{k}={v}" for k, v in {**tiny_overrides, "model.cloud": "yolo11n", "reproduce.seeds": "[0]",
@@ -17,10 +26,13 @@ def test_reproduce_runs_every_job_writes_the_report_and_resumes(tiny_overrides, 
                                      "reproduce.t-conf-sweep": "[0.5,1.0]"}.items()]
     argv = ["--preset", "quick", "--work", str(tmp_path / "work"), "--out", str(tmp_path / "res"), "--set", *sets]
 
-    # Execute: run, then again (everything cached: no job runs twice)
+    # Execute: run, then again (everything cached: no job runs twice), then only the report from its .json
     reproduce.main(argv)
     jobs = (tmp_path / "work" / "jobs.jsonl").read_text().splitlines()
     reproduce.main(argv)
+    first = (tmp_path / "res" / "reproduce_quick.md").read_text()
+    (tmp_path / "res" / "reproduce_quick.md").unlink()
+    reproduce.main([*argv, "--report-only"])
 
     # Assert: one cached result per planned job, and the rerun added none
     assert (tmp_path / "work" / "jobs.jsonl").read_text().splitlines() == jobs
@@ -28,7 +40,10 @@ def test_reproduce_runs_every_job_writes_the_report_and_resumes(tiny_overrides, 
     assert sorted(names) == sorted(["cloud", "speed", "upload", "collab:0",
                                     *(f"fed:{f}:0" for f in reproduce.FEDERATIONS)])
     md = (tmp_path / "res" / "reproduce_quick.md").read_text()
-    for heading in ("Table 1", "Table 2", "Table 3", "Table 4", "Figure 5", "Figure 6", "Figure 7", "Figure 8"):
+    assert md == first  # the report is a function of its .json
+    assert "| graph-guided selection never makes the noisy site a teacher |" in md
+    for heading in ("Table 1", "Table 2", "Table 3", "Table 4", "Figure 5", "Figure 6", "Figure 7", "Figure 8",
+                    "The paper's claims"):
         assert f"## {heading}" in md
     for n in (5, 6, 7, 8):
         assert (tmp_path / "res" / f"reproduce_quick_fig{n}.png").stat().st_size > 0
