@@ -60,6 +60,7 @@ def settings_view(settings: dict, variant: str) -> dict:
     ``none`` ignores every KD setting and the noisy site: without distillation the
     sites never see each other's models, so the regular sites' results are the same
     with or without a noisy site in the federation (the noisy run reuses them).
+    ``all`` ignores ``kd.check-margin``: its students never check their teachers.
     """
     view = {"preset": settings.get("preset")} if variant == "none" else \
         {k: settings.get(k) for k in ("preset", "noisy")}
@@ -69,7 +70,9 @@ def settings_view(settings: dict, variant: str) -> dict:
     if variant != "none":
         view.update({k: settings.get(k) for k in ("teacher_rank", "better_only", "student_check", "schedule")})
         view["teacher_scope"] = settings.get("teacher_scope", "global")
-        view["check_margin"] = settings.get("check_margin", 0.0)
+        # the margin only matters to a student that checks its teachers ("all" never does)
+        checks = VARIANTS[variant].get("kd.student-check", True)
+        view["check_margin"] = settings.get("check_margin", 0.0) if checks else None
     if variant in CLOUD_VARIANTS:
         view["cloud_rounds"] = settings.get("cloud_rounds")
     return view

@@ -50,3 +50,13 @@ def test_a_run_without_kd_is_reused_when_only_kd_settings_change(variant, reused
     # a noisy site changes nothing for the regular sites of a federation without KD
     assert (kd_federation.settings_view({**new, "noisy": True}, variant) == kd_federation.settings_view(new, variant)) \
         is reused
+
+
+@pytest.mark.parametrize("variant, reused", [("all", True), ("graph", False)])
+def test_the_check_margin_matters_only_to_students_that_check(variant, reused):
+    """``all`` never checks its teachers: a run with kd.check-margin 0 stands for one with 0.05; ``graph`` not."""
+    old = {"preset": "standard", "set": ["train.threads=1"], "noisy": True, "student_check": True,
+           "teacher_scope": "local", "check_margin": None}
+    new = {**old, "set": ["kd.check-margin=0.05", "train.threads=1"], "check_margin": 0.05}
+
+    assert (kd_federation.settings_view(old, variant) == kd_federation.settings_view(new, variant)) is reused
