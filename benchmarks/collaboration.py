@@ -76,15 +76,17 @@ def edge_model(cfg, bench, arch: str, site: int, seed: int) -> Path:
     return path
 
 
-def cloud_model(cfg, bench, seed: int, iters_factor: float = 1.0) -> Path:
-    """``model.cloud`` trained on the public train split for ``iters_factor`` times an edge model's iterations."""
+def cloud_model(cfg, bench, seed: int, iters_factor: float = 1.0, edge_epochs: int | None = None) -> Path:
+    """``model.cloud`` trained on the public train split for ``iters_factor`` times an edge model's iterations
+    (``edge_epochs`` local epochs; default the federation's rounds x epochs per round)."""
     import yaml
 
     from common import yolo
     from common.benchmark import CLASS_NAMES
 
     t = cfg.train
-    edge_iters = t.epochs_per_round * cfg.federation.num_rounds * math.ceil(cfg.data.train_per_site / t.batch)
+    edge_epochs = edge_epochs or t.epochs_per_round * cfg.federation.num_rounds
+    edge_iters = edge_epochs * math.ceil(cfg.data.train_per_site / t.batch)
     spec = yaml.safe_load(bench.public_data.read_text())
     n_train = len(list((Path(spec["path"]) / spec["train"]).glob("*.png")))
     epochs = math.ceil(iters_factor * edge_iters / math.ceil(n_train / t.batch))

@@ -81,11 +81,13 @@ ROWS = {"cloud": "cloud model", "edge": "edge model", "pyrafan": "edge model wit
 EDGE_ROLES = {"edge": "none", "pyrafan": "pyrafan", "cloud_kd": "cloud", "graph_kd": "graph", "both_kd": "both"}
 FIG5_ROLES = ("edge", "pyrafan", "cloud_kd")
 NOISY = {"data.noisy-site": True}
-FEDERATIONS = {  # name -> (kd_federation variant, extra overrides, the federation whose round 1 it continues)
-    "base": ("none", {"federation.num-rounds": 1}, None),
-    "base-noisy": ("none", {"federation.num-rounds": 1, **NOISY}, None),
+PYRAFAN = {"model.edge": "yolo11n-pyrafan"}
+# name -> (kd_federation variant, extra overrides, the federation whose round 1 it continues); one without a
+# base is a round 1 of ``reproduce.base-epochs`` local epochs
+FEDERATIONS = {
+    "base": ("none", {}, None), "base-noisy": ("none", NOISY, None), "base-pyrafan": ("none", PYRAFAN, None),
     "none": ("none", {}, "base"), "cloud": ("cloud", {}, "base"), "graph": ("graph", {}, "base"),
-    "both": ("both", {}, "base"), "pyrafan": ("none", {"model.edge": "yolo11n-pyrafan"}, None),
+    "both": ("both", {}, "base"), "pyrafan": ("none", PYRAFAN, "base-pyrafan"),
     "noisy-graph": ("graph", NOISY, "base-noisy"), "noisy-all": ("all", NOISY, "base-noisy"),
 }
 # Figure 8's link model (no real WAN here): time = RTT + bytes * 8 / bandwidth
@@ -106,6 +108,8 @@ def job_config(preset: str, overrides: dict):
     # .local_plan); with every site its own domain no site's model helps another (benchmarks/results/kd_*.md)
     budget = {"federation.num-rounds": r.num_rounds, "train.epochs-per-round": r.epochs_per_round,
               "kd.start-round": 2, "data.similar-pairs": True, "kd.teacher-scope": "local"}
+    if r.num_sites:
+        budget["data.num-sites"] = r.num_sites
     if cfg.train.device == "cpu" and r.workers > 1:
         budget["train.threads"] = 1
     return load_config(preset, {**budget, **overrides}), {**budget, **overrides}
@@ -136,7 +140,8 @@ def run_job(job: str, preset: str, overrides: dict, work: str, done: dict) -> di
     kind, *rest = job.split(":")
     out = {"cloud": lambda: cloud_job(cfg), "speed": lambda: speed_job(cfg),
            "upload": lambda: upload_job(cfg, done["cloud"]["weights"]),
-           "fed": lambda: federation_job(preset, ov, rest[0], int(rest[1]), Path(work), done),
+           "fed": lambda: federation_job(preset, ov, rest[0], int(rest[1]), Path(work), done,
+                                         cfg.reproduce.base_epochs),
            "collab": lambda: collab_job(cfg, int(rest[0]), done, Path(work))}[kind]()
     return {**out, "seconds": time.perf_counter() - t0}
 
@@ -145,11 +150,14 @@ def cloud_job(cfg) -> dict:
     from benchmarks.collaboration import cloud_model
     from common.benchmark import benchmark_from_config
 
-    path = cloud_model(cfg, benchmark_from_config(cfg.data), cfg.reproduce.seeds[0], cfg.reproduce.cloud_iters)
+    r = cfg.reproduce
+    path = cloud_model(cfg, benchmark_from_config(cfg.data), r.seeds[0], r.cloud_iters,
+                       edge_epochs=r.base_epochs + (r.num_rounds - 1) * r.epochs_per_round)
     return {"weights": str(path)}
 
 
-def federation_job(preset: str, overrides: dict, name: str, seed: int, work: Path, done: dict) -> dict:
+def federation_job(preset: str, overrides: dict, name: str, seed: int, work: Path, done: dict,
+                   base_epochs: int) -> dict:
     from benchmarks.kd_federation import run_variant
 
     variant, extra, base = FEDERATIONS[name]
@@ -157,6 +165,8 @@ def federation_job(preset: str, overrides: dict, name: str, seed: int, work: Pat
     if "cloud" in done:
         ov["kd.cloud-weights"] = done["cloud"]["weights"]
     rounds = list(range(2, int(ov["federation.num-rounds"]) + 1))
+    if base is None:  # round 1, shared by the federations that continue it
+        ov.update({"federation.num-rounds": 1, "train.epochs-per-round": base_epochs})
     start = Path(done[f"fed:{base}:{seed}"]["run_dir"]) if base else None
     res = run_variant(preset, variant, seed, ov, rounds, work / "runs", name=f"{name}-seed{seed}", start_from=start)
     res["run_dir"] = str(work / "runs" / f"{name}-seed{seed}")
@@ -379,8 +389,10 @@ def to_markdown(summary: dict, results: dict, meta: dict) -> str:
     lines = [f"# Reproduction of the paper's Tables 1-4 and Figures 5-8 (`{meta['preset']}` preset)", "",
              f"`{meta['command']}` on {meta['machine']}, {meta['date']}; wall time {meta['wall_s'] / 60:.1f} min "
              f"for this invocation ({meta['job_s'] / 60:.0f} min of jobs in all, {meta['workers']} at a time). "
-             f"Built-in benchmark: {meta['sites']} sites, {meta['imgsz']} px; federations of {meta['rounds']} rounds x "
-             f"{meta['epochs']} local epochs, KD from round 2; seeds {', '.join(map(str, seeds))} "
+             f"Built-in benchmark: {meta['sites']} sites (one pair of the same kind per two sites), {meta['imgsz']} px; "
+             f"federations of {meta['rounds']} rounds: round 1 of {meta.get('base_epochs', meta['epochs'])} local "
+             f"epochs without KD (trained once per seed, shared by the variants), then {meta['epochs']} local "
+             f"epochs per round with KD; seeds {', '.join(map(str, seeds))} "
              "(mean ± std over seeds of the mean over sites). Cloud model: "
              f"`{meta['cloud_arch']}` trained on the public split. The paper's numbers are VisDrone-DET/-VID with "
              "pre-training and a GPU; only directions and ratios compare. 'rel.' = change relative to the edge "
@@ -586,6 +598,7 @@ def main(argv: list[str] | None = None) -> int:
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "wall_s": time.perf_counter() - t0,
         "job_s": sum(v["seconds"] for v in results.values()), "workers": r.workers, "seeds": r.seeds,
         "sites": cfg.data.num_sites, "imgsz": cfg.train.imgsz, "rounds": r.num_rounds, "epochs": r.epochs_per_round,
+        "base_epochs": r.base_epochs,
         "cloud_arch": cfg.model.cloud, "gflops": results["speed"]["gflops_640"]}
     plot(summary, results, args.preset, out_dir)
     write_report(stem, {"meta": meta, "summary": summary, "jobs": results},

@@ -187,15 +187,19 @@ class ReproduceConfig:
 
     Its own, smaller than a preset's federation, so that the ``standard`` preset's
     reproduction fits 90 minutes on 2 CPU cores: ``workers`` jobs at a time (one torch
-    thread each on CPU), federations of ``num_rounds`` x ``epochs_per_round`` local
-    epochs with KD (edge and cloud) from round 2, one cloud model trained for
+    thread each on CPU); federations of ``num_sites`` sites (one similar pair; 0 = the
+    preset's ``data.num-sites``) whose round 1 (``base_epochs`` local epochs, no KD) is
+    trained once per seed and shared by every variant, then ``num_rounds - 1`` rounds of
+    ``epochs_per_round`` epochs with KD (edge and cloud); one cloud model trained for
     ``cloud_iters`` times one site's edge iterations.
     """
 
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    num_sites: int = 2
     num_rounds: int = 2
-    epochs_per_round: int = 2
-    cloud_iters: float = 4.0
+    base_epochs: int = 8
+    epochs_per_round: int = 3
+    cloud_iters: float = 2.0
     workers: int = 2
     t_conf_sweep: list[float] = field(default_factory=lambda: [0.3, 0.4, 0.5, 0.6, 0.7])
 

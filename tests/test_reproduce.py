@@ -22,7 +22,8 @@ def test_verdict_pairs_seeds_and_follows_the_papers_direction():
 def test_reproduce_runs_every_job_writes_the_report_and_resumes(tiny_overrides, tmp_path):
     # Prepare: tiny data, one seed, a YOLO11n as the cloud, two workers (the process pool)
     sets = [f"{k}={v}" for k, v in {**tiny_overrides, "model.cloud": "yolo11n", "reproduce.seeds": "[0]",
-                                     "reproduce.epochs-per-round": 1, "reproduce.cloud-iters": 1,
+                                     "reproduce.base-epochs": 1, "reproduce.epochs-per-round": 1,
+                                     "reproduce.cloud-iters": 1,
                                      "reproduce.t-conf-sweep": "[0.5,1.0]"}.items()]
     argv = ["--preset", "quick", "--work", str(tmp_path / "work"), "--out", str(tmp_path / "res"), "--set", *sets]
 
@@ -59,9 +60,10 @@ def test_reproduce_runs_every_job_writes_the_report_and_resumes(tiny_overrides, 
             for tag in ("images", "video"):
                 assert 0.0 <= site[f"{role}/{tag}"]["edge"]["recall"] <= 1.0 or \
                     site[f"{role}/{tag}"]["edge"]["n_gt"] == 0
-    # round 1 is trained once: the KD variants continue from a copy of the base federation's round
-    base = (Path(results["fed:base:0"]["run_dir"]) / "metrics.jsonl").read_text().splitlines()
-    for name in ("none", "graph", "cloud", "both"):
+    # round 1 is trained once: the variants continue from a copy of their base federation's round
+    for name, base_name in (("none", "base"), ("graph", "base"), ("cloud", "base"), ("both", "base"),
+                            ("pyrafan", "base-pyrafan"), ("noisy-all", "base-noisy")):
+        base = (Path(results[f"fed:{base_name}:0"]["run_dir"]) / "metrics.jsonl").read_text().splitlines()
         rows = (Path(results[f"fed:{name}:0"]["run_dir"]) / "metrics.jsonl").read_text().splitlines()
         assert rows[:len(base)] == base and {json.loads(r)["round"] for r in rows[len(base):]} == {2}
     # t_conf = 1.0 offloads every detection; the noisy federations exclude their noisy site from Figure 6
