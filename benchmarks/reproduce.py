@@ -22,7 +22,8 @@ built-in benchmark with ``data.similar-pairs`` and graph KD with ``kd.teacher-sc
   site added (a different task) ``noisy-graph`` and ``noisy-all`` (naive KD from
   every site) for Figure 6. KD starts at round 2, so round 1 is the same for
   ``none``/``cloud``/``graph``/``both`` (and for the two noisy ones): it is trained once
-  (``base``, ``base-noisy``) and each variant continues from a copy of it.
+  (``base``, ``base-noisy``, ``base-pyrafan``; ``reproduce.base-epochs`` local epochs) and
+  each variant continues from a copy of it (``reproduce.epochs-per-round`` per round).
 - **collaboration**, per seed: the real cloud detection service process and the edge
   runtime's own pipeline (:mod:`benchmarks.collaboration`) on every site's test
   images and video, for each federation's edge models; the t_conf sweep (Figure 5) on
