@@ -180,8 +180,8 @@ def collab_job(cfg, seed: int, done: dict, work: Path) -> dict:
     """Every site: edge models of each role alone and with the cloud, on images and video; cloud alone."""
     import tempfile
 
-    from benchmarks.collaboration import (cloud_only, cloud_service, offload_figures, per_frame, run_edge, score,
-                                          video_labels)
+    from benchmarks.collaboration import (MERGES, cloud_only, cloud_service, offload_figures, per_frame, remerged,
+                                          run_edge, score, video_labels)
     from benchmarks.pyrafan_accuracy import read_split
     from clients.edge import CloudClient, EdgeSettings
     from common.benchmark import CLASS_NAMES, benchmark_from_config
@@ -221,6 +221,10 @@ def collab_job(cfg, seed: int, done: dict, work: Path) -> dict:
                         res[f"{role}/{tag}"] = {"edge": score(per_frame(recs, False), gts, nc, small_px),
                                                 "collab": score(per_frame(recs, True), gts, nc, small_px),
                                                 **offload_figures(recs)}
+                        if role == "edge":  # the other merge policies on the same cloud answers
+                            res[f"edge/{tag}"]["merges"] = {
+                                name: score(per_frame(remerged(recs, **m), True), gts, nc, small_px)
+                                for name, m in MERGES.items() if m}
                     if site == 0 and role in FIG5_ROLES:
                         for t in cfg.reproduce.t_conf_sweep:
                             rid = f"sweep-{role}-{int(round(t * 100))}-s{seed}"
@@ -357,6 +361,11 @@ def summarise(results: dict, cfg) -> dict:
                "cloud": ("cloud/images", "ms"), "collab": ("edge/images", "collab_ms")}
     out["latency_ms"] = {role: _stats([over_sites(s, lambda site: site[run][key]) for s in seeds])
                          for role, (run, key) in latency.items()}
+    # the collaboration (YOLO11n edge) under each other merge policy, scored on the same cloud answers
+    merges = results[f"collab:{seeds[0]}"]["sites"]["site-0"]["edge/images"].get("merges", {})
+    out["merges"] = {name: {tag: {key: _stats([over_sites(s, lambda site: site[f"edge/{tag}"]["merges"][name][key])
+                                               for s in seeds]) for key in ("map50", "fnr")}
+                            for tag in ("images", "video")} for name in merges}
     out["offloaded_detections"] = _stats([over_sites(s, lambda site: site["edge/images"]["offloaded_detections"])
                                           for s in seeds])
     # Figure 5: collaborative mAP50 vs t_conf, site 0
@@ -407,6 +416,19 @@ def to_markdown(summary: dict, results: dict, meta: dict) -> str:
         lines.append(f"| {name} | {p[0]:.3f} | {_rel(p[0], pe[0])} | {_ms(o['images']['map50'])} | "
                      f"{_rel(o['images']['map50'][0], oe['images']['map50'][0])} | {p[1]:.3f} | {_rel(p[1], pe[1])} | "
                      f"{_ms(o['video']['map50'])} | {_rel(o['video']['map50'][0], oe['video']['map50'][0])} |")
+    if summary.get("merges"):
+        lines += ["", "The collaboration row uses the runtime's default merge (the cloud's box replaces the edge boxes "
+                  "it overlaps; offloaded edge boxes it does not answer are dropped). The other policies of "
+                  "`common.routing.merge` on the same cloud answers (`+keep`: unanswered edge boxes stay; `fuse`: "
+                  "overlapping edge and cloud boxes become one, noisy-or confidence):", "",
+                  "| merge | images mAP50 | ours rel. | video mAP50 | ours rel. | images FNR | video FNR |",
+                  "|---|---|---|---|---|---|---|"]
+        oe = summary["edge"]
+        for name, m in summary["merges"].items():
+            lines.append(f"| {name} | {_ms(m['images']['map50'])} | "
+                         f"{_rel(m['images']['map50'][0], oe['images']['map50'][0])} | {_ms(m['video']['map50'])} | "
+                         f"{_rel(m['video']['map50'][0], oe['video']['map50'][0])} | {_ms(m['images']['fnr'])} | "
+                         f"{_ms(m['video']['fnr'])} |")
     g, lat = meta["gflops"], summary["latency_ms"]
     off = summary["offloaded_detections"][0]
     gf = {"edge": g["edge"], "pyrafan": g["pyrafan"], "cloud": g["cloud"], "collab": g["edge"] + off * g["cloud"]}

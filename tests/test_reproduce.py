@@ -43,6 +43,7 @@ def test_reproduce_runs_every_job_writes_the_report_and_resumes(tiny_overrides, 
     md = (tmp_path / "res" / "reproduce_quick.md").read_text()
     assert md == first  # the report is a function of its .json
     assert "| graph-guided selection never makes the noisy site a teacher |" in md
+    assert "| fuse+keep |" in md
     for heading in ("Table 1", "Table 2", "Table 3", "Table 4", "Figure 5", "Figure 6", "Figure 7", "Figure 8",
                     "The paper's claims"):
         assert f"## {heading}" in md
@@ -50,6 +51,7 @@ def test_reproduce_runs_every_job_writes_the_report_and_resumes(tiny_overrides, 
         assert (tmp_path / "res" / f"reproduce_quick_fig{n}.png").stat().st_size > 0
     report = json.loads((tmp_path / "res" / "reproduce_quick.json").read_text())
     summary, results = report["summary"], report["jobs"]
+    assert set(summary["merges"]) == {"cloud+keep", "fuse", "fuse+keep"}
     # the collaboration's latency is the edge's plus the cloud round trips of the same run
     assert summary["latency_ms"]["collab"][0] >= summary["latency_ms"]["edge"][0]
     # every site of every federation has a model that the collaboration job scored
