@@ -432,7 +432,7 @@ def to_markdown(res: dict, settings: dict) -> str:
     lines.append(row("cloud alone (whole image)", c, "100%", "-", c["bytes_per_frame"], c["ms"]))
     for mode in ("crops", "frame"):
         x = img[mode]
-        for name, m in x.get("merges", {"cloud": x["collab"]}).items():
+        for name, m in x["merges"].items():
             lines.append(row(f"collaboration ({mode}, merge {name})", m, f"{100 * x['offloaded_keyframes']:.0f}%",
                              f"{100 * x['offloaded_detections']:.0f}%", x["bytes_per_frame"], x["collab_ms"]))
     col = img["crops"]["collab"]
@@ -459,7 +459,7 @@ def to_markdown(res: dict, settings: dict) -> str:
         f"({100 * img['crops']['bytes_per_frame'] / max(img['frame']['bytes_per_frame'], 1):.0f}%), mAP50 "
         f"{img['crops']['collab']['map50']:.3f} vs {img['frame']['collab']['map50']:.3f} |",
     ]
-    for name, m in img["crops"].get("merges", {}).items():
+    for name, m in img["crops"]["merges"].items():
         if name != "cloud":
             lines.append(f"| merge {name}: vs cloud alone, vs edge alone (mAP50); FNR vs edge | - | {m['map50']:.3f} "
                          f"({_rel(m['map50'], c['map50'])}, {_rel(m['map50'], e['map50'])}); {m['fnr']:.3f} vs "

@@ -362,7 +362,7 @@ def summarise(results: dict, cfg) -> dict:
     out["latency_ms"] = {role: _stats([over_sites(s, lambda site: site[run][key]) for s in seeds])
                          for role, (run, key) in latency.items()}
     # the collaboration (YOLO11n edge) under each other merge policy, scored on the same cloud answers
-    merges = results[f"collab:{seeds[0]}"]["sites"]["site-0"]["edge/images"].get("merges", {})
+    merges = results[f"collab:{seeds[0]}"]["sites"]["site-0"]["edge/images"]["merges"]
     out["merges"] = {name: {tag: {key: _stats([over_sites(s, lambda site: site[f"edge/{tag}"]["merges"][name][key])
                                                for s in seeds]) for key in ("map50", "fnr")}
                             for tag in ("images", "video")} for name in merges}
@@ -399,8 +399,8 @@ def to_markdown(summary: dict, results: dict, meta: dict) -> str:
     lines = [f"# Reproduction of the paper's Tables 1-4 and Figures 5-8 (`{meta['preset']}` preset)", "",
              f"`{meta['command']}` on {meta['machine']}, {meta['date']}; wall time {meta['wall_s'] / 60:.1f} min "
              f"for this invocation ({meta['job_s'] / 60:.0f} min of jobs in all, {meta['workers']} at a time). "
-             f"Built-in benchmark: {meta['sites']} sites (one pair of the same kind per two sites), {meta['imgsz']} px; "
-             f"federations of {meta['rounds']} rounds: round 1 of {meta.get('base_epochs', meta['epochs'])} local "
+             f"Built-in benchmark: {meta['sites']} sites (one pair of the same kind per two sites), "
+             f"{meta['imgsz']} px; federations of {meta['rounds']} rounds: round 1 of {meta['base_epochs']} local "
              f"epochs without KD (trained once per seed, shared by the variants), then {meta['epochs']} local "
              f"epochs per round with KD; seeds {', '.join(map(str, seeds))} "
              "(mean ± std over seeds of the mean over sites). Cloud model: "
@@ -416,7 +416,7 @@ def to_markdown(summary: dict, results: dict, meta: dict) -> str:
         lines.append(f"| {name} | {p[0]:.3f} | {_rel(p[0], pe[0])} | {_ms(o['images']['map50'])} | "
                      f"{_rel(o['images']['map50'][0], oe['images']['map50'][0])} | {p[1]:.3f} | {_rel(p[1], pe[1])} | "
                      f"{_ms(o['video']['map50'])} | {_rel(o['video']['map50'][0], oe['video']['map50'][0])} |")
-    if summary.get("merges"):
+    if summary["merges"]:
         lines += ["", "The collaboration row uses the runtime's default merge (the cloud's box replaces the edge boxes "
                   "it overlaps; offloaded edge boxes it does not answer are dropped). The other policies of "
                   "`common.routing.merge` on the same cloud answers (`+keep`: unanswered edge boxes stay; `fuse`: "

@@ -1387,7 +1387,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             site=args.site, run_id=args.run_id, t_conf=args.t_conf, t_size=args.t_size, n_frames=args.n_frames,
             beta=args.beta, warmup=args.warmup, cut_threshold=args.cut_threshold, max_gap=args.max_gap,
             offload=args.offload, context=args.context, min_crop=args.min_crop, jpeg_quality=args.jpeg_quality,
-            merge_iou=args.merge_iou, keep_unanswered=args.keep_unanswered, merge=args.merge, drain_timeout=args.drain_timeout,
+            merge_iou=args.merge_iou, keep_unanswered=args.keep_unanswered, merge=args.merge,
+            drain_timeout=args.drain_timeout,
             retry_base=args.retry_base, retry_max=args.retry_max, upscale=args.upscale, propagate=args.propagate)
         queue_dir = Path(args.queue_dir).expanduser() if args.queue_dir else \
             Path(os.environ.get("CEDAR_HOME", "~/.cache/cedar")).expanduser() / "edge" / args.site / "queue"
