@@ -127,7 +127,8 @@ class LocalSite:
         augment = AdverseAugment(t.adverse_p, seed=seed) if t.adverse_p > 0 else None
         t0 = time.perf_counter()
         res = yolo.train(
-            model, self.spec.data_yaml, epochs=epochs, imgsz=t.imgsz, batch=t.batch, lr0=t.lr0,
+            model, self.spec.data_yaml, epochs=epochs, imgsz=t.imgsz, batch=t.batch,
+            lr0=t.lr0 if weights is None else t.finetune_lr0,  # from scratch, or continuing a trained model
             weight_decay=t.weight_decay, warmup_iters=t.warmup_iters,  # every round: AdamW restarts
             mosaic=t.mosaic, workers=t.workers, seed=seed,
             device=t.device, desc=f"{self.spec.site_id} round {server_round}{' KD' if extra else ''}",

@@ -89,7 +89,10 @@ class TrainConfig:
     epochs_per_round: int = 2
     batch: int = 8
     imgsz: int = 320
-    lr0: float = 0.01
+    lr0: float = 0.01  # AdamW peak learning rate of a site's first round (a model built from scratch)
+    # ... and of every later round, which continues the site's trained model: 0.01 there undoes much of what
+    # the model knew (benchmarks/results/finetune_lr.md) and drowns any distillation effect in that noise
+    finetune_lr0: float = 0.002
     weight_decay: float = 0.0005
     warmup_iters: int = 20
     mosaic: float = 1.0
@@ -316,7 +319,7 @@ def validate(cfg: CedarConfig) -> None:
     positive = [
         "data.num_sites", "data.imgsz", "data.train_per_site", "data.val_per_site",
         "data.test_per_site", "data.public_per_site", "data.classes_per_site",
-        "train.batch", "train.imgsz", "eval.batch", "federation.num_rounds",
+        "train.batch", "train.imgsz", "train.lr0", "train.finetune_lr0", "eval.batch", "federation.num_rounds",
     ]
     for key in positive:
         if flat[key] <= 0:

@@ -169,7 +169,7 @@ def _fake_adapter(monkeypatch, iterations: int):
     calls = []
 
     def train(model, data_yaml, **kw):
-        calls.append(("train", kw["epochs"], kw["batch"], kw["warmup_iters"], kw["seed"]))
+        calls.append(("train", kw["epochs"], kw["batch"], kw["warmup_iters"], kw["seed"], kw["lr0"]))
         return yolo.TrainResult(epochs=kw["epochs"], iterations=iterations, seconds=1.5, loss=2.25, images=8)
 
     def evaluate(model, data_yaml, *, split, **kw):
@@ -191,14 +191,28 @@ def test_train_round_assembles_metrics(monkeypatch, tiny_cfg, tmp_path):
     # Execute
     res = site.train_round(server_round=3, epochs=1, weights=None)
 
-    # Assert: warm-up in every round (the optimizer restarts); seed = cfg.seed + 1000 * round + index = 3001
-    assert calls == [("train", 1, 4, tiny_cfg.train.warmup_iters, 3001), ("evaluate", "val"), ("evaluate", "test")]
+    # Assert: warm-up in every round (the optimizer restarts); seed = cfg.seed + 1000 * round + index = 3001;
+    # a model built from scratch (no weights sent) trains at train.lr0
+    assert calls == [("train", 1, 4, tiny_cfg.train.warmup_iters, 3001, tiny_cfg.train.lr0), ("evaluate", "val"),
+                     ("evaluate", "test")]
     routing = {k: res.metrics.pop(k) for k in P.ROUTING_KEYS}
     assert set(routing) == set(P.ROUTING_KEYS)
     assert res.metrics == {P.NUM_EXAMPLES: 8, P.TRAIN_LOSS: 2.25, P.TRAIN_SECONDS: 1.5, P.VAL_MAP50: 0.4,
                            P.TEST_MAP50: 0.6, P.TEST_MAP50_95: 0.3,
                            P.TEST_AP50: [-1.0, -1.0, 0.5, 0.25, -1.0, 0.0, 1.0, -1.0]}
     assert (tmp_path / "model.pt").is_file()
+
+
+def test_a_round_that_continues_a_model_trains_at_the_finetune_rate(monkeypatch, tiny_overrides, tmp_path):
+    calls = _fake_adapter(monkeypatch, iterations=2)
+    cfg = load_config("quick", {**tiny_overrides, "train.lr0": 0.01, "train.finetune-lr0": 0.002})
+    site = LocalSite(cfg, resolve_site(cfg, {"partition-id": 1}), tmp_path)
+    trained = site.build_model().state_dict()
+
+    site.train_round(server_round=1, epochs=1, weights=None)
+    site.train_round(server_round=2, epochs=1, weights=trained)
+
+    assert [c[-1] for c in calls if c[0] == "train"] == [0.01, 0.002]
 
 
 def test_num_examples_is_the_number_of_training_images(monkeypatch, tiny_overrides, tmp_path):
