@@ -43,7 +43,7 @@ def test_reproduce_runs_every_job_writes_the_report_and_resumes(tiny_overrides, 
     md = (tmp_path / "res" / "reproduce_quick.md").read_text()
     assert md == first  # the report is a function of its .json
     assert "| graph-guided selection never makes the noisy site a teacher |" in md
-    assert "| fuse+keep |" in md
+    assert "| frame fuse+keep |" in md and f"| collaboration ({reproduce.BEST_MERGE}) > cloud model" in md
     for heading in ("Table 1", "Table 2", "Table 3", "Table 4", "Figure 5", "Figure 6", "Figure 7", "Figure 8",
                     "The paper's claims"):
         assert f"## {heading}" in md
@@ -51,7 +51,11 @@ def test_reproduce_runs_every_job_writes_the_report_and_resumes(tiny_overrides, 
         assert (tmp_path / "res" / f"reproduce_quick_fig{n}.png").stat().st_size > 0
     report = json.loads((tmp_path / "res" / "reproduce_quick.json").read_text())
     summary, results = report["summary"], report["jobs"]
-    assert set(summary["merges"]) == {"cloud+keep", "fuse", "fuse+keep"}
+    assert set(summary["merges"]) == {f"{o} {m}" for o in ("crops", "frame")
+                                      for m in ("cloud", "cloud+keep", "fuse", "fuse+keep")}
+    # the runtime's own merge of the crops run is the collaboration row, seed by seed
+    for tag in ("images", "video"):
+        assert summary["merges"]["crops cloud"][tag]["map50"] == summary["collab"][tag]["map50"]
     # the collaboration's latency is the edge's plus the cloud round trips of the same run
     assert summary["latency_ms"]["collab"][0] >= summary["latency_ms"]["edge"][0]
     # every site of every federation has a model that the collaboration job scored
@@ -62,6 +66,8 @@ def test_reproduce_runs_every_job_writes_the_report_and_resumes(tiny_overrides, 
             for tag in ("images", "video"):
                 assert 0.0 <= site[f"{role}/{tag}"]["edge"]["recall"] <= 1.0 or \
                     site[f"{role}/{tag}"]["edge"]["n_gt"] == 0
+        for tag in ("images", "video"):  # what is offloaded changes the refined answers, never the edge's own
+            assert site[f"edge-frame/{tag}"]["edge"] == site[f"edge/{tag}"]["edge"]
     # round 1 is trained once: the variants continue from a copy of their base federation's round
     for name, base_name in (("none", "base"), ("graph", "base"), ("cloud", "base"), ("both", "base"),
                             ("pyrafan", "base-pyrafan"), ("noisy-all", "base-noisy")):
