@@ -111,6 +111,11 @@ def run_variant(preset: str, variant: str, seed: int, overrides: dict, cloud_rou
     rows = [json.loads(x) for x in (out.run_dir / "metrics.jsonl").read_text().splitlines()]
     last = max(r["round"] for r in rows)
     final = {r["site_id"]: r["test_map50"] for r in rows if r["round"] == last}
+    sites = {r["site_id"] for r in rows}
+    if last != cfg.federation.num_rounds or set(final) != sites:  # a benchmark never scores a failed node's old model
+        raise RuntimeError(f"{out.run_dir}: round {cfg.federation.num_rounds} has no result from "
+                           f"{sorted(sites - set(final)) if last == cfg.federation.num_rounds else sorted(sites)} "
+                           "(see the run's log for the nodes' errors)")
     # per KD round, the teachers each student actually distilled from (after its own check)
     kept = [{r["site_id"]: sorted(r["teachers"]) for r in rows if r["round"] == n and r.get("teachers")}
             for n in range(1, last + 1)]

@@ -60,3 +60,25 @@ def test_the_check_margin_matters_only_to_students_that_check(variant, reused):
     new = {**old, "set": ["kd.check-margin=0.05", "train.threads=1"], "check_margin": 0.05}
 
     assert (kd_federation.settings_view(old, variant) == kd_federation.settings_view(new, variant)) is reused
+
+
+def test_a_federation_whose_nodes_failed_the_last_round_is_an_error(monkeypatch, tiny_overrides, tmp_path):
+    """Failed nodes are skipped by the strategy (the round goes on); a benchmark must not score their old models."""
+    import types
+
+    import server.federation
+    import server.local_grid
+
+    def fake_federation(grid, cfg):  # round 2 of 2: site-1's reply was dropped
+        run_dir = tmp_path / "run"
+        run_dir.mkdir()
+        rows = [{"round": 1, "site_id": "site-0", "test_map50": 0.2}, {"round": 1, "site_id": "site-1", "test_map50": 0.3},
+                {"round": 2, "site_id": "site-0", "test_map50": 0.4}]
+        (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return types.SimpleNamespace(run_dir=run_dir)
+
+    monkeypatch.setattr(server.federation, "run_federation", fake_federation)
+    monkeypatch.setattr(server.local_grid, "LocalGrid", lambda *a: None)
+
+    with pytest.raises(RuntimeError, match=r"round 2 has no result from \['site-1'\]"):
+        kd_federation.run_variant("quick", "none", 0, {**tiny_overrides, "federation.num-rounds": 2}, [], tmp_path)
