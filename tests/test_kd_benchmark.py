@@ -72,7 +72,8 @@ def test_a_federation_whose_nodes_failed_the_last_round_is_an_error(monkeypatch,
     def fake_federation(grid, cfg):  # round 2 of 2: site-1's reply was dropped
         run_dir = tmp_path / "run"
         run_dir.mkdir()
-        rows = [{"round": 1, "site_id": "site-0", "test_map50": 0.2}, {"round": 1, "site_id": "site-1", "test_map50": 0.3},
+        rows = [{"round": 1, "site_id": "site-0", "test_map50": 0.2},
+                {"round": 1, "site_id": "site-1", "test_map50": 0.3},
                 {"round": 2, "site_id": "site-0", "test_map50": 0.4}]
         (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
         return types.SimpleNamespace(run_dir=run_dir)
