@@ -101,7 +101,8 @@ class LocalSite:
             return None, metrics
         total = sum(weights)
         return TeacherEnsemble(student, teachers, [w / total for w in weights],
-                               temperature=kd["temperature"], fg_threshold=kd["fg_threshold"]), metrics
+                               temperature=kd["temperature"], fg_threshold=kd["fg_threshold"],
+                               select=kd["select"]), metrics
 
     def evaluate(self, model, split: str):
         """Ultralytics' validator on one of this site's splits, at the evaluation settings."""

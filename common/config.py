@@ -172,6 +172,9 @@ class KDConfig:
     alpha: float = 0.5  # weight of the detection loss: alpha * det + (1 - alpha) * kd
     temperature: float = 1.0  # paper section 5.1
     fg_threshold: float = 0.25
+    # anchors distilled on (common.kd.detection_kd_loss): "teacher-fg", the paper's soft labels on the teacher's
+    # foreground; "teacher-better", only where the teacher is closer to the student's own labels than the student
+    select: str = "teacher-fg"
     start_round: int = 2  # teachers need a round of local training before they know anything
     cloud_rounds: list[int] = field(default_factory=list)
     cloud_epochs: int = 10
@@ -237,6 +240,7 @@ _CHOICES = {
     "kd.mode": ("none", "graph", "all"),
     "kd.teacher_rank": ("map_degree", "degree"),
     "kd.teacher_scope": ("global", "local"),
+    "kd.select": ("teacher-fg", "teacher-better"),
     "routing.offload": ("crops", "frame"),
     "routing.merge": ("cloud", "fuse"),
     "kd.class_weights": ("ones", "small"),

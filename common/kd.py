@@ -16,7 +16,9 @@ the student only. Choices where the paper is unclear:
   (``reg_max`` bins per side), averaged over the 4 sides. Both are averaged over
   the anchors the teacher marks as foreground (max class probability >= a
   threshold, at T = 1), pooled over all shared strides (so each anchor counts once
-  and finer levels weigh by their anchor count, like Ultralytics' own loss).
+  and finer levels weigh by their anchor count, like Ultralytics' own loss). With
+  the student's labels given (``truth``), only the anchors where the teacher is
+  closer to them than the student (*teacher-better* selection; not in the paper).
 * **Different heads.** Teacher and student may have different strides (PyraFAN:
   4/8/16, YOLO11: 8/16/32); we distil only on the strides both have.
 * **Several teachers.** Their soft outputs are mixed as *probabilities* (a mixture
@@ -258,8 +260,16 @@ class DetectionKDLoss(NamedTuple):
     total: torch.Tensor  # cls_weight * cls + box_weight * box
     cls: torch.Tensor  # Bernoulli KL term
     box: torch.Tensor  # DFL KL term
-    num_foreground: int  # anchors distilled on
+    num_foreground: int  # anchors the class term distilled on
     strides: tuple[int, ...]  # shared strides used
+
+
+class GroundTruth(NamedTuple):
+    """The student's labelled boxes of a batch, for :func:`detection_kd_loss`'s teacher-better selection."""
+
+    boxes: torch.Tensor  # (N, 4) xyxy, input pixels
+    classes: torch.Tensor  # (N,) class ids
+    image_index: torch.Tensor  # (N,) image of each box in the batch
 
 
 def detection_kd_loss(
@@ -270,11 +280,24 @@ def detection_kd_loss(
     cls_weight: float = 1.0,
     box_weight: float = 1.0,
     teacher_weights: Sequence[float] | None = None,
+    truth: GroundTruth | None = None,
 ) -> DetectionKDLoss:
     """Response-based detection distillation on the strides student and teacher(s) share (paper section 4.3, L_KD).
 
-    ``total = cls_weight * binary_kd + box_weight * dfl_kd``, both over the teacher's
-    foreground anchors of all shared strides pooled together.
+    ``total = cls_weight * binary_kd + box_weight * dfl_kd``, pooled over all shared strides,
+    each averaged over its selected anchors:
+
+    * without ``truth`` (the paper's soft labels): both over the teacher's foreground
+      anchors (max class probability >= ``fg_threshold``);
+    * with ``truth`` (the student's own labels; *teacher-better* selection): only where the
+      teacher is closer to the truth than the student, judged at T = 1 on detached outputs.
+      Class term: at an anchor of a labelled box (:func:`anchor_targets`) when the teacher
+      gives the box's class a higher probability than the student; at a background anchor
+      when the student fires there (max probability >= ``fg_threshold``) and the teacher
+      fires less. Box term: at an anchor of a labelled box when the teacher's decoded box
+      overlaps it more (IoU) than the student's. A teacher that is behind the student
+      anywhere (a peer the student has overtaken during the round, a site of another task)
+      then cannot pull it back there.
 
     Parameters
     ----------
@@ -311,7 +334,7 @@ def detection_kd_loss(
             f"no shared stride: student {sorted(student_levels)}, teacher(s) {[sorted(levels) for levels in teachers]}"
         )
 
-    s_cls, s_dfl, t_cls, t_dfl, fg = [], [], [], [], []
+    s_cls, s_dfl, t_cls, t_dfl, cls_masks, box_masks = [], [], [], [], [], []
     for stride in sorted(strides):
         _check_level(stride, student_levels, teachers)
         s_cls.append(_anchors_cls(student_levels[stride]["cls"]))  # (A_l, nc)
@@ -322,12 +345,93 @@ def detection_kd_loss(
             t_cls.append(mix_teachers([torch.sigmoid(z / temperature) for z in cls_logits], weights))
             t_dfl.append(mix_teachers([F.softmax(z / temperature, dim=-1) for z in dfl_logits], weights))
             confidence = mix_teachers([torch.sigmoid(z) for z in cls_logits], weights)  # T = 1
-            fg.append(confidence.amax(dim=-1) >= fg_threshold)  # (A_l,)
+            if truth is None:
+                cls_masks.append(confidence.amax(dim=-1) >= fg_threshold)  # (A_l,)
+                box_masks.append(cls_masks[-1])
+                continue
+            b, _, h, w = student_levels[stride]["cls"].shape
+            owner = anchor_targets(truth.boxes, truth.image_index, b, (h, w), stride).reshape(-1)  # (A_l,)
+            gt = owner >= 0
+            student = torch.sigmoid(s_cls[-1].detach())
+            k = truth.classes.long()[owner.clamp(min=0)]  # the owner's class (garbage where background)
+            cls_better = torch.where(gt, confidence.gather(1, k[:, None])[:, 0] > student.gather(1, k[:, None])[:, 0],
+                                     (student.amax(-1) >= fg_threshold) & (confidence.amax(-1) < student.amax(-1)))
+            ys, xs = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+            points = (torch.stack([xs, ys], -1).reshape(-1, 2).to(student) + 0.5).repeat(b, 1)  # (A_l, 2) cells
+            target = truth.boxes.to(student)[owner.clamp(min=0)]
+            t_iou = box_iou_pairs(dfl_boxes(mix_teachers([F.softmax(z, dim=-1) for z in dfl_logits], weights),
+                                            points, stride), target)
+            s_iou = box_iou_pairs(dfl_boxes(F.softmax(s_dfl[-1].detach(), dim=-1), points, stride), target)
+            cls_masks.append(cls_better)
+            box_masks.append(gt & (t_iou > s_iou))
 
-    mask = torch.cat(fg)  # (A,) over all shared levels
-    cls = binary_kd_loss_from_probs(torch.cat(s_cls), torch.cat(t_cls), temperature, mask)
-    box = dfl_kd_loss_from_probs(torch.cat(s_dfl), torch.cat(t_dfl), temperature, mask)
-    return DetectionKDLoss(cls_weight * cls + box_weight * box, cls, box, int(mask.sum()), tuple(sorted(strides)))
+    cls_mask, box_mask = torch.cat(cls_masks), torch.cat(box_masks)  # (A,) over all shared levels
+    cls = binary_kd_loss_from_probs(torch.cat(s_cls), torch.cat(t_cls), temperature, cls_mask)
+    box = dfl_kd_loss_from_probs(torch.cat(s_dfl), torch.cat(t_dfl), temperature, box_mask)
+    return DetectionKDLoss(cls_weight * cls + box_weight * box, cls, box, int(cls_mask.sum()),
+                           tuple(sorted(strides)))
+
+
+def anchor_targets(boxes: torch.Tensor, image_index: torch.Tensor, batch: int, shape: tuple[int, int],
+                   stride: int) -> torch.Tensor:
+    """Which ground-truth box each anchor of one level belongs to (-1: background), shape ``(B, H, W)``.
+
+    An anchor belongs to a box when its centre ``((x + 0.5) * stride, (y + 0.5) * stride)``
+    lies inside it; the anchor under the box's own centre always does, so a box smaller
+    than the stride still owns one anchor. Where boxes overlap the smallest one wins.
+
+    Parameters
+    ----------
+    boxes : torch.Tensor
+        ``(N, 4)`` xyxy in input pixels.
+    image_index : torch.Tensor
+        ``(N,)`` image of each box in the batch.
+    batch : int
+        B.
+    shape : (H, W) of the level.
+    stride : int
+
+    Examples
+    --------
+    Stride 8, a 4x4 level, box (0, 0, 12, 12) in image 0: anchor centres 4 and 12 ->
+    only (0, 0) lies inside (12 is on the edge, not inside) -> target[0] = [[0, -1, ...], ...].
+    """
+    h, w = shape
+    out = torch.full((batch, h, w), -1, dtype=torch.long, device=boxes.device)
+    if not len(boxes):
+        return out
+    cx = (torch.arange(w, device=boxes.device) + 0.5) * stride
+    cy = (torch.arange(h, device=boxes.device) + 0.5) * stride
+    x1, y1, x2, y2 = boxes.unbind(-1)
+    inside = ((cx[None, None, :] > x1[:, None, None]) & (cx[None, None, :] < x2[:, None, None])
+              & (cy[None, :, None] > y1[:, None, None]) & (cy[None, :, None] < y2[:, None, None]))  # (N, H, W)
+    n = torch.arange(len(boxes), device=boxes.device)
+    ix = ((x1 + x2) / 2 / stride).long().clamp(0, w - 1)
+    iy = ((y1 + y2) / 2 / stride).long().clamp(0, h - 1)
+    inside[n, iy, ix] = True
+    for k in torch.argsort((x2 - x1) * (y2 - y1), descending=True).tolist():  # smaller boxes written last
+        out[int(image_index[k])][inside[k]] = k
+    return out
+
+
+def dfl_boxes(dfl_probs: torch.Tensor, anchors: torch.Tensor, stride: float | torch.Tensor) -> torch.Tensor:
+    """Boxes (xyxy, pixels) from DFL bin probabilities ``(A, 4, reg_max)`` at anchor points ``(A, 2)`` (in cells).
+
+    Side distances are the expected bin ``sum_i i * p_i`` (left, top, right, bottom, in
+    cells), as in Ultralytics' ``DFL`` + ``dist2bbox``. Example: all mass on bin 1 at
+    anchor (2.5, 2.5), stride 8 -> (12, 12, 28, 28).
+    """
+    bins = torch.arange(dfl_probs.shape[-1], dtype=dfl_probs.dtype, device=dfl_probs.device)
+    d = (dfl_probs * bins).sum(-1)  # (A, 4)
+    return torch.cat([anchors - d[:, :2], anchors + d[:, 2:]], -1) * stride
+
+
+def box_iou_pairs(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """IoU of matching rows of two ``(A, 4)`` xyxy tensors. Example: (0,0,2,2) vs (1,0,3,2) -> 1/3."""
+    wh = (torch.minimum(a[:, 2:], b[:, 2:]) - torch.maximum(a[:, :2], b[:, :2])).clamp(min=0)
+    inter = wh[:, 0] * wh[:, 1]
+    area = (a[:, 2:] - a[:, :2]).clamp(min=0).prod(-1) + (b[:, 2:] - b[:, :2]).clamp(min=0).prod(-1)
+    return inter / (area - inter).clamp(min=1e-9)
 
 
 def _check_level(stride: int, student_levels: Mapping, teachers: Sequence[Mapping]) -> None:

@@ -24,6 +24,8 @@ EPOCHS = "epochs"
 KD_ALPHA = "kd-alpha"
 KD_TEMPERATURE = "kd-temperature"
 KD_FG_THRESHOLD = "kd-fg-threshold"
+KD_SELECTIONS = ("teacher-fg", "teacher-better")
+KD_SELECT = "kd-select"  # which anchors are distilled on: "teacher-fg" or "teacher-better" (common.distill)
 TEACHER_IDS = "teacher-ids"
 TEACHER_WEIGHTS = "teacher-weights"
 TEACHER_ARCHS = "teacher-archs"
@@ -123,7 +125,7 @@ def parse_train_metrics(metrics: Mapping[str, Any], nc: int) -> dict[str, Any]:
 def parse_kd_config(config: Mapping[str, Any], teacher_records: list) -> dict[str, Any] | None:
     """The distillation part of a train message: ``None`` for plain local training.
 
-    Returns ``{"teachers": [(record, arch, weight)], "alpha", "temperature", "fg_threshold"}``.
+    Returns ``{"teachers": [(record, arch, weight)], "alpha", "temperature", "fg_threshold", "select", ...}``.
     """
     ids = config.get(TEACHER_IDS)
     if not ids:
@@ -139,7 +141,9 @@ def parse_kd_config(config: Mapping[str, Any], teacher_records: list) -> dict[st
         raise ProtocolError(f"message has no weights for teacher record(s) {missing}")
     out = {"teachers": list(zip(teacher_records, archs, [float(w) for w in weights])), "ids": list(ids),
            "student_check": bool(config.get(KD_STUDENT_CHECK, False)),
-           "check_margin": float(config.get(KD_CHECK_MARGIN, 0.0))}
+           "check_margin": float(config.get(KD_CHECK_MARGIN, 0.0)), "select": config.get(KD_SELECT, "teacher-fg")}
+    if out["select"] not in KD_SELECTIONS:
+        raise ProtocolError(f"{where}: '{KD_SELECT}'={out['select']!r} must be one of {KD_SELECTIONS}")
     for key, name in ((KD_ALPHA, "alpha"), (KD_TEMPERATURE, "temperature"), (KD_FG_THRESHOLD, "fg_threshold")):
         out[name] = _number(config, key, where)
     return out

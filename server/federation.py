@@ -138,7 +138,7 @@ def run_federation(grid, cfg: CedarConfig) -> RunOutputs:
         aggregation=cfg.federation.aggregation, mode=k.mode, rho=k.rho, teacher_rank=k.teacher_rank,
         teacher_scope=k.teacher_scope, better_only=k.better_only, sigma_s_km=k.sigma_s_km,
         min_weight=k.min_weight, class_weights=_class_weights(cfg, bench_yaml, len(names)), alpha=k.alpha,
-        temperature=k.temperature, fg_threshold=k.fg_threshold, student_check=k.student_check,
+        temperature=k.temperature, fg_threshold=k.fg_threshold, select=k.select, student_check=k.student_check,
         check_margin=k.check_margin, start_round=k.start_round,
         cloud_rounds=tuple(k.cloud_rounds), cloud_fn=cloud, edge_arch=cfg.model.edge, t_cycle=k.t_cycle,
         delta_down=k.delta_down, patience=k.patience,

@@ -49,7 +49,8 @@ class GraphKDStrategy(PersonalizedStrategy):
                  teacher_scope: str = "global",
                  better_only: bool = True, sigma_s_km: float = 5.0, min_weight: float = 0.0,
                  class_weights: list[float] | None = None, alpha: float = 0.5, temperature: float = 1.0,
-                 fg_threshold: float = 0.25, student_check: bool = True, check_margin: float = 0.05,
+                 fg_threshold: float = 0.25, select: str = "teacher-fg", student_check: bool = True,
+                 check_margin: float = 0.05,
                  start_round: int = 1,
                  cloud_rounds: tuple[int, ...] = (), cloud_fn: CloudFn | None = None, edge_arch: str = "yolo11n",
                  t_cycle: int = 1, delta_down: float = 0.05, patience: int = 2, **kwargs):
@@ -68,7 +69,7 @@ class GraphKDStrategy(PersonalizedStrategy):
         self.class_weights = class_weights
         self.kd = {P.KD_ALPHA: float(alpha), P.KD_TEMPERATURE: float(temperature),
                    P.KD_FG_THRESHOLD: float(fg_threshold), P.KD_STUDENT_CHECK: bool(student_check),
-                   P.KD_CHECK_MARGIN: float(check_margin)}
+                   P.KD_CHECK_MARGIN: float(check_margin), P.KD_SELECT: str(select)}
         self.start_round = start_round
         self.cloud_rounds, self.cloud_fn, self.edge_arch = set(cloud_rounds), cloud_fn, edge_arch
         self.maintenance = GraphMaintenance(t_cycle, delta_down, patience)

@@ -206,6 +206,7 @@ def test_wrong_type_is_named(overrides, key):
         ({"data.num-sites": 0}, "data.num_sites"),
         ({"train.epochs-per-round": -1}, "train.epochs_per_round"),
         ({"train.finetune-lr0": 0}, "train.finetune_lr0"),
+        ({"kd.select": "everything"}, "kd.select"),
         ({"data.small-px": [15, 5]}, "data.small_px"),
         ({"data.large-px": [16]}, "data.large_px"),
         ({"data.source": "yolo"}, "data.site_data"),

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from common import yolo
-from common.distill import TeacherEnsemble
+from common.distill import TeacherEnsemble, ground_truth
 
 NC = 8
 
@@ -66,3 +66,35 @@ def test_teacher_weights_must_match_teachers():
     student = yolo.build_model("yolo11n", NC, seed=1)
     with pytest.raises(ValueError, match="one weight per teacher"):
         TeacherEnsemble(student, [student], [0.5, 0.5])
+
+
+def test_ground_truth_is_the_batch_labels_in_pixels():
+    # one 64 x 128 image; box centre (0.5, 0.5), size (0.25, 0.5) of the image -> (48, 16) to (80, 48) px
+    batch = {"bboxes": torch.tensor([[0.5, 0.5, 0.25, 0.5]]), "cls": torch.tensor([[3.0]]),
+             "batch_idx": torch.tensor([0.0])}
+    truth = ground_truth(batch, torch.zeros(1, 3, 64, 128))
+    assert truth.boxes.tolist() == [[48.0, 16.0, 80.0, 48.0]]
+    assert truth.classes.tolist() == [3] and truth.image_index.tolist() == [0]
+
+
+def test_teacher_better_selection_uses_the_student_labels(tiny_benchmark):
+    """A teacher identical to the student is nowhere closer to the labels: nothing to distil; a trained one is."""
+    student = yolo.build_model("yolo11n", NC, seed=1).eval()
+    trained = yolo.build_model("yolo11n", NC, seed=1)
+    _train(trained, tiny_benchmark.site_data(0))
+    loader, _ = yolo.make_train_loader(tiny_benchmark.site_data(0), imgsz=128, batch=4, stride=32, mosaic=0.0,
+                                       workers=0, seed=0)
+    batch = next(iter(loader))
+    images = batch["img"].float() / 255
+    twin = TeacherEnsemble(student, [yolo.build_model("yolo11n", NC, seed=1)], [1.0], select="teacher-better")
+    other = TeacherEnsemble(student, [trained], [1.0], select="teacher-better")
+
+    with torch.no_grad():
+        preds = student(images)
+        twin(images, preds, batch), other(images, preds, batch)
+
+    assert len(batch["cls"]) > 0
+    assert twin.last.num_foreground == 0 and twin.last.total.item() == 0.0
+    assert other.last.num_foreground > 0 and other.last.total.item() > 0
+    with pytest.raises(ValueError, match="select='teacher-worse'"):
+        TeacherEnsemble(student, [student], [1.0], select="teacher-worse")

@@ -122,6 +122,7 @@ def test_round_sends_each_student_its_teachers_and_weights():
     # distillation inside the round's own local epochs: no extra training for the students
     assert cfg[P.EPOCHS] == 4 and cfg[P.SERVER_ROUND] == 2
     assert cfg[P.KD_ALPHA] == 0.5 and cfg[P.KD_TEMPERATURE] == 1.0 and cfg[P.KD_STUDENT_CHECK] is True
+    assert cfg[P.KD_SELECT] == "teacher-fg"
     for i, t in enumerate(sorted(mixing)):  # teacher i's record holds teacher i's round-1 weights
         assert kd_msg.content[P.teacher_record(i)]["w"].numpy().tolist() == [float(t[-1])]
     assert kd_msg.content[P.ARRAYS]["w"].numpy().tolist() == [float(student[-1])]  # its own round-1 model
@@ -279,6 +280,10 @@ def test_kd_config_parsing_names_bad_keys():
         P.parse_kd_config(good, [recs[0], None])
     with pytest.raises(P.ProtocolError, match=P.KD_TEMPERATURE):
         P.parse_kd_config(ConfigRecord({k: v for k, v in good.items() if k != P.KD_TEMPERATURE}), recs)
+    assert kd["select"] == "teacher-fg"  # a server from before the selection rule: the paper's soft labels
+    assert P.parse_kd_config(ConfigRecord({**good, P.KD_SELECT: "teacher-better"}), recs)["select"] == "teacher-better"
+    with pytest.raises(P.ProtocolError, match="'kd-select'='teacher-worse'"):
+        P.parse_kd_config(ConfigRecord({**good, P.KD_SELECT: "teacher-worse"}), recs)
 
 
 def test_dropped_student_reply_keeps_the_round_going():

@@ -8,8 +8,12 @@ import torch
 import torch.nn.functional as F
 
 from common.kd import (
+    GroundTruth,
+    anchor_targets,
     binary_kd_loss,
+    box_iou_pairs,
     detection_kd_loss,
+    dfl_boxes,
     dfl_kd_loss,
     foreground_mask,
     kd_loss,
@@ -362,3 +366,65 @@ def test_detection_kd_loss_rejects_unshared_or_mismatched_levels():
         detection_kd_loss({8: _level([0.0], [0.0] * 8)}, {8: _level([0.0, 0.0], [0.0] * 8)}, 1.0, 0.5)
     with pytest.raises(ValueError, match="needs 'cls' and 'dfl'"):
         detection_kd_loss({8: {"cls": torch.zeros(1, 1, 1, 1)}}, {8: _level([0.0], [0.0] * 8)}, 1.0, 0.5)
+
+
+# --- teacher-better selection (the student's labels decide where the teacher knows better) ---------------------
+
+
+def test_anchor_targets_hand_worked():
+    """Anchors whose centre lies inside a box (the one under its centre always), the smallest box winning."""
+    # Stride 8, 4x4 level (anchor centres 4, 12, 20, 28). Box 0 covers image 0; box 1 (0, 0, 12, 12) holds only
+    # centre (4, 4) (12 is on its edge) and wins there; box 2 in image 1 holds no centre: its own (18, 18) -> (2, 2).
+    boxes = torch.tensor([[0.0, 0.0, 32.0, 32.0], [0.0, 0.0, 12.0, 12.0], [17.0, 17.0, 19.0, 19.0]])
+    owner = anchor_targets(boxes, torch.tensor([0, 0, 1]), batch=2, shape=(4, 4), stride=8)
+    expected = torch.full((2, 4, 4), -1)
+    expected[0] = 0
+    expected[0, 0, 0] = 1
+    expected[1, 2, 2] = 2
+    assert torch.equal(owner, expected)
+    assert torch.equal(anchor_targets(torch.zeros(0, 4), torch.zeros(0), 1, (2, 2), 8), torch.full((1, 2, 2), -1))
+
+
+def test_dfl_boxes_and_pairwise_iou_hand_worked():
+    probs = torch.tensor([[0.0, 1.0]]).repeat(4, 1)[None]  # (1, 4, 2): every side at bin 1
+    assert dfl_boxes(probs, torch.tensor([[2.5, 2.5]]), 8).tolist() == [[12.0, 12.0, 28.0, 28.0]]
+    iou = box_iou_pairs(torch.tensor([[0.0, 0, 2, 2], [0, 0, 1, 1]]), torch.tensor([[1.0, 0, 3, 2], [2, 2, 3, 3]]))
+    assert iou.tolist() == pytest.approx([1 / 3, 0.0])
+
+
+def _two_anchors(teacher_first: bool):
+    """Stride 8, one image, a 1x2 level, nc = 2, reg_max = 2; a class-0 box (0, 0, 8, 8) owns anchor 0 only.
+
+    The better side: anchor 0 class-0 logit 0 (p 0.5) and DFL [0, 0] per side (distance 0.5 cell: the box
+    exactly, IoU 1); anchor 1 (background) logits -5. The worse side: anchor 0 logit -ln 3 (p 0.25) and DFL
+    [0, ln 3] (distance 0.75: box (-2, -2, 10, 10), IoU 64/144); anchor 1 fires at ln 3 (p 0.75).
+    """
+    def level(cls0, cls1, dfl):  # (1, nc, 1, 2) and (1, 8, 1, 2): anchor 0 then anchor 1 along W
+        return {"cls": torch.tensor([cls0, cls1]).T.reshape(1, 2, 1, 2),
+                "dfl": torch.tensor([dfl, [0.0] * 8]).T.reshape(1, 8, 1, 2)}
+    good = level([0.0, -5.0], [-5.0, -5.0], [0.0] * 8)
+    bad = level([-LN3, -5.0], [LN3, -5.0], [0.0, LN3] * 4)
+    truth = GroundTruth(torch.tensor([[0.0, 0.0, 8.0, 8.0]]), torch.tensor([0]), torch.tensor([0]))
+    return ({8: bad}, {8: good}, truth) if teacher_first else ({8: good}, {8: bad}, truth)
+
+
+def test_teacher_better_selection_hand_worked():
+    """Paper 4.3 L_KD with the student's labels: distil only where the teacher is closer to the truth."""
+    student, teacher, truth = _two_anchors(teacher_first=True)
+    result = detection_kd_loss(student, teacher, 1.0, fg_threshold=0.5, truth=truth)
+    # class term: anchor 0 (teacher 0.5 > student 0.25 on class 0) -> 0.14384 (class 1 equal: 0); anchor 1
+    # (student fires at 0.75 >= 0.5, the teacher at 0.0067) -> KL(Bern(sigmoid(-5)) || Bern(0.75)); mean of both
+    background = binary_kd_loss(torch.tensor([[LN3]]), torch.tensor([[-5.0]]), 1.0).item()
+    assert result.num_foreground == 2
+    assert result.cls.item() == pytest.approx((KL_HALF_VS_QUARTER + background) / 2, rel=1e-5)
+    # box term: anchor 0 only (teacher IoU 1 > student 64/144): every side KL([.5, .5] || [.25, .75])
+    assert result.box.item() == pytest.approx(KL_HALF_VS_QUARTER, rel=1e-5)
+
+
+def test_teacher_better_selection_ignores_a_teacher_behind_the_student():
+    # the same two anchors with the roles swapped: the teacher is worse everywhere, so nothing is distilled
+    student, teacher, truth = _two_anchors(teacher_first=False)
+    result = detection_kd_loss(student, teacher, 1.0, fg_threshold=0.5, truth=truth)
+    assert result.num_foreground == 0 and result.total.item() == 0.0
+    # while the teacher's own foreground (anchor 1 at 0.75) is what soft-label KD would distil on
+    assert detection_kd_loss(student, teacher, 1.0, fg_threshold=0.5).num_foreground == 1
