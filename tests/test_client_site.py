@@ -361,7 +361,7 @@ def test_student_check_keeps_only_teachers_better_by_more_than_the_margin(monkey
     monkeypatch.setattr(site, "evaluate", lambda model, split: SimpleNamespace(map50=scores[id(model)]))
     record = lambda name: SimpleNamespace(to_torch_state_dict=lambda: name)  # noqa: E731
     kd = {"teachers": [(record(n), "yolo11n", w) for n, w in zip("abc", (0.2, 0.5, 0.3))], "ids": list("abc"),
-          "temperature": 1.0, "fg_threshold": 0.25, "student_check": True, "check_margin": 0.05}
+          "temperature": 1.0, "fg_threshold": 0.25, "select": "teacher-fg", "student_check": True, "check_margin": 0.05}
 
     ensemble, metrics = site.distiller(student, kd)
 
