@@ -173,8 +173,11 @@ class KDConfig:
     temperature: float = 1.0  # paper section 5.1
     fg_threshold: float = 0.25
     # anchors distilled on (common.kd.detection_kd_loss): "teacher-fg", the paper's soft labels on the teacher's
-    # foreground; "teacher-better", only where the teacher is closer to the student's own labels than the student
-    select: str = "teacher-fg"
+    # foreground; "teacher-better", only where the teacher is closer to the student's own labels than the student.
+    # select: edge teachers (peers of the student's own level, benchmarks/results/reproduce_*.md);
+    # cloud_select: a student whose teachers include the cloud model (stronger everywhere)
+    select: str = "teacher-better"
+    cloud_select: str = "teacher-fg"
     start_round: int = 2  # teachers need a round of local training before they know anything
     cloud_rounds: list[int] = field(default_factory=list)
     cloud_epochs: int = 10
@@ -241,6 +244,7 @@ _CHOICES = {
     "kd.teacher_rank": ("map_degree", "degree"),
     "kd.teacher_scope": ("global", "local"),
     "kd.select": ("teacher-fg", "teacher-better"),
+    "kd.cloud_select": ("teacher-fg", "teacher-better"),
     "routing.offload": ("crops", "frame"),
     "routing.merge": ("cloud", "fuse"),
     "kd.class_weights": ("ones", "small"),

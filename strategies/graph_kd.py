@@ -49,7 +49,8 @@ class GraphKDStrategy(PersonalizedStrategy):
                  teacher_scope: str = "global",
                  better_only: bool = True, sigma_s_km: float = 5.0, min_weight: float = 0.0,
                  class_weights: list[float] | None = None, alpha: float = 0.5, temperature: float = 1.0,
-                 fg_threshold: float = 0.25, select: str = "teacher-fg", student_check: bool = True,
+                 fg_threshold: float = 0.25, select: str = "teacher-better", cloud_select: str = "teacher-fg",
+                 student_check: bool = True,
                  check_margin: float = 0.05,
                  start_round: int = 1,
                  cloud_rounds: tuple[int, ...] = (), cloud_fn: CloudFn | None = None, edge_arch: str = "yolo11n",
@@ -70,6 +71,10 @@ class GraphKDStrategy(PersonalizedStrategy):
         self.kd = {P.KD_ALPHA: float(alpha), P.KD_TEMPERATURE: float(temperature),
                    P.KD_FG_THRESHOLD: float(fg_threshold), P.KD_STUDENT_CHECK: bool(student_check),
                    P.KD_CHECK_MARGIN: float(check_margin), P.KD_SELECT: str(select)}
+        self.cloud_select = str(cloud_select)
+        for value in (select, cloud_select):
+            if value not in P.KD_SELECTIONS:
+                raise ValueError(f"select={value!r}: expected one of {P.KD_SELECTIONS}")
         self.start_round = start_round
         self.cloud_rounds, self.cloud_fn, self.edge_arch = set(cloud_rounds), cloud_fn, edge_arch
         self.maintenance = GraphMaintenance(t_cycle, delta_down, patience)
@@ -165,6 +170,7 @@ class GraphKDStrategy(PersonalizedStrategy):
                 continue
             config = msg.content[P.CONFIG]
             config.update({**self.kd, P.TEACHER_IDS: ids, P.TEACHER_WEIGHTS: [float(teachers[t]) for t in ids],
+                           **({P.KD_SELECT: self.cloud_select} if "cloud" in ids else {}),
                            P.TEACHER_ARCHS: [cloud[1] if t == "cloud" else self.edge_arch for t in ids]})
             for i, t in enumerate(ids):
                 msg.content[P.teacher_record(i)] = cloud[0] if t == "cloud" else self.arrays[t]

@@ -122,7 +122,7 @@ def test_round_sends_each_student_its_teachers_and_weights():
     # distillation inside the round's own local epochs: no extra training for the students
     assert cfg[P.EPOCHS] == 4 and cfg[P.SERVER_ROUND] == 2
     assert cfg[P.KD_ALPHA] == 0.5 and cfg[P.KD_TEMPERATURE] == 1.0 and cfg[P.KD_STUDENT_CHECK] is True
-    assert cfg[P.KD_SELECT] == "teacher-fg"
+    assert cfg[P.KD_SELECT] == "teacher-better"  # edge peers: only where they know better (kd.select)
     for i, t in enumerate(sorted(mixing)):  # teacher i's record holds teacher i's round-1 weights
         assert kd_msg.content[P.teacher_record(i)]["w"].numpy().tolist() == [float(t[-1])]
     assert kd_msg.content[P.ARRAYS]["w"].numpy().tolist() == [float(student[-1])]  # its own round-1 model
@@ -208,6 +208,7 @@ def test_cloud_round_makes_the_cloud_model_every_sites_teacher():
         assert cfg[P.TEACHER_IDS] == ["cloud"] and cfg[P.TEACHER_ARCHS] == ["yolo11s"]
         assert cfg[P.TEACHER_WEIGHTS] == [1.0]
         assert m.content[P.teacher_record(0)]["w"].numpy().tolist() == [99.0]
+        assert cfg[P.KD_SELECT] == "teacher-fg"  # the cloud's soft labels everywhere (kd.cloud-select)
 
 
 def test_cloud_round_with_graph_mode_mixes_cloud_and_edge_teachers_half_and_half():
@@ -225,6 +226,12 @@ def test_cloud_round_with_graph_mode_mixes_cloud_and_edge_teachers_half_and_half
         expected = {"cloud": 0.5, **{t: w / 2 for t, w in mixing.items()}} if site == student else {"cloud": 1.0}
         assert dict(zip(cfg[P.TEACHER_IDS], cfg[P.TEACHER_WEIGHTS])) == pytest.approx(expected)
         assert sum(cfg[P.TEACHER_WEIGHTS]) == pytest.approx(1.0)
+        assert cfg[P.KD_SELECT] == "teacher-fg"  # the cloud among the teachers: kd.cloud-select for the mixture
+
+
+def test_unknown_selection_rule_is_named():
+    with pytest.raises(ValueError, match="select='teacher-worse'"):
+        _strategy(cloud_select="teacher-worse")
 
 
 def test_cloud_rounds_need_a_cloud_model():
