@@ -57,7 +57,8 @@ def to_markdown(rows: list[dict], meta: dict) -> str:
         return statistics.fmean(r["final_test_map50"].values())
 
     lines = ["# Learning rate of the continuation rounds (`train.finetune_lr0`)", "",
-             f"`{meta['command']}` on {meta['machine']}, {meta['date']}; {meta['wall_s'] / 60:.1f} min wall, "
+             f"`{meta['command']}` on {meta['machine']}, {meta['date']}; {meta['wall_s'] / 60:.1f} min wall for "
+             f"the {len(rows) - meta['cached']} runs of this invocation ({meta['cached']} from an earlier one's cache), "
              f"{meta['workers']} jobs at a time, 1 torch thread each. From the `{meta['preset']}` reproduction's "
              "round-1 models (same models, same data order per seed), its round 2 "
              f"({meta['epochs']} epochs) at each peak learning rate; mean test mAP50 over the sites. "
@@ -122,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     meta = {"command": "python -m benchmarks.finetune_lr " + " ".join(argv if argv is not None else sys.argv[1:]),
             "machine": f"{cpu_model_name()}, {os.cpu_count()} CPU cores", "preset": args.preset,
             "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "wall_s": time.perf_counter() - t0,
-            "workers": args.workers, "lrs": args.lrs, "seeds": seeds, "variants": args.variants,
+            "workers": args.workers, "cached": len(have), "lrs": args.lrs, "seeds": seeds, "variants": args.variants,
             "epochs": cfg.reproduce.epochs_per_round,
             "base": {s: statistics.fmean(done[f"fed:base:{s}"]["final_test_map50"].values()) for s in seeds}}
     write_report(args.out / "finetune_lr", {"meta": meta, "runs": rows}, to_markdown(rows, meta))
