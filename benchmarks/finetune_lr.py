@@ -29,7 +29,7 @@ from multiprocessing import get_context
 from pathlib import Path
 
 from benchmarks.harness import cpu_model_name, write_report
-from benchmarks.reproduce import RESULTS, job_config, run_job, settings_key
+from benchmarks.reproduce import RESULTS, job_config, load_cache, run_job, settings_key
 
 log = logging.getLogger("benchmarks.finetune_lr")
 
@@ -46,7 +46,7 @@ def reproduction_jobs(preset: str, work: Path) -> dict:
     key, cache = settings_key(preset, {}, cfg), work / "jobs.jsonl"
     if not cache.is_file():
         raise FileNotFoundError(f"{cache}: run `python -m benchmarks.reproduce --preset {preset}` first")
-    return {r["job"]: r["result"] for r in map(json.loads, cache.read_text().splitlines()) if r["key"] == key}
+    return load_cache(cache, key)
 
 
 def to_markdown(rows: list[dict], meta: dict) -> str:

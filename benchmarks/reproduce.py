@@ -291,18 +291,30 @@ def settings_key(preset: str, overrides: dict, cfg) -> str:
                        "reproduce": {k: v for k, v in flat.items() if k.startswith("reproduce.")}}, sort_keys=True)
 
 
+def job_definition(job: str) -> str:
+    """What a job runs beyond the settings key: a federation's variant, its extra overrides and its base."""
+    kind, *rest = job.split(":")
+    return json.dumps(FEDERATIONS[rest[0]]) if kind == "fed" and rest[0] in FEDERATIONS else ""
+
+
+def load_cache(cache: Path, key: str) -> dict:
+    """``{job: result}`` of the cached jobs run under ``key`` and under their current definition (a federation
+    whose variant changed since, e.g. another KD setting, runs again)."""
+    done = {}
+    for line in cache.read_text().splitlines() if cache.is_file() else []:
+        rec = json.loads(line)
+        if rec["key"] == key and rec.get("definition") == job_definition(rec["job"]):
+            done[rec["job"]] = rec["result"]
+    return done
+
+
 def run_all(preset: str, overrides: dict, work: Path) -> tuple[dict, float]:
     """Every job, ``workers`` at a time, resuming from ``work/jobs.jsonl``; returns (results, wall seconds)."""
     cfg, _ = job_config(preset, overrides)
     key = settings_key(preset, overrides, cfg)
     work.mkdir(parents=True, exist_ok=True)
     cache = work / "jobs.jsonl"
-    done = {}
-    if cache.is_file():
-        for line in cache.read_text().splitlines():
-            rec = json.loads(line)
-            if rec["key"] == key:
-                done[rec["job"]] = rec["result"]
+    done = load_cache(cache, key)
     jobs = plan_jobs(cfg)
     pending = {j: deps for j, deps in jobs.items() if j not in done}
     t0 = time.perf_counter()
@@ -325,7 +337,8 @@ def run_all(preset: str, overrides: dict, work: Path) -> tuple[dict, float]:
                 job = running.pop(fut)
                 done[job] = fut.result()  # a failed job stops the reproduction (the others stay cached)
                 with cache.open("a") as f:
-                    f.write(json.dumps({"job": job, "key": key, "result": done[job]}) + "\n")
+                    f.write(json.dumps({"job": job, "key": key, "definition": job_definition(job),
+                                        "result": done[job]}) + "\n")
                 log.info("done %s (%.0f s); %d left", job, done[job]["seconds"], len(pending) + len(running))
     return {j: done[j] for j in jobs}, time.perf_counter() - t0
 

@@ -83,3 +83,21 @@ def test_reproduce_runs_every_job_writes_the_report_and_resumes(tiny_overrides, 
     assert [up[s]["bytes"] for s in sizes] == sorted(up[s]["bytes"] for s in sizes)
     edge_link, cloud_link = reproduce.LINKS
     assert all(up[s][cloud_link] > up[s][edge_link] for s in sizes)
+
+
+def test_cache_keeps_only_jobs_run_under_the_current_settings_and_definitions(tmp_path):
+    """A federation whose variant definition changed (e.g. another KD rule for one variant) runs again."""
+    key = "settings"
+    current = reproduce.job_definition("fed:noisy-all:0")
+    rows = [{"job": "cloud", "key": key, "definition": "", "result": {"weights": "c.pt"}},
+            {"job": "fed:none:0", "key": key, "definition": reproduce.job_definition("fed:none:0"), "result": 1},
+            {"job": "fed:none:1", "key": "other settings", "definition": reproduce.job_definition("fed:none:1"),
+             "result": 2},
+            {"job": "fed:noisy-all:0", "key": key, "definition": current.replace("all", "graph"), "result": 3},
+            {"job": "fed:graph:0", "key": key, "result": 4}]  # written before definitions were recorded
+    cache = tmp_path / "jobs.jsonl"
+    cache.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    assert reproduce.load_cache(cache, key) == {"cloud": {"weights": "c.pt"}, "fed:none:0": 1}
+    assert reproduce.load_cache(tmp_path / "missing.jsonl", key) == {}
+    assert '"all"' in current and reproduce.job_definition("collab:0") == ""
