@@ -320,7 +320,8 @@ def measure(args, cfg, bench, workdir: Path) -> dict:
     edges = {arch: edge_model(cfg, bench, arch, args.site, args.seed) for arch in args.edge_models}
     cloud = cloud_model(cfg, bench, args.seed, args.cloud_iters)
     kw = dict(imgsz=cfg.train.imgsz, conf=r.det_conf, iou=cfg.eval.iou)
-    base = EdgeSettings(site=site_id, t_conf=r.t_conf, t_size=r.t_size, n_frames=r.n_frames, drain_timeout=600)
+    base = EdgeSettings(site=site_id, t_conf=r.t_conf, t_size=r.t_size, n_frames=r.n_frames, drain_timeout=600,
+                        keep_unanswered=False, merge="cloud")  # the paper's merge; MERGES gives the others
     main_arch = args.edge_models[0]
     result: dict = {"edge_weights": {a: str(p) for a, p in edges.items()}, "cloud_weights": str(cloud)}
     from common import yolo
@@ -439,8 +440,8 @@ def to_markdown(res: dict, settings: dict) -> str:
     lines += [
         "",
         "Merge policies (`common.routing.merge`, scored on the same cloud answers): `cloud` = the cloud's box "
-        "replaces every edge box it overlaps and offloaded edge boxes it did not answer are dropped (the runtime's "
-        "default); `+keep` = those unanswered edge boxes stay (`--keep-unanswered`); `fuse` = overlapping edge and "
+        "replaces every edge box it overlaps and offloaded edge boxes it did not answer are dropped (the paper's "
+        "merge); `+keep` = those unanswered edge boxes stay (`--keep-unanswered`, the runtime's default); `fuse` = overlapping edge and "
         "cloud boxes become one (confidence-weighted box, noisy-or confidence; `--merge fuse`).",
         "",
         "Against the paper (VisDrone; ours: the built-in benchmark, so only the directions compare; "

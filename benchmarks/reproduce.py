@@ -201,7 +201,7 @@ def collab_job(cfg, seed: int, done: dict, work: Path) -> dict:
             (tmp / site_id).mkdir()
             client = CloudClient(url, token, site_id, timeout=120)
             base = EdgeSettings(site=site_id, t_conf=r.t_conf, t_size=r.t_size, n_frames=r.n_frames,
-                                drain_timeout=600)
+                                drain_timeout=600, keep_unanswered=False, merge="cloud")  # the paper's merge
             images = bench.site_dir(site) / "images" / "test"
             _, image_gts = read_split(bench.site_dir(site), "test")
             video = bench.video_dir(site)
@@ -435,9 +435,9 @@ def to_markdown(summary: dict, results: dict, meta: dict) -> str:
                      f"{_rel(o['images']['map50'][0], oe['images']['map50'][0])} | {p[1]:.3f} | {_rel(p[1], pe[1])} | "
                      f"{_ms(o['video']['map50'])} | {_rel(o['video']['map50'][0], oe['video']['map50'][0])} |")
     if summary["merges"]:
-        lines += ["", "The collaboration row uses the runtime's defaults: crops around the ambiguous edge boxes are "
+        lines += ["", "The collaboration row uses the paper's merge: crops around the ambiguous edge boxes are "
                   "offloaded and the cloud's box replaces the edge boxes it overlaps (offloaded edge boxes it does "
-                  "not answer are dropped). Below, the YOLO11n edge's collaboration offloading crops or whole "
+                  "not answer are dropped; the runtime now keeps them by default, `crops cloud+keep`). Below, the YOLO11n edge's collaboration offloading crops or whole "
                   "keyframes (`frame`), each under every policy of `common.routing.merge` on the same cloud answers "
                   "(`+keep`: unanswered edge boxes stay; `fuse`: overlapping edge and cloud boxes become one, "
                   "noisy-or confidence); `crops cloud` is the collaboration row:", "",

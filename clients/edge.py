@@ -1051,7 +1051,7 @@ class EdgeSettings:
     min_crop: int = 32
     jpeg_quality: int = 90
     merge_iou: float = 0.5
-    keep_unanswered: bool = False  # offloaded edge boxes no cloud box overlaps stay (common.routing.merge)
+    keep_unanswered: bool = True  # offloaded edge boxes no cloud box overlaps stay (common.routing.merge)
     merge: str = "cloud"  # "cloud" wins overlaps or "fuse" edge and cloud boxes (common.routing.merge)
     drain_timeout: float = 30.0
     retry_base: float = 0.5
@@ -1348,8 +1348,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--min-crop", type=int, default=32, help="minimum crop side in px")
     p.add_argument("--jpeg-quality", type=int, default=90)
     p.add_argument("--merge-iou", type=float, default=0.5)
-    p.add_argument("--keep-unanswered", action="store_true",
-                   help="keep offloaded edge detections that no cloud detection overlaps")
+    p.add_argument("--keep-unanswered", action=argparse.BooleanOptionalAction, default=True,
+                   help="keep offloaded edge detections that no cloud detection overlaps (--no-keep-unanswered: "
+                        "the paper's merge, the cloud's answer alone)")
     p.add_argument("--merge", choices=MERGE_POLICIES, default="cloud",
                    help="edge and cloud boxes that overlap: the cloud's replaces the edge's, or the two fuse "
                         "(confidence-weighted box, noisy-or confidence; common.routing.merge)")

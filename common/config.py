@@ -125,7 +125,9 @@ class RoutingConfig:
     cloud_token_file: str = ""
     cloud_cafile: str = ""
     offload: str = "crops"  # "crops" (with context) or "frame"
-    keep_unanswered: bool = False  # merge keeps offloaded edge boxes that no cloud box overlaps
+    # merge keeps offloaded edge boxes that no cloud box overlaps: higher collaborative mAP50 and recall on every
+    # seed with crops (benchmarks/results/reproduce_standard.md, collaboration.md); false: the paper's merge
+    keep_unanswered: bool = True
     merge: str = "cloud"  # overlaps of edge and cloud boxes: "cloud" wins or "fuse" (common.routing.merge)
 
 

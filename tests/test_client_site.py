@@ -295,8 +295,9 @@ def test_collaborative_metrics_merge_the_cloud_answer(site1, monkeypatch, answer
     """Paper section 4.2: offloaded boxes are replaced by the cloud's answer; recall of the merged output.
 
     With the perfect detector at conf 0.9, exactly the boxes under t_size (256 px²) are offloaded. A cloud
-    that returns them gives collaborative recall 1; one that returns nothing leaves the confident recall;
-    an unreachable one drops only the collaborative metrics.
+    that returns them gives collaborative recall 1; one that returns nothing leaves the edge's own recall
+    (routing.keep-unanswered, the default: unanswered offloaded boxes stay); an unreachable one drops only
+    the collaborative metrics.
     """
     import numpy as np
 
@@ -329,7 +330,8 @@ def test_collaborative_metrics_merge_the_cloud_answer(site1, monkeypatch, answer
         return
     with_small = [e for e in cloud.entries if any(e.offloaded)]
     assert len(cloud.entries) == len(with_small) > 0  # only images with an ambiguous box are sent
-    assert m[P.COLLAB_RECALL] == (1.0 if answer == "perfect" else pytest.approx(m[P.CONFIDENT_RECALL]))
+    assert site1.cfg.routing.keep_unanswered
+    assert m[P.COLLAB_RECALL] == (1.0 if answer == "perfect" else pytest.approx(m[P.EDGE_RECALL]))
     assert m[P.UPLOAD_BYTES] == pytest.approx(sum(e.payload_bytes for e in cloud.entries) / len(images))
     assert m[P.COLLAB_LATENCY_MS] >= m[P.EDGE_LATENCY_MS]
 

@@ -344,7 +344,8 @@ def test_edge_lines_first_then_refined_lines_equal_merge(tmp_path, video):
         assert set(ln) == REFINED_KEYS, set(ln) ^ REFINED_KEYS
         edge_line = edge[frame]
         expected = merge(Detections.from_list(edge_line["detections"]), Detections.from_list(ln["cloud_detections"]),
-                         [bool(d["reasons"]) for d in edge_line["detections"]])
+                         [bool(d["reasons"]) for d in edge_line["detections"]],
+                         keep_unanswered=EdgeSettings.keep_unanswered)
         assert _plain(ln["detections"]) == expected.to_list()
         assert ln["offload_id"] == edge_line["offload"]["id"] and ln["attempts"] == 1 and not ln["recovered"]
         assert ln["bytes_sent"] == edge_line["offload"]["bytes"] and ln["latency_ms"]["cloud_rtt"] == 5.0
@@ -648,7 +649,8 @@ def _check_refined(lines: list[dict], edge_lines: dict[str, dict]) -> None:
             continue
         edge = edge_lines[ln["offload_id"]]
         expected = merge(Detections.from_list(edge["detections"]), Detections.from_list(ln["cloud_detections"]),
-                         [bool(d["reasons"]) for d in edge["detections"]])
+                         [bool(d["reasons"]) for d in edge["detections"]],
+                         keep_unanswered=EdgeSettings.keep_unanswered)
         assert _plain(ln["detections"]) == expected.to_list()
 
 
