@@ -441,7 +441,8 @@ def to_markdown(res: dict, settings: dict) -> str:
         "",
         "Merge policies (`common.routing.merge`, scored on the same cloud answers): `cloud` = the cloud's box "
         "replaces every edge box it overlaps and offloaded edge boxes it did not answer are dropped (the paper's "
-        "merge); `+keep` = those unanswered edge boxes stay (`--keep-unanswered`, the runtime's default); `fuse` = overlapping edge and "
+        "merge); `+keep` = those unanswered edge boxes stay (`--keep-unanswered`, the runtime's default); "
+        "`fuse` = overlapping edge and "
         "cloud boxes become one (confidence-weighted box, noisy-or confidence; `--merge fuse`).",
         "",
         "Against the paper (VisDrone; ours: the built-in benchmark, so only the directions compare; "
