@@ -25,6 +25,8 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from common.protocol import KD_SELECTIONS
+
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 PRESETS = ("quick", "standard", "paper")
 
@@ -245,8 +247,8 @@ _CHOICES = {
     "kd.mode": ("none", "graph", "all"),
     "kd.teacher_rank": ("map_degree", "degree"),
     "kd.teacher_scope": ("global", "local"),
-    "kd.select": ("teacher-fg", "teacher-better"),
-    "kd.cloud_select": ("teacher-fg", "teacher-better"),
+    "kd.select": KD_SELECTIONS,
+    "kd.cloud_select": KD_SELECTIONS,
     "routing.offload": ("crops", "frame"),
     "routing.merge": ("cloud", "fuse"),
     "kd.class_weights": ("ones", "small"),

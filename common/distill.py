@@ -34,8 +34,6 @@ from common.protocol import KD_SELECTIONS
 from common.pyrafan import head_levels
 
 
-
-
 def ground_truth(batch: dict, images: torch.Tensor) -> GroundTruth:
     """An Ultralytics training batch's labels (normalised xywh) as pixel boxes on its ``images`` (B, 3, H, W)."""
     h, w = images.shape[2:]
