@@ -54,6 +54,7 @@ import numpy as np
 
 from benchmarks.pyrafan_accuracy import read_split, size_range_ap50, weights_path
 from benchmarks.harness import cpu_model_name, write_report
+from server.cloud import CROP_ZOOM
 
 log = logging.getLogger("benchmarks.collaboration")
 RESULTS = Path(__file__).resolve().parent / "results" / "collaboration"
@@ -108,8 +109,11 @@ def cloud_model(cfg, bench, seed: int, iters_factor: float = 1.0, edge_epochs: i
 
 
 @contextmanager
-def cloud_service(weights: Path, workdir: Path, *, imgsz: int, conf: float, iou: float, threads: int = 1):
-    """``python -m server.cloud`` on a free loopback port; yields ``(url, token)``; always stopped."""
+def cloud_service(weights: Path, workdir: Path, *, imgsz: int, conf: float, iou: float, threads: int = 1,
+                  crop_zoom: float | None = None):
+    """``python -m server.cloud`` on a free loopback port; yields ``(url, token)``; always stopped.
+
+    ``crop_zoom``: the service's ``--crop-zoom`` (None: its default, ``server.cloud.CROP_ZOOM``)."""
     import socket
     import urllib.request
 
@@ -118,10 +122,11 @@ def cloud_service(weights: Path, workdir: Path, *, imgsz: int, conf: float, iou:
         port = s.getsockname()[1]
     token = secrets.token_urlsafe(24)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "CEDAR_CLOUD_TOKEN": token}
+    workdir.mkdir(parents=True, exist_ok=True)
     log_path = workdir / "cloud.log"
     args = [sys.executable, "-m", "server.cloud", "--weights", str(weights), "--port", str(port),
             "--store", str(workdir / "store"), "--imgsz", str(imgsz), "--conf", str(conf), "--iou", str(iou),
-            "--log-level", "warning"]
+            "--log-level", "warning", *(["--crop-zoom", str(crop_zoom)] if crop_zoom is not None else [])]
     with log_path.open("w") as log_file:
         proc = subprocess.Popen(args, env=env, stdout=log_file, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
@@ -303,21 +308,24 @@ def video_labels(video_dir: Path, n: int, size: int) -> list[np.ndarray]:
 # --------------------------------------------------------------------------- the experiment
 
 
-def measure(args, cfg, bench, workdir: Path) -> dict:
+def measure(args, cfg, bench, workdir: Path, site: int) -> dict:
+    """Every table's numbers for one site (its own edge models, the shared cloud model)."""
     import torch
 
     from clients.edge import CloudClient, EdgeSettings
     from common.benchmark import CLASS_NAMES
 
     torch.set_num_threads(1)
+    workdir = workdir / f"site-{site}"
+    workdir.mkdir()
     nc, small_px, r = len(CLASS_NAMES), cfg.eval.small_px, cfg.routing
-    site_id = f"site-{args.site}"
-    images_dir = bench.site_dir(args.site) / "images" / "test"
-    paths, image_gts = read_split(bench.site_dir(args.site), "test")
-    video_dir = bench.video_dir(args.site)
+    site_id = f"site-{site}"
+    images_dir = bench.site_dir(site) / "images" / "test"
+    paths, image_gts = read_split(bench.site_dir(site), "test")
+    video_dir = bench.video_dir(site)
     meta = json.loads((video_dir / "meta.json").read_text())
     video_gts = video_labels(video_dir, meta["frames"], meta["imgsz"])
-    edges = {arch: edge_model(cfg, bench, arch, args.site, args.seed) for arch in args.edge_models}
+    edges = {arch: edge_model(cfg, bench, arch, site, args.seed) for arch in args.edge_models}
     cloud = cloud_model(cfg, bench, args.seed, args.cloud_iters)
     kw = dict(imgsz=cfg.train.imgsz, conf=r.det_conf, iou=cfg.eval.iou)
     base = EdgeSettings(site=site_id, t_conf=r.t_conf, t_size=r.t_size, n_frames=r.n_frames, drain_timeout=600,
@@ -328,21 +336,22 @@ def measure(args, cfg, bench, workdir: Path) -> dict:
 
     # each model's own quality on the test split (PNG, Ultralytics' validator at conf 0.001): context for the rest
     result["validator_map50"] = {
-        name: yolo.evaluate(yolo.load_weights(path), bench.site_data(args.site), split="test", imgsz=cfg.train.imgsz,
+        name: yolo.evaluate(yolo.load_weights(path), bench.site_data(site), split="test", imgsz=cfg.train.imgsz,
                             batch=cfg.eval.batch, conf=cfg.eval.conf, iou=cfg.eval.iou).map50
         for name, path in {**edges, "cloud": cloud}.items()}
-    with cloud_service(cloud, workdir, imgsz=cfg.train.imgsz, conf=args.cloud_conf, iou=cfg.eval.iou) as (url, tok):
+    serve = dict(imgsz=cfg.train.imgsz, conf=args.cloud_conf, iou=cfg.eval.iou)
+    with cloud_service(cloud, workdir, crop_zoom=args.crop_zoom, **serve) as (url, tok):
         client = CloudClient(url, tok, site_id, timeout=120)
         try:
             # warm both sides up (first calls build the predictors)
             run_edge(edges[main_arch], images_dir, replace(base, run_id="warmup", max_gap=1, t_conf=1.0), client,
                      workdir, **kw)
 
-            def images_run(arch: str, t_conf: float, offload: str, tag: str) -> dict:
+            def images_run(arch: str, t_conf: float, offload: str, tag: str, cloud_client=client) -> dict:
                 # a run id is an offload id prefix: never reuse one (the queue would skip "delivered" ids)
                 rid = f"{tag}-{arch}-{offload}-{int(round(t_conf * 100))}"
                 recs = run_edge(edges[arch], images_dir, replace(base, run_id=rid, max_gap=1, t_conf=t_conf,
-                                                                 offload=offload), client, workdir, **kw)
+                                                                 offload=offload), cloud_client, workdir, **kw)
                 return {"edge": score(per_frame(recs, False), image_gts, nc, small_px),
                         "collab": score(per_frame(recs, True), image_gts, nc, small_px),
                         "merges": {name: score(per_frame(remerged(recs, **m), True), image_gts, nc, small_px)
@@ -368,6 +377,17 @@ def measure(args, cfg, bench, workdir: Path) -> dict:
                                for arch in args.edge_models}
         finally:
             client.close()
+    # crops detected by the cloud at other zooms (a fresh service each): what the cloud's compute buys
+    result["zoom"] = {f"{args.crop_zoom:g}": result["images"]["crops"]}
+    for zoom in args.zoom_sweep:
+        if f"{zoom:g}" in result["zoom"]:
+            continue
+        with cloud_service(cloud, workdir / f"zoom-{zoom:g}", crop_zoom=zoom, **serve) as (url, tok):
+            zoomed = CloudClient(url, tok, site_id, timeout=120)
+            try:
+                result["zoom"][f"{zoom:g}"] = images_run(main_arch, r.t_conf, "crops", f"zoom{zoom:g}", zoomed)
+            finally:
+                zoomed.close()
     # keyframe rules on the video, edge only (no cloud): how many frames each drops and what it costs
     result["keyframes"] = {}
     rules = [(b, None) for b in args.beta_sweep] + [(1.5, g) for g in (*args.gap_sweep, 1)]
@@ -402,22 +422,80 @@ def _rel(ours: float, base: float) -> str:
 
 
 def to_markdown(res: dict, settings: dict) -> str:
+    """The report: the sites side by side (when more than one), then the first site in detail."""
+    sites = [str(s) for s in settings["sites"]]
+    lines = ["# Cloud-edge collaborative inference on the built-in benchmark", "",
+             f"`python -m benchmarks.collaboration {settings['argv']}`, {settings['date']}, {settings['machine']}; "
+             f"wall time {settings['wall_s']:.0f} s.", ""]
+    if len(sites) > 1:
+        lines += summary_markdown(res, settings)
+    return "\n".join(lines + site_markdown(res["sites"][sites[0]], settings, sites[0]))
+
+
+SUMMARY = (("crops, merge cloud (paper)", "crops", "cloud"), ("crops, fuse+keep", "crops", "fuse+keep"),
+           ("frame, fuse+keep", "frame", "fuse+keep"))
+
+
+def summary_markdown(res: dict, settings: dict) -> list[str]:
+    """Per site and on average: edge, cloud and the collaborations' mAP50 and FNR, upload bytes, crop zooms."""
+    per = res["sites"]
+    z = settings.get("crop_zoom", 1.0)
+    lines = [f"## Every site (sites {', '.join(per)}; one cloud; crops detected at {z:g}x by the cloud)", "",
+             "| site | edge | cloud | " + " | ".join(n for n, _, _ in SUMMARY) + " | FNR edge | FNR "
+             + " | FNR ".join(n for n, _, _ in SUMMARY) + " | crop bytes / frame bytes |",
+             "|---|---|---|" + "---|" * (2 * len(SUMMARY) + 2)]
+    rows = {}
+    for site, r in per.items():
+        img = r["images"]
+        vals = [img["crops"]["edge"], r["images_cloud"], *(img[mode]["merges"][m] for _, mode, m in SUMMARY)]
+        share = img["crops"]["bytes_per_frame"] / max(img["frame"]["bytes_per_frame"], 1)
+        rows[site] = ([v["map50"] for v in vals], [vals[0]["fnr"], *(v["fnr"] for v in vals[2:])], share)
+    for site, (maps, fnrs, share) in [*rows.items(), ("mean", tuple(
+            np.mean([row[i] for row in rows.values()], axis=0) for i in range(3)))]:
+        lines.append(f"| {site} | " + " | ".join(f"{m:.3f}" for m in maps) + " | "
+                     + " | ".join(f"{f:.3f}" for f in fnrs) + f" | {100 * share:.0f}% |")
+    lines += ["", "| claim (images, mAP50 at the operating points) | sites where it holds | mean |", "|---|---|---|"]
+    for i, (name, _, _) in enumerate(SUMMARY):
+        both = [max(m[0], m[1]) for m, _, _ in rows.values()]
+        coll = [m[2 + i] for m, _, _ in rows.values()]
+        fnr_e, fnr_c = [f[0] for _, f, _ in rows.values()], [f[1 + i] for _, f, _ in rows.values()]
+        lines += [f"| {name} > both edge and cloud alone | {sum(c > b for c, b in zip(coll, both))}/{len(both)} | "
+                  f"{np.mean(coll):.3f} vs best alone {np.mean(both):.3f} ({_rel(np.mean(coll), np.mean(both))}) |",
+                  f"| {name}: FNR >= 19.56% below the edge's | "
+                  f"{sum(c <= 0.8044 * e for c, e in zip(fnr_c, fnr_e))}/{len(fnr_e)} | "
+                  f"{np.mean(fnr_c):.3f} vs {np.mean(fnr_e):.3f} ({_rel(np.mean(fnr_c), np.mean(fnr_e))}) |"]
+    zooms = sorted({k for r in per.values() for k in r.get("zoom", {})}, key=float)
+    if zooms:
+        lines += ["", "Crops detected by the cloud at other zooms (`server.cloud --crop-zoom`; each crop resized "
+                  "before detection, boxes mapped back; same upload): mean over the sites (per site in the .json).",
+                  "", "| crop zoom | crops, merge cloud | crops, fuse+keep | FNR fuse+keep | collab. ms / image |",
+                  "|---|---|---|---|---|"]
+        for k in zooms:
+            runs = [r["zoom"][k] for r in per.values() if k in r.get("zoom", {})]
+            lines.append(f"| {k} | {np.mean([x['merges']['cloud']['map50'] for x in runs]):.3f} | "
+                         f"{np.mean([x['merges']['fuse+keep']['map50'] for x in runs]):.3f} | "
+                         f"{np.mean([x['merges']['fuse+keep']['fnr'] for x in runs]):.3f} | "
+                         f"{np.mean([x['collab_ms'] for x in runs]):.1f} |")
+    return lines + [""]
+
+
+def site_markdown(res: dict, settings: dict, site: str) -> list[str]:
     img, vid = res["images"], res["video"]
     main = settings["edge_models"][0]
     lines = [
-        "# Cloud-edge collaborative inference on the built-in benchmark",
+        f"## Site {site} in detail",
         "",
-        f"`python -m benchmarks.collaboration {settings['argv']}`, {settings['date']}, {settings['machine']}; "
-        f"wall time {settings['wall_s']:.0f} s. Site {settings['site']} (test split: {settings['n_images']} "
+        f"Site {site} (test split: {settings['n_images']} "
         f"images; video: {settings['n_frames']} frames), edge model `{main}` (seed {settings['seed']}, "
         f"{settings['edge_epochs']} epochs), cloud model `{settings['cloud']}` trained on the public train split "
         f"for {settings.get('cloud_iters', 1.0):g}x an edge model's iterations. The cloud service is a separate process on loopback; edge and cloud get one "
-        f"CPU thread each. Edge detections at conf >= {settings['det_conf']}, cloud at >= {settings['cloud_conf']}; "
+        f"CPU thread each. Edge detections at conf >= {settings['det_conf']}, cloud at >= {settings['cloud_conf']} "
+        f"(crops resized {settings.get('crop_zoom', 1.0):g}x before detection); "
         f"routing t_conf {settings['t_conf']}, t_size {settings['t_size']} px², n_frames {settings['n_frames_rule']}. "
         "Each model's mAP50 on these test images by Ultralytics' validator (PNG, conf 0.001): "
         + ", ".join(f"{k} {v:.3f}" for k, v in res.get("validator_map50", {}).items()) + ".",
         "",
-        "## Images (every image a keyframe)",
+        "### Images (every image a keyframe)",
         "",
         "| variant | mAP50 | mAP50 small | recall | FNR | conf at precision 1 | recall there | offloaded "
         "images | offloaded detections | bytes / image | latency / image (ms) |",
@@ -468,7 +546,7 @@ def to_markdown(res: dict, settings: dict) -> str:
                          f"{e['fnr']:.3f} ({_rel(m['fnr'], e['fnr'])}) |")
     lines += [
         "",
-        "## Video (keyframes: β = 1.5; non-keyframes reuse their keyframe's answer)",
+        "### Video (keyframes: β = 1.5; non-keyframes reuse their keyframe's answer)",
         "",
         "| variant | keyframes | mAP50 edge | mAP50 collaboration | recall edge | recall collab. | conf at "
         "precision 1 edge / collab. | offloaded keyframes | bytes / frame | edge ms / keyframe | collab. ms / "
@@ -494,7 +572,7 @@ def to_markdown(res: dict, settings: dict) -> str:
         f"{100 * (a['collab']['map50'] - k['collab']['map50']):+.1f} points (collaboration) against detecting "
         "every frame (goal: >= 50% dropped for <= 1 point).",
         "",
-        "## Collaborative mAP50 vs t_conf (paper Figure 5; images, crop offload)",
+        "### Collaborative mAP50 vs t_conf (paper Figure 5; images, crop offload)",
         "",
         "| edge model | edge alone | " + " | ".join(f"t_conf {t}" for t in settings["t_conf_sweep"]) + " |",
         "|---|---|" + "---|" * len(settings["t_conf_sweep"]),
@@ -505,7 +583,7 @@ def to_markdown(res: dict, settings: dict) -> str:
                  for t in settings["t_conf_sweep"]]
         lines.append(f"| {arch} | {first['edge']['map50']:.3f} | " + " | ".join(cells) + " |")
     lines += ["", f"Cloud alone on the same images: mAP50 {c['map50']:.3f}. Plot: `collaboration_tconf.png`.", "",
-              "## Keyframe rules on the video (edge alone)", "",
+              "### Keyframe rules on the video (edge alone)", "",
               "A non-keyframe reuses its keyframe's detections, as they are or moved by optical flow "
               "(`--propagate`, `clients.edge.flow_shift`).", "",
               "| β | max_gap | boxes on dropped frames | frames detected | frames dropped | mAP50 | "
@@ -519,7 +597,7 @@ def to_markdown(res: dict, settings: dict) -> str:
                      f"{100 * (1 - x['keyframe_fraction']):.0f}% | {x['map50']:.3f} | "
                      f"{100 * (x['map50'] - every['map50']):+.1f} | {x['recall']:.3f} |")
     lines.append("")
-    return "\n".join(lines)
+    return lines
 
 
 def plot_sweep(res: dict, settings: dict, path: Path) -> None:
@@ -545,11 +623,15 @@ def plot_sweep(res: dict, settings: dict, path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--preset", default="standard")
-    ap.add_argument("--site", type=int, default=0)
+    ap.add_argument("--sites", type=int, nargs="+", default=[0],
+                    help="sites measured (each with its own edge models; one cloud); the first one is shown in detail")
     ap.add_argument("--seed", type=int, default=1, help="seed of the edge and cloud models")
     ap.add_argument("--edge-models", nargs="+", default=list(EDGE_MODELS),
                     help="the first one is the main table's edge model")
     ap.add_argument("--cloud-conf", type=float, default=0.25)
+    ap.add_argument("--crop-zoom", type=float, default=CROP_ZOOM, help="the cloud service's --crop-zoom")
+    ap.add_argument("--zoom-sweep", type=float, nargs="*", default=[1.0, 1.5, 2.0],
+                    help="crop zooms also measured (crop offload, images; a fresh service each)")
     ap.add_argument("--cloud-iters", type=float, default=1.0,
                     help="cloud training iterations as a multiple of an edge model's (a larger model needs more)")
     ap.add_argument("--t-conf-sweep", type=float, nargs="+", default=[0.3, 0.4, 0.5, 0.6, 0.7])
@@ -570,18 +652,19 @@ def main(argv: list[str] | None = None) -> int:
     bench = benchmark_from_config(cfg.data)
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="cedar-collab-") as tmp:
-        res = measure(args, cfg, bench, Path(tmp))
-    meta = json.loads((bench.video_dir(args.site) / "meta.json").read_text())
-    settings = {"argv": " ".join(sys.argv[1:] if argv is None else argv), "site": args.site, "seed": args.seed,
+        res = {"sites": {str(site): measure(args, cfg, bench, Path(tmp), site) for site in args.sites}}
+    meta = json.loads((bench.video_dir(args.sites[0]) / "meta.json").read_text())
+    settings = {"argv": " ".join(sys.argv[1:] if argv is None else argv), "sites": args.sites, "seed": args.seed,
                 "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
                 "machine": f"{cpu_model_name()}, {os.cpu_count()} CPU cores", "wall_s": time.perf_counter() - t0,
                 "edge_models": args.edge_models, "edge_epochs": cfg.train.epochs_per_round * cfg.federation.num_rounds,
                 "cloud": cfg.model.cloud, "cloud_iters": args.cloud_iters, "det_conf": cfg.routing.det_conf, "cloud_conf": args.cloud_conf,
                 "t_conf": cfg.routing.t_conf, "t_size": cfg.routing.t_size, "n_frames_rule": cfg.routing.n_frames,
-                "t_conf_sweep": args.t_conf_sweep, "n_images": cfg.data.test_per_site, "n_frames": meta["frames"]}
+                "t_conf_sweep": args.t_conf_sweep, "n_images": cfg.data.test_per_site, "n_frames": meta["frames"],
+                "crop_zoom": args.crop_zoom}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    plot_sweep(res, settings, out.parent / f"{out.name}_tconf.png")
+    plot_sweep(res["sites"][str(args.sites[0])], settings, out.parent / f"{out.name}_tconf.png")
     write_report(out, {"settings": settings, "result": res}, to_markdown(res, settings))
     return 0
 

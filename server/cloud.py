@@ -13,7 +13,7 @@ answering (``/health`` stays fast) while a large image is being detected.
 
 Options: ``--token T`` | ``--token-file F`` | ``$CEDAR_CLOUD_TOKEN`` (one is
 required), ``--certfile/--keyfile`` (TLS), ``--imgsz 320 --conf 0.25 --iou 0.7
---device cpu``, limits ``--max-body-mb 8 --max-pixels 4096x4096 --max-crops 64
+--crop-zoom 2 --device cpu``, limits ``--max-body-mb 8 --max-pixels 4096x4096 --max-crops 64
 --read-timeout 60 --max-concurrency 32``.
 
 API
@@ -126,6 +126,8 @@ IMAGE_TYPES = {"image/jpeg": "jpeg", "image/jpg": "jpeg", "image/png": "png"}
 SUFFIX = {"jpeg": ".jpg", "png": ".png"}
 # a multipart file part may also come untyped or as octet-stream (the bytes' signature decides)
 PART_TYPES = {*IMAGE_TYPES, "application/octet-stream", ""}
+#: crops are detected at this many times their size (``--crop-zoom``; see :func:`detect_packed`)
+CROP_ZOOM = 2.0
 
 #: ``detect(images) -> detections per image``: BGR uint8 arrays in, image-pixel boxes out.
 DetectFn = Callable[[list[np.ndarray]], list[Detections]]
@@ -434,16 +436,30 @@ def pack_crops(sizes: Sequence[tuple[int, int]], tile: int, gap: int = 2) -> lis
 
 
 def detect_packed(detect: Callable[[list[np.ndarray]], list[Detections]], images: Sequence[np.ndarray],
-                  tile: int) -> list[Detections]:
-    """Detect crops at their own scale: pasted onto gray tiles the model's input size, not blown up.
+                  tile: int, zoom: float = 1.0) -> list[Detections]:
+    """Detect crops at a chosen scale: pasted onto gray tiles the model's input size, not blown up.
 
     A detector letterboxes each input to its input size, so a 40 px crop sent alone is
-    enlarged 8x and its small objects become large ones the model never saw. Here the
-    crops are packed (:func:`pack_crops`) onto ``tile``-sized canvases filled with the
-    letterbox gray (114) and the tiles are detected in one batch; each detection goes to
-    the crop that holds its centre, in that crop's pixels, clipped to it. A crop larger
-    than a tile is detected alone, as before.
+    enlarged 8x and its small objects become large ones the model never saw. Here each
+    crop is resized by ``zoom`` (bicubic; 1 = its own scale) and the crops are packed
+    (:func:`pack_crops`) onto ``tile``-sized canvases filled with the letterbox gray
+    (114); the tiles are detected in one batch; each detection goes to the crop that
+    holds its centre and is mapped back to that crop's own pixels (divided by ``zoom``),
+    clipped to it. A crop larger than a tile is detected alone, letterboxed.
+
+    ``zoom`` > 1 spends cloud compute (zoom² the pixels) instead of upload bytes on
+    small objects: with the standard preset's cloud, crops at 2x raised the crop
+    collaboration's mAP50 on site 0 from 0.268 to 0.403 (whole frames: 0.366), while
+    whole frames at a larger input size got worse (0.497 at 320 px, 0.403 at 640).
     """
+    import cv2
+
+    if not zoom > 0:
+        raise ValueError(f"zoom must be > 0, got {zoom!r}")
+    sizes = [im.shape[:2] for im in images]
+    if zoom != 1:
+        images = [cv2.resize(im, (max(1, round(im.shape[1] * zoom)), max(1, round(im.shape[0] * zoom))),
+                             interpolation=cv2.INTER_CUBIC) for im in images]
     placements = pack_crops([(im.shape[1], im.shape[0]) for im in images], tile)
     n_tiles = 1 + max((p[0] for p in placements if p is not None), default=-1)
     tiles = [np.full((tile, tile, 3), 114, np.uint8) for _ in range(n_tiles)]
@@ -466,9 +482,9 @@ def detect_packed(detect: Callable[[list[np.ndarray]], list[Detections]], images
         cx, cy = (dets.xyxy[:, 0] + dets.xyxy[:, 2]) / 2, (dets.xyxy[:, 1] + dets.xyxy[:, 3]) / 2
         inside = (cx >= x) & (cx < x + w) & (cy >= y) & (cy < y + h)
         mine = dets.select(inside)
-        boxes = np.clip(mine.xyxy - np.array([x, y, x, y], np.float32), 0, [w, h, w, h]).astype(np.float32)
-        out[i] = Detections(boxes, mine.conf, mine.cls)
-    return out
+        out[i] = Detections(mine.xyxy - np.array([x, y, x, y], np.float32), mine.conf, mine.cls)
+    return [Detections(np.clip(d.xyxy / np.float32(zoom), 0, [w, h, w, h]).astype(np.float32), d.conf, d.cls)
+            for d, (h, w) in zip(out, sizes)]
 
 
 class YoloDetector:
@@ -573,11 +589,11 @@ class CloudService:
 
     def __init__(self, detect: DetectFn, *, arch: str, names: Sequence[str], token: str,
                  store: HardSampleStore | None, limits: Limits | None = None, iou: float = 0.7,
-                 imgsz: int | None = None):
+                 imgsz: int | None = None, crop_zoom: float = CROP_ZOOM):
         if not token:
             raise ValueError("the cloud service needs a non-empty bearer token")
         self.detect, self.arch, self.names, self.store = detect, arch, list(names), store
-        self.limits, self.iou, self.imgsz = limits or Limits(), iou, imgsz
+        self.limits, self.iou, self.imgsz, self.crop_zoom = limits or Limits(), iou, imgsz, float(crop_zoom)
         self._token = token.encode()
         self.served = 0
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cedar-detect")
@@ -636,8 +652,8 @@ class CloudService:
             except RequestError as err:
                 raise RequestError(err.status, f"crop {i}: {err.detail}") from None
         images = [image for _, image in decoded]
-        # with the model's input size known, crops keep their scale (packed onto tiles); else one by one
-        per_crop = detect_packed(self.detect, images, self.imgsz) if self.imgsz else self.detect(images)
+        # with the model's input size known, crops are packed onto tiles at crop_zoom; else detected one by one
+        per_crop = detect_packed(self.detect, images, self.imgsz, self.crop_zoom) if self.imgsz else self.detect(images)
         in_frame = crops_to_frame(per_crop, metas)
         out = []
         for data, (fmt, image), meta, dets, framed in zip(crops, decoded, metas, per_crop, in_frame):
@@ -658,7 +674,7 @@ class CloudService:
 
     def health(self) -> dict:
         return {"status": "ok", "model": self.arch, "classes": self.names, "served": self.served,
-                "stored": self.store.count if self.store else 0, "imgsz": self.imgsz}
+                "stored": self.store.count if self.store else 0, "imgsz": self.imgsz, "crop_zoom": self.crop_zoom}
 
 
 def create_app(service: CloudService):
@@ -751,6 +767,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--imgsz", type=int, default=320)
     p.add_argument("--conf", type=float, default=0.25)
     p.add_argument("--iou", type=float, default=0.7)
+    p.add_argument("--crop-zoom", type=float, default=CROP_ZOOM,
+                   help="crops are detected resized by this factor (cloud compute for small objects, no upload bytes)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--max-body-mb", type=float, default=8.0)
     p.add_argument("--max-pixels", default="4096x4096", help="WIDTHxHEIGHT (their product is the limit) or a count")
@@ -777,9 +795,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as err:
         parser.error(str(err))
     if args.max_body_mb <= 0 or args.max_crops < 1 or args.imgsz < 32 or not 0 <= args.conf <= 1 \
-            or not 0 < args.iou <= 1 or args.read_timeout <= 0 or args.max_concurrency < 1:
+            or not 0 < args.iou <= 1 or args.read_timeout <= 0 or args.max_concurrency < 1 \
+            or not 0 < args.crop_zoom <= 8:
         parser.error("need --max-body-mb > 0, --max-crops >= 1, --imgsz >= 32, 0 <= --conf <= 1, "
-                     "0 < --iou <= 1, --read-timeout > 0, --max-concurrency >= 1")
+                     "0 < --iou <= 1, --read-timeout > 0, --max-concurrency >= 1, 0 < --crop-zoom <= 8")
 
     from common.yolo import ModelError
 
@@ -793,7 +812,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     limits = Limits(max_body_bytes=int(args.max_body_mb * 1024 * 1024), max_pixels=max_pixels,
                     max_crops=args.max_crops, read_timeout_s=args.read_timeout)
     service = CloudService(detector, arch=detector.arch, names=detector.names, token=token, store=store,
-                           limits=limits, iou=args.iou, imgsz=args.imgsz)
+                           limits=limits, iou=args.iou, imgsz=args.imgsz, crop_zoom=args.crop_zoom)
     app = create_app(service)
 
     import uvicorn

@@ -143,6 +143,28 @@ def test_detect_packed_keeps_each_crop_at_its_scale_and_maps_boxes_back():
     assert _white_boxes.sizes == [[(64, 64), (100, 100)]]
 
 
+def test_detect_packed_zoom_enlarges_crops_and_maps_boxes_back_to_crop_pixels():
+    """crop_zoom 2: a 20x30 and a 24x24 crop reach the detector as 40x60 and 48x48 (packed onto one 128 px
+    tile) and a 30x70 crop as 60x140, alone (wider than a tile); each white square comes back in its own
+    crop's pixels (within the 1 px a bicubic edge blurs), clipped to the crop."""
+    crops = []
+    for (h, w), (y, x, side) in zip([(20, 30), (24, 24), (30, 70)], [(2, 3, 5), (10, 4, 6), (20, 60, 10)]):
+        crop = np.full((h, w, 3), 60, np.uint8)
+        crop[y:y + side, x:x + side] = 255
+        crops.append((crop, [x, y, min(x + side, w), min(y + side, h)]))
+    _white_boxes.sizes = []
+
+    found = detect_packed(_white_boxes, [c for c, _ in crops], 128, zoom=2.0)
+
+    for dets, (crop, box) in zip(found, crops):
+        np.testing.assert_allclose(dets.xyxy, [box], atol=1.0)
+        assert (dets.xyxy[:, 2] <= crop.shape[1]).all() and (dets.xyxy[:, 3] <= crop.shape[0]).all()
+    assert _white_boxes.sizes == [[(128, 128), (60, 140)]]
+    assert detect_packed(_white_boxes, [crops[0][0]], 128, zoom=1.0)[0].xyxy.tolist() == [[3, 2, 8, 7]]
+    with pytest.raises(ValueError, match="zoom must be > 0, got 0"):
+        detect_packed(_white_boxes, [crops[0][0]], 128, zoom=0)
+
+
 def test_nms_merges_same_class_overlaps_only():
     # [0,0,10,10] vs [1,0,11,10]: IoU = 90/110 ≈ 0.82 >= 0.7
     dets = Detections([[0, 0, 10, 10], [1, 0, 11, 10], [1, 0, 11, 10], [50, 50, 60, 60]], [0.8, 0.9, 0.5, 0.3],
@@ -363,7 +385,7 @@ def test_health_names_the_model_and_classes(cloud):
     assert r.status_code == 200
     body = r.json()
     assert body["status"] == "ok" and body["model"] == "yolo11n" and body["classes"] == NAMES
-    assert isinstance(body["served"], int)
+    assert isinstance(body["served"], int) and body["crop_zoom"] == 2.0  # server.cloud.CROP_ZOOM
 
 
 def test_detect_png_and_jpeg_frames_and_store_them(cloud, frame_png):

@@ -39,10 +39,10 @@ def test_collaboration_benchmark_runs_end_to_end(tiny_overrides, tmp_path):
 
     # Execute
     collaboration.main(["--preset", "quick", "--edge-models", "yolo11n", "--t-conf-sweep", "0.5", "1.0",
-                        "--cloud-conf", "0.001", "--out", str(out), "--set", *sets])
+                        "--cloud-conf", "0.001", "--zoom-sweep", "1", "--out", str(out), "--set", *sets])
 
     # Assert: every table is there, the numbers are consistent with each other
-    res = json.loads(out.with_suffix(".json").read_text())["result"]
+    res = json.loads(out.with_suffix(".json").read_text())["result"]["sites"]["0"]
     md = out.with_suffix(".md").read_text()
     assert "| collaboration (crops, merge cloud) |" in md and "| edge alone |" in md and "t_conf 1.0" in md
     assert (tmp_path / "collab_tconf.png").stat().st_size > 0
@@ -69,4 +69,9 @@ def test_collaboration_benchmark_runs_end_to_end(tiny_overrides, tmp_path):
     assert merges["cloud"] == img["crops"]["collab"]
     assert merges["cloud+keep"]["recall"] >= merges["cloud"]["recall"]
     assert "| collaboration (crops, merge fuse+keep) |" in md
+    # the main run's crops are the service's default zoom (2x); the sweep adds crops at 1x on the same edge
+    assert set(res["zoom"]) == {"2", "1"} and res["zoom"]["2"] == img["crops"]
+    one = res["zoom"]["1"]
+    assert one["edge"] == img["crops"]["edge"] and one["delivered"] == img["crops"]["delivered"]
+    assert "crops resized 2x before detection" in md
     assert 0 <= res["images_cloud"]["recall"] <= 1 or res["images_cloud"]["recall"] != res["images_cloud"]["recall"]
