@@ -15,6 +15,13 @@ level is overtaken during the round, and from then on soft labels pull the stude
 back towards it (and teach it the teacher's false positives: the KD-trained students
 of the reproduction fired on background far more than those trained alone).
 
+``transfer`` (an iterable of image batches, e.g. a loader over the shared benchmark's
+unlabelled images; ``kd.transfer``) adds, at every step, the same KD loss with the
+paper's soft labels (``teacher-fg``) on one transfer batch: the teachers' outputs on
+images the student has no labels for, and the one channel through which a peer's
+knowledge of *its* data reaches the student (on the student's own images a peer of
+its level soon has nothing to add).
+
 Why shared strides and not pseudo-labels for the rest: a PyraFAN student
 (strides 4/8/16) and a YOLO11 teacher (8/16/32) share 8 and 16, where most
 small objects live; the student's stride-4 level still learns from the
@@ -24,7 +31,7 @@ add a second, noisier supervision path for little gain at these sizes.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import torch
 from torch import nn
@@ -47,7 +54,8 @@ class TeacherEnsemble:
     """Frozen teachers (eval mode, no grad) and their mixing weights, as a KD loss on a batch."""
 
     def __init__(self, student: nn.Module, teachers: Sequence[nn.Module], weights: Sequence[float], *,
-                 temperature: float = 1.0, fg_threshold: float = 0.25, select: str = "teacher-fg"):
+                 temperature: float = 1.0, fg_threshold: float = 0.25, select: str = "teacher-fg",
+                 transfer: Iterable | None = None):
         if select not in KD_SELECTIONS:
             raise ValueError(f"select={select!r}: expected one of {KD_SELECTIONS}")
         if len(teachers) != len(weights) or not teachers:
@@ -57,12 +65,36 @@ class TeacherEnsemble:
         self.weights = [float(w) for w in weights]
         self.temperature, self.fg_threshold, self.select = float(temperature), float(fg_threshold), select
         self.last = None  # the last DetectionKDLoss, for logging
+        self.last_transfer = None  # the last transfer batch's DetectionKDLoss
+        self.transfer, self._batches = transfer, None
 
-    def __call__(self, images: torch.Tensor, preds, batch) -> torch.Tensor:
+    def soft_loss(self, images: torch.Tensor, preds, truth: GroundTruth | None):
+        """The teachers' KD loss against the student's ``preds`` on ``images`` (teachers frozen)."""
         with torch.no_grad():
             teacher_levels = [head_levels(t, t(images)) for t in self.teachers]
-        self.last = detection_kd_loss(head_levels(self.student, preds), teacher_levels, self.temperature,
-                                      self.fg_threshold, teacher_weights=self.weights,
-                                      truth=ground_truth(batch, images) if self.select == "teacher-better"
-                                      else None)
-        return self.last.total
+        return detection_kd_loss(head_levels(self.student, preds), teacher_levels, self.temperature,
+                                 self.fg_threshold, teacher_weights=self.weights, truth=truth)
+
+    def next_transfer(self, device: torch.device) -> torch.Tensor:
+        """The next transfer batch as float images in [0, 1], cycling through ``transfer`` forever."""
+        for _ in range(2):
+            if self._batches is None:
+                self._batches = iter(self.transfer)
+            try:
+                item = next(self._batches)
+                break
+            except StopIteration:
+                self._batches = None
+        else:
+            raise ValueError("the transfer set is empty")
+        images = item["img"] if isinstance(item, dict) else item
+        return images.to(device).float() / (255.0 if images.dtype == torch.uint8 else 1.0)
+
+    def __call__(self, images: torch.Tensor, preds, batch) -> torch.Tensor:
+        self.last = self.soft_loss(images, preds, ground_truth(batch, images) if self.select == "teacher-better"
+                                   else None)
+        if self.transfer is None:
+            return self.last.total
+        extra = self.next_transfer(images.device)
+        self.last_transfer = self.soft_loss(extra, self.student(extra), None)
+        return self.last.total + self.last_transfer.total

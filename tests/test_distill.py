@@ -98,3 +98,29 @@ def test_teacher_better_selection_uses_the_student_labels(tiny_benchmark):
     assert other.last.num_foreground > 0 and other.last.total.item() > 0
     with pytest.raises(ValueError, match="select='teacher-worse'"):
         TeacherEnsemble(student, [student], [1.0], select="teacher-worse")
+
+
+def test_transfer_batches_add_the_soft_label_loss_on_unlabelled_images_and_cycle(tiny_benchmark):
+    """kd.transfer: the loss is the labelled batch's KD plus the same KD (teacher-fg, no labels) on the next
+    transfer batch; the transfer set is cycled when it runs out (2 batches here, 3 calls)."""
+    student = yolo.build_model("yolo11n", NC, seed=1).eval()
+    teacher = yolo.build_model("yolo11n", NC, seed=2)
+    loader, _ = yolo.make_train_loader(tiny_benchmark.site_data(0), imgsz=128, batch=4, stride=32, mosaic=0.0,
+                                       workers=0, seed=0)
+    batch = next(iter(loader))
+    images = batch["img"].float() / 255
+    transfer = [torch.full((2, 3, 128, 128), 0.25), torch.full((2, 3, 128, 128), 128, dtype=torch.uint8)]
+    plain = TeacherEnsemble(student, [teacher], [1.0], fg_threshold=0.0)
+    kd = TeacherEnsemble(student, [teacher], [1.0], fg_threshold=0.0, transfer=transfer)
+
+    with torch.no_grad():
+        preds = student(images)
+        base = plain(images, preds, batch)
+        totals = [kd(images, preds, batch) for _ in range(3)]
+        alone = [plain.soft_loss(x, student(x), None).total for x in (transfer[0], transfer[1].float() / 255)]
+
+    assert kd.last.total.item() == pytest.approx(base.item())
+    assert [t.item() for t in totals] == pytest.approx([(base + a).item() for a in (*alone, alone[0])])
+    assert kd.last_transfer.num_foreground == 2 * sum(128 // s * 128 // s for s in (8, 16, 32))  # fg threshold 0
+    with pytest.raises(ValueError, match="the transfer set is empty"):
+        TeacherEnsemble(student, [teacher], [1.0], transfer=[])(images, preds, batch)
