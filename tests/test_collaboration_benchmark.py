@@ -39,7 +39,8 @@ def test_collaboration_benchmark_runs_end_to_end(tiny_overrides, tmp_path):
 
     # Execute
     collaboration.main(["--preset", "quick", "--edge-models", "yolo11n", "--t-conf-sweep", "0.5", "1.0",
-                        "--cloud-conf", "0.001", "--zoom-sweep", "1", "--out", str(out), "--set", *sets])
+                        "--cloud-conf", "0.001", "--zoom-sweep", "1", "--sites", "0", "1", "--out", str(out),
+                        "--set", *sets])
 
     # Assert: every table is there, the numbers are consistent with each other
     res = json.loads(out.with_suffix(".json").read_text())["result"]["sites"]["0"]
@@ -74,4 +75,9 @@ def test_collaboration_benchmark_runs_end_to_end(tiny_overrides, tmp_path):
     one = res["zoom"]["1"]
     assert one["edge"] == img["crops"]["edge"] and one["delivered"] == img["crops"]["delivered"]
     assert "crops resized 2x before detection" in md
+    # the second site: its own row in the summary, its main edge model only
+    other = json.loads(out.with_suffix(".json").read_text())["result"]["sites"]["1"]
+    assert set(other["sweep"]) == {"yolo11n"} and other["images"]["crops"]["frames"] == 4
+    assert "## Every site (sites 0, 1;" in md and "| 1 | " in md and "| mean | " in md
+    assert "| crops, fuse+keep > both edge and cloud alone | " in md and "| crop zoom |" in md
     assert 0 <= res["images_cloud"]["recall"] <= 1 or res["images_cloud"]["recall"] != res["images_cloud"]["recall"]
