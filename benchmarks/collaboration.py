@@ -386,7 +386,8 @@ def measure(args, cfg, bench, workdir: Path, site: int) -> dict:
         with cloud_service(cloud, workdir / f"zoom-{zoom:g}", crop_zoom=zoom, **serve) as (url, tok):
             zoomed = CloudClient(url, tok, site_id, timeout=120)
             try:
-                result["zoom"][f"{zoom:g}"] = images_run(main_arch, r.t_conf, "crops", f"zoom{zoom:g}", zoomed)
+                result["zoom"][f"{zoom:g}"] = images_run(main_arch, r.t_conf, "crops", f"zoom{round(100 * zoom)}",
+                                                         zoomed)
             finally:
                 zoomed.close()
     # keyframe rules on the video, edge only (no cloud): how many frames each drops and what it costs

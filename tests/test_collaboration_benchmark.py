@@ -39,7 +39,7 @@ def test_collaboration_benchmark_runs_end_to_end(tiny_overrides, tmp_path):
 
     # Execute
     collaboration.main(["--preset", "quick", "--edge-models", "yolo11n", "--t-conf-sweep", "0.5", "1.0",
-                        "--cloud-conf", "0.001", "--zoom-sweep", "1", "--sites", "0", "1", "--out", str(out),
+                        "--cloud-conf", "0.001", "--zoom-sweep", "1.5", "--sites", "0", "1", "--out", str(out),
                         "--set", *sets])
 
     # Assert: every table is there, the numbers are consistent with each other
@@ -70,9 +70,9 @@ def test_collaboration_benchmark_runs_end_to_end(tiny_overrides, tmp_path):
     assert merges["cloud"] == img["crops"]["collab"]
     assert merges["cloud+keep"]["recall"] >= merges["cloud"]["recall"]
     assert "| collaboration (crops, merge fuse+keep) |" in md
-    # the main run's crops are the service's default zoom (2x); the sweep adds crops at 1x on the same edge
-    assert set(res["zoom"]) == {"2", "1"} and res["zoom"]["2"] == img["crops"]
-    one = res["zoom"]["1"]
+    # the main run's crops are the service's default zoom (2x); the sweep adds crops at 1.5x on the same edge
+    assert set(res["zoom"]) == {"2", "1.5"} and res["zoom"]["2"] == img["crops"]
+    one = res["zoom"]["1.5"]
     assert one["edge"] == img["crops"]["edge"] and one["delivered"] == img["crops"]["delivered"]
     assert "crops resized 2x before detection" in md
     # the second site: its own row in the summary, its main edge model only
