@@ -96,5 +96,18 @@ class TeacherEnsemble:
         if self.transfer is None:
             return self.last.total
         extra = self.next_transfer(images.device)
-        self.last_transfer = self.soft_loss(extra, self.student(extra), None)
+        self.last_transfer = self.soft_loss(extra, self.forward_own_statistics(extra), None)
         return self.last.total + self.last_transfer.total
+
+    def forward_own_statistics(self, images: torch.Tensor):
+        """The student's training-mode outputs on ``images`` with its BatchNorm layers normalising by their
+        running statistics and not updating them: transfer images (other sites' domains) must not shift the
+        statistics the student is evaluated with on its own data."""
+        norms = [m for m in self.student.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
+        for m in norms:
+            m.eval()
+        try:
+            return self.student(images)
+        finally:
+            for m in norms:
+                m.train()

@@ -122,5 +122,17 @@ def test_transfer_batches_add_the_soft_label_loss_on_unlabelled_images_and_cycle
     assert kd.last.total.item() == pytest.approx(base.item())
     assert [t.item() for t in totals] == pytest.approx([(base + a).item() for a in (*alone, alone[0])])
     assert kd.last_transfer.num_foreground == 2 * sum(128 // s * 128 // s for s in (8, 16, 32))  # fg threshold 0
+    # the transfer forward leaves the student's BatchNorm statistics alone (and its layers in their mode)
+    student.train()
+    stats = {k: v.clone() for k, v in student.state_dict().items() if "running" in k}
+    with torch.no_grad():
+        kd(images, student(images), batch)
+    after = {k: v for k, v in student.state_dict().items() if "running" in k}
+    moved = {k for k in stats if not torch.equal(stats[k], after[k])}
+    assert moved  # a plain training forward updates them
+    student_again = {k: v.clone() for k, v in after.items()}
+    kd.forward_own_statistics(transfer[0])
+    assert all(torch.equal(student_again[k], v) for k, v in student.state_dict().items() if "running" in k)
+    assert all(m.training for m in student.modules())
     with pytest.raises(ValueError, match="the transfer set is empty"):
         TeacherEnsemble(student, [teacher], [1.0], transfer=[])(images, preds, batch)
