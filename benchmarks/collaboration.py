@@ -363,7 +363,9 @@ def measure(args, cfg, bench, workdir: Path, site: int) -> dict:
                 settings = replace(base, run_id=rid, offload=offload, max_gap=1 if every_frame else None)
                 recs = run_edge(edges[arch], video_dir / "video.mp4", settings, client, workdir, **kw)
                 return {"edge": score(per_frame(recs, False), video_gts, nc, small_px),
-                        "collab": score(per_frame(recs, True), video_gts, nc, small_px), **offload_figures(recs)}
+                        "collab": score(per_frame(recs, True), video_gts, nc, small_px),
+                        "merges": {name: score(per_frame(remerged(recs, **m), True), video_gts, nc, small_px)
+                                   for name, m in MERGES.items()}, **offload_figures(recs)}
 
             dets, ms, sizes = cloud_only(images_dir, client, site_id)
             result["images_cloud"] = {**score(dets, image_gts, nc, small_px), "ms": float(np.mean(ms)),
@@ -456,6 +458,15 @@ def summary_markdown(res: dict, settings: dict) -> list[str]:
             np.mean([row[i] for row in rows.values()], axis=0) for i in range(3)))]:
         lines.append(f"| {site} | " + " | ".join(f"{m:.3f}" for m in maps) + " | "
                      + " | ".join(f"{f:.3f}" for f in fnrs) + f" | {100 * share:.0f}% |")
+    lines += ["", "Video (keyframes only, β = 1.5; a non-keyframe reuses its keyframe's answer), mAP50: edge, "
+              "cloud on every frame, and the collaborations:", "",
+              "| site | edge | cloud | " + " | ".join(n for n, _, _ in SUMMARY) + " |", "|---|---|---|"
+              + "---|" * len(SUMMARY)]
+    video = {site: [r["video"]["crops-key"]["edge"]["map50"], r["video_cloud"]["map50"],
+                    *(r["video"][f"{mode}-key"]["merges"][m]["map50"] for _, mode, m in SUMMARY)]
+             for site, r in per.items() if "merges" in r["video"]["crops-key"]}
+    for site, maps in [*video.items(), *([("mean", np.mean(list(video.values()), axis=0))] if video else [])]:
+        lines.append(f"| {site} | " + " | ".join(f"{m:.3f}" for m in maps) + " |")
     lines += ["", "| claim (images, mAP50 at the operating points) | sites where it holds | mean |", "|---|---|---|"]
     for i, (name, _, _) in enumerate(SUMMARY):
         both = [max(m[0], m[1]) for m, _, _ in rows.values()]
@@ -466,6 +477,11 @@ def summary_markdown(res: dict, settings: dict) -> list[str]:
                   f"| {name}: FNR >= 19.56% below the edge's | "
                   f"{sum(c <= 0.8044 * e for c, e in zip(fnr_c, fnr_e))}/{len(fnr_e)} | "
                   f"{np.mean(fnr_c):.3f} vs {np.mean(fnr_e):.3f} ({_rel(np.mean(fnr_c), np.mean(fnr_e))}) |"]
+        if video:
+            best, coll = [max(v[0], v[1]) for v in video.values()], [v[2 + i] for v in video.values()]
+            lines.append(f"| {name} > both edge and cloud alone (video) | "
+                         f"{sum(c > b for c, b in zip(coll, best))}/{len(best)} | {np.mean(coll):.3f} vs best alone "
+                         f"{np.mean(best):.3f} ({_rel(np.mean(coll), np.mean(best))}) |")
     zooms = sorted({k for r in per.values() for k in r.get("zoom", {})}, key=float)
     if zooms:
         lines += ["", "Crops detected by the cloud at other zooms (`server.cloud --crop-zoom`; each crop resized "
@@ -550,21 +566,24 @@ def site_markdown(res: dict, settings: dict, site: str) -> list[str]:
         "",
         "### Video (keyframes: β = 1.5; non-keyframes reuse their keyframe's answer)",
         "",
-        "| variant | keyframes | mAP50 edge | mAP50 collaboration | recall edge | recall collab. | conf at "
-        "precision 1 edge / collab. | offloaded keyframes | bytes / frame | edge ms / keyframe | collab. ms / "
-        "keyframe |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| variant | keyframes | mAP50 edge | mAP50 collaboration (merge cloud) | mAP50 fuse+keep | recall edge | "
+        "recall collab. | conf at precision 1 edge / collab. | offloaded keyframes | bytes / frame | "
+        "edge ms / keyframe | collab. ms / keyframe |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for key, x in vid.items():
         mode, which = key.split("-")
+        fused = x.get("merges", {}).get("fuse+keep", {}).get("map50", math.nan)
         name = f"{mode}, {'every frame detected' if which == 'all' else 'keyframes only'}"
         lines.append(f"| {name} | {100 * x['keyframe_fraction']:.0f}% | {x['edge']['map50']:.3f} | "
-                     f"{x['collab']['map50']:.3f} | {x['edge']['recall']:.3f} | {x['collab']['recall']:.3f} | "
+                     f"{x['collab']['map50']:.3f} | {fused:.3f} | "
+                     f"{x['edge']['recall']:.3f} | {x['collab']['recall']:.3f} | "
                      f"{x['edge']['conf_p1']:.3f} / {x['collab']['conf_p1']:.3f} | "
                      f"{100 * x['offloaded_keyframes']:.0f}% | {x['bytes_per_frame']:.0f} | {x['edge_ms']:.1f} | "
                      f"{x['collab_ms']:.1f} |")
     vc = res["video_cloud"]
-    lines.append(f"| cloud alone, every frame | 100% | - | {vc['map50']:.3f} (cloud) | - | {vc['recall']:.3f} (cloud) | "
+    lines.append(f"| cloud alone, every frame | 100% | - | {vc['map50']:.3f} (cloud) | - | - | {vc['recall']:.3f} "
+                 "(cloud) | "
                  f"- / {vc['conf_p1']:.3f} (cloud) | 100% | {vc['bytes_per_frame']:.0f} | - | {vc['ms']:.1f} (cloud) |")
     k, a = vid["crops-key"], vid["crops-all"]
     lines += [

@@ -29,9 +29,10 @@ Per frame (paper section 4.2):
    detection ambiguous when ``conf < --t-conf``, area ``< --t-size`` px², or its
    track was intermittent over the last ``--n-frames`` keyframes.
 4. **Output at once.** The ``edge`` JSON line is written and flushed before
-   anything is sent. The ambiguous part (crops with context, or the whole
-   keyframe with ``--offload frame``; :func:`common.routing.offload_plan`) is
-   JPEG-encoded, written to the disk queue and handed to a background worker.
+   anything is sent. A keyframe with an ambiguous detection is offloaded (the
+   whole keyframe, or with ``--offload crops`` crops with context around the
+   ambiguous boxes; :func:`common.routing.offload_plan`): JPEG-encoded, written
+   to the disk queue and handed to a background worker.
 5. **Refinement.** When the cloud answers, a ``refined`` line for that frame
    carries ``merge(edge, cloud, offloaded)`` (:func:`common.routing.merge`).
 
@@ -1046,13 +1047,13 @@ class EdgeSettings:
     cut_threshold: float = 0.25
     max_gap: int | None = None
     track_iou: float = 0.3
-    offload: str = "crops"
+    offload: str = "frame"  # or "crops" (common.config.RoutingConfig.offload)
     context: float = 0.5
     min_crop: int = 32
     jpeg_quality: int = 90
     merge_iou: float = 0.5
     keep_unanswered: bool = True  # offloaded edge boxes no cloud box overlaps stay (common.routing.merge)
-    merge: str = "cloud"  # "cloud" wins overlaps or "fuse" edge and cloud boxes (common.routing.merge)
+    merge: str = "fuse"  # "fuse" edge and cloud boxes or the "cloud" wins overlaps (common.routing.merge)
     drain_timeout: float = 30.0
     retry_base: float = 0.5
     retry_max: float = 30.0
@@ -1326,7 +1327,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="JSON-lines results")
     p.add_argument("--append", action="store_true", help="append to --out instead of replacing it")
     p.add_argument("--video", help="annotated video to write (mp4)")
-    p.add_argument("--offload", choices=("crops", "frame"), default="crops")
+    p.add_argument("--offload", choices=("crops", "frame"), default=EdgeSettings.offload,
+                   help="send the whole keyframe (default) or crops around the ambiguous boxes")
     p.add_argument("--t-conf", type=float, default=0.5, help="T_conf: lower confidence is ambiguous")
     p.add_argument("--t-size", type=float, default=256.0, help="T_size in px²: smaller boxes are ambiguous")
     p.add_argument("--n-frames", type=int, default=5, help="N keyframes for the 'unstable' rule")
@@ -1348,12 +1350,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--min-crop", type=int, default=32, help="minimum crop side in px")
     p.add_argument("--jpeg-quality", type=int, default=90)
     p.add_argument("--merge-iou", type=float, default=0.5)
-    p.add_argument("--keep-unanswered", action=argparse.BooleanOptionalAction, default=True,
+    p.add_argument("--keep-unanswered", action=argparse.BooleanOptionalAction, default=EdgeSettings.keep_unanswered,
                    help="keep offloaded edge detections that no cloud detection overlaps (--no-keep-unanswered: "
                         "the paper's merge, the cloud's answer alone)")
-    p.add_argument("--merge", choices=MERGE_POLICIES, default="cloud",
-                   help="edge and cloud boxes that overlap: the cloud's replaces the edge's, or the two fuse "
-                        "(confidence-weighted box, noisy-or confidence; common.routing.merge)")
+    p.add_argument("--merge", choices=MERGE_POLICIES, default=EdgeSettings.merge,
+                   help="edge and cloud boxes that overlap: the two fuse (default; confidence-weighted box, noisy-or "
+                        "confidence) or the cloud's replaces the edge's (the paper's; common.routing.merge)")
     p.add_argument("--queue-dir", help="disk queue (default $CEDAR_HOME/edge/<site>/queue)")
     p.add_argument("--drain-timeout", type=float, default=30.0, help="seconds to wait for the queue at the end")
     p.add_argument("--retry-base", type=float, default=0.5, help="first retry delay (s), doubled per failure")

@@ -128,9 +128,10 @@ def _lines(path: Path) -> list[dict]:
 
 
 def _settings(**kw) -> EdgeSettings:
-    # boxes on non-keyframes stay as detected (flow propagation has its own test)
+    # boxes on non-keyframes stay as detected (flow propagation has its own test); crops offloaded and the cloud's
+    # box winning overlaps (hand-checked regions and sources below; whole frames and fuse have their own tests)
     base = dict(site="site-7", run_id="runA", max_gap=2, retry_base=0.01, retry_max=0.05, drain_timeout=20,
-                propagate=False)
+                propagate=False, offload="crops", merge="cloud")
     return EdgeSettings(**{**base, **kw})
 
 
@@ -362,14 +363,27 @@ def test_edge_lines_first_then_refined_lines_equal_merge(tmp_path, video):
     assert (tmp_path / "queue" / "delivered.log").read_text().split() == [ln["offload"]["id"] for ln in key]
 
 
-def test_frame_mode_sends_the_whole_keyframe(tmp_path, video):
+def test_the_defaults_send_the_whole_keyframe_and_fuse_the_answers(tmp_path, video):
+    """EdgeSettings' defaults (whole keyframes, merge fuse, unanswered edge boxes kept; the collaboration
+    benchmark's best on every site): each refined line = common.routing.merge(..., resolve="fuse")."""
+    assert (EdgeSettings.offload, EdgeSettings.merge, EdgeSettings.keep_unanswered) == ("frame", "fuse", True)
     cloud = FakeCloud()
-    lines, _ = _run(tmp_path, _frames_of(video), cloud, offload="frame")
+    lines, _ = _run(tmp_path, _frames_of(video), cloud, offload=EdgeSettings.offload, merge=EdgeSettings.merge)
     key = [ln for ln in lines if ln["kind"] == "edge" and ln["keyframe"]]
     assert all(ln["offload"]["regions"] == [[0, 0, 128, 96]] for ln in key)
     image = cv2.imdecode(np.frombuffer(cloud.entries[0].payloads[0], np.uint8), cv2.IMREAD_COLOR)
     assert image.shape == (96, 128, 3) and cloud.entries[0].mode == "frame"
-    assert sum(ln["kind"] == "refined" for ln in lines) == 3
+    refined = [ln for ln in lines if ln["kind"] == "refined"]
+    assert len(refined) == 3
+    by_frame = {k["frame"]: k["detections"] for k in key}
+    differs = []
+    for ln in refined:
+        edge, answer = Detections.from_list(by_frame[ln["frame"]]), Detections.from_list(ln["cloud_detections"])
+        reasons = [bool(d["reasons"]) for d in by_frame[ln["frame"]]]
+        expected = merge(edge, answer, reasons, keep_unanswered=True, resolve="fuse")
+        assert _plain(ln["detections"]) == expected.to_list()
+        differs.append(expected.to_list() != merge(edge, answer, reasons, keep_unanswered=True).to_list())
+    assert any(differs)  # the fake cloud's boxes overlap edge boxes: fusing is not the cloud winning
 
 
 def test_retries_with_backoff_while_the_cloud_is_down(tmp_path, video):
