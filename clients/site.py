@@ -102,23 +102,7 @@ class LocalSite:
         total = sum(weights)
         return TeacherEnsemble(student, teachers, [w / total for w in weights],
                                temperature=kd["temperature"], fg_threshold=kd["fg_threshold"],
-                               select=kd["select"], transfer=self.transfer_loader(student)), metrics
-
-    def transfer_loader(self, student):
-        """``kd.transfer``'s images as augmented training batches (labels unused), or None without one."""
-        from common import yolo
-        from common.sites import public_data
-
-        source, t = self.cfg.kd.transfer, self.cfg.train
-        if not source:
-            return None
-        path = public_data(self.cfg) if source == "public" else Path(source).expanduser()
-        if not path.is_file():
-            raise FileNotFoundError(f"kd.transfer={source!r}: no data.yaml at {path}")
-        loader, _ = yolo.make_train_loader(path, imgsz=t.imgsz, batch=t.batch, mosaic=t.mosaic, workers=t.workers,
-                                           stride=max(int(student.stride.max()), 32),
-                                           seed=self.cfg.seed + self.spec.index)
-        return loader
+                               select=kd["select"]), metrics
 
     def evaluate(self, model, split: str):
         """Ultralytics' validator on one of this site's splits, at the evaluation settings."""

@@ -193,10 +193,6 @@ class KDConfig:
     cloud_weights: str = ""
     # extra YOLO-format training data for the cloud model (the cloud service's hard-sample store)
     hard_samples_dir: str = ""
-    # a transfer set: images every student also distils its teachers on, unlabelled ("" none; "public": the
-    # shared benchmark's train split; or a YOLO data.yaml, its train split). Without it a student only sees its
-    # teachers' outputs on its own labelled images, where it soon knows as much as a peer (clients.site)
-    transfer: str = ""
     # graph maintenance (paper Figure 4)
     t_cycle: int = 1
     delta_down: float = 0.05

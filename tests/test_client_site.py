@@ -372,22 +372,3 @@ def test_student_check_keeps_only_teachers_better_by_more_than_the_margin(monkey
     scores.update({id(student): 0.0, id(teachers["a"]): 0.001, id(teachers["b"]): 0.0, id(teachers["c"]): 0.0})
     assert site.distiller(student, kd)[0] is None  # nobody kept: plain training
     assert site.distiller(student, {**kd, "student_check": False})[0].weights == [0.2, 0.5, 0.3]
-
-
-def test_transfer_set_is_the_shared_benchmark_or_a_named_data_yaml(tiny_overrides, tiny_benchmark, tmp_path):
-    """kd.transfer: "" none; "public" the shared benchmark's train images; a missing data.yaml is named."""
-    from common import yolo
-
-    student = yolo.build_model("yolo11n", 8, seed=1)
-
-    def site(transfer):
-        cfg = load_config("quick", {**tiny_overrides, "kd.transfer": transfer})
-        return LocalSite(cfg, resolve_site(cfg, {"partition-id": 0}), tmp_path)
-
-    assert site("").transfer_loader(student) is None
-    loader = site("public").transfer_loader(student)
-    public_train = tiny_benchmark.root / "public" / "images" / "train"
-    assert len(loader.dataset) == len(list(public_train.glob("*.png"))) > 0
-    assert len(site(str(tiny_benchmark.site_data(1))).transfer_loader(student).dataset) > 0
-    with pytest.raises(FileNotFoundError, match=r"kd.transfer='/nope/data.yaml': no data.yaml"):
-        site("/nope/data.yaml").transfer_loader(student)
