@@ -467,7 +467,8 @@ def summary_markdown(res: dict, settings: dict) -> list[str]:
              for site, r in per.items() if "merges" in r["video"]["crops-key"]}
     for site, maps in [*video.items(), *([("mean", np.mean(list(video.values()), axis=0))] if video else [])]:
         lines.append(f"| {site} | " + " | ".join(f"{m:.3f}" for m in maps) + " |")
-    lines += ["", "| claim (images, mAP50 at the operating points) | sites where it holds | mean |", "|---|---|---|"]
+    lines += ["", "| claim (mAP50 at the operating points; images unless named) | sites where it holds | mean |",
+              "|---|---|---|"]
     for i, (name, _, _) in enumerate(SUMMARY):
         both = [max(m[0], m[1]) for m, _, _ in rows.values()]
         coll = [m[2 + i] for m, _, _ in rows.values()]
@@ -537,9 +538,9 @@ def site_markdown(res: dict, settings: dict, site: str) -> list[str]:
         "",
         "Merge policies (`common.routing.merge`, scored on the same cloud answers): `cloud` = the cloud's box "
         "replaces every edge box it overlaps and offloaded edge boxes it did not answer are dropped (the paper's "
-        "merge); `+keep` = those unanswered edge boxes stay (`--keep-unanswered`, the runtime's default); "
-        "`fuse` = overlapping edge and "
-        "cloud boxes become one (confidence-weighted box, noisy-or confidence; `--merge fuse`).",
+        "merge); `+keep` = those unanswered edge boxes stay (`--keep-unanswered`); `fuse` = overlapping edge and "
+        "cloud boxes become one (confidence-weighted box, noisy-or confidence; `--merge fuse`). The edge "
+        "runtime's default: whole keyframes (`--offload frame`), `fuse+keep`.",
         "",
         "Against the paper (VisDrone; ours: the built-in benchmark, so only the directions compare; "
         "collaboration = crops, merge `cloud`):",

@@ -448,9 +448,11 @@ def detect_packed(detect: Callable[[list[np.ndarray]], list[Detections]], images
     clipped to it. A crop larger than a tile is detected alone, letterboxed.
 
     ``zoom`` > 1 spends cloud compute (zoom² the pixels) instead of upload bytes on
-    small objects: with the standard preset's cloud, crops at 2x raised the crop
-    collaboration's mAP50 on site 0 from 0.268 to 0.403 (whole frames: 0.366), while
-    whole frames at a larger input size got worse (0.497 at 320 px, 0.403 at 640).
+    small objects. With the standard preset's cloud (benchmarks/results/collaboration.md,
+    4 sites), crops at 2x raised the crop collaboration's mAP50 under the paper's merge
+    (the cloud's answer wins) on every site, 0.232 -> 0.300 on average, and left the
+    fused merge where it was (0.369 -> 0.362); whole frames at a larger input size got
+    worse instead (site 0: validator mAP50 0.497 at 320 px, 0.403 at 640).
     """
     import cv2
 
