@@ -664,7 +664,7 @@ def _check_refined(lines: list[dict], edge_lines: dict[str, dict]) -> None:
         edge = edge_lines[ln["offload_id"]]
         expected = merge(Detections.from_list(edge["detections"]), Detections.from_list(ln["cloud_detections"]),
                          [bool(d["reasons"]) for d in edge["detections"]],
-                         keep_unanswered=EdgeSettings.keep_unanswered)
+                         keep_unanswered=EdgeSettings.keep_unanswered, resolve=EdgeSettings.merge)
         assert _plain(ln["detections"]) == expected.to_list()
 
 
