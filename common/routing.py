@@ -386,7 +386,7 @@ def merge(
     offloaded_mask: Any = None,
     iou: float = 0.5,
     class_agnostic: bool = True,
-    keep_unanswered: bool = False,
+    keep_unanswered: Any = False,
     resolve: str = "cloud",
 ) -> Detections:
     """Final detections: kept edge detections plus the cloud's, overlaps resolved by ``resolve``.
@@ -398,7 +398,8 @@ def merge(
     With ``keep_unanswered`` an offloaded edge detection that no cloud box
     overlaps stays too, at its own confidence: the cloud's silence is then not
     taken as a "no" (right when the cloud misses small objects the edge finds;
-    costs precision when the edge's doubtful boxes are mostly false).
+    costs precision when the edge's doubtful boxes are mostly false). A
+    ``(len(edge),)`` bool array instead decides per detection.
 
     ``resolve="fuse"`` treats edge and cloud as two detectors of one ensemble
     instead of trusting the cloud outright (right when the cloud is not the
@@ -451,7 +452,12 @@ def merge(
             raise ValueError(
                 f"offloaded_mask has {offloaded.shape[0]} entries for {len(edge)} edge detections"
             )
-    keep = np.ones(len(edge), dtype=bool) if keep_unanswered else ~offloaded
+    keep_flags = np.asarray(keep_unanswered, dtype=bool).reshape(-1)
+    if np.ndim(keep_unanswered) == 0:
+        keep_flags = np.full(len(edge), bool(keep_unanswered))
+    elif keep_flags.shape[0] != len(edge):
+        raise ValueError(f"keep_unanswered has {keep_flags.shape[0]} entries for {len(edge)} edge detections")
+    keep = ~offloaded | keep_flags
     overlap = np.zeros((len(edge), len(cloud)))
     if len(edge) and len(cloud):
         overlap = box_iou(edge.xyxy, cloud.xyxy)  # (E, C)

@@ -532,3 +532,19 @@ def test_matched_gt_hand_checked():
     assert matched_gt([[0, 0, 10, 5]], [0.5], gt).tolist() == [True, False]
     assert matched_gt([], [], gt).tolist() == [False, False]
     assert matched_gt([[0, 0, 1, 1]], [0.5], []).tolist() == []
+
+
+def test_merge_keep_unanswered_per_detection():
+    """keep_unanswered as a mask: edge A [0,0,10,10] 0.9 kept (not offloaded); B [20,20,30,30] 0.4 offloaded and
+    answered by B' [21,20,31,30] 0.6 (IoU 90/110) -> fused, noisy-or 1 - 0.6 * 0.4 = 0.76; C [50,50,60,60] 0.1
+    offloaded, unanswered: kept only where its flag says so."""
+    edge = Detections([[0, 0, 10, 10], [20, 20, 30, 30], [50, 50, 60, 60]], [0.9, 0.4, 0.1], [0, 1, 1])
+    cloud = Detections([[21, 20, 31, 30]], [0.6], [1])
+    offloaded = [False, True, True]
+    dropped = merge(edge, cloud, offloaded, keep_unanswered=[True, True, False], resolve="fuse")
+    kept = merge(edge, cloud, offloaded, keep_unanswered=[False, False, True], resolve="fuse")
+    assert dropped.conf.tolist() == pytest.approx([0.76, 0.9])
+    assert kept.conf.tolist() == pytest.approx([0.76, 0.9, 0.1])
+    assert merge(edge, cloud, offloaded, keep_unanswered=True, resolve="fuse").to_list() == kept.to_list()
+    with pytest.raises(ValueError, match="keep_unanswered has 2 entries for 3 edge detections"):
+        merge(edge, cloud, offloaded, keep_unanswered=[True, False])
