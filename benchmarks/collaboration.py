@@ -207,10 +207,11 @@ def remerged(records: list[dict], **merge_kw) -> list[dict]:
     edge = {r["frame"]: r for r in records if r["kind"] == "edge"}
     out = []
     for r in records:
-        if r["kind"] == "refined":
-            key = edge[r["frame"]]["detections"]
+        if r["kind"] == "refined":  # the keyframe's answer and its candidates, as the runtime merged them
+            key = edge[r["frame"]]["detections"] + edge[r["frame"]].get("candidates", [])
+            keep = [merge_kw.get("keep_unanswered", False) and "candidate" not in d["reasons"] for d in key]
             final = merge(Detections.from_list(key), Detections.from_list(r["cloud_detections"]),
-                          [bool(d["reasons"]) for d in key], **merge_kw)
+                          [bool(d["reasons"]) for d in key], **{**merge_kw, "keep_unanswered": np.array(keep)})
             r = {**r, "detections": final.to_list()}
         out.append(r)
     return out
@@ -328,9 +329,11 @@ def measure(args, cfg, bench, workdir: Path, site: int) -> dict:
     archs = args.edge_models if site == args.sites[0] else args.edge_models[:1]  # the others: first site only
     edges = {arch: edge_model(cfg, bench, arch, site, args.seed) for arch in archs}
     cloud = cloud_model(cfg, bench, args.seed, args.cloud_iters)
-    kw = dict(imgsz=cfg.train.imgsz, conf=r.det_conf, iou=cfg.eval.iou)
+    # with candidates the edge detects down to routing.candidate_conf; its answer stays at det_conf
+    kw = dict(imgsz=cfg.train.imgsz, conf=r.candidate_conf or r.det_conf, iou=cfg.eval.iou)
     base = EdgeSettings(site=site_id, t_conf=r.t_conf, t_size=r.t_size, n_frames=r.n_frames, drain_timeout=600,
-                        keep_unanswered=False, merge="cloud")  # the paper's merge; MERGES gives the others
+                        keep_unanswered=False, merge="cloud",  # the paper's merge; MERGES gives the others
+                        answer_conf=r.det_conf if r.candidate_conf else 0.0)
     main_arch = args.edge_models[0]
     result: dict = {"edge_weights": {a: str(p) for a, p in edges.items()}, "cloud_weights": str(cloud)}
     from common import yolo

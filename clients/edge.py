@@ -1047,13 +1047,16 @@ class EdgeSettings:
     cut_threshold: float = 0.25
     max_gap: int | None = None
     track_iou: float = 0.3
-    offload: str = "frame"  # or "crops" (common.config.RoutingConfig.offload)
+    offload: str = "crops"  # or "frame" (common.config.RoutingConfig.offload)
     context: float = 0.5
     min_crop: int = 32
     jpeg_quality: int = 90
     merge_iou: float = 0.5
     keep_unanswered: bool = True  # offloaded edge boxes no cloud box overlaps stay (common.routing.merge)
     merge: str = "fuse"  # "fuse" edge and cloud boxes or the "cloud" wins overlaps (common.routing.merge)
+    # edge boxes below this confidence are *candidates* (0: none): not in the edge's answer, offloaded with the
+    # ambiguous ones, in the refined answer only where a cloud box confirms them (--candidate-conf)
+    answer_conf: float = 0.0
     drain_timeout: float = 30.0
     retry_base: float = 0.5
     retry_max: float = 30.0
@@ -1148,6 +1151,7 @@ class EdgeRuntime:
         self._refined: dict[tuple[str, int], Detections] = {}  # (run, keyframe) -> merged, for the video
         self._last: tuple | None = None  # (keyframe index, dets, reasons, offload mask, track ids, model version)
         self._flow: tuple | None = None  # (previous gray frame, boxes there) while propagating
+        self._candidates: list[dict] = []  # the last keyframe's candidates (EdgeSettings.answer_conf)
         self._edge_sent_at: dict[str, float] = {}
         self.stop_requested = False
         self.drain_requested = True
@@ -1175,11 +1179,14 @@ class EdgeRuntime:
             t1 = time.perf_counter()
             dets = self.model.predictor(frame.image)
             edge_ms = (time.perf_counter() - t1) * 1000
+            candidates = dets.select(dets.conf < s.answer_conf)
+            dets = dets.select(dets.conf >= s.answer_conf)
             track_ids = self.tracker.update(dets.xyxy, dets.cls)
             routing = route(dets, self.tracker.histories(track_ids), t_conf=s.t_conf, t_size=s.t_size,
                             n_frames=s.n_frames)
             mask = routing.offload_mask
             self._last = (frame.index, dets, routing.reasons, mask, track_ids.tolist(), self.model.version)
+            self._candidates = [{**d, "track": -1, "reasons": ["candidate"]} for d in candidates.to_list()]
             with self._stats_lock:
                 self.summary.keyframes += 1
                 self.summary.detections += len(dets)
@@ -1198,17 +1205,20 @@ class EdgeRuntime:
         det_list = [{**d, "track": int(t), "reasons": list(r)}
                     for d, t, r in zip(dets.to_list(), track_ids, reasons)]
         entry = None
-        if is_key and mask.any():
+        candidates = self._candidates if is_key else []
+        if is_key and (mask.any() or candidates):
+            sent = np.concatenate([mask, np.ones(len(candidates), dtype=bool)])
+            boxes = np.concatenate([dets.xyxy, Detections.from_list(candidates).xyxy]) if candidates else dets.xyxy
             entry = OffloadEntry.for_keyframe(
-                frame.image, dets.xyxy, mask, site=s.site, run=s.run_id, frame=frame.index, mode=s.offload,
-                created=frame.time, model=version, edge=det_list, pts_s=frame.pts_s, context=s.context,
+                frame.image, boxes, sent, site=s.site, run=s.run_id, frame=frame.index, mode=s.offload,
+                created=frame.time, model=version, edge=det_list + candidates, pts_s=frame.pts_s, context=s.context,
                 min_size=s.min_crop, quality=s.jpeg_quality)
             offload = {"id": entry.id, "mode": s.offload, "regions": entry.regions, "detections": int(mask.sum()),
-                       "bytes": entry.payload_bytes}
+                       "candidates": len(candidates), "bytes": entry.payload_bytes}
         record = {"kind": "edge", "site": s.site, "run": s.run_id, "frame": frame.index,
                   "time": round(frame.time, 3), "pts_s": frame.pts_s, "keyframe": bool(is_key),
                   "keyframe_reason": reason if is_key else None, "source_frame": source,
-                  "model": version, "detections": det_list, "offload": offload,
+                  "model": version, "detections": det_list, "candidates": candidates, "offload": offload,
                   "latency_ms": {"edge": _round(edge_ms), "total": _round((time.perf_counter() - t0) * 1000)}}
         if upscale_ms is not None:
             record["latency_ms"]["upscale"] = _round(upscale_ms)
@@ -1237,8 +1247,9 @@ class EdgeRuntime:
     # -- worker callbacks
     def _delivered(self, entry: OffloadEntry, answer: CloudAnswer, attempts: int) -> None:
         edge = Detections.from_list(entry.edge)
+        keep = [self.s.keep_unanswered and "candidate" not in d.get("reasons", ()) for d in entry.edge]
         merged = merge(edge, answer.detections, np.array(entry.offloaded, dtype=bool), iou=self.s.merge_iou,
-                       keep_unanswered=self.s.keep_unanswered, resolve=self.s.merge)
+                       keep_unanswered=np.array(keep, dtype=bool), resolve=self.s.merge)
         n_edge = len(merged) - len(answer.detections)
         items = [{**d, "source": "edge" if i < n_edge else "cloud"} for i, d in enumerate(merged.to_list())]
         now = time.time()
@@ -1328,7 +1339,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--append", action="store_true", help="append to --out instead of replacing it")
     p.add_argument("--video", help="annotated video to write (mp4)")
     p.add_argument("--offload", choices=("crops", "frame"), default=EdgeSettings.offload,
-                   help="send the whole keyframe (default) or crops around the ambiguous boxes")
+                   help="send crops around the ambiguous boxes and the candidates, or the whole keyframe")
     p.add_argument("--t-conf", type=float, default=0.5, help="T_conf: lower confidence is ambiguous")
     p.add_argument("--t-size", type=float, default=256.0, help="T_size in px²: smaller boxes are ambiguous")
     p.add_argument("--n-frames", type=int, default=5, help="N keyframes for the 'unstable' rule")
@@ -1344,6 +1355,9 @@ def _parser() -> argparse.ArgumentParser:
                         "boxes are then in upscaled-frame pixels")
     p.add_argument("--imgsz", type=int, default=320)
     p.add_argument("--conf", type=float, default=0.25, help="edge detector confidence threshold (NMS)")
+    p.add_argument("--candidate-conf", type=float, default=0.05,
+                   help="also detect down to this confidence: boxes below --conf are candidates, offloaded and kept "
+                        "only where the cloud confirms them (0: off)")
     p.add_argument("--iou", type=float, default=0.7, help="edge detector NMS IoU")
     p.add_argument("--device", default="cpu")
     p.add_argument("--context", type=float, default=0.5, help="crop margin, fraction of the box per side")
@@ -1381,22 +1395,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(str(err))
     if not 0 <= args.t_conf <= 1 or args.t_size < 0 or args.n_frames < 1 or args.beta <= 0 or args.imgsz < 32 \
             or not 0 <= args.conf <= 1 or not 0 < args.iou <= 1 or args.drain_timeout < 0 or args.retry_base <= 0 \
-            or args.retry_max < args.retry_base or args.timeout <= 0:
+            or args.retry_max < args.retry_base or args.timeout <= 0 \
+            or (args.candidate_conf and not 0 < args.candidate_conf < args.conf):
         parser.error("need 0 <= --t-conf <= 1, --t-size >= 0, --n-frames >= 1, --beta > 0, --imgsz >= 32, "
                      "0 <= --conf <= 1, 0 < --iou <= 1, --drain-timeout >= 0, 0 < --retry-base <= --retry-max, "
-                     "--timeout > 0")
+                     "--timeout > 0, --candidate-conf 0 (off) or in (0, --conf)")
     try:
         settings = EdgeSettings(
             site=args.site, run_id=args.run_id, t_conf=args.t_conf, t_size=args.t_size, n_frames=args.n_frames,
             beta=args.beta, warmup=args.warmup, cut_threshold=args.cut_threshold, max_gap=args.max_gap,
             offload=args.offload, context=args.context, min_crop=args.min_crop, jpeg_quality=args.jpeg_quality,
             merge_iou=args.merge_iou, keep_unanswered=args.keep_unanswered, merge=args.merge,
-            drain_timeout=args.drain_timeout,
+            answer_conf=args.conf if args.candidate_conf else 0.0, drain_timeout=args.drain_timeout,
             retry_base=args.retry_base, retry_max=args.retry_max, upscale=args.upscale, propagate=args.propagate)
         queue_dir = Path(args.queue_dir).expanduser() if args.queue_dir else \
             Path(os.environ.get("CEDAR_HOME", "~/.cache/cedar")).expanduser() / "edge" / args.site / "queue"
         source = FrameSource(args.source, fps=args.fps, max_frames=args.max_frames, realtime=args.realtime)
-        model = EdgeModel(args.weights, onnx=args.onnx, imgsz=args.imgsz, conf=args.conf, iou=args.iou,
+        model = EdgeModel(args.weights, onnx=args.onnx, imgsz=args.imgsz, iou=args.iou,
+                          conf=args.candidate_conf or args.conf,
                           device=args.device, reload_every=args.reload_every)
         client = CloudClient(args.cloud, token, args.site, cafile=args.cafile, timeout=args.timeout)
         runtime = EdgeRuntime(model, client, settings, queue_dir=queue_dir, out=args.out, video=args.video,

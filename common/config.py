@@ -118,6 +118,10 @@ class RoutingConfig:
     """Ambiguity routing (paper section 4.2 (a)-(c)); the ClientApp reports what it would offload."""
 
     det_conf: float = 0.25  # the edge model's detection threshold
+    # the edge also detects down to this confidence (0: off); boxes below det_conf are candidates: not in its
+    # answer, offloaded, kept only where the cloud confirms them (clients.edge --candidate-conf). With crops they
+    # cover what the edge nearly missed: collaboration.md, crops at 0.05 vs whole keyframes
+    candidate_conf: float = 0.05
     t_conf: float = 0.5  # below: ambiguous (low confidence)
     t_size: float = 256.0  # box area in px^2 below: ambiguous (small)
     n_frames: int = 5  # keyframes over which an intermittent track is ambiguous (videos)
@@ -126,10 +130,9 @@ class RoutingConfig:
     cloud_url: str = ""
     cloud_token_file: str = ""
     cloud_cafile: str = ""
-    # "frame" (the whole keyframe) or "crops" (around the ambiguous boxes, with context; ~13 % of the bytes): whole
-    # keyframes with merge "fuse" beat both the edge and the cloud alone on 4/4 sites, crops on none
-    # (benchmarks/results/collaboration.md); crops only cover what the edge already saw
-    offload: str = "frame"
+    # "crops" (around the ambiguous boxes and the candidates, with context) or "frame" (the whole keyframe):
+    # benchmarks/results/collaboration.md
+    offload: str = "crops"
     # merge keeps offloaded edge boxes that no cloud box overlaps: higher collaborative mAP50 and recall on every
     # seed with crops (benchmarks/results/reproduce_standard.md, collaboration.md); false: the paper's merge
     keep_unanswered: bool = True
@@ -354,6 +357,9 @@ def validate(cfg: CedarConfig) -> None:
                 "kd.fg_threshold", "kd.check_margin", "routing.det_conf", "routing.t_conf"):
         if not 0.0 <= flat[key] <= 1.0:
             raise ConfigError(f"{key}={flat[key]!r}: must be in [0, 1]")
+    if flat["routing.candidate_conf"] and not 0.0 < flat["routing.candidate_conf"] < flat["routing.det_conf"]:
+        raise ConfigError(f"routing.candidate_conf={flat['routing.candidate_conf']!r}: must be 0 (off) or in "
+                          f"(0, routing.det_conf={flat['routing.det_conf']!r})")
     if not (len(flat["data.contrast"]) == 2 and 0 < flat["data.contrast"][0] <= flat["data.contrast"][1] <= 1):
         raise ConfigError(f"data.contrast={flat['data.contrast']!r}: expected [low, high] with 0 < low <= high <= 1")
     for key in ("data.objects_per_image", "data.small_px", "data.large_px", "data.clutter_per_image"):

@@ -44,7 +44,7 @@ ROOT = Path(__file__).resolve().parent.parent
 TOKEN = "edge-test-token"
 NAMES = ["insulator", "bird_nest", "damper", "bolt", "crack", "rust", "vehicle", "person"]
 EDGE_KEYS = {"kind", "site", "run", "frame", "time", "pts_s", "keyframe", "keyframe_reason", "source_frame", "model",
-             "detections", "offload", "latency_ms"}
+             "detections", "candidates", "offload", "latency_ms"}
 REFINED_KEYS = {"kind", "site", "run", "frame", "offload_id", "time", "pts_s", "keyframe", "model", "mode",
                 "detections", "cloud_detections", "latency_ms", "bytes_sent", "request_bytes", "attempts",
                 "cloud_model", "recovered"}
@@ -363,12 +363,12 @@ def test_edge_lines_first_then_refined_lines_equal_merge(tmp_path, video):
     assert (tmp_path / "queue" / "delivered.log").read_text().split() == [ln["offload"]["id"] for ln in key]
 
 
-def test_the_defaults_send_the_whole_keyframe_and_fuse_the_answers(tmp_path, video):
-    """EdgeSettings' defaults (whole keyframes, merge fuse, unanswered edge boxes kept; the collaboration
-    benchmark's best on every site): each refined line = common.routing.merge(..., resolve="fuse")."""
-    assert (EdgeSettings.offload, EdgeSettings.merge, EdgeSettings.keep_unanswered) == ("frame", "fuse", True)
+def test_frame_mode_sends_the_whole_keyframe_and_fuse_merges_it(tmp_path, video):
+    """Whole keyframes, merge fuse (the default), unanswered edge boxes kept (the default): each refined line =
+    common.routing.merge(..., resolve="fuse")."""
+    assert (EdgeSettings.offload, EdgeSettings.merge, EdgeSettings.keep_unanswered) == ("crops", "fuse", True)
     cloud = FakeCloud()
-    lines, _ = _run(tmp_path, _frames_of(video), cloud, offload=EdgeSettings.offload, merge=EdgeSettings.merge)
+    lines, _ = _run(tmp_path, _frames_of(video), cloud, offload="frame", merge=EdgeSettings.merge)
     key = [ln for ln in lines if ln["kind"] == "edge" and ln["keyframe"]]
     assert all(ln["offload"]["regions"] == [[0, 0, 128, 96]] for ln in key)
     image = cv2.imdecode(np.frombuffer(cloud.entries[0].payloads[0], np.uint8), cv2.IMREAD_COLOR)
@@ -384,6 +384,36 @@ def test_the_defaults_send_the_whole_keyframe_and_fuse_the_answers(tmp_path, vid
         assert _plain(ln["detections"]) == expected.to_list()
         differs.append(expected.to_list() != merge(edge, answer, reasons, keep_unanswered=True).to_list())
     assert any(differs)  # the fake cloud's boxes overlap edge boxes: fusing is not the cloud winning
+
+
+class _SilentCloud(FakeCloud):
+    """Answers every offload with no detections."""
+
+    def send(self, entry: OffloadEntry) -> CloudAnswer:
+        self.entries.append(entry)
+        return CloudAnswer(Detections.empty(), rtt_ms=5.0, request_bytes=entry.payload_bytes, model="fake")
+
+
+def test_candidates_are_offloaded_and_kept_only_where_the_cloud_confirms_them(tmp_path, video):
+    """answer_conf 0.5: the edge's 0.3 box is a candidate, not part of its answer, but sent (crop [57,27,89,59]).
+    The fake cloud re-detects it ([70.5,40.2,76.5,46.1] 0.8, IoU 31.9/39.5 ≈ 0.81): fused, noisy-or
+    1 - 0.7·0.2 = 0.86, before the confident edge box 0.9 (frame 2). A silent cloud: the candidate is gone."""
+    lines, _ = _run(tmp_path, _frames_of(video), FakeCloud(), answer_conf=0.5, merge="fuse")
+    edge = [ln for ln in lines if ln["kind"] == "edge" and ln["keyframe"]]
+    for ln in edge:
+        assert [d["conf"] for d in ln["detections"]] == pytest.approx([0.9])
+        assert [(d["xyxy"], d["reasons"], d["track"]) for d in ln["candidates"]] == [
+            ([70.0, 40.0, 76.0, 46.0], ["candidate"], -1)]
+        assert ln["offload"]["regions"] == [[57, 27, 89, 59]]
+        assert (ln["offload"]["detections"], ln["offload"]["candidates"]) == (0, 1)
+    refined = {ln["frame"]: ln for ln in lines if ln["kind"] == "refined"}
+    assert sorted(refined) == [0, 2, 4]
+    assert [d["conf"] for d in refined[2]["detections"]] == pytest.approx([0.86, 0.9])
+
+    silent, _ = _run(tmp_path / "silent", _frames_of(video), _SilentCloud(), answer_conf=0.5, merge="fuse")
+    for ln in silent:
+        if ln["kind"] == "refined":
+            assert [d["conf"] for d in ln["detections"]] == pytest.approx([0.9])
 
 
 def test_retries_with_backoff_while_the_cloud_is_down(tmp_path, video):
