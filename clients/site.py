@@ -159,7 +159,8 @@ class LocalSite:
         confident ones alone (the edge's answer without the cloud). When the node
         knows a cloud detection service (``routing.cloud-url`` or node-config
         ``cloud-url``), the ambiguous part of each image (``routing.offload``: crops
-        with context or the whole image) is sent to it as the edge runtime does, and
+        with context or the whole image), with the candidates below ``det_conf``
+        (down to ``routing.candidate_conf``), is sent to it as the edge runtime does, and
         the merged answer's recall, the per-image latency (edge, plus the round trip
         when offloaded) and the uploaded bytes are reported too. A cloud that cannot
         answer costs only those collaborative metrics, never the round.
@@ -173,7 +174,8 @@ class LocalSite:
         from common.sites import label_path, split_dir
 
         r, t = self.cfg.routing, self.cfg.train
-        predictor = yolo.Predictor(model, imgsz=t.imgsz, conf=r.det_conf, iou=self.cfg.eval.iou, device=t.device)
+        predictor = yolo.Predictor(model, imgsz=t.imgsz, conf=r.candidate_conf or r.det_conf,
+                                   iou=self.cfg.eval.iou, device=t.device)
         client = self.cloud_client()
         detections = ambiguous = 0
         found_all, found_confident, found_collab, ms, collab_ms, sent = [], [], [], [], [], []
@@ -182,9 +184,12 @@ class LocalSite:
             if image is None:
                 continue
             t0 = time.perf_counter()
-            det = predictor([image])[0]
+            found = predictor([image])[0]
             ms.append(1000 * (time.perf_counter() - t0))
-            amb = np.array([bool(x) for x in ambiguity_reasons(det["xyxy"], det["conf"], None, r.t_conf, r.t_size)],
+            every = Detections(found["xyxy"], found["conf"], found["cls"])
+            edge = every.select(every.conf >= r.det_conf)  # the edge's answer; below it: candidates
+            candidates = every.select(every.conf < r.det_conf)
+            amb = np.array([bool(x) for x in ambiguity_reasons(edge.xyxy, edge.conf, None, r.t_conf, r.t_size)],
                            dtype=bool)
             detections, ambiguous = detections + len(amb), ambiguous + int(amb.sum())
             h, w = image.shape[:2]
@@ -192,16 +197,18 @@ class LocalSite:
             rows = np.loadtxt(labels, ndmin=2) if labels.is_file() and labels.stat().st_size else np.zeros((0, 5))
             gt = np.stack([(rows[:, 1] - rows[:, 3] / 2) * w, (rows[:, 2] - rows[:, 4] / 2) * h,
                            (rows[:, 1] + rows[:, 3] / 2) * w, (rows[:, 2] + rows[:, 4] / 2) * h], 1)
-            found_all.extend(matched_gt(det["xyxy"], det["conf"], gt))
-            found_confident.extend(matched_gt(det["xyxy"][~amb], det["conf"][~amb], gt))
+            found_all.extend(matched_gt(edge.xyxy, edge.conf, gt))
+            found_confident.extend(matched_gt(edge.xyxy[~amb], edge.conf[~amb], gt))
             if client is None:
                 continue
-            edge = Detections(det["xyxy"], det["conf"], det["cls"])
-            final, rtt, nbytes = edge.select(~amb), 0.0, 0
-            if amb.any():
-                entry = OffloadEntry.for_keyframe(image, edge.xyxy, amb, site=self.spec.site_id, run="eval", frame=n,
+            final, rtt, nbytes = edge, 0.0, 0
+            offloaded = np.concatenate([amb, np.ones(len(candidates), dtype=bool)])
+            if offloaded.any():
+                both = Detections.concat([edge, candidates])
+                entry = OffloadEntry.for_keyframe(image, both.xyxy, offloaded, site=self.spec.site_id, run="eval",
+                                                  frame=n,
                                                   mode=r.offload, created=time.time(), model="eval",
-                                                  edge=edge.to_list())
+                                                  edge=both.to_list())
                 try:
                     answer = client.send(entry)
                 except (CloudUnavailable, CloudRejected) as err:
@@ -210,7 +217,8 @@ class LocalSite:
                     client.close()
                     client, found_collab = None, []
                     continue
-                final = merge(edge, answer.detections, amb, keep_unanswered=r.keep_unanswered, resolve=r.merge)
+                keep = np.arange(len(both)) < len(edge) if r.keep_unanswered else np.zeros(len(both), dtype=bool)
+                final = merge(both, answer.detections, offloaded, keep_unanswered=keep, resolve=r.merge)
                 rtt, nbytes = answer.rtt_ms, entry.payload_bytes
             found_collab.extend(matched_gt(final.xyxy, final.conf, gt))
             collab_ms.append(ms[-1] + rtt)
