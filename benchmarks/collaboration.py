@@ -511,7 +511,8 @@ def site_markdown(res: dict, settings: dict, site: str) -> list[str]:
         f"images; video: {settings['n_frames']} frames), edge model `{main}` (seed {settings['seed']}, "
         f"{settings['edge_epochs']} epochs), cloud model `{settings['cloud']}` trained on the public train split "
         f"for {settings.get('cloud_iters', 1.0):g}x an edge model's iterations. The cloud service is a separate process on loopback; edge and cloud get one "
-        f"CPU thread each. Edge detections at conf >= {settings['det_conf']}, cloud at >= {settings['cloud_conf']} "
+        f"CPU thread each. Edge detections at conf >= {settings['det_conf']} (candidates offloaded down to "
+        f"{settings.get('candidate_conf', 0):g}), cloud at >= {settings['cloud_conf']} "
         f"(crops resized {settings.get('crop_zoom', 1.0):g}x before detection); "
         f"routing t_conf {settings['t_conf']}, t_size {settings['t_size']} px², n_frames {settings['n_frames_rule']}. "
         "Each model's mAP50 on these test images by Ultralytics' validator (PNG, conf 0.001): "
@@ -686,7 +687,7 @@ def main(argv: list[str] | None = None) -> int:
                 "cloud": cfg.model.cloud, "cloud_iters": args.cloud_iters, "det_conf": cfg.routing.det_conf, "cloud_conf": args.cloud_conf,
                 "t_conf": cfg.routing.t_conf, "t_size": cfg.routing.t_size, "n_frames_rule": cfg.routing.n_frames,
                 "t_conf_sweep": args.t_conf_sweep, "n_images": cfg.data.test_per_site, "n_frames": meta["frames"],
-                "crop_zoom": args.crop_zoom}
+                "crop_zoom": args.crop_zoom, "candidate_conf": cfg.routing.candidate_conf}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     plot_sweep(res["sites"][str(args.sites[0])], settings, out.parent / f"{out.name}_tconf.png")
