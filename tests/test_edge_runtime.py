@@ -692,9 +692,10 @@ def _check_refined(lines: list[dict], edge_lines: dict[str, dict]) -> None:
         if ln["kind"] != "refined":
             continue
         edge = edge_lines[ln["offload_id"]]
-        expected = merge(Detections.from_list(edge["detections"]), Detections.from_list(ln["cloud_detections"]),
-                         [bool(d["reasons"]) for d in edge["detections"]],
-                         keep_unanswered=EdgeSettings.keep_unanswered, resolve=EdgeSettings.merge)
+        key = edge["detections"] + edge["candidates"]  # the CLI's default --candidate-conf 0.05 adds candidates
+        keep = [EdgeSettings.keep_unanswered and "candidate" not in d["reasons"] for d in key]
+        expected = merge(Detections.from_list(key), Detections.from_list(ln["cloud_detections"]),
+                         [bool(d["reasons"]) for d in key], keep_unanswered=keep, resolve=EdgeSettings.merge)
         assert _plain(ln["detections"]) == expected.to_list()
 
 
