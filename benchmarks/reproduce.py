@@ -437,8 +437,8 @@ def to_markdown(summary: dict, results: dict, meta: dict) -> str:
     if summary["merges"]:
         lines += ["", "The collaboration row uses the paper's merge: crops around the ambiguous edge boxes are "
                   "offloaded and the cloud's box replaces the edge boxes it overlaps (offloaded edge boxes it does "
-                  "not answer are dropped; the edge runtime's default is now whole keyframes, fused, kept: `frame "
-                  "fuse+keep`). Below, the "
+                  "not answer are dropped; the edge runtime now fuses and keeps them, and also offloads its candidates: "
+                  "benchmarks/results/collaboration.md; this job predates that). Below, the "
                   "YOLO11n edge's collaboration offloading crops or whole "
                   "keyframes (`frame`), each under every policy of `common.routing.merge` on the same cloud answers "
                   "(`+keep`: unanswered edge boxes stay; `fuse`: overlapping edge and cloud boxes become one, "
