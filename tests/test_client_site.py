@@ -290,6 +290,31 @@ class _FakeCloud:
         self.closed = True
 
 
+def _labels_detector(site, conf: float):
+    """A stand-in for ``yolo.Predictor``: each call returns the next test image's labelled boxes, all at
+    confidence ``conf``. Returns the class, the list of ``conf`` values it was built with, and the images."""
+    import numpy as np
+
+    from common.sites import label_path, split_dir
+
+    images = sorted(split_dir(site.spec.data_yaml, "test").glob("*.png"))
+    truth = iter([np.loadtxt(label_path(p), ndmin=2) for p in images])
+    built = []
+
+    class Labels:
+        def __init__(self, *a, conf, **k):
+            built.append(conf)
+
+        def __call__(self, imgs):
+            rows = next(truth)
+            xyxy = np.stack([rows[:, 1] - rows[:, 3] / 2, rows[:, 2] - rows[:, 4] / 2,
+                             rows[:, 1] + rows[:, 3] / 2, rows[:, 2] + rows[:, 4] / 2], 1) * 128
+            return [{"xyxy": xyxy.astype(np.float32), "conf": np.full(len(rows), conf, np.float32),
+                     "cls": rows[:, 0].astype(np.int64)}]
+
+    return Labels, built, images
+
+
 @pytest.mark.parametrize("answer", ["perfect", "empty", "down"])
 def test_collaborative_metrics_merge_the_cloud_answer(site1, monkeypatch, answer):
     """Paper section 4.2: offloaded boxes are replaced by the cloud's answer; recall of the merged output.
@@ -299,27 +324,11 @@ def test_collaborative_metrics_merge_the_cloud_answer(site1, monkeypatch, answer
     (routing.keep-unanswered, the default: unanswered offloaded boxes stay); an unreachable one drops only
     the collaborative metrics.
     """
-    import numpy as np
-
     from common import yolo
-    from common.sites import label_path, split_dir
 
-    images = sorted(split_dir(site1.spec.data_yaml, "test").glob("*.png"))
-    truth = iter([np.loadtxt(label_path(p), ndmin=2) for p in images])
-
-    class Perfect:
-        def __init__(self, *a, **k):
-            pass
-
-        def __call__(self, imgs):
-            rows = next(truth)
-            xyxy = np.stack([rows[:, 1] - rows[:, 3] / 2, rows[:, 2] - rows[:, 4] / 2,
-                             rows[:, 1] + rows[:, 3] / 2, rows[:, 2] + rows[:, 4] / 2], 1) * 128
-            return [{"xyxy": xyxy.astype(np.float32), "conf": np.full(len(rows), 0.9, np.float32),
-                     "cls": rows[:, 0].astype(np.int64)}]
-
+    perfect, _, images = _labels_detector(site1, 0.9)
     cloud = _FakeCloud(answer)
-    monkeypatch.setattr(yolo, "Predictor", Perfect)
+    monkeypatch.setattr(yolo, "Predictor", perfect)
     monkeypatch.setattr(site1, "cloud_client", lambda: cloud)
 
     m = site1.routing_metrics(model=None)
@@ -341,31 +350,16 @@ def test_candidates_count_only_where_the_cloud_confirms_them(site1, monkeypatch,
     """Every true box found at conf 0.1 only: below routing.det_conf (0.25), so all are candidates and none
     is the edge's answer (edge recall 0). Every image with an object is offloaded; a cloud that confirms
     the candidates gives collaborative recall 1, a silent one 0 (candidates are never kept unanswered)."""
-    import numpy as np
-
     from common import yolo
-    from common.sites import label_path, split_dir
 
-    images = sorted(split_dir(site1.spec.data_yaml, "test").glob("*.png"))
-    truth = iter([np.loadtxt(label_path(p), ndmin=2) for p in images])
-
-    class Faint:
-        def __init__(self, *a, conf, **k):
-            assert conf == site1.cfg.routing.candidate_conf == 0.05  # detects down to the candidates
-
-        def __call__(self, imgs):
-            rows = next(truth)
-            xyxy = np.stack([rows[:, 1] - rows[:, 3] / 2, rows[:, 2] - rows[:, 4] / 2,
-                             rows[:, 1] + rows[:, 3] / 2, rows[:, 2] + rows[:, 4] / 2], 1) * 128
-            return [{"xyxy": xyxy.astype(np.float32), "conf": np.full(len(rows), 0.1, np.float32),
-                     "cls": rows[:, 0].astype(np.int64)}]
-
+    faint, built, _ = _labels_detector(site1, 0.1)
     cloud = _FakeCloud(answer)
-    monkeypatch.setattr(yolo, "Predictor", Faint)
+    monkeypatch.setattr(yolo, "Predictor", faint)
     monkeypatch.setattr(site1, "cloud_client", lambda: cloud)
 
     m = site1.routing_metrics(model=None)
 
+    assert built == [site1.cfg.routing.candidate_conf] == [0.05]  # detects down to the candidates
     assert m[P.EDGE_RECALL] == 0.0 and all(all(e.offloaded) for e in cloud.entries) and cloud.entries
     assert m[P.COLLAB_RECALL] == (1.0 if answer == "perfect" else 0.0)
 
