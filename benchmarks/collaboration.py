@@ -544,7 +544,7 @@ def site_markdown(res: dict, settings: dict, site: str) -> list[str]:
         "replaces every edge box it overlaps and offloaded edge boxes it did not answer are dropped (the paper's "
         "merge); `+keep` = those unanswered edge boxes stay (`--keep-unanswered`); `fuse` = overlapping edge and "
         "cloud boxes become one (confidence-weighted box, noisy-or confidence; `--merge fuse`). The edge "
-        "runtime's default: whole keyframes (`--offload frame`), `fuse+keep`.",
+        "runtime's default: crops with its candidates, `fuse+keep`.",
         "",
         "Against the paper (VisDrone; ours: the built-in benchmark, so only the directions compare; "
         "collaboration = crops, merge `cloud`):",

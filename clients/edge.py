@@ -153,7 +153,8 @@ from typing import Any, Callable, Iterable, Iterator, Protocol, Sequence
 import numpy as np
 
 from common.keyframes import IoUTracker, KeyframeSelector, box_iou
-from common.routing import MERGE_POLICIES, Detections, encode_regions, merge, offload_plan, payload_bytes, route
+from common.routing import (CANDIDATE_CONF, MERGE_POLICIES, Detections, encode_regions, merge, offload_plan,
+                            payload_bytes, route)
 from common.files import atomic_write
 from common.tokens import TOKEN_ENV, resolve_token
 
@@ -1355,7 +1356,7 @@ def _parser() -> argparse.ArgumentParser:
                         "boxes are then in upscaled-frame pixels")
     p.add_argument("--imgsz", type=int, default=320)
     p.add_argument("--conf", type=float, default=0.25, help="edge detector confidence threshold (NMS)")
-    p.add_argument("--candidate-conf", type=float, default=0.05,
+    p.add_argument("--candidate-conf", type=float, default=CANDIDATE_CONF,
                    help="also detect down to this confidence: boxes below --conf are candidates, offloaded and kept "
                         "only where the cloud confirms them (0: off)")
     p.add_argument("--iou", type=float, default=0.7, help="edge detector NMS IoU")

@@ -26,6 +26,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from common.protocol import KD_SELECTIONS
+from common.routing import CANDIDATE_CONF
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 PRESETS = ("quick", "standard", "paper")
@@ -121,7 +122,7 @@ class RoutingConfig:
     # the edge also detects down to this confidence (0: off); boxes below det_conf are candidates: not in its
     # answer, offloaded, kept only where the cloud confirms them (clients.edge --candidate-conf). With crops they
     # cover what the edge nearly missed: collaboration.md, crops at 0.05 vs whole keyframes
-    candidate_conf: float = 0.05
+    candidate_conf: float = CANDIDATE_CONF
     t_conf: float = 0.5  # below: ambiguous (low confidence)
     t_size: float = 256.0  # box area in px^2 below: ambiguous (small)
     n_frames: int = 5  # keyframes over which an intermittent track is ambiguous (videos)

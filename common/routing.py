@@ -378,6 +378,9 @@ def route(
 # Merge
 # --------------------------------------------------------------------------- #
 MERGE_POLICIES = ("cloud", "fuse")
+#: the edge's candidates (boxes below its answer threshold, sent to the cloud) start at this confidence
+#: (``routing.candidate_conf``, ``clients.edge --candidate-conf``; benchmarks/results/collaboration.md)
+CANDIDATE_CONF = 0.05
 
 
 def merge(
