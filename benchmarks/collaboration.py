@@ -171,12 +171,13 @@ def run_edge(weights: Path, source: Path, settings, client, workdir: Path, *, im
     return [json.loads(line) for line in out.read_text().splitlines()]
 
 
-def cloud_only(source: Path, client, site: str, quality: int = 90) -> tuple[list, list[float], list[int]]:
-    """Every frame whole to ``/detect``: detections, per-frame latency (encode + round trip), bytes."""
+def cloud_only(source: Path, client, site: str, quality: int = 90) -> tuple[list, list[float], list[int], list[int]]:
+    """Every frame whole to ``/detect``: detections, per-frame latency (encode + round trip), JPEG bytes,
+    HTTP body bytes."""
     from clients.edge import FrameSource, OffloadEntry
     from common.routing import encode_regions
 
-    dets, ms, sizes = [], [], []
+    dets, ms, sizes, wire = [], [], [], []
     frames = FrameSource(source)
     for frame in frames:
         t0 = time.perf_counter()
@@ -188,9 +189,10 @@ def cloud_only(source: Path, client, site: str, quality: int = 90) -> tuple[list
         answer = client.send(entry)
         ms.append((time.perf_counter() - t0) * 1000)
         sizes.append(entry.payload_bytes)
+        wire.append(answer.request_bytes)
         dets.append(answer.detections)
     frames.close()
-    return dets, ms, sizes
+    return dets, ms, sizes, wire
 
 
 # merge policies scored offline on the same cloud answers (name -> common.routing.merge keywords); the
@@ -291,8 +293,24 @@ def offload_figures(records: list[dict]) -> dict:
             "offloaded_keyframes": sum(1 for r in keys if r["offload"]) / len(keys),
             "offloaded_detections": n_off / n_det if n_det else 0.0,
             "bytes_per_frame": sum(r["offload"]["bytes"] for r in keys if r["offload"]) / len(edge),
+            "request_bytes_per_frame": sum(r["request_bytes"] for r in refined.values()) / len(edge),
             "edge_ms": float(np.mean(edge_ms)), "collab_ms": float(np.mean(collab_ms)),
             "delivered": len(refined)}
+
+
+def separate_crop_bytes(records: list[dict], source: Path, quality: int = 90) -> float:
+    """Bytes per frame had each crop of the run's offloads been its own JPEG (``--separate-crops``)."""
+    from clients.edge import FrameSource
+    from common.routing import encode_regions, payload_bytes
+
+    regions = {r["frame"]: r["offload"]["regions"] for r in records if r["kind"] == "edge" and r["offload"]}
+    frames, total, n = FrameSource(source), 0, 0
+    for frame in frames:
+        n += 1
+        if frame.index in regions:
+            total += payload_bytes(encode_regions(frame.image, regions[frame.index], quality=quality))
+    frames.close()
+    return total / max(n, 1)
 
 
 def video_labels(video_dir: Path, n: int, size: int) -> list[np.ndarray]:
@@ -356,7 +374,9 @@ def measure(args, cfg, bench, workdir: Path, site: int) -> dict:
                 rid = f"{tag}-{arch}-{offload}-{int(round(t_conf * 100))}"
                 recs = run_edge(edges[arch], images_dir, replace(base, run_id=rid, max_gap=1, t_conf=t_conf,
                                                                  offload=offload), cloud_client, workdir, **kw)
-                return {"edge": score(per_frame(recs, False), image_gts, nc, small_px),
+                separate = {"separate_bytes_per_frame": separate_crop_bytes(recs, images_dir)} \
+                    if offload == "crops" else {}
+                return {**separate, "edge": score(per_frame(recs, False), image_gts, nc, small_px),
                         "collab": score(per_frame(recs, True), image_gts, nc, small_px),
                         "merges": {name: score(per_frame(remerged(recs, **m), True), image_gts, nc, small_px)
                                    for name, m in MERGES.items()}, **offload_figures(recs)}
@@ -370,12 +390,12 @@ def measure(args, cfg, bench, workdir: Path, site: int) -> dict:
                         "merges": {name: score(per_frame(remerged(recs, **m), True), video_gts, nc, small_px)
                                    for name, m in MERGES.items()}, **offload_figures(recs)}
 
-            dets, ms, sizes = cloud_only(images_dir, client, site_id)
-            result["images_cloud"] = {**score(dets, image_gts, nc, small_px), "ms": float(np.mean(ms)),
-                                      "bytes_per_frame": float(np.mean(sizes))}
-            dets, ms, sizes = cloud_only(video_dir / "video.mp4", client, site_id)
-            result["video_cloud"] = {**score(dets, video_gts, nc, small_px), "ms": float(np.mean(ms)),
-                                     "bytes_per_frame": float(np.mean(sizes))}
+            for key, source, gts in (("images_cloud", images_dir, image_gts),
+                                     ("video_cloud", video_dir / "video.mp4", video_gts)):
+                dets, ms, sizes, wire = cloud_only(source, client, site_id)
+                result[key] = {**score(dets, gts, nc, small_px), "ms": float(np.mean(ms)),
+                               "bytes_per_frame": float(np.mean(sizes)),
+                               "request_bytes_per_frame": float(np.mean(wire))}
             result["images"] = {mode: images_run(main_arch, r.t_conf, mode, "img") for mode in ("crops", "frame")}
             result["video"] = {f"{mode}-{'all' if every else 'key'}": video_run(main_arch, mode, every)
                                for mode in ("crops", "frame") for every in (False, True)}
@@ -449,18 +469,24 @@ def summary_markdown(res: dict, settings: dict) -> list[str]:
     z = settings.get("crop_zoom", 1.0)
     lines = [f"## Every site (sites {', '.join(per)}; one cloud; crops detected at {z:g}x by the cloud)", "",
              "| site | edge | cloud | " + " | ".join(n for n, _, _ in SUMMARY) + " | FNR edge | FNR "
-             + " | FNR ".join(n for n, _, _ in SUMMARY) + " | crop bytes / frame bytes |",
-             "|---|---|---|" + "---|" * (2 * len(SUMMARY) + 2)]
+             + " | FNR ".join(n for n, _, _ in SUMMARY) + " | crop bytes / frame bytes (atlas) | "
+             "(one JPEG per crop) | (HTTP bodies, atlas) |",
+             "|---|---|---|" + "---|" * (2 * len(SUMMARY) + 4)]
     rows = {}
     for site, r in per.items():
         img = r["images"]
         vals = [img["crops"]["edge"], r["images_cloud"], *(img[mode]["merges"][m] for _, mode, m in SUMMARY)]
-        share = img["crops"]["bytes_per_frame"] / max(img["frame"]["bytes_per_frame"], 1)
-        rows[site] = ([v["map50"] for v in vals], [vals[0]["fnr"], *(v["fnr"] for v in vals[2:])], share)
-    for site, (maps, fnrs, share) in [*rows.items(), ("mean", tuple(
+        frame_bytes = max(img["frame"]["bytes_per_frame"], 1)
+        shares = [img["crops"][k] / frame_bytes if k in img["crops"] else float("nan")
+                  for k in ("bytes_per_frame", "separate_bytes_per_frame")]
+        shares.append(img["crops"].get("request_bytes_per_frame", float("nan"))
+                      / max(img["frame"].get("request_bytes_per_frame", 0), 1))
+        rows[site] = ([v["map50"] for v in vals], [vals[0]["fnr"], *(v["fnr"] for v in vals[2:])], shares)
+    for site, (maps, fnrs, shares) in [*rows.items(), ("mean", tuple(
             np.mean([row[i] for row in rows.values()], axis=0) for i in range(3)))]:
         lines.append(f"| {site} | " + " | ".join(f"{m:.3f}" for m in maps) + " | "
-                     + " | ".join(f"{f:.3f}" for f in fnrs) + f" | {100 * share:.0f}% |")
+                     + " | ".join(f"{f:.3f}" for f in fnrs) + " | " + " | ".join(f"{100 * x:.0f}%" for x in shares)
+                     + " |")
     lines += ["", "Video (keyframes only, β = 1.5; a non-keyframe reuses its keyframe's answer), mAP50: edge, "
               "cloud on every frame, and the collaborations:", "",
               "| site | edge | cloud | " + " | ".join(n for n, _, _ in SUMMARY) + " |", "|---|---|---|"
@@ -557,7 +583,8 @@ def site_markdown(res: dict, settings: dict, site: str) -> list[str]:
         f"({_rel(col['map50'], e['map50'])}) |",
         f"| FNR, collaboration vs edge | 0.37 vs 0.46 (-19.56%) | {col['fnr']:.3f} vs {e['fnr']:.3f} "
         f"({_rel(col['fnr'], e['fnr'])}) |",
-        f"| crop upload vs whole-frame upload, bytes | - (goal <= 25%) | {img['crops']['bytes_per_frame']:.0f} vs "
+        f"| crop upload vs whole-frame upload, bytes | - (goal <= 25%) | {img['crops']['bytes_per_frame']:.0f} "
+        f"(atlas; {img['crops'].get('separate_bytes_per_frame', float('nan')):.0f} as one JPEG per crop) vs "
         f"{img['frame']['bytes_per_frame']:.0f} B/image "
         f"({100 * img['crops']['bytes_per_frame'] / max(img['frame']['bytes_per_frame'], 1):.0f}%), mAP50 "
         f"{img['crops']['collab']['map50']:.3f} vs {img['frame']['collab']['map50']:.3f} |",

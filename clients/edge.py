@@ -153,8 +153,8 @@ from typing import Any, Callable, Iterable, Iterator, Protocol, Sequence
 import numpy as np
 
 from common.keyframes import IoUTracker, KeyframeSelector, box_iou
-from common.routing import (CANDIDATE_CONF, MERGE_POLICIES, Detections, encode_regions, merge, offload_plan,
-                            payload_bytes, route)
+from common.routing import (CANDIDATE_CONF, MERGE_POLICIES, Detections, encode_atlas, encode_regions, merge,
+                            offload_plan, payload_bytes, route)
 from common.files import atomic_write
 from common.tokens import TOKEN_ENV, resolve_token
 
@@ -573,7 +573,8 @@ class OffloadEntry:
     regions: list[list[int]]
     edge: list[dict]  # all edge detections of the keyframe (Detections.to_list + reasons)
     offloaded: list[bool]
-    payloads: list[bytes]  # JPEG per region, in order
+    payloads: list[bytes]  # JPEG per region, in order; or one JPEG, the atlas of all regions
+    atlas: list[list[int]] | None = None  # with an atlas: each region's top-left corner (ax, ay) on it
     path: Path | None = None
 
     @property
@@ -588,19 +589,29 @@ class OffloadEntry:
     @classmethod
     def for_keyframe(cls, image: np.ndarray, boxes: Any, offloaded: Any, *, site: str, run: str, frame: int,
                      mode: str, created: float, model: str, edge: list[dict], pts_s: float | None = None,
-                     context: float = 0.5, min_size: int = 32, quality: int = 90) -> "OffloadEntry":
-        """The offload of one keyframe: crops around the ``offloaded`` boxes (or the whole frame), as JPEG."""
+                     context: float = 0.5, min_size: int = 32, quality: int = 90,
+                     atlas: bool = True) -> "OffloadEntry":
+        """The offload of one keyframe: crops around the ``offloaded`` boxes (or the whole frame), as JPEG.
+
+        ``atlas``: the crops go on one image (:func:`common.routing.encode_atlas`), else one JPEG each.
+        """
         plan = offload_plan(boxes, offloaded, image.shape, mode=mode, context=context, min_size=min_size)
+        corners = None
+        if mode == "crops" and atlas and not plan.empty:
+            payload, placed = encode_atlas(image, plan.regions, quality=quality)
+            payloads, corners = [payload], placed.tolist()
+        else:
+            payloads = encode_regions(image, plan.regions, quality=quality)
         return cls(id=f"{site}.{run}.{frame:06d}", site=site, run=run, frame=frame, mode=mode, created=created,
                    model=model, pts_s=pts_s, image_shape=list(image.shape[:2]), regions=plan.regions.tolist(),
-                   edge=edge, offloaded=np.asarray(offloaded, dtype=bool).tolist(),
-                   payloads=encode_regions(image, plan.regions, quality=quality))
+                   edge=edge, offloaded=np.asarray(offloaded, dtype=bool).tolist(), payloads=payloads,
+                   atlas=corners)
 
     def to_json(self) -> dict:
         return {"format": QUEUE_FORMAT, "id": self.id, "site": self.site, "run": self.run, "frame": self.frame,
                 "mode": self.mode, "created": self.created, "model": self.model, "pts_s": self.pts_s,
                 "image_shape": self.image_shape, "regions": self.regions, "edge": self.edge,
-                "offloaded": self.offloaded,
+                "offloaded": self.offloaded, "atlas": self.atlas,
                 "payloads": [base64.b64encode(p).decode("ascii") for p in self.payloads]}
 
     @classmethod
@@ -611,7 +622,8 @@ class OffloadEntry:
                    created=float(data["created"]), model=data["model"], pts_s=data.get("pts_s"),
                    image_shape=list(data["image_shape"]), regions=[list(r) for r in data["regions"]],
                    edge=list(data["edge"]), offloaded=[bool(b) for b in data["offloaded"]],
-                   payloads=[base64.b64decode(p) for p in data["payloads"]], path=path)
+                   payloads=[base64.b64decode(p) for p in data["payloads"]], path=path,
+                   atlas=[list(c) for c in data["atlas"]] if data.get("atlas") is not None else None)
 
 
 class CloudClient:
@@ -637,9 +649,14 @@ class CloudClient:
                 r = self.client.post("/detect", content=entry.payloads[0],
                                      headers={**headers, "Content-Type": "image/jpeg"})
             else:
-                meta = {"crops": [{"x0": int(r[0]), "y0": int(r[1])} for r in entry.regions]}
-                files = [("meta", (None, json.dumps(meta).encode(), "application/json"))]
-                files += [("crop", (f"{i}.jpg", data, "image/jpeg")) for i, data in enumerate(entry.payloads)]
+                crops = [{"x0": int(r[0]), "y0": int(r[1])} for r in entry.regions]
+                if entry.atlas is not None:
+                    crops = [{**c, "ax": int(ax), "ay": int(ay), "width": int(r[2] - r[0]), "height": int(r[3] - r[1])}
+                             for c, (ax, ay), r in zip(crops, entry.atlas, entry.regions)]
+                    parts = [("atlas", ("atlas.jpg", entry.payloads[0], "image/jpeg"))]
+                else:
+                    parts = [("crop", (f"{i}.jpg", data, "image/jpeg")) for i, data in enumerate(entry.payloads)]
+                files = [("meta", (None, json.dumps({"crops": crops}).encode(), "application/json")), *parts]
                 r = self.client.post("/detect/crops", files=files, headers=headers)
         except httpx.TransportError as err:  # refused, reset, DNS, TLS, timeouts
             raise CloudUnavailable(f"{type(err).__name__}: {err}") from None
@@ -1052,6 +1069,7 @@ class EdgeSettings:
     context: float = 0.5
     min_crop: int = 32
     jpeg_quality: int = 90
+    atlas: bool = True  # crops on one image per keyframe (--separate-crops: one JPEG each)
     merge_iou: float = 0.5
     keep_unanswered: bool = True  # offloaded edge boxes no cloud box overlaps stay (common.routing.merge)
     merge: str = "fuse"  # "fuse" edge and cloud boxes or the "cloud" wins overlaps (common.routing.merge)
@@ -1213,7 +1231,7 @@ class EdgeRuntime:
             entry = OffloadEntry.for_keyframe(
                 frame.image, boxes, sent, site=s.site, run=s.run_id, frame=frame.index, mode=s.offload,
                 created=frame.time, model=version, edge=det_list + candidates, pts_s=frame.pts_s, context=s.context,
-                min_size=s.min_crop, quality=s.jpeg_quality)
+                min_size=s.min_crop, quality=s.jpeg_quality, atlas=s.atlas)
             offload = {"id": entry.id, "mode": s.offload, "regions": entry.regions, "detections": int(mask.sum()),
                        "candidates": len(candidates), "bytes": entry.payload_bytes}
         record = {"kind": "edge", "site": s.site, "run": s.run_id, "frame": frame.index,
@@ -1364,6 +1382,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--context", type=float, default=0.5, help="crop margin, fraction of the box per side")
     p.add_argument("--min-crop", type=int, default=32, help="minimum crop side in px")
     p.add_argument("--jpeg-quality", type=int, default=90)
+    p.add_argument("--separate-crops", dest="atlas", action="store_false",
+                   help="send each crop as its own JPEG (default: all crops of a keyframe on one atlas image, "
+                        "one JPEG header instead of one per crop)")
     p.add_argument("--merge-iou", type=float, default=0.5)
     p.add_argument("--keep-unanswered", action=argparse.BooleanOptionalAction, default=EdgeSettings.keep_unanswered,
                    help="keep offloaded edge detections that no cloud detection overlaps (--no-keep-unanswered: "
@@ -1406,7 +1427,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             site=args.site, run_id=args.run_id, t_conf=args.t_conf, t_size=args.t_size, n_frames=args.n_frames,
             beta=args.beta, warmup=args.warmup, cut_threshold=args.cut_threshold, max_gap=args.max_gap,
             offload=args.offload, context=args.context, min_crop=args.min_crop, jpeg_quality=args.jpeg_quality,
-            merge_iou=args.merge_iou, keep_unanswered=args.keep_unanswered, merge=args.merge,
+            atlas=args.atlas, merge_iou=args.merge_iou, keep_unanswered=args.keep_unanswered, merge=args.merge,
             answer_conf=args.conf if args.candidate_conf else 0.0, drain_timeout=args.drain_timeout,
             retry_base=args.retry_base, retry_max=args.retry_max, upscale=args.upscale, propagate=args.propagate)
         queue_dir = Path(args.queue_dir).expanduser() if args.queue_dir else \

@@ -48,6 +48,15 @@ Crops
     kept apart). In ``"frame"`` mode the whole frame is sent once when anything
     is ambiguous.
 
+Crop atlas
+    The crops of one keyframe are sent as *one* JPEG (:func:`encode_atlas`):
+    each crop, padded to a multiple of 16 px by repeating its edge pixels,
+    sits on a 16-px grid of a near-square canvas. A JPEG from OpenCV carries
+    about 620 bytes of headers and tables whatever its size, as much as a
+    32×32 crop's own data; one atlas pays them once per keyframe. On the
+    16-px grid no JPEG block (8 px luma, 16 px for 4:2:0 chroma) holds pixels
+    of two crops, so each crop decodes as it would have alone.
+
 :class:`Detections` is the light, JSON-friendly detection type shared by the
 edge runtime and the cloud service. No flwr, ultralytics, wandb or torch here;
 OpenCV is imported lazily, only to JPEG-encode crops for byte counts.
@@ -82,6 +91,9 @@ __all__ = [
     "offload_plan",
     "crop_image",
     "encode_regions",
+    "shelf_pack",
+    "atlas_layout",
+    "encode_atlas",
     "payload_bytes",
     "raw_bytes",
     "OffloadStats",
@@ -734,6 +746,97 @@ def encode_regions(image: np.ndarray, regions: Any, quality: int = 90) -> list[b
             raise ValueError(f"cv2.imencode failed for region {region.tolist()}")
         out.append(buf.tobytes())
     return out
+
+
+def shelf_pack(
+    sizes: Sequence[tuple[int, int]], width: int, height: int | None = None, gap: int = 0
+) -> list[tuple[int, int, int] | None]:
+    """Shelf packing of rectangles ``(w, h)`` onto canvases ``width`` wide (and ``height`` tall).
+
+    Returns ``(canvas index, x, y)`` per rectangle (its top-left corner), or None for
+    one that does not fit a canvas. Rectangles go tallest first (ties in input order);
+    each shelf is a row as tall as its first rectangle, ``gap`` px between neighbours
+    and between shelves. ``height=None``: one canvas, as tall as needed.
+
+    Examples
+    --------
+    Canvases 100×100, gap 2: sizes (60, 40), (50, 50), (30, 20) → the 50×50 at
+    ``(0, 0, 0)``; the 60×40 does not fit beside it (52 + 60 > 100) → next shelf
+    ``(0, 0, 52)``; the 30×20 beside it at ``(0, 62, 52)``.
+    """
+    if int(width) < 1 or (height is not None and int(height) < 1) or int(gap) < 0:
+        raise ValueError(f"need width, height >= 1 and gap >= 0, got {width!r}, {height!r}, {gap!r}")
+    out: list[tuple[int, int, int] | None] = [None] * len(sizes)
+    index, x, y, shelf = 0, 0, 0, 0
+    for i in sorted(range(len(sizes)), key=lambda k: -sizes[k][1]):
+        w, h = (int(v) for v in sizes[i])
+        if w > width or (height is not None and h > height):
+            continue
+        if x + w > width:  # next shelf
+            x, y, shelf = 0, y + shelf + gap, 0
+        if height is not None and y + h > height:  # next canvas
+            index, x, y, shelf = index + 1, 0, 0, 0
+        out[i] = (index, x, y)
+        x, shelf = x + w + gap, max(shelf, h)
+    return out
+
+
+def atlas_layout(sizes: Sequence[tuple[int, int]], align: int = 16) -> tuple[np.ndarray, tuple[int, int]]:
+    """Where each crop ``(w, h)`` goes in a crop atlas, and the atlas size ``(W, H)``.
+
+    Each crop takes a cell of its size rounded up to a multiple of ``align``; the
+    atlas is ``W = max(widest cell, ⌈√(Σ cell areas) / align⌉ · align)`` wide (near
+    square) and the cells are shelf-packed onto it without gaps (:func:`shelf_pack`).
+    Every cell, hence every crop, starts on the ``align`` grid.
+
+    Returns ``(K, 2)`` int64 top-left corners ``(ax, ay)`` and ``(W, H)``.
+
+    Examples
+    --------
+    Crops 40×32 and 20×10, align 16: cells 48×32 and 32×16, areas 1536 + 512 →
+    √2048 ≈ 45.3 → W = 48; the 48×32 at (0, 0), the 32×16 on the next shelf at
+    (0, 32); ``(W, H) = (48, 48)``.
+    """
+    if int(align) < 1:
+        raise ValueError(f"align must be >= 1 px, got {align!r}")
+    cells = [(-(-int(w) // align) * align, -(-int(h) // align) * align) for w, h in sizes]
+    if any(w < 1 or h < 1 for w, h in sizes):
+        raise ValueError(f"crop sizes must be >= 1 px, got {list(sizes)!r}")
+    if not cells:
+        return np.zeros((0, 2), dtype=np.int64), (0, 0)
+    side = -(-int(np.ceil(np.sqrt(sum(w * h for w, h in cells)))) // align) * align
+    width = max(max(w for w, _ in cells), side)
+    places = shelf_pack(cells, width)
+    corners = np.array([(x, y) for _, x, y in places], dtype=np.int64)  # type: ignore[misc]
+    height = max(y + h for (_, y), (_, h) in zip(corners.tolist(), cells))
+    return corners, (int(width), int(height))
+
+
+def encode_atlas(image: np.ndarray, regions: Any, quality: int = 90, align: int = 16) -> tuple[bytes, np.ndarray]:
+    """The regions of ``image`` on one crop atlas, JPEG-encoded (see "Crop atlas" above).
+
+    Each crop is padded right and down to its :func:`atlas_layout` cell by repeating
+    its last column/row; the rest of the atlas is gray (114). Returns the JPEG and the
+    ``(K, 2)`` atlas corners ``(ax, ay)`` of the crops, in the order of ``regions``;
+    crop k is ``atlas[ay:ay + h_k, ax:ax + w_k]`` with ``w_k × h_k`` its region's size.
+    """
+    if not 1 <= int(quality) <= 100:
+        raise ValueError(f"quality must be in [1, 100], got {quality!r}")
+    import cv2  # lazily, as in encode_regions
+
+    crops = [crop_image(image, r) for r in np.asarray(regions).reshape(-1, 4)]
+    if not crops:
+        raise ValueError("encode_atlas needs at least one region")
+    corners, (width, height) = atlas_layout([(c.shape[1], c.shape[0]) for c in crops], align)
+    canvas = np.full((height, width) + image.shape[2:], 114, dtype=image.dtype)
+    for crop, (ax, ay) in zip(crops, corners.tolist()):
+        h, w = crop.shape[:2]
+        cell = cv2.copyMakeBorder(np.ascontiguousarray(crop), 0, -h % align, 0, -w % align, cv2.BORDER_REPLICATE)
+        canvas[ay:ay + cell.shape[0], ax:ax + cell.shape[1]] = cell.reshape(cell.shape[:2] + image.shape[2:])
+    ok, buf = cv2.imencode(".jpg", canvas, [int(cv2.IMWRITE_JPEG_QUALITY), int(quality)])
+    if not ok:
+        raise ValueError(f"cv2.imencode failed for a {width}x{height} atlas")
+    return buf.tobytes(), corners
 
 
 def payload_bytes(encoded: Iterable[bytes | int]) -> int:

@@ -38,7 +38,14 @@ API
 
     ``(x0, y0)`` is the crop's top-left corner in the frame (pixels, >= 0);
     ``scale`` (default 1; a number or ``[sx, sy]``) is the factor the crop was
-    resized by before sending (sent size = crop size * scale). Answer::
+    resized by before sending (sent size = crop size * scale).
+
+    Or all crops on *one* image (what the edge runtime sends, see
+    :func:`common.routing.encode_atlas`: one JPEG header per keyframe instead of
+    one per crop): a single file part ``atlas`` instead of the ``crop`` parts,
+    and each meta item also names its cell, ``{"x0", "y0", "ax", "ay", "width",
+    "height"}`` (whole pixels; the crop is ``atlas[ay:ay+height, ax:ax+width]``).
+    Stored samples are then the crops cut from the decoded atlas, as PNG. Answer::
 
         {"site", "frame", "model", "seconds",
          "crops": [{"x0", "y0", "scale", "width", "height", "sample",
@@ -116,7 +123,7 @@ from fastapi.responses import JSONResponse
 
 from common.files import atomic_write
 from common.keyframes import box_iou
-from common.routing import Detections, to_frame_coords
+from common.routing import Detections, shelf_pack, to_frame_coords
 from common.tokens import TOKEN_ENV, resolve_token
 
 log = logging.getLogger("server.cloud" if __name__ == "__main__" else __name__)
@@ -320,11 +327,23 @@ def _number(value: Any, field: str, positive: bool) -> float:
     return float(value)
 
 
-def parse_crop_meta(text: bytes, n_crops: int) -> list[dict]:
+ATLAS_FIELDS = ("ax", "ay", "width", "height")
+
+
+def _pixels(value: Any, field: str, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or value != int(value) or value < minimum:
+        raise RequestError(422, f"{field} must be a whole number of pixels >= {minimum}, got {_show(value)}")
+    return int(value)
+
+
+def parse_crop_meta(text: bytes, n_crops: int | None) -> list[dict]:
     """Validate ``{"crops": [{"x0", "y0", "scale"?}, ...]}`` against ``n_crops`` crop parts.
 
-    Returns one ``{"x0": float, "y0": float, "scale": float | [sx, sy]}`` per crop;
-    a bad field raises :class:`RequestError` 422 naming it (``meta.crops[1].x0``).
+    ``n_crops=None``: the crops come on one atlas, and every item also needs its cell
+    ``ax, ay, width, height`` (whole pixels; the crop is ``atlas[ay:ay+height, ax:ax+width]``).
+    Returns one ``{"x0": float, "y0": float, "scale": float | [sx, sy]}`` per crop (plus the
+    atlas fields as ints); a bad field raises :class:`RequestError` 422 naming it (``meta.crops[1].x0``).
     """
     try:
         meta = json.loads(text)
@@ -333,19 +352,22 @@ def parse_crop_meta(text: bytes, n_crops: int) -> list[dict]:
     if not isinstance(meta, dict) or not isinstance(meta.get("crops"), list):
         raise RequestError(422, f"meta must be an object with a list 'crops', got {_show(meta)}")
     crops = meta["crops"]
-    if len(crops) != n_crops:
+    if n_crops is not None and len(crops) != n_crops:
         raise RequestError(422, f"meta.crops lists {len(crops)} crops but the body has {n_crops} 'crop' parts")
+    if not crops:
+        raise RequestError(422, "meta.crops is empty: name at least one crop")
+    required = ("x0", "y0") + (ATLAS_FIELDS if n_crops is None else ())
     out = []
     for i, item in enumerate(crops):
         where = f"meta.crops[{i}]"
         if not isinstance(item, dict):
             raise RequestError(422, f"{where} must be an object, got {_show(item)}")
-        for key in ("x0", "y0"):
+        for key in required:
             if key not in item:
                 raise RequestError(422, f"{where}.{key} is missing")
-        unknown = sorted(set(item) - {"x0", "y0", "scale"})
+        unknown = sorted(set(item) - {"scale", *required})
         if unknown:
-            raise RequestError(422, f"{where} has unknown field(s) {unknown} (allowed: x0, y0, scale)")
+            raise RequestError(422, f"{where} has unknown field(s) {unknown} (allowed: {', '.join(required)}, scale)")
         scale = item.get("scale", 1.0)
         if isinstance(scale, list):
             if len(scale) != 2:
@@ -353,9 +375,23 @@ def parse_crop_meta(text: bytes, n_crops: int) -> list[dict]:
             scale = [_number(v, f"{where}.scale[{j}]", True) for j, v in enumerate(scale)]
         else:
             scale = _number(scale, f"{where}.scale", True)
+        cell = {k: _pixels(item[k], f"{where}.{k}", 1 if k in ("width", "height") else 0)
+                for k in ATLAS_FIELDS if k in required}
         out.append({"x0": _number(item["x0"], f"{where}.x0", False),
-                    "y0": _number(item["y0"], f"{where}.y0", False), "scale": scale})
+                    "y0": _number(item["y0"], f"{where}.y0", False), "scale": scale, **cell})
     return out
+
+
+def cut_atlas(atlas: np.ndarray, metas: Sequence[dict]) -> list[np.ndarray]:
+    """The crops of an atlas (copies), from the cells in ``metas``; a cell outside the atlas is a 422."""
+    h, w = atlas.shape[:2]
+    crops = []
+    for i, m in enumerate(metas):
+        ax, ay, cw, ch = (m[k] for k in ATLAS_FIELDS)
+        if ax + cw > w or ay + ch > h:
+            raise RequestError(422, f"meta.crops[{i}]: cell {cw}x{ch} at ({ax}, {ay}) is outside the {w}x{h} atlas")
+        crops.append(np.ascontiguousarray(atlas[ay:ay + ch, ax:ax + cw]))
+    return crops
 
 
 # --------------------------------------------------------------------------- detections
@@ -408,33 +444,6 @@ def yolo_label_lines(dets: Detections, width: int, height: int) -> list[str]:
     return lines
 
 
-def pack_crops(sizes: Sequence[tuple[int, int]], tile: int, gap: int = 2) -> list[tuple[int, int, int] | None]:
-    """Shelf packing of crops ``(width, height)`` onto ``tile`` x ``tile`` canvases, at scale 1.
-
-    Returns ``(tile index, x, y)`` per crop (its top-left corner on that tile), or None
-    for a crop larger than a tile. Crops go tallest first; each shelf is a row as tall
-    as its first crop, ``gap`` px between neighbours.
-
-    Examples
-    --------
-    Tile 100: sizes (60, 40), (50, 50), (30, 20) -> the 50x50 at (0, 0, 0), the 60x40 can't
-    fit beside it (52 + 60 > 100) -> next shelf (0, 0, 52), the 30x20 beside it (0, 62, 52).
-    """
-    out: list[tuple[int, int, int] | None] = [None] * len(sizes)
-    index, x, y, shelf = 0, 0, 0, 0
-    for i in sorted(range(len(sizes)), key=lambda k: -sizes[k][1]):
-        w, h = sizes[i]
-        if w > tile or h > tile:
-            continue
-        if x + w > tile:  # next shelf
-            x, y, shelf = 0, y + shelf + gap, 0
-        if y + h > tile:  # next tile
-            index, x, y, shelf = index + 1, 0, 0, 0
-        out[i] = (index, x, y)
-        x, shelf = x + w + gap, max(shelf, h)
-    return out
-
-
 def detect_packed(detect: Callable[[list[np.ndarray]], list[Detections]], images: Sequence[np.ndarray],
                   tile: int, zoom: float = 1.0) -> list[Detections]:
     """Detect crops at a chosen scale: pasted onto gray tiles the model's input size, not blown up.
@@ -442,7 +451,7 @@ def detect_packed(detect: Callable[[list[np.ndarray]], list[Detections]], images
     A detector letterboxes each input to its input size, so a 40 px crop sent alone is
     enlarged 8x and its small objects become large ones the model never saw. Here each
     crop is resized by ``zoom`` (bicubic; 1 = its own scale) and the crops are packed
-    (:func:`pack_crops`) onto ``tile``-sized canvases filled with the letterbox gray
+    (:func:`common.routing.shelf_pack`, 2 px apart) onto ``tile``-sized canvases filled with the letterbox gray
     (114); the tiles are detected in one batch; each detection goes to the crop that
     holds its centre and is mapped back to that crop's own pixels (divided by ``zoom``),
     clipped to it. A crop larger than a tile is detected alone, letterboxed.
@@ -462,7 +471,7 @@ def detect_packed(detect: Callable[[list[np.ndarray]], list[Detections]], images
     if zoom != 1:
         images = [cv2.resize(im, (max(1, round(im.shape[1] * zoom)), max(1, round(im.shape[0] * zoom))),
                              interpolation=cv2.INTER_CUBIC) for im in images]
-    placements = pack_crops([(im.shape[1], im.shape[0]) for im in images], tile)
+    placements = shelf_pack([(im.shape[1], im.shape[0]) for im in images], tile, tile, gap=2)
     n_tiles = 1 + max((p[0] for p in placements if p is not None), default=-1)
     tiles = [np.full((tile, tile, 3), 114, np.uint8) for _ in range(n_tiles)]
     for image, place in zip(images, placements):
@@ -646,19 +655,38 @@ class CloudService:
                 "model": self.arch, "detections": dets.to_list(), "sample": sample, "seconds": round(seconds, 4)}
 
     def detect_crops(self, crops: list[bytes], metas: list[dict], site: str, frame: str | None) -> dict:
+        """Crops sent as one image part each."""
         t0 = time.perf_counter()
-        decoded = []
+        samples = []
         for i, data in enumerate(crops):
             try:
-                decoded.append(decode_image(data, self.limits.max_pixels))
+                fmt, image = decode_image(data, self.limits.max_pixels)
             except RequestError as err:
                 raise RequestError(err.status, f"crop {i}: {err.detail}") from None
-        images = [image for _, image in decoded]
+            samples.append((fmt, image, data))
+        return self._crops(samples, metas, site, frame, t0)
+
+    def detect_atlas(self, atlas: bytes, metas: list[dict], site: str, frame: str | None) -> dict:
+        """Crops sent on one atlas image (``common.routing.encode_atlas``); each is stored as a lossless PNG."""
+        import cv2
+
+        t0 = time.perf_counter()
+        try:
+            _, image = decode_image(atlas, self.limits.max_pixels)
+        except RequestError as err:
+            raise RequestError(err.status, f"atlas: {err.detail}") from None
+        samples = [("png", crop, cv2.imencode(".png", crop)[1].tobytes() if self.store else b"")
+                   for crop in cut_atlas(image, metas)]
+        return self._crops(samples, metas, site, frame, t0)
+
+    def _crops(self, samples: list[tuple[str, np.ndarray, bytes]], metas: list[dict], site: str,
+               frame: str | None, t0: float) -> dict:
+        images = [image for _, image, _ in samples]
         # with the model's input size known, crops are packed onto tiles at crop_zoom; else detected one by one
         per_crop = detect_packed(self.detect, images, self.imgsz, self.crop_zoom) if self.imgsz else self.detect(images)
         in_frame = crops_to_frame(per_crop, metas)
         out = []
-        for data, (fmt, image), meta, dets, framed in zip(crops, decoded, metas, per_crop, in_frame):
+        for (fmt, image, data), meta, dets, framed in zip(samples, metas, per_crop, in_frame):
             sample = self._store(site=site, frame=frame, kind="crop", data=data, fmt=fmt, image_hw=image.shape[:2],
                                  dets=dets, origin=(meta["x0"], meta["y0"]), scale=meta["scale"])
             out.append({**meta, "width": int(image.shape[1]), "height": int(image.shape[0]), "sample": sample,
@@ -666,7 +694,7 @@ class CloudService:
         merged = nms(Detections.concat(in_frame), self.iou)
         self.served += 1
         seconds = time.perf_counter() - t0
-        log.info("detect/crops: site=%s frame=%s %d crops -> %d detections in %.3fs", site, frame, len(crops),
+        log.info("detect/crops: site=%s frame=%s %d crops -> %d detections in %.3fs", site, frame, len(samples),
                  len(merged), seconds)
         return {"site": site, "frame": frame, "model": self.arch, "crops": out, "detections": merged.to_list(),
                 "seconds": round(seconds, 4)}
@@ -728,25 +756,35 @@ def create_app(service: CloudService):
         site, frame, kind, parsed = checked(request)
         if kind != "multipart/form-data":
             raise RequestError(415, f"unsupported Content-Type {_show(request.headers.get('content-type'))}: "
-                                    f"send multipart/form-data with a 'meta' part and 'crop' parts")
+                                    f"send multipart/form-data with a 'meta' part and 'crop' parts (or an 'atlas')")
         body = await read_body(request, service.limits.max_body_bytes, service.limits.read_timeout_s)
         parts = parse_multipart(body, parsed.get_param("boundary") or "", max_parts=service.limits.max_crops + 1,
                                 limit_name=f" (meta + at most {service.limits.max_crops} crops, --max-crops)")
         metas = [p for p in parts if p.name == "meta"]
         crops = [p for p in parts if p.name == "crop"]
-        other = [p.name for p in parts if p.name not in ("meta", "crop")]
+        atlases = [p for p in parts if p.name == "atlas"]
+        other = [p.name for p in parts if p.name not in ("meta", "crop", "atlas")]
         if len(metas) != 1:
             raise RequestError(422, f"the body needs exactly one 'meta' part, got {len(metas)}")
         if other:
-            raise RequestError(422, f"unexpected part(s) {_show(other)}: only 'meta' and 'crop'")
-        if not crops:
-            raise RequestError(422, "no 'crop' parts in the body")
-        for i, p in enumerate(crops):
+            raise RequestError(422, f"unexpected part(s) {_show(other)}: only 'meta' and 'crop' (or one 'atlas')")
+        if atlases and (crops or len(atlases) > 1):
+            raise RequestError(422, f"send either 'crop' parts or one 'atlas' part, got {len(crops)} 'crop' and "
+                                    f"{len(atlases)} 'atlas' parts")
+        if not crops and not atlases:
+            raise RequestError(422, "no 'crop' or 'atlas' parts in the body")
+        for i, p in enumerate(crops or atlases):
             if p.content_type not in PART_TYPES:
-                raise RequestError(415, f"crop {i}: unsupported type {_show(p.content_type)}: "
-                                        f"send image/jpeg or image/png")
-        meta = parse_crop_meta(metas[0].data, len(crops))
-        return await service.run(service.detect_crops, [p.data for p in crops], meta, site, frame)
+                raise RequestError(415, f"{'crop ' + str(i) if crops else 'atlas'}: unsupported type "
+                                        f"{_show(p.content_type)}: send image/jpeg or image/png")
+        if crops:
+            meta = parse_crop_meta(metas[0].data, len(crops))
+            return await service.run(service.detect_crops, [p.data for p in crops], meta, site, frame)
+        meta = parse_crop_meta(metas[0].data, None)
+        if len(meta) > service.limits.max_crops:
+            raise RequestError(413, f"the atlas names {len(meta)} crops; the limit is {service.limits.max_crops} "
+                                    f"(--max-crops)")
+        return await service.run(service.detect_atlas, atlases[0].data, meta, site, frame)
 
     return app
 

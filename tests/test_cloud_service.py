@@ -20,6 +20,7 @@ import asyncio
 import datetime
 import ipaddress
 import json
+import re
 import os
 import ssl
 import subprocess
@@ -33,9 +34,9 @@ import httpx
 import numpy as np
 import pytest
 
-from common.routing import Detections, to_frame_coords
+from common.routing import Detections, atlas_layout, to_frame_coords
 from server.cloud import (CloudService, HardSampleStore, Limits, RequestError, create_app, crops_to_frame,
-                          decode_image, detect_packed, image_header, nms, pack_crops, parse_crop_meta,
+                          decode_image, detect_packed, image_header, nms, parse_crop_meta,
                           parse_max_pixels, parse_multipart, yolo_label_lines)
 from tests.deploy_helpers import free_port, stop_tree, tail
 
@@ -104,13 +105,6 @@ def test_crops_to_frame_hand_checked():
     assert out[1].xyxy.tolist() == [[110, 60, 120, 70]]
     assert out[2].xyxy.tolist() == [[5, 2.5, 10, 5]]
     assert np.allclose(out[0].xyxy, to_frame_coords(dets[0], (100, 50)).xyxy)
-
-
-def test_pack_crops_hand_checked():
-    """Tile 100, gap 2: tallest first; a shelf fills left to right, then the next shelf, then the next tile."""
-    assert pack_crops([(60, 40), (50, 50), (30, 20)], 100) == [(0, 0, 52), (0, 0, 0), (0, 62, 52)]
-    assert pack_crops([(60, 60), (60, 60), (200, 10)], 100) == [(0, 0, 0), (1, 0, 0), None]
-    assert pack_crops([], 100) == []
 
 
 def _white_boxes(images):
@@ -201,6 +195,19 @@ def test_parse_crop_meta_names_the_bad_field():
         with pytest.raises(RequestError, match=message) as err:
             parse_crop_meta(text, 2)
         assert err.value.status == 422
+    # on an atlas (n_crops None) every crop also names its cell, in whole pixels
+    atlas = b'{"crops": [{"x0": 5, "y0": 6, "ax": 0, "ay": 16, "width": 30, "height": 20}]}'
+    assert parse_crop_meta(atlas, None) == [
+        {"x0": 5.0, "y0": 6.0, "scale": 1.0, "ax": 0, "ay": 16, "width": 30, "height": 20}]
+    for text, message in {
+        b'{"crops": [{"x0": 5, "y0": 6, "ax": 0, "ay": 16, "width": 30}]}': r"meta.crops\[0\].height is missing",
+        b'{"crops": [{"x0": 5, "y0": 6, "ax": 0.5, "ay": 0, "width": 3, "height": 2}]}':
+            r"meta.crops\[0\].ax must be a whole number of pixels >= 0, got 0.5",
+        b'{"crops": [{"x0": 5, "y0": 6, "ax": 0, "ay": 0, "width": 0, "height": 2}]}': r"width .* >= 1, got 0",
+        b'{"crops": []}': "meta.crops is empty",
+    }.items():
+        with pytest.raises(RequestError, match=message):
+            parse_crop_meta(text, None)
 
 
 def test_parse_multipart_is_byte_exact():
@@ -276,6 +283,53 @@ def test_crops_endpoint_maps_to_frame_and_stores_crop_labels(app_client):
     assert [(e["kind"], e["origin"], e["scale"], e["frame"], e["site"]) for e in index] == [
         ("crop", [100.0, 50.0], 1.0, "f7", "site-3"), ("crop", [0.0, 0.0], 2.0, "f7", "site-3")]
     assert index[0]["id"].startswith("site-3-f7-")
+
+
+def test_atlas_crops_are_cut_detected_mapped_and_stored_as_png(tmp_path):
+    """Two crops of a frame with a white square each, on one atlas at the cells atlas_layout gives:
+    each square comes back in frame pixels, as it would from separate crops, and each crop is stored alone."""
+    # Prepare: frame 120x160; squares at [20,15,30,25] and [110,70,118,78]; regions around them
+    frame = np.full((120, 160, 3), 60, np.uint8)
+    frame[15:25, 20:30] = 255
+    frame[70:78, 110:118] = 255
+    regions = [[10, 10, 50, 40], [100, 60, 140, 100]]
+    corners, (width, height) = atlas_layout([(x2 - x1, y2 - y1) for x1, y1, x2, y2 in regions])
+    atlas = np.full((height, width, 3), 114, np.uint8)
+    for (x1, y1, x2, y2), (ax, ay) in zip(regions, corners.tolist()):
+        atlas[ay:ay + y2 - y1, ax:ax + x2 - x1] = frame[y1:y2, x1:x2]
+    meta = {"crops": [{"x0": x1, "y0": y1, "ax": ax, "ay": ay, "width": x2 - x1, "height": y2 - y1}
+                      for (x1, y1, x2, y2), (ax, ay) in zip(regions, corners.tolist())]}
+    files = [("meta", (None, json.dumps(meta).encode(), "application/json")),
+             ("atlas", ("atlas.png", cv2.imencode(".png", atlas)[1].tobytes(), "image/png"))]
+    store = HardSampleStore(tmp_path / "store", NAMES)
+    _white_boxes.sizes = []
+    service = CloudService(_white_boxes, arch="fake", names=NAMES, token=TOKEN, store=store,
+                           limits=Limits(max_crops=2))
+    client = _InProcess(create_app(service), {"Authorization": f"Bearer {TOKEN}", "X-Cedar-Site": "site-1"})
+    # Execute
+    r = client.post("/detect/crops", files=files)
+    # Assert
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert _white_boxes.sizes == [[(30, 40), (40, 40)]]  # the detector saw the two crops, not the atlas
+    assert sorted(d["xyxy"] for d in body["detections"]) == [[20, 15, 30, 25], [110, 70, 118, 78]]
+    assert [(c["width"], c["height"], c["ax"]) for c in body["crops"]] == [(40, 30, 0), (40, 40, corners[1, 0])]
+    stored = [cv2.imread(str(store.root / "images" / f"{c['sample']}.png")) for c in body["crops"]]
+    assert all(np.array_equal(img, frame[y1:y2, x1:x2]) for img, (x1, y1, x2, y2) in zip(stored, regions))
+    # bad atlas requests: named, 4xx, and the service keeps serving
+    outside = {"crops": [{**meta["crops"][0], "ax": width - 8}]}
+    bad = {
+        "outside the": [("meta", (None, json.dumps(outside).encode(), "application/json")), files[1]],
+        "either 'crop' parts or one 'atlas'": [*files, ("crop", ("0.png", _png(), "image/png"))],
+        "limit is 2 \\(--max-crops\\)": [("meta", (None, json.dumps({"crops": meta["crops"] * 2}).encode(),
+                                               "application/json")), files[1]],
+        "atlas: cannot decode": [files[0], ("atlas", ("a.jpg", b"\xff\xd8\xff\xe0junk", "image/jpeg"))],
+    }
+    for message, body_files in bad.items():
+        r = client.post("/detect/crops", files=body_files)
+        assert 400 <= r.status_code < 500 and re.search(message, r.json()["detail"]), (message, r.text)
+    assert client.post("/detect/crops", files=files).status_code == 200
+    service.executor.shutdown()
 
 
 def test_in_process_errors_and_limits(app_client):

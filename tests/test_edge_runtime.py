@@ -720,6 +720,8 @@ def test_real_cloud_up_every_offload_refined_once(tmp_path, weights, tiny_benchm
         assert refined == Counter(set(offloads))  # each offload exactly once
         _check_refined(lines, offloads)
         assert _store_counts(tmp_path / "store") == {i: len(ln["offload"]["regions"]) for i, ln in offloads.items()}
+        # the crops went on one JPEG atlas per keyframe; the service stored each crop cut from it, as PNG
+        assert {p.suffix for p in (tmp_path / "store" / "images").iterdir()} == {".png"}
         assert list((tmp_path / "queue").glob("*.json")) == []
         summary = lines[-1]
         assert summary["kind"] == "summary" and summary["queue_left"] == 0 and summary["refined"] == len(offloads)
@@ -738,8 +740,9 @@ def test_real_cloud_down_then_back_nothing_lost_nothing_duplicated(tmp_path, wei
     video = tiny_benchmark.video_dir(0) / "video.mp4"
     n_frames = json.loads((tiny_benchmark.video_dir(0) / "meta.json").read_text())["frames"]
     port = free_port()
-    # Execute: run A while the cloud is down (connection refused), 1 s of draining
-    out_a = _edge(tmp_path, "down", weights["edge"], video, port, "--offload", "frame", "--drain-timeout", "1",
+    # Execute: run A while the cloud is down (connection refused), 1 s of draining; it queues crops one JPEG
+    # each (--separate-crops), run B whole frames: a queue written one way is delivered by a runtime set another
+    out_a = _edge(tmp_path, "down", weights["edge"], video, port, "--separate-crops", "--drain-timeout", "1",
                   "--max-gap", "3")
     # Assert: all edge lines, every offload on disk
     lines_a = _lines(out_a)
@@ -748,6 +751,8 @@ def test_real_cloud_down_then_back_nothing_lost_nothing_duplicated(tmp_path, wei
     assert len(offloads_a) >= 2 and not [ln for ln in lines_a if ln["kind"] == "refined"]
     assert sorted(DiskQueue.id_of(p) for p in (tmp_path / "queue").glob("*.json")) == sorted(offloads_a)
     assert lines_a[-1]["queue_left"] == len(offloads_a)
+    queued = [json.loads(p.read_text()) for p in (tmp_path / "queue").glob("*.json")]
+    assert all(q["atlas"] is None and len(q["payloads"]) == len(q["regions"]) for q in queued)
     # Execute: the cloud comes back; run B on the same queue folder
     cloud, cloud_log = _start_cloud(tmp_path, weights["cloud"], port)
     try:
@@ -766,6 +771,8 @@ def test_real_cloud_down_then_back_nothing_lost_nothing_duplicated(tmp_path, wei
     recovered = [ln["offload_id"] for ln in lines_b if ln["kind"] == "refined" and ln["recovered"]]
     assert recovered == sorted(offloads_a)  # A's first, in order
     _check_refined(lines_b, all_offloads)
-    assert _store_counts(tmp_path / "store") == Counter(set(all_offloads))  # frame mode: one sample each
+    # one sample per crop of A, one per frame of B
+    assert _store_counts(tmp_path / "store") == {**{i: len(ln["offload"]["regions"]) for i, ln in offloads_a.items()},
+                                                 **Counter(set(offloads_b))}
     assert list((tmp_path / "queue").glob("*.json")) == []
     assert lines_b[-1]["queue_left"] == 0 and lines_b[-1]["recovered"] == len(offloads_a)
