@@ -459,7 +459,7 @@ def detect_packed(detect: Callable[[list[np.ndarray]], list[Detections]], images
     ``zoom`` > 1 spends cloud compute (zoom² the pixels) instead of upload bytes on
     small objects. With the standard preset's cloud (benchmarks/results/collaboration.md,
     4 sites, crops with the edge's candidates), the crop collaboration's mean mAP50 went
-    0.396 (1x) -> 0.434 (2x) with the fused merge and 0.260 -> 0.375 with the paper's;
+    0.396 (1x) -> 0.433 (2x) with the fused merge and 0.260 -> 0.375 with the paper's;
     whole frames at a larger input size got worse instead (site 0: validator mAP50
     0.497 at 320 px, 0.403 at 640).
     """
