@@ -82,7 +82,9 @@ ROWS = {"cloud": "cloud model", "edge": "edge model", "pyrafan": "edge model wit
 # which federation's site models play each edge role
 EDGE_ROLES = {"edge": "none", "pyrafan": "pyrafan", "cloud_kd": "cloud", "graph_kd": "graph", "both_kd": "both"}
 FIG5_ROLES = ("edge", "pyrafan", "cloud_kd")
-BEST_MERGE = "frame fuse+keep"  # the collaboration benchmark's best setting (benchmarks/results/collaboration.md)
+BEST_MERGE = "crops fuse+keep"  # the edge runtime's default (benchmarks/results/collaboration.md)
+# what the collaboration job does beyond the settings key: changing it runs the collaboration jobs again
+COLLAB_DEFINITION = "runtime defaults: candidates, cloud crop zoom, crop atlas"
 NOISY = {"data.noisy-site": True}
 PYRAFAN = {"model.edge": "yolo11n-pyrafan"}
 # name -> (kd_federation variant, extra overrides, the federation whose round 1 it continues); one without a
@@ -190,7 +192,8 @@ def collab_job(cfg, seed: int, done: dict, work: Path) -> dict:
 
     bench = benchmark_from_config(cfg.data)
     nc, small_px, r = len(CLASS_NAMES), cfg.eval.small_px, cfg.routing
-    kw = dict(imgsz=cfg.train.imgsz, conf=r.det_conf, iou=cfg.eval.iou)
+    # as the runtime: the edge also detects down to routing.candidate_conf, its answer stays at det_conf
+    kw = dict(imgsz=cfg.train.imgsz, conf=r.candidate_conf or r.det_conf, iou=cfg.eval.iou)
     out: dict = {"sites": {}, "sweep": {}}
     with tempfile.TemporaryDirectory(prefix="cedar-repro-", dir=work) as tmp, \
             cloud_service(Path(done["cloud"]["weights"]), Path(tmp), imgsz=cfg.train.imgsz, conf=r.det_conf,
@@ -201,7 +204,8 @@ def collab_job(cfg, seed: int, done: dict, work: Path) -> dict:
             (tmp / site_id).mkdir()
             client = CloudClient(url, token, site_id, timeout=120)
             base = EdgeSettings(site=site_id, t_conf=r.t_conf, t_size=r.t_size, n_frames=r.n_frames,
-                                drain_timeout=600, keep_unanswered=False, merge="cloud")  # the paper's merge
+                                drain_timeout=600, keep_unanswered=False, merge="cloud",  # the paper's merge
+                                answer_conf=r.det_conf if r.candidate_conf else 0.0)
             images = bench.site_dir(site) / "images" / "test"
             _, image_gts = read_split(bench.site_dir(site), "test")
             video = bench.video_dir(site)
@@ -294,6 +298,8 @@ def settings_key(preset: str, overrides: dict, cfg) -> str:
 def job_definition(job: str) -> str:
     """What a job runs beyond the settings key: a federation's variant, its extra overrides and its base."""
     kind, *rest = job.split(":")
+    if kind == "collab":
+        return COLLAB_DEFINITION
     return json.dumps(FEDERATIONS[rest[0]]) if kind == "fed" and rest[0] in FEDERATIONS else ""
 
 
@@ -435,10 +441,11 @@ def to_markdown(summary: dict, results: dict, meta: dict) -> str:
                      f"{_rel(o['images']['map50'][0], oe['images']['map50'][0])} | {p[1]:.3f} | {_rel(p[1], pe[1])} | "
                      f"{_ms(o['video']['map50'])} | {_rel(o['video']['map50'][0], oe['video']['map50'][0])} |")
     if summary["merges"]:
-        lines += ["", "The collaboration row uses the paper's merge: crops around the ambiguous edge boxes are "
-                  "offloaded and the cloud's box replaces the edge boxes it overlaps (offloaded edge boxes it does "
-                  "not answer are dropped; the edge runtime now fuses and keeps them, and also offloads its candidates: "
-                  "benchmarks/results/collaboration.md; this job predates that). Below, the "
+        lines += ["", "The collaboration row uses the paper's merge: crops around the ambiguous edge boxes and "
+                  "the edge's candidates (boxes below its answer threshold) are offloaded, and the cloud's box "
+                  "replaces the edge boxes it overlaps (offloaded edge boxes it does not answer are dropped; the edge "
+                  "runtime's default, `crops fuse+keep`, fuses and keeps them: "
+                  "benchmarks/results/collaboration.md). Below, the "
                   "YOLO11n edge's collaboration offloading crops or whole "
                   "keyframes (`frame`), each under every policy of `common.routing.merge` on the same cloud answers "
                   "(`+keep`: unanswered edge boxes stay; `fuse`: overlapping edge and cloud boxes become one, "

@@ -86,7 +86,8 @@ def test_reproduce_runs_every_job_writes_the_report_and_resumes(tiny_overrides, 
 
 
 def test_cache_keeps_only_jobs_run_under_the_current_settings_and_definitions(tmp_path):
-    """A federation whose variant definition changed (e.g. another KD rule for one variant) runs again."""
+    """A federation whose variant definition changed (e.g. another KD rule for one variant) runs again, and so
+    does a collaboration job run before the collaboration's current definition."""
     key = "settings"
     current = reproduce.job_definition("fed:noisy-all:0")
     rows = [{"job": "cloud", "key": key, "definition": "", "result": {"weights": "c.pt"}},
@@ -94,10 +95,12 @@ def test_cache_keeps_only_jobs_run_under_the_current_settings_and_definitions(tm
             {"job": "fed:none:1", "key": "other settings", "definition": reproduce.job_definition("fed:none:1"),
              "result": 2},
             {"job": "fed:noisy-all:0", "key": key, "definition": current.replace("all", "graph"), "result": 3},
-            {"job": "fed:graph:0", "key": key, "result": 4}]  # written before definitions were recorded
+            {"job": "fed:graph:0", "key": key, "result": 4},  # written before definitions were recorded
+            {"job": "collab:0", "key": key, "definition": "", "result": 5},  # before the runtime's defaults
+            {"job": "collab:1", "key": key, "definition": reproduce.COLLAB_DEFINITION, "result": 6}]
     cache = tmp_path / "jobs.jsonl"
     cache.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
-    assert reproduce.load_cache(cache, key) == {"cloud": {"weights": "c.pt"}, "fed:none:0": 1}
+    assert reproduce.load_cache(cache, key) == {"cloud": {"weights": "c.pt"}, "fed:none:0": 1, "collab:1": 6}
     assert reproduce.load_cache(tmp_path / "missing.jsonl", key) == {}
-    assert '"all"' in current and reproduce.job_definition("collab:0") == ""
+    assert '"all"' in current and reproduce.job_definition("cloud") == ""
