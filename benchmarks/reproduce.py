@@ -214,7 +214,7 @@ def collab_job(cfg, seed: int, done: dict, work: Path) -> dict:
             res: dict = {}
             try:
                 for source, gts, tag in ((images, image_gts, "images"), (video / "video.mp4", video_gts, "video")):
-                    dets, ms, sizes = cloud_only(source, client, site_id)
+                    dets, ms, sizes, _ = cloud_only(source, client, site_id)
                     res[f"cloud/{tag}"] = {**score(dets, gts, nc, small_px), "ms": float(np.mean(ms)),
                                            "bytes": float(np.mean(sizes))}
                 for role, fed in EDGE_ROLES.items():
