@@ -29,10 +29,12 @@ Per frame (paper section 4.2):
    detection ambiguous when ``conf < --t-conf``, area ``< --t-size`` px², or its
    track was intermittent over the last ``--n-frames`` keyframes.
 4. **Output at once.** The ``edge`` JSON line is written and flushed before
-   anything is sent. A keyframe with an ambiguous detection is offloaded (the
-   whole keyframe, or with ``--offload crops`` crops with context around the
-   ambiguous boxes; :func:`common.routing.offload_plan`): JPEG-encoded, written
-   to the disk queue and handed to a background worker.
+   anything is sent. A keyframe with an ambiguous detection or a candidate
+   (a box between ``--candidate-conf`` and ``--conf``) is offloaded: crops with
+   context around those boxes (:func:`common.routing.offload_plan`), all on one
+   JPEG atlas (:func:`common.routing.encode_atlas`; ``--separate-crops``: one
+   JPEG each), or the whole keyframe with ``--offload frame``; written to the
+   disk queue and handed to a background worker.
 5. **Refinement.** When the cloud answers, a ``refined`` line for that frame
    carries ``merge(edge, cloud, offloaded)`` (:func:`common.routing.merge`).
 

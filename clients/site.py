@@ -206,8 +206,7 @@ class LocalSite:
             if offloaded.any():
                 both = Detections.concat([edge, candidates])
                 entry = OffloadEntry.for_keyframe(image, both.xyxy, offloaded, site=self.spec.site_id, run="eval",
-                                                  frame=n,
-                                                  mode=r.offload, created=time.time(), model="eval",
+                                                  frame=n, mode=r.offload, created=time.time(), model="eval",
                                                   edge=both.to_list())
                 try:
                     answer = client.send(entry)

@@ -59,7 +59,7 @@ Crop atlas
 
 :class:`Detections` is the light, JSON-friendly detection type shared by the
 edge runtime and the cloud service. No flwr, ultralytics, wandb or torch here;
-OpenCV is imported lazily, only to JPEG-encode crops for byte counts.
+OpenCV is imported lazily, only to JPEG-encode crops and atlases.
 """
 
 from __future__ import annotations
@@ -799,9 +799,9 @@ def atlas_layout(sizes: Sequence[tuple[int, int]], align: int = 16) -> tuple[np.
     """
     if int(align) < 1:
         raise ValueError(f"align must be >= 1 px, got {align!r}")
-    cells = [(-(-int(w) // align) * align, -(-int(h) // align) * align) for w, h in sizes]
     if any(w < 1 or h < 1 for w, h in sizes):
         raise ValueError(f"crop sizes must be >= 1 px, got {list(sizes)!r}")
+    cells = [(-(-int(w) // align) * align, -(-int(h) // align) * align) for w, h in sizes]
     if not cells:
         return np.zeros((0, 2), dtype=np.int64), (0, 0)
     side = -(-int(np.ceil(np.sqrt(sum(w * h for w, h in cells)))) // align) * align
