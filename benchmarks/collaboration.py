@@ -202,15 +202,17 @@ MERGES = {"cloud": {}, "cloud+keep": {"keep_unanswered": True}, "fuse": {"resolv
 
 
 def remerged(records: list[dict], **merge_kw) -> list[dict]:
-    """The records with each refined answer merged again from its ``cloud_detections`` and its keyframe's edge
-    line (offloaded = the detections with ambiguity reasons), by ``common.routing.merge(**merge_kw)``."""
+    """The records with each refined answer (``refined`` and ``carried`` lines) merged again from its
+    ``cloud_detections`` and its edge boxes and candidates (offloaded = those with ambiguity reasons), by
+    ``common.routing.merge(**merge_kw)``."""
     from common.routing import Detections, merge
 
     edge = {r["frame"]: r for r in records if r["kind"] == "edge"}
     out = []
     for r in records:
-        if r["kind"] == "refined":  # the keyframe's answer and its candidates, as the runtime merged them
-            key = edge[r["frame"]]["detections"] + edge[r["frame"]].get("candidates", [])
+        if r["kind"] in ("refined", "carried"):  # the keyframe's answer and its candidates (moved, when carried)
+            key = r["edge_detections"] if r["kind"] == "carried" else \
+                edge[r["frame"]]["detections"] + edge[r["frame"]].get("candidates", [])
             keep = [merge_kw.get("keep_unanswered", False) and "candidate" not in d["reasons"] for d in key]
             final = merge(Detections.from_list(key), Detections.from_list(r["cloud_detections"]),
                           [bool(d["reasons"]) for d in key], **{**merge_kw, "keep_unanswered": np.array(keep)})
@@ -220,26 +222,17 @@ def remerged(records: list[dict], **merge_kw) -> list[dict]:
 
 
 def per_frame(records: list[dict], collaborative: bool) -> list:
-    """Final detections per frame: the edge line's, or the refined answer of its keyframe (on a later frame
-    moved as the edge boxes moved, :func:`clients.edge.carry_boxes`)."""
-    from clients.edge import carry_boxes
+    """Final detections per frame: with ``collaborative``, a keyframe's ``refined`` answer or, on a later
+    frame, that answer ``carried`` there (:class:`clients.edge.RefinedCarrier`); else (or when neither came)
+    the frame's ``edge`` line."""
     from common.routing import Detections
 
-    refined = {r["frame"]: r for r in records if r["kind"] == "refined"}
     failed = [r for r in records if r["kind"] == "failed"]
     if failed:
         raise RuntimeError(f"{len(failed)} offloads refused by the cloud, e.g. {failed[0]['error']}")
-    edge = {r["frame"]: r for r in records if r["kind"] == "edge"}
-    out = []
-    for r in sorted(edge.values(), key=lambda r: r["frame"]):
-        src = refined.get(r["source_frame"]) if collaborative else None
-        dets = Detections.from_list((src or r)["detections"])
-        if src is not None and r["frame"] != r["source_frame"]:  # moved the way the edge boxes moved
-            key = np.array([d["xyxy"] for d in edge[r["source_frame"]]["detections"]])
-            now = np.array([d["xyxy"] for d in r["detections"]])
-            dets = Detections(carry_boxes(dets.xyxy, key, now), dets.conf, dets.cls)
-        out.append(dets)
-    return out
+    refined = {r["frame"]: r for r in records if r["kind"] in ("refined", "carried")} if collaborative else {}
+    edge = sorted((r for r in records if r["kind"] == "edge"), key=lambda r: r["frame"])
+    return [Detections.from_list(refined.get(r["frame"], r)["detections"]) for r in edge]
 
 
 def score(dets: list, gts: list[np.ndarray], nc: int, small_px: float) -> dict:
@@ -289,7 +282,11 @@ def offload_figures(records: list[dict]) -> dict:
     edge_ms = [r["latency_ms"]["edge"] for r in keys]
     collab_ms = [r["latency_ms"]["edge"] + (refined[r["frame"]]["latency_ms"]["cloud_rtt"]
                                            if r["frame"] in refined else 0.0) for r in keys]
+    rtt = sum(r["latency_ms"]["cloud_rtt"] for r in refined.values())
+    total = sum(r["latency_ms"]["total"] for r in edge)
     return {"frames": len(edge), "keyframes": len(keys), "keyframe_fraction": len(keys) / len(edge),
+            # per frame, over all frames: time to the edge line; and that plus the cloud round trips it caused
+            "first_ms": total / len(edge), "frame_ms": (total + rtt) / len(edge),
             "offloaded_keyframes": sum(1 for r in keys if r["offload"]) / len(keys),
             "offloaded_detections": n_off / n_det if n_det else 0.0,
             "bytes_per_frame": sum(r["offload"]["bytes"] for r in keys if r["offload"]) / len(edge),
@@ -487,15 +484,20 @@ def summary_markdown(res: dict, settings: dict) -> list[str]:
         lines.append(f"| {site} | " + " | ".join(f"{m:.3f}" for m in maps) + " | "
                      + " | ".join(f"{f:.3f}" for f in fnrs) + " | " + " | ".join(f"{100 * x:.0f}%" for x in shares)
                      + " |")
-    lines += ["", "Video (keyframes only, β = 1.5; a non-keyframe reuses its keyframe's answer), mAP50: edge, "
-              "cloud on every frame, and the collaborations:", "",
-              "| site | edge | cloud | " + " | ".join(n for n, _, _ in SUMMARY) + " |", "|---|---|---|"
-              + "---|" * len(SUMMARY)]
+    lines += ["", "Video (keyframes only, β = 1.5; a non-keyframe gets its keyframe's answer moved by optical "
+              "flow), mAP50: edge, cloud on every frame, and the collaborations; then ms per video frame (all "
+              "frames: edge pipeline plus the cloud round trips it waited for; cloud alone: encode + round trip "
+              "of every frame):", "",
+              "| site | edge | cloud | " + " | ".join(n for n, _, _ in SUMMARY) + " | ms / frame: cloud alone | "
+              "crops collab. | frame collab. |", "|---|---|---|" + "---|" * (len(SUMMARY) + 3)]
     video = {site: [r["video"]["crops-key"]["edge"]["map50"], r["video_cloud"]["map50"],
-                    *(r["video"][f"{mode}-key"]["merges"][m]["map50"] for _, mode, m in SUMMARY)]
+                    *(r["video"][f"{mode}-key"]["merges"][m]["map50"] for _, mode, m in SUMMARY),
+                    r["video_cloud"]["ms"], *(r["video"][f"{mode}-key"].get("frame_ms", np.nan)
+                                              for mode in ("crops", "frame"))]
              for site, r in per.items() if "merges" in r["video"]["crops-key"]}
-    for site, maps in [*video.items(), *([("mean", np.mean(list(video.values()), axis=0))] if video else [])]:
-        lines.append(f"| {site} | " + " | ".join(f"{m:.3f}" for m in maps) + " |")
+    for site, vals in [*video.items(), *([("mean", np.mean(list(video.values()), axis=0))] if video else [])]:
+        lines.append(f"| {site} | " + " | ".join(f"{m:.3f}" for m in vals[:-3]) + " | "
+                     + " | ".join(f"{m:.1f}" for m in vals[-3:]) + " |")
     lines += ["", "| claim (mAP50 at the operating points; images unless named) | sites where it holds | mean |",
               "|---|---|---|"]
     for i, (name, _, _) in enumerate(SUMMARY):
@@ -512,6 +514,11 @@ def summary_markdown(res: dict, settings: dict) -> list[str]:
             lines.append(f"| {name} > both edge and cloud alone (video) | "
                          f"{sum(c > b for c, b in zip(coll, best))}/{len(best)} | {np.mean(coll):.3f} vs best alone "
                          f"{np.mean(best):.3f} ({_rel(np.mean(coll), np.mean(best))}) |")
+    if video:
+        cloud_ms, crops_ms = [v[-3] for v in video.values()], [v[-2] for v in video.values()]
+        lines.append(f"| crops collaboration: ms per video frame < cloud alone's | "
+                     f"{sum(c < b for c, b in zip(crops_ms, cloud_ms))}/{len(cloud_ms)} | {np.mean(crops_ms):.1f} vs "
+                     f"{np.mean(cloud_ms):.1f} ({_rel(np.mean(crops_ms), np.mean(cloud_ms))}) |")
     zooms = sorted({k for r in per.values() for k in r.get("zoom", {})}, key=float)
     if zooms:
         lines += ["", "Crops detected by the cloud at other zooms (`server.cloud --crop-zoom`; each crop resized "
@@ -596,12 +603,15 @@ def site_markdown(res: dict, settings: dict, site: str) -> list[str]:
                          f"{e['fnr']:.3f} ({_rel(m['fnr'], e['fnr'])}) |")
     lines += [
         "",
-        "### Video (keyframes: β = 1.5; non-keyframes reuse their keyframe's answer)",
+        "### Video (keyframes: β = 1.5; a non-keyframe gets its keyframe's answers moved by optical flow)",
+        "",
+        "ms / frame: over all frames, the time to the frame's edge line (first answer), and that plus the cloud "
+        "round trips of the frame's own offload (edge + cloud).",
         "",
         "| variant | keyframes | mAP50 edge | mAP50 collaboration (merge cloud) | mAP50 fuse+keep | recall edge | "
         "recall collab. | conf at precision 1 edge / collab. | offloaded keyframes | bytes / frame | "
-        "edge ms / keyframe | collab. ms / keyframe |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "edge ms / keyframe | collab. ms / keyframe | first answer ms / frame | edge + cloud ms / frame |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for key, x in vid.items():
         mode, which = key.split("-")
@@ -612,18 +622,23 @@ def site_markdown(res: dict, settings: dict, site: str) -> list[str]:
                      f"{x['edge']['recall']:.3f} | {x['collab']['recall']:.3f} | "
                      f"{x['edge']['conf_p1']:.3f} / {x['collab']['conf_p1']:.3f} | "
                      f"{100 * x['offloaded_keyframes']:.0f}% | {x['bytes_per_frame']:.0f} | {x['edge_ms']:.1f} | "
-                     f"{x['collab_ms']:.1f} |")
+                     f"{x['collab_ms']:.1f} | {x.get('first_ms', math.nan):.1f} | {x.get('frame_ms', math.nan):.1f} |")
     vc = res["video_cloud"]
     lines.append(f"| cloud alone, every frame | 100% | - | {vc['map50']:.3f} (cloud) | - | - | {vc['recall']:.3f} "
                  "(cloud) | "
-                 f"- / {vc['conf_p1']:.3f} (cloud) | 100% | {vc['bytes_per_frame']:.0f} | - | {vc['ms']:.1f} (cloud) |")
+                 f"- / {vc['conf_p1']:.3f} (cloud) | 100% | {vc['bytes_per_frame']:.0f} | - | {vc['ms']:.1f} (cloud) | "
+                 f"{vc['ms']:.1f} | {vc['ms']:.1f} |")
     k, a = vid["crops-key"], vid["crops-all"]
+
+    def cost(x: dict, y: dict) -> str:
+        return f"{100 * (x['map50'] - y['map50']):+.1f}"
+
     lines += [
         "",
         f"The keyframe selector drops {100 * (1 - k['keyframe_fraction']):.0f}% of the frames; mAP50 cost "
-        f"{100 * (a['edge']['map50'] - k['edge']['map50']):+.1f} points (edge) and "
-        f"{100 * (a['collab']['map50'] - k['collab']['map50']):+.1f} points (collaboration) against detecting "
-        "every frame (goal: >= 50% dropped for <= 1 point).",
+        f"{cost(a['edge'], k['edge'])} points (edge), {cost(a['collab'], k['collab'])} (collaboration, merge cloud) "
+        f"and {cost(a['merges']['fuse+keep'], k['merges']['fuse+keep'])} (fuse+keep) against detecting every frame "
+        "(crops; goal: >= 50% dropped for <= 1 point).",
         "",
         "### Collaborative mAP50 vs t_conf (paper Figure 5; images, crop offload)",
         "",

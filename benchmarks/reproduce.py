@@ -84,7 +84,7 @@ EDGE_ROLES = {"edge": "none", "pyrafan": "pyrafan", "cloud_kd": "cloud", "graph_
 FIG5_ROLES = ("edge", "pyrafan", "cloud_kd")
 BEST_MERGE = "crops fuse+keep"  # the edge runtime's default (benchmarks/results/collaboration.md)
 # what the collaboration job does beyond the settings key: changing it runs the collaboration jobs again
-COLLAB_DEFINITION = "runtime defaults: candidates, cloud crop zoom, crop atlas"
+COLLAB_DEFINITION = "runtime defaults: candidates, cloud crop zoom, crop atlas; refined answers carried by optical flow"
 NOISY = {"data.noisy-site": True}
 PYRAFAN = {"model.edge": "yolo11n-pyrafan"}
 # name -> (kd_federation variant, extra overrides, the federation whose round 1 it continues); one without a

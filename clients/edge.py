@@ -36,7 +36,9 @@ Per frame (paper section 4.2):
    JPEG each), or the whole keyframe with ``--offload frame``; written to the
    disk queue and handed to a background worker.
 5. **Refinement.** When the cloud answers, a ``refined`` line for that frame
-   carries ``merge(edge, cloud, offloaded)`` (:func:`common.routing.merge`).
+   carries ``merge(edge, cloud, offloaded)`` (:func:`common.routing.merge`),
+   and a ``carried`` line for each non-keyframe after it carries that answer
+   moved there by optical flow (:class:`RefinedCarrier`).
 
 Delivery guarantees (``--queue-dir``, default ``$CEDAR_HOME/edge/<site>/queue``)
     Every offload is written to the queue *before* it is sent (one JSON file per
@@ -97,6 +99,17 @@ Output (``--out``, JSON lines; ``--append`` to keep an existing file)
     ``bytes_sent`` the JPEG payload, ``request_bytes`` the whole HTTP body;
     ``recovered`` marks offloads queued by an earlier run.
 
+    ``{"kind": "carried", "site", "run", "frame", "source_frame", "offload_id",
+    "time", "pts_s", "model", "detections", "edge_detections",
+    "cloud_detections"}``: the refined answer of keyframe ``source_frame`` on a
+    later non-keyframe ``frame`` (:class:`RefinedCarrier`): the keyframe's edge
+    boxes and candidates (``edge_detections``) and the cloud's boxes, each moved
+    by its own optical flow (``--no-propagate``: unmoved), merged again
+    (``detections``). One per non-keyframe of an offloaded keyframe of this run,
+    written as soon as that keyframe's answer is in (so possibly long after the
+    frame's ``edge`` line); none for frames whose keyframe's answer never came
+    or that waited past a 64 MiB cap on the kept grayscale frames.
+
     ``{"kind": "failed", "offload_id", "error", ...}`` instead of ``refined`` for
     an offload the cloud refused, and a last ``{"kind": "summary", ...}`` line.
     ``time`` is Unix seconds (frame read; answer received), ``pts_s`` the media
@@ -106,10 +119,10 @@ Output (``--out``, JSON lines; ``--append`` to keep an existing file)
 
 Annotated video (``--video``)
     Edge boxes (green: confident, orange: offloaded) and, once the frame's
-    keyframe has been refined *before the frame is written*, the refined boxes
-    (magenta). Refinement is asynchronous, so a keyframe itself is drawn with
-    edge boxes only; the frames after it show the refined boxes as soon as they
-    have arrived. The JSON lines are the complete record.
+    keyframe has been refined *before the frame is written*, its ``carried``
+    boxes (magenta). Refinement is asynchronous, so a keyframe itself is drawn
+    with edge boxes only; the frames after it show the refined boxes as soon as
+    they have arrived. The JSON lines are the complete record.
 
 Super-resolution (``--upscale MODEL.npz``)
     Every frame is first upscaled by an A+ model (:mod:`common.superres`, trained
@@ -1030,27 +1043,98 @@ def flow_shift(prev: np.ndarray, cur: np.ndarray, boxes: np.ndarray, win: int = 
     return out
 
 
-def carry_boxes(boxes: np.ndarray, key_boxes: np.ndarray, now_boxes: np.ndarray) -> np.ndarray:
-    """Boxes found on a keyframe (e.g. its refined answer) moved to a later frame as its edge boxes moved.
+class RefinedCarrier:
+    """Keyframes' refined answers moved onto the frames after them (the ``carried`` lines).
 
-    ``key_boxes`` are the keyframe's edge boxes and ``now_boxes`` the same boxes, in the
-    same order, on the later frame (propagated by :func:`flow_shift`). Each of ``boxes``
-    takes the displacement of the keyframe edge box it overlaps most, and stays put when
-    it overlaps none.
+    A non-keyframe reuses its keyframe's edge boxes at once; the keyframe's refined
+    answer comes later. So that every frame also gets a refined answer, the runtime
+    hands the carrier each frame's grayscale image (:meth:`frame`) and each delivered
+    answer of this run (:meth:`answered`, worker thread). The frames after an
+    offloaded keyframe are kept until its answer arrives; then the answer's boxes
+    (the keyframe's edge boxes and candidates, and the cloud's boxes, each set kept
+    apart so the caller can merge them again) are moved frame to frame by
+    :func:`flow_shift` (``move=False``: they stay put) through the kept frames, and
+    from then on through every new frame, up to the next keyframe. Moving each box
+    by its own flow matters for the cloud's boxes: they are often objects the edge
+    missed, so no edge box moves with them.
 
-    Examples
-    --------
-    Edge boxes ``[0,0,10,10]`` -> ``[2,0,12,10]`` and ``[50,50,60,60]`` -> ``[50,51,60,61]``;
-    a refined box ``[1,0,11,10]`` moves by (2, 0) to ``[3,0,13,10]``, ``[80,80,90,90]`` stays.
+    At most ``max_bytes`` of grayscale frames are kept (a dead cloud must not fill the
+    memory): past that the oldest waiting keyframe's frames are dropped, and those
+    frames keep only their edge answer. A change of frame size ends a window.
+
+    :meth:`frame` and :meth:`flush` return ``(frame, pts_s, keyframe, meta, edge,
+    cloud)`` per frame that got its keyframe's answer: ``edge`` the moved list of
+    detection dicts, ``cloud`` moved :class:`Detections`, ``meta`` what
+    :meth:`answered` was given.
     """
-    boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
-    key_boxes = np.asarray(key_boxes, dtype=np.float32).reshape(-1, 4)
-    if not len(boxes) or not len(key_boxes):
-        return boxes.copy()
-    shift = np.asarray(now_boxes, dtype=np.float32).reshape(-1, 4) - key_boxes
-    iou = box_iou(boxes, key_boxes)
-    best = iou.argmax(axis=1)
-    return boxes + np.where(iou.max(axis=1)[:, None] > 0, shift[best], 0.0)
+
+    def __init__(self, move: bool = True, max_bytes: int = 64 << 20):
+        self.move, self.max_bytes = move, max_bytes
+        self._lock = threading.Lock()
+        self._arrived: dict[int, tuple] = {}  # keyframe -> (meta, edge list, cloud), from the worker
+        self._waiting: dict[int, list[tuple[int, float | None, np.ndarray]]] = {}  # keyframe -> its frames so far
+        self._open: int | None = None  # the latest keyframe, when it was offloaded
+        self._live: tuple | None = None  # (keyframe, meta, edge, cloud, gray, boxes) once the open one is answered
+        self._bytes = 0
+
+    def answered(self, keyframe: int, meta: Any, edge: list[dict], cloud: Detections) -> None:
+        with self._lock:
+            self._arrived[keyframe] = (meta, edge, cloud)
+
+    def frame(self, index: int, pts_s: float | None, gray: np.ndarray, is_key: bool, offloaded: bool) -> list:
+        out = self.flush()
+        if self._live is not None and (is_key or self._live[4].shape != gray.shape):
+            self._live = None
+        if is_key or (self._open in self._waiting and self._waiting[self._open][-1][2].shape != gray.shape):
+            self._open = index if is_key and offloaded else None
+            if self._open is not None:
+                self._waiting[index] = [(index, pts_s, gray)]
+                self._bytes += gray.nbytes
+        elif self._open in self._waiting:
+            self._waiting[self._open].append((index, pts_s, gray))
+            self._bytes += gray.nbytes
+        elif self._live is not None:
+            *answer, prev, boxes = self._live
+            boxes = self._shift(prev, gray, boxes)
+            self._live = (*answer, gray, boxes)
+            out.append(self._result(index, pts_s, *answer, boxes))
+        while self._bytes > self.max_bytes and self._waiting:
+            dropped = self._waiting.pop(next(iter(self._waiting)))
+            self._bytes -= sum(g.nbytes for _, _, g in dropped)
+            log.debug("carrier: dropped the %d frame(s) after keyframe %d (memory cap)", len(dropped), dropped[0][0])
+        return out
+
+    def flush(self) -> list:
+        """The frames whose keyframe's answer has arrived since the last call (kept frames only)."""
+        with self._lock:
+            arrived, self._arrived = self._arrived, {}
+        out = []
+        for key, (meta, edge, cloud) in sorted(arrived.items()):
+            frames = self._waiting.pop(key, None)
+            if frames is None:  # dropped, or an offload of an earlier run
+                continue
+            self._bytes -= sum(g.nbytes for _, _, g in frames)
+            boxes = np.concatenate([Detections.from_list(edge).xyxy, cloud.xyxy]).reshape(-1, 4)
+            prev = frames[0][2]
+            for index, pts_s, gray in frames[1:]:
+                boxes = self._shift(prev, gray, boxes)
+                prev = gray
+                out.append(self._result(index, pts_s, key, meta, edge, cloud, boxes))
+            if key == self._open:
+                self._live = (key, meta, edge, cloud, prev, boxes)
+        return out
+
+    def _shift(self, prev: np.ndarray, gray: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+        if not self.move:
+            return boxes
+        h, w = gray.shape[:2]
+        return np.clip(flow_shift(prev, gray, boxes), 0, [w, h, w, h]).astype(np.float32)
+
+    @staticmethod
+    def _result(index, pts_s, key, meta, edge, cloud, boxes) -> tuple:
+        n = len(edge)
+        moved = [{**d, "xyxy": [round(float(v), 2) for v in b]} for d, b in zip(edge, boxes[:n])]
+        return index, pts_s, key, meta, moved, Detections(boxes[n:], cloud.conf, cloud.cls)
 
 
 @dataclass
@@ -1106,6 +1190,7 @@ class Summary:
     bytes_sent: int = 0
     request_bytes: int = 0
     refined: int = 0
+    carried: int = 0
     recovered: int = 0
     failed: int = 0
     queue_left: int = 0
@@ -1128,6 +1213,7 @@ class Summary:
                 ("offloaded detections", d["offloaded_detections"]),
                 ("offloaded frames", d["offloaded_frames"]), ("bytes queued", d["bytes_queued"]),
                 ("bytes sent", d["bytes_sent"]), ("refined delivered", d["refined"]),
+                ("  carried to later frames", d["carried"]),
                 ("  of them from earlier runs", d["recovered"]), ("refused by the cloud", d["failed"]),
                 ("queue left", d["queue_left"]), ("model reloads", d["reloads"]), ("model", d["model"]),
                 ("edge ms (mean)", d["edge_ms_mean"]), ("cloud rtt ms (mean)", d["cloud_rtt_ms_mean"]),
@@ -1169,7 +1255,7 @@ class EdgeRuntime:
                                   history=settings.n_frames)
         self.summary = Summary(model=model.version)
         self._stats_lock = threading.Lock()
-        self._refined: dict[tuple[str, int], Detections] = {}  # (run, keyframe) -> merged, for the video
+        self.carrier = RefinedCarrier(move=settings.propagate)
         self._last: tuple | None = None  # (keyframe index, dets, reasons, offload mask, track ids, model version)
         self._flow: tuple | None = None  # (previous gray frame, boxes there) while propagating
         self._candidates: list[dict] = []  # the last keyframe's candidates (EdgeSettings.answer_conf)
@@ -1213,10 +1299,10 @@ class EdgeRuntime:
                 self.summary.detections += len(dets)
                 self.summary.edge_ms.append(edge_ms)
         source, dets, reasons, mask, track_ids, version = self._last  # non-keyframes reuse the keyframe's
-        if s.propagate:
-            import cv2
+        import cv2
 
-            gray = cv2.cvtColor(frame.image, cv2.COLOR_BGR2GRAY) if frame.image.ndim == 3 else frame.image
+        gray = cv2.cvtColor(frame.image, cv2.COLOR_BGR2GRAY) if frame.image.ndim == 3 else frame.image
+        if s.propagate:
             boxes = dets.xyxy if is_key else flow_shift(self._flow[0], gray, self._flow[1])
             self._flow = (gray, boxes)
             if not is_key:
@@ -1244,35 +1330,50 @@ class EdgeRuntime:
         if upscale_ms is not None:
             record["latency_ms"]["upscale"] = _round(upscale_ms)
         self.writer.write(record)  # the edge result is out before anything is sent
+        submitted = False
         if entry is not None:
             self._edge_sent_at[entry.id] = time.time()
-            if not self.offloader.submit(entry):
+            submitted = self.offloader.submit(entry)
+            if not submitted:
                 self._edge_sent_at.pop(entry.id, None)
             else:
                 with self._stats_lock:
                     self.summary.offloaded_frames += 1
                     self.summary.offloaded_detections += int(mask.sum())
                     self.summary.bytes_queued += entry.payload_bytes
+        now = self._write_carried(self.carrier.frame(frame.index, frame.pts_s, gray, is_key, submitted))
         if self.video is not None:
-            with self._stats_lock:
-                refined = self._refined.get((s.run_id, source))
-            if refined is not None and not is_key:  # the keyframe's refined answer, moved with the edge boxes
-                refined = Detections(carry_boxes(refined.xyxy, self._last[1].xyxy, dets.xyxy), refined.conf,
-                                     refined.cls)
-            self.video.write(frame.image, dets, mask, refined,
+            self.video.write(frame.image, dets, mask, now.get(frame.index),
                              f"{frame.index}{' K' if is_key else ''} {version[:6]}")
         with self._stats_lock:
             self.summary.frames += 1
         return record
 
+    def _merged(self, edge: list[dict], cloud: Detections, offloaded: Sequence[bool]) -> tuple[Detections, list]:
+        """``merge(edge, cloud, offloaded)`` with the runtime's policy; and its items tagged by source."""
+        keep = [self.s.keep_unanswered and "candidate" not in d.get("reasons", ()) for d in edge]
+        merged = merge(Detections.from_list(edge), cloud, np.array(offloaded, dtype=bool), iou=self.s.merge_iou,
+                       keep_unanswered=np.array(keep, dtype=bool), resolve=self.s.merge)
+        n_edge = len(merged) - len(cloud)
+        return merged, [{**d, "source": "edge" if i < n_edge else "cloud"} for i, d in enumerate(merged.to_list())]
+
+    def _write_carried(self, results: list) -> dict[int, Detections]:
+        """One ``carried`` line per :class:`RefinedCarrier` result; the merged answers by frame."""
+        merged_by_frame = {}
+        for index, pts_s, key, meta, edge, cloud in results:
+            merged, items = self._merged(edge, cloud, meta["offloaded"])
+            merged_by_frame[index] = merged
+            self.writer.write({"kind": "carried", "site": self.s.site, "run": self.s.run_id, "frame": index,
+                               "source_frame": key, "offload_id": meta["id"], "time": round(time.time(), 3),
+                               "pts_s": pts_s, "model": meta["model"], "detections": items,
+                               "edge_detections": edge, "cloud_detections": cloud.to_list()})
+        with self._stats_lock:
+            self.summary.carried += len(results)
+        return merged_by_frame
+
     # -- worker callbacks
     def _delivered(self, entry: OffloadEntry, answer: CloudAnswer, attempts: int) -> None:
-        edge = Detections.from_list(entry.edge)
-        keep = [self.s.keep_unanswered and "candidate" not in d.get("reasons", ()) for d in entry.edge]
-        merged = merge(edge, answer.detections, np.array(entry.offloaded, dtype=bool), iou=self.s.merge_iou,
-                       keep_unanswered=np.array(keep, dtype=bool), resolve=self.s.merge)
-        n_edge = len(merged) - len(answer.detections)
-        items = [{**d, "source": "edge" if i < n_edge else "cloud"} for i, d in enumerate(merged.to_list())]
+        _, items = self._merged(entry.edge, answer.detections, entry.offloaded)
         now = time.time()
         sent_at = self._edge_sent_at.pop(entry.id, None)
         recovered = entry.run != self.s.run_id or sent_at is None
@@ -1284,10 +1385,10 @@ class EdgeRuntime:
                            "since_edge": _round((now - sent_at) * 1000 if sent_at else None)},
             "bytes_sent": entry.payload_bytes, "request_bytes": answer.request_bytes, "attempts": attempts,
             "cloud_model": answer.model, "recovered": recovered})
+        if entry.run == self.s.run_id:
+            self.carrier.answered(entry.frame, {"id": entry.id, "model": entry.model, "offloaded": entry.offloaded},
+                                  entry.edge, answer.detections)
         with self._stats_lock:
-            self._refined[(entry.run, entry.frame)] = merged
-            while len(self._refined) > 64:  # only recent keyframes can still be drawn
-                self._refined.pop(next(iter(self._refined)))
             self.summary.refined += 1
             self.summary.recovered += int(recovered)
             self.summary.bytes_sent += entry.payload_bytes
@@ -1326,6 +1427,7 @@ class EdgeRuntime:
             log.info("draining %d offload(s), up to %.0fs", self.offloader.pending(), self.s.drain_timeout)
             self.offloader.drain(self.s.drain_timeout, cancelled=lambda: not self.drain_requested)
         self.offloader.stop(join_timeout=30.0)
+        self._write_carried(self.carrier.flush())
         self.summary.queue_left = len(self.queue)
         self.summary.reloads = getattr(self.model, "reloads", 0)
         self.summary.model = self.model.version

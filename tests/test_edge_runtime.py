@@ -36,7 +36,7 @@ import pytest
 
 from clients.edge import (CloudAnswer, CloudRejected, CloudUnavailable, DiskQueue, EdgeError, EdgeModel,
                           EdgeRuntime, EdgeSettings, FrameSource, OffloadEntry, StaticModel, file_version,
-                          Frame, carry_boxes, flow_shift, letterbox, nms, postprocess)
+                          Frame, RefinedCarrier, flow_shift, letterbox, nms, postprocess)
 from common.routing import Detections, merge
 from tests.deploy_helpers import free_port, stop_tree, tail
 
@@ -209,19 +209,54 @@ def test_flow_shift_follows_a_moving_texture():
     assert flow_shift(prev, cur, np.zeros((0, 4))).shape == (0, 4)
 
 
-def test_carry_boxes_hand_checked():
-    """Edge [0,0,10,10] -> [2,0,12,10], [50,50,60,60] -> [50,51,60,61]: a refined box overlapping the first
-    moves by (2, 0); one overlapping both takes the larger overlap's shift; one overlapping none stays."""
-    key = [[0, 0, 10, 10], [50, 50, 60, 60]]
-    now = [[2, 0, 12, 10], [50, 51, 60, 61]]
-    refined = [[1, 0, 11, 10], [80, 80, 90, 90], [8, 8, 52, 52]]
+def _gray(frame: np.ndarray) -> np.ndarray:
+    return cv2.cvtColor(frame, cv2.COLOR_BGR2GRAY)
 
-    moved = carry_boxes(refined, key, now)
 
-    # [8,8,52,52] overlaps the first box by 2x2 = 4 px² and the second by 2x2 = 4 px²: IoU ties -> the first
-    np.testing.assert_allclose(moved, [[3, 0, 13, 10], [80, 80, 90, 90], [10, 8, 54, 52]])
-    assert carry_boxes(np.zeros((0, 4)), key, now).shape == (0, 4)
-    np.testing.assert_allclose(carry_boxes(refined[:1], np.zeros((0, 4)), np.zeros((0, 4))), refined[:1])
+def test_refined_carrier_moves_each_answer_box_by_its_own_flow():
+    """Keyframe 0 offloaded; its answer arrives after frame 2: frames 1, 2 come out with frame 3, then frame 4 at
+    once. The cloud's box on the square (moving (3, 2) px per frame) follows it; the edge's box on the still
+    background stays. Keyframe 5 (not offloaded) ends the window: nothing for frame 6, nor for a late answer."""
+    frames, boxes = _moving_square(7)
+    edge = [{"xyxy": [60.0, 60.0, 80.0, 80.0], "conf": 0.3, "cls": 2, "track": 1, "reasons": ["low_conf"]}]
+    cloud = Detections([boxes[0]], [0.8], [1])
+    carrier = RefinedCarrier()
+    keys = {0: True, 5: False}  # keyframe -> offloaded
+
+    out = {}
+    for t, frame in enumerate(frames):
+        if t == 3:
+            carrier.answered(0, {"id": "x"}, edge, cloud)
+        got = carrier.frame(t, t / 10, _gray(frame), t in keys, keys.get(t, False))
+        out[t] = [r[0] for r in got]
+        for index, pts_s, key, meta, moved_edge, moved_cloud in got:
+            assert (key, meta, pts_s) == (0, {"id": "x"}, index / 10)
+            np.testing.assert_allclose(moved_cloud.xyxy, [boxes[index]], atol=0.5)
+            np.testing.assert_allclose(moved_edge[0]["xyxy"], edge[0]["xyxy"], atol=0.5)
+            assert {k: v for k, v in moved_edge[0].items() if k != "xyxy"} == {k: v for k, v in edge[0].items()
+                                                                            if k != "xyxy"}
+            assert moved_cloud.conf.tolist() == [0.8] and moved_cloud.cls.tolist() == [1]
+    carrier.answered(5, {"id": "y"}, edge, cloud)
+
+    assert out == {0: [], 1: [], 2: [], 3: [1, 2, 3], 4: [4], 5: [], 6: []}
+    assert carrier.flush() == [] and edge[0]["xyxy"] == [60.0, 60.0, 80.0, 80.0]
+
+
+def test_refined_carrier_keeps_boxes_still_without_flow_and_drops_frames_past_its_memory_cap():
+    frames, boxes = _moving_square(4)
+    grays = [_gray(f) for f in frames]
+    cloud = Detections([boxes[0]], [0.8], [1])
+    still = RefinedCarrier(move=False)
+    for t, gray in enumerate(grays):
+        still.frame(t, None, gray, t == 0, True)
+    still.answered(0, {}, [], cloud)
+    assert [(r[0], r[5].xyxy.tolist()) for r in still.flush()] == [(t, [boxes[0]]) for t in (1, 2, 3)]
+
+    capped = RefinedCarrier(max_bytes=int(2.5 * grays[0].nbytes))  # keyframe + 1 frame fit, a third does not
+    for t, gray in enumerate(grays):
+        capped.frame(t, None, gray, t == 0, True)
+    capped.answered(0, {}, [], cloud)
+    assert capped.flush() == []
 
 
 def test_propagate_moves_reused_boxes_on_non_keyframes(tmp_path):
@@ -240,6 +275,54 @@ def test_propagate_moves_reused_boxes_on_non_keyframes(tmp_path):
     for t, (plain, moved) in enumerate(zip(out[False], out[True])):
         np.testing.assert_allclose(moved["detections"][0]["xyxy"], boxes[t], atol=0.5)
         np.testing.assert_allclose(plain["detections"][0]["xyxy"], boxes[t - t % 3], atol=1e-4)
+
+
+class _SquareCloud(FakeCloud):
+    """Answers each keyframe with the moving square's true box there (class 3, 0.8)."""
+
+    def __init__(self, boxes: list[list[float]], release: threading.Event | None = None):
+        super().__init__(release=release)
+        self.boxes = boxes
+
+    def send(self, entry: OffloadEntry) -> CloudAnswer:
+        if self.release is not None:
+            self.released_in_time.append(self.release.wait(20))
+        return CloudAnswer(Detections([self.boxes[entry.frame]], [0.8], [3]), rtt_ms=5.0, request_bytes=1, model="f")
+
+
+@pytest.mark.parametrize("late", [False, True], ids=["answers-at-once", "answers-after-the-last-frame"])
+def test_carried_lines_follow_the_object_on_the_frames_after_each_keyframe(tmp_path, late):
+    """max_gap 3, the square moving (3, 2) px per frame: the edge sees it at 0.3 (offloaded), the cloud answers
+    its box (which replaces the edge's in the merge). Frames 1, 2, 4, 5 each get one carried line whose box is
+    on the square there, whether the answers come at once or only after the last frame."""
+    frames, boxes = _moving_square(6)
+    done = threading.Event() if late else None
+    cloud = _SquareCloud(boxes, release=done)
+    by_frame = {f.tobytes(): b for f, b in zip(frames, boxes)}
+    runtime = EdgeRuntime(StaticModel(lambda image: Detections([by_frame[image.tobytes()]], [0.3], [3]), "v-sq"), cloud,
+                          _settings(max_gap=3, propagate=True, beta=100.0), queue_dir=tmp_path / "q",
+                          out=tmp_path / "out.jsonl")
+    source = [Frame(i, f, i / 10, float(i)) for i, f in enumerate(frames)]
+
+    def frames_then_release():
+        yield from source
+        if done is not None:
+            done.set()
+
+    runtime.run(frames_then_release())
+    lines = _lines(tmp_path / "out.jsonl")
+    carried = {ln["frame"]: ln for ln in lines if ln["kind"] == "carried"}
+
+    assert sorted(carried) == [1, 2, 4, 5] and lines[-1]["carried"] == 4
+    for t, ln in carried.items():
+        assert ln["source_frame"] == t - t % 3 and [d["source"] for d in ln["detections"]] == ["cloud"]
+        np.testing.assert_allclose(ln["detections"][0]["xyxy"], boxes[t], atol=0.5)
+        np.testing.assert_allclose(ln["cloud_detections"][0]["xyxy"], boxes[t], atol=0.5)
+    position = {(ln["kind"], ln.get("frame")): i for i, ln in enumerate(lines)}
+    assert all(position[("carried", t)] > position[("edge", t)] for t in carried)
+    if late:  # nothing could be carried before the end: every carried line comes after every edge line
+        assert cloud.released_in_time == [True, True]
+        assert min(position[("carried", t)] for t in carried) > max(position[("edge", t)] for t in range(6))
 
 
 def test_letterbox_hand_checked():
@@ -310,7 +393,7 @@ def test_edge_lines_first_then_refined_lines_equal_merge(tmp_path, video):
     # Assert: every edge line precedes every refined line (output never waited for the cloud)
     kinds = [ln["kind"] for ln in lines]
     assert kinds[:6] == ["edge"] * 6 and kinds[-1] == "summary"
-    assert Counter(kinds) == {"edge": 6, "refined": 3, "summary": 1}
+    assert Counter(kinds) == {"edge": 6, "refined": 3, "carried": 3, "summary": 1}
     assert cloud.released_in_time == [True] * 3
     edge = [ln for ln in lines if ln["kind"] == "edge"]
     for ln in edge:
@@ -354,9 +437,19 @@ def test_edge_lines_first_then_refined_lines_equal_merge(tmp_path, video):
     assert [(d["cls"], d["source"]) for d in refined[0]["detections"]] == [(1, "cloud"), (2, "cloud")]
     assert [(d["xyxy"], d["source"]) for d in refined[2]["detections"]] == [
         ([10.0, 10.0, 50.0, 50.0], "edge"), ([70.5, 40.2, 76.5, 46.1], "cloud")]
+    # each non-keyframe gets its keyframe's refined answer, unmoved here (propagate off), the same merge
+    carried = {ln["frame"]: ln for ln in lines if ln["kind"] == "carried"}
+    assert sorted(carried) == [1, 3, 5]
+    for frame, ln in carried.items():
+        src = refined[frame - 1]
+        assert (ln["source_frame"], ln["offload_id"]) == (frame - 1, src["offload_id"])
+        assert ln["pts_s"] == edge[frame]["pts_s"]
+        assert ln["detections"] == src["detections"] and ln["cloud_detections"] == src["cloud_detections"]
+        assert ln["edge_detections"] == edge[frame - 1]["detections"]
     summary = lines[-1]
     assert (summary["frames"], summary["keyframes"], summary["offloaded_frames"], summary["offloaded_detections"],
-            summary["refined"], summary["queue_left"], summary["failed"]) == (6, 3, 3, 3, 3, 0, 0)
+            summary["refined"], summary["carried"], summary["queue_left"], summary["failed"]) == \
+        (6, 3, 3, 3, 3, 3, 0, 0)
     assert summary["bytes_sent"] == summary["bytes_queued"] == sum(ln["offload"]["bytes"] for ln in key)
     # the queue is empty; the delivered ids are on disk
     assert list((tmp_path / "queue").glob("*.json")) == []
@@ -459,7 +552,9 @@ def test_cloud_down_nothing_lost_next_run_delivers_each_offload_once(tmp_path, v
 
 def test_a_refused_offload_is_kept_in_failed_and_reported_once(tmp_path, video):
     lines, _ = _run(tmp_path, _frames_of(video), FakeCloud(reject=(2,)))
-    assert Counter(ln["kind"] for ln in lines) == {"edge": 6, "refined": 2, "failed": 1, "summary": 1}
+    # frame 3's keyframe (2) was refused: no carried line for it either
+    assert Counter(ln["kind"] for ln in lines) == {"edge": 6, "refined": 2, "carried": 2, "failed": 1, "summary": 1}
+    assert [ln["frame"] for ln in lines if ln["kind"] == "carried"] == [1, 5]
     failed = next(ln for ln in lines if ln["kind"] == "failed")
     assert failed["offload_id"] == "site-7.runA.000002" and "413" in failed["error"]
     kept = list((tmp_path / "queue" / "failed").glob("*.json"))
