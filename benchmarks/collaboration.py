@@ -460,6 +460,14 @@ SUMMARY = (("crops, merge cloud (paper)", "crops", "cloud"), ("crops, fuse+keep"
            ("frame, fuse+keep", "frame", "fuse+keep"))
 
 
+def keyframe_cost(key: dict, every: dict) -> tuple[float, float, float]:
+    """Fraction of the video's frames the keyframe selector drops, and what it costs in mAP50 points against
+    detecting every frame: edge alone, and crops fuse+keep."""
+    fused = "fuse+keep"
+    return (1 - key["keyframe_fraction"], 100 * (every["edge"]["map50"] - key["edge"]["map50"]),
+            100 * (every["merges"][fused]["map50"] - key["merges"][fused]["map50"]))
+
+
 def summary_markdown(res: dict, settings: dict) -> list[str]:
     """Per site and on average: edge, cloud and the collaborations' mAP50 and FNR, upload bytes, crop zooms."""
     per = res["sites"]
@@ -489,15 +497,18 @@ def summary_markdown(res: dict, settings: dict) -> list[str]:
               "frames: edge pipeline plus the cloud round trips it waited for; cloud alone: encode + round trip "
               "of every frame):", "",
               "| site | edge | cloud | " + " | ".join(n for n, _, _ in SUMMARY) + " | ms / frame: cloud alone | "
-              "crops collab. | frame collab. |", "|---|---|---|" + "---|" * (len(SUMMARY) + 3)]
+              "crops collab. | frame collab. | frames dropped | mAP50 cost of the keyframes (points): edge | "
+              "crops, fuse+keep |", "|---|---|---|" + "---|" * (len(SUMMARY) + 6)]
     video = {site: [r["video"]["crops-key"]["edge"]["map50"], r["video_cloud"]["map50"],
                     *(r["video"][f"{mode}-key"]["merges"][m]["map50"] for _, mode, m in SUMMARY),
                     r["video_cloud"]["ms"], *(r["video"][f"{mode}-key"].get("frame_ms", np.nan)
-                                              for mode in ("crops", "frame"))]
+                                              for mode in ("crops", "frame")),
+                    *keyframe_cost(r["video"]["crops-key"], r["video"]["crops-all"])]
              for site, r in per.items() if "merges" in r["video"]["crops-key"]}
     for site, vals in [*video.items(), *([("mean", np.mean(list(video.values()), axis=0))] if video else [])]:
-        lines.append(f"| {site} | " + " | ".join(f"{m:.3f}" for m in vals[:-3]) + " | "
-                     + " | ".join(f"{m:.1f}" for m in vals[-3:]) + " |")
+        lines.append(f"| {site} | " + " | ".join(f"{m:.3f}" for m in vals[:-6]) + " | "
+                     + " | ".join(f"{m:.1f}" for m in vals[-6:-3]) + f" | {100 * vals[-3]:.0f}% | "
+                     + " | ".join(f"{m:+.1f}" for m in vals[-2:]) + " |")
     lines += ["", "| claim (mAP50 at the operating points; images unless named) | sites where it holds | mean |",
               "|---|---|---|"]
     for i, (name, _, _) in enumerate(SUMMARY):
@@ -515,7 +526,11 @@ def summary_markdown(res: dict, settings: dict) -> list[str]:
                          f"{sum(c > b for c, b in zip(coll, best))}/{len(best)} | {np.mean(coll):.3f} vs best alone "
                          f"{np.mean(best):.3f} ({_rel(np.mean(coll), np.mean(best))}) |")
     if video:
-        cloud_ms, crops_ms = [v[-3] for v in video.values()], [v[-2] for v in video.values()]
+        cloud_ms, crops_ms = [v[-6] for v in video.values()], [v[-5] for v in video.values()]
+        cost = [v[-1] for v in video.values()]
+        lines.append(f"| keyframes (>= 50% of frames dropped) cost crops, fuse+keep <= 1 point of mAP50 | "
+                     f"{sum(c <= 1 and v[-3] >= 0.5 for c, v in zip(cost, video.values()))}/{len(cost)} | "
+                     f"{np.mean(cost):+.1f} points, {100 * np.mean([v[-3] for v in video.values()]):.0f}% dropped |")
         lines.append(f"| crops collaboration: ms per video frame < cloud alone's | "
                      f"{sum(c < b for c, b in zip(crops_ms, cloud_ms))}/{len(cloud_ms)} | {np.mean(crops_ms):.1f} vs "
                      f"{np.mean(cloud_ms):.1f} ({_rel(np.mean(crops_ms), np.mean(cloud_ms))}) |")
