@@ -460,12 +460,15 @@ SUMMARY = (("crops, merge cloud (paper)", "crops", "cloud"), ("crops, fuse+keep"
            ("frame, fuse+keep", "frame", "fuse+keep"))
 
 
-def keyframe_cost(key: dict, every: dict) -> tuple[float, float, float]:
-    """Fraction of the video's frames the keyframe selector drops, and what it costs in mAP50 points against
-    detecting every frame: edge alone, and crops fuse+keep."""
-    fused = "fuse+keep"
-    return (1 - key["keyframe_fraction"], 100 * (every["edge"]["map50"] - key["edge"]["map50"]),
-            100 * (every["merges"][fused]["map50"] - key["merges"][fused]["map50"]))
+def keyframe_cost(key: dict, every: dict) -> dict[str, float]:
+    """Fraction of the video's frames the keyframe selector drops (``key`` run vs ``every`` frame detected),
+    and what it costs in mAP50 points: edge alone, the runtime's own merge, and fuse+keep."""
+    def points(x: dict, y: dict) -> float:
+        return 100 * (y["map50"] - x["map50"])
+
+    return {"dropped": 1 - key["keyframe_fraction"], "edge": points(key["edge"], every["edge"]),
+            "collab": points(key["collab"], every["collab"]),
+            "fused": points(key["merges"]["fuse+keep"], every["merges"]["fuse+keep"])}
 
 
 def summary_markdown(res: dict, settings: dict) -> list[str]:
@@ -493,22 +496,29 @@ def summary_markdown(res: dict, settings: dict) -> list[str]:
                      + " | ".join(f"{f:.3f}" for f in fnrs) + " | " + " | ".join(f"{100 * x:.0f}%" for x in shares)
                      + " |")
     lines += ["", "Video (keyframes only, β = 1.5; a non-keyframe gets its keyframe's answer moved by optical "
-              "flow), mAP50: edge, cloud on every frame, and the collaborations; then ms per video frame (all "
-              "frames: edge pipeline plus the cloud round trips it waited for; cloud alone: encode + round trip "
-              "of every frame):", "",
+              "flow), mAP50: edge, cloud on every frame, and the collaborations; then ms per video frame (over all "
+              "frames: the edge pipeline plus the cloud round trips of its offloads; cloud alone: encode + round "
+              "trip of every frame):", "",
               "| site | edge | cloud | " + " | ".join(n for n, _, _ in SUMMARY) + " | ms / frame: cloud alone | "
               "crops collab. | frame collab. | frames dropped | mAP50 cost of the keyframes (points): edge | "
               "crops, fuse+keep |", "|---|---|---|" + "---|" * (len(SUMMARY) + 6)]
     video = {site: [r["video"]["crops-key"]["edge"]["map50"], r["video_cloud"]["map50"],
-                    *(r["video"][f"{mode}-key"]["merges"][m]["map50"] for _, mode, m in SUMMARY),
-                    r["video_cloud"]["ms"], *(r["video"][f"{mode}-key"].get("frame_ms", np.nan)
-                                              for mode in ("crops", "frame")),
-                    *keyframe_cost(r["video"]["crops-key"], r["video"]["crops-all"])]
+                    *(r["video"][f"{mode}-key"]["merges"][m]["map50"] for _, mode, m in SUMMARY)]
              for site, r in per.items() if "merges" in r["video"]["crops-key"]}
-    for site, vals in [*video.items(), *([("mean", np.mean(list(video.values()), axis=0))] if video else [])]:
-        lines.append(f"| {site} | " + " | ".join(f"{m:.3f}" for m in vals[:-6]) + " | "
-                     + " | ".join(f"{m:.1f}" for m in vals[-6:-3]) + f" | {100 * vals[-3]:.0f}% | "
-                     + " | ".join(f"{m:+.1f}" for m in vals[-2:]) + " |")
+    timing = {site: {"cloud_ms": per[site]["video_cloud"]["ms"],
+                     **{f"{mode}_ms": per[site]["video"][f"{mode}-key"].get("frame_ms", np.nan)
+                        for mode in ("crops", "frame")},
+                     **keyframe_cost(per[site]["video"]["crops-key"], per[site]["video"]["crops-all"])}
+              for site in video}
+    if video:
+        video["mean"] = list(np.mean(list(video.values()), axis=0))
+        timing["mean"] = {k: float(np.mean([t[k] for t in timing.values()])) for k in next(iter(timing.values()))}
+    for site, maps in video.items():
+        t = timing[site]
+        lines.append(f"| {site} | " + " | ".join(f"{m:.3f}" for m in maps) + f" | {t['cloud_ms']:.1f} | "
+                     f"{t['crops_ms']:.1f} | {t['frame_ms']:.1f} | {100 * t['dropped']:.0f}% | {t['edge']:+.1f} | "
+                     f"{t['fused']:+.1f} |")
+    sites = [site for site in video if site != "mean"]
     lines += ["", "| claim (mAP50 at the operating points; images unless named) | sites where it holds | mean |",
               "|---|---|---|"]
     for i, (name, _, _) in enumerate(SUMMARY):
@@ -521,19 +531,18 @@ def summary_markdown(res: dict, settings: dict) -> list[str]:
                   f"{sum(c <= 0.8044 * e for c, e in zip(fnr_c, fnr_e))}/{len(fnr_e)} | "
                   f"{np.mean(fnr_c):.3f} vs {np.mean(fnr_e):.3f} ({_rel(np.mean(fnr_c), np.mean(fnr_e))}) |"]
         if video:
-            best, coll = [max(v[0], v[1]) for v in video.values()], [v[2 + i] for v in video.values()]
+            best, coll = [max(video[s][0], video[s][1]) for s in sites], [video[s][2 + i] for s in sites]
             lines.append(f"| {name} > both edge and cloud alone (video) | "
                          f"{sum(c > b for c, b in zip(coll, best))}/{len(best)} | {np.mean(coll):.3f} vs best alone "
                          f"{np.mean(best):.3f} ({_rel(np.mean(coll), np.mean(best))}) |")
     if video:
-        cloud_ms, crops_ms = [v[-6] for v in video.values()], [v[-5] for v in video.values()]
-        cost = [v[-1] for v in video.values()]
+        t, mean = [timing[s] for s in sites], timing["mean"]
         lines.append(f"| keyframes (>= 50% of frames dropped) cost crops, fuse+keep <= 1 point of mAP50 | "
-                     f"{sum(c <= 1 and v[-3] >= 0.5 for c, v in zip(cost, video.values()))}/{len(cost)} | "
-                     f"{np.mean(cost):+.1f} points, {100 * np.mean([v[-3] for v in video.values()]):.0f}% dropped |")
+                     f"{sum(x['fused'] <= 1 and x['dropped'] >= 0.5 for x in t)}/{len(t)} | "
+                     f"{mean['fused']:+.1f} points, {100 * mean['dropped']:.0f}% dropped |")
         lines.append(f"| crops collaboration: ms per video frame < cloud alone's | "
-                     f"{sum(c < b for c, b in zip(crops_ms, cloud_ms))}/{len(cloud_ms)} | {np.mean(crops_ms):.1f} vs "
-                     f"{np.mean(cloud_ms):.1f} ({_rel(np.mean(crops_ms), np.mean(cloud_ms))}) |")
+                     f"{sum(x['crops_ms'] < x['cloud_ms'] for x in t)}/{len(t)} | {mean['crops_ms']:.1f} vs "
+                     f"{mean['cloud_ms']:.1f} ({_rel(mean['crops_ms'], mean['cloud_ms'])}) |")
     zooms = sorted({k for r in per.values() for k in r.get("zoom", {})}, key=float)
     if zooms:
         lines += ["", "Crops detected by the cloud at other zooms (`server.cloud --crop-zoom`; each crop resized "
@@ -643,17 +652,12 @@ def site_markdown(res: dict, settings: dict, site: str) -> list[str]:
                  "(cloud) | "
                  f"- / {vc['conf_p1']:.3f} (cloud) | 100% | {vc['bytes_per_frame']:.0f} | - | {vc['ms']:.1f} (cloud) | "
                  f"{vc['ms']:.1f} | {vc['ms']:.1f} |")
-    k, a = vid["crops-key"], vid["crops-all"]
-
-    def cost(x: dict, y: dict) -> str:
-        return f"{100 * (x['map50'] - y['map50']):+.1f}"
-
+    kc = keyframe_cost(vid["crops-key"], vid["crops-all"])
     lines += [
         "",
-        f"The keyframe selector drops {100 * (1 - k['keyframe_fraction']):.0f}% of the frames; mAP50 cost "
-        f"{cost(a['edge'], k['edge'])} points (edge), {cost(a['collab'], k['collab'])} (collaboration, merge cloud) "
-        f"and {cost(a['merges']['fuse+keep'], k['merges']['fuse+keep'])} (fuse+keep) against detecting every frame "
-        "(crops; goal: >= 50% dropped for <= 1 point).",
+        f"The keyframe selector drops {100 * kc['dropped']:.0f}% of the frames; mAP50 cost {kc['edge']:+.1f} points "
+        f"(edge), {kc['collab']:+.1f} (collaboration, merge cloud) and {kc['fused']:+.1f} (fuse+keep) against "
+        "detecting every frame (crops; goal: >= 50% dropped for <= 1 point).",
         "",
         "### Collaborative mAP50 vs t_conf (paper Figure 5; images, crop offload)",
         "",
