@@ -1149,7 +1149,9 @@ class EdgeSettings:
     beta: float = 1.5
     warmup: int = 3
     cut_threshold: float = 0.25
-    max_gap: int | None = None
+    # a keyframe at least every max_gap frames (None: off, the paper's rule alone): bounds how stale carried cloud
+    # answers get after a change the motion rule misses (collaboration.md: 10 = 1 s at 10 fps)
+    max_gap: int | None = 10
     track_iou: float = 0.3
     offload: str = "crops"  # or "frame" (common.config.RoutingConfig.offload)
     context: float = 0.5
@@ -1463,13 +1465,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--video", help="annotated video to write (mp4)")
     p.add_argument("--offload", choices=("crops", "frame"), default=EdgeSettings.offload,
                    help="send crops around the ambiguous boxes and the candidates, or the whole keyframe")
-    p.add_argument("--t-conf", type=float, default=0.5, help="T_conf: lower confidence is ambiguous")
-    p.add_argument("--t-size", type=float, default=256.0, help="T_size in px²: smaller boxes are ambiguous")
-    p.add_argument("--n-frames", type=int, default=5, help="N keyframes for the 'unstable' rule")
-    p.add_argument("--beta", type=float, default=1.5, help="keyframe threshold: beta * median difference")
-    p.add_argument("--warmup", type=int, default=3, help="differences before the motion rule applies")
-    p.add_argument("--cut-threshold", type=float, default=0.25, help="RMS difference that is a scene cut")
-    p.add_argument("--max-gap", type=int, default=None, help="force a keyframe after this many frames")
+    p.add_argument("--t-conf", type=float, default=EdgeSettings.t_conf, help="T_conf: lower confidence is ambiguous")
+    p.add_argument("--t-size", type=float, default=EdgeSettings.t_size, help="T_size in px²: smaller boxes are ambiguous")
+    p.add_argument("--n-frames", type=int, default=EdgeSettings.n_frames, help="N keyframes for the 'unstable' rule")
+    p.add_argument("--beta", type=float, default=EdgeSettings.beta, help="keyframe threshold: beta * median difference")
+    p.add_argument("--warmup", type=int, default=EdgeSettings.warmup, help="differences before the motion rule applies")
+    p.add_argument("--cut-threshold", type=float, default=EdgeSettings.cut_threshold, help="RMS difference that is a scene cut")
+    p.add_argument("--max-gap", type=int, default=EdgeSettings.max_gap,
+                   help="force a keyframe after this many frames since the last one (0: off, the paper's rule)")
     p.add_argument("--propagate", action=argparse.BooleanOptionalAction, default=True,
                    help="on non-keyframes, move the reused boxes by optical flow (default; --no-propagate repeats "
                         "the keyframe's boxes as they are)")
@@ -1483,13 +1486,13 @@ def _parser() -> argparse.ArgumentParser:
                         "only where the cloud confirms them (0: off)")
     p.add_argument("--iou", type=float, default=0.7, help="edge detector NMS IoU")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--context", type=float, default=0.5, help="crop margin, fraction of the box per side")
-    p.add_argument("--min-crop", type=int, default=32, help="minimum crop side in px")
-    p.add_argument("--jpeg-quality", type=int, default=90)
+    p.add_argument("--context", type=float, default=EdgeSettings.context, help="crop margin, fraction of the box per side")
+    p.add_argument("--min-crop", type=int, default=EdgeSettings.min_crop, help="minimum crop side in px")
+    p.add_argument("--jpeg-quality", type=int, default=EdgeSettings.jpeg_quality)
     p.add_argument("--separate-crops", dest="atlas", action="store_false",
                    help="send each crop as its own JPEG (default: all crops of a keyframe on one atlas image, "
                         "one JPEG header instead of one per crop)")
-    p.add_argument("--merge-iou", type=float, default=0.5)
+    p.add_argument("--merge-iou", type=float, default=EdgeSettings.merge_iou)
     p.add_argument("--keep-unanswered", action=argparse.BooleanOptionalAction, default=EdgeSettings.keep_unanswered,
                    help="keep offloaded edge detections that no cloud detection overlaps (--no-keep-unanswered: "
                         "the paper's merge, the cloud's answer alone)")
@@ -1497,9 +1500,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="edge and cloud boxes that overlap: the two fuse (default; confidence-weighted box, noisy-or "
                         "confidence) or the cloud's replaces the edge's (the paper's; common.routing.merge)")
     p.add_argument("--queue-dir", help="disk queue (default $CEDAR_HOME/edge/<site>/queue)")
-    p.add_argument("--drain-timeout", type=float, default=30.0, help="seconds to wait for the queue at the end")
-    p.add_argument("--retry-base", type=float, default=0.5, help="first retry delay (s), doubled per failure")
-    p.add_argument("--retry-max", type=float, default=30.0, help="longest retry delay (s)")
+    p.add_argument("--drain-timeout", type=float, default=EdgeSettings.drain_timeout, help="seconds to wait for the queue at the end")
+    p.add_argument("--retry-base", type=float, default=EdgeSettings.retry_base, help="first retry delay (s), doubled per failure")
+    p.add_argument("--retry-max", type=float, default=EdgeSettings.retry_max, help="longest retry delay (s)")
     p.add_argument("--timeout", type=float, default=10.0, help="HTTP timeout per request (s)")
     p.add_argument("--reload-every", type=float, default=2.0, help="seconds between weight-file checks (0: off)")
     p.add_argument("--run-id", help="id of this run in offload ids (default: UTC time + random)")
@@ -1521,15 +1524,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(str(err))
     if not 0 <= args.t_conf <= 1 or args.t_size < 0 or args.n_frames < 1 or args.beta <= 0 or args.imgsz < 32 \
             or not 0 <= args.conf <= 1 or not 0 < args.iou <= 1 or args.drain_timeout < 0 or args.retry_base <= 0 \
-            or args.retry_max < args.retry_base or args.timeout <= 0 \
+            or args.retry_max < args.retry_base or args.timeout <= 0 or args.max_gap < 0 \
             or (args.candidate_conf and not 0 < args.candidate_conf < args.conf):
         parser.error("need 0 <= --t-conf <= 1, --t-size >= 0, --n-frames >= 1, --beta > 0, --imgsz >= 32, "
                      "0 <= --conf <= 1, 0 < --iou <= 1, --drain-timeout >= 0, 0 < --retry-base <= --retry-max, "
-                     "--timeout > 0, --candidate-conf 0 (off) or in (0, --conf)")
+                     "--timeout > 0, --max-gap >= 0 (0: off), --candidate-conf 0 (off) or in (0, --conf)")
     try:
         settings = EdgeSettings(
             site=args.site, run_id=args.run_id, t_conf=args.t_conf, t_size=args.t_size, n_frames=args.n_frames,
-            beta=args.beta, warmup=args.warmup, cut_threshold=args.cut_threshold, max_gap=args.max_gap,
+            beta=args.beta, warmup=args.warmup, cut_threshold=args.cut_threshold, max_gap=args.max_gap or None,
             offload=args.offload, context=args.context, min_crop=args.min_crop, jpeg_quality=args.jpeg_quality,
             atlas=args.atlas, merge_iou=args.merge_iou, keep_unanswered=args.keep_unanswered, merge=args.merge,
             answer_conf=args.conf if args.candidate_conf else 0.0, drain_timeout=args.drain_timeout,

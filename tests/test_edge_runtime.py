@@ -716,6 +716,33 @@ def test_cli_refuses_bad_arguments_before_loading_anything(tmp_path, capsys, mon
         main(["--source", "0", "--token", "t", "--t-conf", "1.5", *common])
 
 
+def test_cli_defaults_are_edge_settings_and_max_gap_zero_is_off(tmp_path, capsys):
+    from dataclasses import fields
+
+    from clients.edge import _parser, main
+
+    required = ["--source", "0", "--weights", "w.pt", "--cloud", "http://127.0.0.1:9", "--out", "o.jsonl"]
+    args = vars(_parser().parse_args(required))
+    shared = {f.name for f in fields(EdgeSettings)} & set(args)
+    assert {"t_conf", "beta", "max_gap", "cut_threshold", "merge", "keep_unanswered", "propagate"} <= shared
+    assert {k: args[k] for k in shared} == {k: getattr(EdgeSettings, k) for k in shared}
+    with pytest.raises(SystemExit):
+        main([*required, "--token", "t", "--max-gap", "-1"])
+    assert "--max-gap >= 0 (0: off)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("max_gap, keys", [(EdgeSettings.max_gap, [0, 10, 20]), (None, [0])])
+def test_still_video_gets_a_gap_keyframe_every_max_gap_frames(tmp_path, max_gap, keys):
+    """The runtime's default max_gap (10, not in the paper) refreshes a still scene every 10 frames; with None
+    (the paper's rule alone) a still video has only its first keyframe (common.keyframes, "Still video")."""
+    assert EdgeSettings.max_gap == 10
+    still = [Frame(i, np.full((64, 64, 3), 90, np.uint8), i / 10, float(i)) for i in range(25)]
+    lines, _ = _run(tmp_path, still, FakeCloud(), max_gap=max_gap)
+    edge = [ln for ln in lines if ln["kind"] == "edge"]
+    assert [ln["frame"] for ln in edge if ln["keyframe"]] == keys
+    assert [ln["keyframe_reason"] for ln in edge if ln["keyframe"]] == ["first"] + ["gap"] * (len(keys) - 1)
+
+
 # =========================================================================== the real processes (integration)
 
 
