@@ -84,7 +84,8 @@ EDGE_ROLES = {"edge": "none", "pyrafan": "pyrafan", "cloud_kd": "cloud", "graph_
 FIG5_ROLES = ("edge", "pyrafan", "cloud_kd")
 BEST_MERGE = "crops fuse+keep"  # the edge runtime's default (benchmarks/results/collaboration.md)
 # what the collaboration job does beyond the settings key: changing it runs the collaboration jobs again
-COLLAB_DEFINITION = "runtime defaults: candidates, cloud crop zoom, crop atlas; refined answers carried by optical flow"
+COLLAB_DEFINITION = ("runtime defaults: candidates, cloud crop zoom, crop atlas; refined answers carried by optical "
+                     "flow; a keyframe at least every max_gap frames")
 NOISY = {"data.noisy-site": True}
 PYRAFAN = {"model.edge": "yolo11n-pyrafan"}
 # name -> (kd_federation variant, extra overrides, the federation whose round 1 it continues); one without a
@@ -220,7 +221,7 @@ def collab_job(cfg, seed: int, done: dict, work: Path) -> dict:
                 for role, fed in EDGE_ROLES.items():
                     weights = Path(done[f"fed:{fed}:{seed}"]["run_dir"]) / "nodes" / site_id / "model.pt"
                     for (source, gts, tag, gap), offload in product(
-                            ((images, image_gts, "images", 1), (video / "video.mp4", video_gts, "video", None)),
+                            ((images, image_gts, "images", 1), (video / "video.mp4", video_gts, "video", base.max_gap)),
                             ("crops", "frame") if role == "edge" else ("crops",)):
                         run = role if offload == "crops" else f"{role}-frame"
                         recs = run_edge(weights, source, replace(base, run_id=f"{run}-{tag}-s{seed}", max_gap=gap,

@@ -1149,9 +1149,10 @@ class EdgeSettings:
     beta: float = 1.5
     warmup: int = 3
     cut_threshold: float = 0.25
-    # a keyframe at least every max_gap frames (None: off, the paper's rule alone): bounds how stale carried cloud
-    # answers get after a change the motion rule misses (collaboration.md: 10 = 1 s at 10 fps)
-    max_gap: int | None = 10
+    # a keyframe at least every max_gap frames (None: off, the paper's rule alone): bounds how long carried answers
+    # go stale when the motion rule misses a change, e.g. small objects appearing (collaboration.md: 3 = 0.3 s at
+    # 10 fps; scale it with the camera's frame rate)
+    max_gap: int | None = 3
     track_iou: float = 0.3
     offload: str = "crops"  # or "frame" (common.config.RoutingConfig.offload)
     context: float = 0.5

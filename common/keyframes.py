@@ -56,7 +56,9 @@ Maximum gap (not in the paper)
     ``max_gap`` (default ``None`` = off, as in the paper) forces a keyframe when
     ``max_gap`` frames have passed since the last one, reason ``"gap"``. On a
     static camera whose difference series is flat, the paper's rule alone
-    would never look again; the edge runtime can set this as a safety net.
+    would never look again. The edge runtime (``clients.edge``) sets 3 by
+    default: on the built-in benchmark's videos the motion rule alone missed
+    small objects appearing in a calm scene for up to 45 frames.
 
 Still video
     A history of zeros gives a median of 0, and then any sensor flicker would

@@ -731,11 +731,11 @@ def test_cli_defaults_are_edge_settings_and_max_gap_zero_is_off(tmp_path, capsys
     assert "--max-gap >= 0 (0: off)" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("max_gap, keys", [(EdgeSettings.max_gap, [0, 10, 20]), (None, [0])])
+@pytest.mark.parametrize("max_gap, keys", [(EdgeSettings.max_gap, [0, 3, 6, 9, 12, 15, 18, 21, 24]), (None, [0])])
 def test_still_video_gets_a_gap_keyframe_every_max_gap_frames(tmp_path, max_gap, keys):
-    """The runtime's default max_gap (10, not in the paper) refreshes a still scene every 10 frames; with None
+    """The runtime's default max_gap (3, not in the paper) refreshes a still scene every 3 frames; with None
     (the paper's rule alone) a still video has only its first keyframe (common.keyframes, "Still video")."""
-    assert EdgeSettings.max_gap == 10
+    assert EdgeSettings.max_gap == 3
     still = [Frame(i, np.full((64, 64, 3), 90, np.uint8), i / 10, float(i)) for i in range(25)]
     lines, _ = _run(tmp_path, still, FakeCloud(), max_gap=max_gap)
     edge = [ln for ln in lines if ln["kind"] == "edge"]
