@@ -54,7 +54,7 @@ import numpy as np
 
 from benchmarks.pyrafan_accuracy import read_split, size_range_ap50, weights_path
 from benchmarks.harness import cpu_model_name, write_report
-from server.cloud import CROP_ZOOM
+from server.cloud import ANSWER_CONF, CROP_ZOOM
 
 log = logging.getLogger("benchmarks.collaboration")
 RESULTS = Path(__file__).resolve().parent / "results" / "collaboration"
@@ -723,7 +723,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=1, help="seed of the edge and cloud models")
     ap.add_argument("--edge-models", nargs="+", default=list(EDGE_MODELS),
                     help="the first one is the main table's edge model; the others are swept on the first site only")
-    ap.add_argument("--cloud-conf", type=float, default=0.25)
+    ap.add_argument("--cloud-conf", type=float, default=ANSWER_CONF, help="the cloud service's --conf")
     ap.add_argument("--crop-zoom", type=float, default=CROP_ZOOM, help="the cloud service's --crop-zoom")
     ap.add_argument("--zoom-sweep", type=float, nargs="*", default=[1.0, 1.5, 2.0],
                     help="crop zooms also measured (crop offload, images; a fresh service each)")

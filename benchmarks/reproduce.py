@@ -85,7 +85,7 @@ FIG5_ROLES = ("edge", "pyrafan", "cloud_kd")
 BEST_MERGE = "crops fuse+keep"  # the edge runtime's default (benchmarks/results/collaboration.md)
 # what the collaboration job does beyond the settings key: changing it runs the collaboration jobs again
 COLLAB_DEFINITION = ("runtime defaults: candidates, cloud crop zoom, crop atlas; refined answers carried by optical "
-                     "flow; a keyframe at least every max_gap frames")
+                     "flow; a keyframe at least every max_gap frames; the cloud answers from its own --conf")
 NOISY = {"data.noisy-site": True}
 PYRAFAN = {"model.edge": "yolo11n-pyrafan"}
 # name -> (kd_federation variant, extra overrides, the federation whose round 1 it continues); one without a
@@ -190,6 +190,7 @@ def collab_job(cfg, seed: int, done: dict, work: Path) -> dict:
     from benchmarks.pyrafan_accuracy import read_split
     from clients.edge import CloudClient, EdgeSettings
     from common.benchmark import CLASS_NAMES, benchmark_from_config
+    from server.cloud import ANSWER_CONF
 
     bench = benchmark_from_config(cfg.data)
     nc, small_px, r = len(CLASS_NAMES), cfg.eval.small_px, cfg.routing
@@ -197,7 +198,7 @@ def collab_job(cfg, seed: int, done: dict, work: Path) -> dict:
     kw = dict(imgsz=cfg.train.imgsz, conf=r.candidate_conf or r.det_conf, iou=cfg.eval.iou)
     out: dict = {"sites": {}, "sweep": {}}
     with tempfile.TemporaryDirectory(prefix="cedar-repro-", dir=work) as tmp, \
-            cloud_service(Path(done["cloud"]["weights"]), Path(tmp), imgsz=cfg.train.imgsz, conf=r.det_conf,
+            cloud_service(Path(done["cloud"]["weights"]), Path(tmp), imgsz=cfg.train.imgsz, conf=ANSWER_CONF,
                           iou=cfg.eval.iou) as (url, token):
         tmp = Path(tmp)
         for site in range(cfg.data.num_sites):

@@ -35,8 +35,8 @@ import numpy as np
 import pytest
 
 from common.routing import Detections, atlas_layout, to_frame_coords
-from server.cloud import (CloudService, HardSampleStore, Limits, RequestError, create_app, crops_to_frame,
-                          decode_image, detect_packed, image_header, nms, parse_crop_meta,
+from server.cloud import (ANSWER_CONF, LABEL_CONF, CloudService, HardSampleStore, Limits, RequestError,
+                          create_app, crops_to_frame, decode_image, detect_packed, image_header, nms, parse_crop_meta,
                           parse_max_pixels, parse_multipart, yolo_label_lines)
 from tests.deploy_helpers import free_port, stop_tree, tail
 
@@ -285,6 +285,28 @@ def test_crops_endpoint_maps_to_frame_and_stores_crop_labels(app_client):
     assert index[0]["id"].startswith("site-3-f7-")
 
 
+def test_store_labels_only_boxes_at_or_above_label_conf(tmp_path):
+    """The answer has every box the detector returned (from --conf on); the hard-sample store's labels only
+    those at >= label_conf (default server.cloud.LABEL_CONF 0.25), since cloud->edge KD trains on them."""
+    def detect(images):
+        return [Detections([[10, 10, 20, 20], [30, 30, 40, 40], [50, 50, 60, 60]], [0.9, 0.25, 0.2], [3, 1, 2])
+                for _ in images]
+
+    labels = {}
+    for label_conf in (LABEL_CONF, 0.0):
+        store = HardSampleStore(tmp_path / f"store-{label_conf}", NAMES)
+        service = CloudService(detect, arch="fake", names=NAMES, token=TOKEN, store=store, label_conf=label_conf)
+        client = _InProcess(create_app(service), {"Authorization": f"Bearer {TOKEN}", "X-Cedar-Site": "site-3"})
+        r = client.post("/detect", content=_png(100, 100), headers={"Content-Type": "image/png"})
+        service.executor.shutdown()
+        assert r.status_code == 200, r.text
+        assert [d["conf"] for d in r.json()["detections"]] == [0.9, 0.25, 0.2]
+        labels[label_conf] = (store.root / "labels" / f"{r.json()['sample']}.txt").read_text().splitlines()
+    assert LABEL_CONF == 0.25 and ANSWER_CONF < LABEL_CONF
+    assert [ln.split()[0] for ln in labels[LABEL_CONF]] == ["3", "1"]  # 0.2 < 0.25 is answered, not stored
+    assert [ln.split()[0] for ln in labels[0.0]] == ["3", "1", "2"]
+
+
 def test_atlas_crops_are_cut_detected_mapped_and_stored_as_png(tmp_path):
     """Two crops of a frame with a white square each, on one atlas at the cells atlas_layout gives:
     each square comes back in frame pixels, as it would from separate crops, and each crop is stored alone."""
@@ -366,7 +388,7 @@ def _start(tmp: Path, name: str, weights: Path, store: Path, *extra: str) -> tup
     log_path = tmp / f"{name}.log"
     args = [sys.executable, "-m", "server.cloud", "--weights", str(weights), "--host", "127.0.0.1",
             "--port", str(port), "--token-file", str(tmp / "token"), "--store", str(store), "--imgsz", "128",
-            "--conf", "0.001", *extra]
+            "--conf", "0.001", "--label-conf", "0", *extra]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     with log_path.open("wb") as log:
         proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env,
@@ -440,6 +462,7 @@ def test_health_names_the_model_and_classes(cloud):
     body = r.json()
     assert body["status"] == "ok" and body["model"] == "yolo11n" and body["classes"] == NAMES
     assert isinstance(body["served"], int) and body["crop_zoom"] == 2.0  # server.cloud.CROP_ZOOM
+    assert body["label_conf"] == 0.0  # the fixture's --label-conf
 
 
 def test_detect_png_and_jpeg_frames_and_store_them(cloud, frame_png):
