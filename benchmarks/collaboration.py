@@ -380,7 +380,8 @@ def measure(args, cfg, bench, workdir: Path, site: int) -> dict:
 
             def video_run(arch: str, offload: str, every_frame: bool) -> dict:
                 rid = f"vid-{arch}-{offload}-{'all' if every_frame else 'key'}"
-                settings = replace(base, run_id=rid, offload=offload, max_gap=1 if every_frame else args.max_gap or None)
+                gap = 1 if every_frame else args.max_gap or None
+                settings = replace(base, run_id=rid, offload=offload, max_gap=gap)
                 recs = run_edge(edges[arch], video_dir / "video.mp4", settings, client, workdir, **kw)
                 return {"edge": score(per_frame(recs, False), video_gts, nc, small_px),
                         "collab": score(per_frame(recs, True), video_gts, nc, small_px),
@@ -495,9 +496,9 @@ def summary_markdown(res: dict, settings: dict) -> list[str]:
         lines.append(f"| {site} | " + " | ".join(f"{m:.3f}" for m in maps) + " | "
                      + " | ".join(f"{f:.3f}" for f in fnrs) + " | " + " | ".join(f"{100 * x:.0f}%" for x in shares)
                      + " |")
-    lines += ["", f"Video (keyframes only, {keyframe_rule(settings)}; a non-keyframe gets its keyframe's answer moved by optical "
-              "flow), mAP50: edge, cloud on every frame, and the collaborations; then ms per video frame (over all "
-              "frames: the edge pipeline plus the cloud round trips of its offloads; cloud alone: encode + round "
+    lines += ["", f"Video (keyframes only, {keyframe_rule(settings)}; a non-keyframe gets its keyframe's answer "
+              "moved by optical flow), mAP50: edge, cloud on every frame, and the collaborations; then ms per video "
+              "frame (over all frames: the edge pipeline plus the cloud round trips of its offloads; cloud alone: encode + round "
               "trip of every frame):", "",
               "| site | edge | cloud | " + " | ".join(n for n, _, _ in SUMMARY) + " | ms / frame: cloud alone | "
               "crops collab. | frame collab. | frames dropped | mAP50 cost of the keyframes (points): edge | "
@@ -627,7 +628,8 @@ def site_markdown(res: dict, settings: dict, site: str) -> list[str]:
                          f"{e['fnr']:.3f} ({_rel(m['fnr'], e['fnr'])}) |")
     lines += [
         "",
-        f"### Video (keyframes: {keyframe_rule(settings)}; a non-keyframe gets its keyframe's answers moved by optical flow)",
+        f"### Video (keyframes: {keyframe_rule(settings)}; a non-keyframe gets its keyframe's answers moved by "
+        "optical flow)",
         "",
         "ms / frame: over all frames, the time to the frame's edge line (first answer), and that plus the cloud "
         "round trips of the frame's own offload (edge + cloud).",

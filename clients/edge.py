@@ -1467,11 +1467,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--offload", choices=("crops", "frame"), default=EdgeSettings.offload,
                    help="send crops around the ambiguous boxes and the candidates, or the whole keyframe")
     p.add_argument("--t-conf", type=float, default=EdgeSettings.t_conf, help="T_conf: lower confidence is ambiguous")
-    p.add_argument("--t-size", type=float, default=EdgeSettings.t_size, help="T_size in px²: smaller boxes are ambiguous")
+    p.add_argument("--t-size", type=float, default=EdgeSettings.t_size,
+                   help="T_size in px²: smaller boxes are ambiguous")
     p.add_argument("--n-frames", type=int, default=EdgeSettings.n_frames, help="N keyframes for the 'unstable' rule")
     p.add_argument("--beta", type=float, default=EdgeSettings.beta, help="keyframe threshold: beta * median difference")
     p.add_argument("--warmup", type=int, default=EdgeSettings.warmup, help="differences before the motion rule applies")
-    p.add_argument("--cut-threshold", type=float, default=EdgeSettings.cut_threshold, help="RMS difference that is a scene cut")
+    p.add_argument("--cut-threshold", type=float, default=EdgeSettings.cut_threshold,
+                   help="RMS difference that is a scene cut")
     p.add_argument("--max-gap", type=int, default=EdgeSettings.max_gap,
                    help="force a keyframe after this many frames since the last one (0: off, the paper's rule)")
     p.add_argument("--propagate", action=argparse.BooleanOptionalAction, default=True,
@@ -1487,7 +1489,8 @@ def _parser() -> argparse.ArgumentParser:
                         "only where the cloud confirms them (0: off)")
     p.add_argument("--iou", type=float, default=0.7, help="edge detector NMS IoU")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--context", type=float, default=EdgeSettings.context, help="crop margin, fraction of the box per side")
+    p.add_argument("--context", type=float, default=EdgeSettings.context,
+                   help="crop margin, fraction of the box per side")
     p.add_argument("--min-crop", type=int, default=EdgeSettings.min_crop, help="minimum crop side in px")
     p.add_argument("--jpeg-quality", type=int, default=EdgeSettings.jpeg_quality)
     p.add_argument("--separate-crops", dest="atlas", action="store_false",
@@ -1501,8 +1504,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="edge and cloud boxes that overlap: the two fuse (default; confidence-weighted box, noisy-or "
                         "confidence) or the cloud's replaces the edge's (the paper's; common.routing.merge)")
     p.add_argument("--queue-dir", help="disk queue (default $CEDAR_HOME/edge/<site>/queue)")
-    p.add_argument("--drain-timeout", type=float, default=EdgeSettings.drain_timeout, help="seconds to wait for the queue at the end")
-    p.add_argument("--retry-base", type=float, default=EdgeSettings.retry_base, help="first retry delay (s), doubled per failure")
+    p.add_argument("--drain-timeout", type=float, default=EdgeSettings.drain_timeout,
+                   help="seconds to wait for the queue at the end")
+    p.add_argument("--retry-base", type=float, default=EdgeSettings.retry_base,
+                   help="first retry delay (s), doubled per failure")
     p.add_argument("--retry-max", type=float, default=EdgeSettings.retry_max, help="longest retry delay (s)")
     p.add_argument("--timeout", type=float, default=10.0, help="HTTP timeout per request (s)")
     p.add_argument("--reload-every", type=float, default=2.0, help="seconds between weight-file checks (0: off)")

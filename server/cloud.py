@@ -848,9 +848,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as err:
         parser.error(str(err))
     if args.max_body_mb <= 0 or args.max_crops < 1 or args.imgsz < 32 or not 0 <= args.conf <= 1 \
-            or not 0 <= args.label_conf <= 1 or not 0 < args.iou <= 1 or args.read_timeout <= 0 or args.max_concurrency < 1 \
+            or not 0 <= args.label_conf <= 1 or not 0 < args.iou <= 1 or args.read_timeout <= 0 \
+            or args.max_concurrency < 1 \
             or not 0 < args.crop_zoom <= 8:
-        parser.error("need --max-body-mb > 0, --max-crops >= 1, --imgsz >= 32, 0 <= --conf <= 1, 0 <= --label-conf <= 1, "
+        parser.error("need --max-body-mb > 0, --max-crops >= 1, --imgsz >= 32, 0 <= --conf <= 1, "
+                     "0 <= --label-conf <= 1, "
                      "0 < --iou <= 1, --read-timeout > 0, --max-concurrency >= 1, 0 < --crop-zoom <= 8")
 
     from common.yolo import ModelError
@@ -865,7 +867,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     limits = Limits(max_body_bytes=int(args.max_body_mb * 1024 * 1024), max_pixels=max_pixels,
                     max_crops=args.max_crops, read_timeout_s=args.read_timeout)
     service = CloudService(detector, arch=detector.arch, names=detector.names, token=token, store=store,
-                           limits=limits, iou=args.iou, imgsz=args.imgsz, crop_zoom=args.crop_zoom, label_conf=args.label_conf)
+                           limits=limits, iou=args.iou, imgsz=args.imgsz, crop_zoom=args.crop_zoom,
+                           label_conf=args.label_conf)
     app = create_app(service)
 
     import uvicorn
