@@ -1460,7 +1460,7 @@ def _parser() -> argparse.ArgumentParser:
     auth.add_argument("--token", help=f"bearer token (visible in ps; prefer --token-file or ${TOKEN_ENV})")
     auth.add_argument("--token-file", help="file holding the bearer token")
     p.add_argument("--cafile", help="CA/certificate (PEM) to verify the cloud's TLS certificate")
-    p.add_argument("--site", default="site-0", help="this site's id (X-Cedar-Site)")
+    p.add_argument("--site", default=EdgeSettings.site, help="this site's id (X-Cedar-Site)")
     p.add_argument("--out", required=True, help="JSON-lines results")
     p.add_argument("--append", action="store_true", help="append to --out instead of replacing it")
     p.add_argument("--video", help="annotated video to write (mp4)")
@@ -1476,7 +1476,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="RMS difference that is a scene cut")
     p.add_argument("--max-gap", type=int, default=EdgeSettings.max_gap,
                    help="force a keyframe after this many frames since the last one (0: off, the paper's rule)")
-    p.add_argument("--propagate", action=argparse.BooleanOptionalAction, default=True,
+    p.add_argument("--propagate", action=argparse.BooleanOptionalAction, default=EdgeSettings.propagate,
                    help="on non-keyframes, move the reused boxes by optical flow (default; --no-propagate repeats "
                         "the keyframe's boxes as they are)")
     p.add_argument("--upscale", metavar="MODEL.npz",

@@ -716,7 +716,7 @@ def test_cli_refuses_bad_arguments_before_loading_anything(tmp_path, capsys, mon
         main(["--source", "0", "--token", "t", "--t-conf", "1.5", *common])
 
 
-def test_cli_defaults_are_edge_settings_and_max_gap_zero_is_off(tmp_path, capsys):
+def test_cli_defaults_are_edge_settings_and_a_negative_max_gap_is_refused(tmp_path, capsys):
     from dataclasses import fields
 
     from clients.edge import _parser, main
