@@ -50,7 +50,7 @@ def clip_frames(n: int = 16) -> list[np.ndarray]:
 
 
 class GridHead:
-    """A fixed detector: one 16x16 anchor per 4 px cell of the 128x128 input, class score = 3 x (how much the
+    """A fixed detector: one anchor per 4 px cell (16 px wide, 12, 16 or 20 px tall) of the 128x128 input, class score = 3 x (how much the
     window's mean of one colour channel exceeds the other two, less 0.1) (classes 0, 1, 2 = blue, green, red)."""
 
     imgsz = 128
@@ -68,7 +68,8 @@ class GridHead:
                 + integral[:, y0, x0]) / (k * k)  # (3, A) channel means R, G, B
         blue, green, red = mean[2] - mean[:2].max(0), mean[1] - mean[[0, 2]].max(0), mean[0] - mean[1:].max(0)
         scores = np.clip((np.stack([blue, green, red]) - 0.1) * 3, 0, 1)  # (nc, A)
-        boxes = np.stack([x0, y0, np.full_like(x0, k), np.full_like(y0, k)]).astype(np.float32)  # cx, cy, w, h
+        heights = 12 + 4 * (np.arange(len(x0)) % 3)  # 12, 16, 20 px: areas 192, 256, 320
+        boxes = np.stack([x0, y0, np.full_like(x0, k), heights]).astype(np.float32)  # cx, cy, w, h
         return postprocess(np.concatenate([boxes, scores]).astype(np.float32), lb, conf=0.05, iou=0.5)
 
 
