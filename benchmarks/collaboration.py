@@ -19,7 +19,7 @@ Data
 
 Metrics (all at the operating points: edge ``routing.det_conf``, cloud ``--conf``)
     mAP50: Ultralytics' 101-point AP over the detections each variant outputs,
-    class-aware, IoU 0.5 (``benchmarks.pyrafan_accuracy.size_range_ap50``);
+    class-aware, IoU 0.5 (:func:`common.detections.score`);
     recall and FNR = 1 - recall: ground truth matched class-aware at IoU 0.5;
     offload: fraction of keyframes with an upload and of edge detections routed
     to the cloud; bytes: JPEG payload per frame; latency per frame: edge =
@@ -52,8 +52,9 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.pyrafan_accuracy import read_split, size_range_ap50, weights_path
+from benchmarks.pyrafan_accuracy import read_split, weights_path
 from benchmarks.harness import cpu_model_name, write_report
+from common.detections import labels_to_pixels, read_yolo_labels, score
 from server.cloud import ANSWER_CONF, CROP_ZOOM
 
 log = logging.getLogger("benchmarks.collaboration")
@@ -235,44 +236,6 @@ def per_frame(records: list[dict], collaborative: bool) -> list:
     return [Detections.from_list(refined.get(r["frame"], r)["detections"]) for r in edge]
 
 
-def score(dets: list, gts: list[np.ndarray], nc: int, small_px: float) -> dict:
-    """mAP50 (all objects and small ones), recall and FNR at IoU 0.5, class-aware."""
-    from common.routing import matched_gt
-
-    preds = [{"xyxy": d.xyxy, "conf": d.conf, "cls": d.cls} for d in dets]
-    found = []
-    for d, gt in zip(dets, gts):
-        for c in np.unique(gt[:, 0]).astype(int):
-            mine, theirs = d.cls == c, gt[:, 0] == c
-            found.extend(matched_gt(d.xyxy[mine], d.conf[mine], gt[theirs, 1:]))
-    recall = float(np.mean(found)) if found else float("nan")
-    every = size_range_ap50(preds, gts, nc, small_px=None)
-    return {"map50": every["map50"], "map50_small": size_range_ap50(preds, gts, nc, small_px=small_px)["map50"],
-            "recall": recall, "fnr": 1.0 - recall, "n_gt": int(sum(len(g) for g in gts)),
-            **precision_one(every["conf"], every["tp"], every["n_gt"])}
-
-
-def precision_one(conf: list[float], tp: list[float], n_gt: int) -> dict:
-    """Paper Tables 3-4: the confidence from which on precision is 1.0, and the recall there.
-
-    Detections sorted by confidence; above the highest-scoring false positive every
-    detection is correct: ``conf_p1`` is that false positive's confidence (precision is
-    1.0 for thresholds above it; lower is better), ``recall_p1`` the recall above it.
-    No false positive at all: ``conf_p1`` = 0. The first detection false: ``conf_p1`` =
-    its confidence and ``recall_p1`` = 0.
-
-    Examples
-    --------
-    conf [0.9, 0.8, 0.6, 0.5], tp [1, 1, 0, 1], 4 objects -> conf_p1 0.6, recall_p1 0.5.
-    """
-    order = np.argsort(-np.asarray(conf, dtype=float), kind="stable")
-    flags = np.asarray(tp, dtype=float)[order]
-    false = np.where(flags == 0)[0]
-    k = int(false[0]) if len(false) else len(flags)
-    return {"conf_p1": float(np.asarray(conf, dtype=float)[order][k]) if len(false) else 0.0,
-            "recall_p1": float(flags[:k].sum() / n_gt) if n_gt else float("nan")}
-
-
 def offload_figures(records: list[dict]) -> dict:
     edge = [r for r in records if r["kind"] == "edge"]
     keys = [r for r in edge if r["keyframe"]]
@@ -311,14 +274,8 @@ def separate_crop_bytes(records: list[dict], source: Path, quality: int = 90) ->
 
 
 def video_labels(video_dir: Path, n: int, size: int) -> list[np.ndarray]:
-    out = []
-    for i in range(n):
-        txt = video_dir / "labels" / f"{i:06d}.txt"
-        rows = np.loadtxt(txt, ndmin=2) if txt.is_file() and txt.stat().st_size else np.zeros((0, 5))
-        xyxy = np.stack([rows[:, 1] - rows[:, 3] / 2, rows[:, 2] - rows[:, 4] / 2,
-                         rows[:, 1] + rows[:, 3] / 2, rows[:, 2] + rows[:, 4] / 2], 1) * size
-        out.append(np.column_stack([rows[:, 0], xyxy]))
-    return out
+    """Ground truth of the video's ``n`` frames (``labels/<frame:06d>.txt``, ``size`` px square) as pixel rows."""
+    return [labels_to_pixels(read_yolo_labels(video_dir / "labels" / f"{i:06d}.txt"), size, size) for i in range(n)]
 
 
 # --------------------------------------------------------------------------- the experiment

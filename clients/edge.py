@@ -167,8 +167,9 @@ from typing import Any, Callable, Iterable, Iterator, Protocol, Sequence
 
 import numpy as np
 
-from common.keyframes import IoUTracker, KeyframeSelector, box_iou
-from common.routing import (CANDIDATE_CONF, MERGE_POLICIES, Detections, encode_atlas, encode_regions, merge,
+from common.detections import Detections, nms
+from common.keyframes import IoUTracker, KeyframeSelector
+from common.routing import (CANDIDATE_CONF, MERGE_POLICIES, encode_atlas, encode_regions, merge,
                             offload_plan, payload_bytes, route)
 from common.files import atomic_write
 from common.tokens import TOKEN_ENV, resolve_token
@@ -178,7 +179,6 @@ log = logging.getLogger("clients.edge" if __name__ == "__main__" else __name__)
 ID_PATTERN = re.compile(r"[A-Za-z0-9_.-]{1,64}")  # what the cloud accepts in X-Cedar-Site / X-Cedar-Frame
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 QUEUE_FORMAT = 1
-MAX_WH = 7680.0  # class offset for batched per-class NMS (Ultralytics' value)
 
 
 class EdgeError(RuntimeError):
@@ -305,31 +305,12 @@ def letterbox(image: np.ndarray, imgsz: int | tuple[int, int], stride: int = 32,
     return x, Letterbox(unpad_w / w, unpad_h / h, left, top, (h, w))
 
 
-def nms(boxes: np.ndarray, scores: np.ndarray, iou: float) -> np.ndarray:
-    """Greedy NMS (as ``torchvision.ops.nms``): indices kept, by descending score.
-
-    A box is dropped when its IoU with a kept, higher-scoring box is ``> iou``.
-    Example: ``[0,0,10,10]`` (0.9), ``[1,0,11,10]`` (0.8, IoU 90/110 ≈ 0.82),
-    ``[20,20,30,30]`` (0.7) at ``iou=0.7`` -> ``[0, 2]``.
-    """
-    order = np.argsort(-scores, kind="stable")
-    keep = []
-    while order.size:
-        i = order[0]
-        keep.append(int(i))
-        rest = order[1:]
-        if not rest.size:
-            break
-        order = rest[box_iou(boxes[i:i + 1], boxes[rest])[0] <= iou]
-    return np.array(keep, dtype=np.int64)
-
-
 def postprocess(raw: np.ndarray, lb: Letterbox, conf: float = 0.25, iou: float = 0.7,
                 max_det: int = 300, max_nms: int = 30000) -> Detections:
     """Raw YOLO head output ``(4 + nc, A)`` (``cx, cy, w, h`` in input pixels, class scores) -> frame detections.
 
     Best class per anchor, kept when its score is ``> conf``; per-class NMS at
-    ``iou``; at most ``max_det``; boxes mapped back through the letterbox
+    ``iou`` (:func:`common.detections.nms`); at most ``max_det``; boxes mapped back through the letterbox
     (``x_frame = (x_in - left) / gain_x``) and clipped to the frame, as
     Ultralytics' ``non_max_suppression`` + ``scale_boxes`` do.
     """
@@ -342,7 +323,7 @@ def postprocess(raw: np.ndarray, lb: Letterbox, conf: float = 0.25, iou: float =
         top = np.argsort(-score, kind="stable")[:max_nms]
         xywh, score, cls = xywh[top], score[top], cls[top]
     xyxy = np.concatenate([xywh[:, :2] - xywh[:, 2:] / 2, xywh[:, :2] + xywh[:, 2:] / 2], axis=1)
-    kept = nms(xyxy + cls[:, None] * MAX_WH, score, iou)[:max_det] if len(score) else np.zeros(0, np.int64)
+    kept = nms(xyxy, score, iou, classes=cls)[:max_det]
     xyxy, score, cls = xyxy[kept], score[kept], cls[kept]
     h, w = lb.shape
     xyxy = (xyxy - [lb.left, lb.top, lb.left, lb.top]) / [lb.gain_x, lb.gain_y, lb.gain_x, lb.gain_y]

@@ -170,8 +170,9 @@ class LocalSite:
 
         from clients.edge import CloudRejected, CloudUnavailable, OffloadEntry
         from common import yolo
-        from common.routing import Detections, ambiguity_reasons, matched_gt, merge
-        from common.sites import label_path, split_dir
+        from common.detections import Detections, image_labels, matched_gt
+        from common.routing import ambiguity_reasons, merge
+        from common.sites import split_dir
 
         r, t = self.cfg.routing, self.cfg.train
         predictor = yolo.Predictor(model, imgsz=t.imgsz, conf=r.candidate_conf or r.det_conf,
@@ -193,10 +194,7 @@ class LocalSite:
                            dtype=bool)
             detections, ambiguous = detections + len(amb), ambiguous + int(amb.sum())
             h, w = image.shape[:2]
-            labels = label_path(path)
-            rows = np.loadtxt(labels, ndmin=2) if labels.is_file() and labels.stat().st_size else np.zeros((0, 5))
-            gt = np.stack([(rows[:, 1] - rows[:, 3] / 2) * w, (rows[:, 2] - rows[:, 4] / 2) * h,
-                           (rows[:, 1] + rows[:, 3] / 2) * w, (rows[:, 2] + rows[:, 4] / 2) * h], 1)
+            gt = image_labels(path, w, h)[:, 1:]
             found_all.extend(matched_gt(edge.xyxy, edge.conf, gt))
             found_confident.extend(matched_gt(edge.xyxy[~amb], edge.conf[~amb], gt))
             if client is None:

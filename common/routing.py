@@ -57,8 +57,7 @@ Crop atlas
     16-px grid no JPEG block (8 px luma, 16 px for 4:2:0 chroma) holds pixels
     of two crops, so each crop decodes as it would have alone.
 
-:class:`Detections` is the light, JSON-friendly detection type shared by the
-edge runtime and the cloud service. No flwr, ultralytics, wandb or torch here;
+Detections come from :mod:`common.detections`. No flwr, ultralytics, wandb or torch here;
 OpenCV is imported lazily, only to JPEG-encode crops and atlases.
 """
 
@@ -66,18 +65,17 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from common.keyframes import box_iou
+from common.detections import Detections, as_boxes, box_area, box_iou
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "REASONS",
-    "Detections",
     "is_unstable",
     "ambiguity_reasons",
     "ambiguous_mask",
@@ -108,139 +106,6 @@ REASON_SMALL = "small"
 REASON_UNSTABLE = "unstable"
 #: Reason names, in the order they are reported.
 REASONS = (REASON_LOW_CONF, REASON_SMALL, REASON_UNSTABLE)
-
-
-# --------------------------------------------------------------------------- #
-# Detections
-# --------------------------------------------------------------------------- #
-def _as_boxes(boxes: Any, name: str = "boxes") -> np.ndarray:
-    arr = np.asarray(boxes, dtype=np.float64)
-    if arr.size == 0:
-        return arr.reshape(0, 4)
-    if arr.ndim != 2 or arr.shape[1] != 4:
-        raise ValueError(f"{name} must have shape (N, 4) xyxy, got {arr.shape}")
-    return arr
-
-
-def _area(xyxy: np.ndarray) -> np.ndarray:
-    w = np.clip(xyxy[:, 2] - xyxy[:, 0], 0, None)
-    h = np.clip(xyxy[:, 3] - xyxy[:, 1], 0, None)
-    return w * h  # (N,)
-
-
-@dataclass(eq=False)
-class Detections:
-    """Detections of one image as parallel numpy arrays.
-
-    Attributes
-    ----------
-    xyxy : np.ndarray
-        ``(N, 4)`` float64 boxes ``x1, y1, x2, y2`` in pixels.
-    conf : np.ndarray
-        ``(N,)`` float64 confidences in [0, 1].
-    cls : np.ndarray
-        ``(N,)`` int64 class ids.
-
-    Examples
-    --------
-    >>> d = Detections([[0, 0, 10, 20]], [0.9], [3])
-    >>> len(d), d.area.tolist(), d.to_list()
-    (1, [200.0], [{'xyxy': [0.0, 0.0, 10.0, 20.0], 'conf': 0.9, 'cls': 3}])
-    """
-
-    xyxy: Any = field(default_factory=lambda: np.zeros((0, 4)))
-    conf: Any = field(default_factory=lambda: np.zeros(0))
-    cls: Any = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
-
-    def __post_init__(self) -> None:
-        xyxy = np.asarray(self.xyxy, dtype=np.float64)
-        if xyxy.size == 0:
-            xyxy = xyxy.reshape(0, 4)
-        if xyxy.ndim != 2 or xyxy.shape[1] != 4:
-            raise ValueError(f"xyxy must have shape (N, 4), got {xyxy.shape}")
-        conf = np.asarray(self.conf, dtype=np.float64).reshape(-1)
-        cls_f = np.asarray(self.cls).reshape(-1)
-        if conf.shape[0] != xyxy.shape[0] or cls_f.shape[0] != xyxy.shape[0]:
-            raise ValueError(
-                f"xyxy, conf and cls must have the same length, got "
-                f"{xyxy.shape[0]}, {conf.shape[0]}, {cls_f.shape[0]}"
-            )
-        if cls_f.size and not np.all(np.asarray(cls_f, dtype=np.float64) % 1 == 0):
-            raise ValueError(f"cls must be integers, got {cls_f.tolist()}")
-        self.xyxy = xyxy
-        self.conf = conf
-        self.cls = cls_f.astype(np.int64)
-
-    @classmethod
-    def empty(cls) -> "Detections":
-        return cls()
-
-    def __len__(self) -> int:
-        return int(self.xyxy.shape[0])
-
-    def __getitem__(self, index: Any) -> "Detections":
-        """Index, slice, integer array or boolean mask → a new Detections."""
-        if isinstance(index, (int, np.integer)):
-            index = [int(index)]
-        return Detections(self.xyxy[index], self.conf[index], self.cls[index])
-
-    def select(self, mask: Any) -> "Detections":
-        """Detections where ``mask`` (``(N,)`` bool) is True."""
-        mask = np.asarray(mask, dtype=bool).reshape(-1)
-        if mask.shape[0] != len(self):
-            raise ValueError(f"mask has {mask.shape[0]} entries for {len(self)} detections")
-        return self[mask]
-
-    @classmethod
-    def concat(cls, parts: Iterable["Detections"]) -> "Detections":
-        parts = list(parts)
-        if not parts:
-            return cls()
-        return cls(
-            np.concatenate([p.xyxy for p in parts]),
-            np.concatenate([p.conf for p in parts]),
-            np.concatenate([p.cls for p in parts]),
-        )
-
-    @property
-    def area(self) -> np.ndarray:
-        """``(N,)`` box areas ``(x2 - x1)·(y2 - y1)`` in px² (0 for inverted boxes)."""
-        return _area(self.xyxy)
-
-    def to_list(self) -> list[dict[str, Any]]:
-        """JSON-friendly ``[{"xyxy": [x1, y1, x2, y2], "conf": c, "cls": k}, ...]``."""
-        return [
-            {"xyxy": [float(v) for v in box], "conf": float(c), "cls": int(k)}
-            for box, c, k in zip(self.xyxy, self.conf, self.cls)
-        ]
-
-    @classmethod
-    def from_list(cls, items: Sequence[Mapping[str, Any]]) -> "Detections":
-        """Inverse of :meth:`to_list`; a bad item raises ValueError naming its index."""
-        if isinstance(items, (str, bytes)) or not isinstance(items, Sequence):
-            raise ValueError(f"detections must be a list of objects, got {type(items).__name__}")
-        boxes, confs, classes = [], [], []
-        for i, item in enumerate(items):
-            if not isinstance(item, Mapping):
-                raise ValueError(f"detection {i} must be an object, got {type(item).__name__}")
-            for key in ("xyxy", "conf", "cls"):
-                if key not in item:
-                    raise ValueError(f"detection {i} lacks key {key!r}")
-            try:
-                box = [float(v) for v in item["xyxy"]]
-                conf = float(item["conf"])
-                k = item["cls"]
-                if isinstance(k, bool) or float(k) != int(k):
-                    raise TypeError
-                k = int(k)
-            except (TypeError, ValueError):
-                raise ValueError(f"detection {i} has a non-numeric value: {dict(item)!r}") from None
-            if len(box) != 4 or not np.all(np.isfinite(box)) or not np.isfinite(conf):
-                raise ValueError(f"detection {i} has a bad box or confidence: {dict(item)!r}")
-            boxes.append(box)
-            confs.append(conf)
-            classes.append(k)
-        return cls(np.array(boxes).reshape(-1, 4), confs, classes)
 
 
 # --------------------------------------------------------------------------- #
@@ -325,7 +190,7 @@ def ambiguity_reasons(
     if not t_size >= 0:
         raise ValueError(f"t_size must be >= 0 px², got {t_size!r}")
     n_frames = _check_n_frames(n_frames)
-    xyxy = _as_boxes(boxes)
+    xyxy = as_boxes(boxes)
     conf = np.asarray(scores, dtype=np.float64).reshape(-1)
     n = xyxy.shape[0]
     if conf.shape[0] != n:
@@ -333,7 +198,7 @@ def ambiguity_reasons(
     if track_histories is not None and len(track_histories) != n:
         raise ValueError(f"track_histories has {len(track_histories)} entries for {n} detections")
     low = conf < t_conf
-    small = _area(xyxy) < t_size
+    small = box_area(xyxy) < t_size
     out: list[tuple[str, ...]] = []
     for i in range(n):
         reasons = []
@@ -597,7 +462,7 @@ def crop_regions(
     if int(min_size) != min_size or min_size < 1:
         raise ValueError(f"min_size must be an integer >= 1 px, got {min_size!r}")
     h_img, w_img = _image_hw(image_shape)
-    b = _as_boxes(boxes)
+    b = as_boxes(boxes)
     if b.shape[0] == 0:
         return np.zeros((0, 4), dtype=np.int64)
     bw = np.clip(b[:, 2] - b[:, 0], 0, None)
@@ -692,7 +557,7 @@ def offload_plan(
     if mode not in ("crops", "frame"):
         raise ValueError(f"mode must be 'crops' or 'frame', got {mode!r}")
     h_img, w_img = _image_hw(image_shape)
-    xyxy = _as_boxes(boxes)
+    xyxy = as_boxes(boxes)
     mask = np.asarray(offload_mask, dtype=bool).reshape(-1)
     if mask.shape[0] != xyxy.shape[0]:
         raise ValueError(f"offload_mask has {mask.shape[0]} entries for {xyxy.shape[0]} boxes")
@@ -929,29 +794,3 @@ def reason_counts(reasons: Iterable[tuple[str, ...]]) -> dict[str, int]:
     if unknown:
         raise ValueError(f"unknown ambiguity reasons: {sorted(unknown)}")
     return {r: counts.get(r, 0) for r in REASONS}
-
-
-def matched_gt(pred_xyxy: Any, pred_conf: Any, gt_xyxy: Any, iou: float = 0.5) -> np.ndarray:
-    """Which ground-truth boxes a set of detections finds (greedy, highest confidence first).
-
-    Detection i (in descending confidence) takes the unmatched ground-truth box j with the
-    highest IoU, if that IoU is >= ``iou``; class labels are ignored (recall of objects).
-    Recall = ``matched.mean()``, false-negative rate = 1 - recall.
-
-    Examples
-    --------
-    GT ``[0,0,10,10]`` and ``[20,20,30,30]``; detections ``[0,0,10,9]`` (IoU 0.9) and
-    ``[50,50,60,60]`` (IoU 0) -> ``[True, False]``: recall 0.5, FNR 0.5.
-    """
-    gt = np.asarray(gt_xyxy, dtype=float).reshape(-1, 4)
-    pred = np.asarray(pred_xyxy, dtype=float).reshape(-1, 4)
-    matched = np.zeros(len(gt), dtype=bool)
-    if not len(gt) or not len(pred):
-        return matched
-    ious = box_iou(pred, gt)  # (P, G)
-    for i in np.argsort(-np.asarray(pred_conf, dtype=float), kind="stable"):
-        candidates = np.where(matched, -1.0, ious[i])
-        j = int(np.argmax(candidates))
-        if candidates[j] >= iou:
-            matched[j] = True
-    return matched

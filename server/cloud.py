@@ -123,8 +123,8 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from common.files import atomic_write
-from common.keyframes import box_iou
-from common.routing import Detections, shelf_pack, to_frame_coords
+from common.detections import Detections, nms
+from common.routing import shelf_pack, to_frame_coords
 from common.tokens import TOKEN_ENV, resolve_token
 
 log = logging.getLogger("server.cloud" if __name__ == "__main__" else __name__)
@@ -405,28 +405,6 @@ def cut_atlas(atlas: np.ndarray, metas: Sequence[dict]) -> list[np.ndarray]:
 # --------------------------------------------------------------------------- detections
 
 
-def nms(dets: Detections, iou: float) -> Detections:
-    """Greedy per-class non-maximum suppression: keep the most confident of boxes overlapping by ``>= iou``.
-
-    Used to merge crops of one frame (overlapping crops may see an object twice).
-    Example: ``[0,0,10,10]`` (0.9) and ``[1,0,11,10]`` (0.8), same class: IoU =
-    90/110 ≈ 0.82 >= 0.7 -> only the first is kept; of another class, both are.
-    """
-    if len(dets) < 2:
-        return dets
-    order = np.argsort(-dets.conf, kind="stable")
-    overlap = box_iou(dets.xyxy, dets.xyxy) >= iou  # (N, N)
-    same = dets.cls[:, None] == dets.cls[None, :]
-    suppressed = np.zeros(len(dets), dtype=bool)
-    keep = []
-    for i in order:
-        if suppressed[i]:
-            continue
-        keep.append(i)
-        suppressed |= overlap[i] & same[i]
-    return dets[np.sort(np.array(keep))]
-
-
 def crops_to_frame(per_crop: Sequence[Detections], metas: Sequence[dict]) -> list[Detections]:
     """Each crop's detections (crop pixels) in frame pixels, via :func:`common.routing.to_frame_coords`.
 
@@ -701,7 +679,8 @@ class CloudService:
                                  dets=dets, origin=(meta["x0"], meta["y0"]), scale=meta["scale"])
             out.append({**meta, "width": int(image.shape[1]), "height": int(image.shape[0]), "sample": sample,
                         "detections": framed.to_list()})
-        merged = nms(Detections.concat(in_frame), self.iou)
+        merged = Detections.concat(in_frame)
+        merged = merged[np.sort(nms(merged.xyxy, merged.conf, self.iou, classes=merged.cls))]
         self.served += 1
         seconds = time.perf_counter() - t0
         log.info("detect/crops: site=%s frame=%s %d crops -> %d detections in %.3fs", site, frame, len(samples),

@@ -36,7 +36,7 @@ import pytest
 
 from common.routing import Detections, atlas_layout, to_frame_coords
 from server.cloud import (ANSWER_CONF, LABEL_CONF, CloudService, HardSampleStore, Limits, RequestError,
-                          create_app, crops_to_frame, decode_image, detect_packed, image_header, nms, parse_crop_meta,
+                          create_app, crops_to_frame, decode_image, detect_packed, image_header, parse_crop_meta,
                           parse_max_pixels, parse_multipart, yolo_label_lines)
 from tests.deploy_helpers import free_port, stop_tree, tail
 
@@ -157,16 +157,6 @@ def test_detect_packed_zoom_enlarges_crops_and_maps_boxes_back_to_crop_pixels():
     assert detect_packed(_white_boxes, [crops[0][0]], 128, zoom=1.0)[0].xyxy.tolist() == [[3, 2, 8, 7]]
     with pytest.raises(ValueError, match="zoom must be > 0, got 0"):
         detect_packed(_white_boxes, [crops[0][0]], 128, zoom=0)
-
-
-def test_nms_merges_same_class_overlaps_only():
-    # [0,0,10,10] vs [1,0,11,10]: IoU = 90/110 ≈ 0.82 >= 0.7
-    dets = Detections([[0, 0, 10, 10], [1, 0, 11, 10], [1, 0, 11, 10], [50, 50, 60, 60]], [0.8, 0.9, 0.5, 0.3],
-                      [0, 0, 1, 0])
-    kept = nms(dets, 0.7)
-    assert kept.xyxy.tolist() == [[1, 0, 11, 10], [1, 0, 11, 10], [50, 50, 60, 60]]
-    assert kept.conf.tolist() == [0.9, 0.5, 0.3]
-    assert len(nms(Detections(), 0.7)) == 0
 
 
 def test_yolo_label_lines_normalise_to_the_stored_image_and_clip():

@@ -577,21 +577,6 @@ def test_module_does_not_import_heavy_dependencies(module):
     assert out.stdout.strip() == ""
 
 
-def test_matched_gt_hand_checked():
-    """Recall/FNR of the edge model (paper section 5.2, Tables 3-4): greedy IoU >= 0.5 matching."""
-    from common.routing import matched_gt
-
-    gt = [[0, 0, 10, 10], [20, 20, 30, 30]]
-    # [0,0,10,9] vs GT0: IoU 90/100 = 0.9; [50,50,60,60] overlaps nothing
-    assert matched_gt([[0, 0, 10, 9], [50, 50, 60, 60]], [0.9, 0.8], gt).tolist() == [True, False]
-    # two detections on GT0: the confident one takes it, the other cannot take GT1 (IoU 0)
-    assert matched_gt([[0, 0, 10, 10], [1, 1, 10, 10]], [0.3, 0.9], gt).tolist() == [True, False]
-    # IoU exactly 0.5 counts: [0,0,10,5] vs GT0 = 50/100
-    assert matched_gt([[0, 0, 10, 5]], [0.5], gt).tolist() == [True, False]
-    assert matched_gt([], [], gt).tolist() == [False, False]
-    assert matched_gt([[0, 0, 1, 1]], [0.5], []).tolist() == []
-
-
 def test_merge_keep_unanswered_per_detection():
     """keep_unanswered as a mask: edge A [0,0,10,10] 0.9 kept (not offloaded); B [20,20,30,30] 0.4 offloaded and
     answered by B' [21,20,31,30] 0.6 (IoU 90/110) -> fused, noisy-or 1 - 0.6 * 0.4 = 0.76; C [50,50,60,60] 0.1
