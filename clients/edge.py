@@ -153,7 +153,6 @@ import json
 import logging
 import os
 import random
-import re
 import secrets
 import signal
 import ssl
@@ -167,6 +166,8 @@ from typing import Any, Callable, Iterable, Iterator, Protocol, Sequence
 
 import numpy as np
 
+from common.cloud_api import (CROPS_PATH, DETECT_PATH, FRAME_HEADER, ID_PATTERN, ID_RULE, RUN_PATTERN, SITE_HEADER,
+                              encode_crop_meta, frame_tag, offload_id)
 from common.detections import Detections, nms
 from common.keyframes import IoUTracker, KeyframeSelector
 from common.routing import (CANDIDATE_CONF, MERGE_POLICIES, encode_atlas, encode_regions, merge,
@@ -176,7 +177,6 @@ from common.tokens import TOKEN_ENV, resolve_token
 
 log = logging.getLogger("clients.edge" if __name__ == "__main__" else __name__)
 
-ID_PATTERN = re.compile(r"[A-Za-z0-9_.-]{1,64}")  # what the cloud accepts in X-Cedar-Site / X-Cedar-Frame
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 QUEUE_FORMAT = 1
 
@@ -576,7 +576,7 @@ class OffloadEntry:
     @property
     def tag(self) -> str:
         """``X-Cedar-Frame``: ``<run>.<frame:06d>``."""
-        return f"{self.run}.{self.frame:06d}"
+        return frame_tag(self.run, self.frame)
 
     @property
     def payload_bytes(self) -> int:
@@ -598,7 +598,7 @@ class OffloadEntry:
             payloads, corners = [payload], placed.tolist()
         else:
             payloads = encode_regions(image, plan.regions, quality=quality)
-        return cls(id=f"{site}.{run}.{frame:06d}", site=site, run=run, frame=frame, mode=mode, created=created,
+        return cls(id=offload_id(site, run, frame), site=site, run=run, frame=frame, mode=mode, created=created,
                    model=model, pts_s=pts_s, image_shape=list(image.shape[:2]), regions=plan.regions.tolist(),
                    edge=edge, offloaded=np.asarray(offloaded, dtype=bool).tolist(), payloads=payloads,
                    atlas=corners)
@@ -634,26 +634,24 @@ class CloudClient:
         verify: Any = ssl.create_default_context(cafile=cafile) if cafile else True
         self.url = url.rstrip("/")
         self.client = httpx.Client(base_url=self.url, verify=verify, timeout=timeout,
-                                   headers={"Authorization": f"Bearer {token}", "X-Cedar-Site": site})
+                                   headers={"Authorization": f"Bearer {token}", SITE_HEADER: site})
 
     def send(self, entry: OffloadEntry) -> CloudAnswer:
         httpx = self._httpx
-        headers = {"X-Cedar-Frame": entry.tag}
+        headers = {FRAME_HEADER: entry.tag}
         t0 = time.perf_counter()
         try:
             if entry.mode == "frame":
-                r = self.client.post("/detect", content=entry.payloads[0],
+                r = self.client.post(DETECT_PATH, content=entry.payloads[0],
                                      headers={**headers, "Content-Type": "image/jpeg"})
             else:
-                crops = [{"x0": int(r[0]), "y0": int(r[1])} for r in entry.regions]
                 if entry.atlas is not None:
-                    crops = [{**c, "ax": int(ax), "ay": int(ay), "width": int(r[2] - r[0]), "height": int(r[3] - r[1])}
-                             for c, (ax, ay), r in zip(crops, entry.atlas, entry.regions)]
                     parts = [("atlas", ("atlas.jpg", entry.payloads[0], "image/jpeg"))]
                 else:
                     parts = [("crop", (f"{i}.jpg", data, "image/jpeg")) for i, data in enumerate(entry.payloads)]
-                files = [("meta", (None, json.dumps({"crops": crops}).encode(), "application/json")), *parts]
-                r = self.client.post("/detect/crops", files=files, headers=headers)
+                meta = encode_crop_meta(entry.regions, entry.atlas)
+                files = [("meta", (None, meta, "application/json")), *parts]
+                r = self.client.post(CROPS_PATH, files=files, headers=headers)
         except httpx.TransportError as err:  # refused, reset, DNS, TLS, timeouts
             raise CloudUnavailable(f"{type(err).__name__}: {err}") from None
         rtt_ms = (time.perf_counter() - t0) * 1000
@@ -1154,10 +1152,10 @@ class EdgeSettings:
 
     def __post_init__(self) -> None:
         if not ID_PATTERN.fullmatch(self.site):
-            raise EdgeError(f"--site {self.site!r} must match [A-Za-z0-9_.-]{{1,64}}")
+            raise EdgeError(f"--site {self.site!r} must match {ID_RULE}")
         if self.run_id is None:
             self.run_id = time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + "-" + secrets.token_hex(2)
-        if not re.fullmatch(r"[A-Za-z0-9_-]{1,40}", self.run_id):
+        if not RUN_PATTERN.fullmatch(self.run_id):
             raise EdgeError(f"--run-id {self.run_id!r} must match [A-Za-z0-9_-]{{1,40}} (no dots)")
         if self.offload not in ("crops", "frame"):
             raise EdgeError(f"--offload must be 'crops' or 'frame', got {self.offload!r}")

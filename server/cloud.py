@@ -123,13 +123,14 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from common.files import atomic_write
+from common.cloud_api import (ATLAS_FIELDS, CROPS_PATH, DETECT_PATH, FRAME_HEADER, SITE_HEADER, RequestError,
+                              check_ids, parse_crop_meta, show)
 from common.detections import Detections, nms
 from common.routing import shelf_pack, to_frame_coords
 from common.tokens import TOKEN_ENV, resolve_token
 
 log = logging.getLogger("server.cloud" if __name__ == "__main__" else __name__)
 
-SITE_PATTERN = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 IMAGE_TYPES = {"image/jpeg": "jpeg", "image/jpg": "jpeg", "image/png": "png"}
 SUFFIX = {"jpeg": ".jpg", "png": ".png"}
 # a multipart file part may also come untyped or as octet-stream (the bytes' signature decides)
@@ -148,22 +149,8 @@ LABEL_CONF = 0.25
 DetectFn = Callable[[list[np.ndarray]], list[Detections]]
 
 
-class RequestError(Exception):
-    """A client error: HTTP ``status`` and a message naming the bad value."""
-
-    def __init__(self, status: int, detail: str, headers: dict[str, str] | None = None):
-        super().__init__(detail)
-        self.status, self.detail, self.headers = status, detail, headers
-
-
 class StoreError(RuntimeError):
     """The hard-sample store folder is unusable (e.g. made for other classes)."""
-
-
-def _show(value: Any, limit: int = 80) -> str:
-    """``repr`` cut to ``limit`` characters (never echo a whole hostile header back)."""
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 # --------------------------------------------------------------------------- image headers
@@ -224,7 +211,7 @@ def image_header(data: bytes) -> tuple[str, int, int]:
                 break
             i += length
         raise RequestError(400, "cannot decode image: no JPEG frame header (SOF) found")
-    raise RequestError(400, f"cannot decode image: not a JPEG or PNG (starts with {_show(data[:8])})")
+    raise RequestError(400, f"cannot decode image: not a JPEG or PNG (starts with {show(data[:8])})")
 
 
 def parse_max_pixels(text: str) -> int:
@@ -278,7 +265,7 @@ def parse_multipart(body: bytes, boundary: str, max_parts: int, limit_name: str 
     Raises :class:`RequestError` 400 if it is malformed, 413 for more than ``max_parts`` parts.
     """
     if not boundary or len(boundary) > 200:
-        raise RequestError(400, f"multipart body needs a boundary parameter, got {_show(boundary)}")
+        raise RequestError(400, f"multipart body needs a boundary parameter, got {show(boundary)}")
     delim = b"\r\n--" + boundary.encode("latin-1")
     sections = (b"\r\n" + body).split(delim)
     if len(sections) < 2:
@@ -303,7 +290,7 @@ async def read_body(request, max_bytes: int, timeout_s: float) -> bytes:
     declared = request.headers.get("content-length")
     if declared is not None:
         if not declared.strip().isdigit():
-            raise RequestError(400, f"bad Content-Length {_show(declared)}")
+            raise RequestError(400, f"bad Content-Length {show(declared)}")
         if int(declared) > max_bytes:
             raise RequestError(413, f"body of {int(declared)} bytes is over the limit of {max_bytes} "
                                     f"bytes (--max-body-mb)")
@@ -325,69 +312,6 @@ async def read_body(request, max_bytes: int, timeout_s: float) -> bytes:
     if size == 0:
         raise RequestError(400, "empty body: send an image")
     return b"".join(chunks)
-
-
-def _number(value: Any, field: str, positive: bool) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-            or (value <= 0 if positive else value < 0):
-        raise RequestError(422, f"{field} must be a finite number {'> 0' if positive else '>= 0'}, "
-                                f"got {_show(value)}")
-    return float(value)
-
-
-ATLAS_FIELDS = ("ax", "ay", "width", "height")
-
-
-def _pixels(value: Any, field: str, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-            or value != int(value) or value < minimum:
-        raise RequestError(422, f"{field} must be a whole number of pixels >= {minimum}, got {_show(value)}")
-    return int(value)
-
-
-def parse_crop_meta(text: bytes, n_crops: int | None) -> list[dict]:
-    """Validate ``{"crops": [{"x0", "y0", "scale"?}, ...]}`` against ``n_crops`` crop parts.
-
-    ``n_crops=None``: the crops come on one atlas, and every item also needs its cell
-    ``ax, ay, width, height`` (whole pixels; the crop is ``atlas[ay:ay+height, ax:ax+width]``).
-    Returns one ``{"x0": float, "y0": float, "scale": float | [sx, sy]}`` per crop (plus the
-    atlas fields as ints); a bad field raises :class:`RequestError` 422 naming it (``meta.crops[1].x0``).
-    """
-    try:
-        meta = json.loads(text)
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise RequestError(422, f"meta is not valid JSON: {err}") from None
-    if not isinstance(meta, dict) or not isinstance(meta.get("crops"), list):
-        raise RequestError(422, f"meta must be an object with a list 'crops', got {_show(meta)}")
-    crops = meta["crops"]
-    if n_crops is not None and len(crops) != n_crops:
-        raise RequestError(422, f"meta.crops lists {len(crops)} crops but the body has {n_crops} 'crop' parts")
-    if not crops:
-        raise RequestError(422, "meta.crops is empty: name at least one crop")
-    required = ("x0", "y0") + (ATLAS_FIELDS if n_crops is None else ())
-    out = []
-    for i, item in enumerate(crops):
-        where = f"meta.crops[{i}]"
-        if not isinstance(item, dict):
-            raise RequestError(422, f"{where} must be an object, got {_show(item)}")
-        for key in required:
-            if key not in item:
-                raise RequestError(422, f"{where}.{key} is missing")
-        unknown = sorted(set(item) - {"scale", *required})
-        if unknown:
-            raise RequestError(422, f"{where} has unknown field(s) {unknown} (allowed: {', '.join(required)}, scale)")
-        scale = item.get("scale", 1.0)
-        if isinstance(scale, list):
-            if len(scale) != 2:
-                raise RequestError(422, f"{where}.scale must be a number or [sx, sy], got {_show(scale)}")
-            scale = [_number(v, f"{where}.scale[{j}]", True) for j, v in enumerate(scale)]
-        else:
-            scale = _number(scale, f"{where}.scale", True)
-        cell = {k: _pixels(item[k], f"{where}.{k}", 1 if k in ("width", "height") else 0)
-                for k in ATLAS_FIELDS if k in required}
-        out.append({"x0": _number(item["x0"], f"{where}.x0", False),
-                    "y0": _number(item["y0"], f"{where}.y0", False), "scale": scale, **cell})
-    return out
 
 
 def cut_atlas(atlas: np.ndarray, metas: Sequence[dict]) -> list[np.ndarray]:
@@ -607,16 +531,6 @@ class CloudService:
         if not hmac.compare_digest(given.strip().encode(), self._token):
             raise RequestError(401, "invalid bearer token", challenge)
 
-    @staticmethod
-    def ids(site: str | None, frame: str | None) -> tuple[str, str | None]:
-        if site is None:
-            raise RequestError(400, "missing header X-Cedar-Site (the sending site's id)")
-        if not SITE_PATTERN.fullmatch(site):
-            raise RequestError(400, f"bad X-Cedar-Site {_show(site)}: must match [A-Za-z0-9_.-]{{1,64}}")
-        if frame is not None and not SITE_PATTERN.fullmatch(frame):
-            raise RequestError(400, f"bad X-Cedar-Frame {_show(frame)}: must match [A-Za-z0-9_.-]{{1,64}}")
-        return site, frame
-
     # -- work (runs on the single worker thread)
     def _store(self, **kwargs) -> str | None:
         if self.store is None:
@@ -714,7 +628,7 @@ def create_app(service: CloudService):
 
     def checked(request: Request) -> tuple[str, str | None, str, Message]:
         service.authorize(request.headers.get("authorization"))
-        site, frame = service.ids(request.headers.get("x-cedar-site"), request.headers.get("x-cedar-frame"))
+        site, frame = check_ids(request.headers.get(SITE_HEADER), request.headers.get(FRAME_HEADER))
         kind, parsed = media_type(request.headers.get("content-type"))
         return site, frame, kind, parsed
 
@@ -722,11 +636,11 @@ def create_app(service: CloudService):
     async def health():
         return service.health()
 
-    @app.post("/detect")
+    @app.post(DETECT_PATH)
     async def detect(request: Request):
         site, frame, kind, parsed = checked(request)
         if kind not in IMAGE_TYPES and kind != "multipart/form-data":
-            raise RequestError(415, f"unsupported Content-Type {_show(request.headers.get('content-type'))}: "
+            raise RequestError(415, f"unsupported Content-Type {show(request.headers.get('content-type'))}: "
                                     f"send image/jpeg, image/png or multipart/form-data")
         body = await read_body(request, service.limits.max_body_bytes, service.limits.read_timeout_s)
         if kind == "multipart/form-data":
@@ -734,18 +648,18 @@ def create_app(service: CloudService):
             images = [p for p in parts if p.name == "image"]
             if len(images) != 1:
                 raise RequestError(422, f"multipart body must have exactly one part named 'image', got parts "
-                                        f"{_show([p.name for p in parts])}")
+                                        f"{show([p.name for p in parts])}")
             if images[0].content_type not in PART_TYPES:
-                raise RequestError(415, f"unsupported image part type {_show(images[0].content_type)}: "
+                raise RequestError(415, f"unsupported image part type {show(images[0].content_type)}: "
                                         f"send image/jpeg or image/png")
             body = images[0].data
         return await service.run(service.detect_frame, body, site, frame)
 
-    @app.post("/detect/crops")
+    @app.post(CROPS_PATH)
     async def detect_crops(request: Request):
         site, frame, kind, parsed = checked(request)
         if kind != "multipart/form-data":
-            raise RequestError(415, f"unsupported Content-Type {_show(request.headers.get('content-type'))}: "
+            raise RequestError(415, f"unsupported Content-Type {show(request.headers.get('content-type'))}: "
                                     f"send multipart/form-data with a 'meta' part and 'crop' parts (or an 'atlas')")
         body = await read_body(request, service.limits.max_body_bytes, service.limits.read_timeout_s)
         parts = parse_multipart(body, parsed.get_param("boundary") or "", max_parts=service.limits.max_crops + 1,
@@ -757,7 +671,7 @@ def create_app(service: CloudService):
         if len(metas) != 1:
             raise RequestError(422, f"the body needs exactly one 'meta' part, got {len(metas)}")
         if other:
-            raise RequestError(422, f"unexpected part(s) {_show(other)}: only 'meta' and 'crop' (or one 'atlas')")
+            raise RequestError(422, f"unexpected part(s) {show(other)}: only 'meta' and 'crop' (or one 'atlas')")
         if atlases and (crops or len(atlases) > 1):
             raise RequestError(422, f"send either 'crop' parts or one 'atlas' part, got {len(crops)} 'crop' and "
                                     f"{len(atlases)} 'atlas' parts")
@@ -766,7 +680,7 @@ def create_app(service: CloudService):
         for i, p in enumerate(crops or atlases):
             if p.content_type not in PART_TYPES:
                 raise RequestError(415, f"{'crop ' + str(i) if crops else 'atlas'}: unsupported type "
-                                        f"{_show(p.content_type)}: send image/jpeg or image/png")
+                                        f"{show(p.content_type)}: send image/jpeg or image/png")
         if crops:
             meta = parse_crop_meta(metas[0].data, len(crops))
             return await service.run(service.detect_crops, [p.data for p in crops], meta, site, frame)

@@ -35,8 +35,9 @@ import numpy as np
 import pytest
 
 from common.routing import Detections, atlas_layout, to_frame_coords
-from server.cloud import (ANSWER_CONF, LABEL_CONF, CloudService, HardSampleStore, Limits, RequestError,
-                          create_app, crops_to_frame, decode_image, detect_packed, image_header, parse_crop_meta,
+from common.cloud_api import RequestError
+from server.cloud import (ANSWER_CONF, LABEL_CONF, CloudService, HardSampleStore, Limits,
+                          create_app, crops_to_frame, decode_image, detect_packed, image_header,
                           parse_max_pixels, parse_multipart, yolo_label_lines)
 from tests.deploy_helpers import free_port, stop_tree, tail
 
@@ -166,38 +167,6 @@ def test_yolo_label_lines_normalise_to_the_stored_image_and_clip():
     dets = Detections([[10, 20, 30, 60], [90, 190, 130, 230], [150, 0, 160, 10]], [0.9, 0.8, 0.7], [3, 0, 1])
     assert yolo_label_lines(dets, 100, 200) == ["3 0.200000 0.200000 0.200000 0.200000",
                                                 "0 0.950000 0.975000 0.100000 0.050000"]
-
-
-def test_parse_crop_meta_names_the_bad_field():
-    assert parse_crop_meta(b'{"crops": [{"x0": 1, "y0": 2}, {"x0": 0, "y0": 0, "scale": [2, 3]}]}', 2) == [
-        {"x0": 1.0, "y0": 2.0, "scale": 1.0}, {"x0": 0.0, "y0": 0.0, "scale": [2.0, 3.0]}]
-    cases = {
-        b"not json": "meta is not valid JSON",
-        b"[1, 2]": "list 'crops'",
-        b'{"crops": [{"x0": 1, "y0": 2}]}': "lists 1 crops but the body has 2",
-        b'{"crops": [{"x0": 1, "y0": 2}, {"y0": 3}]}': r"meta.crops\[1\].x0 is missing",
-        b'{"crops": [{"x0": 1, "y0": 2}, {"x0": "abc", "y0": 3}]}': r"meta.crops\[1\].x0 must be a finite number",
-        b'{"crops": [{"x0": 1, "y0": -2}, {"x0": 0, "y0": 3}]}': r"meta.crops\[0\].y0 .* got -2",
-        b'{"crops": [{"x0": 1, "y0": 2, "scale": 0}, {"x0": 0, "y0": 3}]}': r"meta.crops\[0\].scale must .* > 0",
-        b'{"crops": [{"x0": 1, "y0": 2, "zoom": 2}, {"x0": 0, "y0": 3}]}': r"unknown field\(s\) \['zoom'\]",
-    }
-    for text, message in cases.items():
-        with pytest.raises(RequestError, match=message) as err:
-            parse_crop_meta(text, 2)
-        assert err.value.status == 422
-    # on an atlas (n_crops None) every crop also names its cell, in whole pixels
-    atlas = b'{"crops": [{"x0": 5, "y0": 6, "ax": 0, "ay": 16, "width": 30, "height": 20}]}'
-    assert parse_crop_meta(atlas, None) == [
-        {"x0": 5.0, "y0": 6.0, "scale": 1.0, "ax": 0, "ay": 16, "width": 30, "height": 20}]
-    for text, message in {
-        b'{"crops": [{"x0": 5, "y0": 6, "ax": 0, "ay": 16, "width": 30}]}': r"meta.crops\[0\].height is missing",
-        b'{"crops": [{"x0": 5, "y0": 6, "ax": 0.5, "ay": 0, "width": 3, "height": 2}]}':
-            r"meta.crops\[0\].ax must be a whole number of pixels >= 0, got 0.5",
-        b'{"crops": [{"x0": 5, "y0": 6, "ax": 0, "ay": 0, "width": 0, "height": 2}]}': r"width .* >= 1, got 0",
-        b'{"crops": []}': "meta.crops is empty",
-    }.items():
-        with pytest.raises(RequestError, match=message):
-            parse_crop_meta(text, None)
 
 
 def test_parse_multipart_is_byte_exact():
