@@ -104,7 +104,6 @@ import hmac
 import itertools
 import json
 import logging
-import math
 import os
 import re
 import struct
