@@ -159,7 +159,9 @@ def cloud_service(weights: Path, workdir: Path, *, imgsz: int, conf: float, iou:
 def run_edge(weights: Path, source: Path, settings, client, workdir: Path, *, imgsz: int, conf: float,
              iou: float) -> list[dict]:
     """The edge runtime over ``source``; its JSON lines (edge, refined, failed, summary)."""
-    from clients.edge import EdgeModel, EdgeRuntime, FrameSource
+    from clients.detector import EdgeModel
+    from clients.edge import EdgeRuntime
+    from clients.media import FrameSource
 
     out = workdir / f"{settings.run_id}.jsonl"
     model = EdgeModel(weights, imgsz=imgsz, conf=conf, iou=iou, reload_every=1e9)
@@ -175,7 +177,8 @@ def run_edge(weights: Path, source: Path, settings, client, workdir: Path, *, im
 def cloud_only(source: Path, client, site: str, quality: int = 90) -> tuple[list, list[float], list[int], list[int]]:
     """Every frame whole to ``/detect``: detections, per-frame latency (encode + round trip), JPEG bytes,
     HTTP body bytes."""
-    from clients.edge import FrameSource, OffloadEntry
+    from clients.media import FrameSource
+    from clients.offload import OffloadEntry
     from common.routing import encode_regions
 
     dets, ms, sizes, wire = [], [], [], []
@@ -260,7 +263,7 @@ def offload_figures(records: list[dict]) -> dict:
 
 def separate_crop_bytes(records: list[dict], source: Path, quality: int = 90) -> float:
     """Bytes per frame had each crop of the run's offloads been its own JPEG (``--separate-crops``)."""
-    from clients.edge import FrameSource
+    from clients.media import FrameSource
     from common.routing import encode_regions, payload_bytes
 
     regions = {r["frame"]: r["offload"]["regions"] for r in records if r["kind"] == "edge" and r["offload"]}
@@ -285,7 +288,8 @@ def measure(args, cfg, bench, workdir: Path, site: int) -> dict:
     """Every table's numbers for one site (its own edge models, the shared cloud model)."""
     import torch
 
-    from clients.edge import CloudClient, EdgeSettings
+    from clients.edge import EdgeSettings
+    from clients.offload import CloudClient
     from common.benchmark import CLASS_NAMES
 
     torch.set_num_threads(1)
@@ -386,7 +390,7 @@ class NullCloud:
     """A cloud that answers at once with nothing (for edge-only runs of the runtime)."""
 
     def send(self, entry):
-        from clients.edge import CloudAnswer
+        from clients.offload import CloudAnswer
         from common.routing import Detections
 
         return CloudAnswer(Detections.empty(), 0.0)

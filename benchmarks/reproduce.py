@@ -188,7 +188,8 @@ def collab_job(cfg, seed: int, done: dict, work: Path) -> dict:
     from benchmarks.collaboration import (MERGES, cloud_only, cloud_service, offload_figures, per_frame, remerged,
                                           run_edge, score, video_labels)
     from benchmarks.pyrafan_accuracy import read_split
-    from clients.edge import CloudClient, EdgeSettings
+    from clients.edge import EdgeSettings
+    from clients.offload import CloudClient
     from common.benchmark import CLASS_NAMES, benchmark_from_config
     from server.cloud import ANSWER_CONF
 

@@ -46,7 +46,7 @@ class LocalSite:
         """A :class:`clients.edge.CloudClient` for the configured cloud service, or None when there is none."""
         if not self.cloud["url"]:
             return None
-        from clients.edge import CloudClient
+        from clients.offload import CloudClient
         from common.tokens import resolve_token
 
         try:
@@ -168,7 +168,7 @@ class LocalSite:
         import cv2
         import numpy as np
 
-        from clients.edge import CloudRejected, CloudUnavailable, OffloadEntry
+        from clients.offload import CloudRejected, CloudUnavailable, OffloadEntry
         from common import yolo
         from common.detections import Detections, image_labels, matched_gt
         from common.routing import ambiguity_reasons, merge

@@ -276,7 +276,7 @@ class _FakeCloud:
     def send(self, entry):
         import numpy as np
 
-        from clients.edge import CloudAnswer, CloudUnavailable
+        from clients.offload import CloudAnswer, CloudUnavailable
         from common.routing import Detections
 
         self.entries.append(entry)

@@ -34,10 +34,13 @@ import httpx
 import numpy as np
 import pytest
 
-from clients.edge import (CloudAnswer, CloudRejected, CloudUnavailable, DiskQueue, EdgeError, EdgeModel,
-                          EdgeRuntime, EdgeSettings, FrameSource, OffloadEntry, StaticModel, file_version,
-                          Frame, RefinedCarrier, flow_shift, letterbox, postprocess)
-from common.routing import Detections, merge
+from clients.carry import RefinedCarrier, flow_shift
+from clients.detector import EdgeModel, StaticModel, file_version, letterbox, postprocess
+from clients.edge import EdgeRuntime, EdgeSettings
+from clients.media import EdgeError, Frame, FrameSource
+from clients.offload import CloudAnswer, CloudRejected, CloudUnavailable, DiskQueue, OffloadEntry
+from common.detections import Detections
+from common.routing import merge
 from tests.deploy_helpers import free_port, stop_tree, tail
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -656,7 +659,7 @@ def _match(a: Detections, b: Detections, conf: float, margin: float = 2e-3) -> i
 
 
 def test_onnx_predictor_matches_torch_and_ultralytics(tmp_path, tiny_benchmark):
-    from clients.edge import OnnxPredictor, TorchPredictor
+    from clients.detector import OnnxPredictor, TorchPredictor
     from common import yolo
 
     # Prepare: a calibrated YOLO11n in a model store; EdgeModel exports it (common.yolo.export_onnx) for ORT

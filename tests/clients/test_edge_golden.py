@@ -23,8 +23,11 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from clients.edge import CloudAnswer, EdgeRuntime, EdgeSettings, FrameSource, StaticModel, letterbox, postprocess
-from common.routing import Detections
+from clients.detector import StaticModel, letterbox, postprocess
+from clients.edge import EdgeRuntime, EdgeSettings
+from clients.media import FrameSource
+from clients.offload import CloudAnswer
+from common.detections import Detections
 
 GOLDEN = Path(__file__).resolve().parent / "golden" / "edge_runtime.jsonl"
 TIMING = {"time", "latency_ms", "wall_s", "edge_ms_mean", "cloud_rtt_ms_mean"}
