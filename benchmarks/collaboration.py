@@ -199,27 +199,30 @@ def cloud_only(source: Path, client, site: str, quality: int = 90) -> tuple[list
     return dets, ms, sizes, wire
 
 
-# merge policies scored offline on the same cloud answers (name -> common.routing.merge keywords); the
-# runtime's own refined lines use the default ("cloud" wins, offloaded unanswered edge boxes dropped)
-MERGES = {"cloud": {}, "cloud+keep": {"keep_unanswered": True}, "fuse": {"resolve": "fuse"},
-          "fuse+keep": {"resolve": "fuse", "keep_unanswered": True}}
+# merge policies scored offline on the same cloud answers (name -> clients.collab.CollabSettings fields); the
+# runtime's own refined lines here use the first ("cloud" wins, offloaded unanswered edge boxes dropped)
+MERGES = {"cloud": {"merge": "cloud", "keep_unanswered": False},
+          "cloud+keep": {"merge": "cloud", "keep_unanswered": True},
+          "fuse": {"merge": "fuse", "keep_unanswered": False},
+          "fuse+keep": {"merge": "fuse", "keep_unanswered": True}}
 
 
-def remerged(records: list[dict], **merge_kw) -> list[dict]:
+def remerged(records: list[dict], **policy) -> list[dict]:
     """The records with each refined answer (``refined`` and ``carried`` lines) merged again from its
-    ``cloud_detections`` and its edge boxes and candidates (offloaded = those with ambiguity reasons), by
-    ``common.routing.merge(**merge_kw)``."""
-    from common.routing import Detections, merge
+    ``cloud_detections`` and its edge boxes and candidates by :func:`clients.collab.merge_answer` under
+    ``policy`` (:class:`clients.collab.CollabSettings` fields, e.g. ``merge="fuse", keep_unanswered=True``;
+    the others at their defaults)."""
+    from clients.collab import CollabSettings, merge_answer
+    from common.detections import Detections
 
+    settings = CollabSettings(**{"merge": "cloud", "keep_unanswered": False, **policy})
     edge = {r["frame"]: r for r in records if r["kind"] == "edge"}
     out = []
     for r in records:
         if r["kind"] in ("refined", "carried"):  # the keyframe's answer and its candidates (moved, when carried)
             key = r["edge_detections"] if r["kind"] == "carried" else \
                 edge[r["frame"]]["detections"] + edge[r["frame"]].get("candidates", [])
-            keep = [merge_kw.get("keep_unanswered", False) and "candidate" not in d["reasons"] for d in key]
-            final = merge(Detections.from_list(key), Detections.from_list(r["cloud_detections"]),
-                          [bool(d["reasons"]) for d in key], **{**merge_kw, "keep_unanswered": np.array(keep)})
+            final, _ = merge_answer(key, Detections.from_list(r["cloud_detections"]), settings)
             r = {**r, "detections": final.to_list()}
         out.append(r)
     return out
@@ -306,10 +309,9 @@ def measure(args, cfg, bench, workdir: Path, site: int) -> dict:
     edges = {arch: edge_model(cfg, bench, arch, site, args.seed) for arch in archs}
     cloud = cloud_model(cfg, bench, args.seed, args.cloud_iters)
     # with candidates the edge detects down to routing.candidate_conf; its answer stays at det_conf
-    kw = dict(imgsz=cfg.train.imgsz, conf=r.candidate_conf or r.det_conf, iou=cfg.eval.iou)
-    base = EdgeSettings(site=site_id, t_conf=r.t_conf, t_size=r.t_size, n_frames=r.n_frames, drain_timeout=600,
-                        keep_unanswered=False, merge="cloud",  # the paper's merge; MERGES gives the others
-                        answer_conf=r.det_conf if r.candidate_conf else 0.0)
+    base = EdgeSettings.from_config(r, site=site_id, drain_timeout=600,
+                                    keep_unanswered=False, merge="cloud")  # the paper's merge; MERGES gives the others
+    kw = dict(imgsz=cfg.train.imgsz, conf=base.detector_conf, iou=cfg.eval.iou)
     main_arch = args.edge_models[0]
     result: dict = {"edge_weights": {a: str(p) for a, p in edges.items()}, "cloud_weights": str(cloud)}
     from common import yolo

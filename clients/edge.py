@@ -160,27 +160,26 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from clients.carry import RefinedCarrier, flow_shift
+from clients.collab import CollabSettings, Keyframe, detect_keyframe, merge_answer, plan_offload
 from clients.detector import EdgeModel, StaticModel  # noqa: F401 - StaticModel: embedding the runtime
 from clients.media import EdgeError, Frame, FrameSource, JsonlWriter, VideoAnnotator
 from clients.offload import CloudAnswer, CloudClient, DiskQueue, Offloader, OffloadEntry
 from common.cloud_api import ID_PATTERN, ID_RULE, RUN_PATTERN
 from common.detections import Detections
 from common.keyframes import IoUTracker, KeyframeSelector
-from common.routing import CANDIDATE_CONF, MERGE_POLICIES, merge, route
+from common.routing import MERGE_POLICIES
 from common.tokens import TOKEN_ENV, resolve_token
 
 log = logging.getLogger("clients.edge" if __name__ == "__main__" else __name__)
 
 
 @dataclass
-class EdgeSettings:
-    """Routing, keyframe and offload settings (plain values; the CLI fills them)."""
+class EdgeSettings(CollabSettings):
+    """The collaboration step's settings (:class:`clients.collab.CollabSettings`) plus the runtime's own:
+    site and run ids, keyframes, tracking, queue and retries, super-resolution, flow propagation."""
 
     site: str = "site-0"
     run_id: str | None = None
-    t_conf: float = 0.5
-    t_size: float = 256.0
-    n_frames: int = 5
     beta: float = 1.5
     warmup: int = 3
     cut_threshold: float = 0.25
@@ -189,17 +188,6 @@ class EdgeSettings:
     # 10 fps; scale it with the camera's frame rate)
     max_gap: int | None = 3
     track_iou: float = 0.3
-    offload: str = "crops"  # or "frame" (common.config.RoutingConfig.offload)
-    context: float = 0.5
-    min_crop: int = 32
-    jpeg_quality: int = 90
-    atlas: bool = True  # crops on one image per keyframe (--separate-crops: one JPEG each)
-    merge_iou: float = 0.5
-    keep_unanswered: bool = True  # offloaded edge boxes no cloud box overlaps stay (common.routing.merge)
-    merge: str = "fuse"  # "fuse" edge and cloud boxes or the "cloud" wins overlaps (common.routing.merge)
-    # edge boxes below this confidence are *candidates* (0: none): not in the edge's answer, offloaded with the
-    # ambiguous ones, in the refined answer only where a cloud box confirms them (--candidate-conf)
-    answer_conf: float = 0.0
     drain_timeout: float = 30.0
     retry_base: float = 0.5
     retry_max: float = 30.0
@@ -207,14 +195,16 @@ class EdgeSettings:
     propagate: bool = True  # move reused boxes on non-keyframes by optical flow (flow_shift)
 
     def __post_init__(self) -> None:
+        try:
+            super().__post_init__()
+        except ValueError as err:
+            raise EdgeError(str(err)) from None
         if not ID_PATTERN.fullmatch(self.site):
             raise EdgeError(f"--site {self.site!r} must match {ID_RULE}")
         if self.run_id is None:
             self.run_id = time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + "-" + secrets.token_hex(2)
         if not RUN_PATTERN.fullmatch(self.run_id):
             raise EdgeError(f"--run-id {self.run_id!r} must match [A-Za-z0-9_-]{{1,40}} (no dots)")
-        if self.offload not in ("crops", "frame"):
-            raise EdgeError(f"--offload must be 'crops' or 'frame', got {self.offload!r}")
 
 
 @dataclass
@@ -294,9 +284,8 @@ class EdgeRuntime:
         self.summary = Summary(model=model.version)
         self._stats_lock = threading.Lock()
         self.carrier = RefinedCarrier(move=settings.propagate)
-        self._last: tuple | None = None  # (keyframe index, dets, reasons, offload mask, track ids, model version)
+        self._last: tuple | None = None  # (keyframe index, clients.collab.Keyframe, model version)
         self._flow: tuple | None = None  # (previous gray frame, boxes there) while propagating
-        self._candidates: list[dict] = []  # the last keyframe's candidates (EdgeSettings.answer_conf)
         self._edge_sent_at: dict[str, float] = {}
         self.stop_requested = False
         self.drain_requested = True
@@ -322,21 +311,15 @@ class EdgeRuntime:
             if reason == "cut":
                 self.tracker.reset()
             t1 = time.perf_counter()
-            dets = self.model.predictor(frame.image)
+            keyframe = detect_keyframe(frame.image, self.model.predictor, s, self.tracker)
             edge_ms = (time.perf_counter() - t1) * 1000
-            candidates = dets.select(dets.conf < s.answer_conf)
-            dets = dets.select(dets.conf >= s.answer_conf)
-            track_ids = self.tracker.update(dets.xyxy, dets.cls)
-            routing = route(dets, self.tracker.histories(track_ids), t_conf=s.t_conf, t_size=s.t_size,
-                            n_frames=s.n_frames)
-            mask = routing.offload_mask
-            self._last = (frame.index, dets, routing.reasons, mask, track_ids.tolist(), self.model.version)
-            self._candidates = [{**d, "track": -1, "reasons": ["candidate"]} for d in candidates.to_list()]
+            self._last = (frame.index, keyframe, self.model.version)
             with self._stats_lock:
                 self.summary.keyframes += 1
-                self.summary.detections += len(dets)
+                self.summary.detections += len(keyframe.detections)
                 self.summary.edge_ms.append(edge_ms)
-        source, dets, reasons, mask, track_ids, version = self._last  # non-keyframes reuse the keyframe's
+        source, keyframe, version = self._last  # non-keyframes reuse the keyframe's
+        dets, mask = keyframe.detections, keyframe.offload_mask
         import cv2
 
         gray = cv2.cvtColor(frame.image, cv2.COLOR_BGR2GRAY) if frame.image.ndim == 3 else frame.image
@@ -347,17 +330,11 @@ class EdgeRuntime:
                 h, w = gray.shape
                 boxes = np.clip(boxes, 0, [w, h, w, h]).astype(np.float32)
                 dets = Detections(boxes, dets.conf, dets.cls)
-        det_list = [{**d, "track": int(t), "reasons": list(r)}
-                    for d, t, r in zip(dets.to_list(), track_ids, reasons)]
-        entry = None
-        candidates = self._candidates if is_key else []
-        if is_key and (mask.any() or candidates):
-            sent = np.concatenate([mask, np.ones(len(candidates), dtype=bool)])
-            boxes = np.concatenate([dets.xyxy, Detections.from_list(candidates).xyxy]) if candidates else dets.xyxy
-            entry = OffloadEntry.for_keyframe(
-                frame.image, boxes, sent, site=s.site, run=s.run_id, frame=frame.index, mode=s.offload,
-                created=frame.time, model=version, edge=det_list + candidates, pts_s=frame.pts_s, context=s.context,
-                min_size=s.min_crop, quality=s.jpeg_quality, atlas=s.atlas)
+        det_list = Keyframe(dets, Detections(), keyframe.reasons, mask, keyframe.track_ids).items()
+        entry = plan_offload(frame.image, keyframe, s, site=s.site, run=s.run_id, frame=frame.index,
+                             created=frame.time, model=version, pts_s=frame.pts_s) if is_key else None
+        candidates = keyframe.candidate_items() if is_key else []
+        if entry is not None:
             offload = {"id": entry.id, "mode": s.offload, "regions": entry.regions, "detections": int(mask.sum()),
                        "candidates": len(candidates), "bytes": entry.payload_bytes}
         record = {"kind": "edge", "site": s.site, "run": s.run_id, "frame": frame.index,
@@ -387,19 +364,11 @@ class EdgeRuntime:
             self.summary.frames += 1
         return record
 
-    def _merged(self, edge: list[dict], cloud: Detections, offloaded: Sequence[bool]) -> tuple[Detections, list]:
-        """``merge(edge, cloud, offloaded)`` with the runtime's policy; and its items tagged by source."""
-        keep = [self.s.keep_unanswered and "candidate" not in d.get("reasons", ()) for d in edge]
-        merged = merge(Detections.from_list(edge), cloud, np.array(offloaded, dtype=bool), iou=self.s.merge_iou,
-                       keep_unanswered=np.array(keep, dtype=bool), resolve=self.s.merge)
-        n_edge = len(merged) - len(cloud)
-        return merged, [{**d, "source": "edge" if i < n_edge else "cloud"} for i, d in enumerate(merged.to_list())]
-
     def _write_carried(self, results: list) -> dict[int, Detections]:
         """One ``carried`` line per :class:`RefinedCarrier` result; the merged answers by frame."""
         merged_by_frame = {}
         for index, pts_s, key, meta, edge, cloud in results:
-            merged, items = self._merged(edge, cloud, meta["offloaded"])
+            merged, items = merge_answer(edge, cloud, self.s, meta["offloaded"])
             merged_by_frame[index] = merged
             self.writer.write({"kind": "carried", "site": self.s.site, "run": self.s.run_id, "frame": index,
                                "source_frame": key, "offload_id": meta["id"], "time": round(time.time(), 3),
@@ -411,7 +380,7 @@ class EdgeRuntime:
 
     # -- worker callbacks
     def _delivered(self, entry: OffloadEntry, answer: CloudAnswer, attempts: int) -> None:
-        _, items = self._merged(entry.edge, answer.detections, entry.offloaded)
+        _, items = merge_answer(entry.edge, answer.detections, self.s, entry.offloaded)
         now = time.time()
         sent_at = self._edge_sent_at.pop(entry.id, None)
         recovered = entry.run != self.s.run_id or sent_at is None
@@ -518,8 +487,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="super-resolve every frame with this A+ model first (common.superres); "
                         "boxes are then in upscaled-frame pixels")
     p.add_argument("--imgsz", type=int, default=320)
-    p.add_argument("--conf", type=float, default=0.25, help="edge detector confidence threshold (NMS)")
-    p.add_argument("--candidate-conf", type=float, default=CANDIDATE_CONF,
+    p.add_argument("--conf", "--det-conf", dest="det_conf", type=float, default=EdgeSettings.det_conf,
+                   help="the edge's answer: its detections from this confidence on (routing.det_conf)")
+    p.add_argument("--candidate-conf", type=float, default=EdgeSettings.candidate_conf,
                    help="also detect down to this confidence: boxes below --conf are candidates, offloaded and kept "
                         "only where the cloud confirms them (0: off)")
     p.add_argument("--iou", type=float, default=0.7, help="edge detector NMS IoU")
@@ -564,9 +534,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as err:
         parser.error(str(err))
     if not 0 <= args.t_conf <= 1 or args.t_size < 0 or args.n_frames < 1 or args.beta <= 0 or args.imgsz < 32 \
-            or not 0 <= args.conf <= 1 or not 0 < args.iou <= 1 or args.drain_timeout < 0 or args.retry_base <= 0 \
+            or not 0 <= args.det_conf <= 1 or not 0 < args.iou <= 1 or args.drain_timeout < 0 or args.retry_base <= 0 \
             or args.retry_max < args.retry_base or args.timeout <= 0 or args.max_gap < 0 \
-            or (args.candidate_conf and not 0 < args.candidate_conf < args.conf):
+            or (args.candidate_conf and not 0 < args.candidate_conf < args.det_conf):
         parser.error("need 0 <= --t-conf <= 1, --t-size >= 0, --n-frames >= 1, --beta > 0, --imgsz >= 32, "
                      "0 <= --conf <= 1, 0 < --iou <= 1, --drain-timeout >= 0, 0 < --retry-base <= --retry-max, "
                      "--timeout > 0, --max-gap >= 0 (0: off), --candidate-conf 0 (off) or in (0, --conf)")
@@ -576,13 +546,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             beta=args.beta, warmup=args.warmup, cut_threshold=args.cut_threshold, max_gap=args.max_gap or None,
             offload=args.offload, context=args.context, min_crop=args.min_crop, jpeg_quality=args.jpeg_quality,
             atlas=args.atlas, merge_iou=args.merge_iou, keep_unanswered=args.keep_unanswered, merge=args.merge,
-            answer_conf=args.conf if args.candidate_conf else 0.0, drain_timeout=args.drain_timeout,
+            det_conf=args.det_conf, candidate_conf=args.candidate_conf, drain_timeout=args.drain_timeout,
             retry_base=args.retry_base, retry_max=args.retry_max, upscale=args.upscale, propagate=args.propagate)
         queue_dir = Path(args.queue_dir).expanduser() if args.queue_dir else \
             Path(os.environ.get("CEDAR_HOME", "~/.cache/cedar")).expanduser() / "edge" / args.site / "queue"
         source = FrameSource(args.source, fps=args.fps, max_frames=args.max_frames, realtime=args.realtime)
-        model = EdgeModel(args.weights, onnx=args.onnx, imgsz=args.imgsz, iou=args.iou,
-                          conf=args.candidate_conf or args.conf,
+        model = EdgeModel(args.weights, onnx=args.onnx, imgsz=args.imgsz, iou=args.iou, conf=settings.detector_conf,
                           device=args.device, reload_every=args.reload_every)
         client = CloudClient(args.cloud, token, args.site, cafile=args.cafile, timeout=args.timeout)
         runtime = EdgeRuntime(model, client, settings, queue_dir=queue_dir, out=args.out, video=args.video,

@@ -479,10 +479,10 @@ class _SilentCloud(FakeCloud):
 
 
 def test_candidates_are_offloaded_and_kept_only_where_the_cloud_confirms_them(tmp_path, video):
-    """answer_conf 0.5: the edge's 0.3 box is a candidate, not part of its answer, but sent (crop [57,27,89,59]).
+    """det_conf 0.5 (candidates on): the edge's 0.3 box is a candidate, not part of its answer, but sent (crop [57,27,89,59]).
     The fake cloud re-detects it ([70.5,40.2,76.5,46.1] 0.8, IoU 31.9/39.5 ≈ 0.81): fused, noisy-or
     1 - 0.7·0.2 = 0.86, before the confident edge box 0.9 (frame 2). A silent cloud: the candidate is gone."""
-    lines, _ = _run(tmp_path, _frames_of(video), FakeCloud(), answer_conf=0.5, merge="fuse")
+    lines, _ = _run(tmp_path, _frames_of(video), FakeCloud(), det_conf=0.5, candidate_conf=0.05, merge="fuse")
     edge = [ln for ln in lines if ln["kind"] == "edge" and ln["keyframe"]]
     for ln in edge:
         assert [d["conf"] for d in ln["detections"]] == pytest.approx([0.9])
@@ -494,7 +494,7 @@ def test_candidates_are_offloaded_and_kept_only_where_the_cloud_confirms_them(tm
     assert sorted(refined) == [0, 2, 4]
     assert [d["conf"] for d in refined[2]["detections"]] == pytest.approx([0.86, 0.9])
 
-    silent, _ = _run(tmp_path / "silent", _frames_of(video), _SilentCloud(), answer_conf=0.5, merge="fuse")
+    silent, _ = _run(tmp_path / "silent", _frames_of(video), _SilentCloud(), det_conf=0.5, candidate_conf=0.05, merge="fuse")
     for ln in silent:
         if ln["kind"] == "refined":
             assert [d["conf"] for d in ln["detections"]] == pytest.approx([0.9])
@@ -715,8 +715,15 @@ def test_cli_defaults_are_edge_settings_and_a_negative_max_gap_is_refused(tmp_pa
     required = ["--source", "0", "--weights", "w.pt", "--cloud", "http://127.0.0.1:9", "--out", "o.jsonl"]
     args = vars(_parser().parse_args(required))
     shared = {f.name for f in fields(EdgeSettings)} & set(args)
-    assert {"t_conf", "beta", "max_gap", "cut_threshold", "merge", "keep_unanswered", "propagate"} <= shared
+    assert {"t_conf", "beta", "max_gap", "cut_threshold", "merge", "keep_unanswered", "propagate", "det_conf",
+            "candidate_conf", "context", "min_crop", "jpeg_quality", "merge_iou"} <= shared
     assert {k: args[k] for k in shared} == {k: getattr(EdgeSettings, k) for k in shared}
+    # and EdgeSettings' defaults are the config schema's (one name, one default per threshold)
+    from common.config import RoutingConfig
+
+    routing = {f.name for f in fields(RoutingConfig)} & shared
+    assert {"det_conf", "candidate_conf", "t_conf", "t_size", "n_frames", "offload", "merge"} <= routing
+    assert {k: args[k] for k in routing} == {k: getattr(RoutingConfig(), k) for k in routing}
     with pytest.raises(SystemExit):
         main([*required, "--token", "t", "--max-gap", "-1"])
     assert "--max-gap >= 0 (0: off)" in capsys.readouterr().err

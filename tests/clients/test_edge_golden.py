@@ -106,7 +106,7 @@ def run_clip(tmp_path: Path) -> list[dict]:
     folder.mkdir()
     for i, frame in enumerate(clip_frames()):
         cv2.imwrite(str(folder / f"{i:06d}.png"), frame)
-    settings = EdgeSettings(site="site-g", run_id="golden", max_gap=3, answer_conf=0.25, t_conf=0.5, t_size=250.0,
+    settings = EdgeSettings(site="site-g", run_id="golden", max_gap=3, det_conf=0.25, candidate_conf=0.05, t_conf=0.5, t_size=250.0,
                             retry_base=0.01, retry_max=0.05, drain_timeout=30)
     out = tmp_path / "out.jsonl"
     runtime = EdgeRuntime(StaticModel(GridHead(), "grid"), RegionCloud(), settings, queue_dir=tmp_path / "queue",
