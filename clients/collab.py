@@ -176,31 +176,34 @@ class StepResult:
 
     keyframe: Keyframe
     entry: OffloadEntry | None  # None: nothing offloaded
-    cloud: Detections | None  # the cloud's answer (frame pixels); None when nothing was offloaded
+    cloud: Detections | None  # the cloud's answer (frame pixels); None when nothing was sent
     merged: Detections  # the final answer: the edge's alone when nothing was offloaded
     edge_ms: float
     rtt_ms: float = 0.0
 
     @property
     def sent_bytes(self) -> int:
-        """The JPEG payload sent to the cloud (0 when nothing was offloaded)."""
-        return self.entry.payload_bytes if self.entry is not None else 0
+        """The JPEG payload sent to the cloud (0 when nothing was sent)."""
+        return self.entry.payload_bytes if self.entry is not None and self.cloud is not None else 0
 
     def boxes(self) -> dict[str, dict[str, list] | None]:
-        """``{"edge", "cloud", "merged"}``, each :func:`boxes` (``cloud`` None when nothing was offloaded)."""
+        """``{"edge", "cloud", "merged"}``, each :func:`boxes` (``cloud`` None when nothing was sent)."""
         return {"edge": boxes(self.keyframe.detections), "cloud": boxes(self.cloud), "merged": boxes(self.merged)}
 
 
 def collaborate(image: np.ndarray, predictor: Callable[[np.ndarray], Detections], client, s: CollabSettings, *,
                 site: str, run: str = "eval", frame: int = 0, model: str = "eval", tracker=None) -> StepResult:
     """The whole step on one image, synchronously: detect, route, plan, ``client.send`` (if anything is
-    offloaded), merge. The client's errors (``CloudUnavailable``, ``CloudRejected``) propagate."""
+    offloaded), merge. The client's errors (``CloudUnavailable``, ``CloudRejected``) propagate.
+
+    ``client=None``: no cloud; the offload is planned (``entry``, its bytes) but not sent, and the answer is
+    the edge's alone."""
     t0 = time.perf_counter()
     keyframe = detect_keyframe(image, predictor, s, tracker)
     edge_ms = (time.perf_counter() - t0) * 1000
     entry = plan_offload(image, keyframe, s, site=site, run=run, frame=frame, created=time.time(), model=model)
-    if entry is None:
-        return StepResult(keyframe, None, None, keyframe.detections, edge_ms)
+    if entry is None or client is None:
+        return StepResult(keyframe, entry, None, keyframe.detections, edge_ms)
     answer = client.send(entry)
     merged, _ = merge_answer(entry.edge, answer.detections, s, entry.offloaded)
     return StepResult(keyframe, entry, answer.detections, merged, edge_ms, answer.rtt_ms)
