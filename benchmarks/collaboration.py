@@ -54,8 +54,8 @@ import numpy as np
 
 from benchmarks.pyrafan_accuracy import read_split, weights_path
 from benchmarks.harness import cpu_model_name, write_report
+from common.config import RoutingConfig
 from common.detections import labels_to_pixels, read_yolo_labels, score
-from server.cloud import ANSWER_CONF, CROP_ZOOM
 
 log = logging.getLogger("benchmarks.collaboration")
 RESULTS = Path(__file__).resolve().parent / "results" / "collaboration"
@@ -114,7 +114,7 @@ def cloud_service(weights: Path, workdir: Path, *, imgsz: int, conf: float, iou:
                   crop_zoom: float | None = None):
     """``python -m server.cloud`` on a free loopback port; yields ``(url, token)``; always stopped.
 
-    ``crop_zoom``: the service's ``--crop-zoom`` (None: its default, ``server.cloud.CROP_ZOOM``)."""
+    ``crop_zoom``: the service's ``--crop-zoom`` (None: its default, ``routing.crop_zoom``)."""
     import socket
     import urllib.request
 
@@ -687,8 +687,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=1, help="seed of the edge and cloud models")
     ap.add_argument("--edge-models", nargs="+", default=list(EDGE_MODELS),
                     help="the first one is the main table's edge model; the others are swept on the first site only")
-    ap.add_argument("--cloud-conf", type=float, default=ANSWER_CONF, help="the cloud service's --conf")
-    ap.add_argument("--crop-zoom", type=float, default=CROP_ZOOM, help="the cloud service's --crop-zoom")
+    ap.add_argument("--cloud-conf", type=float, default=RoutingConfig.cloud_conf, help="the cloud service's --conf")
+    ap.add_argument("--crop-zoom", type=float, default=RoutingConfig.crop_zoom, help="the cloud service's --crop-zoom")
     ap.add_argument("--zoom-sweep", type=float, nargs="*", default=[1.0, 1.5, 2.0],
                     help="crop zooms also measured (crop offload, images; a fresh service each)")
     ap.add_argument("--cloud-iters", type=float, default=1.0,

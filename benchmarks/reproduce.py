@@ -192,14 +192,12 @@ def collab_job(cfg, seed: int, done: dict, work: Path) -> dict:
     from clients.edge import EdgeSettings
     from clients.offload import CloudClient
     from common.benchmark import CLASS_NAMES, benchmark_from_config
-    from server.cloud import ANSWER_CONF
 
     bench = benchmark_from_config(cfg.data)
     nc, small_px, r = len(CLASS_NAMES), cfg.eval.small_px, cfg.routing
-    # as the runtime: the edge also detects down to routing.candidate_conf, its answer stays at det_conf
     out: dict = {"sites": {}, "sweep": {}}
     with tempfile.TemporaryDirectory(prefix="cedar-repro-", dir=work) as tmp, \
-            cloud_service(Path(done["cloud"]["weights"]), Path(tmp), imgsz=cfg.train.imgsz, conf=ANSWER_CONF,
+            cloud_service(Path(done["cloud"]["weights"]), Path(tmp), imgsz=cfg.train.imgsz, conf=r.cloud_conf,
                           iou=cfg.eval.iou) as (url, token):
         tmp = Path(tmp)
         for site in range(cfg.data.num_sites):

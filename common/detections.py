@@ -27,8 +27,8 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
-__all__ = ["Detections", "as_boxes", "box_area", "box_iou", "nms", "label_path", "read_yolo_labels", "labels_to_pixels", "image_labels",
-           "matched_gt", "compute_ap", "size_range_ap50", "precision_one", "score"]
+__all__ = ["Detections", "as_boxes", "box_area", "box_iou", "nms", "label_path", "read_yolo_labels",
+           "labels_to_pixels", "image_labels", "matched_gt", "compute_ap", "size_range_ap50", "precision_one", "score"]
 
 
 def as_boxes(boxes: Any, name: str = "boxes") -> np.ndarray:

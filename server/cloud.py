@@ -101,228 +101,35 @@ from __future__ import annotations
 import argparse
 import asyncio
 import hmac
-import itertools
-import json
 import logging
-import os
-import re
-import struct
 import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from email.message import Message
-from email.parser import HeaderParser
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
-from common.files import atomic_write
-from common.cloud_api import (ATLAS_FIELDS, CROPS_PATH, DETECT_PATH, FRAME_HEADER, SITE_HEADER, RequestError,
-                              check_ids, parse_crop_meta, show)
+from common.cloud_api import (CROPS_PATH, DETECT_PATH, FRAME_HEADER, SITE_HEADER, RequestError, check_ids,
+                              parse_crop_meta, show)
+from common.config import RoutingConfig
 from common.detections import Detections, nms
 from common.routing import shelf_pack, to_frame_coords
 from common.tokens import TOKEN_ENV, resolve_token
+from server.cloud_http import (IMAGE_TYPES, PART_TYPES, cut_atlas, decode_image, media_type, parse_max_pixels,
+                               parse_multipart, read_body)
+from server.hard_samples import HardSampleStore, StoreError
 
 log = logging.getLogger("server.cloud" if __name__ == "__main__" else __name__)
 
-IMAGE_TYPES = {"image/jpeg": "jpeg", "image/jpg": "jpeg", "image/png": "png"}
-SUFFIX = {"jpeg": ".jpg", "png": ".png"}
-# a multipart file part may also come untyped or as octet-stream (the bytes' signature decides)
-PART_TYPES = {*IMAGE_TYPES, "application/octet-stream", ""}
-#: crops are detected at this many times their size (``--crop-zoom``; see :func:`detect_packed`)
-CROP_ZOOM = 2.0
-#: the cloud answers with its detections from this confidence on (``--conf``): the edge fuses them with its own
-#: boxes (noisy-or), so the cloud's less sure boxes on the regions the edge found hard still count; at 0.15 instead
-#: of 0.25 the collaboration's FNR fell on every site of benchmarks/results/collaboration.md
-ANSWER_CONF = 0.15
-#: the hard-sample store keeps only the cloud's boxes from this confidence on (``--label-conf``): its labels are
-#: what cloud->edge KD trains on, and a low answer threshold must not turn into noisy training labels
-LABEL_CONF = 0.25
-
 #: ``detect(images) -> detections per image``: BGR uint8 arrays in, image-pixel boxes out.
 DetectFn = Callable[[list[np.ndarray]], list[Detections]]
-
-
-class StoreError(RuntimeError):
-    """The hard-sample store folder is unusable (e.g. made for other classes)."""
-
-
-# --------------------------------------------------------------------------- image headers
-
-
-_JPEG_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
-_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-
-
-def image_header(data: bytes) -> tuple[str, int, int]:
-    """``(format, width, height)`` of PNG/JPEG bytes, from the header only (nothing is decoded).
-
-    PNG: the IHDR chunk must come first (bytes 12-24: ``IHDR``, width, height).
-    JPEG: markers are walked from SOI to the first start-of-frame (SOF) segment,
-    whose payload is ``precision(1) height(2) width(2)``.
-
-    Raises
-    ------
-    RequestError
-        400 if the bytes are not a PNG/JPEG with a readable, non-zero size.
-
-    Examples
-    --------
-    A PNG whose IHDR says 40000x40000 -> ``("png", 40000, 40000)`` from 24 bytes.
-    """
-    if data[:8] == _PNG_MAGIC:
-        if len(data) < 24 or data[12:16] != b"IHDR":
-            raise RequestError(400, "cannot decode image: PNG without an IHDR header")
-        width, height = struct.unpack(">II", data[16:24])
-        if width == 0 or height == 0:
-            raise RequestError(400, f"cannot decode image: PNG header says {width}x{height}")
-        return "png", int(width), int(height)
-    if data[:2] == b"\xff\xd8":
-        i, n = 2, len(data)
-        while i < n:
-            if data[i] != 0xFF:  # skip to the next marker
-                i += 1
-                continue
-            while i < n and data[i] == 0xFF:  # fill bytes
-                i += 1
-            if i >= n:
-                break
-            marker = data[i]
-            i += 1
-            if marker in (0xD8, 0x01, 0x00) or 0xD0 <= marker <= 0xD7:
-                continue  # standalone markers (0x00: a stuffed byte)
-            if marker == 0xD9 or i + 2 > n:
-                break
-            (length,) = struct.unpack(">H", data[i:i + 2])
-            if marker in _JPEG_SOF:
-                if i + 7 > n:
-                    break
-                height, width = struct.unpack(">HH", data[i + 3:i + 7])
-                if width == 0 or height == 0:
-                    raise RequestError(400, f"cannot decode image: JPEG header says {width}x{height}")
-                return "jpeg", int(width), int(height)
-            if length < 2:
-                break
-            i += length
-        raise RequestError(400, "cannot decode image: no JPEG frame header (SOF) found")
-    raise RequestError(400, f"cannot decode image: not a JPEG or PNG (starts with {show(data[:8])})")
-
-
-def parse_max_pixels(text: str) -> int:
-    """``"4096x4096"`` -> 16777216; a plain integer is a pixel count."""
-    m = re.fullmatch(r"\s*(\d+)\s*[xX*]\s*(\d+)\s*", str(text))
-    value = int(m[1]) * int(m[2]) if m else int(text) if str(text).strip().isdigit() else 0
-    if value <= 0:
-        raise ValueError(f"max pixels must be WIDTHxHEIGHT or a positive integer, got {text!r}")
-    return value
-
-
-def decode_image(data: bytes, max_pixels: int) -> tuple[str, np.ndarray]:
-    """``(format, BGR image)``; the size is checked from the header *before* decoding.
-
-    Raises :class:`RequestError` 413 for too many pixels, 400 for anything undecodable.
-    """
-    fmt, width, height = image_header(data)
-    if width * height > max_pixels:
-        raise RequestError(413, f"image is {width}x{height} = {width * height} pixels; "
-                                f"the limit is {max_pixels} pixels (--max-pixels)")
-    import cv2
-
-    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
-    if image is None or image.size == 0:
-        raise RequestError(400, f"cannot decode image: corrupt or truncated {fmt.upper()} "
-                                f"({len(data)} bytes, header {width}x{height})")
-    return fmt, image
-
-
-# --------------------------------------------------------------------------- request bodies
-
-
-def media_type(content_type: str | None) -> tuple[str, Message]:
-    """``("multipart/form-data", parsed header)`` from a Content-Type value (lower-cased type)."""
-    msg = Message()
-    msg["content-type"] = content_type or ""
-    return (msg.get_content_type() if content_type else ""), msg
-
-
-@dataclass
-class Part:
-    name: str | None
-    filename: str | None
-    content_type: str
-    data: bytes
-
-
-def parse_multipart(body: bytes, boundary: str, max_parts: int, limit_name: str = "") -> list[Part]:
-    """Split a ``multipart/form-data`` body (RFC 7578) into parts, byte-exact.
-
-    Raises :class:`RequestError` 400 if it is malformed, 413 for more than ``max_parts`` parts.
-    """
-    if not boundary or len(boundary) > 200:
-        raise RequestError(400, f"multipart body needs a boundary parameter, got {show(boundary)}")
-    delim = b"\r\n--" + boundary.encode("latin-1")
-    sections = (b"\r\n" + body).split(delim)
-    if len(sections) < 2:
-        raise RequestError(400, "malformed multipart body: boundary not found")
-    parts = []
-    for section in sections[1:]:
-        if section.startswith(b"--"):
-            return parts  # closing delimiter
-        if len(parts) >= max_parts:
-            raise RequestError(413, f"more than {max_parts} parts in the multipart body{limit_name}")
-        head, sep, data = section.partition(b"\r\n\r\n")
-        if not sep:
-            raise RequestError(400, f"malformed multipart body: part {len(parts)} has no header end")
-        headers = HeaderParser().parsestr(head.lstrip(b" \t").lstrip(b"\r\n").decode("latin-1"))
-        parts.append(Part(headers.get_param("name", header="content-disposition"), headers.get_filename(),
-                          headers.get_content_type() if headers.get("content-type") else "", data))
-    raise RequestError(400, "malformed multipart body: no closing boundary")
-
-
-async def read_body(request, max_bytes: int, timeout_s: float) -> bytes:
-    """The request body, refused with 413 as soon as it exceeds ``max_bytes`` (never buffered beyond)."""
-    declared = request.headers.get("content-length")
-    if declared is not None:
-        if not declared.strip().isdigit():
-            raise RequestError(400, f"bad Content-Length {show(declared)}")
-        if int(declared) > max_bytes:
-            raise RequestError(413, f"body of {int(declared)} bytes is over the limit of {max_bytes} "
-                                    f"bytes (--max-body-mb)")
-    chunks, size = [], 0
-
-    async def collect():
-        nonlocal size
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > max_bytes:
-                raise RequestError(413, f"body is over the limit of {max_bytes} bytes (--max-body-mb); "
-                                        f"stopped reading at {size} bytes")
-            chunks.append(chunk)
-
-    try:
-        await asyncio.wait_for(collect(), timeout_s)
-    except asyncio.TimeoutError:
-        raise RequestError(408, f"body not received within {timeout_s:g} s ({size} bytes so far)") from None
-    if size == 0:
-        raise RequestError(400, "empty body: send an image")
-    return b"".join(chunks)
-
-
-def cut_atlas(atlas: np.ndarray, metas: Sequence[dict]) -> list[np.ndarray]:
-    """The crops of an atlas (copies), from the cells in ``metas``; a cell outside the atlas is a 422."""
-    h, w = atlas.shape[:2]
-    crops = []
-    for i, m in enumerate(metas):
-        ax, ay, cw, ch = (m[k] for k in ATLAS_FIELDS)
-        if ax + cw > w or ay + ch > h:
-            raise RequestError(422, f"meta.crops[{i}]: cell {cw}x{ch} at ({ax}, {ay}) is outside the {w}x{h} atlas")
-        crops.append(np.ascontiguousarray(atlas[ay:ay + ch, ax:ax + cw]))
-    return crops
+_R = RoutingConfig  # the service's thresholds: routing.cloud_conf, label_conf, crop_zoom
 
 
 # --------------------------------------------------------------------------- detections
@@ -335,22 +142,6 @@ def crops_to_frame(per_crop: Sequence[Detections], metas: Sequence[dict]) -> lis
     -> ``[110, 60, 120, 70]``; sent at 2x, ``[20, 20, 40, 40]`` maps to the same box.
     """
     return [to_frame_coords(d, (m["x0"], m["y0"]), m["scale"]) for d, m in zip(per_crop, metas)]
-
-
-def yolo_label_lines(dets: Detections, width: int, height: int) -> list[str]:
-    """``cls cx cy w h`` normalised to a ``width`` x ``height`` image (boxes clipped; empty ones dropped).
-
-    Example: ``[10, 20, 30, 60]`` class 3 on 100x200 -> ``"3 0.200000 0.200000 0.200000 0.200000"``.
-    """
-    lines = []
-    for (x1, y1, x2, y2), k in zip(dets.xyxy, dets.cls):
-        x1, x2 = np.clip([x1, x2], 0, width)
-        y1, y2 = np.clip([y1, y2], 0, height)
-        if x2 - x1 <= 0 or y2 - y1 <= 0:
-            continue
-        lines.append(f"{int(k)} {(x1 + x2) / 2 / width:.6f} {(y1 + y2) / 2 / height:.6f} "
-                     f"{(x2 - x1) / width:.6f} {(y2 - y1) / height:.6f}")
-    return lines
 
 
 def detect_packed(detect: Callable[[list[np.ndarray]], list[Detections]], images: Sequence[np.ndarray],
@@ -438,61 +229,6 @@ class YoloDetector:
         return [Detections(r["xyxy"], r["conf"], r["cls"]) for r in raw]
 
 
-# --------------------------------------------------------------------------- hard-sample store
-
-
-class HardSampleStore:
-    """Uploaded samples with the cloud's labels, as a YOLO dataset (see the module docstring)."""
-
-    def __init__(self, root: str | Path, names: Sequence[str]):
-        import yaml
-
-        self.root = Path(root).expanduser().resolve()
-        self.names = list(names)
-        self.images, self.labels, self.index = self.root / "images", self.root / "labels", self.root / "index.jsonl"
-        self.images.mkdir(parents=True, exist_ok=True)
-        self.labels.mkdir(parents=True, exist_ok=True)
-        data_yaml = self.root / "data.yaml"
-        if data_yaml.is_file():
-            old = yaml.safe_load(data_yaml.read_text()) or {}
-            old_names = old.get("names")
-            old_names = [old_names[k] for k in sorted(old_names)] if isinstance(old_names, dict) else old_names
-            if old_names and [str(n) for n in old_names] != self.names:
-                raise StoreError(f"{self.root} holds samples labelled for classes {old_names}, "
-                                 f"not this model's {self.names}; use another --store")
-        spec = {"path": str(self.root), "train": "images", "val": "images", "nc": len(self.names),
-                "names": dict(enumerate(self.names))}
-        atomic_write(data_yaml, yaml.safe_dump(spec, sort_keys=False).encode())
-        self.lock = threading.Lock()
-        self.count = sum(1 for _ in self.index.open("rb")) if self.index.is_file() else 0
-        existing = [int(m[1]) for p in self.images.iterdir() if (m := re.search(r"-(\d+)\.\w+$", p.name))]
-        self._seq = itertools.count(max([self.count, *existing]) + 1)
-
-    def add(self, *, site: str, frame: str | None, kind: str, data: bytes, fmt: str, image_hw: tuple[int, int],
-            dets: Detections, origin: tuple[float, float] | None = None, scale: Any = None) -> str:
-        """Store one sample (``dets`` in the pixels of this image) and return its id."""
-        height, width = image_hw
-        lines = yolo_label_lines(dets, width, height)
-        frame_part = frame or f"t{time.time_ns() // 1_000_000}"
-        with self.lock:
-            sample_id = f"{site}-{frame_part}-{next(self._seq):06d}"
-            while any(self.images.glob(f"{sample_id}.*")):  # a stray file from another writer
-                sample_id = f"{site}-{frame_part}-{next(self._seq):06d}"
-            # label before image: an image must never be seen without its labels (it would be a negative)
-            atomic_write(self.labels / f"{sample_id}.txt", "".join(f"{ln}\n" for ln in lines).encode())
-            atomic_write(self.images / f"{sample_id}{SUFFIX[fmt]}", data)
-            entry = {"id": sample_id, "site": site, "frame": frame, "time": round(time.time(), 3), "kind": kind,
-                     "origin": list(origin) if origin is not None else None, "scale": scale,
-                     "width": width, "height": height, "detections": len(lines),
-                     "image": f"images/{sample_id}{SUFFIX[fmt]}", "label": f"labels/{sample_id}.txt"}
-            with self.index.open("a", encoding="utf-8") as fh:
-                fh.write(json.dumps(entry) + "\n")
-                fh.flush()
-                os.fsync(fh.fileno())
-            self.count += 1
-        return sample_id
-
-
 # --------------------------------------------------------------------------- the service
 
 
@@ -509,7 +245,7 @@ class CloudService:
 
     def __init__(self, detect: DetectFn, *, arch: str, names: Sequence[str], token: str,
                  store: HardSampleStore | None, limits: Limits | None = None, iou: float = 0.7,
-                 imgsz: int | None = None, crop_zoom: float = CROP_ZOOM, label_conf: float = LABEL_CONF):
+                 imgsz: int | None = None, crop_zoom: float = _R.crop_zoom, label_conf: float = _R.label_conf):
         if not token:
             raise ValueError("the cloud service needs a non-empty bearer token")
         self.detect, self.arch, self.names, self.store = detect, arch, list(names), store
@@ -708,11 +444,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--keyfile", help="TLS private key (PEM)")
     p.add_argument("--store", required=True, help="hard-sample store folder")
     p.add_argument("--imgsz", type=int, default=320)
-    p.add_argument("--conf", type=float, default=ANSWER_CONF, help="answer with detections from this confidence on")
-    p.add_argument("--label-conf", type=float, default=LABEL_CONF,
+    p.add_argument("--conf", type=float, default=_R.cloud_conf, help="answer with detections from this confidence on")
+    p.add_argument("--label-conf", type=float, default=_R.label_conf,
                    help="the hard-sample store's labels: only detections from this confidence on")
     p.add_argument("--iou", type=float, default=0.7)
-    p.add_argument("--crop-zoom", type=float, default=CROP_ZOOM,
+    p.add_argument("--crop-zoom", type=float, default=_R.crop_zoom,
                    help="crops are detected resized by this factor (cloud compute for small objects, no upload bytes)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--max-body-mb", type=float, default=8.0)

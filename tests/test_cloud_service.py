@@ -34,11 +34,15 @@ import httpx
 import numpy as np
 import pytest
 
-from common.routing import Detections, atlas_layout, to_frame_coords
 from common.cloud_api import RequestError
-from server.cloud import (ANSWER_CONF, LABEL_CONF, CloudService, HardSampleStore, Limits,
-                          create_app, crops_to_frame, decode_image, detect_packed, image_header,
-                          parse_max_pixels, parse_multipart, yolo_label_lines)
+from common.config import RoutingConfig
+from common.detections import Detections
+from common.routing import atlas_layout, to_frame_coords
+from server.cloud import CloudService, Limits, create_app, crops_to_frame, detect_packed
+from server.cloud_http import decode_image, image_header, parse_max_pixels, parse_multipart
+from server.hard_samples import HardSampleStore, yolo_label_lines
+
+LABEL_CONF, ANSWER_CONF = RoutingConfig.label_conf, RoutingConfig.cloud_conf
 from tests.deploy_helpers import free_port, stop_tree, tail
 
 TOKEN = "s3cret-token"
@@ -246,7 +250,7 @@ def test_crops_endpoint_maps_to_frame_and_stores_crop_labels(app_client):
 
 def test_store_labels_only_boxes_at_or_above_label_conf(tmp_path):
     """The answer has every box the detector returned (from --conf on); the hard-sample store's labels only
-    those at >= label_conf (default server.cloud.LABEL_CONF 0.25), since cloud->edge KD trains on them."""
+    those at >= label_conf (default routing.label_conf 0.25), since cloud->edge KD trains on them."""
     def detect(images):
         return [Detections([[10, 10, 20, 20], [30, 30, 40, 40], [50, 50, 60, 60]], [0.9, 0.25, 0.2], [3, 1, 2])
                 for _ in images]
@@ -420,7 +424,7 @@ def test_health_names_the_model_and_classes(cloud):
     assert r.status_code == 200
     body = r.json()
     assert body["status"] == "ok" and body["model"] == "yolo11n" and body["classes"] == NAMES
-    assert isinstance(body["served"], int) and body["crop_zoom"] == 2.0  # server.cloud.CROP_ZOOM
+    assert isinstance(body["served"], int) and body["crop_zoom"] == 2.0  # routing.crop_zoom
     assert body["label_conf"] == 0.0  # the fixture's --label-conf
 
 
