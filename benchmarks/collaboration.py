@@ -179,7 +179,7 @@ def cloud_only(source: Path, client, site: str, quality: int = 90) -> tuple[list
     HTTP body bytes."""
     from clients.media import FrameSource
     from clients.offload import OffloadEntry
-    from common.routing import encode_regions
+    from common.offload import encode_regions
 
     dets, ms, sizes, wire = [], [], [], []
     frames = FrameSource(source)
@@ -232,7 +232,7 @@ def per_frame(records: list[dict], collaborative: bool) -> list:
     """Final detections per frame: with ``collaborative``, a keyframe's ``refined`` answer or, on a later
     frame, that answer ``carried`` there (:class:`clients.edge.RefinedCarrier`); else (or when neither came)
     the frame's ``edge`` line."""
-    from common.routing import Detections
+    from common.detections import Detections
 
     failed = [r for r in records if r["kind"] == "failed"]
     if failed:
@@ -267,7 +267,7 @@ def offload_figures(records: list[dict]) -> dict:
 def separate_crop_bytes(records: list[dict], source: Path, quality: int = 90) -> float:
     """Bytes per frame had each crop of the run's offloads been its own JPEG (``--separate-crops``)."""
     from clients.media import FrameSource
-    from common.routing import encode_regions, payload_bytes
+    from common.offload import encode_regions, payload_bytes
 
     regions = {r["frame"]: r["offload"]["regions"] for r in records if r["kind"] == "edge" and r["offload"]}
     frames, total, n = FrameSource(source), 0, 0
@@ -393,7 +393,7 @@ class NullCloud:
 
     def send(self, entry):
         from clients.offload import CloudAnswer
-        from common.routing import Detections
+        from common.detections import Detections
 
         return CloudAnswer(Detections.empty(), 0.0)
 

@@ -31,8 +31,8 @@ Per frame (paper section 4.2):
 4. **Output at once.** The ``edge`` JSON line is written and flushed before
    anything is sent. A keyframe with an ambiguous detection or a candidate
    (a box between ``--candidate-conf`` and ``--conf``) is offloaded: crops with
-   context around those boxes (:func:`common.routing.offload_plan`), all on one
-   JPEG atlas (:func:`common.routing.encode_atlas`; ``--separate-crops``: one
+   context around those boxes (:func:`common.offload.offload_plan`), all on one
+   JPEG atlas (:func:`common.offload.encode_atlas`; ``--separate-crops``: one
    JPEG each), or the whole keyframe with ``--offload frame``; written to the
    disk queue and handed to a background worker.
 5. **Refinement.** When the cloud answers, a ``refined`` line for that frame
@@ -114,7 +114,7 @@ Output (``--out``, JSON lines; ``--append`` to keep an existing file)
     an offload the cloud refused, and a last ``{"kind": "summary", ...}`` line.
     ``time`` is Unix seconds (frame read; answer received), ``pts_s`` the media
     time (frame / fps; seconds since start for a camera). Every detection list
-    reads back with :meth:`common.routing.Detections.from_list`. ``model`` is the
+    reads back with :meth:`common.detections.Detections.from_list`. ``model`` is the
     version of the model that made the edge detections.
 
 Annotated video (``--video``)

@@ -26,7 +26,7 @@ from clients.media import EdgeError
 from common.cloud_api import CROPS_PATH, DETECT_PATH, FRAME_HEADER, SITE_HEADER, encode_crop_meta, frame_tag, offload_id
 from common.detections import Detections
 from common.files import atomic_write
-from common.routing import encode_atlas, encode_regions, offload_plan, payload_bytes
+from common.offload import encode_atlas, encode_regions, offload_plan, payload_bytes
 from common.tokens import TOKEN_ENV
 
 log = logging.getLogger(__name__)
@@ -86,7 +86,7 @@ class OffloadEntry:
                      atlas: bool = True) -> "OffloadEntry":
         """The offload of one keyframe: crops around the ``offloaded`` boxes (or the whole frame), as JPEG.
 
-        ``atlas``: the crops go on one image (:func:`common.routing.encode_atlas`), else one JPEG each.
+        ``atlas``: the crops go on one image (:func:`common.offload.encode_atlas`), else one JPEG each.
         """
         plan = offload_plan(boxes, offloaded, image.shape, mode=mode, context=context, min_size=min_size)
         corners = None

@@ -42,7 +42,7 @@ API
     resized by before sending (sent size = crop size * scale).
 
     Or all crops on *one* image (what the edge runtime sends, see
-    :func:`common.routing.encode_atlas`: one JPEG header per keyframe instead of
+    :func:`common.offload.encode_atlas`: one JPEG header per keyframe instead of
     one per crop): a single file part ``atlas`` instead of the ``crop`` parts,
     and each meta item also names its cell, ``{"x0", "y0", "ax", "ay", "width",
     "height"}`` (whole pixels; the crop is ``atlas[ay:ay+height, ax:ax+width]``).
@@ -119,7 +119,7 @@ from common.cloud_api import (CROPS_PATH, DETECT_PATH, FRAME_HEADER, SITE_HEADER
                               parse_crop_meta, show)
 from common.config import RoutingConfig
 from common.detections import Detections, nms
-from common.routing import shelf_pack, to_frame_coords
+from common.offload import shelf_pack, to_frame_coords
 from common.tokens import TOKEN_ENV, resolve_token
 from server.cloud_http import (IMAGE_TYPES, PART_TYPES, cut_atlas, decode_image, media_type, parse_max_pixels,
                                parse_multipart, read_body)
@@ -136,7 +136,7 @@ _R = RoutingConfig  # the service's thresholds: routing.cloud_conf, label_conf, 
 
 
 def crops_to_frame(per_crop: Sequence[Detections], metas: Sequence[dict]) -> list[Detections]:
-    """Each crop's detections (crop pixels) in frame pixels, via :func:`common.routing.to_frame_coords`.
+    """Each crop's detections (crop pixels) in frame pixels, via :func:`common.offload.to_frame_coords`.
 
     Example: a crop at origin ``(100, 50)``, scale 1, with a box ``[10, 10, 20, 20]``
     -> ``[110, 60, 120, 70]``; sent at 2x, ``[20, 20, 40, 40]`` maps to the same box.
@@ -151,7 +151,7 @@ def detect_packed(detect: Callable[[list[np.ndarray]], list[Detections]], images
     A detector letterboxes each input to its input size, so a 40 px crop sent alone is
     enlarged 8x and its small objects become large ones the model never saw. Here each
     crop is resized by ``zoom`` (bicubic; 1 = its own scale) and the crops are packed
-    (:func:`common.routing.shelf_pack`, 2 px apart) onto ``tile``-sized canvases filled with the letterbox gray
+    (:func:`common.offload.shelf_pack`, 2 px apart) onto ``tile``-sized canvases filled with the letterbox gray
     (114); the tiles are detected in one batch; each detection goes to the crop that
     holds its centre and is mapped back to that crop's own pixels (divided by ``zoom``),
     clipped to it. A crop larger than a tile is detected alone, letterboxed.
@@ -304,7 +304,7 @@ class CloudService:
         return self._crops(samples, metas, site, frame, t0)
 
     def detect_atlas(self, atlas: bytes, metas: list[dict], site: str, frame: str | None) -> dict:
-        """Crops sent on one atlas image (``common.routing.encode_atlas``); each is stored as a lossless PNG."""
+        """Crops sent on one atlas image (``common.offload.encode_atlas``); each is stored as a lossless PNG."""
         import cv2
 
         t0 = time.perf_counter()

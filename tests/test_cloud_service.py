@@ -37,7 +37,7 @@ import pytest
 from common.cloud_api import RequestError
 from common.config import RoutingConfig
 from common.detections import Detections
-from common.routing import atlas_layout, to_frame_coords
+from common.offload import atlas_layout, to_frame_coords
 from server.cloud import CloudService, Limits, create_app, crops_to_frame, detect_packed
 from server.cloud_http import decode_image, image_header, parse_max_pixels, parse_multipart
 from server.hard_samples import HardSampleStore, yolo_label_lines

@@ -11,30 +11,11 @@ import numpy as np
 import pytest
 
 from common.keyframes import IoUTracker
-from common.routing import (
-    REASONS,
-    Detections,
-    ambiguity_reasons,
-    ambiguous_mask,
-    atlas_layout,
-    crop_image,
-    crop_regions,
-    encode_atlas,
-    encode_regions,
-    is_unstable,
-    keyframe_offload_fraction,
-    merge,
-    merge_overlapping,
-    offload_fraction,
-    offload_plan,
-    offload_stats,
-    payload_bytes,
-    raw_bytes,
-    reason_counts,
-    route,
-    shelf_pack,
-    to_frame_coords,
-)
+from common.detections import Detections
+from common.offload import (atlas_layout, crop_image, crop_regions, encode_atlas, encode_regions, merge_overlapping,
+                            offload_plan, payload_bytes, raw_bytes, shelf_pack, to_frame_coords)
+from common.routing import (REASONS, ambiguity_reasons, ambiguous_mask, is_unstable, keyframe_offload_fraction, merge,
+                            offload_fraction, offload_stats, reason_counts, route)
 
 REPO = Path(__file__).resolve().parents[1]
 T, F = True, False
