@@ -165,6 +165,7 @@ from clients.detector import EdgeModel, StaticModel  # noqa: F401 - StaticModel:
 from clients.media import EdgeError, Frame, FrameSource, JsonlWriter, VideoAnnotator
 from clients.offload import CloudAnswer, CloudClient, DiskQueue, Offloader, OffloadEntry
 from common.cloud_api import ID_PATTERN, ID_RULE, RUN_PATTERN
+from common.config import EvalConfig, TrainConfig
 from common.detections import Detections
 from common.keyframes import IoUTracker, KeyframeSelector
 from common.routing import MERGE_POLICIES
@@ -486,13 +487,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--upscale", metavar="MODEL.npz",
                    help="super-resolve every frame with this A+ model first (common.superres); "
                         "boxes are then in upscaled-frame pixels")
-    p.add_argument("--imgsz", type=int, default=320)
+    p.add_argument("--imgsz", type=int, default=TrainConfig.imgsz, help="detector input size (train.imgsz)")
     p.add_argument("--conf", "--det-conf", dest="det_conf", type=float, default=EdgeSettings.det_conf,
                    help="the edge's answer: its detections from this confidence on (routing.det_conf)")
     p.add_argument("--candidate-conf", type=float, default=EdgeSettings.candidate_conf,
                    help="also detect down to this confidence: boxes below --conf are candidates, offloaded and kept "
                         "only where the cloud confirms them (0: off)")
-    p.add_argument("--iou", type=float, default=0.7, help="edge detector NMS IoU")
+    p.add_argument("--iou", type=float, default=EvalConfig.iou, help="edge detector NMS IoU (eval.iou)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--context", type=float, default=EdgeSettings.context,
                    help="crop margin, fraction of the box per side")

@@ -11,8 +11,8 @@ the cloud model for re-detection, when it meets one or more of:
 The final result merges the confident, unambiguous edge detections with the
 cloud's detections for what was offloaded. Choices where the paper is unclear:
 
-``t_size`` default
-    The paper gives no value. Default 256 px² (16×16), the upper bound of the
+``t_size``
+    The paper gives no value. ``routing.t_size`` is 256 px² (16×16), the upper bound of the
     "tiny" class in small-object benchmarks (AI-TOD: < 16×16), which matches
     the built-in benchmark's object sizes. COCO's "small" (< 32²) would send
     almost every VisDrone object to the cloud. Areas are in the pixel units of
@@ -116,10 +116,11 @@ def is_unstable(history: Sequence[bool] | None, n_frames: int = 5) -> bool:
 def ambiguity_reasons(
     boxes: Any,
     scores: Any,
-    track_histories: Sequence[Sequence[bool] | None] | None = None,
-    t_conf: float = 0.5,
-    t_size: float = 256.0,
-    n_frames: int = 5,
+    track_histories: Sequence[Sequence[bool] | None] | None,
+    *,
+    t_conf: float,
+    t_size: float,
+    n_frames: int,
 ) -> list[tuple[str, ...]]:
     """Why each detection is ambiguous (paper 4.2 (a)-(c)); ``()`` = confident.
 
@@ -199,10 +200,11 @@ class Routing:
 
 def route(
     detections: Detections,
-    track_histories: Sequence[Sequence[bool] | None] | None = None,
-    t_conf: float = 0.5,
-    t_size: float = 256.0,
-    n_frames: int = 5,
+    track_histories: Sequence[Sequence[bool] | None] | None,
+    *,
+    t_conf: float,
+    t_size: float,
+    n_frames: int,
 ) -> Routing:
     """Split edge detections into confident ones and ones to offload.
 
@@ -214,9 +216,8 @@ def route(
     Scores ``[0.9, 0.3]`` on two 20×20 boxes, no tracks → mask ``[False, True]``,
     reasons ``[(), ("low_conf",)]``.
     """
-    reasons = ambiguity_reasons(
-        detections.xyxy, detections.conf, track_histories, t_conf, t_size, n_frames
-    )
+    reasons = ambiguity_reasons(detections.xyxy, detections.conf, track_histories, t_conf=t_conf, t_size=t_size,
+                                n_frames=n_frames)
     mask = ambiguous_mask(reasons).reshape(len(detections))
     return Routing(detections.select(~mask), detections.select(mask), mask, reasons)
 

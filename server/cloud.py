@@ -117,7 +117,7 @@ from fastapi.responses import JSONResponse
 
 from common.cloud_api import (CROPS_PATH, DETECT_PATH, FRAME_HEADER, SITE_HEADER, RequestError, check_ids,
                               parse_crop_meta, show)
-from common.config import RoutingConfig
+from common.config import EvalConfig, RoutingConfig, TrainConfig
 from common.detections import Detections, nms
 from common.offload import shelf_pack, to_frame_coords
 from common.tokens import TOKEN_ENV, resolve_token
@@ -443,11 +443,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--certfile", help="TLS certificate (PEM); with --keyfile serves HTTPS")
     p.add_argument("--keyfile", help="TLS private key (PEM)")
     p.add_argument("--store", required=True, help="hard-sample store folder")
-    p.add_argument("--imgsz", type=int, default=320)
+    p.add_argument("--imgsz", type=int, default=TrainConfig.imgsz, help="detector input size (train.imgsz)")
     p.add_argument("--conf", type=float, default=_R.cloud_conf, help="answer with detections from this confidence on")
     p.add_argument("--label-conf", type=float, default=_R.label_conf,
                    help="the hard-sample store's labels: only detections from this confidence on")
-    p.add_argument("--iou", type=float, default=0.7)
+    p.add_argument("--iou", type=float, default=EvalConfig.iou, help="NMS IoU (eval.iou)")
     p.add_argument("--crop-zoom", type=float, default=_R.crop_zoom,
                    help="crops are detected resized by this factor (cloud compute for small objects, no upload bytes)")
     p.add_argument("--device", default="cpu")

@@ -19,6 +19,7 @@ from common.routing import (REASONS, ambiguity_reasons, ambiguous_mask, is_unsta
 
 REPO = Path(__file__).resolve().parents[1]
 T, F = True, False
+PAPER = dict(t_conf=0.5, t_size=256.0, n_frames=5)  # the paper's T_conf and N, T_size 16x16
 
 
 def dets(boxes, conf=None, cls=None) -> Detections:
@@ -151,13 +152,13 @@ def test_each_reason_on_hand_built_detections():
 
 def test_thresholds_are_parameters():
     """t_conf = 0.95 makes a 0.9 detection ambiguous; t_size = 0 turns 'small' off."""
-    reasons = ambiguity_reasons([[0, 0, 4, 4]], [0.9], None, t_conf=0.95, t_size=0)
+    reasons = ambiguity_reasons([[0, 0, 4, 4]], [0.9], None, t_conf=0.95, t_size=0, n_frames=5)
     assert reasons == [("low_conf",)]
 
 
 def test_no_histories_means_no_unstable_reason():
-    assert ambiguity_reasons([[0, 0, 20, 20]], [0.9]) == [()]
-    assert ambiguity_reasons(np.zeros((0, 4)), []) == []
+    assert ambiguity_reasons([[0, 0, 20, 20]], [0.9], None, **PAPER) == [()]
+    assert ambiguity_reasons(np.zeros((0, 4)), [], None, **PAPER) == []
 
 
 @pytest.mark.parametrize(
@@ -171,7 +172,7 @@ def test_no_histories_means_no_unstable_reason():
 )
 def test_ambiguity_rejects_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
-        ambiguity_reasons([[0, 0, 20, 20]], [0.9], **kwargs)
+        ambiguity_reasons([[0, 0, 20, 20]], [0.9], **{"track_histories": None, **PAPER, **kwargs})
 
 
 def test_tracker_feeds_the_unstable_rule():
@@ -187,7 +188,7 @@ def test_tracker_feeds_the_unstable_rule():
     tracker.update([steady, flicker], [0, 0])
     tracker.update([steady], [0])  # flicker missed
     ids = tracker.update([steady, [1, 0, 41, 40]], [0, 0])  # flicker back, 1 px right
-    result = route(dets([steady, [1, 0, 41, 40]]), tracker.histories(ids))
+    result = route(dets([steady, [1, 0, 41, 40]]), tracker.histories(ids), **PAPER)
     # Assert
     assert tracker.histories(ids) == [(T, T, T), (T, F, T)]
     assert result.reasons == [(), ("unstable",)]
@@ -199,7 +200,7 @@ def test_route_splits_in_order():
     # Prepare
     d = dets([[0, 0, 20, 20], [30, 0, 50, 20], [60, 0, 80, 20]], conf=[0.3, 0.8, 0.4], cls=[1, 2, 3])
     # Execute
-    r = route(d)
+    r = route(d, None, **PAPER)
     # Assert
     np.testing.assert_array_equal(r.offload_mask, [T, F, T])
     np.testing.assert_array_equal(r.confident.cls, [2])
