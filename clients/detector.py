@@ -181,7 +181,9 @@ class EdgeModel:
     ``load(weights_path, version) -> Predictor`` builds a detector; the default
     builds a :class:`TorchPredictor`, or an :class:`OnnxPredictor` when ``onnx``
     is given (exporting ``onnx`` from the weights whenever the weights' version
-    differs from the one recorded next to it in ``<onnx>.json``).
+    differs from the one recorded next to it in ``<onnx>.json``). An ``onnx`` file
+    the runtime did not write (its digest is not the one recorded in ``<onnx>.json``)
+    is never overwritten: loading refuses it with :class:`EdgeError`.
     """
 
     def __init__(self, weights: str | Path, *, onnx: str | Path | None = None, imgsz: int = 320,
@@ -211,24 +213,38 @@ class EdgeModel:
 
     # -- building
     def _default_load(self, path: Path, version: str) -> Predictor:
+        if self.onnx is None:
+            return TorchPredictor(self._model(path), imgsz=self.imgsz, conf=self.conf, iou=self.iou,
+                                  device=self.device)
         from common import yolo
 
-        if self.onnx is None:
-            return TorchPredictor(yolo.load_weights(path), imgsz=self.imgsz, conf=self.conf, iou=self.iou,
-                                  device=self.device)
         sidecar = self.onnx.with_name(self.onnx.name + ".json")
         try:
             recorded = json.loads(sidecar.read_text())
         except (OSError, ValueError):
             recorded = {}
+        if self.onnx.is_file() and recorded.get("onnx") != file_version(self.onnx):
+            raise EdgeError(f"--onnx {self.onnx}: the file exists and the edge runtime did not export it (no "
+                            f"matching record in {sidecar.name}); it is never overwritten: give a new path, or "
+                            f"delete the file to have it exported from --weights")
         if not self.onnx.is_file() or recorded.get("version") != version or recorded.get("imgsz") != self.imgsz:
             tmp = self.onnx.with_name(f".{self.onnx.stem}.{os.getpid()}.tmp.onnx")
-            yolo.export_onnx(yolo.load_weights(path), tmp, imgsz=self.imgsz)
+            yolo.export_onnx(self._model(path), tmp, imgsz=self.imgsz)
             os.replace(tmp, self.onnx)
-            atomic_write(sidecar, json.dumps({"weights": str(path), "version": version,
-                                               "imgsz": self.imgsz}).encode())
+            atomic_write(sidecar, json.dumps({"weights": str(path), "version": version, "imgsz": self.imgsz,
+                                               "onnx": file_version(self.onnx)}).encode())
             log.info("exported %s from %s (version %s)", self.onnx, path, version)
         return OnnxPredictor(self.onnx, imgsz=self.imgsz, conf=self.conf, iou=self.iou)
+
+    @staticmethod
+    def _model(path: Path):
+        """The weights file's model, by :func:`common.yolo.load_weights` (which also loads pruned files)."""
+        from common import yolo
+
+        try:
+            return yolo.load_weights(path)
+        except yolo.ModelError as err:
+            raise EdgeError(f"--weights {path}: cannot load it: {err}") from None
 
     def _build(self, version: str) -> None:
         t0 = time.perf_counter()

@@ -580,6 +580,24 @@ def weights_pair(tmp_path_factory):
     return [first, yolo.save_weights(model, folder / "w1.pt")]
 
 
+def test_an_onnx_file_the_runtime_did_not_write_is_never_overwritten(tmp_path, weights_pair):
+    # Prepare: a foreign file at --onnx, then one with a record next to it that names another digest
+    onnx_path = tmp_path / "model.onnx"
+    onnx_path.write_bytes(b"a pruned export from elsewhere")
+    # Execute / Assert: refused before any export, the file untouched
+    with pytest.raises(EdgeError, match="the edge runtime did not export it .* never overwritten"):
+        EdgeModel(weights_pair[0], onnx=onnx_path, imgsz=128, reload_every=0)
+    Path(f"{onnx_path}.json").write_text(json.dumps({"version": "x", "imgsz": 128, "onnx": "0123456789ab"}))
+    with pytest.raises(EdgeError, match="model.onnx.json"):
+        EdgeModel(weights_pair[0], onnx=onnx_path, imgsz=128, reload_every=0)
+    assert onnx_path.read_bytes() == b"a pruned export from elsewhere"
+    # a weights file that does not load: the error names the file and says why
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(EdgeError, match=r"--weights .*bad\.pt: cannot load it: cannot read weights file"):
+        EdgeModel(bad, imgsz=128, reload_every=0)
+
+
 def test_reload_picks_up_new_weights_in_the_background(tmp_path, weights_pair):
     import shutil
 
