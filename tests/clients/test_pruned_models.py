@@ -22,11 +22,10 @@ def pruned_file(tmp_path_factory):
     from common import prune
 
     model = yolo.build_model("yolo11n", len(NAMES), seed=0, names=NAMES)
-    groups = [g for g in prune.find_groups(model) if not getattr(g, "frozen", False)]
-    group = groups[0]
-    width = len(group.channels) if hasattr(group, "channels") else int(getattr(group, "width"))
-    kept = {group.name: width // 2}
-    prune.apply_pruning(model, groups, {group.name: range(width // 2)})
+    groups = prune.find_groups(model)
+    group = next(g for g in groups if not g.frozen and g.tie is None)  # the first group cut alone: half of it kept
+    prune.apply_pruning(model, groups, {group.name: range(group.size // 2)})
+    kept = {group.name: group.size // 2}
     return prune.save_pruned(model, tmp_path_factory.mktemp("pruned") / "pruned.pt", kept), model
 
 
