@@ -3,7 +3,7 @@
 Real parts: the cloud detection service runs as its own process (``python -m
 server.cloud``) on loopback; the edge side is the edge runtime's own pipeline
 (:class:`clients.edge.EdgeRuntime`: keyframes, tracks, ambiguity routing,
-JPEG offload through the disk queue and :class:`clients.edge.CloudClient`,
+JPEG offload through the disk queue and :class:`clients.offload.CloudClient`,
 merge). Edge and cloud get one CPU thread each on the same machine.
 
 Models
@@ -230,7 +230,7 @@ def remerged(records: list[dict], **policy) -> list[dict]:
 
 def per_frame(records: list[dict], collaborative: bool) -> list:
     """Final detections per frame: with ``collaborative``, a keyframe's ``refined`` answer or, on a later
-    frame, that answer ``carried`` there (:class:`clients.edge.RefinedCarrier`); else (or when neither came)
+    frame, that answer ``carried`` there (:class:`clients.carry.RefinedCarrier`); else (or when neither came)
     the frame's ``edge`` line."""
     from common.detections import Detections
 
@@ -636,7 +636,7 @@ def site_markdown(res: dict, settings: dict, site: str) -> list[str]:
     lines += ["", f"Cloud alone on the same images: mAP50 {c['map50']:.3f}. Plot: `collaboration_tconf.png`.", "",
               "### Keyframe rules on the video (edge alone)", "",
               "A non-keyframe reuses its keyframe's detections, as they are or moved by optical flow "
-              "(`--propagate`, `clients.edge.flow_shift`).", "",
+              "(`--propagate`, `clients.carry.flow_shift`).", "",
               "| β | max_gap | boxes on dropped frames | frames detected | frames dropped | mAP50 | "
               "Δ mAP50 vs every frame (points) | recall |",
               "|---|---|---|---|---|---|---|---|"]
