@@ -479,7 +479,8 @@ class _SilentCloud(FakeCloud):
 
 
 def test_candidates_are_offloaded_and_kept_only_where_the_cloud_confirms_them(tmp_path, video):
-    """det_conf 0.5 (candidates on): the edge's 0.3 box is a candidate, not part of its answer, but sent (crop [57,27,89,59]).
+    """det_conf 0.5 (candidates on): the edge's 0.3 box is a candidate, not part of its answer, but sent
+    (crop [57,27,89,59]).
     The fake cloud re-detects it ([70.5,40.2,76.5,46.1] 0.8, IoU 31.9/39.5 ≈ 0.81): fused, noisy-or
     1 - 0.7·0.2 = 0.86, before the confident edge box 0.9 (frame 2). A silent cloud: the candidate is gone."""
     lines, _ = _run(tmp_path, _frames_of(video), FakeCloud(), det_conf=0.5, candidate_conf=0.05, merge="fuse")
@@ -494,7 +495,8 @@ def test_candidates_are_offloaded_and_kept_only_where_the_cloud_confirms_them(tm
     assert sorted(refined) == [0, 2, 4]
     assert [d["conf"] for d in refined[2]["detections"]] == pytest.approx([0.86, 0.9])
 
-    silent, _ = _run(tmp_path / "silent", _frames_of(video), _SilentCloud(), det_conf=0.5, candidate_conf=0.05, merge="fuse")
+    silent, _ = _run(tmp_path / "silent", _frames_of(video), _SilentCloud(), det_conf=0.5, candidate_conf=0.05,
+                     merge="fuse")
     for ln in silent:
         if ln["kind"] == "refined":
             assert [d["conf"] for d in ln["detections"]] == pytest.approx([0.9])
