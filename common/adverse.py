@@ -468,7 +468,7 @@ def make_variant(data_yaml: str | Path, splits: Sequence[str], condition: str, s
                 raise OSError(f"could not write {img_dir / path.name}")
             kept = [ln for ln, k in zip(lines, keep) if k]
             (lbl_dir / f"{path.stem}.txt").write_text("".join(f"{ln}\n" for ln in kept))
-            n_labels, n_dropped = n_labels + len(rows), n_dropped + len(rows) - len(kept)
+            n_labels, n_dropped = n_labels + len(lines), n_dropped + len(lines) - len(kept)
         stats[split] = {"images": len(images), "labels": n_labels, "dropped_labels": n_dropped}
         log.info("%s %s severity %d: %d images, %d of %d labels dropped -> %s", split, condition, severity,
                  len(images), n_dropped, n_labels, img_dir)
