@@ -52,10 +52,11 @@ def model_nc3():
 
 
 def test_ultralytics_is_isolated_under_cedar_home(cedar_home):
-    from ultralytics.utils import SETTINGS
+    from ultralytics.utils import SETTINGS, USER_CONFIG_DIR
 
     assert yolo.CEDAR_HOME == cedar_home
-    assert Path(yolo.ULTRALYTICS_DIR) == cedar_home / "ultralytics"
+    assert yolo.setup() == cedar_home / "ultralytics"  # idempotent: conftest called it first
+    assert USER_CONFIG_DIR == cedar_home / "ultralytics" / "Ultralytics"
     assert (cedar_home / "ultralytics" / "Ultralytics" / "Arial.ttf").is_file()  # no font download
     assert SETTINGS["sync"] is False
     assert SETTINGS.get("wandb", False) is False
@@ -328,13 +329,5 @@ def test_export_onnx_offline_matches_torch(no_network, tmp_path, model_bn):
     assert no_network == []
     assert path == tmp_path / "out" / "model.onnx" and path.is_file()
     assert out.shape == (1, 4 + NC, 336) == ref.shape
-    np.testing.assert_allclose(out, ref, atol=1e-4)
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-4)  # box centres reach ~480 px: float32 rounding
     assert _state_equal(before, yolo.state_dict(model)) == []  # exported a copy
-
-
-def test_importing_the_adapter_sets_offline_environment():
-    import os
-
-    assert os.environ["YOLO_OFFLINE"] == "1"
-    assert os.environ["YOLO_AUTOINSTALL"] == "false"
-    assert "ultralytics" in sys.modules
