@@ -203,7 +203,6 @@ def run_seed(seed: int, args, cfg, bench, key: dict, done: dict, jsonl: Path) ->
 def measure_cost(weights: dict[str, str], imgsz: int, runs: int, warmup: int, threads: int, workdir: Path) -> dict:
     """Params, GFLOPs, ONNX size and interleaved torch / ONNX Runtime latency of each model file."""
     import torch
-    from ultralytics.utils.torch_utils import get_flops
 
     from common import yolo
 
@@ -213,7 +212,7 @@ def measure_cost(weights: dict[str, str], imgsz: int, runs: int, warmup: int, th
     for name, path in weights.items():
         model = yolo.load_weights(path).eval()
         onnx_path = yolo.export_onnx(model, workdir / f"{len(info)}.onnx", imgsz=imgsz)
-        info[name] = {"params": yolo.count_parameters(model), f"gflops_{imgsz}": round(get_flops(model, imgsz), 3),
+        info[name] = {"params": yolo.count_parameters(model), f"gflops_{imgsz}": round(yolo.gflops(model, imgsz), 3),
                       "onnx_mb": onnx_path.stat().st_size / 2**20}
         run_torch, run_onnx, info[name]["onnx_max_abs_diff"] = latency_runners(model, onnx_path, x, threads)
         runners[(name, "torch")], runners[(name, "onnxruntime")] = run_torch, run_onnx

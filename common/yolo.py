@@ -97,6 +97,14 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def gflops(model: nn.Module, imgsz: int) -> float:
+    """GFLOPs of one ``imgsz`` x ``imgsz`` image, as Ultralytics' model summary counts them (THOP, unfused)."""
+    setup()
+    from ultralytics.utils.torch_utils import get_flops
+
+    return float(get_flops(model, imgsz))
+
+
 def layer_types() -> SimpleNamespace:
     """The Ultralytics layer classes :mod:`common.prune` walks (``Bottleneck``, ``C2f``, ``Detect``, ...)."""
     setup()
