@@ -1,6 +1,6 @@
 """Entropy channel filtering: structured pruning of YOLO11 detectors.
 
-Platform text (seeds/002), entropy channel filtering: "identify and remove redundant
+The platform's entropy channel filtering: "identify and remove redundant
 or less informative filters within convolutional layers by analysing their
 contribution to overall information flow", keeping "only the most essential
 channels, those with higher entropy". Here:
@@ -116,7 +116,7 @@ def channel_entropy(x: torch.Tensor | np.ndarray, bins: int = DEFAULT_BINS, shar
                     ) -> torch.Tensor:
     """Histogram entropy (nats) of each channel's values; ``x`` is ``(N, C)`` samples or ``(B, C, H, W)`` maps.
 
-    The estimator (the score of entropy channel filtering, platform text (seeds/002)):
+    The estimator (the score of the platform's entropy channel filtering):
     every post-activation value of a channel, at every position of every calibration
     image, is put into one of ``bins`` equal-width bins spanning the range ``[min, max]``
     of *all* the channels of the layer (``shared_range=True``; False: each channel's

@@ -1,4 +1,4 @@
-"""PyraFAN: the Pyramid-Fusion Attention Network head (paper section 3, Figure 1; DESIGN 3.6).
+"""PyraFAN: the Pyramid-Fusion Attention Network head (paper section 3, Figure 1).
 
 Three pyramid levels ``X2, X3, X4`` (strides 4, 8, 16) come in; three detection
 levels go out:

@@ -50,7 +50,7 @@ def _fresh(code: str, tmp_path: Path) -> dict:
     """Run ``code`` in a new interpreter with a clean cedar/Ultralytics environment; return what it prints (JSON).
 
     ``CEDAR_HOME`` and ``XDG_CONFIG_HOME`` (Ultralytics' default settings location) point into
-    ``tmp_path``; no ``YOLO_*`` variable is inherited from this test session.
+    ``tmp_path``; no ``YOLO_*`` variable is inherited from the pytest process.
     """
     env = {k: v for k, v in os.environ.items() if not k.startswith("YOLO_")}
     env.update(CEDAR_HOME=str(tmp_path / "home"), XDG_CONFIG_HOME=str(tmp_path / "xdg"), PYTHONPATH=str(REPO))

@@ -1,4 +1,4 @@
-"""Entropy channel filtering (platform text (seeds/002), entropy channel filtering): ``common/prune.py``.
+"""Entropy channel filtering (``common/prune.py``): the estimator, the channel surgery and the saved format.
 
 The entropy estimator on hand-worked inputs; the channel surgery against an oracle
 (channels made exactly zero beforehand must be removable without changing any
