@@ -110,8 +110,9 @@ class PersonalizedStrategy(Strategy):
         self.benchmark_fn = benchmark_fn
         self.aggregation = aggregation
         self.train_config = dict(train_config or {})
-        self.expected_nodes, self.wait_for_nodes_s, self.query_timeout_s = expected_nodes, wait_for_nodes_s, \
-            query_timeout_s
+        self.expected_nodes = expected_nodes
+        self.wait_for_nodes_s = wait_for_nodes_s
+        self.query_timeout_s = query_timeout_s
         self.join_round = dict(join_round or {})
         self.on_round_end = on_round_end
         self.completed_round = 0  # rounds up to this one are done (resume): configure_train skips them
@@ -198,7 +199,7 @@ class PersonalizedStrategy(Strategy):
         """One train message per node: its site's own weights (fedavg: the global ones) and the round config."""
         self._sent = {}
         if server_round <= self.completed_round:
-            log(INFO, "configure_train: round %s was completed before the resume: skipped", server_round)
+            log(INFO, "configure_train: round %s is done already (resumed run): skipped", server_round)
             return []
         node_ids = self.train_nodes(server_round, grid)
         initial = arrays if arrays is not None and len(arrays) else None  # empty: every node builds its own
