@@ -7,6 +7,8 @@ training (one message per node). Fake grid, real ``flwr.app.Message`` objects, n
 milliseconds.
 """
 
+import json
+
 import numpy as np
 import pytest
 from flwr.app import Message, MessageType
@@ -268,11 +270,32 @@ def test_state_dict_round_trip_resumes_the_same_plans():
     _run(a, grid, 1)
     b = _strategy(t_cycle=2)
 
-    b.load_state_dict(a.state_dict())
+    b.load_state_dict(json.loads(json.dumps(a.state_dict())))  # through state.json
 
-    assert b.profiles == a.profiles and b.sites == a.sites
+    assert json.dumps(b.profiles) == json.dumps(a.profiles)  # (NaN AP entries: compared as JSON)
+    assert b.sites == a.sites and b.completed_round == 1
     present = {"site-1": 0.2, "site-2": 0.2, "site-3": 0.2}
     assert b.maintenance.plan(2, sorted(present), present) == a.maintenance.plan(2, sorted(present), present)
+
+
+def test_resumed_strategy_continues_at_the_next_round_under_flowers_start():
+    # Prepare: a strategy that completed round 1 (its state and weights), restarted with new node ids
+    first = _strategy(teacher_rank="degree", better_only=False)
+    _run(first, FakeGrid([1, 2, 3], reply=_reply), 1)
+    resumed = _strategy(teacher_rank="degree", better_only=False)
+    resumed.load_state_dict(json.loads(json.dumps(first.state_dict())))
+    resumed.arrays = dict(first.arrays)
+    grid = FakeGrid([1, 2, 3], reply=_reply)
+
+    # Execute: Flower counts from round 1 again
+    rounds = _run(resumed, grid, 2)
+
+    # Assert: round 1 sends nothing; round 2 has the graph from round 1's profiles and each site's own weights
+    assert [r.server_round for r in rounds] == [2] and len(grid.sent) == 1
+    assert {m.content[P.CONFIG][P.SERVER_ROUND] for m in grid.sent[0]} == {2}
+    _, plan = _expected_plan(paper_rule=True)
+    assert [f"site-{m.metadata.dst_node_id}" for m in _kd_msgs(grid, 0)] == list(plan)
+    assert [m.content[P.ARRAYS]["w"].numpy().tolist() for m in grid.sent[0]] == [[1.0], [2.0], [3.0]]
 
 
 def test_dropped_student_reply_keeps_the_round_going():
