@@ -44,7 +44,7 @@ def config_dir() -> Path:
 
 
 def setup() -> Path:
-    """Make Ultralytics offline and self-contained (see the module docstring); returns its config dir.
+    """Make Ultralytics offline and self-contained (see the module docstring); returns :func:`config_dir`.
 
     Idempotent: the second and later calls return at once.
     """
