@@ -25,12 +25,18 @@ REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("common", "clients", "server", "strategies")
 ADAPTER = {"common.yolo", "common.pyrafan", "common.prune", "common.ultralytics_env", "common.distill",
            "common.checkpoints"}
-PURE_CORE = [m for m in ("common.graph", "common.kd", "common.keyframes", "common.routing", "common.schedule",
-                         "common.detections", "common.offload")
-             if (REPO / m.replace(".", "/")).with_suffix(".py").is_file()]
+
+
+def _exists(module: str) -> bool:
+    return (REPO / module.replace(".", "/")).with_suffix(".py").is_file()
+
+
+PURE_CORE = ["common.graph", "common.kd", "common.keyframes", "common.routing", "common.schedule",
+             *(m for m in ("common.detections", "common.offload") if _exists(m))]
 # what else these may not import: they are numpy and the standard library only (plus cv2 where it is not listed)
-LIGHT = {"common.keyframes": ("torch", "cv2"), "common.routing": ("torch", "cv2"),
-         "common.visdrone": ("torch", "cv2"), "common.adverse": ("torch",), "common.superres": ("torch",)}
+LIGHT = {m: banned for m, banned in {"common.keyframes": ("torch", "cv2"), "common.routing": ("torch", "cv2"),
+                                     "common.visdrone": ("torch", "cv2"), "common.adverse": ("torch",),
+                                     "common.superres": ("torch",)}.items() if _exists(m)}
 HEAVY = ("flwr", "ultralytics", "wandb")
 
 
