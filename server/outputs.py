@@ -53,20 +53,34 @@ class RunOutputs:
     def write_summary(self, keys: tuple[str, ...] = ("test_map50", "benchmark_map50")) -> Path:
         """A markdown table per metric: one row per site, one column per round."""
         rows = self.read_metrics()
-        sites = sorted({r["site_id"] for r in rows})
-        rounds = sorted({r["round"] for r in rows})
         lines = [f"# Run summary: {self.run_dir.name}", ""]
         for key in keys:
+            sites, rounds, values = per_site_round(rows, key)
             lines += [f"## {key}", "", "| site | " + " | ".join(f"round {r}" for r in rounds) + " |",
                       "|---|" + "---|" * len(rounds)]
             for site in sites:
-                vals = {r["round"]: r.get(key) for r in rows if r["site_id"] == site}
-                cells = [f"{vals[r]:.3f}" if isinstance(vals.get(r), (int, float)) else "-" for r in rounds]
+                cells = ["-" if values[site].get(r) is None else f"{values[site][r]:.3f}" for r in rounds]
                 lines.append(f"| {site} | " + " | ".join(cells) + " |")
             lines.append("")
         path = self.run_dir / "summary.md"
         path.write_text("\n".join(lines))
         return path
+
+
+def per_site_round(rows: list[dict[str, Any]], key: str) -> tuple[list[str], list[int], dict[str, dict[int, float]]]:
+    """``(sites, rounds, {site: {round: value}})`` of one numeric metric; missing or non-numeric values are left out.
+
+    >>> per_site_round([{"site_id": "b", "round": 2, "m": 0.5}, {"site_id": "a", "round": 1, "m": None}], "m")
+    (['a', 'b'], [1, 2], {'a': {}, 'b': {2: 0.5}})
+    """
+    sites = sorted({r["site_id"] for r in rows})
+    rounds = sorted({r["round"] for r in rows})
+    values: dict[str, dict[int, float]] = {s: {} for s in sites}
+    for r in rows:
+        v = r.get(key)
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+            values[r["site_id"]][r["round"]] = float(v)
+    return sites, rounds, values
 
 
 def _jsonable(obj):

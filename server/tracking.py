@@ -44,6 +44,17 @@ class Tracker:
 
             self.run.log({key: wandb.Image(str(path))}, step=step)
 
+    def report(self, images: dict[str, bytes], tables: dict[str, tuple[list[str], list[list[Any]]]]) -> None:
+        """The run report's figures (PNG bytes) and tables, under ``report/<key>``."""
+        if self.run is not None:
+            import io
+
+            import wandb
+            from PIL import Image
+
+            self.run.log({**{f"report/{k}": wandb.Image(Image.open(io.BytesIO(v))) for k, v in images.items()},
+                          **{f"report/{k}": wandb.Table(columns=cols, data=rows) for k, (cols, rows) in tables.items()}})
+
     def finish(self) -> None:
         if self.run is not None:
             self.run.finish()
