@@ -202,6 +202,7 @@ def run_federation(grid, cfg: CedarConfig) -> RunOutputs:
         strategy.start(grid, num_rounds=cfg.federation.num_rounds, expected_nodes=num_sites(cfg),
                        wait_for_nodes_s=cfg.federation.wait_for_nodes_s,
                        timeout=cfg.federation.reply_timeout_s, first_round=first_round, on_round_end=on_round_end)
+        out.finish(tracker)
     finally:
         tracker.finish()
     log.info("done: %s", out.write_summary())

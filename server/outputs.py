@@ -6,17 +6,21 @@
     metrics.jsonl        one JSON line per node per round
     nodes/<site>/model.pt  each site's latest weights (state dict, common.yolo.save_weights)
     summary.md           per-site table: mAP50 per round, on its own test set and the benchmark
+    report.html          the run report (server.report)
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 from pathlib import Path
 from typing import Any
 
 from common.config import CedarConfig, save_config
+
+log = logging.getLogger(__name__)
 
 
 def make_run_dir(cfg: CedarConfig) -> Path:
@@ -64,6 +68,21 @@ class RunOutputs:
             lines.append("")
         path = self.run_dir / "summary.md"
         path.write_text("\n".join(lines))
+        return path
+
+    def finish(self, tracker=None) -> Path | None:
+        """End of a run: write the summary and the report (its figures to ``tracker``), print the summary table
+        and the report's path. A report that cannot be built is logged, not raised: the run itself is complete."""
+        from server.report import build_report
+
+        summary = self.write_summary()
+        log.info("summary (%s):\n%s", summary, summary.read_text().strip())
+        try:
+            path = build_report(self.run_dir, tracker)
+        except Exception:  # noqa: BLE001
+            log.exception("report: cannot build it; rebuild with: python -m server.report %s", self.run_dir)
+            return None
+        log.info("report: %s (rebuild: python -m server.report %s)", path.resolve(), self.run_dir)
         return path
 
 

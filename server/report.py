@@ -34,7 +34,8 @@ A box set that is missing or ``null`` was not measured (e.g. no cloud answer for
 Producers call :func:`write_gallery`, which writes the images and this file.
 
 The same figures and tables go to W&B (:meth:`server.tracking.Tracker.report`). At the end of
-a run the ServerApp calls :func:`finish_run`: summary table and report path on the console.
+a run the ServerApp calls :meth:`server.outputs.RunOutputs.finish`: the summary table and the
+report's path on the console.
 """
 
 from __future__ import annotations
@@ -217,9 +218,12 @@ def teacher_table(run: Run) -> list[dict[str, Any]]:
     for row in sorted(run.rows, key=lambda r: (r["round"], r["site_id"])):
         rnd, site = row["round"], row["site_id"]
         graph = run.graphs.get(rnd, {})
-        proposed = set(row.get("teachers_proposed") or (graph.get("teachers_for") or {}).get(site) or ())
-        if rnd in run.cloud_rounds and "teachers_proposed" not in row:
-            proposed.add("cloud")
+        if "teachers_proposed" in row:
+            proposed = set(row["teachers_proposed"] or ())
+        else:  # what GraphKDStrategy.teacher_plan proposes: the graph's teachers, and the cloud on a cloud round
+            proposed = set((graph.get("teachers_for") or {}).get(site) or ())
+            if rnd in run.cloud_rounds:
+                proposed.add("cloud")
         kept = row.get("teachers")
         role = [name for name, yes in [("teacher", site in (graph.get("teachers") or [])), ("student", proposed)]
                 if yes]
@@ -532,22 +536,6 @@ def build_report(run_dir: Path, tracker=None) -> Path:
     path.write_text(page, encoding="utf-8")
     if tracker is not None:
         tracker.report(report.images, report.tables)
-    return path
-
-
-def finish_run(run_dir: Path, tracker=None) -> Path | None:
-    """End of a run: write the summary and the report, print the summary table and the report's path.
-
-    A report that cannot be built is logged, not raised: the run itself is complete.
-    """
-    summary = RunOutputs(run_dir).write_summary()
-    log.info("summary (%s):\n%s", summary, summary.read_text().strip())
-    try:
-        path = build_report(run_dir, tracker)
-    except Exception:  # noqa: BLE001
-        log.exception("report: cannot build it; rebuild with: python -m server.report %s", run_dir)
-        return None
-    log.info("report: %s (rebuild: python -m server.report %s)", path.resolve(), run_dir)
     return path
 
 

@@ -52,8 +52,9 @@ class Tracker:
             import wandb
             from PIL import Image
 
-            self.run.log({**{f"report/{k}": wandb.Image(Image.open(io.BytesIO(v))) for k, v in images.items()},
-                          **{f"report/{k}": wandb.Table(columns=cols, data=rows) for k, (cols, rows) in tables.items()}})
+            data = {f"report/{k}": wandb.Image(Image.open(io.BytesIO(v))) for k, v in images.items()}
+            data.update({f"report/{k}": wandb.Table(columns=c, data=rows) for k, (c, rows) in tables.items()})
+            self.run.log(data)
 
     def finish(self) -> None:
         if self.run is not None:

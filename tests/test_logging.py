@@ -10,7 +10,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 
 # The ServerApp's main with a fake grid: run_federation is replaced by one round of the real graph-KD
-# strategy (its flwr log lines), cedar loggers at INFO and WARNING, and the end of the run (finish_run).
+# strategy (its flwr log lines), cedar loggers at INFO and WARNING, and the end of the run (RunOutputs.finish).
 # A root handler is installed first, as a library's logging.basicConfig would: it must not double anything.
 _ROUND = r"""
 import logging, sys
@@ -23,7 +23,6 @@ TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id = 42, 1, 0
 
 import server.app
 from server.outputs import RunOutputs
-from server.report import finish_run
 from strategies.graph_kd import GraphKDStrategy
 from tests.test_strategy import FakeGrid, _arrays, _content
 from flwr.app import Message
@@ -44,7 +43,7 @@ def one_round(grid, cfg):
 
     strategy.start(grid, num_rounds=1, expected_nodes=2, wait_for_nodes_s=0, on_round_end=on_round_end)
     logging.getLogger("third.party").info("a third-party record")
-    finish_run(out.run_dir)
+    out.finish()
 
 server.app.run_federation = one_round
 grid = FakeGrid([1, 2], reply=lambda m: Message(_content(m.metadata.dst_node_id, _arrays(1.0)), reply_to=m))
@@ -65,8 +64,10 @@ def _console(tmp_path: Path) -> list[str]:
 def test_one_round_prints_every_record_once(tmp_path):
     lines = _console(tmp_path)
 
-    records = [line for line in lines if re.match(r"(DEBUG|INFO|WARNING|ERROR|CRITICAL) *:|ROOT ", line)]
-    twice = {line: n for line, n in Counter(records).items() if n > 1}  # a record's first line, twice
+    # a record's first line is "<LEVEL> :  <message>" (Flower's handler) or "ROOT <logger>: <message>" (the root's)
+    heads = [re.match(r"(?:(?:DEBUG|INFO|WARNING|ERROR|CRITICAL) *:|ROOT [\w.]+:)\s*(.*)", line) for line in lines]
+    messages = [m.group(1) for m in heads if m and m.group(1)]
+    twice = {message: n for message, n in Counter(messages).items() if n > 1}
     assert twice == {}
     expected = [  # one of each source: Flower's strategy, cedar INFO/WARNING, the end of the run, a third party
         "INFO :      [ROUND 1/1]",

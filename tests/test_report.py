@@ -57,10 +57,8 @@ GALLERY_ITEM = {"gt": {"xyxy": [[10, 10, 30, 30], [50, 50, 60, 62]], "cls": [0, 
                 "merged": {"xyxy": [[10, 10, 30, 30], [49, 50, 61, 61]], "conf": [0.9, 0.6], "cls": [0, 1]}}
 
 
-@pytest.fixture
-def run_dir(tmp_path) -> Path:
+def _make_run(run_dir: Path) -> Path:
     """Three sites, three rounds, graph KD from round 2, a cloud round 3, collaboration metrics, a gallery."""
-    run_dir = tmp_path / "quick-test"
     run_dir.mkdir()
     save_config(load_config("quick", {"kd.mode": "graph", "kd.cloud-rounds": [3], "run-name": "quick-test"}),
                 run_dir / "config.yaml")
@@ -79,6 +77,17 @@ def run_dir(tmp_path) -> Path:
         (run_dir / "graphs" / f"round-{rnd:03d}.json").write_text(json.dumps(_graph_record(rnd), indent=1))
     R.write_gallery(run_dir, "site-0", [{"image": _frame(k), **GALLERY_ITEM} for k in range(4)])
     return run_dir
+
+
+@pytest.fixture
+def run_dir(tmp_path) -> Path:
+    return _make_run(tmp_path / "quick-test")
+
+
+@pytest.fixture(scope="module")
+def page(tmp_path_factory) -> str:
+    """The synthetic run's report, built once for the tests that only read it."""
+    return _page(_make_run(tmp_path_factory.mktemp("report") / "quick-test"))
 
 
 class _Tables(HTMLParser):
@@ -122,8 +131,8 @@ def _page(run_dir: Path) -> str:
 # --- the page ------------------------------------------------------------------------------------------
 
 
-def test_map_tables_equal_the_metrics(run_dir):
-    tables = _Tables(_page(run_dir)).tables
+def test_map_tables_equal_the_metrics(page):
+    tables = _Tables(page).tables
 
     assert tables["table-test_map50"] == [
         ["site", "round 1", "round 2", "round 3"],
@@ -133,8 +142,8 @@ def test_map_tables_equal_the_metrics(run_dir):
         ["site-0", "0.550", "-", "0.600"], ["site-1", "0.250", "-", "0.400"], ["site-2", "0.150", "0.200", "0.350"]]
 
 
-def test_teachers_kept_and_rejected(run_dir):
-    tables = _Tables(_page(run_dir)).tables
+def test_teachers_kept_and_rejected(page):
+    tables = _Tables(page).tables
 
     assert tables["table-teachers"] == [
         ["round", "site", "role", "proposed teachers", "kept (taught)", "rejected by the student check"],
@@ -155,8 +164,19 @@ def test_teachers_proposed_column_wins_over_the_graph(run_dir):
                                      "kept": ["site-0"], "sent": True, "rejected": ["site-1"]}]
 
 
-def test_collaboration_table_latest_round_per_site(run_dir):
-    tables = _Tables(_page(run_dir)).tables
+def test_a_student_sent_no_teachers_shows_not_sent(run_dir):
+    run = R.load_run(run_dir)
+    run.rows = [{"round": 2, "site_id": "site-2", "teachers": None}]  # proposed by the graph, never sent
+
+    html = R._teachers(run, R.Report())
+
+    assert R.teacher_table(run) == [{"round": 2, "site": "site-2", "role": "student", "proposed": ["site-0", "site-1"],
+                                     "kept": [], "sent": False, "rejected": []}]
+    assert "<td class=\"text\">not sent</td>" in html
+
+
+def test_collaboration_table_latest_round_per_site(page):
+    tables = _Tables(page).tables
 
     assert tables["table-collaboration"] == [
         ["site", "round", "edge_fnr", "edge_map50", "cloud_map50", "collab_fnr", "collab_map50", "offload_fraction",
@@ -176,8 +196,7 @@ def test_collaboration_says_which_groups_were_not_measured(run_dir):
         in html
 
 
-def test_page_is_self_contained_with_every_figure(run_dir):
-    page = _page(run_dir)
+def test_page_is_self_contained_with_every_figure(page):
     parsed = _Tables(page)
 
     # accuracy plot, 2 graphs, 1 gallery: all inline PNGs that decode
@@ -190,8 +209,8 @@ def test_page_is_self_contained_with_every_figure(run_dir):
     assert '<p class="absent">' not in page  # nothing missing in this run
 
 
-def test_gallery_shows_three_keyframes_with_every_box_colour(run_dir):
-    parsed = _Tables(_page(run_dir))
+def test_gallery_shows_three_keyframes_with_every_box_colour(page):
+    parsed = _Tables(page)
 
     gallery = np.asarray(Image.open(io.BytesIO(base64.b64decode(parsed.images[-1].split(",", 1)[1]))).convert("RGB"))
 
@@ -303,11 +322,11 @@ class _FakeTracker:
         self.logged.append((images, tables))
 
 
-def test_finish_run_logs_summary_and_path_and_feeds_the_tracker(run_dir, caplog):
-    caplog.set_level(logging.INFO, logger="server.report")
+def test_finish_logs_summary_and_path_and_feeds_the_tracker(run_dir, caplog):
+    caplog.set_level(logging.INFO, logger="server.outputs")
     tracker = _FakeTracker()
 
-    path = R.finish_run(run_dir, tracker)
+    path = RunOutputs(run_dir).finish(tracker)
 
     assert path == run_dir / "report.html" and path.is_file()
     messages = [r.getMessage() for r in caplog.records]
@@ -321,13 +340,13 @@ def test_finish_run_logs_summary_and_path_and_feeds_the_tracker(run_dir, caplog)
     assert tables["test_map50"][1][0] == ["site-0", 0.1, 0.3, 0.4]
 
 
-def test_finish_run_logs_a_report_failure_instead_of_raising(run_dir, caplog, monkeypatch):
+def test_finish_logs_a_report_failure_instead_of_raising(run_dir, caplog, monkeypatch):
     def broken(run):
         raise RuntimeError("disk full")
 
     monkeypatch.setattr(R, "render", broken)
 
-    assert R.finish_run(run_dir) is None
+    assert RunOutputs(run_dir).finish() is None
     assert "report: cannot build it; rebuild with: python -m server.report" in caplog.text
     assert "disk full" in caplog.text
 
