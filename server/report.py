@@ -121,22 +121,19 @@ def write_gallery(run_dir: Path, site: str, items: Sequence[Mapping[str, Any]]) 
 
 
 def _box_set(boxes: Any, where: str) -> dict[str, list]:
-    """``{"xyxy", "conf", "cls"}`` as plain lists from a mapping or an object with those attributes."""
-    import numpy as np
+    """``{"xyxy", "conf", "cls"}`` as plain lists from a mapping or an object with those attributes
+    (checked by ``common.routing.Detections``); ``conf`` and ``cls`` default to 1 and 0 (ground truth)."""
+    from common.routing import Detections
 
     get = boxes.get if isinstance(boxes, Mapping) else (lambda key: getattr(boxes, key, None))
-    try:
-        xyxy = np.asarray(get("xyxy") if get("xyxy") is not None else [], dtype=float).reshape(-1, 4)
-    except ValueError:
-        raise GalleryError(f"{where}: xyxy must be a list of [x1, y1, x2, y2], got {get('xyxy')!r}") from None
+    xyxy = [] if get("xyxy") is None else get("xyxy")
     n = len(xyxy)
-    conf = [1.0] * n if get("conf") is None else np.asarray(get("conf"), dtype=float).reshape(-1).tolist()
-    cls = np.asarray([0] * n if get("cls") is None else get("cls")).reshape(-1)
-    if len(conf) != n or len(cls) != n:
-        raise GalleryError(f"{where}: xyxy, conf and cls must have the same length, got {n}, {len(conf)}, {len(cls)}")
-    if not np.all(np.isfinite(xyxy)):
-        raise GalleryError(f"{where}: xyxy must be finite numbers, got {xyxy.tolist()}")
-    return {"xyxy": xyxy.tolist(), "conf": conf, "cls": [int(c) for c in cls]}
+    try:
+        d = Detections(xyxy, [1.0] * n if get("conf") is None else get("conf"), [0] * n if get("cls") is None
+                       else get("cls"))
+    except ValueError as err:
+        raise GalleryError(f"{where}: {err}") from None
+    return {"xyxy": d.xyxy.tolist(), "conf": d.conf.tolist(), "cls": d.cls.tolist()}
 
 
 def read_gallery(run_dir: Path, site: str) -> list[dict[str, Any]]:
