@@ -269,6 +269,11 @@ def cell(value: Any) -> str:
     return str(value)
 
 
+def _scalar(value: Any) -> Any:
+    """A number, string or None as it is; anything else (offload reasons: a dict) as its table cell."""
+    return value if value is None or isinstance(value, (int, float, str)) else cell(value)
+
+
 # --- figures ----------------------------------------------------------------------------------------
 
 
@@ -480,7 +485,7 @@ def _collaboration(run: Run, report: Report) -> str:
     if not columns:
         return _absent("collaboration with the cloud service: not measured in this run")
     header = ["site", "round", *columns]
-    report.tables["collaboration"] = (header, [[r["site_id"], r["round"], *(r.get(c) for c in columns)]
+    report.tables["collaboration"] = (header, [[r["site_id"], r["round"], *(_scalar(r.get(c)) for c in columns)]
                                                for r in rows])
     body = [[_e(r["site_id"]), str(r["round"]), *(_e(cell(r.get(c))) for c in columns)] for r in rows]
     note = _absent("not measured in this run: " + ", ".join(missing)) if missing else ""

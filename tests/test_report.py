@@ -336,8 +336,12 @@ def test_finish_logs_summary_and_path_and_feeds_the_tracker(run_dir, caplog):
     (images, tables), = tracker.logged
     assert sorted(images) == ["accuracy", "gallery/site-0", "graph/round-002", "graph/round-003"]
     assert all(v.startswith(b"\x89PNG") for v in images.values())
+    assert tables["collaboration"][1][0][8] == "low-conf: 7, small: 3"  # W&B tables take no dicts
     assert tables["collaboration"][1][2] == ["site-2", 2, None, 0.1, None, None, 0.2, None, None, None]
     assert tables["test_map50"][1][0] == ["site-0", 0.1, 0.3, 0.4]
+    wandb = pytest.importorskip("wandb")
+    for key, (columns, rows) in tables.items():  # W&B accepts every table (its cells type-check per column)
+        assert wandb.Table(columns=columns, data=rows).data == rows, key
 
 
 def test_finish_logs_a_report_failure_instead_of_raising(run_dir, caplog, monkeypatch):
