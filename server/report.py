@@ -415,6 +415,8 @@ def _overview(run: Run) -> str:
     facts = [("run folder", str(run.run_dir.resolve())), ("preset", cfg.get("preset", "-")),
              ("sites", f"{len(sites)}: {', '.join(sites)}" if sites else "none reported"),
              ("rounds reported", f"{rounds[0]}-{rounds[-1]}" if rounds else "none"),
+             *((f"mean {title}, round {rounds[-1]}", cell(_last_round_mean(run.rows, key)))
+               for key, title in MAP_KEYS.items() if rounds),
              ("edge / cloud model", f"{(cfg.get('model') or {}).get('edge', '-')} / "
                                     f"{(cfg.get('model') or {}).get('cloud', '-')}"),
              ("KD", f"mode {kd.get('mode', '-')}, rho {kd.get('rho', '-')}, student check "
@@ -423,6 +425,13 @@ def _overview(run: Run) -> str:
                                        ("graphs/", run.graphs), ("gallery/", run.galleries)] if not there]
     body = "<dl>" + "".join(f"<dt>{_e(k)}</dt><dd>{_e(v)}</dd>" for k, v in facts) + "</dl>"
     return body + (_absent("absent from this run folder: " + ", ".join(absent)) if absent else "")
+
+
+def _last_round_mean(rows: list[dict[str, Any]], key: str) -> float | None:
+    """Mean of ``key`` over the sites that reported the last round; None unless every one measured it."""
+    sites, rounds, values = per_site_round(rows, key)
+    last = [values[r["site_id"]].get(rounds[-1]) for r in rows if r["round"] == rounds[-1]]
+    return None if None in last else sum(last) / len(last)
 
 
 def _accuracy(run: Run, report: Report) -> str:

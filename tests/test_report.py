@@ -142,6 +142,12 @@ def test_map_tables_equal_the_metrics(page):
         ["site-0", "0.550", "-", "0.600"], ["site-1", "0.250", "-", "0.400"], ["site-2", "0.150", "0.200", "0.350"]]
 
 
+def test_overview_headline_is_the_last_round_mean(page):
+    # own-test (0.4 + 0.35 + 0.3333) / 3 = 0.3611; benchmark (0.6 + 0.4 + 0.35) / 3 = 0.45
+    assert "<dt>mean own-test mAP50, round 3</dt><dd>0.361</dd>" in page
+    assert "<dt>mean benchmark mAP50, round 3</dt><dd>0.450</dd>" in page
+
+
 def test_teachers_kept_and_rejected(page):
     tables = _Tables(page).tables
 
