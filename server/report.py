@@ -351,7 +351,7 @@ def gallery_figure(run_dir: Path, site: str, items: list[dict[str, Any]]):
     fig.legend([Line2D([], [], color=BOX_STYLE[n][0], ls=BOX_STYLE[n][1], lw=2) for n in BOX_SETS],
                [BOX_LABEL[n] + ("" if n in present else " (absent)") for n in BOX_SETS],
                loc="lower center", ncol=len(BOX_SETS), fontsize=9, frameon=False)
-    fig.tight_layout(rect=(0, 0.07, 1, 1))
+    fig.tight_layout(rect=(0, 0.07, 1, 0.97))
     return fig
 
 
