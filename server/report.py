@@ -205,30 +205,19 @@ def load_run(run_dir: Path) -> Run:
 
 
 def teacher_table(run: Run) -> list[dict[str, Any]]:
-    """Per round and site: role, proposed teachers, those the student check kept and rejected.
+    """Per round and site: role, the teachers proposed to it, those its student check kept and rejected.
 
-    Proposed: the row's ``teachers_proposed`` when the run recorded it, else the round graph's
-    ``teachers_for[site]``, plus ``cloud`` on a cloud round. Kept: the row's ``teachers`` (None:
-    the student was sent no teachers). Rows of rounds without any teacher are left out.
+    From each metrics row's ``teachers_proposed`` and ``teachers`` (kept), and the round graph's
+    ``teachers``; rows of sites that neither taught nor were taught are left out.
     """
     out = []
     for row in sorted(run.rows, key=lambda r: (r["round"], r["site_id"])):
-        rnd, site = row["round"], row["site_id"]
-        graph = run.graphs.get(rnd, {})
-        if "teachers_proposed" in row:
-            proposed = set(row["teachers_proposed"] or ())
-        else:  # what GraphKDStrategy.teacher_plan proposes: the graph's teachers, and the cloud on a cloud round
-            proposed = set((graph.get("teachers_for") or {}).get(site) or ())
-            if rnd in run.cloud_rounds:
-                proposed.add("cloud")
-        kept = row.get("teachers")
-        role = [name for name, yes in [("teacher", site in (graph.get("teachers") or [])), ("student", proposed)]
-                if yes]
-        if not role and not kept:
-            continue
-        out.append({"round": rnd, "site": site, "role": " + ".join(role) or "-", "proposed": sorted(proposed),
-                    "kept": sorted(kept or ()), "sent": kept is not None,
-                    "rejected": sorted(proposed - set(kept)) if kept is not None else []})
+        site, proposed, kept = row["site_id"], set(row.get("teachers_proposed") or ()), set(row.get("teachers") or ())
+        role = [name for name, yes in [("teacher", site in (run.graphs.get(row["round"], {}).get("teachers") or [])),
+                                       ("student", proposed)] if yes]
+        if role:
+            out.append({"round": row["round"], "site": site, "role": " + ".join(role), "proposed": sorted(proposed),
+                        "kept": sorted(kept), "rejected": sorted(proposed - kept)})
     return out
 
 
@@ -476,8 +465,7 @@ def _teachers(run: Run, report: Report) -> str:
         return ", ".join(f'<span class="{css}">{_e(t)}</span>' for t in ts) or "-"
 
     body = [[str(t["round"]), _e(t["site"]), t["role"], names(t["proposed"], ""),
-             names(t["kept"], "kept") if t["sent"] or not t["proposed"] else "not sent",
-             names(t["rejected"], "rejected")]
+             names(t["kept"], "kept"), names(t["rejected"], "rejected")]
             for t in table]
     header = ["round", "site", "role", "proposed teachers", "kept (taught)", "rejected by the student check"]
     report.tables["teachers"] = (header, [[t["round"], t["site"], t["role"], ", ".join(t["proposed"]),

@@ -17,7 +17,7 @@ import logging, sys
 from pathlib import Path
 logging.basicConfig(level=logging.INFO, format="ROOT %(name)s: %(message)s")
 
-from flwr.app import Context, RecordDict
+from flwr.app import ArrayRecord, Context, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id = 42, 1, 0
 
@@ -32,16 +32,18 @@ def one_round(grid, cfg):
     out = RunOutputs(Path(sys.argv[1]))
     out.run_dir.mkdir()
     log.info("run folder: %s", out.run_dir)
-    evaluate = lambda reply: {"map50": 0.5, "map50_95": 0.25, "ap50": [0.5, 0.5, 0.5], "seconds": 1.0}
-    strategy = GraphKDStrategy(num_classes=3, epochs_per_round=1, evaluate_fn=evaluate, start_round=1)
+    benchmark = lambda arrays: {"map50": 0.5, "map50_95": 0.25, "ap50": [0.5, 0.5, 0.5], "seconds": 1.0}
+    strategy = GraphKDStrategy(num_classes=3, epochs_per_round=1, benchmark_fn=benchmark, expected_nodes=2,
+                               wait_for_nodes_s=0, start_round=1)
 
-    def on_round_end(server_round, replies):
-        for r in replies:
-            out.append_metrics({"round": server_round, "site_id": r.site_id, "test_map50": 0.25})
-        logging.getLogger("strategies.graph_kd").warning("a cedar warning in round %s", server_round)
-        log.info("round %s summary: %s sites", server_round, len(replies))
+    def on_round_end(record):
+        for r in record.replies:
+            out.append_metrics({"round": record.server_round, "site_id": r.site_id, "test_map50": 0.25})
+        logging.getLogger("strategies.graph_kd").warning("a cedar warning in round %s", record.server_round)
+        log.info("round %s summary: %s sites", record.server_round, len(record.replies))
 
-    strategy.start(grid, num_rounds=1, expected_nodes=2, wait_for_nodes_s=0, on_round_end=on_round_end)
+    strategy.on_round_end = on_round_end
+    strategy.start(grid, ArrayRecord(), num_rounds=1)
     logging.getLogger("third.party").info("a third-party record")
     out.finish()
 

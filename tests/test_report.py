@@ -38,7 +38,7 @@ COLLAB = {  # round 3 for site-0 and site-1, round 2 only for site-2
 
 def _graph_record(server_round: int) -> dict:
     """The round's graph exactly as the strategy records it: site-0 and site-1 teach site-2."""
-    strategy = GraphKDStrategy(num_classes=2, epochs_per_round=1, evaluate_fn=None, rho=0.34)
+    strategy = GraphKDStrategy(num_classes=2, epochs_per_round=1, rho=0.34)
     strategy.profiles = {"site-0": {"position": [0.0, 0.0], "classes": [0, 1], "ap": [0.6, 0.5]},
                          "site-1": {"position": [2.0, 0.0], "classes": [0, 1], "ap": [0.2, 0.3]},
                          "site-2": {"position": [0.0, 2.0], "classes": [0, 1], "ap": [0.1, 0.2]}}
@@ -62,16 +62,17 @@ def _make_run(run_dir: Path) -> Path:
     run_dir.mkdir()
     save_config(load_config("quick", {"kd.mode": "graph", "kd.cloud-rounds": [3], "run-name": "quick-test"}),
                 run_dir / "config.yaml")
-    teachers = {  # (site, round) -> kept teachers (None: not sent any)
-        ("site-2", 2): {"site-1": 0.69},  # site-0 proposed, rejected by the check
-        ("site-0", 3): {"cloud": 1.0}, ("site-1", 3): {},  # site-1 rejects the cloud
-        ("site-2", 3): {"cloud": 0.5, "site-0": 0.15},  # site-1 rejected
+    teachers = {  # (site, round) -> (proposed, kept), as GraphKDStrategy.on_reply records them
+        ("site-2", 2): ({"site-0": 0.31, "site-1": 0.69}, {"site-1": 0.69}),  # the check rejects site-0
+        ("site-0", 3): ({"cloud": 1.0}, {"cloud": 1.0}), ("site-1", 3): ({"cloud": 1.0}, {}),  # site-1: not the cloud
+        ("site-2", 3): ({"cloud": 0.5, "site-0": 0.15, "site-1": 0.35}, {"cloud": 0.5, "site-0": 0.15}),
     }
     out = RunOutputs(run_dir)
     for (site, rnd), (test_map, bench) in MAP.items():
-        out.append_metrics({"round": rnd, "site_id": site, "phase": "kd" if teachers.get((site, rnd)) else "train",
-                            "test_map50": test_map, "benchmark_map50": bench, "teachers": teachers.get((site, rnd)),
-                            "confident_recall": 0.5, **COLLAB.get((site, rnd), {})})
+        proposed, kept = teachers.get((site, rnd), (None, None))
+        out.append_metrics({"round": rnd, "site_id": site, "phase": "kd" if kept else "train",
+                            "test_map50": test_map, "benchmark_map50": bench, "teachers_proposed": proposed,
+                            "teachers": kept, "confident_recall": 0.5, **COLLAB.get((site, rnd), {})})
     (run_dir / "graphs").mkdir()
     for rnd in (2, 3):
         (run_dir / "graphs" / f"round-{rnd:03d}.json").write_text(json.dumps(_graph_record(rnd), indent=1))
@@ -161,26 +162,6 @@ def test_teachers_kept_and_rejected(page):
         ["3", "site-2", "student", "cloud, site-0, site-1", "cloud, site-0", "site-1"]]
 
 
-def test_teachers_proposed_column_wins_over_the_graph(run_dir):
-    run = R.load_run(run_dir)
-    run.rows = [{"round": 3, "site_id": "site-2", "teachers": {"site-0": 1.0},
-                 "teachers_proposed": {"site-0": 0.7, "site-1": 0.3}}]
-
-    assert R.teacher_table(run) == [{"round": 3, "site": "site-2", "role": "student", "proposed": ["site-0", "site-1"],
-                                     "kept": ["site-0"], "sent": True, "rejected": ["site-1"]}]
-
-
-def test_a_student_sent_no_teachers_shows_not_sent(run_dir):
-    run = R.load_run(run_dir)
-    run.rows = [{"round": 2, "site_id": "site-2", "teachers": None}]  # proposed by the graph, never sent
-
-    html = R._teachers(run, R.Report())
-
-    assert R.teacher_table(run) == [{"round": 2, "site": "site-2", "role": "student", "proposed": ["site-0", "site-1"],
-                                     "kept": [], "sent": False, "rejected": []}]
-    assert "<td class=\"text\">not sent</td>" in html
-
-
 def test_collaboration_table_latest_round_per_site(page):
     tables = _Tables(page).tables
 
@@ -248,7 +229,7 @@ def test_run_with_only_metrics_says_what_is_absent(run_dir):
     shutil.rmtree(run_dir / "graphs")
     shutil.rmtree(run_dir / "gallery")
     (run_dir / "config.yaml").unlink()
-    rows = [{k: v for k, v in r.items() if k not in ("teachers",) and not k.startswith(tuple(R.COLLAB_GROUPS))}
+    rows = [{k: v for k, v in r.items() if not k.startswith(("teachers", *R.COLLAB_GROUPS))}
             for r in RunOutputs(run_dir).read_metrics()]
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
 
