@@ -10,9 +10,9 @@ It reads, from the run folder (every part is optional; the page says what is abs
 ::
 
     config.yaml             the resolved configuration (title, KD settings, cloud rounds)
-    metrics.jsonl           one row per site per round (server.outputs.RunOutputs)
-    graphs/round-NNN.json   the round's graph (GraphKDStrategy.graph_record); its ``teachers_for``
-                            are the teachers proposed to each student
+    metrics.jsonl           one row per site per round (server.outputs.RunOutputs); ``teachers_proposed``
+                            and ``teachers`` (kept by the student check) say who taught whom
+    graphs/round-NNN.json   the round's graph (GraphKDStrategy.graph_record)
     gallery/<site>.json     keyframes with boxes, written by :func:`write_gallery`
 
 and shows: own-test and benchmark mAP50 per site per round (a line plot and a table); the graph
