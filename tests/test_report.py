@@ -291,7 +291,8 @@ def test_write_gallery_format(tmp_path):
     ({"image": "missing.png"}, "'missing.png' is not a file"),
     ({"image": np.zeros((4, 4, 3), np.uint8), "edge": {"xyxy": [[0, 0, 1, 1]], "conf": [0.5, 0.4]}},
      "item 0 edge: xyxy, conf and cls must have the same length, got 1, 2, 1"),
-    ({"image": np.zeros((4, 4, 3), np.uint8), "gt": {"xyxy": [[0, 0, 1]]}}, "item 0 gt: xyxy must have shape (N, 4), got (1, 3)"),
+    ({"image": np.zeros((4, 4, 3), np.uint8), "gt": {"xyxy": [[0, 0, 1]]}},
+     "item 0 gt: xyxy must have shape (N, 4), got (1, 3)"),
 ])
 def test_write_gallery_bad_input_is_named(tmp_path, item, named):
     with pytest.raises(R.GalleryError, match=re.escape(named)):
