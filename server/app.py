@@ -10,12 +10,33 @@ from flwr.serverapp import Grid, ServerApp
 from common.config import from_run_config
 from server.federation import run_federation
 
+CEDAR_LOGGERS = ("clients", "common", "server", "strategies")
+
 app = ServerApp()
+
+
+def configure_logging(level: int = logging.INFO) -> None:
+    """Print every record once, through Flower's console handler.
+
+    Flower's ``flwr`` logger has its own handler and also propagates to the root logger, so any
+    root handler (``logging.basicConfig``, or one a library adds) prints each Flower record a second
+    time. Here cedar's loggers write through Flower's handler (the one ``flwr run`` streams) and,
+    like ``flwr``, stop propagating; the root logger keeps its handlers for third-party records.
+    """
+    from flwr.common.logger import FLOWER_LOGGER, console_handler
+
+    FLOWER_LOGGER.propagate = False
+    for name in CEDAR_LOGGERS:
+        logger = logging.getLogger(name)
+        logger.setLevel(level)
+        logger.propagate = False
+        if console_handler not in logger.handlers:
+            logger.addHandler(console_handler)
+    logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("httpx").setLevel(logging.WARNING)
+    configure_logging()
     cfg = from_run_config(context.run_config)
     run_federation(grid, cfg)
