@@ -249,20 +249,21 @@ class LocalSite:
 
         Images where the edge offloads come first (in name order), then the others. Each item::
 
-            {"name": "000003.png", "image": (H, W, 3) uint8 BGR array,
+            {"image": "<path of the test image file>",
              "gt": boxes, "edge": boxes, "cloud": boxes | None, "merged": boxes}
 
         where ``boxes`` is ``{"xyxy": [[x1, y1, x2, y2], ...], "conf": [...], "cls": [...]}`` in image pixels
         (plain lists; ground truth at conf 1.0), ``edge`` the edge's answer, ``cloud`` the cloud's answer to the
-        offload (None when nothing was offloaded or no cloud answered) and ``merged`` the final answer.
+        offload (None when nothing was offloaded or no cloud answered) and ``merged`` the final answer: the
+        items :func:`server.report.write_gallery` takes.
         """
         from clients.collab import boxes
         from common.detections import Detections
 
         chosen: list[dict[str, Any]] = []
         later: list[dict[str, Any]] = []
-        for path, image, gt, step, _ in self._collab_steps(model):
-            item = {"name": path.name, "image": image,
+        for path, _, gt, step, _ in self._collab_steps(model):
+            item = {"image": str(path),
                     "gt": boxes(Detections(gt[:, 1:], [1.0] * len(gt), gt[:, 0].astype(int))), **step.boxes()}
             (chosen if step.entry is not None else later).append(item)
             if len(chosen) >= n:

@@ -1,6 +1,7 @@
 """Tests for clients.site.LocalSite and common.sites.resolve_site on the tiny benchmark."""
 
 import dataclasses
+import json
 import math
 from pathlib import Path
 
@@ -343,7 +344,7 @@ def test_candidates_count_only_where_the_cloud_confirms_them(site1, monkeypatch,
     assert np.isfinite(m[P.EDGE_MAP50])
 
 
-def test_collab_gallery_gives_plain_boxes_offloaded_images_first(site1, monkeypatch):
+def test_collab_gallery_gives_plain_boxes_offloaded_images_first(site1, monkeypatch, tmp_path):
     perfect, paths, gts = _labels_detector(site1, 0.9)
     cloud = _FakeCloud("perfect")
     monkeypatch.setattr(site1, "edge_predictor", lambda model: perfect)
@@ -354,13 +355,18 @@ def test_collab_gallery_gives_plain_boxes_offloaded_images_first(site1, monkeypa
     assert len(items) == 3 and cloud.closed
     offloaded = [e.frame for e in cloud.entries]
     first = items[0]
-    index = [p.name for p in paths].index(first["name"])
-    assert index == offloaded[0] and first["image"].shape == (128, 128, 3)
+    index = [str(p) for p in paths].index(first["image"])
+    assert index == offloaded[0]
     assert first["gt"] == {"xyxy": gts[index][:, 1:].tolist(), "conf": [1.0] * len(gts[index]),
                            "cls": gts[index][:, 0].astype(int).tolist()}
     assert first["edge"]["xyxy"] == first["gt"]["xyxy"] and first["edge"]["conf"] == [0.9] * len(gts[index])
     assert first["cloud"] is not None and len(first["merged"]["xyxy"]) == len(gts[index])
     assert all(isinstance(v, list) for item in items for k in ("gt", "edge", "merged") for v in item[k].values())
+    # the report's gallery takes the items as they are
+    from server.report import write_gallery
+
+    written = json.loads(write_gallery(tmp_path, "site-1", items).read_text())
+    assert [w["merged"]["xyxy"] for w in written] == [i["merged"]["xyxy"] for i in items]
 
 
 def test_cloud_settings_from_node_config_override_the_run_config(tiny_cfg, tmp_path):
