@@ -12,13 +12,12 @@ One definition of what goes over the wire (the service's endpoints are described
   (:data:`ATLAS_FIELDS`).
 
 A bad value raises :class:`RequestError` with the HTTP status the service answers and a
-message naming the value. Pure: json, re, math only.
+message naming the value. Pure: json, re only.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import re
 from typing import Any, Sequence
 
@@ -33,6 +32,12 @@ ID_RULE = "[A-Za-z0-9_.-]{1,64}"
 RUN_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,40}")
 #: with an atlas, each crop's cell on it: ``atlas[ay:ay + height, ax:ax + width]``
 ATLAS_FIELDS = ("ax", "ay", "width", "height")
+#: bounds on the ``meta`` part, checked before it is decoded: bytes, bracket nesting (a valid meta nests 4 deep:
+#: object, crops list, crop object, scale list), frame coordinates (pixels) and scale factors
+META_MAX_BYTES = 256 * 1024
+META_MAX_DEPTH = 8
+MAX_COORD = 1_000_000
+SCALE_RANGE = (1e-3, 1e3)
 
 
 class RequestError(Exception):
@@ -90,19 +95,35 @@ def encode_crop_meta(regions: Sequence[Sequence[int]], atlas: Sequence[Sequence[
     return json.dumps({"crops": crops}).encode()
 
 
-def _number(value: Any, field: str, positive: bool) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-            or (value <= 0 if positive else value < 0):
-        raise RequestError(422, f"{field} must be a finite number {'> 0' if positive else '>= 0'}, "
-                                f"got {show(value)}")
+def _number(value: Any, field: str, low: float, high: float) -> float:
+    # bounds compared before any float conversion: a 400-digit integer is out of range, not an overflow
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+        raise RequestError(422, f"{field} must be a number in [{low:g}, {high:g}], got {show(value)}")
     return float(value)
 
 
 def _pixels(value: Any, field: str, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-            or value != int(value) or value < minimum:
-        raise RequestError(422, f"{field} must be a whole number of pixels >= {minimum}, got {show(value)}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not minimum <= value <= MAX_COORD \
+            or value != int(value):
+        raise RequestError(422, f"{field} must be a whole number of pixels in [{minimum}, {MAX_COORD}], "
+                                f"got {show(value)}")
     return int(value)
+
+
+_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
+_BRACKETS = re.compile(rb"[\[\]{}]")
+
+
+def json_depth(text: bytes) -> int:
+    """The deepest bracket nesting of JSON ``text`` (brackets inside strings do not count), without decoding it.
+
+    Example: ``b'{"crops": [{"x0": 1, "scale": [2, 2]}]}'`` -> 4; ``b'[["]]]]"]]'`` -> 2.
+    """
+    depth = deepest = 0
+    for bracket in _BRACKETS.findall(_JSON_STRING.sub(b"", text)):
+        depth += 1 if bracket in (b"[", b"{") else -1
+        deepest = max(deepest, depth)
+    return deepest
 
 
 def parse_crop_meta(text: bytes, n_crops: int | None) -> list[dict]:
@@ -112,11 +133,19 @@ def parse_crop_meta(text: bytes, n_crops: int | None) -> list[dict]:
     ``ax, ay, width, height`` (whole pixels; the crop is ``atlas[ay:ay+height, ax:ax+width]``).
     Returns one ``{"x0": float, "y0": float, "scale": float | [sx, sy]}`` per crop (plus the
     atlas fields as ints); a bad field raises :class:`RequestError` 422 naming it (``meta.crops[1].x0``).
+    Coordinates lie in ``[0, MAX_COORD]``, scales in :data:`SCALE_RANGE`. Over
+    :data:`META_MAX_BYTES` is a 413 and nesting deeper than :data:`META_MAX_DEPTH` a 422,
+    both checked before decoding.
     """
+    if len(text) > META_MAX_BYTES:
+        raise RequestError(413, f"meta is {len(text)} bytes; the limit is {META_MAX_BYTES} bytes")
+    depth = json_depth(text)
+    if depth > META_MAX_DEPTH:
+        raise RequestError(422, f"meta nests {depth} levels deep; the limit is {META_MAX_DEPTH}")
     try:
         meta = json.loads(text)
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise RequestError(422, f"meta is not valid JSON: {err}") from None
+    except ValueError as err:  # JSONDecodeError, UnicodeDecodeError, an integer over Python's digit limit
+        raise RequestError(422, f"meta is not valid JSON: {show(str(err), 200)}") from None
     if not isinstance(meta, dict) or not isinstance(meta.get("crops"), list):
         raise RequestError(422, f"meta must be an object with a list 'crops', got {show(meta)}")
     crops = meta["crops"]
@@ -140,11 +169,11 @@ def parse_crop_meta(text: bytes, n_crops: int | None) -> list[dict]:
         if isinstance(scale, list):
             if len(scale) != 2:
                 raise RequestError(422, f"{where}.scale must be a number or [sx, sy], got {show(scale)}")
-            scale = [_number(v, f"{where}.scale[{j}]", True) for j, v in enumerate(scale)]
+            scale = [_number(v, f"{where}.scale[{j}]", *SCALE_RANGE) for j, v in enumerate(scale)]
         else:
-            scale = _number(scale, f"{where}.scale", True)
+            scale = _number(scale, f"{where}.scale", *SCALE_RANGE)
         cell = {k: _pixels(item[k], f"{where}.{k}", 1 if k in ("width", "height") else 0)
                 for k in ATLAS_FIELDS if k in required}
-        out.append({"x0": _number(item["x0"], f"{where}.x0", False),
-                    "y0": _number(item["y0"], f"{where}.y0", False), "scale": scale, **cell})
+        out.append({"x0": _number(item["x0"], f"{where}.x0", 0, MAX_COORD),
+                    "y0": _number(item["y0"], f"{where}.y0", 0, MAX_COORD), "scale": scale, **cell})
     return out

@@ -379,7 +379,7 @@ def create_app(service: CloudService):
                                     f"send image/jpeg, image/png or multipart/form-data")
         body = await read_body(request, service.limits.max_body_bytes, service.limits.read_timeout_s)
         if kind == "multipart/form-data":
-            parts = parse_multipart(body, parsed.get_param("boundary") or "", max_parts=2)
+            parts = parse_multipart(body, parsed.get_param("boundary"), max_parts=2)
             images = [p for p in parts if p.name == "image"]
             if len(images) != 1:
                 raise RequestError(422, f"multipart body must have exactly one part named 'image', got parts "
@@ -397,7 +397,7 @@ def create_app(service: CloudService):
             raise RequestError(415, f"unsupported Content-Type {show(request.headers.get('content-type'))}: "
                                     f"send multipart/form-data with a 'meta' part and 'crop' parts (or an 'atlas')")
         body = await read_body(request, service.limits.max_body_bytes, service.limits.read_timeout_s)
-        parts = parse_multipart(body, parsed.get_param("boundary") or "", max_parts=service.limits.max_crops + 1,
+        parts = parse_multipart(body, parsed.get_param("boundary"), max_parts=service.limits.max_crops + 1,
                                 limit_name=f" (meta + at most {service.limits.max_crops} crops, --max-crops)")
         metas = [p for p in parts if p.name == "meta"]
         crops = [p for p in parts if p.name == "crop"]

@@ -104,7 +104,10 @@ def decode_image(data: bytes, max_pixels: int) -> tuple[str, np.ndarray]:
                                 f"the limit is {max_pixels} pixels (--max-pixels)")
     import cv2
 
-    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    try:
+        image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    except cv2.error:  # OpenCV raises on some corrupt streams instead of returning None
+        image = None
     if image is None or image.size == 0:
         raise RequestError(400, f"cannot decode image: corrupt or truncated {fmt.upper()} "
                                 f"({len(data)} bytes, header {width}x{height})")
@@ -129,14 +132,16 @@ class Part:
     data: bytes
 
 
-def parse_multipart(body: bytes, boundary: str, max_parts: int, limit_name: str = "") -> list[Part]:
+def parse_multipart(body: bytes, boundary: str | tuple | None, max_parts: int, limit_name: str = "") -> list[Part]:
     """Split a ``multipart/form-data`` body (RFC 7578) into parts, byte-exact.
 
     Raises :class:`RequestError` 400 if it is malformed, 413 for more than ``max_parts`` parts.
     """
-    if not boundary or len(boundary) > 200:
-        raise RequestError(400, f"multipart body needs a boundary parameter, got {show(boundary)}")
-    delim = b"\r\n--" + boundary.encode("latin-1")
+    # RFC 2046: 1-70 characters; an RFC 2231 ``boundary*=`` parameter arrives as a tuple
+    if not isinstance(boundary, str) or not 1 <= len(boundary) <= 70 or not boundary.isascii():
+        raise RequestError(400, f"multipart body needs a boundary parameter of 1-70 ASCII characters, "
+                                f"got {show(boundary)}")
+    delim = b"\r\n--" + boundary.encode("ascii")
     sections = (b"\r\n" + body).split(delim)
     if len(sections) < 2:
         raise RequestError(400, "malformed multipart body: boundary not found")
@@ -159,7 +164,7 @@ async def read_body(request, max_bytes: int, timeout_s: float) -> bytes:
     """The request body, refused with 413 as soon as it exceeds ``max_bytes`` (never buffered beyond)."""
     declared = request.headers.get("content-length")
     if declared is not None:
-        if not declared.strip().isdigit():
+        if not re.fullmatch(r"\s*[0-9]{1,18}\s*", declared):
             raise RequestError(400, f"bad Content-Length {show(declared)}")
         if int(declared) > max_bytes:
             raise RequestError(413, f"body of {int(declared)} bytes is over the limit of {max_bytes} "
