@@ -14,7 +14,8 @@ answering (``/health`` stays fast) while a large image is being detected.
 Options: ``--token T`` | ``--token-file F`` | ``$CEDAR_CLOUD_TOKEN`` (one is
 required), ``--certfile/--keyfile`` (TLS), ``--imgsz 320 --conf 0.15 --label-conf 0.25 --iou 0.7
 --crop-zoom 2 --device cpu``, limits ``--max-body-mb 8 --max-pixels 4096x4096 --max-crops 64
---read-timeout 60 --max-concurrency 32``.
+--read-timeout 60 --max-concurrency 32``, the store's ``--store-max-mb`` (no bound by default) and
+``--retry-after 30``.
 
 API
 ---
@@ -74,7 +75,11 @@ never buffered), image over ``--max-pixels`` (read from the PNG/JPEG header
 *before* decoding: a 40000x40000 PNG "bomb" is refused without allocating),
 or more than ``--max-crops`` crops; 415 a content type other than JPEG/PNG
 (or multipart where allowed); 422 bad crop metadata (naming the field, e.g.
-``meta.crops[1].x0``). A bad request never stops the service.
+``meta.crops[1].x0``; the ``meta`` part is bounded before decoding: 256 KiB, nesting 8 deep,
+coordinates <= 1,000,000, scales in [0.001, 1000]); 503 with ``Retry-After: <--retry-after>``
+when the hard-sample store is over ``--store-max-mb`` or a write to it fails (a full or
+read-only disk): nothing of that request is stored, and the edge sends it again later.
+A bad request never stops the service.
 
 Hard-sample store (``--store DIR``)
     Every accepted frame or crop is kept with the cloud's labels, in YOLO
@@ -88,9 +93,11 @@ Hard-sample store (``--store DIR``)
         DIR/data.yaml                             path/train/val/nc/names (no download key)
 
     ``<frame>`` is ``X-Cedar-Frame`` or, without it, ``t<unix ms>``; ``<n>`` is
-    a store-wide sequence number, so names never collide. Files are written
-    to a temporary name and renamed (label first, then image, then the index
-    line: an image never appears without its labels). One process per store.
+    a store-wide sequence number, and a name is claimed by creating its label
+    file exclusively, so names never collide, even between processes. Files
+    are written to a temporary name and renamed (label first, then image, then
+    the request's index lines in one appending write under a file lock: an
+    image never appears without its labels, and a line is never interleaved).
 
 TLS: give ``--certfile`` and ``--keyfile`` (PEM); clients then use ``https://``
 and verify against that certificate (or its CA).
@@ -123,7 +130,7 @@ from common.offload import shelf_pack, to_frame_coords
 from common.tokens import TOKEN_ENV, resolve_token
 from server.cloud_http import (IMAGE_TYPES, PART_TYPES, cut_atlas, decode_image, media_type, parse_max_pixels,
                                parse_multipart, read_body)
-from server.hard_samples import HardSampleStore, StoreError
+from server.hard_samples import HardSampleStore, Sample, StoreError, StoreUnavailable
 
 log = logging.getLogger("server.cloud" if __name__ == "__main__" else __name__)
 
@@ -238,6 +245,7 @@ class Limits:
     max_pixels: int = 4096 * 4096
     max_crops: int = 64
     read_timeout_s: float = 60.0
+    retry_after_s: int = 30  # the Retry-After of a 503 (the hard-sample store is full or unwritable)
 
 
 class CloudService:
@@ -267,23 +275,37 @@ class CloudService:
             raise RequestError(401, "invalid bearer token", challenge)
 
     # -- work (runs on the single worker thread)
-    def _store(self, **kwargs) -> str | None:
+    def _unavailable(self, err: StoreUnavailable) -> RequestError:
+        """A 503 with Retry-After: the edge keeps the offload queued and sends it again then."""
+        log.error("hard-sample store: %s", err)
+        return RequestError(503, f"{err}; retry after {self.limits.retry_after_s} s",
+                            {"Retry-After": str(self.limits.retry_after_s)})
+
+    def _check_room(self, incoming: int) -> None:
+        """Refuse before detecting when the store is already too full for ``incoming`` bytes."""
+        if self.store is not None:
+            try:
+                self.store.check_room(incoming)
+            except StoreUnavailable as err:
+                raise self._unavailable(err) from None
+
+    def _store(self, samples: list[Sample]) -> list[str | None]:
+        """Store the samples (labels: detections from ``label_conf`` on); all or none, else a 503."""
         if self.store is None:
-            return None
-        dets = kwargs["dets"]
+            return [None] * len(samples)
+        for s in samples:
+            s.dets = s.dets.select(s.dets.conf >= self.label_conf)
         try:
-            return self.store.add(**{**kwargs, "dets": dets.select(dets.conf >= self.label_conf)})
-        except OSError as err:  # a full disk must not cost the edge its answer
-            log.error("hard-sample store: cannot write %s sample of %s: %s", kwargs.get("kind"),
-                      kwargs.get("site"), err)
-            return None
+            return self.store.add(samples)
+        except StoreUnavailable as err:
+            raise self._unavailable(err) from None
 
     def detect_frame(self, data: bytes, site: str, frame: str | None) -> dict:
         t0 = time.perf_counter()
+        self._check_room(len(data))
         fmt, image = decode_image(data, self.limits.max_pixels)
         dets = self.detect([image])[0]
-        sample = self._store(site=site, frame=frame, kind="frame", data=data, fmt=fmt,
-                             image_hw=image.shape[:2], dets=dets)
+        (sample,) = self._store([Sample(site, frame, "frame", data, fmt, image.shape[:2], dets)])
         self.served += 1
         seconds = time.perf_counter() - t0
         log.info("detect: site=%s frame=%s %dx%d -> %d detections in %.3fs", site, frame, image.shape[1],
@@ -294,6 +316,7 @@ class CloudService:
     def detect_crops(self, crops: list[bytes], metas: list[dict], site: str, frame: str | None) -> dict:
         """Crops sent as one image part each."""
         t0 = time.perf_counter()
+        self._check_room(sum(map(len, crops)))
         samples = []
         for i, data in enumerate(crops):
             try:
@@ -308,6 +331,7 @@ class CloudService:
         import cv2
 
         t0 = time.perf_counter()
+        self._check_room(len(atlas))
         try:
             _, image = decode_image(atlas, self.limits.max_pixels)
         except RequestError as err:
@@ -322,12 +346,11 @@ class CloudService:
         # with the model's input size known, crops are packed onto tiles at crop_zoom; else detected one by one
         per_crop = detect_packed(self.detect, images, self.imgsz, self.crop_zoom) if self.imgsz else self.detect(images)
         in_frame = crops_to_frame(per_crop, metas)
-        out = []
-        for (fmt, image, data), meta, dets, framed in zip(samples, metas, per_crop, in_frame):
-            sample = self._store(site=site, frame=frame, kind="crop", data=data, fmt=fmt, image_hw=image.shape[:2],
-                                 dets=dets, origin=(meta["x0"], meta["y0"]), scale=meta["scale"])
-            out.append({**meta, "width": int(image.shape[1]), "height": int(image.shape[0]), "sample": sample,
-                        "detections": framed.to_list()})
+        stored = self._store([Sample(site, frame, "crop", data, fmt, image.shape[:2], dets, (m["x0"], m["y0"]),
+                                     m["scale"]) for (fmt, image, data), m, dets in zip(samples, metas, per_crop)])
+        out = [{**meta, "width": int(image.shape[1]), "height": int(image.shape[0]), "sample": sample,
+                "detections": framed.to_list()}
+               for (_, image, _), meta, framed, sample in zip(samples, metas, in_frame, stored)]
         merged = Detections.concat(in_frame)
         merged = merged[np.sort(nms(merged.xyxy, merged.conf, self.iou, classes=merged.cls))]
         self.served += 1
@@ -443,6 +466,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--certfile", help="TLS certificate (PEM); with --keyfile serves HTTPS")
     p.add_argument("--keyfile", help="TLS private key (PEM)")
     p.add_argument("--store", required=True, help="hard-sample store folder")
+    p.add_argument("--store-max-mb", type=float, default=None,
+                   help="bound on the store's size; past it, requests get 503 with Retry-After (default: none)")
+    p.add_argument("--retry-after", type=int, default=Limits.retry_after_s,
+                   help="seconds a 503 (store full or unwritable) tells the client to wait")
     p.add_argument("--imgsz", type=int, default=TrainConfig.imgsz, help="detector input size (train.imgsz)")
     p.add_argument("--conf", type=float, default=_R.cloud_conf, help="answer with detections from this confidence on")
     p.add_argument("--label-conf", type=float, default=_R.label_conf,
@@ -477,23 +504,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(str(err))
     if args.max_body_mb <= 0 or args.max_crops < 1 or args.imgsz < 32 or not 0 <= args.conf <= 1 \
             or not 0 <= args.label_conf <= 1 or not 0 < args.iou <= 1 or args.read_timeout <= 0 \
-            or args.max_concurrency < 1 \
+            or args.max_concurrency < 1 or args.retry_after < 0 or (args.store_max_mb or 1) <= 0 \
             or not 0 < args.crop_zoom <= 8:
         parser.error("need --max-body-mb > 0, --max-crops >= 1, --imgsz >= 32, 0 <= --conf <= 1, "
                      "0 <= --label-conf <= 1, "
-                     "0 < --iou <= 1, --read-timeout > 0, --max-concurrency >= 1, 0 < --crop-zoom <= 8")
+                     "0 < --iou <= 1, --read-timeout > 0, --max-concurrency >= 1, --retry-after >= 0, "
+                     "--store-max-mb > 0, 0 < --crop-zoom <= 8")
 
     from common.yolo import ModelError
 
     try:
         detector = YoloDetector.from_file(args.weights, args.arch, imgsz=args.imgsz, conf=args.conf, iou=args.iou,
                                           device=args.device)
-        store = HardSampleStore(args.store, detector.names)
+        store = HardSampleStore(args.store, detector.names, max_bytes=None if args.store_max_mb is None
+                                else int(args.store_max_mb * 1024 * 1024))
     except (ModelError, StoreError, OSError) as err:
         log.error("%s", err)
         return 2
     limits = Limits(max_body_bytes=int(args.max_body_mb * 1024 * 1024), max_pixels=max_pixels,
-                    max_crops=args.max_crops, read_timeout_s=args.read_timeout)
+                    max_crops=args.max_crops, read_timeout_s=args.read_timeout, retry_after_s=args.retry_after)
     service = CloudService(detector, arch=detector.arch, names=detector.names, token=token, store=store,
                            limits=limits, iou=args.iou, imgsz=args.imgsz, crop_zoom=args.crop_zoom,
                            label_conf=args.label_conf)

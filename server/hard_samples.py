@@ -5,12 +5,15 @@ Layout and write order: see :mod:`server.cloud` ("Hard-sample store").
 
 from __future__ import annotations
 
+import fcntl
+import glob
 import itertools
 import json
 import os
 import re
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -24,6 +27,25 @@ SUFFIX = {"jpeg": ".jpg", "png": ".png"}
 
 class StoreError(RuntimeError):
     """The hard-sample store folder is unusable (e.g. made for other classes)."""
+
+
+class StoreUnavailable(RuntimeError):
+    """The store cannot take samples now: over its size bound, or the disk refused a write (full, read-only)."""
+
+
+@dataclass
+class Sample:
+    """One sample to store: the bytes as they will be kept and ``dets`` in the pixels of that image."""
+
+    site: str
+    frame: str | None
+    kind: str  # "frame" | "crop"
+    data: bytes
+    fmt: str  # "png" | "jpeg"
+    image_hw: tuple[int, int]
+    dets: Detections
+    origin: tuple[float, float] | None = None
+    scale: Any = None
 
 
 def yolo_label_lines(dets: Detections, width: int, height: int) -> list[str]:
@@ -43,13 +65,20 @@ def yolo_label_lines(dets: Detections, width: int, height: int) -> list[str]:
 
 
 class HardSampleStore:
-    """Uploaded samples with the cloud's labels, as a YOLO dataset (see the module docstring)."""
+    """Uploaded samples with the cloud's labels, as a YOLO dataset (see :mod:`server.cloud`).
 
-    def __init__(self, root: str | Path, names: Sequence[str]):
+    ``max_bytes``: the bound on the bytes this store holds (images, labels, index); a batch that
+    would pass it raises :class:`StoreUnavailable`. Several processes may write one store: a
+    sample's name is claimed by creating its label file exclusively, and each batch's index
+    lines go in one ``O_APPEND`` write under an exclusive ``flock`` (the byte count is per process).
+    """
+
+    def __init__(self, root: str | Path, names: Sequence[str], max_bytes: int | None = None):
         import yaml
 
         self.root = Path(root).expanduser().resolve()
         self.names = list(names)
+        self.max_bytes = max_bytes
         self.images, self.labels, self.index = self.root / "images", self.root / "labels", self.root / "index.jsonl"
         self.images.mkdir(parents=True, exist_ok=True)
         self.labels.mkdir(parents=True, exist_ok=True)
@@ -66,29 +95,77 @@ class HardSampleStore:
         atomic_write(data_yaml, yaml.safe_dump(spec, sort_keys=False).encode())
         self.lock = threading.Lock()
         self.count = sum(1 for _ in self.index.open("rb")) if self.index.is_file() else 0
+        files = [*self.images.iterdir(), *self.labels.iterdir(), self.index]
+        self.bytes = sum(p.stat().st_size for p in files if p.is_file())
         existing = [int(m[1]) for p in self.images.iterdir() if (m := re.search(r"-(\d+)\.\w+$", p.name))]
         self._seq = itertools.count(max([self.count, *existing]) + 1)
 
-    def add(self, *, site: str, frame: str | None, kind: str, data: bytes, fmt: str, image_hw: tuple[int, int],
-            dets: Detections, origin: tuple[float, float] | None = None, scale: Any = None) -> str:
-        """Store one sample (``dets`` in the pixels of this image) and return its id."""
-        height, width = image_hw
-        lines = yolo_label_lines(dets, width, height)
-        frame_part = frame or f"t{time.time_ns() // 1_000_000}"
-        with self.lock:
+    def check_room(self, incoming: int) -> None:
+        """Raise :class:`StoreUnavailable` if ``incoming`` more bytes would pass ``max_bytes``."""
+        if self.max_bytes is not None and self.bytes + incoming > self.max_bytes:
+            raise StoreUnavailable(f"the hard-sample store holds {self.bytes} bytes; {incoming} more would pass "
+                                   f"its bound of {self.max_bytes} bytes (--store-max-mb)")
+
+    def _claim(self, site: str, frame_part: str) -> str:
+        """A fresh sample id, claimed by creating its (empty) label file exclusively: unique across processes."""
+        while True:
             sample_id = f"{site}-{frame_part}-{next(self._seq):06d}"
-            while any(self.images.glob(f"{sample_id}.*")):  # a stray file from another writer
-                sample_id = f"{site}-{frame_part}-{next(self._seq):06d}"
-            # label before image: an image must never be seen without its labels (it would be a negative)
-            atomic_write(self.labels / f"{sample_id}.txt", "".join(f"{ln}\n" for ln in lines).encode())
-            atomic_write(self.images / f"{sample_id}{SUFFIX[fmt]}", data)
-            entry = {"id": sample_id, "site": site, "frame": frame, "time": round(time.time(), 3), "kind": kind,
-                     "origin": list(origin) if origin is not None else None, "scale": scale,
-                     "width": width, "height": height, "detections": len(lines),
-                     "image": f"images/{sample_id}{SUFFIX[fmt]}", "label": f"labels/{sample_id}.txt"}
-            with self.index.open("a", encoding="utf-8") as fh:
-                fh.write(json.dumps(entry) + "\n")
-                fh.flush()
-                os.fsync(fh.fileno())
-            self.count += 1
-        return sample_id
+            if any(self.images.glob(f"{glob.escape(sample_id)}.*")):
+                continue
+            try:
+                os.close(os.open(self.labels / f"{sample_id}.txt", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+            except FileExistsError:
+                continue
+            return sample_id
+
+    def add(self, samples: Sequence[Sample]) -> list[str]:
+        """Store a request's samples, all or none, and return their ids.
+
+        Raises :class:`StoreUnavailable` over ``max_bytes`` or when a write fails (the files of
+        the batch written so far are removed, and the index is cut back to its length before).
+        """
+        written: list[Path] = []
+        entries = []
+        with self.lock:
+            self.check_room(sum(len(s.data) for s in samples))
+            try:
+                for s in samples:
+                    height, width = s.image_hw
+                    lines = yolo_label_lines(s.dets, width, height)
+                    sample_id = self._claim(s.site, s.frame or f"t{time.time_ns() // 1_000_000}")
+                    label, image = self.labels / f"{sample_id}.txt", self.images / f"{sample_id}{SUFFIX[s.fmt]}"
+                    written.append(label)
+                    # label before image: an image must never be seen without its labels (it would be a negative)
+                    atomic_write(label, "".join(f"{ln}\n" for ln in lines).encode())
+                    written.append(image)
+                    atomic_write(image, s.data)
+                    entries.append({"id": sample_id, "site": s.site, "frame": s.frame, "time": round(time.time(), 3),
+                                    "kind": s.kind, "origin": list(s.origin) if s.origin is not None else None,
+                                    "scale": s.scale, "width": width, "height": height, "detections": len(lines),
+                                    "image": f"images/{image.name}", "label": f"labels/{label.name}"})
+                index_bytes = self._append("".join(json.dumps(e) + "\n" for e in entries).encode())
+            except OSError as err:
+                for path in written:
+                    path.unlink(missing_ok=True)
+                raise StoreUnavailable(f"cannot write to the hard-sample store {self.root}: {err}") from None
+            self.count += len(entries)
+            self.bytes += index_bytes + sum(p.stat().st_size for p in written)
+        return [e["id"] for e in entries]
+
+    def _append(self, data: bytes) -> int:
+        """Append ``data`` to the index in one write under an exclusive lock; on failure cut it back."""
+        fd = os.open(self.index, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            size = os.fstat(fd).st_size
+            try:
+                done = 0
+                while done < len(data):
+                    done += os.write(fd, data[done:])
+                os.fsync(fd)
+            except OSError:
+                os.ftruncate(fd, size)  # never leave half a line
+                raise
+        finally:
+            os.close(fd)  # releases the lock
+        return len(data)
