@@ -8,6 +8,7 @@ described in :mod:`clients.edge`.
 from __future__ import annotations
 
 import base64
+import email.utils
 import json
 import logging
 import os
@@ -35,7 +36,36 @@ QUEUE_FORMAT = 1
 
 
 class CloudUnavailable(Exception):
-    """The cloud could not answer now (connection, timeout, 408/429/5xx, auth): retry later."""
+    """The cloud could not answer now (connection, timeout, 408/429/5xx, auth): retry later.
+
+    ``retry_after``: the seconds the cloud asked to wait (its ``Retry-After`` header), if it said.
+    """
+
+    def __init__(self, message: str, retry_after: float | None = None):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+#: the longest ``Retry-After`` honoured (s): a longer one is cut to this
+RETRY_AFTER_MAX = 600.0
+
+
+def retry_after_seconds(value: str | None, now: float | None = None) -> float | None:
+    """Seconds to wait from a ``Retry-After`` value (RFC 9110: delay-seconds or an HTTP-date), or None.
+
+    Examples: ``"30"`` -> 30.0; ``"Wed, 21 Oct 2015 07:28:10 GMT"`` 10 s after ``now`` -> 10.0
+    (a date in the past -> 0.0); ``"soon"`` or no header -> None.
+    """
+    if value is None:
+        return None
+    value = value.strip()
+    if value.isascii() and value.isdigit():
+        return min(float(value), RETRY_AFTER_MAX)
+    try:
+        when = email.utils.parsedate_to_datetime(value).timestamp()
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+    return min(max(0.0, when - (time.time() if now is None else now)), RETRY_AFTER_MAX)
 
 
 class CloudRejected(Exception):
@@ -153,7 +183,8 @@ class CloudClient:
             raise CloudUnavailable(f"{type(err).__name__}: {err}") from None
         rtt_ms = (time.perf_counter() - t0) * 1000
         if r.status_code in (401, 403, 408, 429) or r.status_code >= 500:
-            raise CloudUnavailable(f"HTTP {r.status_code}: {_detail(r)}")
+            raise CloudUnavailable(f"HTTP {r.status_code}: {_detail(r)}",
+                                   retry_after_seconds(r.headers.get("retry-after")))
         if r.status_code != 200:
             raise CloudRejected(f"HTTP {r.status_code}: {_detail(r)}")
         try:
@@ -363,13 +394,15 @@ class Offloader:
             except CloudUnavailable as err:
                 self.failures += 1
                 delay = min(self.retry_max, self.retry_base if delay == 0 else delay * 2)
+                # the cloud's Retry-After (e.g. a 503 from a full hard-sample store) wins over the backoff
+                wait = delay * random.uniform(0.9, 1.1) if err.retry_after is None else err.retry_after
                 if self.online is not False:
-                    log.warning("cloud unavailable (%s); %d offload(s) queued, retrying with backoff", err,
-                                self.pending())
+                    log.warning("cloud unavailable (%s); %d offload(s) queued, next try in %.1fs", err,
+                                self.pending(), wait)
                 else:
-                    log.info("cloud still unavailable (%s); next try in %.1fs", err, delay)
+                    log.info("cloud still unavailable (%s); next try in %.1fs", err, wait)
                 self.online = False
-                self._wait(delay * random.uniform(0.9, 1.1))
+                self._wait(wait)
                 continue
             except CloudRejected as err:
                 log.error("cloud refused offload %s: %s; kept in %s", entry.id, err, self.queue.failed_dir)

@@ -5,6 +5,7 @@ Layout and write order: see :mod:`server.cloud` ("Hard-sample store").
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import glob
 import itertools
@@ -146,7 +147,8 @@ class HardSampleStore:
                 index_bytes = self._append("".join(json.dumps(e) + "\n" for e in entries).encode())
             except OSError as err:
                 for path in written:
-                    path.unlink(missing_ok=True)
+                    with contextlib.suppress(OSError):  # the folder itself may be what failed
+                        path.unlink(missing_ok=True)
                 raise StoreUnavailable(f"cannot write to the hard-sample store {self.root}: {err}") from None
             self.count += len(entries)
             self.bytes += index_bytes + sum(p.stat().st_size for p in written)
