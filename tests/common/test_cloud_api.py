@@ -36,9 +36,11 @@ def test_parse_crop_meta_names_the_bad_field():
         b"[1, 2]": "list 'crops'",
         b'{"crops": [{"x0": 1, "y0": 2}]}': "lists 1 crops but the body has 2",
         b'{"crops": [{"x0": 1, "y0": 2}, {"y0": 3}]}': r"meta.crops\[1\].x0 is missing",
-        b'{"crops": [{"x0": 1, "y0": 2}, {"x0": "abc", "y0": 3}]}': r"meta.crops\[1\].x0 must be a number in \[0, 1e\+06\]",
+        b'{"crops": [{"x0": 1, "y0": 2}, {"x0": "abc", "y0": 3}]}':
+            r"meta.crops\[1\].x0 must be a number in \[0, 1e\+06\]",
         b'{"crops": [{"x0": 1, "y0": -2}, {"x0": 0, "y0": 3}]}': r"meta.crops\[0\].y0 .* got -2",
-        b'{"crops": [{"x0": 1, "y0": 2, "scale": 0}, {"x0": 0, "y0": 3}]}': r"meta.crops\[0\].scale must be a number in \[0.001, 1000\], got 0",
+        b'{"crops": [{"x0": 1, "y0": 2, "scale": 0}, {"x0": 0, "y0": 3}]}':
+            r"meta.crops\[0\].scale must be a number in \[0.001, 1000\], got 0",
         b'{"crops": [{"x0": 1, "y0": 2, "zoom": 2}, {"x0": 0, "y0": 3}]}': r"unknown field\(s\) \['zoom'\]",
     }
     for text, message in cases.items():
@@ -53,7 +55,8 @@ def test_parse_crop_meta_names_the_bad_field():
         b'{"crops": [{"x0": 5, "y0": 6, "ax": 0, "ay": 16, "width": 30}]}': r"meta.crops\[0\].height is missing",
         b'{"crops": [{"x0": 5, "y0": 6, "ax": 0.5, "ay": 0, "width": 3, "height": 2}]}':
             r"meta.crops\[0\].ax must be a whole number of pixels in \[0, 1000000\], got 0.5",
-        b'{"crops": [{"x0": 5, "y0": 6, "ax": 0, "ay": 0, "width": 0, "height": 2}]}': r"width .* in \[1, 1000000\], got 0",
+        b'{"crops": [{"x0": 5, "y0": 6, "ax": 0, "ay": 0, "width": 0, "height": 2}]}':
+            r"width .* in \[1, 1000000\], got 0",
         b'{"crops": []}': "meta.crops is empty",
     }.items():
         with pytest.raises(RequestError, match=message):
