@@ -2,7 +2,10 @@
 
 The delivery guarantees (queue before send, one worker in order, retries with
 backoff, ``delivered.log`` as the commit point, refusals kept in ``failed/``) are
-described in :mod:`clients.edge`.
+described in :mod:`clients.edge`. When the cloud answers "not now" with a
+``Retry-After`` (a 503 from a full or unwritable hard-sample store, a 429), the
+worker waits that long (at most :data:`RETRY_AFTER_MAX`) instead of its backoff,
+and the offload stays queued.
 """
 
 from __future__ import annotations
