@@ -156,7 +156,8 @@ class PersonalizedStrategy(Strategy):
                 log(WARNING, "identify: node %s: %s", node_id, err)
                 continue
             self._bind(node_id, site)
-        log(INFO, "identify: %s", ", ".join(f"{n}={s}" for n, s in sorted(self.site_of.items())) or "none")
+        log(INFO, "identify: %s nodes: %s", len(self.site_of),
+            brief(f"{n}={s}" for n, s in sorted(self.site_of.items())))
 
     def _bind(self, node_id: int, site: dict[str, Any]) -> None:
         if node_id in self.locations:
@@ -244,8 +245,8 @@ class PersonalizedStrategy(Strategy):
             accepted.append(reply)
         missing = set(self._sent) - {r.node_id for r in accepted}
         if missing:
-            log(WARNING, "aggregate_train: round %s: no valid reply from nodes %s (skipped)", server_round,
-                sorted(missing))
+            log(WARNING, "aggregate_train: round %s: no valid reply from %s nodes: %s (skipped)", server_round,
+                len(missing), brief(sorted(missing)))
         log(INFO, "aggregate_train: round %s, %s valid replies", server_round, len(accepted))
         return accepted
 
@@ -308,6 +309,13 @@ class PersonalizedStrategy(Strategy):
         if not scores:
             return None
         return MetricRecord({"benchmark-map50": sum(scores) / len(scores), "benchmark-sites": len(scores)})
+
+
+def brief(items: Iterable[Any], limit: int = 10) -> str:
+    """``"a, b, c"``, or the first ``limit`` items and ``"... (+N more)"``: log lines stay short at 10,000 sites."""
+    items = [str(item) for item in items]
+    more = f" ... (+{len(items) - limit} more)" if len(items) > limit else ""
+    return (", ".join(items[:limit]) or "none") + more
 
 
 def fedavg(replies: list[NodeReply]) -> ArrayRecord:
