@@ -201,10 +201,15 @@ class KDConfig:
     cloud_weights: str = ""
     # extra YOLO-format training data for the cloud model (the cloud service's hard-sample store)
     hard_samples_dir: str = ""
-    # graph maintenance (paper Figure 4)
+    # graph maintenance (paper Figure 4); each site is re-evaluated once every t_cycle rounds (1/t_cycle per round)
     t_cycle: int = 1
     delta_down: float = 0.05
     patience: int = 2
+    # sparse graph (common.graph.build_graph): arcs within graph_cutoff_sigmas * sigma_s_km (0: no cut-off), at
+    # most graph_top_k per site (0: all); rows-only updates until a column's mean/std moves by graph_renorm_tol std
+    graph_top_k: int = 32
+    graph_cutoff_sigmas: float = 4.0
+    graph_renorm_tol: float = 0.02
 
 
 @dataclass
@@ -350,6 +355,9 @@ def validate(cfg: CedarConfig) -> None:
         if flat[key] <= 0:
             raise ConfigError(f"{key}={flat[key]!r}: must be > 0")
     for key in ("train.epochs_per_round",):
+        if flat[key] < 0:
+            raise ConfigError(f"{key}={flat[key]!r}: must be >= 0")
+    for key in ("kd.graph_top_k", "kd.graph_cutoff_sigmas", "kd.graph_renorm_tol"):
         if flat[key] < 0:
             raise ConfigError(f"{key}={flat[key]!r}: must be >= 0")
     for key in ("kd.t_cycle", "kd.patience", "reproduce.num_rounds", "reproduce.workers", "federation.late_join_round"):

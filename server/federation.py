@@ -228,7 +228,8 @@ def build_strategy(cfg: CedarConfig, names: list[str], bench_yaml: Path, evaluat
         cloud_select=k.cloud_select, student_check=k.student_check,
         check_margin=k.check_margin, start_round=k.start_round,
         cloud_rounds=tuple(k.cloud_rounds), cloud_fn=cloud, edge_arch=cfg.model.edge, t_cycle=k.t_cycle,
-        delta_down=k.delta_down, patience=k.patience,
+        delta_down=k.delta_down, patience=k.patience, top_k=k.graph_top_k, cutoff_sigmas=k.graph_cutoff_sigmas,
+        renorm_tol=k.graph_renorm_tol,
     )
 
 
