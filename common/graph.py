@@ -347,12 +347,6 @@ class CollabGraph:
     def num_arcs(self) -> int:
         return int(self.src.size)
 
-    def out_arcs(self, node: Hashable) -> dict[Hashable, float]:
-        """``{neighbour: weight}`` of the node's out-arcs."""
-        k = self.index[node]
-        lo, hi = self.indptr[k], self.indptr[k + 1]
-        return {self.nodes[j]: float(w) for j, w in zip(self.dst[lo:hi].tolist(), self.weight[lo:hi].tolist())}
-
     def benchmark_map(self) -> np.ndarray:
         """Every node's benchmark mAP (first entry of its raw V); 0 when it has none (NaN)."""
         return np.nan_to_num(self.raw_vector[:, 0], nan=0.0)

@@ -117,6 +117,7 @@ class PersonalizedStrategy(Strategy):
         self.on_round_end = on_round_end
         self.completed_round = 0  # rounds up to this one are done (resume): configure_train skips them
         self.site_of: dict[int, str] = {}  # Flower node id -> site id
+        self.node_of: dict[str, int] = {}  # site id -> its latest Flower node id
         self.arrays: dict[str, ArrayRecord] = {}  # latest weights per site (its own model)
         self.sites: dict[str, dict[str, Any]] = {}  # identity per site
         self.locations: dict[int, tuple[float, float]] = {}  # node id -> registered (lat, lon), if any
@@ -163,10 +164,10 @@ class PersonalizedStrategy(Strategy):
         if node_id in self.locations:
             site[P.POSITION_KM] = self.position_km(self.locations[node_id])
         site_id = site[P.SITE_ID]
-        for other, sid in list(self.site_of.items()):  # a restarted site comes back under a new node id
-            if sid == site_id and other != node_id:
-                del self.site_of[other]
-        self.site_of[node_id] = site_id
+        other = self.node_of.get(site_id)
+        if other is not None and other != node_id and self.site_of.get(other) == site_id:
+            del self.site_of[other]  # a restarted site comes back under a new node id
+        self.site_of[node_id], self.node_of[site_id] = site_id, node_id
         self.sites[site_id] = site
 
     def position_km(self, latlon: tuple[float, float]) -> list[float]:
