@@ -286,9 +286,9 @@ def preprocess_frame(frame: np.ndarray, size: tuple[int, int] = (64, 64), oversa
         raise ValueError(f"oversample must be an integer >= 0, got {oversample!r}")
     rows, cols = sample_grid(frame.shape[0], h, oversample), sample_grid(frame.shape[1], w, oversample)
     if rows is not None:
-        frame = frame[rows]
+        frame = frame.take(rows, axis=0)
     if cols is not None:
-        frame = frame[:, cols]
+        frame = frame.take(cols, axis=1)
     # Gray and resize are both linear, so gray-then-resize equals resize-then-gray;
     # gray first is cheaper (one channel to resize).
     return area_resize(to_gray(frame), (h, w)).astype(np.float64) / 255.0
