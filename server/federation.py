@@ -251,6 +251,7 @@ def run_federation(grid, cfg: CedarConfig) -> RunOutputs:
     initial = writer.resume() if cfg.federation.resume and writer.state_path.is_file() else ArrayRecord()
     try:
         strategy.start(grid, initial, num_rounds=cfg.federation.num_rounds, timeout=cfg.federation.reply_timeout_s)
+        out.finish(tracker)
     finally:
         tracker.finish()
     log.info("done: %s", out.write_summary())
