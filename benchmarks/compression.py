@@ -1,4 +1,4 @@
-r"""Entropy channel filtering (platform text (seeds/002)): a site's trained model before and after compression.
+r"""Entropy channel filtering: a site's trained model before and after compression.
 
 For each trained edge model (``--seeds``: the models ``benchmarks.pyrafan_accuracy``
 saves, ``<CEDAR_HOME>/models/<preset>-yolo11n-site<S>-seed<N>-<E>ep.pt``) and each

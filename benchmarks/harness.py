@@ -44,14 +44,12 @@ def latency_runners(model, onnx_path: Path, x: np.ndarray, threads: int) -> tupl
 
     Returns ``(run_torch, run_onnx, max_abs_diff)``: the raw head outputs of both, and how far apart they are.
     """
-    import onnxruntime as ort
     import torch
 
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    session = ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
-    name = session.get_inputs()[0].name
+    from clients.detector import onnx_runtime
+
+    runtime = onnx_runtime(onnx_path, threads)
+    name = runtime.get_inputs()[0].name
     fused = deepcopy(model).fuse(verbose=False).eval()
     x_t = torch.from_numpy(x)
 
@@ -60,7 +58,7 @@ def latency_runners(model, onnx_path: Path, x: np.ndarray, threads: int) -> tupl
             return fused(x_t)[0]
 
     def run_onnx():
-        return session.run(None, {name: x})[0]
+        return runtime.run(None, {name: x})[0]
 
     return run_torch, run_onnx, float(np.abs(run_onnx() - run_torch().numpy()).max())
 

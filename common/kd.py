@@ -1,4 +1,4 @@
-"""Knowledge-distillation losses (paper section 4.3: L_total, L_KD and p(y); DESIGN 3.3).
+"""Knowledge-distillation losses (paper section 4.3: L_total, L_KD and p(y)).
 
 Torch only. Teacher outputs are constants everywhere (detached); gradients flow to
 the student only. Choices where the paper is unclear:
@@ -163,7 +163,7 @@ def dfl_kd_loss(
     temperature: float,
     mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Localisation distillation on DFL box distributions (DESIGN 3.3; paper section 4.3, L_KD).
+    """Localisation distillation on DFL box distributions (paper section 4.3, L_KD).
 
     ``T^2 * mean_{anchors in mask} mean_{4 sides} KL(softmax(t/T) || softmax(s/T))`` over the
     ``reg_max`` bins of each side.
@@ -202,7 +202,7 @@ def dfl_kd_loss_from_probs(
 
 
 def mix_teachers(outputs: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
-    """Mix several teachers' probabilities: ``sum_k w_k p_k / sum_k w_k`` (DESIGN 3.3, weights from ``teachers_for``).
+    """Mix several teachers' probabilities: ``sum_k w_k p_k / sum_k w_k`` (weights from ``teachers_for``).
 
     Mixes probabilities, not logits (see the module docstring); the result of
     per-class sigmoids stays in [0, 1], of softmaxes sums to 1.

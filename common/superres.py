@@ -1,7 +1,7 @@
 """Edge super-resolution: anchored neighbourhood regression (A+), pure numpy + OpenCV.
 
-The platform's "regression-based neighbourhood reconstruction method (NRM)"
-(``seeds/002``) names no algorithm; we implement the best-known one of that
+A "regression-based neighbourhood reconstruction method" names no single
+algorithm; we implement the best-known one of that
 family, *adjusted anchored neighbourhood regression* (A+; Timofte, De Smet and
 Van Gool, ACCV 2014), which runs on a CPU in milliseconds: a few matrix
 products per frame, no network.

@@ -192,7 +192,7 @@ def test_dfl_kd_loss_rejects_bad_shapes():
 
 
 def test_mix_teachers_hand_worked():
-    """DESIGN 3.3 / paper 4.3 several teachers in T: probabilities mixed by teachers_for weights."""
+    """Paper section 4.3, several teachers in T: probabilities mixed by teachers_for weights."""
     # [0.9, 0.1] * 0.75 + [0.5, 0.5] * 0.25 = [0.8, 0.2]; weights [3, 1] are renormalised to the same
     a, b = torch.tensor([0.9, 0.1]), torch.tensor([0.5, 0.5])
     torch.testing.assert_close(mix_teachers([a, b], [0.75, 0.25]), torch.tensor([0.8, 0.2]))
@@ -214,7 +214,7 @@ def test_mix_teachers_mixes_probabilities_not_logits():
     ("weights", "message"), [([1.0], "2 outputs and 1 weights"), ([1.0, -1.0], "-1.0"), ([0.0, 0.0], "sum to > 0")]
 )
 def test_mix_teachers_rejects_bad_weights(weights, message):
-    """DESIGN 3.3 mixing weights: one non-negative weight per teacher with a positive sum."""
+    """Mixing weights (paper section 4.3): one non-negative weight per teacher with a positive sum."""
     with pytest.raises(ValueError, match=message):
         mix_teachers([torch.tensor([0.5]), torch.tensor([0.5])], weights)
 

@@ -8,7 +8,7 @@ from common import yolo
 
 
 def test_diagnose_fresh_pyrafan_has_uniform_fusion_and_sigmoid_gate():
-    """Fusion logits start at zero (DESIGN 3.6): every level weighs 1/3; the gate is sigmoid(mean) in (0, 1)."""
+    """Fusion logits start at zero: every level weighs 1/3; the gate is sigmoid(mean) in (0, 1)."""
     model = yolo.build_model("yolo11n-pyrafan", nc=3, seed=0).eval()
     torch.manual_seed(0)
 
