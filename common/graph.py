@@ -808,7 +808,7 @@ def _rows(graph: CollabGraph, rows: np.ndarray, top_k: int | None = None) -> dic
         common = (member[i] & member[j]).view(np.uint8).reshape(i.size, 8 * words)
         shared = _POPCOUNT[common].sum(axis=1, dtype=float)
         distance = np.zeros(i.size)
-        for column in np.ascontiguousarray(scaled.T):  # one gather per column keeps the temporaries at one value per pair
+        for column in np.ascontiguousarray(scaled.T):  # a gather per column: temporaries of one value per pair
             distance += (column[i] - column[j]) ** 2
         np.sqrt(distance, out=distance)
         a_s = np.exp(-d2 / (2.0 * settings.sigma_s**2))
