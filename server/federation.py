@@ -99,24 +99,24 @@ class CloudModel:
 
 
 def _class_weights(cfg: CedarConfig, data_yaml: Path, nc: int) -> list[float] | None:
-    """Per-column distance weights: all ones, or small-object emphasis from the benchmark's labels."""
+    """Per-class distance weights (one per class; the mAP column always weighs 1): None for all ones, or
+    small-object emphasis (:func:`common.graph.small_object_class_weights`) from the benchmark's test labels,
+    an object being small when its longer side is under ``eval.small_px`` at ``train.imgsz``."""
     if cfg.kd.class_weights == "ones":
         return None
     import numpy as np
-    import yaml
 
+    from common.detections import label_path, read_yolo_labels
     from common.graph import small_object_class_weights
+    from common.sites import split_dir
 
-    spec = yaml.safe_load(data_yaml.read_text())
-    labels = Path(spec["path"]) / str(spec["test"]).replace("images", "labels", 1)
     small, total = np.zeros(nc), np.zeros(nc)
-    for txt in labels.glob("*.txt"):
-        for line in txt.read_text().split("\n"):
-            if line.strip():
-                c, _, _, w, h = (float(v) for v in line.split())
-                total[int(c)] += 1
-                small[int(c)] += max(w, h) * cfg.train.imgsz < cfg.eval.small_px
-    return [1.0, *small_object_class_weights(small, total).tolist()]  # the mAP column weighs 1
+    for image in split_dir(data_yaml, "test").iterdir():
+        rows = read_yolo_labels(label_path(image))
+        cls = rows[:, 0].astype(int)
+        np.add.at(total, cls, 1)
+        np.add.at(small, cls, np.maximum(rows[:, 3], rows[:, 4]) * cfg.train.imgsz < cfg.eval.small_px)
+    return small_object_class_weights(small, total).tolist()
 
 
 def _json(data: Any) -> bytes:
