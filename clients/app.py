@@ -33,8 +33,8 @@ def query(msg: Message, context: Context) -> Message:
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Local training; with ``teacher-ids`` in the config, distillation from those teachers."""
-    site = LocalSite.from_context(context.run_config, context.node_config)
     config = msg.content.get(P.CONFIG, ConfigRecord())
+    site = LocalSite.from_context(context.run_config, context.node_config, config)
     arrays = msg.content.get(P.ARRAYS)
     result = site.train_round(
         server_round=int(config.get(P.SERVER_ROUND, 0)),

@@ -74,6 +74,7 @@ class PersonalizedStrategy(Strategy):
         self.sites: dict[str, dict[str, Any]] = {}  # identity per site
         self.locations: dict[int, tuple[float, float]] = {}  # node id -> registered (lat, lon), if any
         self.last_replies: list[NodeReply] = []
+        self.initial_arrays: ArrayRecord | None = None
 
     def summary(self) -> None:
         log(INFO, "\t├── Personalised models (aggregation: %s)", self.aggregation)
@@ -208,13 +209,16 @@ class PersonalizedStrategy(Strategy):
     def run_round(self, grid: Grid, server_round: int, timeout: float) -> list[NodeReply]:
         """One round; returns the round's accepted replies."""
         self.identify(grid)
-        messages = list(self.configure_train(server_round, None, ConfigRecord(), grid))
+        messages = list(self.configure_train(server_round, self.initial_arrays, ConfigRecord(), grid))
         self.aggregate_train(server_round, self.send(grid, messages, timeout, f"round {server_round}"))
         return self.last_replies
 
     def start(self, grid: Grid, *, num_rounds: int, expected_nodes: int, wait_for_nodes_s: float = 120.0,
-              timeout: float = 3600.0, first_round: int = 1, on_round_end: RoundEndFn | None = None) -> None:
-        """Run rounds ``first_round..num_rounds``; ``on_round_end`` sees each round's valid replies."""
+              timeout: float = 3600.0, first_round: int = 1, on_round_end: RoundEndFn | None = None,
+              initial_arrays: ArrayRecord | None = None) -> None:
+        """Run rounds ``first_round..num_rounds``; ``on_round_end`` sees each round's valid replies; a site the
+        strategy has no weights of starts from ``initial_arrays`` (None: from scratch)."""
+        self.initial_arrays = initial_arrays
         self.summary()
         wait_for_nodes(grid, expected_nodes, wait_for_nodes_s)
         for server_round in range(first_round, num_rounds + 1):

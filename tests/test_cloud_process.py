@@ -1,0 +1,108 @@
+"""The cloud service as the run's child process (server/cloud_process.py): a REAL ``python -m server.cloud`` on
+loopback: start, health, token, restart, stop, a failed start, and that the run stops it when its body raises."""
+
+from __future__ import annotations
+
+import os
+import stat
+
+import httpx
+import psutil
+import pytest
+
+from common.sites import class_names, public_data
+from server.cloud_process import CloudProcess, CloudProcessError
+
+pytestmark = pytest.mark.integration
+
+NAMES = ["insulator", "bird_nest", "damper", "bolt", "crack", "rust", "vehicle", "person"]
+
+
+def _cloud_children() -> list[psutil.Process]:
+    found = []
+    for p in psutil.Process().children(recursive=True):
+        try:
+            if "server.cloud" in p.cmdline():
+                found.append(p)
+        except psutil.NoSuchProcess:
+            pass
+    return found
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    from common import yolo
+
+    folder = tmp_path_factory.mktemp("weights")
+    return [yolo.save_weights(yolo.build_model("yolo11n", len(NAMES), seed=s, names=NAMES), folder / f"m{s}.pt")
+            for s in (0, 1)]
+
+
+def test_start_health_token_restart_stop(weights, tmp_path):
+    service = CloudProcess(weights[0], tmp_path / "store", tmp_path / "svc", args=["--imgsz", "128"])
+
+    # Execute
+    with service:
+        pid, url, token = service.proc.pid, service.url, service.token
+        health = httpx.get(f"{url}/health", timeout=10).json()
+        refused = httpx.post(f"{url}/detect", content=b"x", timeout=10,
+                             headers={"Authorization": "Bearer wrong", "X-Cedar-Site": "site-0"})
+        service.restart(weights[1])
+        restarted_pid = service.proc.pid
+        again = httpx.get(f"{url}/health", timeout=10).json()
+
+    # Assert: served on loopback, the model's classes; a random owner-only token that the service checks
+    assert url.startswith("http://127.0.0.1:") and health["status"] == "ok" and health["classes"] == NAMES
+    assert refused.status_code == 401
+    assert len(token) >= 40 and (tmp_path / "svc" / "token").read_text().strip() == token
+    assert stat.S_IMODE(os.stat(tmp_path / "svc" / "token").st_mode) == 0o600
+    # restart: a new process on the same URL (the sites keep theirs), counters reset
+    assert restarted_pid != pid and service.url == url and again["served"] == 0
+    # stopped: both processes gone, nothing listens
+    assert not psutil.pid_exists(pid) and not psutil.pid_exists(restarted_pid) and service.proc is None
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"{url}/health", timeout=2)
+    assert (tmp_path / "store" / "data.yaml").is_file()  # the service's hard-sample store
+
+
+def test_failed_start_names_the_weights_and_leaves_no_process(tmp_path):
+    bad = tmp_path / "not-a-model.pt"
+    bad.write_bytes(b"junk")
+    service = CloudProcess(bad, tmp_path / "store", tmp_path / "svc")
+
+    with pytest.raises(CloudProcessError, match=r"not-a-model\.pt\) exited with code 2") as err:
+        service.start()
+    assert "cannot read weights file" in str(err.value)  # the service's own log line
+    assert service.proc is None and _cloud_children() == []
+
+
+class _BrokenGrid:
+    """A Flower grid whose first call fails, as a SuperLink that goes away would."""
+
+    def get_node_ids(self):
+        raise RuntimeError("grid down")
+
+    def get_nodes(self):
+        raise RuntimeError("grid down")
+
+
+def test_run_stops_the_service_when_its_body_raises(weights, tiny_overrides, tmp_path, caplog):
+    # Prepare: a run serving a given cloud model (no training), sites from scratch
+    from common.config import load_config
+    from server.federation import run_federation
+
+    cfg = load_config("quick", {**tiny_overrides, "output-dir": str(tmp_path / "out"), "run-name": "r",
+                                "tracking.wandb": "off", "model.edge-init": "scratch",
+                                "model.cloud-init": str(weights[0]), "model.cloud": "yolo11n"})
+    assert cfg.cloud.serve and class_names(public_data(cfg)) == NAMES
+
+    # Execute
+    with caplog.at_level("INFO", logger="server.cloud_process"), pytest.raises(RuntimeError, match="grid down"):
+        run_federation(_BrokenGrid(), cfg)
+
+    # Assert: the service had started (the log names its pid) and no service process is left
+    started = [r.getMessage() for r in caplog.records if "serving" in r.getMessage()]
+    assert len(started) == 1 and "(pid " in started[0]
+    pid = int(started[0].split("(pid ")[1].split(")")[0])
+    assert not psutil.pid_exists(pid) and _cloud_children() == []
+    assert any(r.getMessage() == f"cloud service: stopped (pid {pid})" for r in caplog.records)
