@@ -113,7 +113,7 @@ def trained(role: str, recipe: Recipe, data_yaml: Path, names: list[str], root: 
     res = yolo.train(model, data_yaml, epochs=recipe.epochs, imgsz=recipe.imgsz, batch=recipe.batch, lr0=recipe.lr0,
                      weight_decay=recipe.weight_decay, warmup_iters=recipe.warmup_iters, mosaic=recipe.mosaic,
                      workers=workers, seed=recipe.seed, device=device, desc=f"{role} model")
-    yolo.save_weights(model, path, role=role, epochs=res.epochs, seconds=round(res.seconds, 1), **asdict(recipe))
+    yolo.save_weights(model, path, role=role, epochs=res.epochs, seconds=round(res.seconds, 1), recipe=asdict(recipe))
     log.info("%s model: trained %s epochs (%s iterations) in %.0fs -> %s", role, res.epochs, res.iterations,
              res.seconds, path)
     return path

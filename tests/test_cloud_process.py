@@ -106,3 +106,52 @@ def test_run_stops_the_service_when_its_body_raises(weights, tiny_overrides, tmp
     pid = int(started[0].split("(pid ")[1].split(")")[0])
     assert not psutil.pid_exists(pid) and _cloud_children() == []
     assert any(r.getMessage() == f"cloud service: stopped (pid {pid})" for r in caplog.records)
+
+
+def test_run_serves_the_cloud_and_closes_the_loop(tiny_overrides, tmp_path, caplog):
+    """Two sites, two rounds on the in-process grid: the sites start from the base model, offload to the run's
+    service (their collaborative recall comes back), and round 2's cloud KD is preceded by a fine-tune on the hard
+    samples they sent."""
+    import torch
+    import yaml
+
+    from common import protocol as P
+    from common.config import load_config
+    from server.federation import run_federation
+    from server import models as M
+    from server.local_grid import LocalGrid
+
+    # Prepare: the untrained tiny models detect little; a low answer/label threshold makes the service store
+    overrides = {**tiny_overrides, "output-dir": str(tmp_path / "out"), "run-name": "r", "tracking.wandb": "off",
+                 "federation.num-rounds": 2, "federation.wait-for-nodes-s": 0, "kd.cloud-rounds": "[2]",
+                 "model.base-epochs": 1, "model.cloud-epochs": 1, "model.cloud": "yolo11n",
+                 "cloud.finetune-epochs": 1, "routing.det-conf": 0.01, "routing.candidate-conf": 0.001}
+    sent = []
+    run_config = {"preset": "quick", "overrides": " ".join(f"{k}={v}" for k, v in overrides.items())}
+    grid = LocalGrid(run_config, (1, 2), before_send=lambda m: sent.append(m) if m.content else None)
+    cfg = load_config("quick", {**overrides, "kd.cloud-rounds": [2]})
+
+    # Execute
+    with caplog.at_level("INFO"):
+        out = run_federation(grid, cfg)
+
+    # Assert: round 1 sent both sites the cached base model, and the service's URL and token
+    base = M.cache_root(cfg) / f"base-yolo11n-{M.Recipe.from_config(cfg, 'yolo11n', 1).key()}" / "model.pt"
+    round1 = [m for m in sent if m.content[P.CONFIG][P.SERVER_ROUND] == 1]
+    assert len(round1) == 2
+    token = (out.run_dir / "cloud" / "token").read_text().strip()
+    for m in round1:
+        assert m.content[P.CONFIG][P.CLOUD_TOKEN] == token
+        assert m.content[P.CONFIG][P.CLOUD_URL].startswith("http://127.0.0.1:")
+    w1, w2 = (m.content[P.ARRAYS].to_torch_state_dict() for m in round1)
+    cached = torch.load(base, weights_only=True)["state_dict"]
+    assert all(torch.equal(w1[k], cached[k]) and torch.equal(w2[k], cached[k]) for k in cached)
+    # every site's collaboration ran against the service; what they offloaded is in the store
+    rows = [yaml.safe_load(x) for x in (out.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 4 and all(r["collab_recall"] is not None for r in rows)
+    stored = len(list((out.run_dir / "cloud" / "hard-samples" / "images").iterdir()))
+    assert stored > 0
+    # round 2: the cloud fine-tuned on the samples of round 1 before teaching
+    tuned = [r.getMessage() for r in caplog.records if "fine-tuned" in r.getMessage()]
+    assert len(tuned) == 1 and "round 2" in tuned[0] and (out.run_dir / "cloud" / "model-round-002.pt").is_file()
+    assert _cloud_children() == []

@@ -34,6 +34,7 @@ def test_flwr_run_two_sites_one_round(tmp_path, no_superlink_left):
         "data.video-frames=8",
         f"data.cache-dir={tmp_path / 'cache'}", f"output-dir={tmp_path / 'outputs'}",
         "federation.num-rounds=1", "train.epochs-per-round=1", "tracking.wandb=off", "run-name=it",
+        "model.base-epochs=1", "model.cloud-epochs=1", "model.cloud=yolo11n",  # the base model, the served cloud
     ]
     env = dict(os.environ, WANDB_MODE="disabled")
 
@@ -49,6 +50,9 @@ def test_flwr_run_two_sites_one_round(tmp_path, no_superlink_left):
     assert sorted(r["site_id"] for r in lines) == ["site-0", "site-1"]
     assert all(r["round"] == 1 and 0.0 <= r["benchmark_map50"] <= 1.0 for r in lines)
     assert len(lines[0]["benchmark_ap50"]) == 8
+    # the run's cloud service answered every site (collaborative metrics) and is gone
+    assert all(0.0 <= r["collab_recall"] <= 1.0 for r in lines)
+    assert "cloud service: stopped" in proc.stdout + proc.stderr
     for site in ("site-0", "site-1"):
         assert (run_dir / "nodes" / site / "model.pt").is_file()
     cfg_text = (run_dir / "config.yaml").read_text()

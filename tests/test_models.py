@@ -76,7 +76,7 @@ def test_trained_model_is_cached_and_reused(cfg_of, tmp_path, caplog):
     assert sum("trained 1 epochs" in m for m in messages) == 1
     assert messages[-1] == f"base model: loaded from cache {first}"
     blob = torch.load(first, weights_only=True)
-    assert blob["meta"]["epochs"] == 1 and blob["meta"]["arch"] == "yolo11n" and blob["nc"] == len(names)
+    assert blob["meta"]["epochs"] == 1 and blob["meta"]["recipe"]["arch"] == "yolo11n" and blob["nc"] == len(names)
 
 
 @pytest.mark.slow
