@@ -157,7 +157,7 @@ class GraphKDStrategy(PersonalizedStrategy):
     # -------------------------------------------------------------------- kd
     def configure_round(self, server_round: int, plan: dict[str, dict[str, float]], grid: Grid) -> list[Message]:
         """The round's train messages; a student's also carries its teachers and the KD settings."""
-        messages = list(self.configure_train(server_round, None, ConfigRecord(), grid))
+        messages = list(self.configure_train(server_round, self.initial_arrays, ConfigRecord(), grid))
         cloud = self.cloud_fn(server_round) if any("cloud" in t for t in plan.values()) else None
         for msg in messages:
             student = self.site_of.get(msg.metadata.dst_node_id)
