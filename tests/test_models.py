@@ -167,3 +167,15 @@ def test_cloud_model_is_fine_tuned_on_new_hard_samples_and_the_service_restarted
     assert any("+ 3 hard samples (3 new)" in r.getMessage() for r in caplog.records)
     assert cloud.refresh(4) is False and cloud.service.restart.call_count == 1
     assert M.hard_sample_count(cloud.store) == 3
+
+
+@pytest.mark.parametrize("key", ["model.base-epochs", "model.cloud-epochs", "cloud.finetune-epochs"])
+def test_negative_epochs_are_a_config_error(cfg_of, key):
+    with pytest.raises(ConfigError, match=rf"{key.replace('-', '_')}=-1: must be >= 0"):
+        cfg_of(**{key: -1})
+
+
+def test_defaults_start_sites_from_the_base_model_and_serve_the_cloud():
+    cfg = load_config("quick")
+    assert (cfg.model.edge_init, cfg.model.cloud_init, cfg.cloud.serve) == ("base", "train", True)
+    assert M.cache_root(cfg) == Path("~/.cache/cedar/benchmark/models").expanduser()
