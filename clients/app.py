@@ -32,16 +32,16 @@ def query(msg: Message, context: Context) -> Message:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    """Local training; with ``teacher-ids`` in the config, distillation from those teachers."""
+    """Local training; with a :class:`common.protocol.KDRequest` in the config, distillation from its teachers."""
     config = msg.content.get(P.CONFIG, ConfigRecord())
     site = LocalSite.from_context(context.run_config, context.node_config, config)
     arrays = msg.content.get(P.ARRAYS)
+    kd = P.KDRequest.parse(config)
     result = site.train_round(
         server_round=int(config.get(P.SERVER_ROUND, 0)),
         epochs=int(config.get(P.EPOCHS, site.cfg.train.epochs_per_round)),
         weights=arrays.to_torch_state_dict() if arrays is not None else None,
-        kd=P.parse_kd_config(config, [msg.content.get(P.teacher_record(i))
-                                      for i in range(len(config.get(P.TEACHER_IDS, [])))]),
+        kd=kd, teachers=[rec.to_torch_state_dict() for rec in kd.teacher_records(msg.content)] if kd else [],
     )
     content = RecordDict({
         P.ARRAYS: ArrayRecord(result.weights),

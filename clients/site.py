@@ -76,8 +76,8 @@ class LocalSite:
             yolo.load_state_dict(model, weights)
         return model
 
-    def distiller(self, student, kd: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
-        """Frozen teachers from a distillation message (see ``common.protocol.parse_kd_config``).
+    def distiller(self, student, kd: P.KDRequest, teachers: list[dict]) -> tuple[Any, dict[str, Any]]:
+        """Frozen teachers (state dicts, in ``kd.teacher_ids`` order) from a distillation message.
 
         With ``student_check`` the student first scores itself and every proposed
         teacher on its *own* validation split and keeps only the teachers that beat
@@ -90,25 +90,25 @@ class LocalSite:
         """
         from common.distill import TeacherEnsemble
 
-        teachers = [self.build_model(rec.to_torch_state_dict(), arch) for rec, arch, _ in kd["teachers"]]
-        weights = [w for _, _, w in kd["teachers"]]
+        teachers = [self.build_model(state, arch) for state, arch in zip(teachers, kd.teacher_archs)]
+        weights = list(kd.teacher_weights)
         metrics: dict[str, Any] = {}
-        if kd.get("student_check"):
+        if kd.student_check:
             own = self.evaluate(student, "val").map50
             scores = [self.evaluate(t, "val").map50 for t in teachers]
-            kept = [s > own + kd.get("check_margin", 0.0) for s in scores]
+            kept = [s > own + kd.check_margin for s in scores]
             metrics = {P.START_VAL_MAP50: own, P.TEACHER_VAL_MAP50: scores, P.TEACHERS_KEPT: [int(k) for k in kept]}
             log.info("%s: own val mAP50 %.3f; teachers %s: %s", self.spec.site_id, own,
-                     ", ".join(f"{i} {s:.3f}" for i, s in zip(kd["ids"], scores)),
-                     "kept " + ", ".join(i for i, k in zip(kd["ids"], kept) if k) if any(kept) else "none kept")
+                     ", ".join(f"{i} {s:.3f}" for i, s in zip(kd.teacher_ids, scores)),
+                     "kept " + ", ".join(i for i, k in zip(kd.teacher_ids, kept) if k) if any(kept) else "none kept")
             teachers = [t for t, k in zip(teachers, kept) if k]
             weights = [w for w, k in zip(weights, kept) if k]
         if not teachers:
             return None, metrics
         total = sum(weights)
         return TeacherEnsemble(student, teachers, [w / total for w in weights],
-                               temperature=kd["temperature"], fg_threshold=kd["fg_threshold"],
-                               select=kd["select"]), metrics
+                               temperature=kd.temperature, fg_threshold=kd.fg_threshold,
+                               select=kd.select), metrics
 
     def evaluate(self, model, split: str):
         """Ultralytics' validator on one of this site's splits, at the evaluation settings."""
@@ -119,7 +119,7 @@ class LocalSite:
                              iou=ev.iou, device=t.device)
 
     def train_round(self, server_round: int, epochs: int, weights: dict | None,
-                    kd: dict[str, Any] | None = None) -> RoundResult:
+                    kd: P.KDRequest | None = None, teachers: list[dict] = ()) -> RoundResult:
         """Local training (distillation when ``kd`` names teachers), then evaluation on val and test."""
         import torch
 
@@ -129,7 +129,7 @@ class LocalSite:
         torch.set_num_threads(self.cfg.train.threads)
         t = self.cfg.train
         model = self.build_model(weights)
-        extra, kd_metrics = self.distiller(model, kd) if kd else (None, {})
+        extra, kd_metrics = self.distiller(model, kd, list(teachers)) if kd else (None, {})
         seed = self.cfg.seed + 1000 * server_round + self.spec.index
         augment = AdverseAugment(t.adverse_p, seed=seed) if t.adverse_p > 0 else None
         t0 = time.perf_counter()
@@ -139,7 +139,7 @@ class LocalSite:
             weight_decay=t.weight_decay, warmup_iters=t.warmup_iters,  # every round: AdamW restarts
             mosaic=t.mosaic, workers=t.workers, seed=seed,
             device=t.device, desc=f"{self.spec.site_id} round {server_round}{' KD' if extra else ''}",
-            extra_loss=extra, alpha=kd["alpha"] if extra else 1.0, augment=augment,
+            extra_loss=extra, alpha=kd.alpha if extra else 1.0, augment=augment,
         )
         val, test = self.evaluate(model, "val"), self.evaluate(model, "test")
         routing = self.routing_metrics(model)

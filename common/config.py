@@ -183,6 +183,10 @@ class FederationConfig:
     reply_timeout_s: float = 3600.0
     # continue the run in output_dir/run_name from its last completed round
     resume: bool = False
+    # sites (indices, negative from the end: -1 is the last) that join the federation at late_join_round: they get
+    # no train message before it, and the graph maintenance evaluates them as "new" when they first reply
+    late_sites: list[int] = field(default_factory=list)
+    late_join_round: int = 2
 
 
 @dataclass
@@ -376,7 +380,7 @@ def validate(cfg: CedarConfig) -> None:
     for key in ("train.epochs_per_round", "model.base_epochs", "model.cloud_epochs", "cloud.finetune_epochs"):
         if flat[key] < 0:
             raise ConfigError(f"{key}={flat[key]!r}: must be >= 0")
-    for key in ("kd.t_cycle", "kd.patience", "reproduce.num_rounds", "reproduce.workers"):
+    for key in ("kd.t_cycle", "kd.patience", "reproduce.num_rounds", "reproduce.workers", "federation.late_join_round"):
         if flat[key] < 1:
             raise ConfigError(f"{key}={flat[key]!r}: must be >= 1")
     if flat["kd.temperature"] <= 0 or flat["kd.sigma_s_km"] <= 0:
@@ -405,6 +409,11 @@ def validate(cfg: CedarConfig) -> None:
             raise ConfigError("data.site_data: needs one data.yaml per site when data.source=yolo")
         if not cfg.data.public_data:
             raise ConfigError("data.public_data: needs the shared benchmark's data.yaml when data.source=yolo")
+    n = len(cfg.data.site_data) if cfg.data.source == "yolo" else cfg.data.num_sites
+    bad = [i for i in flat["federation.late_sites"] if not -n <= i < n]
+    if bad or len({i % n for i in flat["federation.late_sites"]}) != len(flat["federation.late_sites"]):
+        raise ConfigError(f"federation.late_sites={flat['federation.late_sites']!r}: expected distinct site indices "
+                          f"in [-{n}, {n}) (the config has {n} sites)")
 
 
 def model_init_path(cfg: CedarConfig, key: str) -> Path | None:

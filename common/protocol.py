@@ -9,6 +9,7 @@ This module is plain Python (no flwr) so both sides and the tests can use it.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any, Mapping
 
 # record names inside a message's RecordDict
@@ -20,15 +21,15 @@ SITE = "site"
 # ConfigRecord "config" (server -> client)
 SERVER_ROUND = "server-round"
 EPOCHS = "epochs"
-# ... of a distillation message: the student's teachers travel as ArrayRecords "teacher-<i>"
-KD_ALPHA = "kd-alpha"
-KD_TEMPERATURE = "kd-temperature"
-KD_FG_THRESHOLD = "kd-fg-threshold"
-KD_SELECTIONS = ("teacher-fg", "teacher-better")
-KD_SELECT = "kd-select"  # which anchors are distilled on: "teacher-fg" or "teacher-better" (common.distill)
+# ... of a distillation message (KDRequest): the student's teachers travel as ArrayRecords "teacher-<i>"
 TEACHER_IDS = "teacher-ids"
 TEACHER_WEIGHTS = "teacher-weights"
 TEACHER_ARCHS = "teacher-archs"
+KD_ALPHA = "kd-alpha"
+KD_TEMPERATURE = "kd-temperature"
+KD_FG_THRESHOLD = "kd-fg-threshold"
+KD_SELECT = "kd-select"  # which anchors are distilled on: "teacher-fg" or "teacher-better" (common.distill)
+KD_SELECTIONS = ("teacher-fg", "teacher-better")
 KD_STUDENT_CHECK = "kd-student-check"  # the student keeps only teachers better than itself on its own val split
 KD_CHECK_MARGIN = "kd-check-margin"  # ... by more than this (val mAP50)
 
@@ -127,33 +128,6 @@ def parse_train_metrics(metrics: Mapping[str, Any], nc: int) -> dict[str, Any]:
     return out
 
 
-def parse_kd_config(config: Mapping[str, Any], teacher_records: list) -> dict[str, Any] | None:
-    """The distillation part of a train message: ``None`` for plain local training.
-
-    Returns ``{"teachers": [(record, arch, weight)], "alpha", "temperature", "fg_threshold", "select", ...}``.
-    """
-    ids = config.get(TEACHER_IDS)
-    if not ids:
-        return None
-    where = "config"
-    weights, archs = config.get(TEACHER_WEIGHTS), config.get(TEACHER_ARCHS)
-    if not isinstance(weights, list) or len(weights) != len(ids):
-        raise ProtocolError(f"{where}: '{TEACHER_WEIGHTS}'={weights!r} must have one weight per teacher {ids}")
-    if not isinstance(archs, list) or len(archs) != len(ids):
-        raise ProtocolError(f"{where}: '{TEACHER_ARCHS}'={archs!r} must name one model per teacher {ids}")
-    missing = [teacher_record(i) for i, rec in enumerate(teacher_records) if rec is None]
-    if missing:
-        raise ProtocolError(f"message has no weights for teacher record(s) {missing}")
-    out = {"teachers": list(zip(teacher_records, archs, [float(w) for w in weights])), "ids": list(ids),
-           "student_check": bool(config.get(KD_STUDENT_CHECK, False)),
-           "check_margin": float(config.get(KD_CHECK_MARGIN, 0.0)), "select": config.get(KD_SELECT, "teacher-fg")}
-    if out["select"] not in KD_SELECTIONS:
-        raise ProtocolError(f"{where}: '{KD_SELECT}'={out['select']!r} must be one of {KD_SELECTIONS}")
-    for key, name in ((KD_ALPHA, "alpha"), (KD_TEMPERATURE, "temperature"), (KD_FG_THRESHOLD, "fg_threshold")):
-        out[name] = _number(config, key, where)
-    return out
-
-
 def parse_site(site: Mapping[str, Any], nc: int) -> dict[str, Any]:
     """Validate a reply's site identity (id, position in km, class ids)."""
     where = "site"
@@ -167,3 +141,87 @@ def parse_site(site: Mapping[str, Any], nc: int) -> dict[str, Any]:
     if not isinstance(classes, list) or not all(isinstance(c, int) and 0 <= c < nc for c in classes):
         raise ProtocolError(f"{where}: '{CLASSES}'={classes!r} must be class ids in [0, {nc})")
     return {SITE_ID: site_id, POSITION_KM: [float(v) for v in pos], CLASSES: sorted(set(classes))}
+
+
+@dataclass(frozen=True)
+class KDRequest:
+    """The distillation part of a train message (server -> client): who teaches, how much, with which loss.
+
+    ``encode()`` gives the ConfigRecord entries, ``parse()`` reads them back (``None``:
+    plain local training). The teachers' weights travel beside it as ArrayRecords
+    ``teacher-<i>``, in the order of ``teacher_ids`` (:meth:`teacher_records`).
+    A malformed request raises :class:`ProtocolError` naming the key, on either side.
+
+    Example: ``KDRequest(("site-1", "cloud"), (0.5, 0.5), ("yolo11n", "yolo11s"), alpha=0.5,
+    temperature=1.0, fg_threshold=0.25)`` is a student taught half by site-1's model, half by the cloud's.
+    """
+
+    teacher_ids: tuple[str, ...]
+    teacher_weights: tuple[float, ...]  # mixing weights of the soft labels, one per teacher
+    teacher_archs: tuple[str, ...]  # the model each teacher's weights load into
+    alpha: float  # weight of the detection loss: alpha * det + (1 - alpha) * kd
+    temperature: float
+    fg_threshold: float
+    select: str = "teacher-fg"
+    student_check: bool = False
+    check_margin: float = 0.0
+
+    def __post_init__(self) -> None:
+        where = "config"
+        n = len(self.teacher_ids)
+        if not n or not all(isinstance(t, str) and t for t in self.teacher_ids):
+            raise ProtocolError(f"{where}: '{TEACHER_IDS}'={list(self.teacher_ids)!r} must name at least one teacher")
+        if len(self.teacher_weights) != n or not all(_is_number(w) and w >= 0 for w in self.teacher_weights):
+            raise ProtocolError(f"{where}: '{TEACHER_WEIGHTS}'={list(self.teacher_weights)!r} must have one weight "
+                                f">= 0 per teacher {list(self.teacher_ids)}")
+        if len(self.teacher_archs) != n or not all(isinstance(a, str) and a for a in self.teacher_archs):
+            raise ProtocolError(f"{where}: '{TEACHER_ARCHS}'={list(self.teacher_archs)!r} must name one model per "
+                                f"teacher {list(self.teacher_ids)}")
+        for key, value, low, high in ((KD_ALPHA, self.alpha, 0.0, 1.0), (KD_FG_THRESHOLD, self.fg_threshold, 0.0, 1.0),
+                                      (KD_CHECK_MARGIN, self.check_margin, 0.0, 1.0)):
+            if not (_is_number(value) and low <= value <= high):
+                raise ProtocolError(f"{where}: '{key}'={value!r} must be a number in [{low}, {high}]")
+        if not (_is_number(self.temperature) and self.temperature > 0):
+            raise ProtocolError(f"{where}: '{KD_TEMPERATURE}'={self.temperature!r} must be a number > 0")
+        if self.select not in KD_SELECTIONS:
+            raise ProtocolError(f"{where}: '{KD_SELECT}'={self.select!r} must be one of {KD_SELECTIONS}")
+        if not isinstance(self.student_check, bool):
+            raise ProtocolError(f"{where}: '{KD_STUDENT_CHECK}'={self.student_check!r} must be true or false")
+
+    def encode(self) -> dict[str, Any]:
+        """The ConfigRecord entries of this request."""
+        return {TEACHER_IDS: list(self.teacher_ids), TEACHER_WEIGHTS: [float(w) for w in self.teacher_weights],
+                TEACHER_ARCHS: list(self.teacher_archs), KD_ALPHA: float(self.alpha),
+                KD_TEMPERATURE: float(self.temperature), KD_FG_THRESHOLD: float(self.fg_threshold),
+                KD_SELECT: self.select, KD_STUDENT_CHECK: self.student_check,
+                KD_CHECK_MARGIN: float(self.check_margin)}
+
+    @classmethod
+    def parse(cls, config: Mapping[str, Any]) -> KDRequest | None:
+        """The request in a train message's config; ``None`` when it names no teachers (plain training)."""
+        if not config.get(TEACHER_IDS):
+            return None
+        missing = [k for k in (TEACHER_WEIGHTS, TEACHER_ARCHS, KD_ALPHA, KD_TEMPERATURE, KD_FG_THRESHOLD, KD_SELECT)
+                   if k not in config]
+        if missing:
+            raise ProtocolError(f"config: missing '{missing[0]}' in a distillation request")
+        lists = {}
+        for key in (TEACHER_IDS, TEACHER_WEIGHTS, TEACHER_ARCHS):
+            if not isinstance(config[key], (list, tuple)):
+                raise ProtocolError(f"config: '{key}'={config[key]!r} must be a list")
+            lists[key] = tuple(config[key])
+        return cls(lists[TEACHER_IDS], lists[TEACHER_WEIGHTS], lists[TEACHER_ARCHS], alpha=config[KD_ALPHA],
+                   temperature=config[KD_TEMPERATURE], fg_threshold=config[KD_FG_THRESHOLD], select=config[KD_SELECT],
+                   student_check=config.get(KD_STUDENT_CHECK, False), check_margin=config.get(KD_CHECK_MARGIN, 0.0))
+
+    def teacher_records(self, content: Mapping[str, Any]) -> list:
+        """The teachers' weight records (``teacher-<i>``) of a message's content, in ``teacher_ids`` order."""
+        names = [teacher_record(i) for i in range(len(self.teacher_ids))]
+        missing = [name for name in names if content.get(name) is None]
+        if missing:
+            raise ProtocolError(f"message has no weights for teacher record(s) {missing}")
+        return [content[name] for name in names]
+
+
+def _is_number(value: Any) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(float(value))

@@ -9,8 +9,10 @@ import math
 from pathlib import Path
 from typing import Any
 
+from flwr.app import ArrayRecord
+
 from common import protocol as P
-from common.config import CedarConfig, to_flat_dict
+from common.config import CedarConfig, KDConfig, to_flat_dict
 from common.files import atomic_write
 from common.sites import class_names, num_sites, public_data
 from server.cloud_process import serve
@@ -18,7 +20,7 @@ from server.models import CloudModel, base_arrays
 from server.outputs import RunOutputs
 from server.tracking import Tracker
 from strategies.graph_kd import GraphKDStrategy
-from strategies.personalized import NodeReply
+from strategies.personalized import NodeReply, RoundRecord
 
 log = logging.getLogger(__name__)
 
@@ -32,8 +34,8 @@ class BenchmarkEvaluator:
         self.cfg, self.data_yaml, self.yolo = cfg, data_yaml, yolo
         self.model = yolo.build_model(cfg.model.edge, len(names), seed=cfg.seed, names=names)
 
-    def __call__(self, reply: NodeReply) -> dict[str, Any]:
-        self.yolo.from_arrayrecord(self.model, reply.arrays)
+    def __call__(self, arrays) -> dict[str, Any]:
+        self.yolo.from_arrayrecord(self.model, arrays)
         t, ev = self.cfg.train, self.cfg.eval
         res = self.yolo.evaluate(self.model, self.data_yaml, split="test", imgsz=t.imgsz, batch=ev.batch,
                                  conf=ev.conf, iou=ev.iou, device=t.device)
@@ -74,7 +76,117 @@ def _json(data: Any) -> bytes:
     return json.dumps(data, indent=1, default=str).encode()
 
 
+class RoundWriter:
+    """The per-round outputs of a run (the strategy's ``on_round_end``): metrics.jsonl, each site's weights
+    (and the fedavg model), the graph as JSON and PNG, W&B, the round summary, and state.json for a resume."""
+
+    def __init__(self, out: RunOutputs, tracker: Tracker, evaluator: BenchmarkEvaluator, strategy: GraphKDStrategy,
+                 kd: KDConfig):
+        self.out, self.tracker, self.evaluator, self.strategy, self.kd = out, tracker, evaluator, strategy, kd
+
+    @property
+    def state_path(self) -> Path:
+        return self.out.run_dir / "state.json"
+
+    @property
+    def global_path(self) -> Path:
+        return self.out.run_dir / "global" / "model.pt"
+
+    def __call__(self, record: RoundRecord) -> None:
+        out, tracker, server_round = self.out, self.tracker, record.server_round
+        rows = []
+        for r in sorted(record.replies, key=lambda r: r.site_id):
+            row = self.metrics_row(server_round, r)
+            out.append_metrics(row)
+            self.evaluator.save(r.arrays, out.node_weights_path(r.site_id), round=server_round, site=r.site_id)
+            rows.append([r.site_id, r.phase, row["train_loss"], row["test_map50"], row["benchmark_map50"]])
+            tracker.log({f"{r.site_id}/{key}": v for key, v in row.items()
+                         if isinstance(v, (int, float)) and not (isinstance(v, float) and math.isnan(v))},
+                        step=server_round)
+        if record.global_arrays is not None:
+            self.evaluator.save(record.global_arrays, self.global_path, round=server_round)
+        tracker.table("round_summary", ["site", "phase", "train_loss", "test_map50", "benchmark_map50"], rows,
+                      server_round)
+        if record.graph is not None:
+            self.write_graph(server_round, record.graph)
+        atomic_write(self.state_path, _json({"round": server_round, "strategy": self.strategy.state_dict(),
+                                             "sites": sorted(self.strategy.arrays)}))
+        log.info("round %s summary:\n%s", server_round, "\n".join(
+            f"  {s:<10} {ph:<5} loss {lo:7.3f}  own-test mAP50 {m:.3f}  benchmark mAP50 "
+            + ("-" if b is None else f"{b:.3f}") for s, ph, lo, m, b in rows))
+        out.write_summary()
+
+    def metrics_row(self, server_round: int, r: NodeReply) -> dict[str, Any]:
+        """One metrics.jsonl line: a site's round."""
+        bench, kd = r.benchmark or {}, r.phase == "kd"
+        return {
+            "round": server_round, "node_id": r.node_id, "site_id": r.site_id, "phase": r.phase,
+            "position_km": r.site[P.POSITION_KM], "classes": r.site[P.CLASSES],
+            "train_loss": r.metrics[P.TRAIN_LOSS], "train_seconds": r.metrics[P.TRAIN_SECONDS],
+            "num_examples": r.metrics[P.NUM_EXAMPLES], "val_map50": r.metrics[P.VAL_MAP50],
+            "test_map50": r.metrics[P.TEST_MAP50], "test_ap50": r.metrics[P.TEST_AP50],
+            "kd_loss": r.metrics.get(P.KD_LOSS), "teachers": r.metrics.get("teachers"),
+            "teachers_proposed": r.metrics.get("teachers_proposed"),
+            "teachers_rejected": r.metrics.get("teachers_rejected"),
+            **{key.replace("-", "_"): r.metrics.get(key) for key in (*P.ROUTING_KEYS, *P.COLLAB_KEYS)},
+            "kd_alpha": self.kd.alpha if kd else None, "kd_temperature": self.kd.temperature if kd else None,
+            "evaluated": list(r.evaluated) or None,
+            "benchmark_map50": bench.get("map50"), "benchmark_map50_95": bench.get("map50_95"),
+            "benchmark_ap50": bench.get("ap50"), "eval_seconds": bench.get("seconds"),
+        }
+
+    def write_graph(self, server_round: int, graph: dict[str, Any]) -> None:
+        graph_dir = self.out.run_dir / "graphs"
+        graph_dir.mkdir(exist_ok=True)
+        atomic_write(graph_dir / f"round-{server_round:03d}.json", _json(graph))
+        if "nodes" in graph:
+            from server.graph_plot import draw_graph
+
+            png = draw_graph(graph, graph_dir / f"round-{server_round:03d}.png")
+            self.tracker.image("graph", png, server_round)
+            self.tracker.table("graph_arcs", ["source", "target", "raw", "weight"],
+                               [[a["source"], a["target"], a["raw"], a["weight"]] for a in graph["arcs"]],
+                               server_round)
+
+    def resume(self) -> ArrayRecord:
+        """Load state.json and the saved weights into the strategy; returns the initial global weights."""
+        state = json.loads(self.state_path.read_text())
+        self.strategy.load_state_dict(state["strategy"])
+        for site_id in state["sites"]:
+            self.strategy.arrays[site_id] = self.evaluator.load(self.out.node_weights_path(site_id))
+        log.info("resuming %s after round %s (%s sites)", self.out.run_dir, state["round"], len(state["sites"]))
+        return self.evaluator.load(self.global_path) if self.global_path.is_file() else ArrayRecord()
+
+
+def late_sites(cfg: CedarConfig) -> dict[str, int]:
+    """``{site id: join round}`` from ``federation.late-sites`` (site indices, negative from the end)."""
+    from common.sites import resolve_site
+
+    n = num_sites(cfg)
+    return {resolve_site(cfg, {"partition-id": i % n}).site_id: cfg.federation.late_join_round
+            for i in cfg.federation.late_sites}
+
+
+def build_strategy(cfg: CedarConfig, names: list[str], bench_yaml: Path, evaluator: BenchmarkEvaluator,
+                   cloud: CloudModel | None) -> GraphKDStrategy:
+    k, f = cfg.kd, cfg.federation
+    return GraphKDStrategy(
+        num_classes=len(names), epochs_per_round=cfg.train.epochs_per_round, benchmark_fn=evaluator,
+        aggregation=f.aggregation, expected_nodes=num_sites(cfg), wait_for_nodes_s=f.wait_for_nodes_s,
+        query_timeout_s=min(f.reply_timeout_s, 120.0), join_round=late_sites(cfg),
+        mode=k.mode, rho=k.rho, teacher_rank=k.teacher_rank,
+        teacher_scope=k.teacher_scope, better_only=k.better_only, sigma_s_km=k.sigma_s_km,
+        min_weight=k.min_weight, class_weights=_class_weights(cfg, bench_yaml, len(names)), alpha=k.alpha,
+        temperature=k.temperature, fg_threshold=k.fg_threshold, select=k.select,
+        cloud_select=k.cloud_select, student_check=k.student_check,
+        check_margin=k.check_margin, start_round=k.start_round,
+        cloud_rounds=tuple(k.cloud_rounds), cloud_fn=cloud, edge_arch=cfg.model.edge, t_cycle=k.t_cycle,
+        delta_down=k.delta_down, patience=k.patience,
+    )
+
+
 def run_federation(grid, cfg: CedarConfig) -> RunOutputs:
+    """The ServerApp's work: the strategy on Flower's ``Strategy.start``, one set of outputs per round."""
     import torch
 
     torch.set_num_threads(cfg.train.threads)
@@ -86,80 +198,17 @@ def run_federation(grid, cfg: CedarConfig) -> RunOutputs:
     initial_arrays = base_arrays(cfg, bench_yaml, names)
     cloud = CloudModel(cfg, bench_yaml, names, out.run_dir) if cfg.kd.cloud_rounds or cfg.cloud.serve else None
     tracker = Tracker(cfg.tracking.wandb, cfg.tracking.project, out.run_dir, to_flat_dict(cfg), out.run_dir.name)
-    k = cfg.kd
-    strategy = GraphKDStrategy(
-        num_classes=len(names), epochs_per_round=cfg.train.epochs_per_round, evaluate_fn=evaluator,
-        aggregation=cfg.federation.aggregation, mode=k.mode, rho=k.rho, teacher_rank=k.teacher_rank,
-        teacher_scope=k.teacher_scope, better_only=k.better_only, sigma_s_km=k.sigma_s_km,
-        min_weight=k.min_weight, class_weights=_class_weights(cfg, bench_yaml, len(names)), alpha=k.alpha,
-        temperature=k.temperature, fg_threshold=k.fg_threshold, select=k.select,
-        cloud_select=k.cloud_select, student_check=k.student_check,
-        check_margin=k.check_margin, start_round=k.start_round,
-        cloud_rounds=tuple(k.cloud_rounds), cloud_fn=cloud, edge_arch=cfg.model.edge, t_cycle=k.t_cycle,
-        delta_down=k.delta_down, patience=k.patience,
-    )
-    state_path = out.run_dir / "state.json"
-    first_round = 1
-    if cfg.federation.resume and state_path.is_file():
-        state = json.loads(state_path.read_text())
-        strategy.load_state_dict(state["strategy"])
-        for site_id in state["sites"]:
-            strategy.arrays[site_id] = evaluator.load(out.node_weights_path(site_id))
-        first_round = state["round"] + 1
-        log.info("resuming %s after round %s (%s sites)", out.run_dir, state["round"], len(state["sites"]))
-
-    def on_round_end(server_round: int, replies: list[NodeReply]) -> None:
-        rows = []
-        for r in sorted(replies, key=lambda r: r.site_id):
-            bench = r.benchmark or {}
-            record = {
-                "round": server_round, "node_id": r.node_id, "site_id": r.site_id, "phase": r.phase,
-                "position_km": r.site[P.POSITION_KM], "classes": r.site[P.CLASSES],
-                "train_loss": r.metrics[P.TRAIN_LOSS], "train_seconds": r.metrics[P.TRAIN_SECONDS],
-                "num_examples": r.metrics[P.NUM_EXAMPLES], "val_map50": r.metrics[P.VAL_MAP50],
-                "test_map50": r.metrics[P.TEST_MAP50], "test_ap50": r.metrics[P.TEST_AP50],
-                "kd_loss": r.metrics.get(P.KD_LOSS), "teachers": r.metrics.get("teachers"),
-                **{key.replace("-", "_"): r.metrics.get(key) for key in (*P.ROUTING_KEYS, *P.COLLAB_KEYS)},
-                "kd_alpha": k.alpha if r.phase == "kd" else None,
-                "kd_temperature": k.temperature if r.phase == "kd" else None,
-                "benchmark_map50": bench.get("map50"), "benchmark_map50_95": bench.get("map50_95"),
-                "benchmark_ap50": bench.get("ap50"), "eval_seconds": bench.get("seconds"),
-            }
-            out.append_metrics(record)
-            evaluator.save(r.arrays, out.node_weights_path(r.site_id), round=server_round, site=r.site_id)
-            rows.append([r.site_id, r.phase, record["train_loss"], record["test_map50"], record["benchmark_map50"]])
-            tracker.log({f"{r.site_id}/{key}": v for key, v in record.items()
-                         if isinstance(v, (int, float)) and not (isinstance(v, float) and math.isnan(v))},
-                        step=server_round)
-        tracker.table("round_summary", ["site", "phase", "train_loss", "test_map50", "benchmark_map50"], rows,
-                      server_round)
-        if strategy.graph_record is not None:
-            graph_dir = out.run_dir / "graphs"
-            graph_dir.mkdir(exist_ok=True)
-            atomic_write(graph_dir / f"round-{server_round:03d}.json", _json(strategy.graph_record))
-            if "nodes" in strategy.graph_record:
-                from server.graph_plot import draw_graph
-
-                png = draw_graph(strategy.graph_record, graph_dir / f"round-{server_round:03d}.png")
-                tracker.image("graph", png, server_round)
-                tracker.table("graph_arcs", ["source", "target", "raw", "weight"],
-                              [[a["source"], a["target"], a["raw"], a["weight"]]
-                               for a in strategy.graph_record["arcs"]], server_round)
-        atomic_write(state_path, _json({"round": server_round, "strategy": strategy.state_dict(),
-                                        "sites": sorted(strategy.arrays)}))
-        log.info("round %s summary:\n%s", server_round, "\n".join(
-            f"  {s:<10} {ph:<5} loss {lo:7.3f}  own-test mAP50 {m:.3f}  benchmark mAP50 "
-            + ("-" if b is None else f"{b:.3f}") for s, ph, lo, m, b in rows))
-        out.write_summary()
-
+    strategy = build_strategy(cfg, names, bench_yaml, evaluator, cloud)
+    writer = RoundWriter(out, tracker, evaluator, strategy, cfg.kd)
+    strategy.on_round_end = writer
+    initial = writer.resume() if cfg.federation.resume and writer.state_path.is_file() else ArrayRecord()
+    if not len(initial) and initial_arrays is not None:
+        initial = initial_arrays  # a site without a model of its own starts from the base model
     service = serve(cfg, cloud) if cfg.cloud.serve else None  # stopped in the finally below
     if service is not None:
         strategy.train_config.update({P.CLOUD_URL: service.url, P.CLOUD_TOKEN: service.token})
     try:
-        strategy.start(grid, num_rounds=cfg.federation.num_rounds, expected_nodes=num_sites(cfg),
-                       wait_for_nodes_s=cfg.federation.wait_for_nodes_s,
-                       timeout=cfg.federation.reply_timeout_s, first_round=first_round, on_round_end=on_round_end,
-                       initial_arrays=initial_arrays)
+        strategy.start(grid, initial, num_rounds=cfg.federation.num_rounds, timeout=cfg.federation.reply_timeout_s)
     finally:
         if service is not None:
             service.stop()

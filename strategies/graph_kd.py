@@ -1,36 +1,38 @@
-"""Graph-guided distillation strategy (paper section 4.3; DESIGN.md 3.1-3.3).
+"""Graph-guided distillation strategy (paper section 4.3) on Flower's hooks.
 
 Round ``r``, on top of :class:`PersonalizedStrategy`'s per-site models:
 
-1. **graph** (from what round ``r - 1`` measured): :func:`common.graph.build_graph`
-   over every present site with a profile (position, class set, AP vector on the
-   shared benchmark), teacher degree (in-strength, by default weighted by
-   benchmark mAP), top-``rho`` teachers; a student only learns from teachers more
-   accurate than itself (``better_only``);
-2. **training with distillation**: one message *per node*. A student's carries
-   its own weights, its teachers' weights (``teacher-<i>`` records, the teachers'
-   models from round ``r - 1``), mixing weights from
-   :func:`common.graph.teachers_for` and the KD settings; it trains its usual
-   local epochs with ``alpha * detection + (1 - alpha) * KD`` (with
-   ``student_check`` it first drops the teachers that do not beat it on its own
-   validation split). Everyone else trains as usual. Distillation therefore costs
-   no extra epochs: a federation with KD and one without train equally long.
-   On ``cloud_rounds`` the cloud model (``cloud_fn``) teaches every site too
-   (alone, or for half of the soft labels beside a student's edge teachers).
-   ``mode="all"`` is the naive baseline: every other site teaches, uniformly.
-3. **maintenance**: :class:`common.schedule.GraphMaintenance` decides which sites
-   to (re-)evaluate on the shared benchmark (periodic, new, returned, degraded);
-   ``evaluate_fn`` scores just those and their per-class AP50 becomes their
-   profile for the next round's graph.
+1. ``configure_train`` builds the **graph** from what round ``r - 1`` measured:
+   :func:`common.graph.build_graph` over every site that trains this round and has
+   a profile (position, class set, AP vector on the shared benchmark), teacher
+   degree (in-strength, by default weighted by benchmark mAP), top-``rho``
+   teachers; a student only learns from teachers more accurate than itself
+   (``better_only``). Then one message *per node*: a student's carries its own
+   weights, a :class:`common.protocol.KDRequest` (teachers, mixing weights from
+   :func:`common.graph.teachers_for`, KD settings) and its teachers' models from
+   round ``r - 1`` (``teacher-<i>`` records). It trains its usual local epochs with
+   ``alpha * detection + (1 - alpha) * KD`` (with ``student_check`` it first drops
+   the teachers that do not beat it on its own validation split), so a federation
+   with KD and one without train equally long. On ``cloud_rounds`` the cloud model
+   (``cloud_fn``) teaches every site too (alone, or for half of the soft labels
+   beside a student's edge teachers). ``mode="all"`` is the naive baseline: every
+   other site teaches, uniformly.
+2. ``aggregate_train`` records which proposed teachers each student kept or
+   rejected, then runs **maintenance**: :class:`common.schedule.GraphMaintenance`
+   decides which sites to (re-)evaluate on the shared benchmark (periodic, new,
+   returned, degraded); ``benchmark_fn`` scores just those and their per-class
+   AP50 becomes their profile for the next round's graph. ``aggregation="fedavg"``
+   works here as in the base class: students start from the global model, teachers
+   are the sites' own models of the round before.
 
 :meth:`state_dict` holds what a resumed server needs besides the weights
-(maintenance state, profiles).
+(completed round, maintenance state, profiles).
 """
 
 from __future__ import annotations
 
 from logging import INFO, WARNING
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.common.logger import log
@@ -68,9 +70,8 @@ class GraphKDStrategy(PersonalizedStrategy):
         self.mode, self.rho, self.sigma_s_km, self.min_weight = mode, rho, sigma_s_km, min_weight
         self.teacher_rank, self.better_only = teacher_rank, better_only
         self.class_weights = class_weights
-        self.kd = {P.KD_ALPHA: float(alpha), P.KD_TEMPERATURE: float(temperature),
-                   P.KD_FG_THRESHOLD: float(fg_threshold), P.KD_STUDENT_CHECK: bool(student_check),
-                   P.KD_CHECK_MARGIN: float(check_margin), P.KD_SELECT: str(select)}
+        self.kd = dict(alpha=float(alpha), temperature=float(temperature), fg_threshold=float(fg_threshold),
+                       student_check=bool(student_check), check_margin=float(check_margin), select=str(select))
         self.cloud_select = str(cloud_select)
         for value in (select, cloud_select):
             if value not in P.KD_SELECTIONS:
@@ -79,41 +80,37 @@ class GraphKDStrategy(PersonalizedStrategy):
         self.cloud_rounds, self.cloud_fn, self.edge_arch = set(cloud_rounds), cloud_fn, edge_arch
         self.maintenance = GraphMaintenance(t_cycle, delta_down, patience)
         self.profiles: dict[str, dict[str, Any]] = {}  # site -> {"position", "classes", "ap", "round"}
-        self.graph_record: dict[str, Any] | None = None  # the last round's graph, JSON-ready
+        self.graph_record: dict[str, Any] | None = None  # this round's graph, JSON-ready
+        self.plan: dict[str, dict[str, float]] = {}  # this round's {student: {teacher: weight}}, as sent
 
     def summary(self) -> None:
         super().summary()
         log(INFO, "\t├── teachers ranked by %s%s", self.teacher_rank,
             ", only more accurate teachers" if self.better_only else "")
         log(INFO, "\t├── KD mode %s, rho %s, sigma_s %s km, T %s, alpha %s", self.mode, self.rho,
-            self.sigma_s_km, self.kd[P.KD_TEMPERATURE], self.kd[P.KD_ALPHA])
+            self.sigma_s_km, self.kd["temperature"], self.kd["alpha"])
         log(INFO, "\t└── cloud->edge KD rounds: %s", sorted(self.cloud_rounds) or "none")
 
     # ------------------------------------------------------------ evaluation
-    def evaluate_train_reply(self, reply: NodeReply) -> bool:
-        return False  # the maintenance plan decides (refresh_profiles)
-
-    def refresh_profiles(self, server_round: int, replies: list[NodeReply]) -> None:
-        """Evaluate the sites the maintenance plan names; keep their AP vectors as profiles."""
+    def sites_to_evaluate(self, server_round: int, replies: list[NodeReply]) -> dict[str, tuple[str, ...]]:
+        """The maintenance plan: ``{site: reasons}`` (new, returned, periodic, degraded); drops absent sites."""
         local_map = {r.site_id: r.metrics[P.VAL_MAP50] for r in replies}
         plan = self.maintenance.plan(server_round, sorted(local_map), local_map)
-        for reply in replies:
-            reasons = plan.reasons.get(reply.site_id)
-            if not reasons or self.evaluate_fn is None:
-                continue
-            try:
-                reply.benchmark = self.evaluate_fn(reply)
-            except Exception as err:  # noqa: BLE001
-                log(WARNING, "round %s: cannot evaluate %s: %s", server_round, reply.site_id, err)
-                continue
-            self.profiles[reply.site_id] = {"position": reply.site[P.POSITION_KM], "classes": reply.site[P.CLASSES],
-                                            "ap": reply.benchmark["ap50"], "round": server_round,
-                                            "reasons": list(reasons)}
         for site_id in plan.dropped:
             self.profiles.pop(site_id, None)
-        log(INFO, "maintenance: round %s evaluated %s%s", server_round,
+        for site_id, reasons in sorted(plan.reasons.items()):
+            if "new" in reasons and server_round > 1:
+                log(INFO, "maintenance: round %s: %s is NEW (first reply): evaluated and added to the graph",
+                    server_round, site_id)
+        log(INFO, "maintenance: round %s evaluates %s%s", server_round,
             {s: list(r) for s, r in sorted(plan.reasons.items())} or "nobody",
             f", dropped {sorted(plan.dropped)}" if plan.dropped else "")
+        return dict(plan.reasons)
+
+    def on_evaluated(self, server_round: int, reply: NodeReply) -> None:
+        self.profiles[reply.site_id] = {"position": reply.site[P.POSITION_KM], "classes": reply.site[P.CLASSES],
+                                        "ap": reply.benchmark["ap50"], "round": server_round,
+                                        "reasons": list(reply.evaluated)}
 
     # ----------------------------------------------------------------- graph
     def teacher_plan(self, server_round: int, present: list[str]) -> dict[str, dict[str, float]]:
@@ -155,9 +152,14 @@ class GraphKDStrategy(PersonalizedStrategy):
         return plan
 
     # -------------------------------------------------------------------- kd
-    def configure_round(self, server_round: int, plan: dict[str, dict[str, float]], grid: Grid) -> list[Message]:
-        """The round's train messages; a student's also carries its teachers and the KD settings."""
-        messages = list(self.configure_train(server_round, self.initial_arrays, ConfigRecord(), grid))
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        """The base class's messages; a student's also carries its KDRequest and its teachers' weights."""
+        self.graph_record, self.plan = None, {}
+        messages = list(super().configure_train(server_round, arrays, config, grid))
+        present = sorted({self.site_of[m.metadata.dst_node_id] for m in messages
+                          if m.metadata.dst_node_id in self.site_of})
+        plan = self.teacher_plan(server_round, present) if messages else {}
         cloud = self.cloud_fn(server_round) if any("cloud" in t for t in plan.values()) else None
         for msg in messages:
             student = self.site_of.get(msg.metadata.dst_node_id)
@@ -166,44 +168,46 @@ class GraphKDStrategy(PersonalizedStrategy):
                 continue
             ids = sorted(teachers)
             if any(t != "cloud" and t not in self.arrays for t in ids):
-                log(WARNING, "kd: round %s: a teacher of %s has no weights; it trains without", server_round, student)
+                log(WARNING, "configure_train: round %s: a teacher of %s has no weights; it trains without",
+                    server_round, student)
                 continue
-            config = msg.content[P.CONFIG]
-            config.update({**self.kd, P.TEACHER_IDS: ids, P.TEACHER_WEIGHTS: [float(teachers[t]) for t in ids],
-                           **({P.KD_SELECT: self.cloud_select} if "cloud" in ids else {}),
-                           P.TEACHER_ARCHS: [cloud[1] if t == "cloud" else self.edge_arch for t in ids]})
+            kd = P.KDRequest(tuple(ids), tuple(float(teachers[t]) for t in ids),
+                             tuple(cloud[1] if t == "cloud" else self.edge_arch for t in ids),
+                             **{**self.kd, **({"select": self.cloud_select} if "cloud" in ids else {})})
+            msg.content[P.CONFIG].update(kd.encode())
             for i, t in enumerate(ids):
                 msg.content[P.teacher_record(i)] = cloud[0] if t == "cloud" else self.arrays[t]
+            self.plan[student] = dict(teachers)
+        if self.plan:
+            log(INFO, "configure_train: round %s, KD for %s", server_round,
+                ", ".join(f"{s} <- {sorted(t)}" for s, t in sorted(self.plan.items())))
         return messages
 
-    # ------------------------------------------------------------------ loop
-    def run_round(self, grid: Grid, server_round: int, timeout: float) -> list[NodeReply]:
-        self.graph_record = None
-        self.identify(grid)
-        present = sorted({self.site_of[n] for n in grid.get_node_ids() if n in self.site_of})
-        plan = self.teacher_plan(server_round, present)
-        messages = self.configure_round(server_round, plan, grid)
-        sent = {self.site_of.get(m.metadata.dst_node_id) for m in messages if P.TEACHER_IDS in m.content[P.CONFIG]}
-        replies = self.accept_replies(server_round, self.send(grid, messages, timeout, f"round {server_round}"),
-                                      evaluate=self.evaluate_train_reply)
-        for reply in replies:
-            if reply.site_id not in sent:
-                continue
-            ids = sorted(plan[reply.site_id])
-            kept = reply.metrics.get(P.TEACHERS_KEPT, [1.0] * len(ids))
-            reply.metrics["teachers"] = {t: plan[reply.site_id][t] for t, k in zip(ids, kept) if k}
-            reply.metrics["teachers_proposed"] = plan[reply.site_id]
-            if reply.metrics["teachers"]:
-                reply.phase = "kd"
-        self.refresh_profiles(server_round, replies)
-        return replies
+    def on_reply(self, server_round: int, reply: NodeReply) -> None:
+        """A student's reply: which proposed teachers its own check kept and which it rejected."""
+        proposed = self.plan.get(reply.site_id)
+        if not proposed:
+            return
+        ids = sorted(proposed)
+        kept = reply.metrics.get(P.TEACHERS_KEPT, [1.0] * len(ids))
+        if len(kept) != len(ids):
+            raise P.ProtocolError(f"metrics: '{P.TEACHERS_KEPT}'={kept!r} must have one entry per teacher {ids}")
+        reply.metrics["teachers_proposed"] = proposed
+        reply.metrics["teachers"] = {t: proposed[t] for t, k in zip(ids, kept) if k}
+        reply.metrics["teachers_rejected"] = sorted(t for t, k in zip(ids, kept) if not k)
+        if reply.metrics["teachers"]:
+            reply.phase = "kd"
+
+    def round_graph(self, server_round: int) -> dict[str, Any] | None:
+        return self.graph_record
 
     # ---------------------------------------------------------------- resume
     def state_dict(self) -> dict[str, Any]:
-        return {"maintenance": self.maintenance.state_dict(), "profiles": self.profiles,
-                "sites": self.sites}
+        return {"completed_round": self.completed_round, "maintenance": self.maintenance.state_dict(),
+                "profiles": self.profiles, "sites": self.sites}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.completed_round = int(state["completed_round"])
         self.maintenance = GraphMaintenance.from_state_dict(state["maintenance"])
         self.profiles = dict(state["profiles"])
         self.sites = dict(state.get("sites", {}))

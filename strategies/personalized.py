@@ -1,24 +1,31 @@
 """Personalised detection strategy: every site keeps (and improves) its own model.
 
-Policy only, as Flower's own strategies: which node gets which message, which
-replies are usable, what the server keeps per site. Models and evaluation are
-the ServerApp's business (``evaluate_fn``), so this module never imports torch.
+Policy only, on Flower's four hooks, driven by Flower's own ``Strategy.start``:
+which node gets which message, which replies are usable, what the server keeps
+per site. Models are the ServerApp's business (``benchmark_fn``), so this module
+never imports torch.
 
 State is keyed by *site id*, not Flower node id: node ids change when a
-SuperNode restarts (and when a killed server resumes), site ids do not. Before
-the first round (and whenever an unknown node shows up) the strategy asks the
-nodes who they are with a ``query`` message.
+SuperNode restarts (and when a killed server resumes), site ids do not.
 
 Round ``r``:
 
-1. ``configure_train``: one message *per node*, carrying that site's own
-   weights (from its last reply) and the round's training config; the
-   graph-guided KD strategy builds on this to send each student its teachers.
+1. ``configure_train``: waits once for the expected nodes, asks the nodes it
+   does not know who they are (a ``query`` message each), then builds one
+   message *per node*: that site's own weights (its last reply) or, with
+   ``aggregation="fedavg"``, the global weights Flower passes in, and the round's
+   training config. Rounds up to ``completed_round`` (a resumed run) send
+   nothing, and a site in ``join_round`` gets nothing before its join round.
 2. ``aggregate_train``: replies are validated (a failed, missing or malformed
-   reply is logged and skipped; the round goes on), each site's weights and
-   identity are kept, and ``evaluate_fn`` scores the returned model on the
-   shared benchmark. With ``aggregation="fedavg"`` the kept weights are
-   replaced by their example-weighted average (one global model).
+   reply is logged and dropped; the round goes on), each site's weights and
+   identity are kept, the sites :meth:`sites_to_evaluate` names are scored on the
+   shared benchmark (``benchmark_fn``), and ``on_round_end`` gets the round's
+   :class:`RoundRecord`. With ``aggregation="fedavg"`` it returns the
+   example-weighted average of the replies (Flower sends it back as ``arrays``).
+3. ``configure_evaluate`` sends nothing: a personalised model is evaluated by its
+   node right after training (own val/test split, in the train reply) and by the
+   server on the shared benchmark (step 2). ``aggregate_evaluate`` returns that
+   server-side evaluation as the round's MetricRecord.
 """
 
 from __future__ import annotations
@@ -26,7 +33,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Mapping
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.common.logger import log
@@ -45,43 +52,87 @@ class NodeReply:
     site: dict[str, Any]
     metrics: dict[str, Any]
     arrays: ArrayRecord
-    benchmark: dict[str, Any] = field(default_factory=dict)  # filled by evaluate_fn
+    benchmark: dict[str, Any] = field(default_factory=dict)  # filled by benchmark_fn
     phase: str = "train"  # "kd" when the site distilled from at least one teacher this round
+    evaluated: tuple[str, ...] = ()  # why the server scored it on the benchmark this round (maintenance reasons)
 
     @property
     def site_id(self) -> str:
         return self.site[P.SITE_ID]
 
 
-EvaluateFn = Callable[[NodeReply], dict[str, Any]]
-RoundEndFn = Callable[[int, list[NodeReply]], None]
+@dataclass
+class RoundRecord:
+    """What one round produced, for the ServerApp's per-round outputs (``on_round_end``)."""
+
+    server_round: int
+    replies: list[NodeReply]  # the valid replies, one per site
+    graph: dict[str, Any] | None = None  # the collaboration graph this round's teachers came from (JSON-ready)
+    global_arrays: ArrayRecord | None = None  # the fedavg model, when aggregating
+
+
+BenchmarkFn = Callable[[ArrayRecord], dict[str, Any]]  # weights -> {"map50", "map50_95", "ap50", "seconds"}
+RoundEndFn = Callable[[RoundRecord], None]
 
 
 class PersonalizedStrategy(Strategy):
-    """Per-site models, server-side evaluation on a shared benchmark."""
+    """Per-site models, server-side evaluation on a shared benchmark.
 
-    def __init__(self, *, num_classes: int, epochs_per_round: int, evaluate_fn: EvaluateFn | None,
-                 aggregation: str = "none", train_config: dict[str, Any] | None = None):
+    Parameters
+    ----------
+    num_classes : int
+        Class count of the detectors (replies are validated against it).
+    epochs_per_round : int
+        Local epochs each node trains per round.
+    benchmark_fn : callable, optional
+        Scores a model's weights on the shared benchmark (per-class AP50).
+    aggregation : ``"none"`` or ``"fedavg"``
+        Personalised models, or one example-weighted average.
+    expected_nodes, wait_for_nodes_s : int, float
+        Before its first round the strategy waits up to ``wait_for_nodes_s`` for
+        ``expected_nodes`` nodes (simulated nodes register a moment late).
+    query_timeout_s : float
+        How long an identification (``query``) waits for its replies.
+    join_round : mapping site id -> round, optional
+        Sites that join late: no train message before that round.
+    on_round_end : callable, optional
+        Called with the :class:`RoundRecord` at the end of each round's ``aggregate_train``.
+    """
+
+    def __init__(self, *, num_classes: int, epochs_per_round: int, benchmark_fn: BenchmarkFn | None = None,
+                 aggregation: str = "none", train_config: Mapping[str, Any] | None = None, expected_nodes: int = 0,
+                 wait_for_nodes_s: float = 120.0, query_timeout_s: float = 120.0,
+                 join_round: Mapping[str, int] | None = None, on_round_end: RoundEndFn | None = None):
         if aggregation not in ("none", "fedavg"):
             raise ValueError(f"aggregation={aggregation!r}: expected 'none' or 'fedavg'")
         self.num_classes = num_classes
         self.epochs_per_round = epochs_per_round
-        self.evaluate_fn = evaluate_fn
+        self.benchmark_fn = benchmark_fn
         self.aggregation = aggregation
         self.train_config = dict(train_config or {})
+        self.expected_nodes = expected_nodes
+        self.wait_for_nodes_s = wait_for_nodes_s
+        self.query_timeout_s = query_timeout_s
+        self.join_round = dict(join_round or {})
+        self.on_round_end = on_round_end
+        self.completed_round = 0  # rounds up to this one are done (resume): configure_train skips them
         self.site_of: dict[int, str] = {}  # Flower node id -> site id
-        self.arrays: dict[str, ArrayRecord] = {}  # latest weights per site
+        self.arrays: dict[str, ArrayRecord] = {}  # latest weights per site (its own model)
         self.sites: dict[str, dict[str, Any]] = {}  # identity per site
         self.locations: dict[int, tuple[float, float]] = {}  # node id -> registered (lat, lon), if any
-        self.last_replies: list[NodeReply] = []
-        self.initial_arrays: ArrayRecord | None = None
+        self.last_round: RoundRecord | None = None
+        self._waited = False
+        self._sent: dict[int, Message] = {}  # this round's train messages by node id
 
     def summary(self) -> None:
         log(INFO, "\t├── Personalised models (aggregation: %s)", self.aggregation)
+        if self.join_round:
+            log(INFO, "\t├── Late sites: %s",
+                ", ".join(f"{s} at round {r}" for s, r in sorted(self.join_round.items())))
         log(INFO, "\t└── Local epochs per round: %s", self.epochs_per_round)
 
     # --------------------------------------------------------------- identity
-    def identify(self, grid: Grid, timeout: float = 120.0) -> None:
+    def identify(self, grid: Grid) -> None:
         """Ask nodes we have not seen which site they are (a ``query`` message each).
 
         Also reads the locations registered with ``flwr supernode register --location
@@ -93,7 +144,7 @@ class PersonalizedStrategy(Strategy):
         if not unknown:
             return
         messages = [Message(content=RecordDict(), dst_node_id=n, message_type=MessageType.QUERY) for n in unknown]
-        for reply in grid.send_and_receive(messages=messages, timeout=timeout):
+        for reply in grid.send_and_receive(messages=messages, timeout=self.query_timeout_s):
             node_id = reply.metadata.src_node_id
             try:
                 if reply.has_error():
@@ -128,18 +179,41 @@ class PersonalizedStrategy(Strategy):
     def round_config(self, server_round: int) -> dict[str, Any]:
         return {**self.train_config, P.SERVER_ROUND: server_round, P.EPOCHS: self.epochs_per_round}
 
-    def configure_train(self, server_round: int, arrays: ArrayRecord | None, config: ConfigRecord,
+    def train_nodes(self, server_round: int, grid: Grid) -> list[int]:
+        """The nodes that train this round: all connected ones, less the sites that join later."""
+        if not self._waited:
+            wait_for_nodes(grid, self.expected_nodes, self.wait_for_nodes_s)
+            self._waited = True
+        self.identify(grid)
+        nodes = []
+        for node_id in sorted(grid.get_node_ids()):
+            site_id = self.site_of.get(node_id)
+            if self.join_round.get(site_id, 1) > server_round:
+                log(INFO, "configure_train: %s joins at round %s: not sent", site_id, self.join_round[site_id])
+                continue
+            nodes.append(node_id)
+        return nodes
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
-        node_ids = sorted(grid.get_node_ids())
-        log(INFO, "configure_train: round %s, %s nodes", server_round, len(node_ids))
-        messages = []
+        """One train message per node: its site's own weights (fedavg: the global ones) and the round config."""
+        self._sent = {}
+        if server_round <= self.completed_round:
+            log(INFO, "configure_train: round %s is done already (resumed run): skipped", server_round)
+            return []
+        node_ids = self.train_nodes(server_round, grid)
+        initial = arrays if arrays is not None and len(arrays) else None  # empty: every node builds its own
         for node_id in node_ids:
-            content = RecordDict({P.CONFIG: ConfigRecord({**self.round_config(server_round), **dict(config)})})
-            weights = self.arrays.get(self.site_of.get(node_id), arrays)
+            content = RecordDict({P.CONFIG: ConfigRecord({**self.round_config(server_round), **dict(config or {})})})
+            own = self.arrays.get(self.site_of.get(node_id))
+            use_global = self.aggregation == "fedavg" and initial is not None
+            weights = initial if use_global or own is None else own
             if weights is not None:
                 content[P.ARRAYS] = weights
-            messages.append(Message(content=content, dst_node_id=node_id, message_type=MessageType.TRAIN))
-        return messages
+            self._sent[node_id] = Message(content=content, dst_node_id=node_id, message_type=MessageType.TRAIN)
+        log(INFO, "configure_train: round %s, %s of %s nodes", server_round, len(self._sent),
+            len(grid.get_node_ids()))
+        return list(self._sent.values())
 
     def parse_reply(self, msg: Message) -> NodeReply:
         """Validate one reply; raises :class:`common.protocol.ProtocolError` naming the problem."""
@@ -154,79 +228,102 @@ class PersonalizedStrategy(Strategy):
         site = P.parse_site(content[P.SITE], self.num_classes)
         return NodeReply(node_id, site, metrics, content[P.ARRAYS])
 
-    def accept_replies(self, server_round: int, replies: Iterable[Message],
-                       evaluate: Callable[[NodeReply], bool] = lambda reply: True) -> list[NodeReply]:
-        """Validate replies, keep each site's weights, score those ``evaluate`` selects."""
+    def accept_replies(self, server_round: int, replies: Iterable[Message]) -> list[NodeReply]:
+        """Validate replies (a bad one is logged and dropped), keep each site's identity and weights."""
         accepted = []
         for msg in replies:
             try:
                 reply = self.parse_reply(msg)
-                if self.evaluate_fn is not None and evaluate(reply):
-                    reply.benchmark = self.evaluate_fn(reply)
+                self.on_reply(server_round, reply)
             except Exception as err:  # noqa: BLE001  a bad reply must never crash the round
-                log(WARNING, "train: round %s: dropping reply of node %s: %s", server_round,
+                log(WARNING, "aggregate_train: round %s: dropping reply of node %s: %s", server_round,
                     msg.metadata.src_node_id, err)
                 continue
             self._bind(reply.node_id, reply.site)
             self.arrays[reply.site_id] = reply.arrays
             accepted.append(reply)
-        log(INFO, "train: round %s, %s valid replies", server_round, len(accepted))
+        missing = set(self._sent) - {r.node_id for r in accepted}
+        if missing:
+            log(WARNING, "aggregate_train: round %s: no valid reply from nodes %s (skipped)", server_round,
+                sorted(missing))
+        log(INFO, "aggregate_train: round %s, %s valid replies", server_round, len(accepted))
         return accepted
 
-    def evaluate_train_reply(self, reply: NodeReply) -> bool:
-        """Whether to score this train reply on the benchmark right away (here: always)."""
-        return True
+    def on_reply(self, server_round: int, reply: NodeReply) -> None:
+        """Per-reply policy on top of validation (graph KD: the teachers the student kept); may raise."""
+
+    def sites_to_evaluate(self, server_round: int, replies: list[NodeReply]) -> dict[str, tuple[str, ...]]:
+        """``{site: reasons}`` to score on the shared benchmark this round (here: every site, every round)."""
+        return {r.site_id: ("every-round",) for r in replies}
+
+    def evaluate_on_benchmark(self, server_round: int, replies: list[NodeReply]) -> None:
+        """Score the sites :meth:`sites_to_evaluate` names (a failure costs only that site's score)."""
+        if self.benchmark_fn is None:
+            return
+        plan = self.sites_to_evaluate(server_round, replies)
+        for reply in replies:
+            if reply.site_id not in plan:
+                continue
+            try:
+                reply.benchmark = self.benchmark_fn(reply.arrays)
+            except Exception as err:  # noqa: BLE001
+                log(WARNING, "aggregate_train: round %s: cannot evaluate %s: %s", server_round, reply.site_id, err)
+                continue
+            reply.evaluated = plan[reply.site_id]
+            self.on_evaluated(server_round, reply)
+
+    def on_evaluated(self, server_round: int, reply: NodeReply) -> None:
+        """A reply has just been scored on the benchmark (graph KD: it becomes the site's profile)."""
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Keep each valid reply; returns the global weights only for fedavg."""
-        self.last_replies = self.accept_replies(server_round, replies, evaluate=self.evaluate_train_reply)
-        if self.aggregation != "fedavg" or not self.last_replies:
+        """Keep each valid reply, evaluate, report; returns the global weights only for fedavg."""
+        if server_round <= self.completed_round:
             return None, None
-        content = [RecordDict({"arrays": r.arrays, "metrics": MetricRecord({"n": r.metrics[P.NUM_EXAMPLES]})})
-                   for r in self.last_replies]
-        merged = aggregate_arrayrecords(content, "n")
-        for site_id in self.arrays:
-            self.arrays[site_id] = merged
-        return merged, None
+        accepted = self.accept_replies(server_round, replies)
+        self.evaluate_on_benchmark(server_round, accepted)
+        merged = fedavg(accepted) if self.aggregation == "fedavg" and accepted else None
+        self.last_round = RoundRecord(server_round, accepted, self.round_graph(server_round), merged)
+        self.completed_round = server_round
+        if self.on_round_end is not None:
+            self.on_round_end(self.last_round)
+        return merged, train_metrics(accepted)
 
-    # --------------------------------------------------------------- evaluate
-    def configure_evaluate(self, server_round, arrays, config, grid) -> Iterable[Message]:
-        return []  # evaluation happens on the server, where the shared benchmark is
-
-    def aggregate_evaluate(self, server_round, replies) -> MetricRecord | None:
+    def round_graph(self, server_round: int) -> dict[str, Any] | None:
+        """The graph this round's teachers came from (none here)."""
         return None
 
-    # ------------------------------------------------------------------ loop
-    def send(self, grid: Grid, messages: list[Message], timeout: float, what: str) -> list[Message]:
-        """``send_and_receive`` that logs the nodes that did not answer."""
-        replies = list(grid.send_and_receive(messages=messages, timeout=timeout))
-        missing = {m.metadata.dst_node_id for m in messages} - {r.metadata.src_node_id for r in replies}
-        if missing:
-            log(WARNING, "%s: no reply from nodes %s (skipped)", what, sorted(missing))
-        return replies
+    # --------------------------------------------------------------- evaluate
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> Iterable[Message]:
+        """Nothing to send: the nodes evaluate right after training, the server on the shared benchmark."""
+        return []
 
-    def run_round(self, grid: Grid, server_round: int, timeout: float) -> list[NodeReply]:
-        """One round; returns the round's accepted replies."""
-        self.identify(grid)
-        messages = list(self.configure_train(server_round, self.initial_arrays, ConfigRecord(), grid))
-        self.aggregate_train(server_round, self.send(grid, messages, timeout, f"round {server_round}"))
-        return self.last_replies
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        """The round's server-side benchmark evaluation: mean mAP50 over the sites scored this round."""
+        record = self.last_round
+        if record is None or record.server_round != server_round:
+            return None
+        scores = [r.benchmark["map50"] for r in record.replies if r.benchmark]
+        if not scores:
+            return None
+        return MetricRecord({"benchmark-map50": sum(scores) / len(scores), "benchmark-sites": len(scores)})
 
-    def start(self, grid: Grid, *, num_rounds: int, expected_nodes: int, wait_for_nodes_s: float = 120.0,
-              timeout: float = 3600.0, first_round: int = 1, on_round_end: RoundEndFn | None = None,
-              initial_arrays: ArrayRecord | None = None) -> None:
-        """Run rounds ``first_round..num_rounds``; ``on_round_end`` sees each round's valid replies; a site the
-        strategy has no weights of starts from ``initial_arrays`` (None: from scratch)."""
-        self.initial_arrays = initial_arrays
-        self.summary()
-        wait_for_nodes(grid, expected_nodes, wait_for_nodes_s)
-        for server_round in range(first_round, num_rounds + 1):
-            log(INFO, "")
-            log(INFO, "[ROUND %s/%s]", server_round, num_rounds)
-            replies = self.run_round(grid, server_round, timeout)
-            if on_round_end is not None:
-                on_round_end(server_round, replies)
+
+def fedavg(replies: list[NodeReply]) -> ArrayRecord:
+    """Example-weighted average of the replies' weights (Flower's ``aggregate_arrayrecords``)."""
+    content = [RecordDict({"arrays": r.arrays, "metrics": MetricRecord({"n": r.metrics[P.NUM_EXAMPLES]})})
+               for r in replies]
+    return aggregate_arrayrecords(content, "n")
+
+
+def train_metrics(replies: list[NodeReply]) -> MetricRecord | None:
+    """Example-weighted means of the replies' train loss and own val/test mAP50."""
+    total = sum(r.metrics[P.NUM_EXAMPLES] for r in replies)
+    if not total:
+        return None
+    return MetricRecord({key: sum(r.metrics[key] * r.metrics[P.NUM_EXAMPLES] for r in replies) / total
+                         for key in (P.TRAIN_LOSS, P.VAL_MAP50, P.TEST_MAP50)})
 
 
 def registered_locations(grid: Grid) -> dict[int, tuple[float, float]]:

@@ -1,5 +1,6 @@
 """Tests for clients.site.LocalSite and common.sites.resolve_site on the tiny benchmark."""
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -406,14 +407,14 @@ def test_student_check_keeps_only_teachers_better_by_more_than_the_margin(monkey
     scores = {id(student): 0.30, id(teachers["a"]): 0.40, id(teachers["b"]): 0.33, id(teachers["c"]): 0.10}
     monkeypatch.setattr(site, "build_model", lambda weights, arch=None: teachers[weights])
     monkeypatch.setattr(site, "evaluate", lambda model, split: SimpleNamespace(map50=scores[id(model)]))
-    record = lambda name: SimpleNamespace(to_torch_state_dict=lambda: name)  # noqa: E731
-    kd = {"teachers": [(record(n), "yolo11n", w) for n, w in zip("abc", (0.2, 0.5, 0.3))], "ids": list("abc"),
-          "temperature": 1.0, "fg_threshold": 0.25, "select": "teacher-fg", "student_check": True, "check_margin": 0.05}
+    kd = P.KDRequest(tuple("abc"), (0.2, 0.5, 0.3), ("yolo11n",) * 3, alpha=0.5, temperature=1.0, fg_threshold=0.25,
+                     student_check=True, check_margin=0.05)
 
-    ensemble, metrics = site.distiller(student, kd)
+    ensemble, metrics = site.distiller(student, kd, list("abc"))
 
     assert ensemble.teachers == [teachers["a"]] and ensemble.weights == [1.0]
     assert metrics == {P.START_VAL_MAP50: 0.30, P.TEACHER_VAL_MAP50: [0.40, 0.33, 0.10], P.TEACHERS_KEPT: [1, 0, 0]}
     scores.update({id(student): 0.0, id(teachers["a"]): 0.001, id(teachers["b"]): 0.0, id(teachers["c"]): 0.0})
-    assert site.distiller(student, kd)[0] is None  # nobody kept: plain training
-    assert site.distiller(student, {**kd, "student_check": False})[0].weights == [0.2, 0.5, 0.3]
+    assert site.distiller(student, kd, list("abc"))[0] is None  # nobody kept: plain training
+    unchecked = dataclasses.replace(kd, student_check=False)
+    assert site.distiller(student, unchecked, list("abc"))[0].weights == [0.2, 0.5, 0.3]

@@ -211,6 +211,9 @@ def test_wrong_type_is_named(overrides, key):
         ({"data.large-px": [16]}, "data.large_px"),
         ({"data.source": "yolo"}, "data.site_data"),
         ({"data.source": "yolo", "data.site-data": ["a.yaml"]}, "data.public_data"),
+        ({"federation.late-sites": [4]}, "federation.late_sites"),  # 4 sites: indices -4..3
+        ({"federation.late-sites": [3, -1]}, "federation.late_sites"),  # the same site twice
+        ({"federation.late-join-round": 0}, "federation.late_join_round"),
     ],
 )
 def test_out_of_range_value_is_named(overrides, key):
@@ -302,3 +305,13 @@ def test_conf_dir_presets_all_load():
     for path in sorted(conf.glob("*.yaml")):
         if path.stem != "base":
             assert load_config(path.stem).preset == path.stem
+
+
+def test_quick_preset_runs_graph_kd_a_cloud_round_and_a_late_site_and_each_turns_off():
+    cfg = load_config("quick")
+    off = load_config("quick", {"kd.mode": "none", "kd.cloud-rounds": [], "federation.late-sites": []})
+
+    assert (cfg.kd.mode, cfg.kd.cloud_rounds, cfg.federation.late_sites, cfg.federation.late_join_round) == \
+        ("graph", [3], [-1], 2)
+    assert (off.kd.mode, off.kd.cloud_rounds, off.federation.late_sites) == ("none", [], [])
+    assert load_config("standard").federation.late_sites == []

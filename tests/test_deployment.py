@@ -88,7 +88,7 @@ def test_deployment_two_supernodes_one_kd_round(deployment, tiny_overrides):
     overrides = [f"{k}={v}" for k, v in tiny_overrides.items()] + [
         "data.num-sites=2", f"output-dir={out_dir}", "run-name=dep", "tracking.wandb=off",
         "federation.num-rounds=2", "kd.mode=graph", "kd.rho=0.5", "kd.start-round=2",
-        "kd.fg-threshold=0.0", "federation.wait-for-nodes-s=60",
+        "kd.fg-threshold=0.0", "federation.wait-for-nodes-s=60", "federation.late-sites=[]",
         # the paper's in-strength rule and no student-side check: after one tiny round both models score ~0,
         # and the default rules would (rightly) pick no teacher; this test is about the transport
         "kd.teacher-rank=degree", "kd.better-only=false", "kd.student-check=false",

@@ -7,13 +7,16 @@ training (one message per node). Fake grid, real ``flwr.app.Message`` objects, n
 milliseconds.
 """
 
+import json
+
+import numpy as np
 import pytest
-from flwr.app import ConfigRecord, Message, MessageType
+from flwr.app import Message, MessageType
 
 from common import graph as G
 from common import protocol as P
 from strategies.graph_kd import GraphKDStrategy
-from tests.test_strategy import FakeGrid, _arrays, _content, server_identity  # noqa: F401
+from tests.test_strategy import FakeGrid, _arrays, _content, _run, server_identity  # noqa: F401
 
 NC = 3
 # site k: position (k, 0) km, classes {0, 2}; AP vectors chosen so that the graph is not symmetric
@@ -35,9 +38,14 @@ def _kd_msgs(grid: FakeGrid, round_index: int) -> list[Message]:
     return [m for m in grid.sent[round_index] if m.content[P.CONFIG].get(P.TEACHER_IDS)]
 
 
+def _site_of(arrays) -> int:
+    """The node a reply's weights came from (``_reply`` sends weights [node])."""
+    return int(arrays["w"].numpy()[0])
+
+
 def _strategy(**kw) -> GraphKDStrategy:
-    evaluate = lambda r: {"map50": 0.1, "ap50": AP[r.node_id]}  # noqa: E731
-    defaults = dict(num_classes=NC, epochs_per_round=1, evaluate_fn=evaluate, mode="graph", rho=0.34,
+    benchmark = lambda arrays: {"map50": 0.1, "ap50": AP[_site_of(arrays)]}  # noqa: E731
+    defaults = dict(num_classes=NC, epochs_per_round=1, benchmark_fn=benchmark, mode="graph", rho=0.34,
                     sigma_s_km=5.0, start_round=1)
     return GraphKDStrategy(**{**defaults, **kw})
 
@@ -59,7 +67,7 @@ def test_teacher_rank_and_better_only_follow_config(paper_rule):
     kw = dict(teacher_rank="degree", better_only=False) if paper_rule else {}
     strategy = _strategy(**kw)
 
-    strategy.start(grid, num_rounds=2, expected_nodes=3, wait_for_nodes_s=0)
+    _run(strategy, grid, 2)
 
     teachers, plan = _expected_plan(paper_rule)
     plan = {s: t for s, t in plan.items() if t}  # a student without a (better) teacher sits out
@@ -77,7 +85,7 @@ def test_local_scope_lets_every_site_learn_from_the_sites_ranked_above_it():
     grid = FakeGrid([1, 2, 3], reply=_reply)
     strategy = _strategy(teacher_scope="local", teacher_rank="degree", better_only=False)
 
-    strategy.start(grid, num_rounds=2, expected_nodes=3, wait_for_nodes_s=0)
+    _run(strategy, grid, 2)
 
     profiles = {f"site-{k}": {"position": (float(k), 0.0), "classes": [0, 2], "ap": AP[k]} for k in AP}
     g = G.build_graph(profiles, 5.0)
@@ -105,8 +113,7 @@ def test_round_sends_each_student_its_teachers_and_weights():
     seen = []
 
     # Execute: round 1 trains and profiles every site; round 2's graph picks teachers from those profiles
-    strategy.start(grid, num_rounds=2, expected_nodes=3, wait_for_nodes_s=0,
-                   on_round_end=lambda r, replies: seen.append(replies))
+    seen = [record.replies for record in _run(strategy, grid, 2)]
 
     # Assert: ceil(0.34 * 3) = 2 teachers, 1 student; its round-2 train message carries both teachers' weights
     teachers, plan = _expected_plan(paper_rule=True)
@@ -140,8 +147,7 @@ def test_student_check_verdict_is_recorded(kept):
     grid = FakeGrid([1, 2, 3], reply=lambda m: _reply(m, kept))
     seen = []
 
-    _strategy(teacher_rank="degree", better_only=False).start(
-        grid, num_rounds=2, expected_nodes=3, wait_for_nodes_s=0, on_round_end=lambda r, replies: seen.append(replies))
+    seen = [record.replies for record in _run(_strategy(teacher_rank="degree", better_only=False), grid, 2)]
 
     _, plan = _expected_plan(paper_rule=True)
     (student, mixing), = plan.items()
@@ -156,7 +162,7 @@ def test_teacher_degree_in_graph_record_matches_networkx():
     grid = FakeGrid([1, 2, 3], reply=_reply)
     strategy = _strategy()
 
-    strategy.start(grid, num_rounds=2, expected_nodes=3, wait_for_nodes_s=0)
+    _run(strategy, grid, 2)
 
     profiles = {f"site-{k}": {"position": (float(k), 0.0), "classes": [0, 2], "ap": AP[k]} for k in AP}
     g = G.build_graph(profiles, 5.0)
@@ -168,14 +174,14 @@ def test_teacher_degree_in_graph_record_matches_networkx():
 def test_mode_none_and_before_start_round_send_no_kd():
     for kw in (dict(mode="none"), dict(start_round=5)):
         grid = FakeGrid([1, 2, 3], reply=_reply)
-        _strategy(**kw).start(grid, num_rounds=2, expected_nodes=3, wait_for_nodes_s=0)
+        _run(_strategy(**kw), grid, 2)
         assert len(grid.sent) == 2 and not _kd_msgs(grid, 0) and not _kd_msgs(grid, 1)
 
 
 def test_naive_mode_all_distils_every_site_from_every_other_uniformly():
     grid = FakeGrid([1, 2, 3], reply=_reply)
 
-    _strategy(mode="all").start(grid, num_rounds=2, expected_nodes=3, wait_for_nodes_s=0)
+    _run(_strategy(mode="all"), grid, 2)
 
     kd_msgs = _kd_msgs(grid, 1)
     assert len(kd_msgs) == 3
@@ -198,7 +204,7 @@ def test_cloud_round_makes_the_cloud_model_every_sites_teacher():
     strategy = _strategy(mode="none", cloud_rounds=(2,), cloud_fn=cloud_fn)
 
     # Execute
-    strategy.start(grid, num_rounds=2, expected_nodes=2, wait_for_nodes_s=0)
+    _run(strategy, grid, 2)
 
     # Assert: round 1 trains only; round 2 sends every site the cloud model as its only teacher
     assert len(grid.sent) == 2 and calls == [2] and not _kd_msgs(grid, 0)
@@ -216,7 +222,7 @@ def test_cloud_round_with_graph_mode_mixes_cloud_and_edge_teachers_half_and_half
     strategy = _strategy(teacher_rank="degree", better_only=False, cloud_rounds=(2,),
                          cloud_fn=lambda r: (_arrays(99.0), "yolo11s"))
 
-    strategy.start(grid, num_rounds=2, expected_nodes=3, wait_for_nodes_s=0)
+    _run(strategy, grid, 2)
 
     teachers, plan = _expected_plan(paper_rule=True)
     (student, mixing), = plan.items()
@@ -243,54 +249,53 @@ def test_only_planned_sites_are_evaluated():
     # Prepare: t_cycle = 3, so round 2 re-evaluates nobody (no new node, nobody degraded)
     evaluated = []
 
-    def evaluate(r):
-        evaluated.append((r.site_id, r.phase))
-        return {"map50": 0.1, "ap50": AP[r.node_id]}
+    def evaluate(arrays):
+        evaluated.append(f"site-{_site_of(arrays)}")
+        return {"map50": 0.1, "ap50": AP[_site_of(arrays)]}
 
     grid = FakeGrid([1, 2, 3], reply=_reply)
-    strategy = _strategy(evaluate_fn=evaluate, t_cycle=3, mode="none")
+    strategy = _strategy(benchmark_fn=evaluate, t_cycle=3, mode="none")
 
     # Execute
-    strategy.start(grid, num_rounds=2, expected_nodes=3, wait_for_nodes_s=0)
+    _run(strategy, grid, 2)
 
     # Assert
-    assert evaluated == [("site-1", "train"), ("site-2", "train"), ("site-3", "train")]
+    assert evaluated == ["site-1", "site-2", "site-3"]
     assert {s: p["round"] for s, p in strategy.profiles.items()} == {"site-1": 1, "site-2": 1, "site-3": 1}
 
 
 def test_state_dict_round_trip_resumes_the_same_plans():
     grid = FakeGrid([1, 2, 3], reply=_reply)
     a = _strategy(t_cycle=2)
-    a.start(grid, num_rounds=1, expected_nodes=3, wait_for_nodes_s=0)
+    _run(a, grid, 1)
     b = _strategy(t_cycle=2)
 
-    b.load_state_dict(a.state_dict())
+    b.load_state_dict(json.loads(json.dumps(a.state_dict())))  # through state.json
 
-    assert b.profiles == a.profiles and b.sites == a.sites
+    assert json.dumps(b.profiles) == json.dumps(a.profiles)  # (NaN AP entries: compared as JSON)
+    assert b.sites == a.sites and b.completed_round == 1
     present = {"site-1": 0.2, "site-2": 0.2, "site-3": 0.2}
     assert b.maintenance.plan(2, sorted(present), present) == a.maintenance.plan(2, sorted(present), present)
 
 
-def test_kd_config_parsing_names_bad_keys():
-    good = ConfigRecord({P.TEACHER_IDS: ["a", "b"], P.TEACHER_WEIGHTS: [0.25, 0.75], P.TEACHER_ARCHS: ["x", "x"],
-                         P.KD_ALPHA: 0.5, P.KD_TEMPERATURE: 2.0, P.KD_FG_THRESHOLD: 0.3})
-    recs = [_arrays(1.0), _arrays(2.0)]
+def test_resumed_strategy_continues_at_the_next_round_under_flowers_start():
+    # Prepare: a strategy that completed round 1 (its state and weights), restarted with new node ids
+    first = _strategy(teacher_rank="degree", better_only=False)
+    _run(first, FakeGrid([1, 2, 3], reply=_reply), 1)
+    resumed = _strategy(teacher_rank="degree", better_only=False)
+    resumed.load_state_dict(json.loads(json.dumps(first.state_dict())))
+    resumed.arrays = dict(first.arrays)
+    grid = FakeGrid([1, 2, 3], reply=_reply)
 
-    kd = P.parse_kd_config(good, recs)
+    # Execute: Flower counts from round 1 again
+    rounds = _run(resumed, grid, 2)
 
-    assert [w for _, _, w in kd["teachers"]] == [0.25, 0.75]
-    assert (kd["alpha"], kd["temperature"], kd["fg_threshold"]) == (0.5, 2.0, 0.3)
-    assert P.parse_kd_config(ConfigRecord({P.EPOCHS: 1}), []) is None
-    with pytest.raises(P.ProtocolError, match=P.TEACHER_WEIGHTS):
-        P.parse_kd_config(ConfigRecord({**good, P.TEACHER_WEIGHTS: [1.0]}), recs)
-    with pytest.raises(P.ProtocolError, match="teacher-1"):
-        P.parse_kd_config(good, [recs[0], None])
-    with pytest.raises(P.ProtocolError, match=P.KD_TEMPERATURE):
-        P.parse_kd_config(ConfigRecord({k: v for k, v in good.items() if k != P.KD_TEMPERATURE}), recs)
-    assert kd["select"] == "teacher-fg"  # a server from before the selection rule: the paper's soft labels
-    assert P.parse_kd_config(ConfigRecord({**good, P.KD_SELECT: "teacher-better"}), recs)["select"] == "teacher-better"
-    with pytest.raises(P.ProtocolError, match="'kd-select'='teacher-worse'"):
-        P.parse_kd_config(ConfigRecord({**good, P.KD_SELECT: "teacher-worse"}), recs)
+    # Assert: round 1 sends nothing; round 2 has the graph from round 1's profiles and each site's own weights
+    assert [r.server_round for r in rounds] == [2] and len(grid.sent) == 1
+    assert {m.content[P.CONFIG][P.SERVER_ROUND] for m in grid.sent[0]} == {2}
+    _, plan = _expected_plan(paper_rule=True)
+    assert [f"site-{m.metadata.dst_node_id}" for m in _kd_msgs(grid, 0)] == list(plan)
+    assert [m.content[P.ARRAYS]["w"].numpy().tolist() for m in grid.sent[0]] == [[1.0], [2.0], [3.0]]
 
 
 def test_dropped_student_reply_keeps_the_round_going():
@@ -304,8 +309,7 @@ def test_dropped_student_reply_keeps_the_round_going():
     seen = []
 
     strategy = _strategy(teacher_rank="degree", better_only=False)
-    strategy.start(grid, num_rounds=2, expected_nodes=3, wait_for_nodes_s=0,
-                   on_round_end=lambda r, replies: seen.append((r, sorted(x.site_id for x in replies))))
+    seen = [(r.server_round, sorted(x.site_id for x in r.replies)) for r in _run(strategy, grid, 2)]
 
     # Assert: the round goes on without the student's reply; the server keeps its round-1 weights
     _, plan = _expected_plan(paper_rule=True)
@@ -313,3 +317,74 @@ def test_dropped_student_reply_keeps_the_round_going():
     others = sorted({"site-1", "site-2", "site-3"} - {student})
     assert seen == [(1, ["site-1", "site-2", "site-3"]), (2, others)]
     assert strategy.arrays[student]["w"].numpy().tolist() == [float(student[-1])]
+
+
+def test_student_check_rejections_are_recorded_and_a_malformed_verdict_drops_the_reply():
+    # Prepare: the student keeps the first of its two teachers, then (round 3) sends 3 verdicts for 2
+    verdicts = {2: [1, 0], 3: [1, 0, 1]}
+    grid = FakeGrid([1, 2, 3], reply=lambda m: _reply(m, verdicts.get(m.content[P.CONFIG][P.SERVER_ROUND])))
+
+    rounds = _run(_strategy(teacher_rank="degree", better_only=False), grid, 3)
+
+    _, plan = _expected_plan(paper_rule=True)
+    (student, mixing), = plan.items()
+    ids = sorted(mixing)
+    reply = next(r for r in rounds[1].replies if r.site_id == student)
+    assert reply.metrics["teachers_rejected"] == [ids[1]] and list(reply.metrics["teachers"]) == [ids[0]]
+    assert student not in [r.site_id for r in rounds[2].replies]  # dropped, the round went on
+    assert len(rounds[2].replies) == 2
+
+
+def test_fedavg_averages_under_graph_kd():
+    """Sites reply weights [10 r + k] (k = node, r = round) with 8 k examples; fedavg is their example-weighted mean:
+    round 1: (8*11 + 16*12 + 24*13) / 48 = 12.333..., which every site trains from in round 2."""
+    def reply(m):
+        node, rnd = m.metadata.dst_node_id, m.content[P.CONFIG][P.SERVER_ROUND]
+        content = _content(node, _arrays(10.0 * rnd + node), n=8 * node)
+        return Message(content, reply_to=m)
+
+    grid = FakeGrid([1, 2, 3], reply=reply)
+    benchmark = lambda arrays: {"map50": 0.1, "ap50": AP[round(float(arrays["w"].numpy()[0])) % 10]}  # noqa: E731
+    strategy = _strategy(aggregation="fedavg", teacher_rank="degree", better_only=False, benchmark_fn=benchmark)
+
+    rounds = _run(strategy, grid, 2)
+
+    n = np.array([8.0, 16.0, 24.0])
+    for r, record in enumerate(rounds, start=1):
+        expected = float(np.average(10.0 * r + np.array([1.0, 2.0, 3.0]), weights=n))
+        np.testing.assert_allclose(record.global_arrays["w"].numpy(), [expected], rtol=1e-6)
+        np.testing.assert_allclose(record.global_arrays["b"].numpy(), [expected], rtol=1e-6)
+    # round 2: every site starts from round 1's average; a student's teachers are the sites' own round-1 models
+    assert [m.content[P.ARRAYS]["w"].numpy()[0] for m in grid.sent[1]] == pytest.approx([37 / 3] * 3)
+    kd_msg, = _kd_msgs(grid, 1)
+    ids = kd_msg.content[P.CONFIG][P.TEACHER_IDS]
+    assert [kd_msg.content[P.teacher_record(i)]["w"].numpy().tolist() for i in range(len(ids))] == \
+        [[10.0 + int(t[-1])] for t in ids]
+    assert rounds[1].graph is not None and rounds[1].graph["teachers_for"]
+
+
+def test_late_site_is_new_to_the_graph_on_its_join_round_and_not_before(caplog):
+    # Prepare: site-3 joins at round 2; t_cycle 5, so only round 1 is a global recalculation
+    evaluated = []
+
+    def benchmark(arrays):
+        evaluated.append(_site_of(arrays))
+        return {"map50": 0.1, "ap50": AP[_site_of(arrays)]}
+
+    grid = FakeGrid([1, 2, 3], reply=_reply)
+    strategy = _strategy(join_round={"site-3": 2}, t_cycle=5, benchmark_fn=benchmark)
+
+    # Execute
+    with caplog.at_level("INFO", logger="flwr"):
+        rounds = _run(strategy, grid, 3)
+
+    # Assert: round 1 without site-3; round 2 evaluates it alone, as new; round 3 nobody
+    assert [sorted(m.metadata.dst_node_id for m in sent) for sent in grid.sent] == [[1, 2], [1, 2, 3], [1, 2, 3]]
+    assert [{r.site_id: r.evaluated for r in record.replies if r.evaluated} for record in rounds] == [
+        {"site-1": ("new", "periodic"), "site-2": ("new", "periodic")}, {"site-3": ("new",)}, {}]
+    assert evaluated == [1, 2, 3]
+    assert strategy.profiles["site-3"]["round"] == 2 and strategy.profiles["site-3"]["reasons"] == ["new"]
+    assert any("site-3 is NEW" in r.getMessage() and "round 2" in r.getMessage() for r in caplog.records)
+    assert sum("site-3 joins at round 2" in r.getMessage() for r in caplog.records) == 1  # round 1 only
+    # the graph of round 3 includes it (its profile comes from round 2)
+    assert "site-3" in {n["id"] for n in rounds[2].graph["nodes"]}

@@ -1,7 +1,9 @@
-"""End to end: ``cedar-simulate`` (``flwr run .``) with 2 simulated sites and 1 tiny round.
+"""End to end: ``cedar-simulate`` (``flwr run .``) with 2 simulated sites and 2 tiny rounds.
 
 Starts the real local SuperLink, the Ray simulation backend, the ServerApp and
-the ClientApps, then checks the run folder. Run with ``pytest -m integration``.
+the ClientApps, then checks the run folder. The quick preset's defaults run: graph
+KD, the last site joining at round 2, and here a cloud-to-edge round 2 (the
+KDRequest and the teacher's weights cross the real wire). Run with ``pytest -m integration``.
 """
 
 import json
@@ -26,34 +28,40 @@ def no_superlink_left():
     assert {p.pid for p in local_superlinks()} <= before
 
 
-def test_flwr_run_two_sites_one_round(tmp_path, no_superlink_left):
-    # Prepare: tiny data so the round takes seconds, outputs and caches in tmp
+def test_flwr_run_two_sites_two_rounds_late_site_and_cloud_teacher(tmp_path, no_superlink_left):
+    # Prepare: tiny data so a round takes seconds, outputs and caches in tmp
     overrides = [
         "data.num-sites=2", "data.imgsz=128", "train.imgsz=128", "data.train-per-site=8",
         "data.val-per-site=4", "data.test-per-site=4", "data.public-per-site=4", "data.public-train-per-site=4",
         "data.video-frames=8",
         f"data.cache-dir={tmp_path / 'cache'}", f"output-dir={tmp_path / 'outputs'}",
-        "federation.num-rounds=1", "train.epochs-per-round=1", "tracking.wandb=off", "run-name=it",
-        "model.base-epochs=1", "model.cloud-epochs=1", "model.cloud=yolo11n",  # the base model, the served cloud
+        "federation.num-rounds=2", "train.epochs-per-round=1", "tracking.wandb=off", "run-name=it",
+        "kd.cloud-rounds=[2]", "model.base-epochs=1", "model.cloud-epochs=1", "model.cloud=yolo11n",
     ]
     env = dict(os.environ, WANDB_MODE="disabled")
 
     # Execute
     proc = subprocess.run([sys.executable, "-m", "server.simulate", *overrides], env=env, cwd=tmp_path,
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, timeout=900)
 
-    # Assert: the run finished and wrote one metrics line per site
+    # Assert: round 1 without the late site-1; round 2 with both, site-1 evaluated as new, the cloud teaching
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     run_dir = tmp_path / "outputs" / "it"
     assert (run_dir / "DONE").is_file()
     lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert sorted(r["site_id"] for r in lines) == ["site-0", "site-1"]
-    assert all(r["round"] == 1 and 0.0 <= r["benchmark_map50"] <= 1.0 for r in lines)
+    assert sorted((r["round"], r["site_id"]) for r in lines) == [(1, "site-0"), (2, "site-0"), (2, "site-1")]
+    evaluated = {(r["round"], r["site_id"]): r["evaluated"] for r in lines}
+    assert evaluated[(1, "site-0")] == ["new", "periodic"] and evaluated[(2, "site-1")] == ["new", "periodic"]
+    assert all(0.0 <= r["benchmark_map50"] <= 1.0 for r in lines)
     assert len(lines[0]["benchmark_ap50"]) == 8
-    # the run's cloud service answered every site (collaborative metrics) and is gone
-    assert all(0.0 <= r["collab_recall"] <= 1.0 for r in lines)
+    # site-0 continues its model with the cloud's soft labels; the newcomer site-1 has no model yet to distil into
+    assert {r["site_id"]: r["teachers_proposed"] for r in lines if r["round"] == 2} == {"site-0": {"cloud": 1.0},
+                                                                                       "site-1": None}
+    # the run's cloud service answered the sites (collaborative metrics) and is gone
+    assert any(r["collab_recall"] is not None for r in lines)
     assert "cloud service: stopped" in proc.stdout + proc.stderr
     for site in ("site-0", "site-1"):
         assert (run_dir / "nodes" / site / "model.pt").is_file()
+    assert json.loads((run_dir / "state.json").read_text())["round"] == 2
     cfg_text = (run_dir / "config.yaml").read_text()
-    assert "num_sites: 2" in cfg_text and "num_rounds: 1" in cfg_text
+    assert "num_sites: 2" in cfg_text and "num_rounds: 2" in cfg_text

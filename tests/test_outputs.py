@@ -263,3 +263,51 @@ def test_main_reports_failure_when_the_server_app_did_not_finish(monkeypatch, tm
 
     assert rc == 1
     assert "FAILED" in capsys.readouterr().out
+
+
+# --- per-round outputs (server.federation.RoundWriter, the strategy's on_round_end) ---------
+
+
+def test_round_writer_writes_metrics_weights_graph_and_resume_state(tmp_path):
+    from types import SimpleNamespace
+
+    import numpy as np
+    from flwr.app import Array, ArrayRecord
+
+    from common import protocol as P
+    from server.federation import RoundWriter
+    from strategies.personalized import NodeReply, RoundRecord
+
+    # Prepare: one student that kept site-1 and rejected cloud, evaluated as new; a fake evaluator that saves bytes
+    cfg = load_config("quick", {"output-dir": str(tmp_path), "run-name": "r", "tracking.wandb": "off"})
+    out = RunOutputs.create(cfg)
+    saved = {}
+
+    def save(arrays, path, **meta):
+        saved[str(path.relative_to(out.run_dir))] = meta
+
+    evaluator = SimpleNamespace(save=save)
+    strategy = SimpleNamespace(state_dict=lambda: {"completed_round": 2}, arrays={"site-2": None})
+    writer = RoundWriter(out, Tracker("off", "cedar", out.run_dir, {}, "r"), evaluator, strategy, cfg.kd)
+    metrics = {P.TRAIN_LOSS: 1.5, P.TRAIN_SECONDS: 2.0, P.NUM_EXAMPLES: 8.0, P.VAL_MAP50: 0.3, P.TEST_MAP50: 0.4,
+               P.TEST_AP50: [0.5, NAN], P.KD_LOSS: 0.125, "teachers": {"site-1": 0.5},
+               "teachers_proposed": {"cloud": 0.5, "site-1": 0.5}, "teachers_rejected": ["cloud"]}
+    reply = NodeReply(7, {P.SITE_ID: "site-2", P.POSITION_KM: [1.0, 0.0], P.CLASSES: [0, 1]}, metrics,
+                      ArrayRecord({"w": Array(np.zeros(1, np.float32))}), benchmark={"map50": 0.25, "ap50": [0.5, NAN]},
+                      phase="kd", evaluated=("new",))
+    graph = {"round": 2, "mode": "all", "teachers_for": {"site-2": {"site-1": 0.5}}}
+
+    # Execute
+    writer(RoundRecord(2, [reply], graph))
+
+    # Assert
+    row, = out.read_metrics()
+    assert (row["round"], row["site_id"], row["phase"], row["evaluated"]) == (2, "site-2", "kd", ["new"])
+    assert row["teachers"] == {"site-1": 0.5} and row["teachers_rejected"] == ["cloud"]
+    assert row["teachers_proposed"] == {"cloud": 0.5, "site-1": 0.5}
+    assert (row["kd_alpha"], row["benchmark_map50"], row["benchmark_ap50"]) == (cfg.kd.alpha, 0.25, [0.5, None])
+    assert saved == {"nodes/site-2/model.pt": {"round": 2, "site": "site-2"}}  # no fedavg model: no global file
+    assert json.loads((out.run_dir / "graphs" / "round-002.json").read_text()) == graph
+    assert json.loads((out.run_dir / "state.json").read_text()) == {"round": 2, "strategy": {"completed_round": 2},
+                                                                     "sites": ["site-2"]}
+    assert "| site-2 | 0.400 |" in (out.run_dir / "summary.md").read_text()

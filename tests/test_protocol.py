@@ -1,4 +1,4 @@
-"""Tests for common.protocol: record keys and validation of node replies."""
+"""Tests for common.protocol: record keys, validation of node replies, the KD request."""
 
 import math
 
@@ -150,3 +150,55 @@ def test_parse_site_bad_value_is_named(key, value):
         parse_site(_site(**{key: value}), nc=8)
 
     assert f"'{key}'" in str(info.value)
+
+
+# --- KDRequest ------------------------------------------------------------------------------
+
+
+def _kd(**changes) -> P.KDRequest:
+    kw = dict(teacher_ids=("site-1", "cloud"), teacher_weights=(0.25, 0.75), teacher_archs=("yolo11n", "yolo11s"),
+              alpha=0.5, temperature=2.0, fg_threshold=0.3, select="teacher-better", student_check=True,
+              check_margin=0.05)
+    return P.KDRequest(**{**kw, **changes})
+
+
+def test_kd_request_round_trip():
+    kd = _kd()
+
+    config = kd.encode()
+
+    assert config == {P.TEACHER_IDS: ["site-1", "cloud"], P.TEACHER_WEIGHTS: [0.25, 0.75],
+                      P.TEACHER_ARCHS: ["yolo11n", "yolo11s"], P.KD_ALPHA: 0.5, P.KD_TEMPERATURE: 2.0,
+                      P.KD_FG_THRESHOLD: 0.3, P.KD_SELECT: "teacher-better", P.KD_STUDENT_CHECK: True,
+                      P.KD_CHECK_MARGIN: 0.05}
+    assert P.KDRequest.parse(config) == kd
+    assert P.KDRequest.parse({P.EPOCHS: 1}) is None  # no teachers: plain local training
+
+
+@pytest.mark.parametrize("key, value", [
+    (P.TEACHER_WEIGHTS, [1.0]), (P.TEACHER_WEIGHTS, "0.25,0.75"), (P.TEACHER_ARCHS, ["yolo11n"]),
+    (P.KD_ALPHA, 1.5), (P.KD_TEMPERATURE, 0.0), (P.KD_FG_THRESHOLD, "high"), (P.KD_SELECT, "teacher-worse"),
+    (P.KD_STUDENT_CHECK, "yes"), (P.KD_CHECK_MARGIN, math.inf), (P.TEACHER_WEIGHTS, [True, 0.5]),
+])
+def test_malformed_kd_request_names_the_key(key, value):
+    config = {**_kd().encode(), key: value}
+
+    with pytest.raises(ProtocolError, match=f"'{key}'"):
+        P.KDRequest.parse(config)
+
+
+@pytest.mark.parametrize("key", [P.TEACHER_WEIGHTS, P.TEACHER_ARCHS, P.KD_ALPHA, P.KD_TEMPERATURE,
+                                 P.KD_FG_THRESHOLD, P.KD_SELECT])
+def test_kd_request_missing_key_is_named(key):
+    config = {k: v for k, v in _kd().encode().items() if k != key}
+
+    with pytest.raises(ProtocolError, match=f"'{key}'"):
+        P.KDRequest.parse(config)
+
+
+def test_kd_request_teacher_records_in_order_and_missing_ones_named():
+    kd = _kd()
+
+    assert kd.teacher_records({P.teacher_record(0): "a", P.teacher_record(1): "b", P.ARRAYS: "own"}) == ["a", "b"]
+    with pytest.raises(ProtocolError, match="teacher-1"):
+        kd.teacher_records({P.teacher_record(0): "a"})

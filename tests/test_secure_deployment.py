@@ -178,7 +178,7 @@ def test_secure_round_with_registered_supernodes(secure, tiny_overrides):
     out_dir = dep.tmp / "out"
     overrides = [f"{k}={v}" for k, v in tiny_overrides.items()] + [
         "data.num-sites=2", f"output-dir={out_dir}", "run-name=sec", "tracking.wandb=off",
-        "federation.num-rounds=1", "kd.mode=none", "federation.wait-for-nodes-s=60",
+        "federation.num-rounds=1", "kd.mode=none", "federation.wait-for-nodes-s=60", "federation.late-sites=[]",
     ]
     t0 = time.monotonic()
     rc, run_log = dep.flwr_run(APP_DIR, overrides=overrides)

@@ -1,6 +1,7 @@
 """Tests for strategies.personalized: per-node messages, reply validation, fedavg, waiting for nodes.
 
-A fake grid and real ``flwr.app.Message`` replies; no SuperLink, no torch: milliseconds.
+A fake grid and real ``flwr.app.Message`` replies, driven by Flower's own ``Strategy.start``;
+no SuperLink, no torch: milliseconds.
 """
 
 import logging
@@ -12,7 +13,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MessageTy
 from flwr.supercore.task_identity import TaskIdentity
 
 from common import protocol as P
-from strategies.personalized import NodeReply, PersonalizedStrategy, wait_for_nodes
+from strategies.personalized import PersonalizedStrategy, RoundRecord, wait_for_nodes
 
 NC = 3
 
@@ -50,7 +51,7 @@ class FakeGrid:
     """``get_node_ids`` and ``send_and_receive``; ``reply(msg)`` returns a reply or None (no reply).
 
     ``query`` messages (who are you?) are answered with site ``site-<node id>`` by every node
-    except those in ``silent``; ``self.sent`` records the other messages, one list per call.
+    except those in ``silent``; ``self.sent`` records the other messages, one list per call that sends any.
     """
 
     def __init__(self, node_ids, reply=None, silent=()):
@@ -65,7 +66,9 @@ class FakeGrid:
 
     def send_and_receive(self, messages, *, timeout=None):
         messages = list(messages)
-        if messages and all(m.metadata.message_type == MessageType.QUERY for m in messages):
+        if not messages:  # e.g. the evaluate stage: nothing is sent
+            return []
+        if all(m.metadata.message_type == MessageType.QUERY for m in messages):
             self.queries += messages
             return [Message(RecordDict({P.SITE: _content(m.metadata.dst_node_id, _arrays(0.0))[P.SITE]}), reply_to=m)
                     for m in messages if m.metadata.dst_node_id not in self.silent]
@@ -73,9 +76,17 @@ class FakeGrid:
         return [r for r in (self.reply(m) for m in messages) if r is not None]
 
 
-def _strategy(evaluate_fn=None, **kw) -> PersonalizedStrategy:
-    evaluate_fn = evaluate_fn or (lambda reply: {"map50": 0.1 * reply.node_id})
-    return PersonalizedStrategy(num_classes=NC, epochs_per_round=2, evaluate_fn=evaluate_fn, **kw)
+def _strategy(benchmark_fn=None, **kw) -> PersonalizedStrategy:
+    benchmark_fn = benchmark_fn or (lambda arrays: {"map50": 0.1 * float(arrays["b"].numpy()[0])})
+    return PersonalizedStrategy(num_classes=NC, epochs_per_round=2, benchmark_fn=benchmark_fn, **kw)
+
+
+def _run(strategy, grid, num_rounds: int, initial: ArrayRecord | None = None) -> list[RoundRecord]:
+    """Flower's own ``Strategy.start`` over the fake grid; returns each round's record."""
+    rounds = []
+    strategy.on_round_end = rounds.append
+    strategy.start(grid, initial or ArrayRecord(), num_rounds=num_rounds)
+    return rounds
 
 
 def _weights(msg: Message) -> list[float]:
@@ -88,7 +99,7 @@ def _weights(msg: Message) -> list[float]:
 def test_configure_train_round_one_without_weights():
     strategy = _strategy(train_config={"lr0": 0.01})
 
-    messages = list(strategy.configure_train(1, None, ConfigRecord({"extra": 1}), FakeGrid([9, 4])))
+    messages = list(strategy.configure_train(1, ArrayRecord(), ConfigRecord({"extra": 1}), FakeGrid([9, 4])))
 
     assert [m.metadata.dst_node_id for m in messages] == [4, 9]
     for m in messages:
@@ -110,12 +121,11 @@ def test_each_node_gets_its_own_weights_after_round_one():
     grid = FakeGrid([3, 5, 1], reply=lambda m: None if m.metadata.dst_node_id == 5 else Message(
         _content(m.metadata.dst_node_id, _arrays(10.0 * m.metadata.dst_node_id + m.content[P.CONFIG][P.SERVER_ROUND])),
         reply_to=m), silent=[5])
-    seen = []
-    strategy = _strategy()
+    strategy = _strategy(expected_nodes=3, wait_for_nodes_s=0)
 
     # Execute
-    strategy.start(grid, num_rounds=2, expected_nodes=3, wait_for_nodes_s=0,
-                   on_round_end=lambda r, replies: seen.append((r, [x.node_id for x in replies])))
+    rounds = _run(strategy, grid, num_rounds=2)
+    seen = [(r.server_round, [x.node_id for x in r.replies]) for r in rounds]
 
     # Assert
     round2 = {m.metadata.dst_node_id: m for m in grid.sent[1]}
@@ -145,52 +155,53 @@ def test_bad_replies_are_dropped_and_logged(flwr_log):
                            ap=(0.5, 0.5) if node == 4 else (0.5, -1.0, 0.25))
         return Message(content, reply_to=m)
 
-    def evaluate_fn(r: NodeReply):
-        if r.node_id == 5:
+    def benchmark_fn(arrays):
+        if arrays["w"].numpy()[0] == 5.0:
             raise ValueError("weights do not fit the model")
         return {"map50": 0.5}
 
     grid = FakeGrid(range(1, 8), reply, silent=[7])
-    strategy = _strategy(evaluate_fn)
-    rounds = []
+    strategy = _strategy(benchmark_fn)
 
     # Execute
-    strategy.start(grid, num_rounds=1, expected_nodes=7, wait_for_nodes_s=0,
-                   on_round_end=lambda r, replies: rounds.append(replies))
+    rounds = _run(strategy, grid, num_rounds=1)
 
-    # Assert: the valid ones are kept, with their parsed metrics and benchmark result
-    assert [r.node_id for r in rounds[0]] == [1, 6]
-    assert sorted(strategy.arrays) == ["site-1", "site-6"]
-    assert rounds[0][0].benchmark == {"map50": 0.5}
-    assert rounds[0][1].metrics[P.NUM_EXAMPLES] == 8.0
+    # Assert: the valid ones are kept, with their parsed metrics and benchmark result; 5 is kept unscored
+    replies = rounds[0].replies
+    assert [r.node_id for r in replies] == [1, 5, 6]
+    assert sorted(strategy.arrays) == ["site-1", "site-5", "site-6"]
+    assert [r.benchmark for r in replies] == [{"map50": 0.5}, {}, {"map50": 0.5}]
+    assert replies[2].metrics[P.NUM_EXAMPLES] == 8.0
     warnings = [r.getMessage() for r in flwr_log.records if r.levelno == logging.WARNING]
     assert len(warnings) == 5
     assert any("node 2" in w and "out of memory" in w for w in warnings)
     assert any("node 3" in w and f"'{P.METRICS}'" in w for w in warnings)
     assert any("node 4" in w and f"'{P.TEST_AP50}'" in w for w in warnings)
-    assert any("node 5" in w and "weights do not fit the model" in w for w in warnings)
-    assert any("no reply from nodes [7]" in w for w in warnings)
-    assert any("2 valid replies" in r.getMessage() for r in flwr_log.records)
+    assert any("site-5" in w and "weights do not fit the model" in w for w in warnings)
+    assert any("no valid reply from nodes [2, 3, 4, 7]" in w for w in warnings)
+    assert any("3 valid replies" in r.getMessage() for r in flwr_log.records)
 
 
 def test_missing_site_record_is_dropped(flwr_log):
     strategy = _strategy()
-    msg = next(iter(strategy.configure_train(1, None, ConfigRecord(), FakeGrid([4]))))
+    msg = next(iter(strategy.configure_train(1, ArrayRecord(), ConfigRecord(), FakeGrid([4]))))
 
     strategy.aggregate_train(1, [Message(_content(4, _arrays(1.0), drop=P.SITE), reply_to=msg)])
 
-    assert strategy.last_replies == [] and strategy.arrays == {}
+    assert strategy.last_round.replies == [] and strategy.arrays == {}
     assert any(f"no '{P.SITE}' record" in r.getMessage() for r in flwr_log.records)
 
 
 def test_personalised_aggregation_returns_no_global_model():
     strategy = _strategy()
-    msgs = list(strategy.configure_train(1, None, ConfigRecord(), FakeGrid([1, 2])))
+    msgs = list(strategy.configure_train(1, ArrayRecord(), ConfigRecord(), FakeGrid([1, 2])))
 
-    result = strategy.aggregate_train(1, [Message(_content(1, _arrays(1.0)), reply_to=msgs[0]),
-                                          Message(_content(2, _arrays(3.0)), reply_to=msgs[1])])
+    arrays, metrics = strategy.aggregate_train(1, [Message(_content(1, _arrays(1.0), n=8), reply_to=msgs[0]),
+                                                   Message(_content(2, _arrays(3.0), n=24), reply_to=msgs[1])])
 
-    assert result == (None, None)
+    assert arrays is None
+    # example-weighted means of equal values: the values themselves
+    assert dict(metrics) == pytest.approx({P.TRAIN_LOSS: 1.5, P.VAL_MAP50: 0.3, P.TEST_MAP50: 0.4})
     assert strategy.arrays["site-1"]["w"].numpy().tolist() == [1.0]
     assert strategy.arrays["site-2"]["w"].numpy().tolist() == [3.0]
 
@@ -203,7 +214,7 @@ def test_fedavg_is_the_example_weighted_mean():
     a = np.array([1.0, -2.0, 4.0], np.float32)
     b = np.array([3.0, 6.0, 0.0], np.float32)
     strategy = _strategy(aggregation="fedavg")
-    msgs = list(strategy.configure_train(1, None, ConfigRecord(), FakeGrid([1, 2])))
+    msgs = list(strategy.configure_train(1, ArrayRecord(), ConfigRecord(), FakeGrid([1, 2])))
     replies = [Message(_content(1, _arrays(*a), n=10), reply_to=msgs[0]),
                Message(_content(2, _arrays(*b), n=30), reply_to=msgs[1])]
 
@@ -215,15 +226,15 @@ def test_fedavg_is_the_example_weighted_mean():
     np.testing.assert_allclose(merged["w"].numpy(), expected, rtol=1e-6)
     np.testing.assert_allclose(merged["w"].numpy(), [2.5, 4.0, 1.0], rtol=1e-6)
     np.testing.assert_allclose(merged["b"].numpy(), [2.5], rtol=1e-6)
-    assert metrics is None
-    # every node continues from the global model
-    nxt = list(strategy.configure_train(2, None, ConfigRecord(), FakeGrid([1, 2])))
+    assert strategy.last_round.global_arrays is merged
+    # every node continues from the global model Flower passes back in
+    nxt = list(strategy.configure_train(2, merged, ConfigRecord(), FakeGrid([1, 2])))
     assert [_weights(m) for m in nxt] == [[2.5, 4.0, 1.0]] * 2
 
 
 def test_fedavg_ignores_dropped_replies():
     strategy = _strategy(aggregation="fedavg")
-    msgs = list(strategy.configure_train(1, None, ConfigRecord(), FakeGrid([1, 2])))
+    msgs = list(strategy.configure_train(1, ArrayRecord(), ConfigRecord(), FakeGrid([1, 2])))
     replies = [Message(_content(1, _arrays(1.0), n=10), reply_to=msgs[0]),
                Message(_content(2, _arrays(100.0), n=30, ap=(0.5,)), reply_to=msgs[1])]
 
@@ -243,11 +254,40 @@ def test_unknown_aggregation_is_rejected():
         _strategy(aggregation="median")
 
 
-def test_evaluation_stays_on_the_server():
+def test_evaluation_hooks_report_the_server_side_benchmark():
+    # Prepare: benchmark mAP50 = 0.1 * b, b = node id: 0.1 and 0.3
+    grid = FakeGrid([1, 3], reply=lambda m: Message(_content(m.metadata.dst_node_id,
+                                                             _arrays(float(m.metadata.dst_node_id))), reply_to=m))
     strategy = _strategy()
 
-    assert list(strategy.configure_evaluate(1, None, ConfigRecord(), FakeGrid([1]))) == []
-    assert strategy.aggregate_evaluate(1, []) is None
+    result = strategy.start(grid, ArrayRecord(), num_rounds=1)
+
+    assert list(strategy.configure_evaluate(1, ArrayRecord(), ConfigRecord(), grid)) == []
+    assert dict(result.evaluate_metrics_clientapp[1]) == pytest.approx({"benchmark-map50": 0.2, "benchmark-sites": 2})
+    assert strategy.aggregate_evaluate(2, []) is None  # no round 2 yet
+
+
+def test_late_site_gets_no_message_before_its_join_round():
+    grid = FakeGrid([1, 2, 3], reply=lambda m: Message(_content(m.metadata.dst_node_id, _arrays(1.0)), reply_to=m))
+    strategy = _strategy(join_round={"site-3": 2})
+
+    rounds = _run(strategy, grid, num_rounds=2)
+
+    assert [sorted(m.metadata.dst_node_id for m in sent) for sent in grid.sent] == [[1, 2], [1, 2, 3]]
+    assert [[r.site_id for r in record.replies] for record in rounds] == [["site-1", "site-2"],
+                                                                          ["site-1", "site-2", "site-3"]]
+
+
+def test_rounds_completed_before_a_resume_send_nothing():
+    grid = FakeGrid([1, 2], reply=lambda m: Message(_content(m.metadata.dst_node_id, _arrays(1.0)), reply_to=m))
+    strategy = _strategy()
+    strategy.completed_round = 2
+
+    rounds = _run(strategy, grid, num_rounds=3)
+
+    assert [r.server_round for r in rounds] == [3]
+    assert [[m.content[P.CONFIG][P.SERVER_ROUND] for m in sent] for sent in grid.sent] == [[3, 3]]
+    assert grid.queries and all(q.metadata.dst_node_id in (1, 2) for q in grid.queries)
 
 
 # --- waiting for nodes ----------------------------------------------------------------------
@@ -309,8 +349,8 @@ def test_registered_location_replaces_the_reported_position():
                               SimpleNamespace(node_id=2, location="48.009,11.0")]
     strategy = _strategy()
 
-    strategy.start(grid, num_rounds=1, expected_nodes=2, wait_for_nodes_s=0)
+    _run(strategy, grid, num_rounds=1)
 
     assert strategy.sites["site-1"][P.POSITION_KM] == [0.0, 0.0]
     assert strategy.sites["site-2"][P.POSITION_KM] == pytest.approx([0.0, 1.000756], abs=1e-6)
-    assert strategy.last_replies[1].site[P.POSITION_KM] == pytest.approx([0.0, 1.000756], abs=1e-6)
+    assert strategy.last_round.replies[1].site[P.POSITION_KM] == pytest.approx([0.0, 1.000756], abs=1e-6)
