@@ -180,11 +180,11 @@ def run_seed(seed: int, args, cfg, bench, key: dict, done: dict, jsonl: Path) ->
         # "rethinking the value of pruning": the pruned shape trained from a random init with the same budget
         name = scratch_name(ratio, args.epochs)
         if (seed, name) not in done:
-            pruned = prune.load_pruned(done[(seed, variant_name(ratio, args.epochs))]["weights"])
+            pruned = yolo.load_weights(done[(seed, variant_name(ratio, args.epochs))]["weights"])
             model = yolo.build_model(args.arch, nc=yolo.num_classes(original), seed=seed,
                                      names=[original.names[k] for k in sorted(original.names)])
             prune.apply_pruning(model, prune.find_groups(model),
-                                {g: range(k) for g, k in pruned.cedar_pruned_channels.items()})
+                                {g: range(k) for g, k in pruned.cedar_meta["pruned_channels"].items()})
             assert yolo.count_parameters(model) == yolo.count_parameters(pruned)
             res = yolo.train(model, data, epochs=args.epochs, imgsz=t.imgsz, batch=t.batch, lr0=args.lr0,
                              weight_decay=t.weight_decay, warmup_iters=t.warmup_iters, mosaic=t.mosaic,
@@ -203,17 +203,16 @@ def run_seed(seed: int, args, cfg, bench, key: dict, done: dict, jsonl: Path) ->
 def measure_cost(weights: dict[str, str], imgsz: int, runs: int, warmup: int, threads: int, workdir: Path) -> dict:
     """Params, GFLOPs, ONNX size and interleaved torch / ONNX Runtime latency of each model file."""
     import torch
-    from ultralytics.utils.torch_utils import get_flops
 
-    from common import prune, yolo
+    from common import yolo
 
     torch.set_num_threads(threads)
     x = np.random.default_rng(0).random((1, 3, imgsz, imgsz), dtype=np.float32)
     info, runners = {}, {}
     for name, path in weights.items():
-        model = prune.load_pruned(path).eval()
+        model = yolo.load_weights(path).eval()
         onnx_path = yolo.export_onnx(model, workdir / f"{len(info)}.onnx", imgsz=imgsz)
-        info[name] = {"params": yolo.count_parameters(model), f"gflops_{imgsz}": round(get_flops(model, imgsz), 3),
+        info[name] = {"params": yolo.count_parameters(model), f"gflops_{imgsz}": round(yolo.gflops(model, imgsz), 3),
                       "onnx_mb": onnx_path.stat().st_size / 2**20}
         run_torch, run_onnx, info[name]["onnx_max_abs_diff"] = latency_runners(model, onnx_path, x, threads)
         runners[(name, "torch")], runners[(name, "onnxruntime")] = run_torch, run_onnx

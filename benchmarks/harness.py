@@ -29,13 +29,14 @@ def cpu_model_name() -> str:
 
 
 def machine(threads: int) -> dict:
+    from importlib.metadata import version
+
     import onnxruntime as ort
     import torch
-    import ultralytics
 
     return {"cpu": cpu_model_name(), "logical_cpus": os.cpu_count(), "threads": threads,
             "python": platform.python_version(), "torch": torch.__version__, "onnxruntime": ort.__version__,
-            "ultralytics": ultralytics.__version__, "platform": platform.platform()}
+            "ultralytics": version("ultralytics"), "platform": platform.platform()}
 
 
 def latency_runners(model, onnx_path: Path, x: np.ndarray, threads: int) -> tuple[Callable, Callable, float]:

@@ -46,12 +46,10 @@ def measure(models: list[str], sizes: list[int], runs: int, warmup: int, threads
     rng = np.random.default_rng(0)
     inputs = {s: rng.random((1, 3, s, s), dtype=np.float32) for s in sizes}
 
-    from ultralytics.utils.torch_utils import get_flops
-
     info, runners = {}, {}
     for arch in models:
         model = yolo.build_model(arch, nc=NC, seed=0).eval()
-        info[arch] = {"params": yolo.count_parameters(model), "gflops_640": round(get_flops(model, 640), 2),
+        info[arch] = {"params": yolo.count_parameters(model), "gflops_640": round(yolo.gflops(model, 640), 2),
                       "strides": [int(s) for s in model.stride.tolist()]}
         for size in sizes:
             path = yolo.export_onnx(model, workdir / f"{arch}-{size}.onnx", imgsz=size)

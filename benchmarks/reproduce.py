@@ -248,13 +248,11 @@ def collab_job(cfg, seed: int, done: dict, work: Path) -> dict:
 
 
 def speed_job(cfg) -> dict:
-    from ultralytics.utils.torch_utils import get_flops
-
     from common import yolo
     from common.benchmark import CLASS_NAMES
 
     archs = {"edge": cfg.model.edge, "pyrafan": "yolo11n-pyrafan", "cloud": cfg.model.cloud}
-    return {"gflops_640": {role: round(get_flops(yolo.build_model(a, nc=len(CLASS_NAMES), seed=0), 640), 2)
+    return {"gflops_640": {role: round(yolo.gflops(yolo.build_model(a, nc=len(CLASS_NAMES), seed=0), 640), 2)
                            for role, a in archs.items()}, "archs": archs}
 
 

@@ -31,7 +31,7 @@ from torch import nn
 
 from common.kd import GroundTruth, detection_kd_loss
 from common.protocol import KD_SELECTIONS
-from common.pyrafan import head_levels
+from common.yolo import head_levels
 
 
 def ground_truth(batch: dict, images: torch.Tensor) -> GroundTruth:

@@ -1,6 +1,6 @@
 """Entropy channel filtering: structured pruning of YOLO11 detectors.
 
-Platform text (seeds/002), entropy channel filtering: "identify and remove redundant
+The platform's entropy channel filtering: "identify and remove redundant
 or less informative filters within convolutional layers by analysing their
 contribution to overall information flow", keeping "only the most essential
 channels, those with higher entropy". Here:
@@ -42,11 +42,15 @@ file does not know, e.g. PyraFAN's fusion) is left alone: groups that touch it a
 PyraFAN head unpruned; the backbone and the rest of the neck are pruned.
 
 **Saved format.** :func:`save_pruned` writes :func:`common.yolo.save_weights`' file
-with ``meta["pruned_channels"] = {group name: kept channels}``; :func:`load_pruned`
-builds the architecture from its YAML, cuts every listed group to that width and
-loads the state dict strictly (``common.yolo.load_weights`` refuses a pruned file:
-the shapes do not fit the YAML). The model's ``yaml`` still describes the unpruned
+with ``meta["pruned_channels"] = {group name: kept channels}`` (every cut so far: the CLI
+merges the input file's record with its own).
+Loading needs no pruning code: :func:`common.yolo.load_weights` builds the architecture
+from its YAML and narrows every conv and BatchNorm to the stored shapes, so a pruned
+model loads wherever a model loads. The model's ``yaml`` still describes the unpruned
 architecture.
+
+Ultralytics' layer classes and dataset helpers come through the adapter
+(:func:`common.yolo.layer_types`, :func:`common.yolo.split_images`, :func:`common.yolo.letterbox`).
 """
 
 from __future__ import annotations
@@ -59,14 +63,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
-from common import yolo  # first: makes Ultralytics offline
+import numpy as np
+import torch
+from torch import nn
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
-from ultralytics.nn.modules.block import C2PSA, C3, SPPF, Bottleneck, C2f, PSABlock  # noqa: E402
-from ultralytics.nn.modules.conv import Concat, Conv, DWConv  # noqa: E402
-from ultralytics.nn.modules.head import Detect  # noqa: E402
+from common import yolo
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +116,7 @@ def channel_entropy(x: torch.Tensor | np.ndarray, bins: int = DEFAULT_BINS, shar
                     ) -> torch.Tensor:
     """Histogram entropy (nats) of each channel's values; ``x`` is ``(N, C)`` samples or ``(B, C, H, W)`` maps.
 
-    The estimator (the score of entropy channel filtering, platform text (seeds/002)):
+    The estimator (the score of the platform's entropy channel filtering):
     every post-activation value of a channel, at every position of every calibration
     image, is put into one of ``bins`` equal-width bins spanning the range ``[min, max]``
     of *all* the channels of the layer (``shared_range=True``; False: each channel's
@@ -236,6 +237,7 @@ class _Builder:
 
     def __init__(self):
         self.groups: list[ChannelGroup] = []
+        self.t = yolo.layer_types()  # Ultralytics' layer classes
 
     def new(self, producer: str, size: int, offset: int = 0, signal: tuple[str, int] | None = None,
             tie: str | None = None, name: str | None = None) -> ChannelGroup:
@@ -246,7 +248,7 @@ class _Builder:
 
     # -- inside modules ---------------------------------------------------------------
 
-    def bottleneck(self, path: str, m: Bottleneck) -> None:
+    def bottleneck(self, path: str, m: nn.Module) -> None:
         self.new(f"{path}.cv1", _conv_out(m.cv1)).consumers.append((f"{path}.cv2.conv", 0))
 
     def bottleneck_chain(self, g: ChannelGroup, path: str, blocks: Sequence[nn.Module],
@@ -258,7 +260,7 @@ class _Builder:
         out_consumers = list(out_consumers)
         for j, block in enumerate(blocks):
             p = f"{path}.{j}"
-            if isinstance(block, Bottleneck):
+            if isinstance(block, self.t.Bottleneck):
                 g.consumers.append((f"{p}.cv1.conv", 0))
                 self.bottleneck(p, block)
                 if block.add:  # out = in + cv2(...): the same channels
@@ -266,7 +268,7 @@ class _Builder:
                     g.signals.append((p, 0))
                 else:
                     g = self.new(f"{p}.cv2", _conv_out(block.cv2))
-            elif isinstance(block, C3):  # C3k
+            elif isinstance(block, self.t.C3):  # C3k
                 g.consumers += [(f"{p}.cv1.conv", 0), (f"{p}.cv2.conv", 0)]
                 self.c3(p, block)
                 g = self.new(f"{p}.cv3", _conv_out(block.cv3))
@@ -277,14 +279,14 @@ class _Builder:
                 g.consumers.append(out_consumers[j])
         return g
 
-    def c3(self, path: str, m: C3) -> None:
+    def c3(self, path: str, m: nn.Module) -> None:
         c_ = _conv_out(m.cv2)
         self.new(f"{path}.cv2", c_).consumers.append((f"{path}.cv3.conv", c_))
         g = self.bottleneck_chain(self.new(f"{path}.cv1", _conv_out(m.cv1)), f"{path}.m", list(m.m))
         if g is not None:
             g.consumers.append((f"{path}.cv3.conv", 0))
 
-    def c2f(self, path: str, m: C2f) -> None:
+    def c2f(self, path: str, m: nn.Module) -> None:
         c = _conv_out(m.cv1) // 2
         # names say which chunk, not the offset: they must not change when the model is cut
         first = self.new(f"{path}.cv1", c, 0, tie=path, name=f"{path}.cv1[0]")  # y[0]: read by cv2 only
@@ -296,20 +298,20 @@ class _Builder:
         if self.bottleneck_chain(second, f"{path}.m", list(m.m), outs) is None:
             first.frozen = True  # the halves are tied
 
-    def sppf(self, path: str, m: SPPF) -> None:
+    def sppf(self, path: str, m: nn.Module) -> None:
         c_ = _conv_out(m.cv1)
         g = self.new(f"{path}.cv1", c_)
         g.consumers += [(f"{path}.cv2.conv", k * c_) for k in range(getattr(m, "n", 3) + 1)]
 
-    def psablock(self, path: str, m: PSABlock) -> None:
+    def psablock(self, path: str, m: nn.Module) -> None:
         self.new(f"{path}.ffn.0", _conv_out(m.ffn[0])).consumers.append((f"{path}.ffn.1.conv", 0))
 
-    def detect(self, path: str, m: Detect) -> None:
+    def detect(self, path: str, m: nn.Module) -> None:
         for i in range(m.nl):
             box, cls = f"{path}.cv2.{i}", f"{path}.cv3.{i}"
             self.new(f"{box}.0", _conv_out(m.cv2[i][0])).consumers.append((f"{box}.1.conv", 0))
             self.new(f"{box}.1", _conv_out(m.cv2[i][1])).consumers.append((f"{box}.2", 0))
-            if isinstance(m.cv3[i][0], Conv):  # legacy head: Conv, Conv, Conv2d
+            if isinstance(m.cv3[i][0], self.t.Conv):  # legacy head: Conv, Conv, Conv2d
                 self.new(f"{cls}.0", _conv_out(m.cv3[i][0])).consumers.append((f"{cls}.1.conv", 0))
                 self.new(f"{cls}.1", _conv_out(m.cv3[i][1])).consumers.append((f"{cls}.2", 0))
             else:  # (DWConv, Conv), (DWConv, Conv), Conv2d
@@ -320,34 +322,32 @@ class _Builder:
 
     # -- between layers ---------------------------------------------------------------
 
-    @staticmethod
-    def input_port(path: str, m: nn.Module, k: int) -> tuple[list[str], list[tuple[str, int]]] | None:
+    def input_port(self, path: str, m: nn.Module, k: int) -> tuple[list[str], list[tuple[str, int]]] | None:
         """(pass-throughs, consumers at offset 0) of input ``k`` of layer ``m``; None if not rewirable."""
-        if isinstance(m, Detect):
-            if type(m) is not Detect or getattr(m, "one2one_cv2", None) is not None:
+        if isinstance(m, self.t.Detect):
+            if type(m) is not self.t.Detect or getattr(m, "one2one_cv2", None) is not None:
                 return None  # PyraFAN, end-to-end heads, Segment/Pose...: not rewired
-            if isinstance(m.cv3[k][0], Conv):
+            if isinstance(m.cv3[k][0], self.t.Conv):
                 return [], [(f"{path}.cv2.{k}.0.conv", 0), (f"{path}.cv3.{k}.0.conv", 0)]
             return [f"{path}.cv3.{k}.0.0"], [(f"{path}.cv2.{k}.0.conv", 0), (f"{path}.cv3.{k}.0.1.conv", 0)]
-        if type(m) in (Conv, DWConv) and isinstance(m.conv, nn.Conv2d):
+        if type(m) in (self.t.Conv, self.t.DWConv) and isinstance(m.conv, nn.Conv2d):
             if m.conv.groups != 1:
                 return None
             return [], [(f"{path}.conv", 0)]
-        if isinstance(m, (C2f, C2PSA)):
+        if isinstance(m, (self.t.C2f, self.t.C2PSA)):
             return [], [(f"{path}.cv1.conv", 0)]
-        if isinstance(m, C3):
+        if isinstance(m, self.t.C3):
             return [], [(f"{path}.cv1.conv", 0), (f"{path}.cv2.conv", 0)]
-        if isinstance(m, SPPF) and not getattr(m, "add", False):
+        if isinstance(m, self.t.SPPF) and not getattr(m, "add", False):
             return [], [(f"{path}.cv1.conv", 0)]
         return None
 
-    @staticmethod
-    def output_producer(path: str, m: nn.Module) -> str | None:
-        if type(m) is Conv and m.conv.groups == 1:
+    def output_producer(self, path: str, m: nn.Module) -> str | None:
+        if type(m) is self.t.Conv and m.conv.groups == 1:
             return path
-        if isinstance(m, (C2f, C2PSA)) or (isinstance(m, SPPF) and not getattr(m, "add", False)):
+        if isinstance(m, (self.t.C2f, self.t.C2PSA)) or (isinstance(m, self.t.SPPF) and not getattr(m, "add", False)):
             return f"{path}.cv2"
-        if isinstance(m, C3):
+        if isinstance(m, self.t.C3):
             return f"{path}.cv3"
         return None
 
@@ -368,7 +368,7 @@ class _Builder:
             if isinstance(m, nn.Upsample):
                 segments[i] = inputs[0]
                 continue
-            if isinstance(m, Concat) and m.d == 1:
+            if isinstance(m, self.t.Concat) and m.d == 1:
                 segments[i] = [s for segs in inputs for s in segs]
                 continue
             for k, segs in enumerate(inputs):
@@ -395,17 +395,17 @@ def find_groups(model: nn.Module) -> list[ChannelGroup]:
     """Every channel group of an Ultralytics ``DetectionModel`` (frozen ones included), in a fixed order."""
     b = _Builder()
     for path, m in model.named_modules():
-        if isinstance(m, Bottleneck) and not _inside_chain(path):
+        if isinstance(m, b.t.Bottleneck) and not _inside_chain(path):
             b.bottleneck(path, m)
-        elif isinstance(m, C2f):
+        elif isinstance(m, b.t.C2f):
             b.c2f(path, m)
-        elif isinstance(m, C3) and not _inside_chain(path):
+        elif isinstance(m, b.t.C3) and not _inside_chain(path):
             b.c3(path, m)
-        elif isinstance(m, SPPF):
+        elif isinstance(m, b.t.SPPF):
             b.sppf(path, m)
-        elif isinstance(m, PSABlock):
+        elif isinstance(m, b.t.PSABlock):
             b.psablock(path, m)
-        elif type(m) is Detect and getattr(m, "one2one_cv2", None) is None:
+        elif type(m) is b.t.Detect and getattr(m, "one2one_cv2", None) is None:
             b.detect(path, m)
     b.layers(model.model)
     for g in b.groups:  # the surgery cuts plain (groups=1) and depthwise convs only
@@ -584,12 +584,7 @@ def apply_pruning(model: nn.Module, groups: Sequence[ChannelGroup], keep: dict[s
         bn = _bn_of(model, path)
         if bn is not None and path in out_mask:
             _cut_bn(bn, out_mask[path])
-    for m in model.modules():  # attributes derived from widths
-        if isinstance(m, C2f):
-            m.c = m.cv1.conv.out_channels // 2
-    for layer in getattr(model, "model", []):
-        layer.np = sum(p.numel() for p in layer.parameters())
-    return model
+    return yolo.sync_widths(model)
 
 
 def select_channels(entropy: dict[str, torch.Tensor], groups: Sequence[ChannelGroup], keep_fraction: float,
@@ -769,37 +764,6 @@ def save_pruned(model: nn.Module, path: str | Path, kept_channels: dict[str, int
     return yolo.save_weights(model, path, pruned_channels=dict(kept_channels), **meta)
 
 
-def load_pruned(path: str | Path) -> nn.Module:
-    """Load a file written by :func:`save_pruned` (or an unpruned :func:`common.yolo.save_weights` file).
-
-    Builds the architecture the file names, cuts each group in
-    ``meta["pruned_channels"]`` to its first ``k`` channels (the weights are
-    overwritten next) and loads the state dict strictly. The returned model has
-    ``cedar_pruned_channels`` set.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise yolo.ModelError(f"weights file not found: {path}")
-    try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise yolo.ModelError(f"cannot read weights file {path}: {err}") from None
-    if not isinstance(blob, dict) or "state_dict" not in blob or not blob.get("arch"):
-        raise yolo.ModelError(f"{path} is not a cedar weights file naming its architecture")
-    names = [blob["names"][k] for k in sorted(blob["names"])] if blob.get("names") else None
-    model = yolo.build_model(blob["arch"], int(blob["nc"]), names=names)
-    kept = dict((blob.get("meta") or {}).get("pruned_channels") or {})
-    if kept:
-        groups = find_groups(model)
-        known = {g.name for g in groups}
-        unknown = sorted(set(kept) - known)
-        if unknown:
-            raise yolo.ModelError(f"{path}: pruned groups {unknown[:3]} do not exist in '{blob['arch']}'")
-        apply_pruning(model, groups, {name: range(int(k)) for name, k in kept.items()})
-    model.cedar_pruned_channels = kept
-    return yolo.load_state_dict(model, blob["state_dict"])
-
-
 # --------------------------------------------------------------------------- calibration data
 
 
@@ -807,32 +771,20 @@ def calibration_batches(data_yaml: str | Path, *, split: str = "train", imgsz: i
                         batch: int = 8) -> Iterator[torch.Tensor]:
     """Letterboxed RGB images in [0, 1], ``(B, 3, imgsz, imgsz)``, evenly spaced over a split, no augmentation."""
     import cv2
-    from ultralytics.data.augment import LetterBox
-    from ultralytics.data.utils import IMG_FORMATS, check_det_dataset
 
-    data = check_det_dataset(str(data_yaml))
-    source = data.get(split)
-    if not source:
-        raise PruneError(f"{data_yaml}: no '{split}' split for calibration")
-    files: list[Path] = []
-    for s in source if isinstance(source, list) else [source]:
-        s = Path(s)
-        if s.is_dir():
-            files += sorted(p for p in s.rglob("*") if p.suffix[1:].lower() in IMG_FORMATS)
-        elif s.is_file():
-            files += [Path(line.strip()) for line in s.read_text().splitlines() if line.strip()]
-    if not files:
-        raise PruneError(f"{data_yaml}: the '{split}' split has no images")
+    try:
+        files = yolo.split_images(data_yaml, split)
+    except yolo.ModelError as err:
+        raise PruneError(f"calibration: {err}") from None
     if len(files) > max_images:
         files = [files[i] for i in np.linspace(0, len(files) - 1, max_images).round().astype(int)]
-    letterbox = LetterBox((imgsz, imgsz), auto=False)
     for start in range(0, len(files), batch):
         imgs = []
         for f in files[start: start + batch]:
             img = cv2.imread(str(f))
             if img is None:
                 raise PruneError(f"cannot read calibration image {f}")
-            img = letterbox(image=img)[:, :, ::-1].transpose(2, 0, 1)  # BGR HWC -> RGB CHW
+            img = yolo.letterbox(img, imgsz)[:, :, ::-1].transpose(2, 0, 1)  # BGR HWC -> RGB CHW
             imgs.append(torch.from_numpy(np.ascontiguousarray(img)).float() / 255.0)
         yield torch.stack(imgs)
 
@@ -858,7 +810,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         prog="python -m common.prune",
         description="Compress a site's YOLO model by entropy channel filtering, then fine-tune it.")
-    ap.add_argument("--weights", required=True, help="input weights (common.yolo.save_weights or save_pruned file)")
+    ap.add_argument("--weights", required=True, help="input weights (a common.yolo.save_weights file, pruned or not)")
     ap.add_argument("--data", required=True, help="data.yaml: train split for calibration and fine-tuning")
     ap.add_argument("--ratio", type=float, required=True, help="fraction of parameters to remove, in (0, 1)")
     ap.add_argument("--epochs", type=int, default=3, help="fine-tune epochs after pruning (0: none)")
@@ -891,10 +843,10 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
 
     try:
-        model = load_pruned(args.weights)
+        model = yolo.load_weights(args.weights)
         report = compress(model, args.data, args.ratio, imgsz=args.imgsz, calib_images=args.calib_images,
                           bins=args.bins, min_channels=args.min_channels, compensate=not args.no_compensate)
-        kept = {**getattr(model, "cedar_pruned_channels", {}), **report.kept_channels}
+        kept = {**model.cedar_meta.get("pruned_channels", {}), **report.kept_channels}  # every cut so far
         if args.epochs:
             res = yolo.train(model, args.data, epochs=args.epochs, imgsz=args.imgsz, batch=args.batch,
                              lr0=args.lr0, seed=args.seed, desc="fine-tune")

@@ -1,4 +1,4 @@
-"""PyraFAN: the Pyramid-Fusion Attention Network head (paper section 3, Figure 1; DESIGN 3.6).
+"""PyraFAN: the Pyramid-Fusion Attention Network head (paper section 3, Figure 1).
 
 Three pyramid levels ``X2, X3, X4`` (strides 4, 8, 16) come in; three detection
 levels go out:
@@ -48,39 +48,38 @@ Choices where the paper is ambiguous or silent, and why:
 Registration. Ultralytics' ``parse_model`` resolves module names in
 ``ultralytics.nn.tasks`` and hands input channels only to classes it lists by
 identity, so a multi-input class of ours cannot be named in a model YAML as is.
-Importing this module wraps ``ultralytics.nn.tasks.parse_model`` once (see
-:func:`parse_model`): a YAML row naming ``PyraFAN`` is built by the stock parser
-as a stock ``Detect`` stand-in (which resolves ``nc``, ``reg_max`` and the input
-channels), then replaced by a :class:`PyraFAN` with the same arguments. YAMLs
-without PyraFAN are parsed by Ultralytics untouched. :class:`PyraFAN` subclasses
+While ``common.yolo.build_model`` builds a model it holds :func:`registered`,
+which swaps in :func:`parse_model`: a YAML row naming ``PyraFAN`` is built by
+the stock parser as a stock ``Detect`` stand-in (which resolves ``nc``,
+``reg_max`` and the input channels), then replaced by a :class:`PyraFAN` with the
+same arguments. YAMLs without PyraFAN are parsed by Ultralytics untouched; outside
+:func:`registered`, Ultralytics is as it ships. :class:`PyraFAN` subclasses
 ``Detect``, so stride computation, ``v8DetectionLoss``, validation, prediction,
 ``fuse`` and ONNX export treat it as a Detect head. Pickled checkpoints name
 ``common.pyrafan.PyraFAN``: unpickling imports this module (never a "missing
-package" install), and the classes are on torch's ``weights_only`` allow-list
-once it is imported. Ultralytics' ``BaseModel.load`` (partial transfer from
+package" install). Ultralytics' ``BaseModel.load`` (partial transfer from
 another Detect checkpoint, which reads ``Detect.cv2``) is not supported: cedar
-moves weights as state dicts (``common.yolo.save_weights``).
+moves weights as state dicts (``common.yolo.save_weights``,
+``common.yolo.load_checkpoint``).
 
-:func:`head_levels` turns any Detect-style model's output (stock: strides 8/16/32,
-PyraFAN: 4/8/16) into ``{stride: {"cls", "dfl"}}`` for ``common.kd``.
+This module imports Ultralytics (PyraFAN subclasses its ``Detect``): import it
+after :func:`common.ultralytics_env.setup`, as ``common.yolo`` does.
 """
 
 from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Mapping, Sequence
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
-from common import yolo as _yolo  # noqa: F401  (Ultralytics' offline environment, set before Ultralytics loads)
-
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from torch import nn  # noqa: E402
-from ultralytics.nn import tasks as _tasks  # noqa: E402
-from ultralytics.nn.modules import DFL, Conv, Detect, DWConv  # noqa: E402
-from ultralytics.utils.torch_utils import fuse_conv_and_bn  # noqa: E402
-
-from common.kd import split_head_outputs  # noqa: E402
+import torch
+import torch.nn.functional as F
+from torch import nn
+from ultralytics.nn import tasks as _tasks
+from ultralytics.nn.modules import DFL, Conv, Detect, DWConv
+from ultralytics.utils.torch_utils import fuse_conv_and_bn
 
 NUM_LEVELS = 3  # X2, X3, X4
 
@@ -247,50 +246,13 @@ class PyraFAN(Detect):
             self.dw = self.dw_bn = None
 
 
-# --------------------------------------------------------------------------- KD
-
-
-def head_levels(model: nn.Module, preds) -> dict[int, dict[str, torch.Tensor]]:
-    """Per-level raw head outputs ``{stride: {"cls": (B, nc, H, W), "dfl": (B, 4 reg_max, H, W)}}`` for ``common.kd``.
-
-    Works for any Detect-style head: a stock YOLO11 (strides 8, 16, 32) and PyraFAN (4, 8, 16).
-
-    Parameters
-    ----------
-    model : a ``DetectionModel`` (or its Detect head).
-    preds : what the model returned: the training dict ``{"boxes", "scores", "feats"}``, the eval
-        tuple ``(decoded, dict)`` or an end-to-end ``{"one2many": dict, ...}``.
-
-    Examples
-    --------
-    YOLO11n, nc = 8, a 320 px image: ``{8: cls (1, 8, 40, 40), dfl (1, 64, 40, 40), 16: ..., 32: ...}``.
-    """
-    head = model.model[-1] if hasattr(model, "model") else model
-    if isinstance(preds, (tuple, list)):
-        preds = preds[1]
-    if not isinstance(preds, Mapping):
-        raise ValueError(f"expected the head's raw prediction dict, got {type(preds).__name__} (export mode?)")
-    if "one2many" in preds:
-        preds = preds["one2many"]
-    boxes, scores, feats = preds["boxes"], preds["scores"], preds["feats"]  # (B, 4R, A), (B, nc, A), maps
-    sizes = [tuple(f.shape[-2:]) for f in feats]
-    counts = [h * w for h, w in sizes]
-    if sum(counts) != boxes.shape[-1]:
-        raise ValueError(f"{boxes.shape[-1]} anchors do not match the level sizes {sizes}")
-    outputs = [
-        torch.cat([b, s], 1).view(boxes.shape[0], -1, h, w)  # (B, 4R + nc, H, W): box channels first
-        for b, s, (h, w) in zip(boxes.split(counts, -1), scores.split(counts, -1), sizes, strict=True)
-    ]
-    return split_head_outputs(outputs, [int(s) for s in head.stride.tolist()], int(head.reg_max))
-
-
 # --------------------------------------------------------------------------- Ultralytics registration
 
 HEADS: dict[str, type[Detect]] = {"PyraFAN": PyraFAN}
 
 
 def parse_model(d: dict, ch: int, verbose: bool = True):
-    """Ultralytics' ``parse_model`` that also builds the heads in :data:`HEADS` (installed on import).
+    """Ultralytics' ``parse_model`` that also builds the heads in :data:`HEADS` (in force inside :func:`registered`).
 
     A row ``[from, 1, PyraFAN, [nc, *extra]]`` is parsed by the stock function as
     ``[from, 1, Detect, [nc]]`` (which resolves ``nc``, ``reg_max``, ``end2end`` and the
@@ -318,7 +280,16 @@ def parse_model(d: dict, ch: int, verbose: bool = True):
     return layers, save
 
 
-_ULTRALYTICS_PARSE_MODEL = getattr(_tasks.parse_model, "__wrapped__", _tasks.parse_model)
-parse_model.__wrapped__ = _ULTRALYTICS_PARSE_MODEL
-_tasks.parse_model = parse_model
-torch.serialization.add_safe_globals([PyraFAN, LevelFusion, LevelAlign, ChannelGate])
+_ULTRALYTICS_PARSE_MODEL = _tasks.parse_model
+_LOCK = threading.RLock()
+
+
+@contextmanager
+def registered() -> Iterator[None]:
+    """Within the block, Ultralytics' model builder knows the heads in :data:`HEADS` (one thread at a time)."""
+    with _LOCK:
+        _tasks.parse_model = parse_model
+        try:
+            yield
+        finally:
+            _tasks.parse_model = _ULTRALYTICS_PARSE_MODEL

@@ -1,18 +1,16 @@
-"""The YOLO adapter: the only module that touches Ultralytics.
+"""The YOLO adapter: with :mod:`common.pyrafan`, the only code that touches Ultralytics.
 
-Importing it first makes Ultralytics offline (before Ultralytics itself is
-imported, because it reads its environment at import time):
-
-- ``YOLO_OFFLINE=1`` (no connectivity checks), ``YOLO_AUTOINSTALL=false`` (no
-  pip installs of "missing" packages), ``YOLO_VERBOSE=false``;
-- an isolated config dir (``$CEDAR_HOME/ultralytics``, default
-  ``~/.cache/cedar/ultralytics``) whose settings have ``sync`` and every
-  integration (W&B, hub, ...) off;
-- a local TTF (matplotlib's DejaVu Sans, shipped with matplotlib) copied there
-  as ``Arial.ttf`` so plotting never downloads a font.
+Importing it changes nothing and does not import Ultralytics: every function that
+needs Ultralytics calls :func:`common.ultralytics_env.setup` (offline, isolated
+settings, a local font) and imports it then.
 
 Models are built from YAML (never a named ``.pt``, which Ultralytics would
-download) and stored as state dicts, not pickled objects. Training is a lean
+download); PyraFAN heads are registered while a model is built. Weights are
+stored as state dicts, not pickled objects (:func:`save_weights`); a pruned
+model (``python -m common.prune``) loads wherever a model loads, its layer widths
+rebuilt from the stored shapes (:func:`load_weights`). A checkpoint a user
+brings (an Ultralytics ``.pt``, a cedar file or a plain state dict) loads into a
+model of another class count with :func:`load_checkpoint`. Training is a lean
 loop over Ultralytics' dataset, augmentation and loss (so a KD term can be
 added, see ``extra_loss`` in :func:`train`); evaluation uses Ultralytics'
 ``DetectionValidator`` on a copy of the model.
@@ -24,57 +22,30 @@ import logging
 import math
 import os
 import shutil
+import sys
 import tempfile
 import time
+from collections.abc import Mapping
 from copy import deepcopy
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from types import SimpleNamespace
+from typing import TYPE_CHECKING, Callable
 
-CEDAR_HOME = Path(os.environ.get("CEDAR_HOME", "~/.cache/cedar")).expanduser()
-ULTRALYTICS_DIR = CEDAR_HOME / "ultralytics"
+import numpy as np
+import torch
+from torch import nn
 
+from common.kd import split_head_outputs, total_loss
+from common.ultralytics_env import CEDAR_HOME, setup  # noqa: F401  (CEDAR_HOME: callers find it here)
 
-def _offline_environment() -> None:
-    os.environ["YOLO_OFFLINE"] = "1"
-    os.environ["YOLO_AUTOINSTALL"] = "false"
-    os.environ.setdefault("YOLO_VERBOSE", "false")
-    os.environ.setdefault("YOLO_CONFIG_DIR", str(ULTRALYTICS_DIR))
-    user_dir = Path(os.environ["YOLO_CONFIG_DIR"]).expanduser() / "Ultralytics"
-    user_dir.mkdir(parents=True, exist_ok=True)
-    font = user_dir / "Arial.ttf"
-    if not font.exists():
-        import matplotlib
-
-        src = Path(matplotlib.get_data_path()) / "fonts" / "ttf" / "DejaVuSans.ttf"
-        shutil.copyfile(src, font)
-
-
-_offline_environment()
-
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
-from ultralytics.utils import LOGGER, SETTINGS  # noqa: E402
-
-_OFF = ("sync", "wandb", "mlflow", "comet", "clearml", "dvc", "neptune", "raytune", "tensorboard",
-        "vscode_msg", "openvino_msg")
-SETTINGS.update({k: False for k in _OFF if k in SETTINGS})
-SETTINGS.update({"runs_dir": str(ULTRALYTICS_DIR / "runs"), "weights_dir": str(ULTRALYTICS_DIR / "weights"),
-                 "datasets_dir": str(ULTRALYTICS_DIR / "datasets")})
-LOGGER.setLevel(logging.WARNING)
-
-from common.kd import total_loss  # noqa: E402
-from ultralytics.cfg import get_cfg  # noqa: E402
-from ultralytics.data import build_dataloader, build_yolo_dataset  # noqa: E402
-from ultralytics.data.utils import check_det_dataset  # noqa: E402
-from ultralytics.nn.tasks import DetectionModel  # noqa: E402
-from ultralytics.utils.torch_utils import init_seeds  # noqa: E402
+if TYPE_CHECKING:
+    from ultralytics.nn.tasks import DetectionModel
 
 log = logging.getLogger(__name__)
 
 MODELS_DIR = Path(__file__).resolve().parent.parent / "conf" / "models"
-BUILTIN_ARCHS = tuple(f"yolo11{s}" for s in "nsmlx")
+BUILTIN_ARCHS = tuple(f"yolo{v}{s}" for v in ("11", "26") for s in "nsmlx")
 
 
 class ModelError(ValueError):
@@ -98,14 +69,19 @@ def resolve_model_cfg(arch: str) -> str:
 
 
 def build_model(arch: str, nc: int, seed: int = 0, names: list[str] | None = None) -> DetectionModel:
-    """A freshly initialised detector (deterministic for a given ``seed``)."""
+    """A freshly initialised detector (deterministic for a given ``seed``); PyraFAN heads are registered here."""
     if nc <= 0:
         raise ModelError(f"nc={nc}: a detector needs at least one class")
     cfg = resolve_model_cfg(arch)
-    import common.pyrafan  # noqa: F401  (registers PyraFAN with Ultralytics; here to avoid an import cycle)
+    setup()
+    from ultralytics.cfg import get_cfg
+    from ultralytics.nn.tasks import DetectionModel
+
+    from common.pyrafan import registered
 
     torch.manual_seed(seed)
-    model = DetectionModel(cfg, nc=nc, verbose=False)
+    with registered():
+        model = DetectionModel(cfg, nc=nc, verbose=False)
     model.names = {i: n for i, n in enumerate(names)} if names else {i: str(i) for i in range(nc)}
     model.args = get_cfg()
     model.task = "detect"
@@ -119,6 +95,71 @@ def num_classes(model: nn.Module) -> int:
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def gflops(model: nn.Module, imgsz: int) -> float:
+    """GFLOPs of one ``imgsz`` x ``imgsz`` image, as Ultralytics' model summary counts them (THOP, unfused)."""
+    setup()
+    from ultralytics.utils.torch_utils import get_flops
+
+    return float(get_flops(model, imgsz))
+
+
+def layer_types() -> SimpleNamespace:
+    """The Ultralytics layer classes :mod:`common.prune` walks (``Bottleneck``, ``C2f``, ``Detect``, ...)."""
+    setup()
+    from ultralytics.nn.modules import C2PSA, C3, SPPF, Bottleneck, C2f, Concat, Conv, Detect, DWConv
+    from ultralytics.nn.modules.block import PSABlock
+
+    return SimpleNamespace(Bottleneck=Bottleneck, C2f=C2f, C2PSA=C2PSA, C3=C3, SPPF=SPPF, PSABlock=PSABlock,
+                           Concat=Concat, Conv=Conv, DWConv=DWConv, Detect=Detect)
+
+
+def sync_widths(model: nn.Module) -> nn.Module:
+    """Refresh the attributes Ultralytics derives from layer widths after convs were resized (pruning)."""
+    setup()
+    from ultralytics.nn.modules import C2f
+
+    for m in model.modules():
+        if isinstance(m, C2f):
+            m.c = m.cv1.conv.out_channels // 2  # forward_split cuts cv1's output at c
+    for layer in getattr(model, "model", []):
+        layer.np = sum(p.numel() for p in layer.parameters())
+    return model
+
+
+def head_levels(model: nn.Module, preds) -> dict[int, dict[str, torch.Tensor]]:
+    """Per-level raw head outputs ``{stride: {"cls": (B, nc, H, W), "dfl": (B, 4 reg_max, H, W)}}`` for ``common.kd``.
+
+    Works for any Detect-style head: a stock YOLO11 (strides 8, 16, 32) and PyraFAN (4, 8, 16).
+
+    Parameters
+    ----------
+    model : a ``DetectionModel`` (or its Detect head).
+    preds : what the model returned: the training dict ``{"boxes", "scores", "feats"}``, the eval
+        tuple ``(decoded, dict)`` or an end-to-end ``{"one2many": dict, ...}``.
+
+    Examples
+    --------
+    YOLO11n, nc = 8, a 320 px image: ``{8: cls (1, 8, 40, 40), dfl (1, 64, 40, 40), 16: ..., 32: ...}``.
+    """
+    head = model.model[-1] if hasattr(model, "model") else model
+    if isinstance(preds, (tuple, list)):
+        preds = preds[1]
+    if not isinstance(preds, Mapping):
+        raise ValueError(f"expected the head's raw prediction dict, got {type(preds).__name__} (export mode?)")
+    if "one2many" in preds:
+        preds = preds["one2many"]
+    boxes, scores, feats = preds["boxes"], preds["scores"], preds["feats"]  # (B, 4R, A), (B, nc, A), maps
+    sizes = [tuple(f.shape[-2:]) for f in feats]
+    counts = [h * w for h, w in sizes]
+    if sum(counts) != boxes.shape[-1]:
+        raise ValueError(f"{boxes.shape[-1]} anchors do not match the level sizes {sizes}")
+    outputs = [
+        torch.cat([b, s], 1).view(boxes.shape[0], -1, h, w)  # (B, 4R + nc, H, W): box channels first
+        for b, s, (h, w) in zip(boxes.split(counts, -1), scores.split(counts, -1), sizes, strict=True)
+    ]
+    return split_head_outputs(outputs, [int(s) for s in head.stride.tolist()], int(head.reg_max))
 
 
 # --------------------------------------------------------------------------- weights
@@ -156,9 +197,8 @@ def save_weights(model: nn.Module, path: str | Path, **meta) -> Path:
     return path
 
 
-def load_weights(path: str | Path, model: nn.Module | None = None, arch: str | None = None) -> nn.Module:
-    """Load a file written by :func:`save_weights` (``weights_only``: no pickled code runs)."""
-    path = Path(path)
+def _read_cedar_file(path: Path) -> dict:
+    """The dict :func:`save_weights` wrote (``weights_only``: no pickled code runs)."""
     if not path.is_file():
         raise ModelError(f"weights file not found: {path}")
     try:
@@ -167,13 +207,159 @@ def load_weights(path: str | Path, model: nn.Module | None = None, arch: str | N
         raise ModelError(f"cannot read weights file {path}: {err}") from None
     if not isinstance(blob, dict) or "state_dict" not in blob:
         raise ModelError(f"{path} is not a cedar weights file (no 'state_dict')")
+    return blob
+
+
+def load_weights(path: str | Path, model: nn.Module | None = None, arch: str | None = None) -> nn.Module:
+    """Load a file written by :func:`save_weights` (or ``python -m common.prune``) into a model.
+
+    Without ``model``, the architecture the file names (or ``arch``) is built, and
+    since a pruned file stores narrower convs than the architecture's YAML, every
+    ``Conv2d`` and ``BatchNorm2d`` is resized to the stored shape
+    (:func:`_fit_widths`). Then the state dict is loaded strictly: into a given
+    ``model``, a tensor of another shape raises :class:`ModelError` naming it. The
+    file's ``meta`` is set as ``model.cedar_meta``.
+    """
+    path = Path(path)
+    blob = _read_cedar_file(path)
     if model is None:
         arch = arch or blob.get("arch")
         if not arch:
             raise ModelError(f"{path} does not name its architecture; pass arch=")
         names = [blob["names"][k] for k in sorted(blob["names"])] if blob.get("names") else None
         model = build_model(arch, int(blob["nc"]), names=names)
+        _fit_widths(model, blob["state_dict"], path)
+    model.cedar_meta = dict(blob.get("meta") or {})  # what the file was saved with (e.g. pruned_channels)
     return load_state_dict(model, blob["state_dict"])
+
+
+def _fit_widths(model: nn.Module, weights: Mapping[str, torch.Tensor], source: Path) -> int:
+    """Resize the convs and BatchNorms of ``model`` to the channel counts in ``weights``; returns how many.
+
+    Only channel counts change: a kernel size, a depthwise conv that would stop being
+    depthwise, or a stored set of layers that does not run as a network (checked by a
+    forward pass) raise :class:`ModelError`. The values are overwritten by the load
+    that follows, so the resized tensors start at zero.
+    """
+    resized = 0
+    for name, m in model.named_modules():
+        w = weights.get(f"{name}.weight")
+        if not isinstance(m, (nn.Conv2d, nn.BatchNorm2d)) or w is None or w.shape == m.weight.shape:
+            continue
+        if isinstance(m, nn.BatchNorm2d):
+            n = int(w.shape[0])
+            m.num_features = n
+            m.weight, m.bias = nn.Parameter(torch.zeros(n)), nn.Parameter(torch.zeros(n))
+            m.running_mean, m.running_var = torch.zeros(n), torch.ones(n)
+        else:
+            if w.ndim != 4 or tuple(w.shape[2:]) != tuple(m.kernel_size):
+                raise ModelError(f"{source}: {name}.weight has shape {tuple(w.shape)}, the model's conv "
+                                 f"{tuple(m.weight.shape)}; only channel counts can differ (pruning)")
+            out, in_per_group = int(w.shape[0]), int(w.shape[1])
+            if m.groups > 1:  # depthwise: one input channel per group, groups == channels
+                if in_per_group != 1:
+                    raise ModelError(f"{source}: {name} is depthwise in the model, not in the file "
+                                     f"({tuple(w.shape)})")
+                m.in_channels = m.out_channels = m.groups = out
+            else:
+                m.in_channels, m.out_channels = in_per_group, out
+            m.weight = nn.Parameter(torch.zeros(tuple(w.shape)))
+            if m.bias is not None:
+                m.bias = nn.Parameter(torch.zeros(out))
+        resized += 1
+    if resized:
+        sync_widths(model)
+        training = model.training
+        try:
+            with torch.no_grad():
+                model.eval()(torch.zeros(1, 3, 64, 64))
+        except RuntimeError as err:
+            raise ModelError(f"{source}: the stored layer widths do not form a working "
+                             f"'{getattr(model, 'cedar_arch', '?')}' network ({str(err).splitlines()[0]})") from None
+        finally:
+            model.train(training)
+        log.info("%s: %d layers narrower than the architecture's YAML (a pruned model)", source, resized)
+    return resized
+
+
+def _class_branch(model: nn.Module) -> tuple[str, ...]:
+    """State-dict prefixes of the head's class-score branch (Detect's ``cv3``/``one2one_cv3``, PyraFAN's ``cls``)."""
+    head = model.model[-1]
+    path = f"model.{len(model.model) - 1}"
+    return tuple(f"{path}.{name}." for name in ("cv3", "one2one_cv3", "cls")
+                 if isinstance(getattr(head, name, None), nn.Module))
+
+
+def _checkpoint_tensors(path: Path) -> tuple[dict[str, torch.Tensor], str]:
+    """The tensors of a cedar file, a plain state dict or an Ultralytics ``.pt``, and what the file was."""
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # a pickled model (Ultralytics): not readable without running its pickled classes
+        blob = None
+    if isinstance(blob, dict) and isinstance(blob.get("state_dict"), Mapping):
+        return dict(blob["state_dict"]), "cedar weights"
+    if isinstance(blob, dict) and blob and all(isinstance(v, torch.Tensor) for v in blob.values()):
+        return blob, "state dict"
+    if path.suffix != ".pt":
+        raise ModelError(f"{path}: not a cedar weights file or state dict, and an Ultralytics checkpoint "
+                         "ends in .pt")
+    from ultralytics.nn.tasks import torch_safe_load
+
+    try:
+        ckpt, _ = torch_safe_load(str(path))  # unpickles the model: load only checkpoints you trust
+    except Exception as err:
+        raise ModelError(f"cannot read checkpoint {path}: {err}") from None
+    source = ckpt.get("ema") or ckpt.get("model") if isinstance(ckpt, dict) else None
+    if not isinstance(source, nn.Module):
+        raise ModelError(f"{path}: no model under 'ema' or 'model' (not an Ultralytics checkpoint)")
+    return {k: v.detach() for k, v in source.state_dict().items()}, "Ultralytics checkpoint"
+
+
+def load_checkpoint(model: nn.Module, path: str | Path) -> int:
+    """Load what fits of a user's checkpoint into ``model`` (in place); returns the number of tensors loaded.
+
+    ``path``: an Ultralytics checkpoint (a ``.pt`` as Ultralytics saves it: a dict
+    with the pickled model under ``ema`` or ``model``, e.g. a downloaded COCO
+    ``yolo11n.pt``; unpickling runs code, so load only files you trust), a cedar
+    weights file (:func:`save_weights`) or a plain state dict saved with ``torch.save``.
+
+    A tensor is loaded when the file has it under the same name and shape. The
+    class branch (the head's class-score convs) is loaded only if all of it fits,
+    i.e. the class counts agree; otherwise none of it is, and it keeps ``model``'s
+    own values (for a model from :func:`build_model`, its initialisation). The
+    backbone must load completely: a file of another architecture (or a pruned one,
+    which :func:`load_weights` reads) raises :class:`ModelError` naming a tensor that
+    does not fit. One log line says how many tensors were kept of how many.
+
+    Examples
+    --------
+    A COCO YOLO11n (80 classes) into ``build_model("yolo11n", nc=8)``: everything but
+    the class branch loads (``model.23.cv3.*``, whose widths depend on the class count).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"checkpoint not found: {path}")
+    setup()
+    theirs, kind = _checkpoint_tensors(path)
+    own = model.state_dict()
+    fits = {k for k, v in own.items() if k in theirs and tuple(theirs[k].shape) == tuple(v.shape)}
+    branch = _class_branch(model)
+    class_keys = {k for k in own if k.startswith(branch)}
+    class_fits = class_keys <= fits
+    if not class_fits:
+        fits -= class_keys
+    backbone = tuple(f"model.{i}." for i in range(len(model.yaml["backbone"])))
+    misfit = sorted(k for k in own if k.startswith(backbone) and k not in fits)
+    if misfit:
+        k = misfit[0]
+        found = tuple(theirs[k].shape) if k in theirs else "nothing"
+        raise ModelError(f"{path} ({kind}) does not fit model '{getattr(model, 'cedar_arch', '?')}': "
+                         f"{len(misfit)} backbone tensors differ, e.g. {k}: {found} in the file, "
+                         f"{tuple(own[k].shape)} in the model")
+    model.load_state_dict({k: theirs[k] for k in fits}, strict=False)
+    log.info("%s (%s): kept %d of the model's %d tensors (the file has %d)%s", path, kind, len(fits), len(own),
+             len(theirs), "" if class_fits else f"; class branch re-initialised for {num_classes(model)} classes")
+    return len(fits)
 
 
 def to_arrayrecord(model: nn.Module):
@@ -241,10 +427,43 @@ def _augment_dataset(dataset, augment: Augment) -> None:
     dataset.get_image_and_label = get_image_and_label
 
 
+def split_images(data_yaml: str | Path, split: str) -> list[Path]:
+    """The image files of a split of a YOLO ``data.yaml`` (a folder, searched recursively, or a list file), sorted."""
+    setup()
+    from ultralytics.data.utils import IMG_FORMATS, check_det_dataset
+
+    source = check_det_dataset(str(data_yaml)).get(split)
+    if not source:
+        raise ModelError(f"{data_yaml}: no '{split}' split")
+    files: list[Path] = []
+    for s in source if isinstance(source, list) else [source]:
+        s = Path(s)
+        if s.is_dir():
+            files += sorted(p for p in s.rglob("*") if p.suffix[1:].lower() in IMG_FORMATS)
+        elif s.is_file():
+            files += [Path(line.strip()) for line in s.read_text().splitlines() if line.strip()]
+    if not files:
+        raise ModelError(f"{data_yaml}: the '{split}' split has no images")
+    return files
+
+
+def letterbox(image: np.ndarray, imgsz: int) -> np.ndarray:
+    """``image`` resized to fit ``imgsz`` x ``imgsz`` (aspect kept) and padded, as Ultralytics' validation does."""
+    setup()
+    from ultralytics.data.augment import LetterBox
+
+    return LetterBox((imgsz, imgsz), auto=False)(image=image)
+
+
 def make_train_loader(data_yaml: str | Path, *, imgsz: int, batch: int, stride: int = 32,
                       mosaic: float = 1.0, workers: int = 0, seed: int = 0, split: str = "train",
                       augment: Augment | None = None):
     """Ultralytics' augmenting dataloader over a dataset split (``augment``: see :func:`_augment_dataset`)."""
+    setup()
+    from ultralytics.cfg import get_cfg
+    from ultralytics.data import build_dataloader, build_yolo_dataset
+    from ultralytics.data.utils import check_det_dataset
+
     hyp = get_cfg(overrides=dict(imgsz=imgsz, batch=batch, mosaic=mosaic, workers=workers, seed=seed,
                                  scale=0.3, translate=0.1, fliplr=0.5, plots=False))
     data = check_det_dataset(str(data_yaml))
@@ -287,11 +506,18 @@ def train(
     the detection loss is Ultralytics' per-batch sum, so ``extra`` is scaled
     by the batch size to match). ``augment`` (e.g. :class:`common.adverse.AdverseAugment`) sees every
     loaded training image before Ultralytics' own augmentation (:func:`_augment_dataset`).
+
+    ``progress``: a tqdm bar per epoch when stderr is a terminal; otherwise (a log
+    file, Ray's log stream in a ClientApp) one log line per epoch instead, with
+    ``desc``, the loss and the time.
     """
     if epochs <= 0:
         return TrainResult(0, 0, 0.0, 0.0)
+    setup()
     from tqdm.auto import tqdm
+    from ultralytics.utils.torch_utils import init_seeds
 
+    bar_on = progress and getattr(sys.stderr, "isatty", lambda: False)()
     init_seeds(seed)
     t0 = time.perf_counter()
     dev = torch.device("cpu" if device == "cpu" else f"cuda:{device}" if str(device).isdigit() else device)
@@ -316,8 +542,8 @@ def train(
         if epoch == epochs - 1 and epochs > 1 and mosaic > 0:
             loader.dataset.close_mosaic(hyp)
             loader.reset()
-        sums, n_batches, extra_sum = None, 0, 0.0
-        bar = tqdm(loader, desc=f"{desc} epoch {epoch + 1}/{epochs}", disable=not progress, leave=False)
+        sums, n_batches, extra_sum, t_epoch = None, 0, 0.0, time.perf_counter()
+        bar = tqdm(loader, desc=f"{desc} epoch {epoch + 1}/{epochs}", disable=not bar_on, leave=False)
         for batch_data in bar:
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(it)
@@ -341,6 +567,11 @@ def train(
         names = list(items.keys()) if isinstance(items, dict) else ["box", "cls", "dfl"]
         last = {str(k): float(v) / n_batches for k, v in zip(names, sums)}
         last_extra = extra_sum / n_batches
+        if progress and not bar_on:
+            log.info("%s epoch %d/%d: loss %.3f (%s)%s, %d batches, %.1f s", desc, epoch + 1, epochs,
+                     sum(last.values()), ", ".join(f"{k.removesuffix('_loss')} {v:.3f}" for k, v in last.items()),
+                     f", extra {last_extra:.3f}" if extra_loss is not None else "", n_batches,
+                     time.perf_counter() - t_epoch)
     if mosaic > 0 and epochs > 1:  # leave the (shared) loader state alone for the next call
         loader.dataset.mosaic = False
     model.eval()
@@ -388,6 +619,8 @@ def evaluate(
     device: str = "cpu",
 ) -> EvalResult:
     """mAP50, mAP50-95, precision, recall and per-class AP50 on a split."""
+    setup()
+    from ultralytics.data.utils import check_det_dataset
     from ultralytics.models.yolo.detect import DetectionValidator
 
     t0 = time.perf_counter()
@@ -419,9 +652,10 @@ def evaluate(
 
 def _as_yolo(model: DetectionModel):
     """Wrap a model in Ultralytics' ``YOLO`` front end (predict/export) without loading any file."""
+    setup()
     from ultralytics import YOLO
 
-    yolo = YOLO(resolve_model_cfg(getattr(model, "cedar_arch", None) or "yolo11n"), task="detect")
+    yolo = YOLO("yolo11n.yaml", task="detect")  # a stock stand-in, replaced by ``model`` at once
     yolo.model = model
     return yolo
 

@@ -1,14 +1,14 @@
 """Session-wide safety and a tiny built-in benchmark shared by the tests.
 
 The environment is set at import time, before any test module imports
-``common.yolo`` (which reads ``CEDAR_HOME`` and makes Ultralytics offline when
-it is first imported) or ``wandb``:
+Ultralytics or ``wandb``:
 
 - ``WANDB_MODE=disabled``: no tracker ever starts a W&B run;
 - ``CEDAR_HOME``: a throw-away folder, so Ultralytics' settings, fonts and
   runs and the nodes' model stores never touch the developer's home;
-- ``YOLO_OFFLINE=1``: no connectivity checks, even if a test imports
-  Ultralytics directly.
+- :func:`common.ultralytics_env.setup`: Ultralytics offline, its config dir under
+  that ``CEDAR_HOME``, also for test modules that import Ultralytics (or
+  ``common.pyrafan``) directly.
 """
 
 from __future__ import annotations
@@ -24,12 +24,14 @@ _SESSION_HOME = Path(tempfile.mkdtemp(prefix="cedar-test-home-"))
 os.environ["WANDB_MODE"] = "disabled"
 os.environ["WANDB_SILENT"] = "true"
 os.environ["CEDAR_HOME"] = str(_SESSION_HOME)
-os.environ["YOLO_OFFLINE"] = "1"
 os.environ["MPLBACKEND"] = "Agg"
-# let common.yolo derive Ultralytics' config dir from CEDAR_HOME (never the developer's)
+# Ultralytics' config dir derives from CEDAR_HOME (never the developer's)
 os.environ.pop("YOLO_CONFIG_DIR", None)
 
 from common.benchmark import Benchmark, GeneratorSettings, generate  # noqa: E402
+from common.ultralytics_env import setup  # noqa: E402  (its CEDAR_HOME is read on first import)
+
+setup()
 
 
 def pytest_unconfigure(config):

@@ -1,4 +1,4 @@
-"""Entropy channel filtering (platform text (seeds/002), entropy channel filtering): ``common/prune.py``.
+"""Entropy channel filtering (``common/prune.py``): the estimator, the channel surgery and the saved format.
 
 The entropy estimator on hand-worked inputs; the channel surgery against an oracle
 (channels made exactly zero beforehand must be removable without changing any
@@ -299,49 +299,66 @@ def test_pyrafan_inputs_are_frozen_the_rest_is_not():
     assert frozen == ["model.19.cv2", "model.22.cv2", "model.25.cv2"]  # X2, X3, X4 feed PyraFAN's fusion
 
 
-def test_pruned_model_saves_and_loads_with_identical_outputs(tmp_path, pruned11n):
-    # Prepare
+def test_pruned_checkpoint_loads_with_the_plain_loader_and_exports(tmp_path, pruned11n):
+    import onnxruntime as ort
+
+    # Prepare: a file as ``python -m common.prune`` writes it
     kept = {g.name: g.size for g in prune.find_groups(pruned11n)}  # every group at its pruned width
     original = {g.name: g.size for g in prune.find_groups(yolo.build_model("yolo11n", nc=NC))}
     kept = {name: k for name, k in kept.items() if k != original[name]}
-    x = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(4))
-
-    # Execute
+    x = np.random.default_rng(4).random((1, 3, 64, 64), dtype=np.float32)
     path = prune.save_pruned(pruned11n, tmp_path / "pruned.pt", kept, note="test")
-    loaded = prune.load_pruned(path).eval()
+
+    # Execute: the loader every caller uses rebuilds the pruned widths from the stored shapes
+    loaded = yolo.load_weights(path).eval()
+    onnx = yolo.export_onnx(loaded, tmp_path / "pruned.onnx", imgsz=64)
+    session = ort.InferenceSession(str(onnx), providers=["CPUExecutionProvider"])
+    (out,) = session.run(None, {session.get_inputs()[0].name: x})
 
     # Assert
-    assert yolo.count_parameters(loaded) == yolo.count_parameters(pruned11n)
+    assert yolo.count_parameters(loaded) == yolo.count_parameters(pruned11n) < yolo.count_parameters(
+        yolo.build_model("yolo11n", nc=NC))
     with torch.no_grad():
-        assert torch.equal(loaded(x)[0], pruned11n(x)[0])
-    assert loaded.cedar_pruned_channels == kept
-    with pytest.raises(yolo.ModelError, match="wrong shape"):  # the plain loader refuses it, loudly
-        yolo.load_weights(path)
+        ref = pruned11n(torch.from_numpy(x))[0]
+        assert torch.equal(loaded(torch.from_numpy(x))[0], ref)
+    assert loaded.cedar_meta["pruned_channels"] == kept and loaded.cedar_meta["note"] == "test"
+    assert out.shape == tuple(ref.shape) == (1, 4 + NC, 8 * 8 + 4 * 4 + 2 * 2)
+    np.testing.assert_allclose(out, ref.numpy(), atol=1e-4, rtol=1e-5)
+    with pytest.raises(yolo.ModelError, match="wrong shape"):  # into a given full-width model: strict
+        yolo.load_weights(path, model=yolo.build_model("yolo11n", nc=NC))
 
 
-def test_load_pruned_reads_unpruned_files_too(tmp_path, yolo11n):
-    path = yolo.save_weights(yolo11n, tmp_path / "plain.pt")
+def test_pruned_pyrafan_checkpoint_loads(tmp_path):
+    # Prepare: yolo11n-pyrafan with half of every prunable group cut
+    model = _randomise_bn(yolo.build_model("yolo11n-pyrafan", nc=NC, seed=0)).eval()
+    groups = prune.find_groups(model)
+    prune.apply_pruning(model, groups, _random_half(groups, seed=2)[0])
+    x = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(5))
 
-    loaded = prune.load_pruned(path)
+    # Execute
+    loaded = yolo.load_weights(prune.save_pruned(model, tmp_path / "pf.pt", {})).eval()
 
-    assert yolo.count_parameters(loaded) == yolo.count_parameters(yolo11n)
-    with pytest.raises(yolo.ModelError, match="not found"):
-        prune.load_pruned(tmp_path / "missing.pt")
-
-
-def test_pruned_model_exports_to_onnx_matching_torch(tmp_path, pruned11n):
-    import onnxruntime as ort
-
-    x = np.random.default_rng(0).random((1, 3, 64, 64), dtype=np.float32)
-
-    path = yolo.export_onnx(pruned11n, tmp_path / "pruned.onnx", imgsz=64)
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    (out,) = session.run(None, {session.get_inputs()[0].name: x})
+    # Assert
+    assert yolo.count_parameters(loaded) == yolo.count_parameters(model)
     with torch.no_grad():
-        ref = pruned11n(torch.from_numpy(x))[0].numpy()
+        assert torch.equal(loaded(x)[0], model(x)[0])
 
-    assert out.shape == ref.shape == (1, 4 + NC, 8 * 8 + 4 * 4 + 2 * 2)
-    np.testing.assert_allclose(out, ref, atol=1e-4, rtol=0)
+
+def test_inconsistent_pruned_widths_are_refused_with_the_reason(tmp_path, pruned11n):
+    # Prepare: one conv reads fewer channels than its producer writes; another changes its kernel size
+    weights = yolo.state_dict(pruned11n)
+    broken = dict(weights)
+    broken["model.1.conv.weight"] = weights["model.1.conv.weight"][:, :-1]
+    torch.save({"arch": "yolo11n", "nc": NC, "names": {}, "meta": {}, "state_dict": broken}, tmp_path / "b.pt")
+    kernel = dict(weights)
+    kernel["model.1.conv.weight"] = weights["model.1.conv.weight"][:, :, :1, :1]
+    torch.save({"arch": "yolo11n", "nc": NC, "names": {}, "meta": {}, "state_dict": kernel}, tmp_path / "k.pt")
+
+    # Execute / Assert
+    with pytest.raises(yolo.ModelError, match="do not form a working 'yolo11n' network"):
+        yolo.load_weights(tmp_path / "b.pt")
+    with pytest.raises(yolo.ModelError, match=r"model\.1\.conv\.weight has shape .*only channel counts"):
+        yolo.load_weights(tmp_path / "k.pt")
 
 
 # --------------------------------------------------------------------------- scoring and the ratio
@@ -423,7 +440,7 @@ def test_cli_compresses_fine_tunes_saves_and_exports(tmp_path, tiny_benchmark, y
 
     # Assert
     assert rc == 0 and out.is_file() and onnx.is_file()
-    model = prune.load_pruned(out)
+    model = yolo.load_weights(out)
     meta = torch.load(out, weights_only=True)["meta"]
     assert yolo.count_parameters(model) == meta["params_after"] <= 0.3 * meta["params_before"] + 1
     assert meta["finetune_epochs"] == 1 and meta["pruned_channels"]

@@ -13,7 +13,8 @@ from torch import nn
 
 from common import yolo
 from common.kd import detection_kd_loss
-from common.pyrafan import ChannelGate, LevelFusion, PyraFAN, head_levels
+from common.pyrafan import ChannelGate, LevelFusion, PyraFAN
+from common.yolo import head_levels
 
 NC = 8
 GEN = torch.Generator().manual_seed(0)
@@ -117,6 +118,20 @@ def test_p2_ablation_is_stock_detect_on_the_same_levels(pyrafan_n):
 def test_stock_yamls_parse_as_before():
     # Ultralytics' own summary for yolo11n.yaml (nc = 80): 2,624,080 parameters
     assert yolo.count_parameters(yolo.build_model("yolo11n", nc=80)) == 2_624_080
+
+
+def test_registration_lasts_only_while_the_adapter_builds(pyrafan_n):
+    import ultralytics.nn.tasks as tasks
+    from ultralytics.nn.tasks import DetectionModel
+
+    from common.pyrafan import registered
+
+    stock = tasks.parse_model
+    with registered():
+        assert tasks.parse_model is not stock
+    assert tasks.parse_model is stock and isinstance(pyrafan_n.model[-1], PyraFAN)
+    with pytest.raises(KeyError, match="PyraFAN"):  # outside the adapter, Ultralytics is as it ships
+        DetectionModel(yolo.resolve_model_cfg("yolo11n-pyrafan"), nc=NC, verbose=False)
 
 
 def test_build_is_deterministic_per_seed():
