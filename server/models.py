@@ -5,8 +5,9 @@ site starts from ``model.edge-init``: ``base`` (``model.edge`` trained by the
 server for ``model.base-epochs`` on the shared benchmark's public train split),
 ``scratch`` or a checkpoint file. The cloud model is ``model.cloud-init``:
 ``train`` (``model.cloud`` for ``model.cloud-epochs``, the same way) or a
-checkpoint file. A checkpoint is an Ultralytics ``.pt`` a user downloaded or a
-cedar weights file (:func:`load_checkpoint`).
+checkpoint file: an Ultralytics ``.pt`` a user downloaded (another class count
+re-initialises the class branch) or a cedar weights file
+(:func:`common.yolo.load_checkpoint`).
 
 Trained models are cached in ``<data.cache-dir>/models/<role>-<arch>-<key>/model.pt``,
 ``key`` a hash of everything that determines them (the benchmark, the
@@ -41,17 +42,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 CACHE_VERSION = 1  # bump when the training recipe changes in a way the key does not see
-
-
-def load_checkpoint(model, path: Path) -> int:
-    """Load ``path`` into ``model`` (matching tensors; the class branch re-initialised on a class-count
-    mismatch); returns how many tensors were kept."""
-    from common import yolo
-
-    if hasattr(yolo, "load_checkpoint"):
-        return yolo.load_checkpoint(model, path)
-    yolo.load_weights(path, model=model)  # a cedar weights file of the same architecture and classes
-    return len(model.state_dict())
 
 
 @dataclass(frozen=True)
@@ -131,9 +121,8 @@ def initial_model(cfg: CedarConfig, role: str, data_yaml: Path, names: list[str]
         return None, "scratch"
     model = build(arch, names, cfg.seed)
     if given is not None:
-        kept = load_checkpoint(model, given)
-        log.info("%s model: %s tensors of %s loaded from model.%s=%s", role, kept, len(model.state_dict()),
-                 key.replace("_", "-"), given)
+        log.info("%s model: model.%s=%s", role, key.replace("_", "-"), given)
+        yolo.load_checkpoint(model, given)  # logs how many tensors it kept
         return model, str(given)
     path = trained(role, Recipe.from_config(cfg, arch, epochs), data_yaml, names, cache_root(cfg),
                    device=cfg.train.device, workers=cfg.train.workers)

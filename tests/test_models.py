@@ -112,6 +112,23 @@ def test_init_from_a_cedar_weights_file(cfg_of, tmp_path):
     assert _equal(yolo.state_dict(model), yolo.state_dict(saved))
 
 
+def test_init_from_a_checkpoint_of_another_class_count(cfg_of, tmp_path):
+    coco = yolo.build_model("yolo11n", 80, seed=7)
+    path = yolo.save_weights(coco, tmp_path / "coco.pt")
+    names = [str(i) for i in range(8)]
+    cfg = cfg_of(**{"model.edge-init": str(path)})
+
+    # Execute
+    model, _ = M.initial_model(cfg, "base", Path("unused.yaml"), names)
+
+    # Assert: the backbone is the file's; the class convs keep the 8-class initialisation of build(seed=cfg.seed)
+    mine, theirs, fresh = yolo.state_dict(model), yolo.state_dict(coco), yolo.state_dict(M.build("yolo11n", names, 0))
+    assert all(torch.equal(mine[k], theirs[k]) for k in mine if k.startswith("model.0."))
+    class_keys = [k for k in mine if k.startswith("model.23.cv3.")]
+    assert class_keys and all(torch.equal(mine[k], fresh[k]) for k in class_keys)
+    assert mine["model.23.cv3.0.2.weight"].shape[0] == 8 and theirs["model.23.cv3.0.2.weight"].shape[0] == 80
+
+
 @pytest.mark.parametrize("key", ["edge-init", "cloud-init"])
 def test_missing_checkpoint_names_the_key_and_the_path(cfg_of, tmp_path, key):
     missing = tmp_path / "nowhere" / "model.pt"
