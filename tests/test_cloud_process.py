@@ -85,6 +85,9 @@ class _BrokenGrid:
     def get_nodes(self):
         raise RuntimeError("grid down")
 
+    def send_and_receive(self, messages, *, timeout=None):
+        raise RuntimeError("grid down")
+
 
 def test_run_stops_the_service_when_its_body_raises(weights, tiny_overrides, tmp_path, caplog):
     # Prepare: a run serving a given cloud model (no training), sites from scratch
@@ -124,12 +127,13 @@ def test_run_serves_the_cloud_and_closes_the_loop(tiny_overrides, tmp_path, capl
     # Prepare: the untrained tiny models detect little; a low answer/label threshold makes the service store
     overrides = {**tiny_overrides, "output-dir": str(tmp_path / "out"), "run-name": "r", "tracking.wandb": "off",
                  "federation.num-rounds": 2, "federation.wait-for-nodes-s": 0, "kd.cloud-rounds": "[2]",
+                 "federation.late-sites": "[]",
                  "model.base-epochs": 1, "model.cloud-epochs": 1, "model.cloud": "yolo11n",
                  "cloud.finetune-epochs": 1, "routing.det-conf": 0.01, "routing.candidate-conf": 0.001}
     sent = []
     run_config = {"preset": "quick", "overrides": " ".join(f"{k}={v}" for k, v in overrides.items())}
     grid = LocalGrid(run_config, (1, 2), before_send=lambda m: sent.append(m) if m.content else None)
-    cfg = load_config("quick", {**overrides, "kd.cloud-rounds": [2]})
+    cfg = load_config("quick", {**overrides, "kd.cloud-rounds": [2], "federation.late-sites": []})
 
     # Execute
     with caplog.at_level("INFO"):
