@@ -3,7 +3,7 @@
 Real parts: the cloud detection service runs as its own process (``python -m
 server.cloud``) on loopback; the edge side is the edge runtime's own pipeline
 (:class:`clients.edge.EdgeRuntime`: keyframes, tracks, ambiguity routing,
-JPEG offload through the disk queue and :class:`clients.edge.CloudClient`,
+JPEG offload through the disk queue and :class:`clients.offload.CloudClient`,
 merge). Edge and cloud get one CPU thread each on the same machine.
 
 Models
@@ -19,7 +19,7 @@ Data
 
 Metrics (all at the operating points: edge ``routing.det_conf``, cloud ``--conf``)
     mAP50: Ultralytics' 101-point AP over the detections each variant outputs,
-    class-aware, IoU 0.5 (``benchmarks.pyrafan_accuracy.size_range_ap50``);
+    class-aware, IoU 0.5 (:func:`common.detections.score`);
     recall and FNR = 1 - recall: ground truth matched class-aware at IoU 0.5;
     offload: fraction of keyframes with an upload and of edge detections routed
     to the cloud; bytes: JPEG payload per frame; latency per frame: edge =
@@ -52,9 +52,10 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.pyrafan_accuracy import read_split, size_range_ap50, weights_path
+from benchmarks.pyrafan_accuracy import read_split, weights_path
 from benchmarks.harness import cpu_model_name, write_report
-from server.cloud import ANSWER_CONF, CROP_ZOOM
+from common.config import RoutingConfig
+from common.detections import labels_to_pixels, read_yolo_labels, score
 
 log = logging.getLogger("benchmarks.collaboration")
 RESULTS = Path(__file__).resolve().parent / "results" / "collaboration"
@@ -113,7 +114,7 @@ def cloud_service(weights: Path, workdir: Path, *, imgsz: int, conf: float, iou:
                   crop_zoom: float | None = None):
     """``python -m server.cloud`` on a free loopback port; yields ``(url, token)``; always stopped.
 
-    ``crop_zoom``: the service's ``--crop-zoom`` (None: its default, ``server.cloud.CROP_ZOOM``)."""
+    ``crop_zoom``: the service's ``--crop-zoom`` (None: its default, ``routing.crop_zoom``)."""
     import socket
     import urllib.request
 
@@ -158,7 +159,9 @@ def cloud_service(weights: Path, workdir: Path, *, imgsz: int, conf: float, iou:
 def run_edge(weights: Path, source: Path, settings, client, workdir: Path, *, imgsz: int, conf: float,
              iou: float) -> list[dict]:
     """The edge runtime over ``source``; its JSON lines (edge, refined, failed, summary)."""
-    from clients.edge import EdgeModel, EdgeRuntime, FrameSource
+    from clients.detector import EdgeModel
+    from clients.edge import EdgeRuntime
+    from clients.media import FrameSource
 
     out = workdir / f"{settings.run_id}.jsonl"
     model = EdgeModel(weights, imgsz=imgsz, conf=conf, iou=iou, reload_every=1e9)
@@ -174,8 +177,9 @@ def run_edge(weights: Path, source: Path, settings, client, workdir: Path, *, im
 def cloud_only(source: Path, client, site: str, quality: int = 90) -> tuple[list, list[float], list[int], list[int]]:
     """Every frame whole to ``/detect``: detections, per-frame latency (encode + round trip), JPEG bytes,
     HTTP body bytes."""
-    from clients.edge import FrameSource, OffloadEntry
-    from common.routing import encode_regions
+    from clients.media import FrameSource
+    from clients.offload import OffloadEntry
+    from common.offload import encode_regions
 
     dets, ms, sizes, wire = [], [], [], []
     frames = FrameSource(source)
@@ -195,27 +199,30 @@ def cloud_only(source: Path, client, site: str, quality: int = 90) -> tuple[list
     return dets, ms, sizes, wire
 
 
-# merge policies scored offline on the same cloud answers (name -> common.routing.merge keywords); the
-# runtime's own refined lines use the default ("cloud" wins, offloaded unanswered edge boxes dropped)
-MERGES = {"cloud": {}, "cloud+keep": {"keep_unanswered": True}, "fuse": {"resolve": "fuse"},
-          "fuse+keep": {"resolve": "fuse", "keep_unanswered": True}}
+# merge policies scored offline on the same cloud answers (name -> clients.collab.CollabSettings fields); the
+# runtime's own refined lines here use the first ("cloud" wins, offloaded unanswered edge boxes dropped)
+MERGES = {"cloud": {"merge": "cloud", "keep_unanswered": False},
+          "cloud+keep": {"merge": "cloud", "keep_unanswered": True},
+          "fuse": {"merge": "fuse", "keep_unanswered": False},
+          "fuse+keep": {"merge": "fuse", "keep_unanswered": True}}
 
 
-def remerged(records: list[dict], **merge_kw) -> list[dict]:
+def remerged(records: list[dict], **policy) -> list[dict]:
     """The records with each refined answer (``refined`` and ``carried`` lines) merged again from its
-    ``cloud_detections`` and its edge boxes and candidates (offloaded = those with ambiguity reasons), by
-    ``common.routing.merge(**merge_kw)``."""
-    from common.routing import Detections, merge
+    ``cloud_detections`` and its edge boxes and candidates by :func:`clients.collab.merge_answer` under
+    ``policy`` (:class:`clients.collab.CollabSettings` fields, e.g. ``merge="fuse", keep_unanswered=True``;
+    the others at their defaults)."""
+    from clients.collab import CollabSettings, merge_answer
+    from common.detections import Detections
 
+    settings = CollabSettings(**{"merge": "cloud", "keep_unanswered": False, **policy})
     edge = {r["frame"]: r for r in records if r["kind"] == "edge"}
     out = []
     for r in records:
         if r["kind"] in ("refined", "carried"):  # the keyframe's answer and its candidates (moved, when carried)
             key = r["edge_detections"] if r["kind"] == "carried" else \
                 edge[r["frame"]]["detections"] + edge[r["frame"]].get("candidates", [])
-            keep = [merge_kw.get("keep_unanswered", False) and "candidate" not in d["reasons"] for d in key]
-            final = merge(Detections.from_list(key), Detections.from_list(r["cloud_detections"]),
-                          [bool(d["reasons"]) for d in key], **{**merge_kw, "keep_unanswered": np.array(keep)})
+            final, _ = merge_answer(key, Detections.from_list(r["cloud_detections"]), settings)
             r = {**r, "detections": final.to_list()}
         out.append(r)
     return out
@@ -223,9 +230,9 @@ def remerged(records: list[dict], **merge_kw) -> list[dict]:
 
 def per_frame(records: list[dict], collaborative: bool) -> list:
     """Final detections per frame: with ``collaborative``, a keyframe's ``refined`` answer or, on a later
-    frame, that answer ``carried`` there (:class:`clients.edge.RefinedCarrier`); else (or when neither came)
+    frame, that answer ``carried`` there (:class:`clients.carry.RefinedCarrier`); else (or when neither came)
     the frame's ``edge`` line."""
-    from common.routing import Detections
+    from common.detections import Detections
 
     failed = [r for r in records if r["kind"] == "failed"]
     if failed:
@@ -233,44 +240,6 @@ def per_frame(records: list[dict], collaborative: bool) -> list:
     refined = {r["frame"]: r for r in records if r["kind"] in ("refined", "carried")} if collaborative else {}
     edge = sorted((r for r in records if r["kind"] == "edge"), key=lambda r: r["frame"])
     return [Detections.from_list(refined.get(r["frame"], r)["detections"]) for r in edge]
-
-
-def score(dets: list, gts: list[np.ndarray], nc: int, small_px: float) -> dict:
-    """mAP50 (all objects and small ones), recall and FNR at IoU 0.5, class-aware."""
-    from common.routing import matched_gt
-
-    preds = [{"xyxy": d.xyxy, "conf": d.conf, "cls": d.cls} for d in dets]
-    found = []
-    for d, gt in zip(dets, gts):
-        for c in np.unique(gt[:, 0]).astype(int):
-            mine, theirs = d.cls == c, gt[:, 0] == c
-            found.extend(matched_gt(d.xyxy[mine], d.conf[mine], gt[theirs, 1:]))
-    recall = float(np.mean(found)) if found else float("nan")
-    every = size_range_ap50(preds, gts, nc, small_px=None)
-    return {"map50": every["map50"], "map50_small": size_range_ap50(preds, gts, nc, small_px=small_px)["map50"],
-            "recall": recall, "fnr": 1.0 - recall, "n_gt": int(sum(len(g) for g in gts)),
-            **precision_one(every["conf"], every["tp"], every["n_gt"])}
-
-
-def precision_one(conf: list[float], tp: list[float], n_gt: int) -> dict:
-    """Paper Tables 3-4: the confidence from which on precision is 1.0, and the recall there.
-
-    Detections sorted by confidence; above the highest-scoring false positive every
-    detection is correct: ``conf_p1`` is that false positive's confidence (precision is
-    1.0 for thresholds above it; lower is better), ``recall_p1`` the recall above it.
-    No false positive at all: ``conf_p1`` = 0. The first detection false: ``conf_p1`` =
-    its confidence and ``recall_p1`` = 0.
-
-    Examples
-    --------
-    conf [0.9, 0.8, 0.6, 0.5], tp [1, 1, 0, 1], 4 objects -> conf_p1 0.6, recall_p1 0.5.
-    """
-    order = np.argsort(-np.asarray(conf, dtype=float), kind="stable")
-    flags = np.asarray(tp, dtype=float)[order]
-    false = np.where(flags == 0)[0]
-    k = int(false[0]) if len(false) else len(flags)
-    return {"conf_p1": float(np.asarray(conf, dtype=float)[order][k]) if len(false) else 0.0,
-            "recall_p1": float(flags[:k].sum() / n_gt) if n_gt else float("nan")}
 
 
 def offload_figures(records: list[dict]) -> dict:
@@ -297,8 +266,8 @@ def offload_figures(records: list[dict]) -> dict:
 
 def separate_crop_bytes(records: list[dict], source: Path, quality: int = 90) -> float:
     """Bytes per frame had each crop of the run's offloads been its own JPEG (``--separate-crops``)."""
-    from clients.edge import FrameSource
-    from common.routing import encode_regions, payload_bytes
+    from clients.media import FrameSource
+    from common.offload import encode_regions, payload_bytes
 
     regions = {r["frame"]: r["offload"]["regions"] for r in records if r["kind"] == "edge" and r["offload"]}
     frames, total, n = FrameSource(source), 0, 0
@@ -311,14 +280,8 @@ def separate_crop_bytes(records: list[dict], source: Path, quality: int = 90) ->
 
 
 def video_labels(video_dir: Path, n: int, size: int) -> list[np.ndarray]:
-    out = []
-    for i in range(n):
-        txt = video_dir / "labels" / f"{i:06d}.txt"
-        rows = np.loadtxt(txt, ndmin=2) if txt.is_file() and txt.stat().st_size else np.zeros((0, 5))
-        xyxy = np.stack([rows[:, 1] - rows[:, 3] / 2, rows[:, 2] - rows[:, 4] / 2,
-                         rows[:, 1] + rows[:, 3] / 2, rows[:, 2] + rows[:, 4] / 2], 1) * size
-        out.append(np.column_stack([rows[:, 0], xyxy]))
-    return out
+    """Ground truth of the video's ``n`` frames (``labels/<frame:06d>.txt``, ``size`` px square) as pixel rows."""
+    return [labels_to_pixels(read_yolo_labels(video_dir / "labels" / f"{i:06d}.txt"), size, size) for i in range(n)]
 
 
 # --------------------------------------------------------------------------- the experiment
@@ -328,7 +291,8 @@ def measure(args, cfg, bench, workdir: Path, site: int) -> dict:
     """Every table's numbers for one site (its own edge models, the shared cloud model)."""
     import torch
 
-    from clients.edge import CloudClient, EdgeSettings
+    from clients.edge import EdgeSettings
+    from clients.offload import CloudClient
     from common.benchmark import CLASS_NAMES
 
     torch.set_num_threads(1)
@@ -345,10 +309,9 @@ def measure(args, cfg, bench, workdir: Path, site: int) -> dict:
     edges = {arch: edge_model(cfg, bench, arch, site, args.seed) for arch in archs}
     cloud = cloud_model(cfg, bench, args.seed, args.cloud_iters)
     # with candidates the edge detects down to routing.candidate_conf; its answer stays at det_conf
-    kw = dict(imgsz=cfg.train.imgsz, conf=r.candidate_conf or r.det_conf, iou=cfg.eval.iou)
-    base = EdgeSettings(site=site_id, t_conf=r.t_conf, t_size=r.t_size, n_frames=r.n_frames, drain_timeout=600,
-                        keep_unanswered=False, merge="cloud",  # the paper's merge; MERGES gives the others
-                        answer_conf=r.det_conf if r.candidate_conf else 0.0)
+    base = EdgeSettings.from_config(r, site=site_id, drain_timeout=600,
+                                    keep_unanswered=False, merge="cloud")  # the paper's merge; MERGES gives the others
+    kw = dict(imgsz=cfg.train.imgsz, conf=base.detector_conf, iou=cfg.eval.iou)
     main_arch = args.edge_models[0]
     result: dict = {"edge_weights": {a: str(p) for a, p in edges.items()}, "cloud_weights": str(cloud)}
     from common import yolo
@@ -429,8 +392,8 @@ class NullCloud:
     """A cloud that answers at once with nothing (for edge-only runs of the runtime)."""
 
     def send(self, entry):
-        from clients.edge import CloudAnswer
-        from common.routing import Detections
+        from clients.offload import CloudAnswer
+        from common.detections import Detections
 
         return CloudAnswer(Detections.empty(), 0.0)
 
@@ -673,7 +636,7 @@ def site_markdown(res: dict, settings: dict, site: str) -> list[str]:
     lines += ["", f"Cloud alone on the same images: mAP50 {c['map50']:.3f}. Plot: `collaboration_tconf.png`.", "",
               "### Keyframe rules on the video (edge alone)", "",
               "A non-keyframe reuses its keyframe's detections, as they are or moved by optical flow "
-              "(`--propagate`, `clients.edge.flow_shift`).", "",
+              "(`--propagate`, `clients.carry.flow_shift`).", "",
               "| β | max_gap | boxes on dropped frames | frames detected | frames dropped | mAP50 | "
               "Δ mAP50 vs every frame (points) | recall |",
               "|---|---|---|---|---|---|---|---|"]
@@ -724,8 +687,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=1, help="seed of the edge and cloud models")
     ap.add_argument("--edge-models", nargs="+", default=list(EDGE_MODELS),
                     help="the first one is the main table's edge model; the others are swept on the first site only")
-    ap.add_argument("--cloud-conf", type=float, default=ANSWER_CONF, help="the cloud service's --conf")
-    ap.add_argument("--crop-zoom", type=float, default=CROP_ZOOM, help="the cloud service's --crop-zoom")
+    ap.add_argument("--cloud-conf", type=float, default=RoutingConfig.cloud_conf, help="the cloud service's --conf")
+    ap.add_argument("--crop-zoom", type=float, default=RoutingConfig.crop_zoom, help="the cloud service's --crop-zoom")
     ap.add_argument("--zoom-sweep", type=float, nargs="*", default=[1.0, 1.5, 2.0],
                     help="crop zooms also measured (crop offload, images; a fresh service each)")
     ap.add_argument("--cloud-iters", type=float, default=1.0,

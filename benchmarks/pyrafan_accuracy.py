@@ -46,6 +46,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.harness import write_report
+from common.detections import compute_ap, image_labels, size_range_ap50  # noqa: F401 - compute_ap: re-exported
 
 log = logging.getLogger("benchmarks.pyrafan_accuracy")
 
@@ -56,108 +57,6 @@ RESULTS = Path(__file__).resolve().parent / "results" / "pyrafan_accuracy"
 # --------------------------------------------------------------------------- metric
 
 
-def compute_ap(recall: np.ndarray, precision: np.ndarray) -> float:
-    """Ultralytics' ``compute_ap``: 101-point interpolated area under the precision envelope.
-
-    A perfect ranking (recall 1 at precision 1) gives 0.995, as in Ultralytics.
-    """
-    mrec = np.concatenate(([0.0], recall, [recall[-1] if len(recall) else 1.0], [1.0]))
-    mpre = np.concatenate(([1.0], precision, [0.0], [0.0]))
-    mpre = np.flip(np.maximum.accumulate(np.flip(mpre)))
-    x = np.linspace(0, 1, 101)
-    y = np.interp(x, mrec, mpre)
-    return float(np.sum((y[1:] + y[:-1]) / 2 * np.diff(x)))  # trapezoid
-
-
-def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """IoU of xyxy boxes, ``(N, 4) x (M, 4) -> (N, M)``."""
-    lt = np.maximum(a[:, None, :2], b[None, :, :2])
-    rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
-    inter = np.clip(rb - lt, 0, None).prod(-1)
-    area_a = (a[:, 2:] - a[:, :2]).prod(-1)
-    area_b = (b[:, 2:] - b[:, :2]).prod(-1)
-    return inter / np.maximum(area_a[:, None] + area_b[None, :] - inter, 1e-12)
-
-
-def _is_small(xyxy: np.ndarray, small_px: float) -> np.ndarray:
-    """Both sides < ``small_px``."""
-    return np.maximum(xyxy[:, 2] - xyxy[:, 0], xyxy[:, 3] - xyxy[:, 1]) < small_px
-
-
-def size_range_ap50(
-    preds: list[dict[str, np.ndarray]],
-    gts: list[np.ndarray],
-    nc: int,
-    small_px: float | None = 16,
-    iou_thr: float = 0.5,
-) -> dict:
-    """Per-class AP50 on small objects with COCO-style ignores (see the module docstring).
-
-    Parameters
-    ----------
-    preds : per image ``{"xyxy": (N, 4), "conf": (N,), "cls": (N,)}`` in pixels.
-    gts : per image ``(M, 5)`` rows ``cls, x0, y0, x1, y1`` in pixels.
-    small_px : size limit; ``None`` evaluates every object (no ignores).
-
-    Returns
-    -------
-    dict
-        ``map50`` (NaN without any object in range), ``ap50`` per class (NaN for a class
-        without objects in range), ``n_gt`` objects in range, and every counted
-        detection's ``conf`` and ``tp`` (1.0 / 0.0), pooled over classes.
-
-    Examples
-    --------
-    Class 0, a 10 px and a 40 px object; detections: conf 0.95 on the 40 px one, 0.9 on
-    the 10 px one, 0.7 an 8 px false alarm, 0.6 a 30 px false alarm. Small range: the
-    0.95 and 0.6 ones are ignored, then TP, FP -> AP 0.995. Deleting the large label
-    instead would count the 0.95 one as FP first: AP 0.5.
-    """
-    tps = [[] for _ in range(nc)]
-    confs = [[] for _ in range(nc)]
-    n_pos = np.zeros(nc, dtype=int)
-    for pred, gt in zip(preds, gts, strict=True):
-        gt = np.asarray(gt, dtype=np.float64).reshape(-1, 5)
-        for c in range(nc):
-            g = gt[gt[:, 0] == c, 1:]
-            in_range = _is_small(g, small_px) if small_px is not None else np.ones(len(g), bool)
-            n_pos[c] += int(in_range.sum())
-            keep = pred["cls"] == c
-            if not keep.any():
-                continue
-            d, conf = pred["xyxy"][keep].astype(np.float64), pred["conf"][keep]
-            order = np.argsort(-conf, kind="stable")
-            d, conf = d[order], conf[order]
-            iou = box_iou(d, g) if len(g) else np.zeros((len(d), 0))
-            d_small = _is_small(d, small_px) if small_px is not None else np.ones(len(d), bool)
-            matched = np.zeros(len(g), bool)
-            for j in range(len(d)):
-                cand = np.where(in_range & ~matched & (iou[j] >= iou_thr))[0]
-                if len(cand):
-                    matched[cand[np.argmax(iou[j, cand])]] = True
-                    tps[c].append(1.0)
-                elif np.any(~in_range & (iou[j] >= iou_thr)) or not d_small[j]:
-                    continue  # on an ignored (large) object, or itself out of range: neither TP nor FP
-                else:
-                    tps[c].append(0.0)
-                confs[c].append(float(conf[j]))
-    ap50 = []
-    for c in range(nc):
-        if n_pos[c] == 0:
-            ap50.append(float("nan"))
-            continue
-        order = np.argsort(-np.asarray(confs[c]), kind="stable")
-        tp = np.asarray(tps[c])[order]
-        if len(tp) == 0:
-            ap50.append(0.0)
-            continue
-        tpc = np.cumsum(tp)
-        ap50.append(compute_ap(tpc / n_pos[c], tpc / np.arange(1, len(tp) + 1)))
-    present = [v for v in ap50 if not math.isnan(v)]
-    return {"map50": float(np.mean(present)) if present else float("nan"), "ap50": ap50,
-            "n_gt": int(n_pos.sum()), "conf": [v for c in confs for v in c], "tp": [v for c in tps for v in c]}
-
-
 def read_split(site_dir: Path, split: str = "test") -> tuple[list[Path], list[np.ndarray]]:
     """Image paths and their labels as ``(M, 5)`` ``cls, x0, y0, x1, y1`` pixel rows."""
     import cv2
@@ -166,12 +65,7 @@ def read_split(site_dir: Path, split: str = "test") -> tuple[list[Path], list[np
     labels = []
     for path in images:
         h, w = cv2.imread(str(path)).shape[:2]
-        rows = []
-        txt = site_dir / "labels" / split / f"{path.stem}.txt"
-        for line in txt.read_text().splitlines() if txt.is_file() else []:
-            c, cx, cy, bw, bh = (float(v) for v in line.split())
-            rows.append([c, (cx - bw / 2) * w, (cy - bh / 2) * h, (cx + bw / 2) * w, (cy + bh / 2) * h])
-        labels.append(np.asarray(rows, dtype=np.float64).reshape(-1, 5))
+        labels.append(image_labels(path, w, h))
     return images, labels
 
 

@@ -36,7 +36,7 @@ and are cached in ``<work>/jobs.jsonl`` keyed by the settings: a rerun skips wha
 done, so an interrupted reproduction resumes.
 
 All detection figures of Tables 1-4 come from one scorer
-(:func:`benchmarks.collaboration.score`: detections at the deployment thresholds,
+(:func:`common.detections.score`: detections at the deployment thresholds,
 mAP50 class-aware, recall at IoU 0.5), so edge, cloud and collaboration compare
 like for like; Figure 6 uses each federation's own metric (Ultralytics' validator on
 every site's test split), the same one the KD benchmark reports.
@@ -186,28 +186,27 @@ def collab_job(cfg, seed: int, done: dict, work: Path) -> dict:
     import tempfile
 
     from benchmarks.collaboration import (MERGES, cloud_only, cloud_service, offload_figures, per_frame, remerged,
-                                          run_edge, score, video_labels)
+                                          run_edge, video_labels)
+    from common.detections import score
     from benchmarks.pyrafan_accuracy import read_split
-    from clients.edge import CloudClient, EdgeSettings
+    from clients.edge import EdgeSettings
+    from clients.offload import CloudClient
     from common.benchmark import CLASS_NAMES, benchmark_from_config
-    from server.cloud import ANSWER_CONF
 
     bench = benchmark_from_config(cfg.data)
     nc, small_px, r = len(CLASS_NAMES), cfg.eval.small_px, cfg.routing
-    # as the runtime: the edge also detects down to routing.candidate_conf, its answer stays at det_conf
-    kw = dict(imgsz=cfg.train.imgsz, conf=r.candidate_conf or r.det_conf, iou=cfg.eval.iou)
     out: dict = {"sites": {}, "sweep": {}}
     with tempfile.TemporaryDirectory(prefix="cedar-repro-", dir=work) as tmp, \
-            cloud_service(Path(done["cloud"]["weights"]), Path(tmp), imgsz=cfg.train.imgsz, conf=ANSWER_CONF,
+            cloud_service(Path(done["cloud"]["weights"]), Path(tmp), imgsz=cfg.train.imgsz, conf=r.cloud_conf,
                           iou=cfg.eval.iou) as (url, token):
         tmp = Path(tmp)
         for site in range(cfg.data.num_sites):
             site_id = f"site-{site}"
             (tmp / site_id).mkdir()
             client = CloudClient(url, token, site_id, timeout=120)
-            base = EdgeSettings(site=site_id, t_conf=r.t_conf, t_size=r.t_size, n_frames=r.n_frames,
-                                drain_timeout=600, keep_unanswered=False, merge="cloud",  # the paper's merge
-                                answer_conf=r.det_conf if r.candidate_conf else 0.0)
+            base = EdgeSettings.from_config(r, site=site_id, drain_timeout=600,
+                                            keep_unanswered=False, merge="cloud")  # the paper's merge
+            kw = dict(imgsz=cfg.train.imgsz, conf=base.detector_conf, iou=cfg.eval.iou)
             images = bench.site_dir(site) / "images" / "test"
             _, image_gts = read_split(bench.site_dir(site), "test")
             video = bench.video_dir(site)

@@ -18,6 +18,7 @@ from flwr.clientapp import ClientApp
 
 from clients.site import LocalSite
 from common import protocol as P
+from common.console import configure_logging
 
 log = logging.getLogger(__name__)
 app = ClientApp()
@@ -26,6 +27,7 @@ app = ClientApp()
 @app.query()
 def query(msg: Message, context: Context) -> Message:
     """Who this node is: site id, position (km) and class set."""
+    configure_logging()
     site = LocalSite.from_context(context.run_config, context.node_config)
     return Message(content=RecordDict({P.SITE: ConfigRecord(site.identity())}), reply_to=msg)
 
@@ -33,6 +35,7 @@ def query(msg: Message, context: Context) -> Message:
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Local training; with a :class:`common.protocol.KDRequest` in the config, distillation from its teachers."""
+    configure_logging()
     config = msg.content.get(P.CONFIG, ConfigRecord())
     site = LocalSite.from_context(context.run_config, context.node_config, config)
     arrays = msg.content.get(P.ARRAYS)

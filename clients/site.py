@@ -10,7 +10,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 from common import protocol as P
 from common.config import CedarConfig, from_run_config
@@ -49,10 +49,10 @@ class LocalSite:
         return cls(cfg, spec, Path(str(node_config.get("model-store", default_store))), cloud)
 
     def cloud_client(self):
-        """A :class:`clients.edge.CloudClient` for the configured cloud service, or None when there is none."""
+        """A :class:`clients.offload.CloudClient` for the configured cloud service, or None when there is none."""
         if not self.cloud["url"]:
             return None
-        from clients.edge import CloudClient
+        from clients.offload import CloudClient
         from common.tokens import resolve_token
 
         try:
@@ -142,7 +142,7 @@ class LocalSite:
             extra_loss=extra, alpha=kd.alpha if extra else 1.0, augment=augment,
         )
         val, test = self.evaluate(model, "val"), self.evaluate(model, "test")
-        routing = self.routing_metrics(model)
+        routing = self.collab_metrics(model)
         yolo.save_weights(model, self.store / "model.pt", round=server_round, site=self.spec.site_id)
         log.info("%s round %s: loss %.3f, val mAP50 %.3f, test mAP50 %.3f (%.0fs)", self.spec.site_id,
                  server_round, res.loss, val.map50, test.map50, time.perf_counter() - t0)
@@ -155,88 +155,123 @@ class LocalSite:
             metrics[P.KD_LOSS] = res.extra_loss
         return RoundResult(yolo.state_dict(model), {**metrics, **kd_metrics, **routing})
 
-    def routing_metrics(self, model) -> dict[str, float]:
-        """Ambiguity routing on the test split (paper section 4.2): what the edge offloads, and what it gains.
+    # -- the collaboration step on the test split (clients.collab)
+    def collab_settings(self):
+        """:class:`clients.collab.CollabSettings` from ``routing`` (the edge runtime's defaults too)."""
+        from clients.collab import CollabSettings
 
-        Each test image is detected alone (batch 1, as on an edge box) at
-        ``routing.det_conf``; a detection is ambiguous if below ``t_conf`` or smaller
-        than ``t_size`` px² (still images have no tracks). Recall is class-agnostic at
-        IoU 0.5 (:func:`common.routing.matched_gt`), of all edge detections and of the
-        confident ones alone (the edge's answer without the cloud). When the node
-        knows a cloud detection service (``routing.cloud-url`` or node-config
-        ``cloud-url``), the ambiguous part of each image (``routing.offload``: crops
-        with context or the whole image), with the candidates below ``det_conf``
-        (down to ``routing.candidate_conf``), is sent to it as the edge runtime does, and
-        the merged answer's recall, the per-image latency (edge, plus the round trip
-        when offloaded) and the uploaded bytes are reported too. A cloud that cannot
-        answer costs only those collaborative metrics, never the round.
-        """
+        return CollabSettings.from_config(self.cfg.routing)
+
+    def edge_predictor(self, model):
+        """The edge runtime's detector (:class:`clients.detector.TorchPredictor`) on ``model``, batch 1,
+        down to the candidates' confidence."""
+        from clients.detector import TorchPredictor
+
+        t = self.cfg.train
+        return TorchPredictor(model, imgsz=t.imgsz, conf=self.collab_settings().detector_conf, iou=self.cfg.eval.iou,
+                              device=t.device)
+
+    def _collab_steps(self, model) -> Iterator[tuple[Path, Any, Any, Any, bool]]:
+        """Every test image through :func:`clients.collab.collaborate`: ``(path, image, gt, step, answered)``.
+
+        ``gt``: ``(M, 5)`` pixel rows ``cls, x1, y1, x2, y2``; ``answered``: the cloud service answered (False
+        from the first failure on: the client is closed and the rest of the split runs without a cloud)."""
         import cv2
+
+        from clients.collab import collaborate
+        from clients.offload import CloudRejected, CloudUnavailable
+        from common.detections import image_labels
+        from common.sites import split_dir
+
+        s, predictor, client = self.collab_settings(), self.edge_predictor(model), self.cloud_client()
+        try:
+            for n, path in enumerate(sorted(split_dir(self.spec.data_yaml, "test").glob("*.*"))):
+                image = cv2.imread(str(path))
+                if image is None:
+                    continue
+                gt = image_labels(path, image.shape[1], image.shape[0])
+                kw = dict(site=self.spec.site_id, run="eval", frame=n)
+                try:
+                    step = collaborate(image, predictor, client, s, **kw)
+                except (CloudUnavailable, CloudRejected) as err:
+                    log.warning("%s: cloud service %s: %s: edge metrics only", self.spec.site_id, self.cloud["url"],
+                                err)
+                    client.close()
+                    client = None
+                    step = collaborate(image, predictor, None, s, **kw)
+                yield path, image, gt, step, client is not None
+        finally:
+            if client is not None:
+                client.close()
+
+    def collab_metrics(self, model) -> dict[str, float]:
+        """The collaboration step on the test split (paper section 4.2): what the edge offloads, and what it gains.
+
+        Each test image is a keyframe through :func:`clients.collab.collaborate` with the edge runtime's own
+        detector and settings (``routing.*``; still images have no tracks, so nothing is ``unstable``). Always:
+        the edge answer's mAP50, recall and FNR (class-aware, IoU 0.5, :func:`common.detections.score`), the
+        recall of its confident boxes alone, the share of its boxes that are ambiguous, the offloaded boxes per
+        reason and the median detection latency. When the node knows a cloud service (``routing.cloud-url`` or
+        node-config ``cloud-url``) and it answers every offload: the merged answer's mAP50, recall and FNR, the
+        median latency (edge plus round trip when offloaded) and the JPEG bytes sent per image. A cloud that
+        cannot answer costs only those collaborative metrics, never the round. Keys: ``common.protocol``
+        ``ROUTING_KEYS`` and ``COLLAB_KEYS``; a value that is not a number (no labelled object) is left out.
+        """
         import numpy as np
 
-        from clients.edge import CloudRejected, CloudUnavailable, OffloadEntry
-        from common import yolo
-        from common.routing import Detections, ambiguity_reasons, matched_gt, merge
-        from common.sites import label_path, split_dir
+        from common.detections import score
+        from common.routing import reason_counts
+        from common.sites import class_names
 
-        r, t = self.cfg.routing, self.cfg.train
-        predictor = yolo.Predictor(model, imgsz=t.imgsz, conf=r.candidate_conf or r.det_conf,
-                                   iou=self.cfg.eval.iou, device=t.device)
-        client = self.cloud_client()
-        detections = ambiguous = 0
-        found_all, found_confident, found_collab, ms, collab_ms, sent = [], [], [], [], [], []
-        for n, path in enumerate(sorted(split_dir(self.spec.data_yaml, "test").glob("*.*"))):
-            image = cv2.imread(str(path))
-            if image is None:
-                continue
-            t0 = time.perf_counter()
-            found = predictor([image])[0]
-            ms.append(1000 * (time.perf_counter() - t0))
-            every = Detections(found["xyxy"], found["conf"], found["cls"])
-            edge = every.select(every.conf >= r.det_conf)  # the edge's answer; below it: candidates
-            candidates = every.select(every.conf < r.det_conf)
-            amb = np.array([bool(x) for x in ambiguity_reasons(edge.xyxy, edge.conf, None, r.t_conf, r.t_size)],
-                           dtype=bool)
-            detections, ambiguous = detections + len(amb), ambiguous + int(amb.sum())
-            h, w = image.shape[:2]
-            labels = label_path(path)
-            rows = np.loadtxt(labels, ndmin=2) if labels.is_file() and labels.stat().st_size else np.zeros((0, 5))
-            gt = np.stack([(rows[:, 1] - rows[:, 3] / 2) * w, (rows[:, 2] - rows[:, 4] / 2) * h,
-                           (rows[:, 1] + rows[:, 3] / 2) * w, (rows[:, 2] + rows[:, 4] / 2) * h], 1)
-            found_all.extend(matched_gt(edge.xyxy, edge.conf, gt))
-            found_confident.extend(matched_gt(edge.xyxy[~amb], edge.conf[~amb], gt))
-            if client is None:
-                continue
-            final, rtt, nbytes = edge, 0.0, 0
-            offloaded = np.concatenate([amb, np.ones(len(candidates), dtype=bool)])
-            if offloaded.any():
-                both = Detections.concat([edge, candidates])
-                entry = OffloadEntry.for_keyframe(image, both.xyxy, offloaded, site=self.spec.site_id, run="eval",
-                                                  frame=n, mode=r.offload, created=time.time(), model="eval",
-                                                  edge=both.to_list())
-                try:
-                    answer = client.send(entry)
-                except (CloudUnavailable, CloudRejected) as err:
-                    log.warning("%s: cloud service %s: %s: edge metrics only", self.spec.site_id,
-                                self.cloud["url"], err)
-                    client.close()
-                    client, found_collab = None, []
-                    continue
-                keep = np.arange(len(both)) < len(edge) if r.keep_unanswered else np.zeros(len(both), dtype=bool)
-                final = merge(both, answer.detections, offloaded, keep_unanswered=keep, resolve=r.merge)
-                rtt, nbytes = answer.rtt_ms, entry.payload_bytes
-            found_collab.extend(matched_gt(final.xyxy, final.conf, gt))
-            collab_ms.append(ms[-1] + rtt)
-            sent.append(nbytes)
-        if client is not None:
-            client.close()
-        if not ms:
+        steps, gts, answered = [], [], True
+        for _, _, gt, step, ok in self._collab_steps(model):
+            steps.append(step)
+            gts.append(gt)
+            answered &= ok
+        if not steps:
             return {}
-        out = {P.OFFLOAD_FRACTION: ambiguous / detections if detections else 0.0,
-               P.EDGE_RECALL: float(np.mean(found_all)) if found_all else 0.0,
-               P.CONFIDENT_RECALL: float(np.mean(found_confident)) if found_confident else 0.0,
-               P.EDGE_LATENCY_MS: float(np.median(ms))}
-        if client is not None:
-            out.update({P.COLLAB_RECALL: float(np.mean(found_collab)) if found_collab else 0.0,
-                        P.COLLAB_LATENCY_MS: float(np.median(collab_ms)), P.UPLOAD_BYTES: float(np.mean(sent))})
-        return out
+        nc = len(class_names(self.spec.data_yaml))
+        edge = score([st.keyframe.detections for st in steps], gts, nc)
+        confident = score([st.keyframe.detections.select(~st.keyframe.offload_mask) for st in steps], gts, nc)
+        n_boxes = sum(len(st.keyframe.detections) for st in steps)
+        reasons = reason_counts(r for st in steps for r in st.keyframe.reasons)
+        n_ambiguous = sum(int(st.keyframe.offload_mask.sum()) for st in steps)
+        out = {P.OFFLOAD_FRACTION: n_ambiguous / n_boxes if n_boxes else 0.0,
+               P.EDGE_MAP50: edge["map50"], P.EDGE_RECALL: edge["recall"], P.EDGE_FNR: edge["fnr"],
+               P.CONFIDENT_RECALL: confident["recall"],
+               P.EDGE_LATENCY_MS: float(np.median([st.edge_ms for st in steps])),
+               **{P.REASON_KEYS[k]: float(v) for k, v in reasons.items()},
+               P.OFFLOAD_CANDIDATES: float(sum(len(st.keyframe.candidates) for st in steps))}
+        if answered and any(st.cloud is not None for st in steps):
+            merged = score([st.merged for st in steps], gts, nc)
+            out.update({P.COLLAB_MAP50: merged["map50"], P.COLLAB_RECALL: merged["recall"],
+                        P.COLLAB_FNR: merged["fnr"],
+                        P.COLLAB_LATENCY_MS: float(np.median([st.edge_ms + st.rtt_ms for st in steps])),
+                        P.UPLOAD_BYTES: float(np.mean([st.sent_bytes for st in steps]))})
+        return {k: float(v) for k, v in out.items() if np.isfinite(v)}
+
+    def collab_gallery(self, model, n: int = 3) -> list[dict[str, Any]]:
+        """Up to ``n`` test images through the collaboration step, for a report's gallery.
+
+        Images where the edge offloads come first (in name order), then the others. Each item::
+
+            {"image": "<path of the test image file>",
+             "gt": boxes, "edge": boxes, "cloud": boxes | None, "merged": boxes}
+
+        where ``boxes`` is ``{"xyxy": [[x1, y1, x2, y2], ...], "conf": [...], "cls": [...]}`` in image pixels
+        (plain lists; ground truth at conf 1.0), ``edge`` the edge's answer, ``cloud`` the cloud's answer to the
+        offload (None when nothing was offloaded or no cloud answered) and ``merged`` the final answer: the
+        items :func:`server.report.write_gallery` takes.
+        """
+        from clients.collab import boxes
+        from common.detections import Detections
+
+        chosen: list[dict[str, Any]] = []
+        later: list[dict[str, Any]] = []
+        for path, _, gt, step, _ in self._collab_steps(model):
+            item = {"image": str(path),
+                    "gt": boxes(Detections(gt[:, 1:], [1.0] * len(gt), gt[:, 0].astype(int))), **step.boxes()}
+            (chosen if step.entry is not None else later).append(item)
+            if len(chosen) >= n:
+                break
+        return (chosen + later)[:n]

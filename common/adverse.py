@@ -431,6 +431,7 @@ def make_variant(data_yaml: str | Path, splits: Sequence[str], condition: str, s
     Returns the new ``data.yaml``.
     """
     from common.benchmark import write_data_yaml  # lazy: keeps this module light
+    from common.detections import labels_to_pixels
     from common.sites import class_names, label_path, split_dir
 
     data_yaml, out = Path(data_yaml), Path(out)
@@ -460,16 +461,14 @@ def make_variant(data_yaml: str | Path, splits: Sequence[str], condition: str, s
                 raise AdverseError(f"cannot read image {path}")
             h, w = image.shape[:2]
             lines = _label_lines(label_path(path))
-            rows = [[float(v) for v in ln.split()[:5]] for ln in lines]
-            boxes = np.array([[(cx - bw / 2) * w, (cy - bh / 2) * h, (cx + bw / 2) * w, (cy + bh / 2) * h]
-                              for _, cx, cy, bw, bh in rows], np.float64).reshape(-1, 4)
+            boxes = labels_to_pixels([[float(v) for v in ln.split()[:5]] for ln in lines], w, h)[:, 1:]
             rng = np.random.default_rng(image_seed(seed, condition, severity, path.name))
             corrupted, keep = apply_with_boxes(image, boxes, condition, severity, rng, min_visible)
             if not cv2.imwrite(str(img_dir / f"{path.stem}.png"), corrupted):
                 raise OSError(f"could not write {img_dir / path.name}")
             kept = [ln for ln, k in zip(lines, keep) if k]
             (lbl_dir / f"{path.stem}.txt").write_text("".join(f"{ln}\n" for ln in kept))
-            n_labels, n_dropped = n_labels + len(rows), n_dropped + len(rows) - len(kept)
+            n_labels, n_dropped = n_labels + len(lines), n_dropped + len(lines) - len(kept)
         stats[split] = {"images": len(images), "labels": n_labels, "dropped_labels": n_dropped}
         log.info("%s %s severity %d: %d images, %d of %d labels dropped -> %s", split, condition, severity,
                  len(images), n_dropped, n_labels, img_dir)

@@ -26,7 +26,6 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from common.protocol import KD_SELECTIONS
-from common.routing import CANDIDATE_CONF
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 PRESETS = ("quick", "standard", "paper")
@@ -148,13 +147,19 @@ class EvalConfig:
 
 @dataclass
 class RoutingConfig:
-    """Ambiguity routing (paper section 4.2 (a)-(c)); the ClientApp reports what it would offload."""
+    """Cloud-edge collaboration (paper section 4.2): every threshold and choice of the collaboration step.
 
-    det_conf: float = 0.25  # the edge model's detection threshold
+    The one place of their names and defaults: the edge runtime (``clients.edge``, its CLI defaults),
+    the ClientApp's collaboration metrics and the benchmarks build their settings from it
+    (``clients.collab.CollabSettings.from_config``); the cloud service's CLI reads ``cloud_conf``,
+    ``label_conf`` and ``crop_zoom`` from it.
+    """
+
+    det_conf: float = 0.25  # the edge's answer: its boxes from this confidence on
     # the edge also detects down to this confidence (0: off); boxes below det_conf are candidates: not in its
     # answer, offloaded, kept only where the cloud confirms them (clients.edge --candidate-conf). With crops they
     # cover what the edge nearly missed: collaboration.md, crops at 0.05 vs whole keyframes
-    candidate_conf: float = CANDIDATE_CONF
+    candidate_conf: float = 0.05
     t_conf: float = 0.5  # below: ambiguous (low confidence)
     t_size: float = 256.0  # box area in px^2 below: ambiguous (small)
     n_frames: int = 5  # keyframes over which an intermittent track is ambiguous (videos)
@@ -166,12 +171,23 @@ class RoutingConfig:
     # "crops" (around the ambiguous boxes and the candidates, with context) or "frame" (the whole keyframe):
     # benchmarks/results/collaboration.md
     offload: str = "crops"
+    context: float = 0.5  # crop margin per side, as a fraction of the box
+    min_crop: int = 32  # minimum crop side in px
+    jpeg_quality: int = 90
+    atlas: bool = True  # a keyframe's crops on one JPEG (false: one JPEG per crop)
+    merge_iou: float = 0.5  # an edge and a cloud box overlapping this much are one object
     # merge keeps offloaded edge boxes that no cloud box overlaps: higher collaborative mAP50 and recall on every
     # seed with crops (benchmarks/results/reproduce_standard.md, collaboration.md); false: the paper's merge
     keep_unanswered: bool = True
     # overlaps of edge and cloud boxes: "fuse" (one box, noisy-or confidence: edge and cloud as an ensemble) or
     # "cloud" (the cloud's box wins, the paper's); fuse >= cloud on every site measured (collaboration.md)
     merge: str = "fuse"
+    # the cloud service answers from cloud_conf on (the edge fuses its less sure boxes too: at 0.15 instead of 0.25
+    # the collaboration's FNR fell on every site of collaboration.md); its hard-sample store keeps only boxes from
+    # label_conf on (cloud->edge KD trains on them); crops are detected crop_zoom times their size
+    cloud_conf: float = 0.15
+    label_conf: float = 0.25
+    crop_zoom: float = 2.0
 
 
 @dataclass

@@ -87,6 +87,8 @@ from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 
+from common.detections import as_boxes, box_iou
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -522,52 +524,6 @@ class KeyframeWindow:
 # --------------------------------------------------------------------------- #
 # IoU and short tracks
 # --------------------------------------------------------------------------- #
-def _as_boxes(boxes: Any, name: str) -> np.ndarray:
-    arr = np.asarray(boxes, dtype=np.float64)
-    if arr.size == 0:
-        return arr.reshape(0, 4)
-    if arr.ndim != 2 or arr.shape[1] != 4:
-        raise ValueError(f"{name} must have shape (N, 4) xyxy, got {arr.shape}")
-    return arr
-
-
-def box_iou(a: Any, b: Any) -> np.ndarray:
-    """Pairwise IoU of two sets of xyxy boxes.
-
-    ``IoU(a_i, b_j) = |a_i ∩ b_j| / (|a_i| + |b_j| − |a_i ∩ b_j|)``; 0 where
-    the union is 0 (two degenerate boxes).
-
-    Parameters
-    ----------
-    a : array_like
-        ``(N, 4)`` boxes ``x1, y1, x2, y2``.
-    b : array_like
-        ``(M, 4)`` boxes.
-
-    Returns
-    -------
-    np.ndarray
-        ``(N, M)`` float64.
-
-    Examples
-    --------
-    ``[0, 0, 2, 2]`` and ``[1, 1, 3, 3]``: intersection 1, union 4 + 4 − 1 = 7,
-    IoU = 1/7 ≈ 0.1429.
-    """
-    a = _as_boxes(a, "a")
-    b = _as_boxes(b, "b")
-    lt = np.maximum(a[:, None, :2], b[None, :, :2])  # (N, M, 2)
-    rb = np.minimum(a[:, None, 2:], b[None, :, 2:])  # (N, M, 2)
-    wh = np.clip(rb - lt, 0.0, None)
-    inter = wh[..., 0] * wh[..., 1]  # (N, M)
-    area_a = np.clip(a[:, 2] - a[:, 0], 0, None) * np.clip(a[:, 3] - a[:, 1], 0, None)
-    area_b = np.clip(b[:, 2] - b[:, 0], 0, None) * np.clip(b[:, 3] - b[:, 1], 0, None)
-    union = area_a[:, None] + area_b[None, :] - inter
-    out = np.zeros_like(inter)
-    np.divide(inter, union, out=out, where=union > 0)
-    return out
-
-
 @dataclass
 class Track:
     """One short object track across keyframes.
@@ -648,7 +604,7 @@ class IoUTracker:
         np.ndarray
             ``(N,)`` int64 track id per detection.
         """
-        boxes = _as_boxes(boxes, "boxes")
+        boxes = as_boxes(boxes, "boxes")
         classes = np.asarray(classes).reshape(-1)
         if classes.shape[0] != boxes.shape[0]:
             raise ValueError(

@@ -57,17 +57,29 @@ KD_LOSS = "kd-loss"  # mean distillation loss of the last epoch (KD rounds only)
 START_VAL_MAP50 = "start-val-map50"
 TEACHER_VAL_MAP50 = "teacher-val-map50"
 TEACHERS_KEPT = "teachers-kept"
-# ambiguity routing on the site's test split (paper section 4.2), optional
-OFFLOAD_FRACTION = "offload-fraction"  # share of edge detections that would go to the cloud
-EDGE_RECALL = "edge-recall"  # recall (IoU 0.5, class-agnostic) of all edge detections
-CONFIDENT_RECALL = "confident-recall"  # ... of the confident ones only (edge output without the cloud)
+# ambiguity routing on the site's test split (paper section 4.2), optional: every test image a keyframe through
+# the collaboration step (clients.collab); recall, FNR and mAP50 class-aware at IoU 0.5 (common.detections.score)
+OFFLOAD_FRACTION = "offload-fraction"  # share of the edge's answer boxes that are ambiguous (go to the cloud)
+EDGE_RECALL = "edge-recall"  # recall of the edge's answer
+CONFIDENT_RECALL = "confident-recall"  # ... of its confident boxes only (what the edge keeps without a cloud)
 EDGE_LATENCY_MS = "edge-latency-ms"  # per image, batch 1
-ROUTING_KEYS = (OFFLOAD_FRACTION, EDGE_RECALL, CONFIDENT_RECALL, EDGE_LATENCY_MS)
-# collaboration with the cloud detection service (only when the node knows the service), optional
+EDGE_MAP50 = "edge-map50"  # mAP50 of the edge's answer
+EDGE_FNR = "edge-fnr"  # 1 - edge-recall
+OFFLOAD_LOW_CONF = "offload-low-conf"  # answer boxes offloaded for low confidence (a box may have several reasons)
+OFFLOAD_SMALL = "offload-small"  # ... for a small area
+OFFLOAD_UNSTABLE = "offload-unstable"  # ... for an intermittent track (videos only)
+OFFLOAD_CANDIDATES = "offload-candidates"  # boxes below routing.det_conf offloaded as candidates
+REASON_KEYS = {"low_conf": OFFLOAD_LOW_CONF, "small": OFFLOAD_SMALL, "unstable": OFFLOAD_UNSTABLE,
+               "candidate": OFFLOAD_CANDIDATES}
+ROUTING_KEYS = (OFFLOAD_FRACTION, EDGE_RECALL, CONFIDENT_RECALL, EDGE_LATENCY_MS, EDGE_MAP50, EDGE_FNR,
+                *REASON_KEYS.values())
+# collaboration with the cloud detection service (only when the node knows the service and it answered), optional
 COLLAB_RECALL = "collab-recall"  # recall of the merged edge + cloud answer
 COLLAB_LATENCY_MS = "collab-latency-ms"  # per image: edge + cloud round trip when offloaded
 UPLOAD_BYTES = "upload-bytes"  # JPEG bytes sent per test image
-COLLAB_KEYS = (COLLAB_RECALL, COLLAB_LATENCY_MS, UPLOAD_BYTES)
+COLLAB_MAP50 = "collab-map50"  # mAP50 of the merged answer
+COLLAB_FNR = "collab-fnr"  # 1 - collab-recall
+COLLAB_KEYS = (COLLAB_RECALL, COLLAB_LATENCY_MS, UPLOAD_BYTES, COLLAB_MAP50, COLLAB_FNR)
 
 # ConfigRecord "site" (client -> server)
 SITE_ID = "site-id"

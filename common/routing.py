@@ -11,8 +11,8 @@ the cloud model for re-detection, when it meets one or more of:
 The final result merges the confident, unambiguous edge detections with the
 cloud's detections for what was offloaded. Choices where the paper is unclear:
 
-``t_size`` default
-    The paper gives no value. Default 256 px² (16×16), the upper bound of the
+``t_size``
+    The paper gives no value. ``routing.t_size`` is 256 px² (16×16), the upper bound of the
     "tiny" class in small-object benchmarks (AI-TOD: < 16×16), which matches
     the built-in benchmark's object sizes. COCO's "small" (< 32²) would send
     almost every VisDrone object to the cloud. Areas are in the pixel units of
@@ -39,63 +39,31 @@ Merge
     detection that the cloud does not confirm is dropped (the cloud's answer
     for that region is authoritative, this is what cuts false positives).
 
-Crops
-    Each ambiguous box is widened by ``context`` × its width/height on each
-    side, grown symmetrically to at least ``min_size`` px per side, shifted
-    back inside the image and clipped to it, and rounded outwards to whole
-    pixels. Crops whose intersection has positive area are replaced by their
-    bounding rectangle, repeatedly, until no two overlap (touching crops are
-    kept apart). In ``"frame"`` mode the whole frame is sent once when anything
-    is ambiguous.
-
-Crop atlas
-    The crops of one keyframe are sent as *one* JPEG (:func:`encode_atlas`):
-    each crop, padded to a multiple of 16 px by repeating its edge pixels,
-    sits on a 16-px grid of a near-square canvas. A JPEG from OpenCV carries
-    about 620 bytes of headers and tables whatever its size, as much as a
-    32×32 crop's own data; one atlas pays them once per keyframe. On the
-    16-px grid no JPEG block (8 px luma, 16 px for 4:2:0 chroma) holds pixels
-    of two crops, so each crop decodes as it would have alone.
-
-:class:`Detections` is the light, JSON-friendly detection type shared by the
-edge runtime and the cloud service. No flwr, ultralytics, wandb or torch here;
-OpenCV is imported lazily, only to JPEG-encode crops and atlases.
+Crop regions, atlases and frame coordinates of what is offloaded: :mod:`common.offload`.
+Detections come from :mod:`common.detections`. No flwr, ultralytics, wandb, torch or OpenCV here.
 """
 
 from __future__ import annotations
 
 import logging
 from collections import Counter
-from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from common.keyframes import box_iou
+from common.detections import Detections, as_boxes, box_area, box_iou
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "REASONS",
-    "Detections",
     "is_unstable",
     "ambiguity_reasons",
     "ambiguous_mask",
     "Routing",
     "route",
     "merge",
-    "crop_regions",
-    "merge_overlapping",
-    "to_frame_coords",
-    "OffloadPlan",
-    "offload_plan",
-    "crop_image",
-    "encode_regions",
-    "shelf_pack",
-    "atlas_layout",
-    "encode_atlas",
-    "payload_bytes",
-    "raw_bytes",
     "OffloadStats",
     "offload_stats",
     "offload_fraction",
@@ -108,139 +76,6 @@ REASON_SMALL = "small"
 REASON_UNSTABLE = "unstable"
 #: Reason names, in the order they are reported.
 REASONS = (REASON_LOW_CONF, REASON_SMALL, REASON_UNSTABLE)
-
-
-# --------------------------------------------------------------------------- #
-# Detections
-# --------------------------------------------------------------------------- #
-def _as_boxes(boxes: Any, name: str = "boxes") -> np.ndarray:
-    arr = np.asarray(boxes, dtype=np.float64)
-    if arr.size == 0:
-        return arr.reshape(0, 4)
-    if arr.ndim != 2 or arr.shape[1] != 4:
-        raise ValueError(f"{name} must have shape (N, 4) xyxy, got {arr.shape}")
-    return arr
-
-
-def _area(xyxy: np.ndarray) -> np.ndarray:
-    w = np.clip(xyxy[:, 2] - xyxy[:, 0], 0, None)
-    h = np.clip(xyxy[:, 3] - xyxy[:, 1], 0, None)
-    return w * h  # (N,)
-
-
-@dataclass(eq=False)
-class Detections:
-    """Detections of one image as parallel numpy arrays.
-
-    Attributes
-    ----------
-    xyxy : np.ndarray
-        ``(N, 4)`` float64 boxes ``x1, y1, x2, y2`` in pixels.
-    conf : np.ndarray
-        ``(N,)`` float64 confidences in [0, 1].
-    cls : np.ndarray
-        ``(N,)`` int64 class ids.
-
-    Examples
-    --------
-    >>> d = Detections([[0, 0, 10, 20]], [0.9], [3])
-    >>> len(d), d.area.tolist(), d.to_list()
-    (1, [200.0], [{'xyxy': [0.0, 0.0, 10.0, 20.0], 'conf': 0.9, 'cls': 3}])
-    """
-
-    xyxy: Any = field(default_factory=lambda: np.zeros((0, 4)))
-    conf: Any = field(default_factory=lambda: np.zeros(0))
-    cls: Any = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
-
-    def __post_init__(self) -> None:
-        xyxy = np.asarray(self.xyxy, dtype=np.float64)
-        if xyxy.size == 0:
-            xyxy = xyxy.reshape(0, 4)
-        if xyxy.ndim != 2 or xyxy.shape[1] != 4:
-            raise ValueError(f"xyxy must have shape (N, 4), got {xyxy.shape}")
-        conf = np.asarray(self.conf, dtype=np.float64).reshape(-1)
-        cls_f = np.asarray(self.cls).reshape(-1)
-        if conf.shape[0] != xyxy.shape[0] or cls_f.shape[0] != xyxy.shape[0]:
-            raise ValueError(
-                f"xyxy, conf and cls must have the same length, got "
-                f"{xyxy.shape[0]}, {conf.shape[0]}, {cls_f.shape[0]}"
-            )
-        if cls_f.size and not np.all(np.asarray(cls_f, dtype=np.float64) % 1 == 0):
-            raise ValueError(f"cls must be integers, got {cls_f.tolist()}")
-        self.xyxy = xyxy
-        self.conf = conf
-        self.cls = cls_f.astype(np.int64)
-
-    @classmethod
-    def empty(cls) -> "Detections":
-        return cls()
-
-    def __len__(self) -> int:
-        return int(self.xyxy.shape[0])
-
-    def __getitem__(self, index: Any) -> "Detections":
-        """Index, slice, integer array or boolean mask → a new Detections."""
-        if isinstance(index, (int, np.integer)):
-            index = [int(index)]
-        return Detections(self.xyxy[index], self.conf[index], self.cls[index])
-
-    def select(self, mask: Any) -> "Detections":
-        """Detections where ``mask`` (``(N,)`` bool) is True."""
-        mask = np.asarray(mask, dtype=bool).reshape(-1)
-        if mask.shape[0] != len(self):
-            raise ValueError(f"mask has {mask.shape[0]} entries for {len(self)} detections")
-        return self[mask]
-
-    @classmethod
-    def concat(cls, parts: Iterable["Detections"]) -> "Detections":
-        parts = list(parts)
-        if not parts:
-            return cls()
-        return cls(
-            np.concatenate([p.xyxy for p in parts]),
-            np.concatenate([p.conf for p in parts]),
-            np.concatenate([p.cls for p in parts]),
-        )
-
-    @property
-    def area(self) -> np.ndarray:
-        """``(N,)`` box areas ``(x2 - x1)·(y2 - y1)`` in px² (0 for inverted boxes)."""
-        return _area(self.xyxy)
-
-    def to_list(self) -> list[dict[str, Any]]:
-        """JSON-friendly ``[{"xyxy": [x1, y1, x2, y2], "conf": c, "cls": k}, ...]``."""
-        return [
-            {"xyxy": [float(v) for v in box], "conf": float(c), "cls": int(k)}
-            for box, c, k in zip(self.xyxy, self.conf, self.cls)
-        ]
-
-    @classmethod
-    def from_list(cls, items: Sequence[Mapping[str, Any]]) -> "Detections":
-        """Inverse of :meth:`to_list`; a bad item raises ValueError naming its index."""
-        if isinstance(items, (str, bytes)) or not isinstance(items, Sequence):
-            raise ValueError(f"detections must be a list of objects, got {type(items).__name__}")
-        boxes, confs, classes = [], [], []
-        for i, item in enumerate(items):
-            if not isinstance(item, Mapping):
-                raise ValueError(f"detection {i} must be an object, got {type(item).__name__}")
-            for key in ("xyxy", "conf", "cls"):
-                if key not in item:
-                    raise ValueError(f"detection {i} lacks key {key!r}")
-            try:
-                box = [float(v) for v in item["xyxy"]]
-                conf = float(item["conf"])
-                k = item["cls"]
-                if isinstance(k, bool) or float(k) != int(k):
-                    raise TypeError
-                k = int(k)
-            except (TypeError, ValueError):
-                raise ValueError(f"detection {i} has a non-numeric value: {dict(item)!r}") from None
-            if len(box) != 4 or not np.all(np.isfinite(box)) or not np.isfinite(conf):
-                raise ValueError(f"detection {i} has a bad box or confidence: {dict(item)!r}")
-            boxes.append(box)
-            confs.append(conf)
-            classes.append(k)
-        return cls(np.array(boxes).reshape(-1, 4), confs, classes)
 
 
 # --------------------------------------------------------------------------- #
@@ -281,10 +116,11 @@ def is_unstable(history: Sequence[bool] | None, n_frames: int = 5) -> bool:
 def ambiguity_reasons(
     boxes: Any,
     scores: Any,
-    track_histories: Sequence[Sequence[bool] | None] | None = None,
-    t_conf: float = 0.5,
-    t_size: float = 256.0,
-    n_frames: int = 5,
+    track_histories: Sequence[Sequence[bool] | None] | None,
+    *,
+    t_conf: float,
+    t_size: float,
+    n_frames: int,
 ) -> list[tuple[str, ...]]:
     """Why each detection is ambiguous (paper 4.2 (a)-(c)); ``()`` = confident.
 
@@ -325,7 +161,7 @@ def ambiguity_reasons(
     if not t_size >= 0:
         raise ValueError(f"t_size must be >= 0 px², got {t_size!r}")
     n_frames = _check_n_frames(n_frames)
-    xyxy = _as_boxes(boxes)
+    xyxy = as_boxes(boxes)
     conf = np.asarray(scores, dtype=np.float64).reshape(-1)
     n = xyxy.shape[0]
     if conf.shape[0] != n:
@@ -333,7 +169,7 @@ def ambiguity_reasons(
     if track_histories is not None and len(track_histories) != n:
         raise ValueError(f"track_histories has {len(track_histories)} entries for {n} detections")
     low = conf < t_conf
-    small = _area(xyxy) < t_size
+    small = box_area(xyxy) < t_size
     out: list[tuple[str, ...]] = []
     for i in range(n):
         reasons = []
@@ -364,10 +200,11 @@ class Routing:
 
 def route(
     detections: Detections,
-    track_histories: Sequence[Sequence[bool] | None] | None = None,
-    t_conf: float = 0.5,
-    t_size: float = 256.0,
-    n_frames: int = 5,
+    track_histories: Sequence[Sequence[bool] | None] | None,
+    *,
+    t_conf: float,
+    t_size: float,
+    n_frames: int,
 ) -> Routing:
     """Split edge detections into confident ones and ones to offload.
 
@@ -379,9 +216,8 @@ def route(
     Scores ``[0.9, 0.3]`` on two 20×20 boxes, no tracks → mask ``[False, True]``,
     reasons ``[(), ("low_conf",)]``.
     """
-    reasons = ambiguity_reasons(
-        detections.xyxy, detections.conf, track_histories, t_conf, t_size, n_frames
-    )
+    reasons = ambiguity_reasons(detections.xyxy, detections.conf, track_histories, t_conf=t_conf, t_size=t_size,
+                                n_frames=n_frames)
     mask = ambiguous_mask(reasons).reshape(len(detections))
     return Routing(detections.select(~mask), detections.select(mask), mask, reasons)
 
@@ -390,9 +226,6 @@ def route(
 # Merge
 # --------------------------------------------------------------------------- #
 MERGE_POLICIES = ("cloud", "fuse")
-#: the edge's candidates (boxes below its answer threshold, sent to the cloud) start at this confidence
-#: (``routing.candidate_conf``, ``clients.edge --candidate-conf``; benchmarks/results/collaboration.md)
-CANDIDATE_CONF = 0.05
 
 
 def merge(
@@ -499,374 +332,6 @@ def merge(
 
 
 # --------------------------------------------------------------------------- #
-# Offload planning: crops and coordinates
-# --------------------------------------------------------------------------- #
-def _image_hw(image_shape: Any) -> tuple[int, int]:
-    try:
-        h, w = int(image_shape[0]), int(image_shape[1])
-    except (TypeError, ValueError, IndexError):
-        raise ValueError(f"image_shape must be (H, W[, C]), got {image_shape!r}") from None
-    if h <= 0 or w <= 0:
-        raise ValueError(f"image_shape must be positive, got {image_shape!r}")
-    return h, w
-
-
-def _grow_1d(lo: np.ndarray, hi: np.ndarray, min_len: float, limit: int):
-    """Grow [lo, hi) symmetrically to >= min_len, then shift/clip into [0, limit]."""
-    length = hi - lo
-    pad = np.clip(min_len - length, 0, None) / 2.0
-    lo, hi = lo - pad, hi + pad
-    # shift windows that stick out on one side back inside, keeping their length
-    shift_right = np.clip(-lo, 0, None)
-    lo, hi = lo + shift_right, hi + shift_right
-    shift_left = np.clip(hi - limit, 0, None)
-    lo, hi = lo - shift_left, hi - shift_left
-    return np.clip(lo, 0, limit), np.clip(hi, 0, limit)
-
-
-def merge_overlapping(windows: Any) -> np.ndarray:
-    """Replace overlapping windows by their bounding rectangle until none overlap.
-
-    Two windows overlap when their intersection has positive area (touching
-    edges do not count). The result is sorted by ``(y1, x1, y2, x2)``.
-
-    Examples
-    --------
-    ``[0,0,10,10]``, ``[5,5,20,20]``, ``[20,0,30,5]`` → the first two merge into
-    ``[0,0,20,20]``, which only touches the third: ``[[0,0,20,20],[20,0,30,5]]``.
-    """
-    boxes = [list(map(int, w)) for w in np.asarray(windows).reshape(-1, 4)]
-    changed = True
-    while changed:
-        changed = False
-        for i in range(len(boxes)):
-            for j in range(i + 1, len(boxes)):
-                a, b = boxes[i], boxes[j]
-                if min(a[2], b[2]) > max(a[0], b[0]) and min(a[3], b[3]) > max(a[1], b[1]):
-                    boxes[i] = [min(a[0], b[0]), min(a[1], b[1]), max(a[2], b[2]), max(a[3], b[3])]
-                    del boxes[j]
-                    changed = True
-                    break
-            if changed:
-                break
-    boxes.sort(key=lambda b: (b[1], b[0], b[3], b[2]))
-    return np.array(boxes, dtype=np.int64).reshape(-1, 4)
-
-
-def crop_regions(
-    boxes: Any,
-    image_shape: Any,
-    context: float = 0.5,
-    min_size: int = 32,
-    merge_overlaps: bool = True,
-) -> np.ndarray:
-    """Crop windows around boxes, with context, inside the image, overlaps merged.
-
-    For a box of width w, height h: ``[x1 - c·w, y1 - c·h, x2 + c·w, y2 + c·h]``
-    (c = ``context``), grown symmetrically to at least ``min_size`` per side,
-    shifted back inside the image and clipped to ``[0, W] × [0, H]``, rounded
-    outwards (floor x1/y1, ceil x2/y2); then overlapping windows are merged
-    (:func:`merge_overlapping`).
-
-    Parameters
-    ----------
-    boxes : array_like
-        ``(N, 4)`` xyxy in frame pixels.
-    image_shape : tuple
-        ``(H, W)`` or ``(H, W, C)``.
-    context : float
-        Margin on each side as a fraction of the box size (>= 0).
-    min_size : int
-        Minimum crop side in px (a crop is smaller only if the image is).
-    merge_overlaps : bool
-        Merge overlapping crops (default True).
-
-    Returns
-    -------
-    np.ndarray
-        ``(K, 4)`` int64 windows ``x1, y1, x2, y2``, K <= N.
-
-    Examples
-    --------
-    Box ``[100, 100, 120, 110]`` (w = 20, h = 10), context 0.5, min 32, image
-    480×640: widened to ``[90, 95, 130, 115]`` (40×20); height 20 < 32 grows by
-    6 each side → ``[90, 89, 130, 121]``.
-    """
-    if not context >= 0:
-        raise ValueError(f"context must be >= 0, got {context!r}")
-    if int(min_size) != min_size or min_size < 1:
-        raise ValueError(f"min_size must be an integer >= 1 px, got {min_size!r}")
-    h_img, w_img = _image_hw(image_shape)
-    b = _as_boxes(boxes)
-    if b.shape[0] == 0:
-        return np.zeros((0, 4), dtype=np.int64)
-    bw = np.clip(b[:, 2] - b[:, 0], 0, None)
-    bh = np.clip(b[:, 3] - b[:, 1], 0, None)
-    x1, x2 = _grow_1d(b[:, 0] - context * bw, b[:, 2] + context * bw, min_size, w_img)
-    y1, y2 = _grow_1d(b[:, 1] - context * bh, b[:, 3] + context * bh, min_size, h_img)
-    windows = np.stack(
-        [np.floor(x1), np.floor(y1), np.ceil(x2), np.ceil(y2)], axis=1
-    ).astype(np.int64)
-    return merge_overlapping(windows) if merge_overlaps else windows
-
-
-def to_frame_coords(
-    dets_in_crop: Detections,
-    crop_origin: Sequence[float],
-    scale: float | Sequence[float] = 1.0,
-) -> Detections:
-    """Map detections found on a crop back to frame coordinates.
-
-    ``x_frame = x_crop / s_x + x0`` and ``y_frame = y_crop / s_y + y0``, where
-    ``(x0, y0)`` is the crop's top-left corner in the frame and ``s`` the factor
-    the crop was resized by before detection (sent size = crop size · s).
-
-    Examples
-    --------
-    A box ``[10, 20, 30, 40]`` on a crop at origin ``(100, 50)`` that was sent
-    at 2× → ``[105, 60, 115, 70]``.
-    """
-    try:
-        x0, y0 = (float(v) for v in crop_origin)
-    except (TypeError, ValueError):
-        raise ValueError(f"crop_origin must be (x0, y0), got {crop_origin!r}") from None
-    try:
-        if np.ndim(scale) == 0:
-            sx = sy = float(scale)  # type: ignore[arg-type]
-        else:
-            sx, sy = (float(v) for v in scale)  # type: ignore[union-attr]
-    except (TypeError, ValueError):
-        raise ValueError(f"scale must be a number or (sx, sy), got {scale!r}") from None
-    if not (sx > 0 and sy > 0):
-        raise ValueError(f"scale must be > 0, got {scale!r}")
-    xyxy = dets_in_crop.xyxy / np.array([sx, sy, sx, sy]) + np.array([x0, y0, x0, y0])
-    return Detections(xyxy, dets_in_crop.conf.copy(), dets_in_crop.cls.copy())
-
-
-@dataclass(eq=False)
-class OffloadPlan:
-    """What to send to the cloud for one keyframe.
-
-    ``regions`` are ``(K, 4)`` int64 windows in frame pixels (one full-frame
-    window in ``"frame"`` mode, none when nothing is ambiguous); ``box_region[i]``
-    is the index of the region that covers detection i, -1 if i is not offloaded.
-    """
-
-    mode: str
-    regions: np.ndarray
-    box_region: np.ndarray
-
-    @property
-    def empty(self) -> bool:
-        return self.regions.shape[0] == 0
-
-
-def offload_plan(
-    boxes: Any,
-    offload_mask: Any,
-    image_shape: Any,
-    mode: str = "crops",
-    context: float = 0.5,
-    min_size: int = 32,
-) -> OffloadPlan:
-    """Plan the upload for one keyframe: crops around ambiguous boxes or the whole frame.
-
-    Parameters
-    ----------
-    boxes : array_like
-        ``(N, 4)`` xyxy of all edge detections (frame pixels).
-    offload_mask : array_like
-        ``(N,)`` bool, True for ambiguous detections.
-    image_shape : tuple
-        ``(H, W)`` or ``(H, W, C)``.
-    mode : {"crops", "frame"}
-        Send merged crops (see :func:`crop_regions`) or the full frame.
-
-    Examples
-    --------
-    Ambiguous boxes ``[10,10,20,20]`` and ``[600,400,610,410]`` on a 480×640
-    image in ``"crops"`` mode → regions ``[0,0,32,32]`` and ``[589,389,621,421]``
-    (sorted top to bottom), ``box_region == [0, 1]``; in ``"frame"`` mode → one
-    region ``[0, 0, 640, 480]``, ``box_region == [0, 0]``.
-    """
-    if mode not in ("crops", "frame"):
-        raise ValueError(f"mode must be 'crops' or 'frame', got {mode!r}")
-    h_img, w_img = _image_hw(image_shape)
-    xyxy = _as_boxes(boxes)
-    mask = np.asarray(offload_mask, dtype=bool).reshape(-1)
-    if mask.shape[0] != xyxy.shape[0]:
-        raise ValueError(f"offload_mask has {mask.shape[0]} entries for {xyxy.shape[0]} boxes")
-    box_region = np.full(xyxy.shape[0], -1, dtype=np.int64)
-    if not mask.any():
-        return OffloadPlan(mode, np.zeros((0, 4), dtype=np.int64), box_region)
-    if mode == "frame":
-        box_region[mask] = 0
-        return OffloadPlan(mode, np.array([[0, 0, w_img, h_img]], dtype=np.int64), box_region)
-    regions = crop_regions(xyxy[mask], (h_img, w_img), context=context, min_size=min_size)
-    # the region that contains the (clipped) box; every crop contains its own box
-    clipped = np.clip(xyxy[mask], 0, [w_img, h_img, w_img, h_img])
-    inside = (
-        (regions[None, :, 0] <= clipped[:, None, 0])
-        & (regions[None, :, 1] <= clipped[:, None, 1])
-        & (regions[None, :, 2] >= clipped[:, None, 2])
-        & (regions[None, :, 3] >= clipped[:, None, 3])
-    )  # (n_offloaded, K)
-    assert inside.any(axis=1).all(), "a crop region must contain its box"
-    box_region[mask] = np.argmax(inside, axis=1)
-    return OffloadPlan(mode, regions, box_region)
-
-
-def crop_image(image: np.ndarray, region: Sequence[int]) -> np.ndarray:
-    """The pixels of ``region`` (``x1, y1, x2, y2``) of an ``(H, W[, C])`` image (a view)."""
-    x1, y1, x2, y2 = (int(v) for v in region)
-    h, w = _image_hw(image.shape)
-    if not (0 <= x1 < x2 <= w and 0 <= y1 < y2 <= h):
-        raise ValueError(f"region {[x1, y1, x2, y2]} is empty or outside the {w}x{h} image")
-    return image[y1:y2, x1:x2]
-
-
-def encode_regions(image: np.ndarray, regions: Any, quality: int = 90) -> list[bytes]:
-    """JPEG-encode each region of ``image`` with OpenCV (imported lazily).
-
-    Returns one ``bytes`` per region, in order.
-    """
-    if not 1 <= int(quality) <= 100:
-        raise ValueError(f"quality must be in [1, 100], got {quality!r}")
-    try:
-        import cv2  # noqa: PLC0415 - optional, only for the byte counts
-    except ImportError as exc:  # pragma: no cover - depends on the install
-        raise ImportError("encode_regions needs opencv-python (cv2) to JPEG-encode") from exc
-    out = []
-    for region in np.asarray(regions).reshape(-1, 4):
-        ok, buf = cv2.imencode(
-            ".jpg", np.ascontiguousarray(crop_image(image, region)),
-            [int(cv2.IMWRITE_JPEG_QUALITY), int(quality)],
-        )
-        if not ok:
-            raise ValueError(f"cv2.imencode failed for region {region.tolist()}")
-        out.append(buf.tobytes())
-    return out
-
-
-def shelf_pack(
-    sizes: Sequence[tuple[int, int]], width: int, height: int | None = None, gap: int = 0
-) -> list[tuple[int, int, int] | None]:
-    """Shelf packing of rectangles ``(w, h)`` onto canvases ``width`` wide (and ``height`` tall).
-
-    Returns ``(canvas index, x, y)`` per rectangle (its top-left corner), or None for
-    one that does not fit a canvas. Rectangles go tallest first (ties in input order);
-    each shelf is a row as tall as its first rectangle, ``gap`` px between neighbours
-    and between shelves. ``height=None``: one canvas, as tall as needed.
-
-    Examples
-    --------
-    Canvases 100×100, gap 2: sizes (60, 40), (50, 50), (30, 20) → the 50×50 at
-    ``(0, 0, 0)``; the 60×40 does not fit beside it (52 + 60 > 100) → next shelf
-    ``(0, 0, 52)``; the 30×20 beside it at ``(0, 62, 52)``.
-    """
-    if int(width) < 1 or (height is not None and int(height) < 1) or int(gap) < 0:
-        raise ValueError(f"need width, height >= 1 and gap >= 0, got {width!r}, {height!r}, {gap!r}")
-    out: list[tuple[int, int, int] | None] = [None] * len(sizes)
-    index, x, y, shelf = 0, 0, 0, 0
-    for i in sorted(range(len(sizes)), key=lambda k: -sizes[k][1]):
-        w, h = (int(v) for v in sizes[i])
-        if w > width or (height is not None and h > height):
-            continue
-        if x + w > width:  # next shelf
-            x, y, shelf = 0, y + shelf + gap, 0
-        if height is not None and y + h > height:  # next canvas
-            index, x, y, shelf = index + 1, 0, 0, 0
-        out[i] = (index, x, y)
-        x, shelf = x + w + gap, max(shelf, h)
-    return out
-
-
-def atlas_layout(sizes: Sequence[tuple[int, int]], align: int = 16) -> tuple[np.ndarray, tuple[int, int]]:
-    """Where each crop ``(w, h)`` goes in a crop atlas, and the atlas size ``(W, H)``.
-
-    Each crop takes a cell of its size rounded up to a multiple of ``align``; the
-    atlas is ``W = max(widest cell, ⌈√(Σ cell areas) / align⌉ · align)`` wide (near
-    square) and the cells are shelf-packed onto it without gaps (:func:`shelf_pack`).
-    Every cell, hence every crop, starts on the ``align`` grid.
-
-    Returns ``(K, 2)`` int64 top-left corners ``(ax, ay)`` and ``(W, H)``.
-
-    Examples
-    --------
-    Crops 40×32 and 20×10, align 16: cells 48×32 and 32×16, areas 1536 + 512 →
-    √2048 ≈ 45.3 → W = 48; the 48×32 at (0, 0), the 32×16 on the next shelf at
-    (0, 32); ``(W, H) = (48, 48)``.
-    """
-    if int(align) < 1:
-        raise ValueError(f"align must be >= 1 px, got {align!r}")
-    if any(w < 1 or h < 1 for w, h in sizes):
-        raise ValueError(f"crop sizes must be >= 1 px, got {list(sizes)!r}")
-    cells = [(-(-int(w) // align) * align, -(-int(h) // align) * align) for w, h in sizes]
-    if not cells:
-        return np.zeros((0, 2), dtype=np.int64), (0, 0)
-    side = -(-int(np.ceil(np.sqrt(sum(w * h for w, h in cells)))) // align) * align
-    width = max(max(w for w, _ in cells), side)
-    places = shelf_pack(cells, width)
-    corners = np.array([(x, y) for _, x, y in places], dtype=np.int64)  # type: ignore[misc]
-    height = max(y + h for (_, y), (_, h) in zip(corners.tolist(), cells))
-    return corners, (int(width), int(height))
-
-
-def encode_atlas(image: np.ndarray, regions: Any, quality: int = 90, align: int = 16) -> tuple[bytes, np.ndarray]:
-    """The regions of ``image`` on one crop atlas, JPEG-encoded (see "Crop atlas" above).
-
-    Each crop is padded right and down to its :func:`atlas_layout` cell by repeating
-    its last column/row; the rest of the atlas is gray (114). Returns the JPEG and the
-    ``(K, 2)`` atlas corners ``(ax, ay)`` of the crops, in the order of ``regions``;
-    crop k is ``atlas[ay:ay + h_k, ax:ax + w_k]`` with ``w_k × h_k`` its region's size.
-    """
-    if not 1 <= int(quality) <= 100:
-        raise ValueError(f"quality must be in [1, 100], got {quality!r}")
-    import cv2  # lazily, as in encode_regions
-
-    crops = [crop_image(image, r) for r in np.asarray(regions).reshape(-1, 4)]
-    if not crops:
-        raise ValueError("encode_atlas needs at least one region")
-    corners, (width, height) = atlas_layout([(c.shape[1], c.shape[0]) for c in crops], align)
-    canvas = np.full((height, width) + image.shape[2:], 114, dtype=image.dtype)
-    for crop, (ax, ay) in zip(crops, corners.tolist()):
-        h, w = crop.shape[:2]
-        cell = cv2.copyMakeBorder(np.ascontiguousarray(crop), 0, -h % align, 0, -w % align, cv2.BORDER_REPLICATE)
-        canvas[ay:ay + cell.shape[0], ax:ax + cell.shape[1]] = cell.reshape(cell.shape[:2] + image.shape[2:])
-    ok, buf = cv2.imencode(".jpg", canvas, [int(cv2.IMWRITE_JPEG_QUALITY), int(quality)])
-    if not ok:
-        raise ValueError(f"cv2.imencode failed for a {width}x{height} atlas")
-    return buf.tobytes(), corners
-
-
-def payload_bytes(encoded: Iterable[bytes | int]) -> int:
-    """Total upload size: the sum of the encoded sizes (``bytes`` or ints).
-
-    Examples
-    --------
-    ``payload_bytes([b"abc", 10]) == 13``.
-    """
-    total = 0
-    for item in encoded:
-        n = len(item) if isinstance(item, (bytes, bytearray, memoryview)) else int(item)
-        if n < 0:
-            raise ValueError(f"encoded size must be >= 0, got {item!r}")
-        total += n
-    return total
-
-
-def raw_bytes(regions: Any, channels: int = 3) -> int:
-    """Uncompressed size of the regions: ``sum (x2-x1)·(y2-y1)·channels``.
-
-    Examples
-    --------
-    Regions 40×32 and 640×480 at 3 channels: 3840 + 921600 = 925440 bytes.
-    """
-    r = np.asarray(regions, dtype=np.int64).reshape(-1, 4)
-    return int(((r[:, 2] - r[:, 0]) * (r[:, 3] - r[:, 1])).sum() * int(channels))
-
-
-# --------------------------------------------------------------------------- #
 # Offload metrics
 # --------------------------------------------------------------------------- #
 @dataclass(frozen=True)
@@ -929,29 +394,3 @@ def reason_counts(reasons: Iterable[tuple[str, ...]]) -> dict[str, int]:
     if unknown:
         raise ValueError(f"unknown ambiguity reasons: {sorted(unknown)}")
     return {r: counts.get(r, 0) for r in REASONS}
-
-
-def matched_gt(pred_xyxy: Any, pred_conf: Any, gt_xyxy: Any, iou: float = 0.5) -> np.ndarray:
-    """Which ground-truth boxes a set of detections finds (greedy, highest confidence first).
-
-    Detection i (in descending confidence) takes the unmatched ground-truth box j with the
-    highest IoU, if that IoU is >= ``iou``; class labels are ignored (recall of objects).
-    Recall = ``matched.mean()``, false-negative rate = 1 - recall.
-
-    Examples
-    --------
-    GT ``[0,0,10,10]`` and ``[20,20,30,30]``; detections ``[0,0,10,9]`` (IoU 0.9) and
-    ``[50,50,60,60]`` (IoU 0) -> ``[True, False]``: recall 0.5, FNR 0.5.
-    """
-    gt = np.asarray(gt_xyxy, dtype=float).reshape(-1, 4)
-    pred = np.asarray(pred_xyxy, dtype=float).reshape(-1, 4)
-    matched = np.zeros(len(gt), dtype=bool)
-    if not len(gt) or not len(pred):
-        return matched
-    ious = box_iou(pred, gt)  # (P, G)
-    for i in np.argsort(-np.asarray(pred_conf, dtype=float), kind="stable"):
-        candidates = np.where(matched, -1.0, ious[i])
-        j = int(np.argmax(candidates))
-        if candidates[j] >= iou:
-            matched[j] = True
-    return matched

@@ -13,7 +13,6 @@ Both the built-in benchmark (``data.source: builtin``) and user datasets
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Mapping
@@ -21,6 +20,7 @@ from typing import Any, Mapping
 import yaml
 
 from common.config import CedarConfig, ConfigError
+from common.detections import label_path, read_yolo_labels
 
 
 @dataclass(frozen=True)
@@ -56,20 +56,10 @@ def split_dir(data_yaml: Path, split: str) -> Path:
     return root / folder
 
 
-def label_path(image: Path) -> Path:
-    """Where Ultralytics looks for an image's labels (last ``/images/`` -> ``/labels/``, ``.txt``)."""
-    sa, sb = f"{os.sep}images{os.sep}", f"{os.sep}labels{os.sep}"
-    return Path(sb.join(str(image).rsplit(sa, 1))).with_suffix(".txt")
-
-
 def _label_classes(data_yaml: Path) -> tuple[int, ...]:
     """Class ids present in the train labels of a YOLO dataset."""
     labels = label_path(split_dir(data_yaml, "train") / "x").parent
-    found = set()
-    for txt in labels.rglob("*.txt"):
-        for line in txt.read_text().splitlines():
-            if line.strip():
-                found.add(int(float(line.split()[0])))
+    found = {int(c) for txt in labels.rglob("*.txt") for c in read_yolo_labels(txt)[:, 0]}
     return tuple(sorted(found))
 
 

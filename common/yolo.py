@@ -508,8 +508,9 @@ def train(
     loaded training image before Ultralytics' own augmentation (:func:`_augment_dataset`).
 
     ``progress``: a tqdm bar per epoch when stderr is a terminal; otherwise (a log
-    file, Ray's log stream in a ClientApp) one log line per epoch instead, with
-    ``desc``, the loss and the time.
+    file, Ray's log stream in a ClientApp) one DEBUG line per epoch instead, with
+    ``desc``, the loss and the time: at INFO the console keeps one line per site
+    per round, the caller's.
     """
     if epochs <= 0:
         return TrainResult(0, 0, 0.0, 0.0)
@@ -568,7 +569,7 @@ def train(
         last = {str(k): float(v) / n_batches for k, v in zip(names, sums)}
         last_extra = extra_sum / n_batches
         if progress and not bar_on:
-            log.info("%s epoch %d/%d: loss %.3f (%s)%s, %d batches, %.1f s", desc, epoch + 1, epochs,
+            log.debug("%s epoch %d/%d: loss %.3f (%s)%s, %d batches, %.1f s", desc, epoch + 1, epochs,
                      sum(last.values()), ", ".join(f"{k.removesuffix('_loss')} {v:.3f}" for k, v in last.items()),
                      f", extra {last_extra:.3f}" if extra_loss is not None else "", n_batches,
                      time.perf_counter() - t_epoch)

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import logging
-
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from common.config import from_run_config
+from common.console import configure_logging
 from server.federation import run_federation
 
 app = ServerApp()
@@ -15,7 +14,6 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("httpx").setLevel(logging.WARNING)
+    configure_logging()
     cfg = from_run_config(context.run_config)
     run_federation(grid, cfg)

@@ -42,7 +42,7 @@ API
     resized by before sending (sent size = crop size * scale).
 
     Or all crops on *one* image (what the edge runtime sends, see
-    :func:`common.routing.encode_atlas`: one JPEG header per keyframe instead of
+    :func:`common.offload.encode_atlas`: one JPEG header per keyframe instead of
     one per crop): a single file part ``atlas`` instead of the ``crop`` parts,
     and each meta item also names its cell, ``{"x0", "y0", "ax", "ay", "width",
     "height"}`` (whole pixels; the crop is ``atlas[ay:ay+height, ax:ax+width]``).
@@ -101,355 +101,47 @@ from __future__ import annotations
 import argparse
 import asyncio
 import hmac
-import itertools
-import json
 import logging
-import math
-import os
-import re
-import struct
 import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from email.message import Message
-from email.parser import HeaderParser
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
-from common.files import atomic_write
-from common.keyframes import box_iou
-from common.routing import Detections, shelf_pack, to_frame_coords
+from common.cloud_api import (CROPS_PATH, DETECT_PATH, FRAME_HEADER, SITE_HEADER, RequestError, check_ids,
+                              parse_crop_meta, show)
+from common.config import EvalConfig, RoutingConfig, TrainConfig
+from common.detections import Detections, nms
+from common.offload import shelf_pack, to_frame_coords
 from common.tokens import TOKEN_ENV, resolve_token
+from server.cloud_http import (IMAGE_TYPES, PART_TYPES, cut_atlas, decode_image, media_type, parse_max_pixels,
+                               parse_multipart, read_body)
+from server.hard_samples import HardSampleStore, StoreError
 
 log = logging.getLogger("server.cloud" if __name__ == "__main__" else __name__)
 
-SITE_PATTERN = re.compile(r"[A-Za-z0-9_.-]{1,64}")
-IMAGE_TYPES = {"image/jpeg": "jpeg", "image/jpg": "jpeg", "image/png": "png"}
-SUFFIX = {"jpeg": ".jpg", "png": ".png"}
-# a multipart file part may also come untyped or as octet-stream (the bytes' signature decides)
-PART_TYPES = {*IMAGE_TYPES, "application/octet-stream", ""}
-#: crops are detected at this many times their size (``--crop-zoom``; see :func:`detect_packed`)
-CROP_ZOOM = 2.0
-#: the cloud answers with its detections from this confidence on (``--conf``): the edge fuses them with its own
-#: boxes (noisy-or), so the cloud's less sure boxes on the regions the edge found hard still count; at 0.15 instead
-#: of 0.25 the collaboration's FNR fell on every site of benchmarks/results/collaboration.md
-ANSWER_CONF = 0.15
-#: the hard-sample store keeps only the cloud's boxes from this confidence on (``--label-conf``): its labels are
-#: what cloud->edge KD trains on, and a low answer threshold must not turn into noisy training labels
-LABEL_CONF = 0.25
-
 #: ``detect(images) -> detections per image``: BGR uint8 arrays in, image-pixel boxes out.
 DetectFn = Callable[[list[np.ndarray]], list[Detections]]
-
-
-class RequestError(Exception):
-    """A client error: HTTP ``status`` and a message naming the bad value."""
-
-    def __init__(self, status: int, detail: str, headers: dict[str, str] | None = None):
-        super().__init__(detail)
-        self.status, self.detail, self.headers = status, detail, headers
-
-
-class StoreError(RuntimeError):
-    """The hard-sample store folder is unusable (e.g. made for other classes)."""
-
-
-def _show(value: Any, limit: int = 80) -> str:
-    """``repr`` cut to ``limit`` characters (never echo a whole hostile header back)."""
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-# --------------------------------------------------------------------------- image headers
-
-
-_JPEG_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
-_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-
-
-def image_header(data: bytes) -> tuple[str, int, int]:
-    """``(format, width, height)`` of PNG/JPEG bytes, from the header only (nothing is decoded).
-
-    PNG: the IHDR chunk must come first (bytes 12-24: ``IHDR``, width, height).
-    JPEG: markers are walked from SOI to the first start-of-frame (SOF) segment,
-    whose payload is ``precision(1) height(2) width(2)``.
-
-    Raises
-    ------
-    RequestError
-        400 if the bytes are not a PNG/JPEG with a readable, non-zero size.
-
-    Examples
-    --------
-    A PNG whose IHDR says 40000x40000 -> ``("png", 40000, 40000)`` from 24 bytes.
-    """
-    if data[:8] == _PNG_MAGIC:
-        if len(data) < 24 or data[12:16] != b"IHDR":
-            raise RequestError(400, "cannot decode image: PNG without an IHDR header")
-        width, height = struct.unpack(">II", data[16:24])
-        if width == 0 or height == 0:
-            raise RequestError(400, f"cannot decode image: PNG header says {width}x{height}")
-        return "png", int(width), int(height)
-    if data[:2] == b"\xff\xd8":
-        i, n = 2, len(data)
-        while i < n:
-            if data[i] != 0xFF:  # skip to the next marker
-                i += 1
-                continue
-            while i < n and data[i] == 0xFF:  # fill bytes
-                i += 1
-            if i >= n:
-                break
-            marker = data[i]
-            i += 1
-            if marker in (0xD8, 0x01, 0x00) or 0xD0 <= marker <= 0xD7:
-                continue  # standalone markers (0x00: a stuffed byte)
-            if marker == 0xD9 or i + 2 > n:
-                break
-            (length,) = struct.unpack(">H", data[i:i + 2])
-            if marker in _JPEG_SOF:
-                if i + 7 > n:
-                    break
-                height, width = struct.unpack(">HH", data[i + 3:i + 7])
-                if width == 0 or height == 0:
-                    raise RequestError(400, f"cannot decode image: JPEG header says {width}x{height}")
-                return "jpeg", int(width), int(height)
-            if length < 2:
-                break
-            i += length
-        raise RequestError(400, "cannot decode image: no JPEG frame header (SOF) found")
-    raise RequestError(400, f"cannot decode image: not a JPEG or PNG (starts with {_show(data[:8])})")
-
-
-def parse_max_pixels(text: str) -> int:
-    """``"4096x4096"`` -> 16777216; a plain integer is a pixel count."""
-    m = re.fullmatch(r"\s*(\d+)\s*[xX*]\s*(\d+)\s*", str(text))
-    value = int(m[1]) * int(m[2]) if m else int(text) if str(text).strip().isdigit() else 0
-    if value <= 0:
-        raise ValueError(f"max pixels must be WIDTHxHEIGHT or a positive integer, got {text!r}")
-    return value
-
-
-def decode_image(data: bytes, max_pixels: int) -> tuple[str, np.ndarray]:
-    """``(format, BGR image)``; the size is checked from the header *before* decoding.
-
-    Raises :class:`RequestError` 413 for too many pixels, 400 for anything undecodable.
-    """
-    fmt, width, height = image_header(data)
-    if width * height > max_pixels:
-        raise RequestError(413, f"image is {width}x{height} = {width * height} pixels; "
-                                f"the limit is {max_pixels} pixels (--max-pixels)")
-    import cv2
-
-    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
-    if image is None or image.size == 0:
-        raise RequestError(400, f"cannot decode image: corrupt or truncated {fmt.upper()} "
-                                f"({len(data)} bytes, header {width}x{height})")
-    return fmt, image
-
-
-# --------------------------------------------------------------------------- request bodies
-
-
-def media_type(content_type: str | None) -> tuple[str, Message]:
-    """``("multipart/form-data", parsed header)`` from a Content-Type value (lower-cased type)."""
-    msg = Message()
-    msg["content-type"] = content_type or ""
-    return (msg.get_content_type() if content_type else ""), msg
-
-
-@dataclass
-class Part:
-    name: str | None
-    filename: str | None
-    content_type: str
-    data: bytes
-
-
-def parse_multipart(body: bytes, boundary: str, max_parts: int, limit_name: str = "") -> list[Part]:
-    """Split a ``multipart/form-data`` body (RFC 7578) into parts, byte-exact.
-
-    Raises :class:`RequestError` 400 if it is malformed, 413 for more than ``max_parts`` parts.
-    """
-    if not boundary or len(boundary) > 200:
-        raise RequestError(400, f"multipart body needs a boundary parameter, got {_show(boundary)}")
-    delim = b"\r\n--" + boundary.encode("latin-1")
-    sections = (b"\r\n" + body).split(delim)
-    if len(sections) < 2:
-        raise RequestError(400, "malformed multipart body: boundary not found")
-    parts = []
-    for section in sections[1:]:
-        if section.startswith(b"--"):
-            return parts  # closing delimiter
-        if len(parts) >= max_parts:
-            raise RequestError(413, f"more than {max_parts} parts in the multipart body{limit_name}")
-        head, sep, data = section.partition(b"\r\n\r\n")
-        if not sep:
-            raise RequestError(400, f"malformed multipart body: part {len(parts)} has no header end")
-        headers = HeaderParser().parsestr(head.lstrip(b" \t").lstrip(b"\r\n").decode("latin-1"))
-        parts.append(Part(headers.get_param("name", header="content-disposition"), headers.get_filename(),
-                          headers.get_content_type() if headers.get("content-type") else "", data))
-    raise RequestError(400, "malformed multipart body: no closing boundary")
-
-
-async def read_body(request, max_bytes: int, timeout_s: float) -> bytes:
-    """The request body, refused with 413 as soon as it exceeds ``max_bytes`` (never buffered beyond)."""
-    declared = request.headers.get("content-length")
-    if declared is not None:
-        if not declared.strip().isdigit():
-            raise RequestError(400, f"bad Content-Length {_show(declared)}")
-        if int(declared) > max_bytes:
-            raise RequestError(413, f"body of {int(declared)} bytes is over the limit of {max_bytes} "
-                                    f"bytes (--max-body-mb)")
-    chunks, size = [], 0
-
-    async def collect():
-        nonlocal size
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > max_bytes:
-                raise RequestError(413, f"body is over the limit of {max_bytes} bytes (--max-body-mb); "
-                                        f"stopped reading at {size} bytes")
-            chunks.append(chunk)
-
-    try:
-        await asyncio.wait_for(collect(), timeout_s)
-    except asyncio.TimeoutError:
-        raise RequestError(408, f"body not received within {timeout_s:g} s ({size} bytes so far)") from None
-    if size == 0:
-        raise RequestError(400, "empty body: send an image")
-    return b"".join(chunks)
-
-
-def _number(value: Any, field: str, positive: bool) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-            or (value <= 0 if positive else value < 0):
-        raise RequestError(422, f"{field} must be a finite number {'> 0' if positive else '>= 0'}, "
-                                f"got {_show(value)}")
-    return float(value)
-
-
-ATLAS_FIELDS = ("ax", "ay", "width", "height")
-
-
-def _pixels(value: Any, field: str, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-            or value != int(value) or value < minimum:
-        raise RequestError(422, f"{field} must be a whole number of pixels >= {minimum}, got {_show(value)}")
-    return int(value)
-
-
-def parse_crop_meta(text: bytes, n_crops: int | None) -> list[dict]:
-    """Validate ``{"crops": [{"x0", "y0", "scale"?}, ...]}`` against ``n_crops`` crop parts.
-
-    ``n_crops=None``: the crops come on one atlas, and every item also needs its cell
-    ``ax, ay, width, height`` (whole pixels; the crop is ``atlas[ay:ay+height, ax:ax+width]``).
-    Returns one ``{"x0": float, "y0": float, "scale": float | [sx, sy]}`` per crop (plus the
-    atlas fields as ints); a bad field raises :class:`RequestError` 422 naming it (``meta.crops[1].x0``).
-    """
-    try:
-        meta = json.loads(text)
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise RequestError(422, f"meta is not valid JSON: {err}") from None
-    if not isinstance(meta, dict) or not isinstance(meta.get("crops"), list):
-        raise RequestError(422, f"meta must be an object with a list 'crops', got {_show(meta)}")
-    crops = meta["crops"]
-    if n_crops is not None and len(crops) != n_crops:
-        raise RequestError(422, f"meta.crops lists {len(crops)} crops but the body has {n_crops} 'crop' parts")
-    if not crops:
-        raise RequestError(422, "meta.crops is empty: name at least one crop")
-    required = ("x0", "y0") + (ATLAS_FIELDS if n_crops is None else ())
-    out = []
-    for i, item in enumerate(crops):
-        where = f"meta.crops[{i}]"
-        if not isinstance(item, dict):
-            raise RequestError(422, f"{where} must be an object, got {_show(item)}")
-        for key in required:
-            if key not in item:
-                raise RequestError(422, f"{where}.{key} is missing")
-        unknown = sorted(set(item) - {"scale", *required})
-        if unknown:
-            raise RequestError(422, f"{where} has unknown field(s) {unknown} (allowed: {', '.join(required)}, scale)")
-        scale = item.get("scale", 1.0)
-        if isinstance(scale, list):
-            if len(scale) != 2:
-                raise RequestError(422, f"{where}.scale must be a number or [sx, sy], got {_show(scale)}")
-            scale = [_number(v, f"{where}.scale[{j}]", True) for j, v in enumerate(scale)]
-        else:
-            scale = _number(scale, f"{where}.scale", True)
-        cell = {k: _pixels(item[k], f"{where}.{k}", 1 if k in ("width", "height") else 0)
-                for k in ATLAS_FIELDS if k in required}
-        out.append({"x0": _number(item["x0"], f"{where}.x0", False),
-                    "y0": _number(item["y0"], f"{where}.y0", False), "scale": scale, **cell})
-    return out
-
-
-def cut_atlas(atlas: np.ndarray, metas: Sequence[dict]) -> list[np.ndarray]:
-    """The crops of an atlas (copies), from the cells in ``metas``; a cell outside the atlas is a 422."""
-    h, w = atlas.shape[:2]
-    crops = []
-    for i, m in enumerate(metas):
-        ax, ay, cw, ch = (m[k] for k in ATLAS_FIELDS)
-        if ax + cw > w or ay + ch > h:
-            raise RequestError(422, f"meta.crops[{i}]: cell {cw}x{ch} at ({ax}, {ay}) is outside the {w}x{h} atlas")
-        crops.append(np.ascontiguousarray(atlas[ay:ay + ch, ax:ax + cw]))
-    return crops
+_R = RoutingConfig  # the service's thresholds: routing.cloud_conf, label_conf, crop_zoom
 
 
 # --------------------------------------------------------------------------- detections
 
 
-def nms(dets: Detections, iou: float) -> Detections:
-    """Greedy per-class non-maximum suppression: keep the most confident of boxes overlapping by ``>= iou``.
-
-    Used to merge crops of one frame (overlapping crops may see an object twice).
-    Example: ``[0,0,10,10]`` (0.9) and ``[1,0,11,10]`` (0.8), same class: IoU =
-    90/110 ≈ 0.82 >= 0.7 -> only the first is kept; of another class, both are.
-    """
-    if len(dets) < 2:
-        return dets
-    order = np.argsort(-dets.conf, kind="stable")
-    overlap = box_iou(dets.xyxy, dets.xyxy) >= iou  # (N, N)
-    same = dets.cls[:, None] == dets.cls[None, :]
-    suppressed = np.zeros(len(dets), dtype=bool)
-    keep = []
-    for i in order:
-        if suppressed[i]:
-            continue
-        keep.append(i)
-        suppressed |= overlap[i] & same[i]
-    return dets[np.sort(np.array(keep))]
-
-
 def crops_to_frame(per_crop: Sequence[Detections], metas: Sequence[dict]) -> list[Detections]:
-    """Each crop's detections (crop pixels) in frame pixels, via :func:`common.routing.to_frame_coords`.
+    """Each crop's detections (crop pixels) in frame pixels, via :func:`common.offload.to_frame_coords`.
 
     Example: a crop at origin ``(100, 50)``, scale 1, with a box ``[10, 10, 20, 20]``
     -> ``[110, 60, 120, 70]``; sent at 2x, ``[20, 20, 40, 40]`` maps to the same box.
     """
     return [to_frame_coords(d, (m["x0"], m["y0"]), m["scale"]) for d, m in zip(per_crop, metas)]
-
-
-def yolo_label_lines(dets: Detections, width: int, height: int) -> list[str]:
-    """``cls cx cy w h`` normalised to a ``width`` x ``height`` image (boxes clipped; empty ones dropped).
-
-    Example: ``[10, 20, 30, 60]`` class 3 on 100x200 -> ``"3 0.200000 0.200000 0.200000 0.200000"``.
-    """
-    lines = []
-    for (x1, y1, x2, y2), k in zip(dets.xyxy, dets.cls):
-        x1, x2 = np.clip([x1, x2], 0, width)
-        y1, y2 = np.clip([y1, y2], 0, height)
-        if x2 - x1 <= 0 or y2 - y1 <= 0:
-            continue
-        lines.append(f"{int(k)} {(x1 + x2) / 2 / width:.6f} {(y1 + y2) / 2 / height:.6f} "
-                     f"{(x2 - x1) / width:.6f} {(y2 - y1) / height:.6f}")
-    return lines
 
 
 def detect_packed(detect: Callable[[list[np.ndarray]], list[Detections]], images: Sequence[np.ndarray],
@@ -459,7 +151,7 @@ def detect_packed(detect: Callable[[list[np.ndarray]], list[Detections]], images
     A detector letterboxes each input to its input size, so a 40 px crop sent alone is
     enlarged 8x and its small objects become large ones the model never saw. Here each
     crop is resized by ``zoom`` (bicubic; 1 = its own scale) and the crops are packed
-    (:func:`common.routing.shelf_pack`, 2 px apart) onto ``tile``-sized canvases filled with the letterbox gray
+    (:func:`common.offload.shelf_pack`, 2 px apart) onto ``tile``-sized canvases filled with the letterbox gray
     (114); the tiles are detected in one batch; each detection goes to the crop that
     holds its centre and is mapped back to that crop's own pixels (divided by ``zoom``),
     clipped to it. A crop larger than a tile is detected alone, letterboxed.
@@ -537,61 +229,6 @@ class YoloDetector:
         return [Detections(r["xyxy"], r["conf"], r["cls"]) for r in raw]
 
 
-# --------------------------------------------------------------------------- hard-sample store
-
-
-class HardSampleStore:
-    """Uploaded samples with the cloud's labels, as a YOLO dataset (see the module docstring)."""
-
-    def __init__(self, root: str | Path, names: Sequence[str]):
-        import yaml
-
-        self.root = Path(root).expanduser().resolve()
-        self.names = list(names)
-        self.images, self.labels, self.index = self.root / "images", self.root / "labels", self.root / "index.jsonl"
-        self.images.mkdir(parents=True, exist_ok=True)
-        self.labels.mkdir(parents=True, exist_ok=True)
-        data_yaml = self.root / "data.yaml"
-        if data_yaml.is_file():
-            old = yaml.safe_load(data_yaml.read_text()) or {}
-            old_names = old.get("names")
-            old_names = [old_names[k] for k in sorted(old_names)] if isinstance(old_names, dict) else old_names
-            if old_names and [str(n) for n in old_names] != self.names:
-                raise StoreError(f"{self.root} holds samples labelled for classes {old_names}, "
-                                 f"not this model's {self.names}; use another --store")
-        spec = {"path": str(self.root), "train": "images", "val": "images", "nc": len(self.names),
-                "names": dict(enumerate(self.names))}
-        atomic_write(data_yaml, yaml.safe_dump(spec, sort_keys=False).encode())
-        self.lock = threading.Lock()
-        self.count = sum(1 for _ in self.index.open("rb")) if self.index.is_file() else 0
-        existing = [int(m[1]) for p in self.images.iterdir() if (m := re.search(r"-(\d+)\.\w+$", p.name))]
-        self._seq = itertools.count(max([self.count, *existing]) + 1)
-
-    def add(self, *, site: str, frame: str | None, kind: str, data: bytes, fmt: str, image_hw: tuple[int, int],
-            dets: Detections, origin: tuple[float, float] | None = None, scale: Any = None) -> str:
-        """Store one sample (``dets`` in the pixels of this image) and return its id."""
-        height, width = image_hw
-        lines = yolo_label_lines(dets, width, height)
-        frame_part = frame or f"t{time.time_ns() // 1_000_000}"
-        with self.lock:
-            sample_id = f"{site}-{frame_part}-{next(self._seq):06d}"
-            while any(self.images.glob(f"{sample_id}.*")):  # a stray file from another writer
-                sample_id = f"{site}-{frame_part}-{next(self._seq):06d}"
-            # label before image: an image must never be seen without its labels (it would be a negative)
-            atomic_write(self.labels / f"{sample_id}.txt", "".join(f"{ln}\n" for ln in lines).encode())
-            atomic_write(self.images / f"{sample_id}{SUFFIX[fmt]}", data)
-            entry = {"id": sample_id, "site": site, "frame": frame, "time": round(time.time(), 3), "kind": kind,
-                     "origin": list(origin) if origin is not None else None, "scale": scale,
-                     "width": width, "height": height, "detections": len(lines),
-                     "image": f"images/{sample_id}{SUFFIX[fmt]}", "label": f"labels/{sample_id}.txt"}
-            with self.index.open("a", encoding="utf-8") as fh:
-                fh.write(json.dumps(entry) + "\n")
-                fh.flush()
-                os.fsync(fh.fileno())
-            self.count += 1
-        return sample_id
-
-
 # --------------------------------------------------------------------------- the service
 
 
@@ -608,7 +245,7 @@ class CloudService:
 
     def __init__(self, detect: DetectFn, *, arch: str, names: Sequence[str], token: str,
                  store: HardSampleStore | None, limits: Limits | None = None, iou: float = 0.7,
-                 imgsz: int | None = None, crop_zoom: float = CROP_ZOOM, label_conf: float = LABEL_CONF):
+                 imgsz: int | None = None, crop_zoom: float = _R.crop_zoom, label_conf: float = _R.label_conf):
         if not token:
             raise ValueError("the cloud service needs a non-empty bearer token")
         self.detect, self.arch, self.names, self.store = detect, arch, list(names), store
@@ -628,16 +265,6 @@ class CloudService:
             raise RequestError(401, "malformed Authorization header: expected 'Bearer <token>'", challenge)
         if not hmac.compare_digest(given.strip().encode(), self._token):
             raise RequestError(401, "invalid bearer token", challenge)
-
-    @staticmethod
-    def ids(site: str | None, frame: str | None) -> tuple[str, str | None]:
-        if site is None:
-            raise RequestError(400, "missing header X-Cedar-Site (the sending site's id)")
-        if not SITE_PATTERN.fullmatch(site):
-            raise RequestError(400, f"bad X-Cedar-Site {_show(site)}: must match [A-Za-z0-9_.-]{{1,64}}")
-        if frame is not None and not SITE_PATTERN.fullmatch(frame):
-            raise RequestError(400, f"bad X-Cedar-Frame {_show(frame)}: must match [A-Za-z0-9_.-]{{1,64}}")
-        return site, frame
 
     # -- work (runs on the single worker thread)
     def _store(self, **kwargs) -> str | None:
@@ -677,7 +304,7 @@ class CloudService:
         return self._crops(samples, metas, site, frame, t0)
 
     def detect_atlas(self, atlas: bytes, metas: list[dict], site: str, frame: str | None) -> dict:
-        """Crops sent on one atlas image (``common.routing.encode_atlas``); each is stored as a lossless PNG."""
+        """Crops sent on one atlas image (``common.offload.encode_atlas``); each is stored as a lossless PNG."""
         import cv2
 
         t0 = time.perf_counter()
@@ -701,7 +328,8 @@ class CloudService:
                                  dets=dets, origin=(meta["x0"], meta["y0"]), scale=meta["scale"])
             out.append({**meta, "width": int(image.shape[1]), "height": int(image.shape[0]), "sample": sample,
                         "detections": framed.to_list()})
-        merged = nms(Detections.concat(in_frame), self.iou)
+        merged = Detections.concat(in_frame)
+        merged = merged[np.sort(nms(merged.xyxy, merged.conf, self.iou, classes=merged.cls))]
         self.served += 1
         seconds = time.perf_counter() - t0
         log.info("detect/crops: site=%s frame=%s %d crops -> %d detections in %.3fs", site, frame, len(samples),
@@ -735,7 +363,7 @@ def create_app(service: CloudService):
 
     def checked(request: Request) -> tuple[str, str | None, str, Message]:
         service.authorize(request.headers.get("authorization"))
-        site, frame = service.ids(request.headers.get("x-cedar-site"), request.headers.get("x-cedar-frame"))
+        site, frame = check_ids(request.headers.get(SITE_HEADER), request.headers.get(FRAME_HEADER))
         kind, parsed = media_type(request.headers.get("content-type"))
         return site, frame, kind, parsed
 
@@ -743,11 +371,11 @@ def create_app(service: CloudService):
     async def health():
         return service.health()
 
-    @app.post("/detect")
+    @app.post(DETECT_PATH)
     async def detect(request: Request):
         site, frame, kind, parsed = checked(request)
         if kind not in IMAGE_TYPES and kind != "multipart/form-data":
-            raise RequestError(415, f"unsupported Content-Type {_show(request.headers.get('content-type'))}: "
+            raise RequestError(415, f"unsupported Content-Type {show(request.headers.get('content-type'))}: "
                                     f"send image/jpeg, image/png or multipart/form-data")
         body = await read_body(request, service.limits.max_body_bytes, service.limits.read_timeout_s)
         if kind == "multipart/form-data":
@@ -755,18 +383,18 @@ def create_app(service: CloudService):
             images = [p for p in parts if p.name == "image"]
             if len(images) != 1:
                 raise RequestError(422, f"multipart body must have exactly one part named 'image', got parts "
-                                        f"{_show([p.name for p in parts])}")
+                                        f"{show([p.name for p in parts])}")
             if images[0].content_type not in PART_TYPES:
-                raise RequestError(415, f"unsupported image part type {_show(images[0].content_type)}: "
+                raise RequestError(415, f"unsupported image part type {show(images[0].content_type)}: "
                                         f"send image/jpeg or image/png")
             body = images[0].data
         return await service.run(service.detect_frame, body, site, frame)
 
-    @app.post("/detect/crops")
+    @app.post(CROPS_PATH)
     async def detect_crops(request: Request):
         site, frame, kind, parsed = checked(request)
         if kind != "multipart/form-data":
-            raise RequestError(415, f"unsupported Content-Type {_show(request.headers.get('content-type'))}: "
+            raise RequestError(415, f"unsupported Content-Type {show(request.headers.get('content-type'))}: "
                                     f"send multipart/form-data with a 'meta' part and 'crop' parts (or an 'atlas')")
         body = await read_body(request, service.limits.max_body_bytes, service.limits.read_timeout_s)
         parts = parse_multipart(body, parsed.get_param("boundary") or "", max_parts=service.limits.max_crops + 1,
@@ -778,7 +406,7 @@ def create_app(service: CloudService):
         if len(metas) != 1:
             raise RequestError(422, f"the body needs exactly one 'meta' part, got {len(metas)}")
         if other:
-            raise RequestError(422, f"unexpected part(s) {_show(other)}: only 'meta' and 'crop' (or one 'atlas')")
+            raise RequestError(422, f"unexpected part(s) {show(other)}: only 'meta' and 'crop' (or one 'atlas')")
         if atlases and (crops or len(atlases) > 1):
             raise RequestError(422, f"send either 'crop' parts or one 'atlas' part, got {len(crops)} 'crop' and "
                                     f"{len(atlases)} 'atlas' parts")
@@ -787,7 +415,7 @@ def create_app(service: CloudService):
         for i, p in enumerate(crops or atlases):
             if p.content_type not in PART_TYPES:
                 raise RequestError(415, f"{'crop ' + str(i) if crops else 'atlas'}: unsupported type "
-                                        f"{_show(p.content_type)}: send image/jpeg or image/png")
+                                        f"{show(p.content_type)}: send image/jpeg or image/png")
         if crops:
             meta = parse_crop_meta(metas[0].data, len(crops))
             return await service.run(service.detect_crops, [p.data for p in crops], meta, site, frame)
@@ -815,12 +443,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--certfile", help="TLS certificate (PEM); with --keyfile serves HTTPS")
     p.add_argument("--keyfile", help="TLS private key (PEM)")
     p.add_argument("--store", required=True, help="hard-sample store folder")
-    p.add_argument("--imgsz", type=int, default=320)
-    p.add_argument("--conf", type=float, default=ANSWER_CONF, help="answer with detections from this confidence on")
-    p.add_argument("--label-conf", type=float, default=LABEL_CONF,
+    p.add_argument("--imgsz", type=int, default=TrainConfig.imgsz, help="detector input size (train.imgsz)")
+    p.add_argument("--conf", type=float, default=_R.cloud_conf, help="answer with detections from this confidence on")
+    p.add_argument("--label-conf", type=float, default=_R.label_conf,
                    help="the hard-sample store's labels: only detections from this confidence on")
-    p.add_argument("--iou", type=float, default=0.7)
-    p.add_argument("--crop-zoom", type=float, default=CROP_ZOOM,
+    p.add_argument("--iou", type=float, default=EvalConfig.iou, help="NMS IoU (eval.iou)")
+    p.add_argument("--crop-zoom", type=float, default=_R.crop_zoom,
                    help="crops are detected resized by this factor (cloud compute for small objects, no upload bytes)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--max-body-mb", type=float, default=8.0)

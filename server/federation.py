@@ -209,6 +209,7 @@ def run_federation(grid, cfg: CedarConfig) -> RunOutputs:
         strategy.train_config.update({P.CLOUD_URL: service.url, P.CLOUD_TOKEN: service.token})
     try:
         strategy.start(grid, initial, num_rounds=cfg.federation.num_rounds, timeout=cfg.federation.reply_timeout_s)
+        out.finish(tracker)
     finally:
         if service is not None:
             service.stop()

@@ -44,6 +44,18 @@ class Tracker:
 
             self.run.log({key: wandb.Image(str(path))}, step=step)
 
+    def report(self, images: dict[str, bytes], tables: dict[str, tuple[list[str], list[list[Any]]]]) -> None:
+        """The run report's figures (PNG bytes) and tables, under ``report/<key>``."""
+        if self.run is not None:
+            import io
+
+            import wandb
+            from PIL import Image
+
+            data = {f"report/{k}": wandb.Image(Image.open(io.BytesIO(v))) for k, v in images.items()}
+            data.update({f"report/{k}": wandb.Table(columns=c, data=rows) for k, (c, rows) in tables.items()})
+            self.run.log(data)
+
     def finish(self) -> None:
         if self.run is not None:
             self.run.finish()

@@ -1,6 +1,7 @@
 """Tests for clients.site.LocalSite and common.sites.resolve_site on the tiny benchmark."""
 
 import dataclasses
+import json
 import math
 from pathlib import Path
 
@@ -227,58 +228,60 @@ def test_num_examples_is_the_number_of_training_images(monkeypatch, tiny_overrid
     assert res.metrics[P.NUM_EXAMPLES] == 8
 
 
-def test_routing_metrics_with_a_detector_that_returns_the_ground_truth(site1, monkeypatch):
+def _labels_detector(site, conf: float):
+    """A stand-in for the site's edge detector: on a test image, that image's labelled boxes (true classes),
+    all at confidence ``conf``. Returns the predictor, the test images' paths and their pixel ground truth."""
+    import cv2
+    import numpy as np
+
+    from common.detections import Detections, image_labels
+    from common.sites import split_dir
+
+    paths = sorted(split_dir(site.spec.data_yaml, "test").glob("*.png"))
+    images = [cv2.imread(str(p)) for p in paths]
+    gts = [image_labels(p, im.shape[1], im.shape[0]) for p, im in zip(paths, images)]
+
+    def labels(image):
+        gt = next(g for im, g in zip(images, gts) if np.array_equal(im, image))
+        return Detections(gt[:, 1:], np.full(len(gt), conf), gt[:, 0].astype(int))
+
+    return labels, paths, gts
+
+
+def test_collab_metrics_with_a_detector_that_returns_the_ground_truth(site1, monkeypatch):
     """Paper section 4.2 (b): a perfect detector at conf 0.9 still offloads every box under t_size px².
 
-    Expected from the labels themselves: recall 1; the confident boxes are those with area >= 256 px²,
-    so confident recall = offload complement = (#GT with area >= 256) / #GT.
+    Expected from the labels themselves: recall 1, FNR 0; the confident boxes are those with area >= 256 px²,
+    so confident recall = offload complement = (#GT with area >= 256) / #GT; each offloaded box is 'small'.
     """
     import numpy as np
 
-    from common import yolo
-    from common.sites import label_path, split_dir
+    perfect, _, gts = _labels_detector(site1, 0.9)
+    monkeypatch.setattr(site1, "edge_predictor", lambda model: perfect)
+    all_boxes = np.concatenate(gts)[:, 1:]
+    small = (all_boxes[:, 2] - all_boxes[:, 0]) * (all_boxes[:, 3] - all_boxes[:, 1]) < 256
 
-    def gt_pixels(path):
-        rows = np.loadtxt(label_path(path), ndmin=2)
-        size = 128  # the tiny benchmark's imgsz
-        return np.stack([(rows[:, 1] - rows[:, 3] / 2), (rows[:, 2] - rows[:, 4] / 2),
-                         (rows[:, 1] + rows[:, 3] / 2), (rows[:, 2] + rows[:, 4] / 2)], 1) * size
+    m = site1.collab_metrics(model=None)
 
-    images = sorted(split_dir(site1.spec.data_yaml, "test").glob("*.png"))
-    truth = iter([gt_pixels(p) for p in images])
-
-    class Perfect:
-        def __init__(self, *a, **k):
-            pass
-
-        def __call__(self, imgs):
-            boxes = next(truth)
-            return [{"xyxy": boxes.astype(np.float32), "conf": np.full(len(boxes), 0.9, np.float32),
-                     "cls": np.zeros(len(boxes), np.int64)}]
-
-    monkeypatch.setattr(yolo, "Predictor", Perfect)
-    all_boxes = np.concatenate([gt_pixels(p) for p in images])
-    big = ((all_boxes[:, 2] - all_boxes[:, 0]) * (all_boxes[:, 3] - all_boxes[:, 1]) >= 256).mean()
-
-    m = site1.routing_metrics(model=None)
-
-    assert m[P.EDGE_RECALL] == 1.0
-    assert m[P.CONFIDENT_RECALL] == pytest.approx(big)
-    assert m[P.OFFLOAD_FRACTION] == pytest.approx(1 - big)
-    assert 0 < big < 1  # the tiny benchmark has both kinds, so the check is not vacuous
+    assert m[P.EDGE_RECALL] == 1.0 and m[P.EDGE_FNR] == 0.0
+    assert m[P.EDGE_MAP50] == pytest.approx(0.995)  # every class ranked perfectly: Ultralytics' 101-point AP
+    assert m[P.CONFIDENT_RECALL] == pytest.approx(1 - small.mean())
+    assert m[P.OFFLOAD_FRACTION] == pytest.approx(small.mean())
+    assert (m[P.OFFLOAD_SMALL], m[P.OFFLOAD_LOW_CONF], m[P.OFFLOAD_UNSTABLE], m[P.OFFLOAD_CANDIDATES]) == (
+        small.sum(), 0, 0, 0)
+    assert 0 < small.mean() < 1  # the tiny benchmark has both kinds, so the check is not vacuous
+    assert not set(P.COLLAB_KEYS) & set(m)  # no cloud configured
 
 
 class _FakeCloud:
-    """Answers each offload with the ground-truth boxes it covers (``perfect``), nothing, or an outage."""
+    """Answers each offload with the boxes it was sent (``perfect``), nothing, or an outage."""
 
     def __init__(self, answer: str):
         self.answer, self.entries, self.closed = answer, [], False
 
     def send(self, entry):
-        import numpy as np
-
-        from clients.edge import CloudAnswer, CloudUnavailable
-        from common.routing import Detections
+        from clients.offload import CloudAnswer, CloudUnavailable
+        from common.detections import Detections
 
         self.entries.append(entry)
         if self.answer == "down":
@@ -291,58 +294,31 @@ class _FakeCloud:
         self.closed = True
 
 
-def _labels_detector(site, conf: float):
-    """A stand-in for ``yolo.Predictor``: each call returns the next test image's labelled boxes, all at
-    confidence ``conf``. Returns the class, the list of ``conf`` values it was built with, and the images."""
-    import numpy as np
-
-    from common.sites import label_path, split_dir
-
-    images = sorted(split_dir(site.spec.data_yaml, "test").glob("*.png"))
-    truth = iter([np.loadtxt(label_path(p), ndmin=2) for p in images])
-    built = []
-
-    class Labels:
-        def __init__(self, *a, conf, **k):
-            built.append(conf)
-
-        def __call__(self, imgs):
-            rows = next(truth)
-            xyxy = np.stack([rows[:, 1] - rows[:, 3] / 2, rows[:, 2] - rows[:, 4] / 2,
-                             rows[:, 1] + rows[:, 3] / 2, rows[:, 2] + rows[:, 4] / 2], 1) * 128
-            return [{"xyxy": xyxy.astype(np.float32), "conf": np.full(len(rows), conf, np.float32),
-                     "cls": rows[:, 0].astype(np.int64)}]
-
-    return Labels, built, images
-
-
 @pytest.mark.parametrize("answer", ["perfect", "empty", "down"])
-def test_collaborative_metrics_merge_the_cloud_answer(site1, monkeypatch, answer):
-    """Paper section 4.2: offloaded boxes are replaced by the cloud's answer; recall of the merged output.
+def test_collab_metrics_merge_the_cloud_answer(site1, monkeypatch, answer):
+    """Paper section 4.2: offloaded boxes are merged with the cloud's answer; metrics of the merged output.
 
     With the perfect detector at conf 0.9, exactly the boxes under t_size (256 px²) are offloaded. A cloud
     that returns them gives collaborative recall 1; one that returns nothing leaves the edge's own recall
     (routing.keep-unanswered, the default: unanswered offloaded boxes stay); an unreachable one drops only
     the collaborative metrics.
     """
-    from common import yolo
-
-    perfect, _, images = _labels_detector(site1, 0.9)
+    perfect, paths, _ = _labels_detector(site1, 0.9)
     cloud = _FakeCloud(answer)
-    monkeypatch.setattr(yolo, "Predictor", perfect)
+    monkeypatch.setattr(site1, "edge_predictor", lambda model: perfect)
     monkeypatch.setattr(site1, "cloud_client", lambda: cloud)
 
-    m = site1.routing_metrics(model=None)
+    m = site1.collab_metrics(model=None)
 
     assert cloud.closed
+    assert m[P.EDGE_RECALL] == 1.0  # the edge metrics never depend on the cloud
     if answer == "down":
         assert len(cloud.entries) == 1 and not set(P.COLLAB_KEYS) & set(m)
         return
-    with_small = [e for e in cloud.entries if any(e.offloaded)]
-    assert len(cloud.entries) == len(with_small) > 0  # only images with an ambiguous box are sent
+    assert len(cloud.entries) > 0 and all(any(e.offloaded) for e in cloud.entries)  # only images to offload
     assert site1.cfg.routing.keep_unanswered
-    assert m[P.COLLAB_RECALL] == (1.0 if answer == "perfect" else pytest.approx(m[P.EDGE_RECALL]))
-    assert m[P.UPLOAD_BYTES] == pytest.approx(sum(e.payload_bytes for e in cloud.entries) / len(images))
+    assert m[P.COLLAB_RECALL] == 1.0 and m[P.COLLAB_FNR] == 0.0
+    assert m[P.UPLOAD_BYTES] == pytest.approx(sum(e.payload_bytes for e in cloud.entries) / len(paths))
     assert m[P.COLLAB_LATENCY_MS] >= m[P.EDGE_LATENCY_MS]
 
 
@@ -351,18 +327,46 @@ def test_candidates_count_only_where_the_cloud_confirms_them(site1, monkeypatch,
     """Every true box found at conf 0.1 only: below routing.det_conf (0.25), so all are candidates and none
     is the edge's answer (edge recall 0). Every image with an object is offloaded; a cloud that confirms
     the candidates gives collaborative recall 1, a silent one 0 (candidates are never kept unanswered)."""
-    from common import yolo
+    import numpy as np
 
-    faint, built, _ = _labels_detector(site1, 0.1)
+    faint, _, gts = _labels_detector(site1, 0.1)
     cloud = _FakeCloud(answer)
-    monkeypatch.setattr(yolo, "Predictor", faint)
+    monkeypatch.setattr(site1, "edge_predictor", lambda model: faint)
     monkeypatch.setattr(site1, "cloud_client", lambda: cloud)
 
-    m = site1.routing_metrics(model=None)
+    m = site1.collab_metrics(model=None)
 
-    assert built == [site1.cfg.routing.candidate_conf] == [0.05]  # detects down to the candidates
+    assert site1.collab_settings().detector_conf == site1.cfg.routing.candidate_conf == 0.05
     assert m[P.EDGE_RECALL] == 0.0 and all(all(e.offloaded) for e in cloud.entries) and cloud.entries
+    assert m[P.OFFLOAD_CANDIDATES] == sum(len(g) for g in gts)
     assert m[P.COLLAB_RECALL] == (1.0 if answer == "perfect" else 0.0)
+    assert m[P.COLLAB_MAP50] == (pytest.approx(0.995) if answer == "perfect" else 0.0)
+    assert np.isfinite(m[P.EDGE_MAP50])
+
+
+def test_collab_gallery_gives_plain_boxes_offloaded_images_first(site1, monkeypatch, tmp_path):
+    perfect, paths, gts = _labels_detector(site1, 0.9)
+    cloud = _FakeCloud("perfect")
+    monkeypatch.setattr(site1, "edge_predictor", lambda model: perfect)
+    monkeypatch.setattr(site1, "cloud_client", lambda: cloud)
+
+    items = site1.collab_gallery(model=None, n=3)
+
+    assert len(items) == 3 and cloud.closed
+    offloaded = [e.frame for e in cloud.entries]
+    first = items[0]
+    index = [str(p) for p in paths].index(first["image"])
+    assert index == offloaded[0]
+    assert first["gt"] == {"xyxy": gts[index][:, 1:].tolist(), "conf": [1.0] * len(gts[index]),
+                           "cls": gts[index][:, 0].astype(int).tolist()}
+    assert first["edge"]["xyxy"] == first["gt"]["xyxy"] and first["edge"]["conf"] == [0.9] * len(gts[index])
+    assert first["cloud"] is not None and len(first["merged"]["xyxy"]) == len(gts[index])
+    assert all(isinstance(v, list) for item in items for k in ("gt", "edge", "merged") for v in item[k].values())
+    # the report's gallery takes the items as they are
+    from server.report import write_gallery
+
+    written = json.loads(write_gallery(tmp_path, "site-1", items).read_text())
+    assert [w["merged"]["xyxy"] for w in written] == [i["merged"]["xyxy"] for i in items]
 
 
 def test_cloud_settings_from_node_config_override_the_run_config(tiny_cfg, tmp_path):

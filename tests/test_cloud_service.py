@@ -34,10 +34,15 @@ import httpx
 import numpy as np
 import pytest
 
-from common.routing import Detections, atlas_layout, to_frame_coords
-from server.cloud import (ANSWER_CONF, LABEL_CONF, CloudService, HardSampleStore, Limits, RequestError,
-                          create_app, crops_to_frame, decode_image, detect_packed, image_header, nms, parse_crop_meta,
-                          parse_max_pixels, parse_multipart, yolo_label_lines)
+from common.cloud_api import RequestError
+from common.config import RoutingConfig
+from common.detections import Detections
+from common.offload import atlas_layout, to_frame_coords
+from server.cloud import CloudService, Limits, create_app, crops_to_frame, detect_packed
+from server.cloud_http import decode_image, image_header, parse_max_pixels, parse_multipart
+from server.hard_samples import HardSampleStore, yolo_label_lines
+
+LABEL_CONF, ANSWER_CONF = RoutingConfig.label_conf, RoutingConfig.cloud_conf
 from tests.deploy_helpers import free_port, stop_tree, tail
 
 TOKEN = "s3cret-token"
@@ -159,16 +164,6 @@ def test_detect_packed_zoom_enlarges_crops_and_maps_boxes_back_to_crop_pixels():
         detect_packed(_white_boxes, [crops[0][0]], 128, zoom=0)
 
 
-def test_nms_merges_same_class_overlaps_only():
-    # [0,0,10,10] vs [1,0,11,10]: IoU = 90/110 ≈ 0.82 >= 0.7
-    dets = Detections([[0, 0, 10, 10], [1, 0, 11, 10], [1, 0, 11, 10], [50, 50, 60, 60]], [0.8, 0.9, 0.5, 0.3],
-                      [0, 0, 1, 0])
-    kept = nms(dets, 0.7)
-    assert kept.xyxy.tolist() == [[1, 0, 11, 10], [1, 0, 11, 10], [50, 50, 60, 60]]
-    assert kept.conf.tolist() == [0.9, 0.5, 0.3]
-    assert len(nms(Detections(), 0.7)) == 0
-
-
 def test_yolo_label_lines_normalise_to_the_stored_image_and_clip():
     # [10, 20, 30, 60] on 100x200: cx = 20/100, cy = 40/200, w = 20/100, h = 40/200
     # [90, 190, 130, 230] is clipped to [90, 190, 100, 200]: cx = 0.95, cy = 0.975, w = 0.1, h = 0.05
@@ -176,38 +171,6 @@ def test_yolo_label_lines_normalise_to_the_stored_image_and_clip():
     dets = Detections([[10, 20, 30, 60], [90, 190, 130, 230], [150, 0, 160, 10]], [0.9, 0.8, 0.7], [3, 0, 1])
     assert yolo_label_lines(dets, 100, 200) == ["3 0.200000 0.200000 0.200000 0.200000",
                                                 "0 0.950000 0.975000 0.100000 0.050000"]
-
-
-def test_parse_crop_meta_names_the_bad_field():
-    assert parse_crop_meta(b'{"crops": [{"x0": 1, "y0": 2}, {"x0": 0, "y0": 0, "scale": [2, 3]}]}', 2) == [
-        {"x0": 1.0, "y0": 2.0, "scale": 1.0}, {"x0": 0.0, "y0": 0.0, "scale": [2.0, 3.0]}]
-    cases = {
-        b"not json": "meta is not valid JSON",
-        b"[1, 2]": "list 'crops'",
-        b'{"crops": [{"x0": 1, "y0": 2}]}': "lists 1 crops but the body has 2",
-        b'{"crops": [{"x0": 1, "y0": 2}, {"y0": 3}]}': r"meta.crops\[1\].x0 is missing",
-        b'{"crops": [{"x0": 1, "y0": 2}, {"x0": "abc", "y0": 3}]}': r"meta.crops\[1\].x0 must be a finite number",
-        b'{"crops": [{"x0": 1, "y0": -2}, {"x0": 0, "y0": 3}]}': r"meta.crops\[0\].y0 .* got -2",
-        b'{"crops": [{"x0": 1, "y0": 2, "scale": 0}, {"x0": 0, "y0": 3}]}': r"meta.crops\[0\].scale must .* > 0",
-        b'{"crops": [{"x0": 1, "y0": 2, "zoom": 2}, {"x0": 0, "y0": 3}]}': r"unknown field\(s\) \['zoom'\]",
-    }
-    for text, message in cases.items():
-        with pytest.raises(RequestError, match=message) as err:
-            parse_crop_meta(text, 2)
-        assert err.value.status == 422
-    # on an atlas (n_crops None) every crop also names its cell, in whole pixels
-    atlas = b'{"crops": [{"x0": 5, "y0": 6, "ax": 0, "ay": 16, "width": 30, "height": 20}]}'
-    assert parse_crop_meta(atlas, None) == [
-        {"x0": 5.0, "y0": 6.0, "scale": 1.0, "ax": 0, "ay": 16, "width": 30, "height": 20}]
-    for text, message in {
-        b'{"crops": [{"x0": 5, "y0": 6, "ax": 0, "ay": 16, "width": 30}]}': r"meta.crops\[0\].height is missing",
-        b'{"crops": [{"x0": 5, "y0": 6, "ax": 0.5, "ay": 0, "width": 3, "height": 2}]}':
-            r"meta.crops\[0\].ax must be a whole number of pixels >= 0, got 0.5",
-        b'{"crops": [{"x0": 5, "y0": 6, "ax": 0, "ay": 0, "width": 0, "height": 2}]}': r"width .* >= 1, got 0",
-        b'{"crops": []}': "meta.crops is empty",
-    }.items():
-        with pytest.raises(RequestError, match=message):
-            parse_crop_meta(text, None)
 
 
 def test_parse_multipart_is_byte_exact():
@@ -287,7 +250,7 @@ def test_crops_endpoint_maps_to_frame_and_stores_crop_labels(app_client):
 
 def test_store_labels_only_boxes_at_or_above_label_conf(tmp_path):
     """The answer has every box the detector returned (from --conf on); the hard-sample store's labels only
-    those at >= label_conf (default server.cloud.LABEL_CONF 0.25), since cloud->edge KD trains on them."""
+    those at >= label_conf (default routing.label_conf 0.25), since cloud->edge KD trains on them."""
     def detect(images):
         return [Detections([[10, 10, 20, 20], [30, 30, 40, 40], [50, 50, 60, 60]], [0.9, 0.25, 0.2], [3, 1, 2])
                 for _ in images]
@@ -461,7 +424,7 @@ def test_health_names_the_model_and_classes(cloud):
     assert r.status_code == 200
     body = r.json()
     assert body["status"] == "ok" and body["model"] == "yolo11n" and body["classes"] == NAMES
-    assert isinstance(body["served"], int) and body["crop_zoom"] == 2.0  # server.cloud.CROP_ZOOM
+    assert isinstance(body["served"], int) and body["crop_zoom"] == 2.0  # routing.crop_zoom
     assert body["label_conf"] == 0.0  # the fixture's --label-conf
 
 

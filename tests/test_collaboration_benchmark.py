@@ -23,7 +23,7 @@ def test_remerged_recomputes_each_refined_answer_under_another_policy():
                "cloud_detections": [{"xyxy": [21, 20, 31, 30], "conf": 0.6, "cls": 1}]}
     # Execute
     plain = collaboration.remerged([edge, refined])
-    fused = collaboration.remerged([edge, refined], resolve="fuse")
+    fused = collaboration.remerged([edge, refined], merge="fuse")
     # Assert
     assert plain[0] is edge and [d["conf"] for d in plain[1]["detections"]] == [0.9, 0.6]
     assert [d["conf"] for d in fused[1]["detections"]] == pytest.approx([0.76, 0.9])

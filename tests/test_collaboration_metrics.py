@@ -3,8 +3,7 @@
 import numpy as np
 import pytest
 
-from benchmarks.collaboration import precision_one, score
-from common.routing import Detections
+from common.detections import Detections, precision_one, score
 
 
 @pytest.mark.parametrize(("conf", "tp", "n_gt", "expected"), [

@@ -34,10 +34,13 @@ import httpx
 import numpy as np
 import pytest
 
-from clients.edge import (CloudAnswer, CloudRejected, CloudUnavailable, DiskQueue, EdgeError, EdgeModel,
-                          EdgeRuntime, EdgeSettings, FrameSource, OffloadEntry, StaticModel, file_version,
-                          Frame, RefinedCarrier, flow_shift, letterbox, nms, postprocess)
-from common.routing import Detections, merge
+from clients.carry import RefinedCarrier, flow_shift
+from clients.detector import EdgeModel, StaticModel, file_version, letterbox, postprocess
+from clients.edge import EdgeRuntime, EdgeSettings
+from clients.media import EdgeError, Frame, FrameSource
+from clients.offload import CloudAnswer, CloudRejected, CloudUnavailable, DiskQueue, OffloadEntry
+from common.detections import Detections
+from common.routing import merge
 from tests.deploy_helpers import free_port, stop_tree, tail
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -340,20 +343,8 @@ def test_letterbox_hand_checked():
     assert x[0, :, 16, 16].tolist() == [0.0, 0.0, 1.0]
 
 
-def test_nms_matches_torchvision_and_postprocess_maps_back():
-    import torch
-    import torchvision
-
-    # Prepare: 200 random boxes with distinct scores
-    rng = np.random.default_rng(1)
-    xy = rng.uniform(0, 100, (200, 2))
-    boxes = np.concatenate([xy, xy + rng.uniform(5, 40, (200, 2))], axis=1)
-    scores = rng.permutation(200) / 200 + 0.001
-    # Execute / Assert
-    expected = torchvision.ops.nms(torch.tensor(boxes), torch.tensor(scores), 0.5).numpy()
-    assert nms(boxes, scores, 0.5).tolist() == expected.tolist()
-    assert nms(np.zeros((0, 4)), np.zeros(0), 0.5).tolist() == []
-    # postprocess: anchors (cx, cy, w, h; 2 class scores) on a 320 input from a 64x128 frame (gain 2.5, top 80)
+def test_postprocess_maps_back_through_the_letterbox():
+    # anchors (cx, cy, w, h; 2 class scores) on a 320 input from a 64x128 frame (gain 2.5, top 80)
     raw = np.array([[100, 100, 101], [120, 120, 200], [50, 50, 10], [40, 40, 10],   # 2 overlapping + 1 apart
                     [0.9, 0.8, 0.1], [0.1, 0.1, 0.6]], np.float32)
     dets = postprocess(raw, letterbox(np.zeros((64, 128, 3), np.uint8), 320)[1], conf=0.25, iou=0.7)
@@ -488,10 +479,11 @@ class _SilentCloud(FakeCloud):
 
 
 def test_candidates_are_offloaded_and_kept_only_where_the_cloud_confirms_them(tmp_path, video):
-    """answer_conf 0.5: the edge's 0.3 box is a candidate, not part of its answer, but sent (crop [57,27,89,59]).
+    """det_conf 0.5 (candidates on): the edge's 0.3 box is a candidate, not part of its answer, but sent
+    (crop [57,27,89,59]).
     The fake cloud re-detects it ([70.5,40.2,76.5,46.1] 0.8, IoU 31.9/39.5 ≈ 0.81): fused, noisy-or
     1 - 0.7·0.2 = 0.86, before the confident edge box 0.9 (frame 2). A silent cloud: the candidate is gone."""
-    lines, _ = _run(tmp_path, _frames_of(video), FakeCloud(), answer_conf=0.5, merge="fuse")
+    lines, _ = _run(tmp_path, _frames_of(video), FakeCloud(), det_conf=0.5, candidate_conf=0.05, merge="fuse")
     edge = [ln for ln in lines if ln["kind"] == "edge" and ln["keyframe"]]
     for ln in edge:
         assert [d["conf"] for d in ln["detections"]] == pytest.approx([0.9])
@@ -503,7 +495,8 @@ def test_candidates_are_offloaded_and_kept_only_where_the_cloud_confirms_them(tm
     assert sorted(refined) == [0, 2, 4]
     assert [d["conf"] for d in refined[2]["detections"]] == pytest.approx([0.86, 0.9])
 
-    silent, _ = _run(tmp_path / "silent", _frames_of(video), _SilentCloud(), answer_conf=0.5, merge="fuse")
+    silent, _ = _run(tmp_path / "silent", _frames_of(video), _SilentCloud(), det_conf=0.5, candidate_conf=0.05,
+                     merge="fuse")
     for ln in silent:
         if ln["kind"] == "refined":
             assert [d["conf"] for d in ln["detections"]] == pytest.approx([0.9])
@@ -589,6 +582,24 @@ def weights_pair(tmp_path_factory):
     return [first, yolo.save_weights(model, folder / "w1.pt")]
 
 
+def test_an_onnx_file_the_runtime_did_not_write_is_never_overwritten(tmp_path, weights_pair):
+    # Prepare: a foreign file at --onnx, then one with a record next to it that names another digest
+    onnx_path = tmp_path / "model.onnx"
+    onnx_path.write_bytes(b"a pruned export from elsewhere")
+    # Execute / Assert: refused before any export, the file untouched
+    with pytest.raises(EdgeError, match="the edge runtime did not export it .* never overwritten"):
+        EdgeModel(weights_pair[0], onnx=onnx_path, imgsz=128, reload_every=0)
+    Path(f"{onnx_path}.json").write_text(json.dumps({"version": "x", "imgsz": 128, "onnx": "0123456789ab"}))
+    with pytest.raises(EdgeError, match="model.onnx.json"):
+        EdgeModel(weights_pair[0], onnx=onnx_path, imgsz=128, reload_every=0)
+    assert onnx_path.read_bytes() == b"a pruned export from elsewhere"
+    # a weights file that does not load: the error names the file and says why
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(EdgeError, match=r"--weights .*bad\.pt: cannot load it: cannot read weights file"):
+        EdgeModel(bad, imgsz=128, reload_every=0)
+
+
 def test_reload_picks_up_new_weights_in_the_background(tmp_path, weights_pair):
     import shutil
 
@@ -668,7 +679,7 @@ def _match(a: Detections, b: Detections, conf: float, margin: float = 2e-3) -> i
 
 
 def test_onnx_predictor_matches_torch_and_ultralytics(tmp_path, tiny_benchmark):
-    from clients.edge import OnnxPredictor, TorchPredictor
+    from clients.detector import OnnxPredictor, TorchPredictor
     from common import yolo
 
     # Prepare: a calibrated YOLO11n in a model store; EdgeModel exports it (common.yolo.export_onnx) for ORT
@@ -724,8 +735,15 @@ def test_cli_defaults_are_edge_settings_and_a_negative_max_gap_is_refused(tmp_pa
     required = ["--source", "0", "--weights", "w.pt", "--cloud", "http://127.0.0.1:9", "--out", "o.jsonl"]
     args = vars(_parser().parse_args(required))
     shared = {f.name for f in fields(EdgeSettings)} & set(args)
-    assert {"t_conf", "beta", "max_gap", "cut_threshold", "merge", "keep_unanswered", "propagate"} <= shared
+    assert {"t_conf", "beta", "max_gap", "cut_threshold", "merge", "keep_unanswered", "propagate", "det_conf",
+            "candidate_conf", "context", "min_crop", "jpeg_quality", "merge_iou"} <= shared
     assert {k: args[k] for k in shared} == {k: getattr(EdgeSettings, k) for k in shared}
+    # and EdgeSettings' defaults are the config schema's (one name, one default per threshold)
+    from common.config import RoutingConfig
+
+    routing = {f.name for f in fields(RoutingConfig)} & shared
+    assert {"det_conf", "candidate_conf", "t_conf", "t_size", "n_frames", "offload", "merge"} <= routing
+    assert {k: args[k] for k in routing} == {k: getattr(RoutingConfig(), k) for k in routing}
     with pytest.raises(SystemExit):
         main([*required, "--token", "t", "--max-gap", "-1"])
     assert "--max-gap >= 0 (0: off)" in capsys.readouterr().err

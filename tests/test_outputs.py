@@ -1,5 +1,6 @@
 """Tests for the server's run folder (server.outputs), tracking (server.tracking) and CLI (server.simulate)."""
 
+import io
 import json
 import os
 import shlex
@@ -150,6 +151,27 @@ def test_tracker_off_in_process_is_a_no_op(tmp_path):
     t.finish()
 
     assert t.run is None
+
+
+def test_tracker_report_logs_images_and_tables_under_report(tmp_path):
+    # Prepare: a tracker whose W&B run is a recorder (no wandb.init); a 3x2 red PNG
+    wandb = pytest.importorskip("wandb")
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (3, 2), (255, 0, 0)).save(buf, format="PNG")
+    logged = []
+    t = Tracker("off", "cedar", tmp_path, {}, "x")
+    t.run = type("Run", (), {"log": lambda self, data: logged.append(data)})()
+
+    # Execute
+    t.report({"accuracy": buf.getvalue()}, {"teachers": (["round", "site"], [[2, "site-1"]])})
+
+    # Assert
+    (data,) = logged
+    assert sorted(data) == ["report/accuracy", "report/teachers"]
+    assert isinstance(data["report/accuracy"], wandb.Image) and data["report/accuracy"].image.size == (3, 2)
+    assert data["report/teachers"].columns == ["round", "site"] and data["report/teachers"].data == [[2, "site-1"]]
 
 
 # --- cedar-simulate -------------------------------------------------------------------------

@@ -8,32 +8,14 @@ import numpy as np
 import pytest
 
 from common.keyframes import IoUTracker
-from common.routing import (
-    REASONS,
-    Detections,
-    ambiguity_reasons,
-    ambiguous_mask,
-    atlas_layout,
-    crop_image,
-    crop_regions,
-    encode_atlas,
-    encode_regions,
-    is_unstable,
-    keyframe_offload_fraction,
-    merge,
-    merge_overlapping,
-    offload_fraction,
-    offload_plan,
-    offload_stats,
-    payload_bytes,
-    raw_bytes,
-    reason_counts,
-    route,
-    shelf_pack,
-    to_frame_coords,
-)
+from common.detections import Detections
+from common.offload import (atlas_layout, crop_image, crop_regions, encode_atlas, encode_regions, merge_overlapping,
+                            offload_plan, payload_bytes, raw_bytes, shelf_pack, to_frame_coords)
+from common.routing import (REASONS, ambiguity_reasons, ambiguous_mask, is_unstable, keyframe_offload_fraction, merge,
+                            offload_fraction, offload_stats, reason_counts, route)
 
 T, F = True, False
+PAPER = dict(t_conf=0.5, t_size=256.0, n_frames=5)  # the paper's T_conf and N, T_size 16x16
 
 
 def dets(boxes, conf=None, cls=None) -> Detections:
@@ -166,13 +148,13 @@ def test_each_reason_on_hand_built_detections():
 
 def test_thresholds_are_parameters():
     """t_conf = 0.95 makes a 0.9 detection ambiguous; t_size = 0 turns 'small' off."""
-    reasons = ambiguity_reasons([[0, 0, 4, 4]], [0.9], None, t_conf=0.95, t_size=0)
+    reasons = ambiguity_reasons([[0, 0, 4, 4]], [0.9], None, t_conf=0.95, t_size=0, n_frames=5)
     assert reasons == [("low_conf",)]
 
 
 def test_no_histories_means_no_unstable_reason():
-    assert ambiguity_reasons([[0, 0, 20, 20]], [0.9]) == [()]
-    assert ambiguity_reasons(np.zeros((0, 4)), []) == []
+    assert ambiguity_reasons([[0, 0, 20, 20]], [0.9], None, **PAPER) == [()]
+    assert ambiguity_reasons(np.zeros((0, 4)), [], None, **PAPER) == []
 
 
 @pytest.mark.parametrize(
@@ -186,7 +168,7 @@ def test_no_histories_means_no_unstable_reason():
 )
 def test_ambiguity_rejects_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
-        ambiguity_reasons([[0, 0, 20, 20]], [0.9], **kwargs)
+        ambiguity_reasons([[0, 0, 20, 20]], [0.9], **{"track_histories": None, **PAPER, **kwargs})
 
 
 def test_tracker_feeds_the_unstable_rule():
@@ -202,7 +184,7 @@ def test_tracker_feeds_the_unstable_rule():
     tracker.update([steady, flicker], [0, 0])
     tracker.update([steady], [0])  # flicker missed
     ids = tracker.update([steady, [1, 0, 41, 40]], [0, 0])  # flicker back, 1 px right
-    result = route(dets([steady, [1, 0, 41, 40]]), tracker.histories(ids))
+    result = route(dets([steady, [1, 0, 41, 40]]), tracker.histories(ids), **PAPER)
     # Assert
     assert tracker.histories(ids) == [(T, T, T), (T, F, T)]
     assert result.reasons == [(), ("unstable",)]
@@ -214,7 +196,7 @@ def test_route_splits_in_order():
     # Prepare
     d = dets([[0, 0, 20, 20], [30, 0, 50, 20], [60, 0, 80, 20]], conf=[0.3, 0.8, 0.4], cls=[1, 2, 3])
     # Execute
-    r = route(d)
+    r = route(d, None, **PAPER)
     # Assert
     np.testing.assert_array_equal(r.offload_mask, [T, F, T])
     np.testing.assert_array_equal(r.confident.cls, [2])
@@ -553,21 +535,6 @@ def test_offload_stats():
 def test_reason_counts_rejects_unknown():
     with pytest.raises(ValueError, match="blurry"):
         reason_counts([("blurry",)])
-
-
-def test_matched_gt_hand_checked():
-    """Recall/FNR of the edge model (paper section 5.2, Tables 3-4): greedy IoU >= 0.5 matching."""
-    from common.routing import matched_gt
-
-    gt = [[0, 0, 10, 10], [20, 20, 30, 30]]
-    # [0,0,10,9] vs GT0: IoU 90/100 = 0.9; [50,50,60,60] overlaps nothing
-    assert matched_gt([[0, 0, 10, 9], [50, 50, 60, 60]], [0.9, 0.8], gt).tolist() == [True, False]
-    # two detections on GT0: the confident one takes it, the other cannot take GT1 (IoU 0)
-    assert matched_gt([[0, 0, 10, 10], [1, 1, 10, 10]], [0.3, 0.9], gt).tolist() == [True, False]
-    # IoU exactly 0.5 counts: [0,0,10,5] vs GT0 = 50/100
-    assert matched_gt([[0, 0, 10, 5]], [0.5], gt).tolist() == [True, False]
-    assert matched_gt([], [], gt).tolist() == [False, False]
-    assert matched_gt([[0, 0, 1, 1]], [0.5], []).tolist() == []
 
 
 def test_merge_keep_unanswered_per_detection():

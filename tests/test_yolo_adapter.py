@@ -223,7 +223,7 @@ def test_80_class_ultralytics_checkpoint_loads_into_an_8_class_model(tmp_path, c
     fresh = yolo.state_dict(yolo.build_model("yolo11n", nc=NC, seed=0))
 
     # Execute
-    with caplog.at_level("INFO", logger="common.yolo"):
+    with caplog.at_level("DEBUG", logger="common.yolo"):
         kept = yolo.load_checkpoint(model, tmp_path / "yolo11n.pt")
 
     # Assert: 499 tensors; the class branch (model.23.cv3) is 3 levels x (4 Conv+BN x 6 tensors + the last
@@ -395,24 +395,26 @@ class _Terminal(io.StringIO):
         return True
 
 
-def test_progress_is_one_log_line_per_epoch_off_a_terminal_and_a_bar_on_one(tiny_benchmark, caplog, monkeypatch):
+def test_progress_is_one_debug_line_per_epoch_off_a_terminal_and_a_bar_on_one(tiny_benchmark, caplog, monkeypatch):
     # Prepare: under pytest stderr is captured, not a terminal (as in a ClientApp, whose stderr goes to Ray's log)
     model = yolo.build_model("yolo11n", nc=NC, seed=0)
     data = tiny_benchmark.site_data(0)
     assert not sys.stderr.isatty()
 
     # Execute
-    with caplog.at_level("INFO", logger="common.yolo"):
+    with caplog.at_level("DEBUG", logger="common.yolo"):
         res = yolo.train(model, data, epochs=2, imgsz=128, batch=4, warmup_iters=2, desc="site-0 round 1")
-    lines = [r.getMessage() for r in caplog.records if r.name == "common.yolo"]
+    records = [r for r in caplog.records if r.name == "common.yolo"]
+    lines = [r.getMessage() for r in records]
     caplog.clear()
     terminal = _Terminal()
     monkeypatch.setattr(sys, "stderr", terminal)
-    with caplog.at_level("INFO", logger="common.yolo"):
+    with caplog.at_level("DEBUG", logger="common.yolo"):
         yolo.train(model, data, epochs=1, imgsz=128, batch=4, warmup_iters=2, desc="site-0 round 2")
 
     # Assert: 8 images, batch 4: 2 batches per epoch; the last line's loss is the result's
     assert len(lines) == 2
+    assert {r.levelname for r in records} == {"DEBUG"}  # at INFO the console keeps the site's one line per round
     for epoch, line in enumerate(lines, 1):
         assert re.fullmatch(rf"site-0 round 1 epoch {epoch}/2: loss \d+\.\d{{3}} \(box \d+\.\d{{3}}, "
                             r"cls \d+\.\d{3}, dfl \d+\.\d{3}\), 2 batches, \d+\.\d s", line), line

@@ -1,0 +1,78 @@
+"""common/detections.py: the one NMS, label reading and matching to ground truth, on hand-worked values."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from common.detections import (Detections, image_labels, label_path, labels_to_pixels, matched_gt, nms,
+                               read_yolo_labels)
+
+
+def test_nms_matches_torchvision_on_random_boxes():
+    torch = pytest.importorskip("torch")
+    torchvision = pytest.importorskip("torchvision")
+    # Prepare: 200 random boxes with distinct scores, 3 classes
+    rng = np.random.default_rng(1)
+    xy = rng.uniform(0, 100, (200, 2))
+    boxes = np.concatenate([xy, xy + rng.uniform(5, 40, (200, 2))], axis=1)
+    scores = rng.permutation(200) / 200 + 0.001
+    classes = rng.integers(0, 3, 200)
+    # Execute / Assert
+    expected = torchvision.ops.nms(torch.tensor(boxes), torch.tensor(scores), 0.5).numpy()
+    assert nms(boxes, scores, 0.5).tolist() == expected.tolist()
+    batched = torchvision.ops.batched_nms(torch.tensor(boxes), torch.tensor(scores), torch.tensor(classes), 0.5)
+    assert nms(boxes, scores, 0.5, classes=classes).tolist() == batched.numpy().tolist()
+
+
+def test_nms_hand_worked_classes_ties_and_empty():
+    # [0,0,10,10] vs [1,0,11,10]: IoU = 90/110 ≈ 0.82 > 0.7: the less confident one goes, unless of another class
+    boxes = [[0, 0, 10, 10], [1, 0, 11, 10], [20, 20, 30, 30]]
+    assert nms(boxes, [0.9, 0.8, 0.7], 0.7).tolist() == [0, 2]
+    assert nms(boxes, [0.9, 0.8, 0.7], 0.7, classes=[0, 1, 0]).tolist() == [0, 1, 2]
+    # IoU exactly at the threshold keeps both ([0,0,10,10] vs [5,0,15,10]: 50/150 = 1/3); equal scores: input order
+    assert nms([[0, 0, 10, 10], [5, 0, 15, 10]], [0.5, 0.5], 1 / 3).tolist() == [0, 1]
+    assert nms([[5, 0, 15, 10], [0, 0, 10, 10]], [0.5, 0.5], 0.3).tolist() == [0]
+    assert nms(np.zeros((0, 4)), np.zeros(0), 0.5).tolist() == []
+    with pytest.raises(ValueError, match="scores has 1 entries for 2 boxes"):
+        nms([[0, 0, 1, 1], [0, 0, 2, 2]], [0.5], 0.5)
+
+
+def test_labels_read_into_pixel_boxes(tmp_path):
+    # Prepare: an image path under images/ and its label file under labels/
+    image = tmp_path / "data" / "images" / "test" / "a.png"
+    labels = tmp_path / "data" / "labels" / "test" / "a.txt"
+    labels.parent.mkdir(parents=True)
+    labels.write_text("3 0.5 0.25 0.2 0.1\n\n0 0.1 0.1 0.2 0.2 0.9 0.9\n")  # a blank line, an extra column
+    # Execute
+    rows = read_yolo_labels(labels)
+    pixels = image_labels(image, 100, 200)
+    # Assert: [3, 0.5, 0.25, 0.2, 0.1] on 100x200 -> centre (50, 50), 20x20 -> [40, 40, 60, 60]
+    assert label_path(image) == labels
+    assert rows.tolist() == [[3, 0.5, 0.25, 0.2, 0.1], [0, 0.1, 0.1, 0.2, 0.2]]
+    assert np.allclose(pixels, [[3, 40, 40, 60, 60], [0, 0, 0, 20, 40]])
+    assert labels_to_pixels(np.zeros((0, 5)), 10, 10).shape == (0, 5)
+    assert read_yolo_labels(tmp_path / "missing.txt").shape == (0, 5)
+    labels.write_text("3 0.5 0.25\n")
+    with pytest.raises(ValueError, match=r"a\.txt:1: a label line is 'cls cx cy w h', got '3 0.5 0.25'"):
+        read_yolo_labels(labels)
+
+
+def test_matched_gt_hand_checked():
+    """Recall/FNR of the edge model (paper section 5.2, Tables 3-4): greedy IoU >= 0.5 matching."""
+    gt = [[0, 0, 10, 10], [20, 20, 30, 30]]
+    # [0,0,10,9] vs GT0: IoU 90/100 = 0.9; [50,50,60,60] overlaps nothing
+    assert matched_gt([[0, 0, 10, 9], [50, 50, 60, 60]], [0.9, 0.8], gt).tolist() == [True, False]
+    # two detections on GT0: the confident one takes it, the other cannot take GT1 (IoU 0)
+    assert matched_gt([[0, 0, 10, 10], [1, 1, 10, 10]], [0.3, 0.9], gt).tolist() == [True, False]
+    # IoU exactly 0.5 counts: [0,0,10,5] vs GT0 = 50/100
+    assert matched_gt([[0, 0, 10, 5]], [0.5], gt).tolist() == [True, False]
+    assert matched_gt([], [], gt).tolist() == [False, False]
+    assert matched_gt([[0, 0, 1, 1]], [0.5], []).tolist() == []
+
+
+def test_detections_round_trip_and_select():
+    d = Detections([[0, 0, 10, 20], [5, 5, 6, 6]], [0.9, 0.2], [3, 1])
+    assert d.area.tolist() == [200.0, 1.0]
+    assert Detections.from_list(d.to_list()).to_list() == d.to_list()
+    assert d.select(d.conf > 0.5).cls.tolist() == [3]
