@@ -157,6 +157,7 @@ def test_run_serves_the_cloud_and_closes_the_loop(tiny_overrides, tmp_path, capl
     stored = len(list((out.run_dir / "cloud" / "hard-samples" / "images").iterdir()))
     assert stored > 0
     # round 2: the cloud fine-tuned on the samples of round 1 before teaching
-    tuned = [r.getMessage() for r in caplog.records if "fine-tuned" in r.getMessage()]
-    assert len(tuned) == 1 and "round 2" in tuned[0] and (out.run_dir / "cloud" / "model-round-002.pt").is_file()
+    tuned = torch.load(out.run_dir / "cloud" / "model-round-002.pt", weights_only=True)["meta"]
+    assert tuned["round"] == 2 and 0 < tuned["hard_samples"] <= stored
+    assert sorted(p.name for p in (out.run_dir / "cloud").glob("model*.pt")) == ["model-round-002.pt", "model.pt"]
     assert _cloud_children() == []
