@@ -737,6 +737,9 @@ def test_cli_defaults_are_edge_settings_and_a_negative_max_gap_is_refused(tmp_pa
     shared = {f.name for f in fields(EdgeSettings)} & set(args)
     assert {"t_conf", "beta", "max_gap", "cut_threshold", "merge", "keep_unanswered", "propagate", "det_conf",
             "candidate_conf", "context", "min_crop", "jpeg_quality", "merge_iou"} <= shared
+    # --conf has no default of its own: the model's calibrated threshold, else EdgeSettings.det_conf
+    assert args["det_conf"] is None and args["sequence"] is False
+    args["det_conf"] = EdgeSettings.det_conf
     assert {k: args[k] for k in shared} == {k: getattr(EdgeSettings, k) for k in shared}
     # and EdgeSettings' defaults are the config schema's (one name, one default per threshold)
     from common.config import RoutingConfig
