@@ -114,7 +114,9 @@ class LocalSite:
 
     def train_round(self, server_round: int, epochs: int, weights: dict | None,
                     kd: P.KDRequest | None = None, teachers: list[dict] = ()) -> RoundResult:
-        """Local training (distillation when ``kd`` names teachers), then evaluation on val and test."""
+        """Local training (distillation when ``kd`` names teachers), then evaluation on val and test, the
+        answer threshold's calibration on val (:meth:`calibrate`, stored with the weights) and the collaboration
+        metrics on test at that threshold."""
         import torch
 
         from common import yolo
@@ -136,8 +138,9 @@ class LocalSite:
             extra_loss=extra, alpha=kd.alpha if extra else 1.0, augment=augment,
         )
         val, test = self.evaluate(model, "val"), self.evaluate(model, "test")
+        model.cedar_meta = {"round": server_round, "site": self.spec.site_id, **self.calibrate(model)}
         routing = self.collab_metrics(model)
-        yolo.save_weights(model, self.store / "model.pt", round=server_round, site=self.spec.site_id)
+        yolo.save_weights(model, self.store / "model.pt", **model.cedar_meta)
         log.info("%s round %s: loss %.3f, val mAP50 %.3f, test mAP50 %.3f (%.0fs)", self.spec.site_id,
                  server_round, res.loss, val.map50, test.map50, time.perf_counter() - t0)
         metrics = {
@@ -150,40 +153,68 @@ class LocalSite:
         return RoundResult(yolo.state_dict(model), {**metrics, **kd_metrics, **routing})
 
     # -- the collaboration step on the test split (clients.collab)
-    def collab_settings(self):
-        """:class:`clients.collab.CollabSettings` from ``routing`` (the edge runtime's defaults too)."""
+    def collab_settings(self, model=None):
+        """:class:`clients.collab.CollabSettings` from ``routing`` (the edge runtime's defaults too), answering
+        from ``model``'s calibrated threshold when it has one (``model.cedar_meta``, :meth:`calibrate`)."""
         from clients.collab import CollabSettings
 
-        return CollabSettings.from_config(self.cfg.routing)
+        return CollabSettings.from_config(self.cfg.routing).for_model(getattr(model, "cedar_meta", None))
 
-    def edge_predictor(self, model):
+    def edge_predictor(self, model, conf: float | None = None):
         """The edge runtime's detector (:class:`clients.detector.TorchPredictor`) on ``model``, batch 1,
-        down to the candidates' confidence."""
+        down to ``conf`` (default: the candidates' confidence, else the answer threshold)."""
         from clients.detector import TorchPredictor
 
         t = self.cfg.train
-        return TorchPredictor(model, imgsz=t.imgsz, conf=self.collab_settings().detector_conf, iou=self.cfg.eval.iou,
-                              device=t.device)
+        conf = self.collab_settings(model).detector_conf if conf is None else conf
+        return TorchPredictor(model, imgsz=t.imgsz, conf=conf, iou=self.cfg.eval.iou, device=t.device)
+
+    def _split_images(self, split: str) -> Iterator[tuple[Path, Any, Any]]:
+        """``(path, BGR image, gt)`` for each readable image of one of this site's splits, in name order;
+        ``gt``: ``(M, 5)`` pixel rows ``cls, x1, y1, x2, y2``."""
+        import cv2
+
+        from common.detections import image_labels
+        from common.sites import split_dir
+
+        for path in sorted(split_dir(self.spec.data_yaml, split).glob("*.*")):
+            image = cv2.imread(str(path))
+            if image is not None:
+                yield path, image, image_labels(path, image.shape[1], image.shape[0])
+
+    def calibrate(self, model) -> dict[str, float]:
+        """The model's answer threshold on this site's validation split, as the edge runtime detects (batch 1,
+        down to ``CONF_RANGE[0]``): :func:`clients.collab.calibrate_conf` (F1-optimal confidence, class-aware
+        matches at IoU 0.5, micro F1 over the classes, clipped to ``CONF_RANGE``). Returns ``{"det_conf", "f1",
+        "precision", "recall"}``; ``{}`` when no detection matches an object (the model then answers from
+        ``routing.det_conf``)."""
+        from clients.collab import CONF_RANGE, META_CONF, calibrate_conf
+
+        predictor = self.edge_predictor(model, conf=CONF_RANGE[0])
+        dets, gts = [], []
+        for _, image, gt in self._split_images("val"):
+            dets.append(predictor(image))
+            gts.append(gt)
+        found = calibrate_conf(dets, gts, len(class_names(self.spec.data_yaml))) or {}
+        if found:
+            log.info("%s: answer threshold %.3f (val F1 %.3f, precision %.3f, recall %.3f)", self.spec.site_id,
+                     found[META_CONF], found["f1"], found["precision"], found["recall"])
+        else:
+            log.info("%s: no detection matches a val object; answer threshold routing.det_conf %.3f",
+                     self.spec.site_id, self.cfg.routing.det_conf)
+        return found
 
     def _collab_steps(self, model) -> Iterator[tuple[Path, Any, Any, Any, bool]]:
         """Every test image through :func:`clients.collab.collaborate`: ``(path, image, gt, step, answered)``.
 
         ``gt``: ``(M, 5)`` pixel rows ``cls, x1, y1, x2, y2``; ``answered``: the cloud service answered (False
         from the first failure on: the client is closed and the rest of the split runs without a cloud)."""
-        import cv2
-
         from clients.collab import collaborate
         from clients.offload import CloudRejected, CloudUnavailable
-        from common.detections import image_labels
-        from common.sites import split_dir
 
-        s, predictor, client = self.collab_settings(), self.edge_predictor(model), self.cloud_client()
+        s, predictor, client = self.collab_settings(model), self.edge_predictor(model), self.cloud_client()
         try:
-            for n, path in enumerate(sorted(split_dir(self.spec.data_yaml, "test").glob("*.*"))):
-                image = cv2.imread(str(path))
-                if image is None:
-                    continue
-                gt = image_labels(path, image.shape[1], image.shape[0])
+            for n, (path, image, gt) in enumerate(self._split_images("test")):
                 kw = dict(site=self.spec.site_id, run="eval", frame=n)
                 try:
                     step = collaborate(image, predictor, client, s, **kw)
@@ -202,8 +233,9 @@ class LocalSite:
         """The collaboration step on the test split (paper section 4.2): what the edge offloads, and what it gains.
 
         Each test image is a keyframe through :func:`clients.collab.collaborate` with the edge runtime's own
-        detector and settings (``routing.*``; still images have no tracks, so nothing is ``unstable``). Always:
-        the edge answer's mAP50, recall and FNR (class-aware, IoU 0.5, :func:`common.detections.score`), the
+        detector and settings (``routing.*``, the answer threshold ``model``'s calibrated one when it has one;
+        still images have no tracks, so nothing is ``unstable``). Always: the answer threshold, the edge answer's
+        mAP50, recall and FNR (class-aware, IoU 0.5, :func:`common.detections.score`), the
         recall of its confident boxes alone, the share of its boxes that are ambiguous, the offloaded boxes per
         reason and the median detection latency. When the node knows a cloud service (``routing.cloud-url`` or
         node-config ``cloud-url``) and it answers every offload: the merged answer's mAP50, recall and FNR, the
@@ -230,7 +262,8 @@ class LocalSite:
         n_boxes = sum(len(st.keyframe.detections) for st in steps)
         reasons = reason_counts(r for st in steps for r in st.keyframe.reasons)
         n_ambiguous = sum(int(st.keyframe.offload_mask.sum()) for st in steps)
-        out = {P.OFFLOAD_FRACTION: n_ambiguous / n_boxes if n_boxes else 0.0,
+        out = {P.EDGE_DET_CONF: self.collab_settings(model).det_conf,
+               P.OFFLOAD_FRACTION: n_ambiguous / n_boxes if n_boxes else 0.0,
                P.EDGE_MAP50: edge["map50"], P.EDGE_RECALL: edge["recall"], P.EDGE_FNR: edge["fnr"],
                P.CONFIDENT_RECALL: confident["recall"],
                P.EDGE_LATENCY_MS: float(np.median([st.edge_ms for st in steps])),

@@ -54,6 +54,7 @@ TEACHER_VAL_MAP50 = "teacher-val-map50"
 TEACHERS_KEPT = "teachers-kept"
 # ambiguity routing on the site's test split (paper section 4.2), optional: every test image a keyframe through
 # the collaboration step (clients.collab); recall, FNR and mAP50 class-aware at IoU 0.5 (common.detections.score)
+EDGE_DET_CONF = "edge-det-conf"  # the edge's answer threshold: calibrated on val (F1-optimal), else routing.det_conf
 OFFLOAD_FRACTION = "offload-fraction"  # share of the edge's answer boxes that are ambiguous (go to the cloud)
 EDGE_RECALL = "edge-recall"  # recall of the edge's answer
 CONFIDENT_RECALL = "confident-recall"  # ... of its confident boxes only (what the edge keeps without a cloud)
@@ -66,7 +67,7 @@ OFFLOAD_UNSTABLE = "offload-unstable"  # ... for an intermittent track (videos o
 OFFLOAD_CANDIDATES = "offload-candidates"  # boxes below routing.det_conf offloaded as candidates
 REASON_KEYS = {"low_conf": OFFLOAD_LOW_CONF, "small": OFFLOAD_SMALL, "unstable": OFFLOAD_UNSTABLE,
                "candidate": OFFLOAD_CANDIDATES}
-ROUTING_KEYS = (OFFLOAD_FRACTION, EDGE_RECALL, CONFIDENT_RECALL, EDGE_LATENCY_MS, EDGE_MAP50, EDGE_FNR,
+ROUTING_KEYS = (EDGE_DET_CONF, OFFLOAD_FRACTION, EDGE_RECALL, CONFIDENT_RECALL, EDGE_LATENCY_MS, EDGE_MAP50, EDGE_FNR,
                 *REASON_KEYS.values())
 # collaboration with the cloud detection service (only when the node knows the service and it answered), optional
 COLLAB_RECALL = "collab-recall"  # recall of the merged edge + cloud answer

@@ -783,7 +783,7 @@ def test_onnx_predictor_matches_torch_and_ultralytics(tmp_path, tiny_benchmark):
     # Prepare: a calibrated YOLO11n in a model store; EdgeModel exports it (common.yolo.export_onnx) for ORT
     frames = _benchmark_frames(tiny_benchmark)
     model = _calibrated_model(frames)
-    weights = yolo.save_weights(model, tmp_path / "store" / "model.pt")
+    weights = yolo.save_weights(model, tmp_path / "store" / "model.pt", det_conf=0.3)
     conf, onnx_path = 0.25, tmp_path / "edge.onnx"
     edge_model = EdgeModel(weights, onnx=onnx_path, imgsz=128, conf=conf, iou=0.7, reload_every=0)
     ort_p = edge_model.predictor
@@ -806,8 +806,11 @@ def test_onnx_predictor_matches_torch_and_ultralytics(tmp_path, tiny_benchmark):
     # the export records the weights' version; an up-to-date export is reused, not redone
     assert json.loads(Path(f"{onnx_path}.json").read_text())["version"] == edge_model.version
     stamp = onnx_path.stat().st_mtime_ns
-    assert EdgeModel(weights, onnx=onnx_path, imgsz=128, reload_every=0).version == edge_model.version
+    again = EdgeModel(weights, onnx=onnx_path, imgsz=128, reload_every=0)
+    assert again.version == edge_model.version
     assert onnx_path.stat().st_mtime_ns == stamp
+    # the weights' metadata (the calibrated threshold) comes with the export's record, read without torch
+    assert edge_model.meta == again.meta == {"det_conf": 0.3}
 
 
 def test_cli_refuses_bad_arguments_before_loading_anything(tmp_path, capsys, monkeypatch):
