@@ -94,6 +94,7 @@ def run_variant(preset: str, variant: str, seed: int, overrides: dict, cloud_rou
     from server.local_grid import LocalGrid
 
     ov = {"kd.cloud-rounds": [], "federation.late-sites": [],  # the variant decides, whatever the preset says
+          "model.edge-init": "scratch", "cloud.serve": False,  # what the KD results measure: sites from scratch
           **overrides, **VARIANTS[variant], "seed": seed, "output-dir": str(out_dir),
           "run-name": name or f"{variant}-seed{seed}", "tracking.wandb": "off", "federation.wait-for-nodes-s": 0}
     if variant in CLOUD_VARIANTS:

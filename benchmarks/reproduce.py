@@ -169,7 +169,7 @@ def federation_job(preset: str, overrides: dict, name: str, seed: int, work: Pat
     variant, extra, base = FEDERATIONS[name]
     ov = {**overrides, **extra}
     if "cloud" in done:
-        ov["kd.cloud-weights"] = done["cloud"]["weights"]
+        ov["model.cloud-init"] = done["cloud"]["weights"]
     rounds = list(range(2, int(ov["federation.num-rounds"]) + 1))
     if base is None:  # round 1, shared by the federations that continue it
         ov.update({"federation.num-rounds": 1, "train.epochs-per-round": base_epochs})

@@ -36,8 +36,8 @@ def query(msg: Message, context: Context) -> Message:
 def train(msg: Message, context: Context) -> Message:
     """Local training; with a :class:`common.protocol.KDRequest` in the config, distillation from its teachers."""
     configure_logging()
-    site = LocalSite.from_context(context.run_config, context.node_config)
     config = msg.content.get(P.CONFIG, ConfigRecord())
+    site = LocalSite.from_context(context.run_config, context.node_config, config)
     arrays = msg.content.get(P.ARRAYS)
     kd = P.KDRequest.parse(config)
     result = site.train_round(

@@ -35,11 +35,17 @@ class LocalSite:
                       **{k: str(v) for k, v in (cloud or {}).items() if v}}
 
     @classmethod
-    def from_context(cls, run_config: Mapping[str, Any], node_config: Mapping[str, Any]) -> "LocalSite":
+    def from_context(cls, run_config: Mapping[str, Any], node_config: Mapping[str, Any],
+                     config: Mapping[str, Any] | None = None) -> "LocalSite":
+        """The site of a ClientApp's context. The cloud service: node-config ``cloud-url``/``cloud-token-file``/
+        ``cloud-cafile`` if set, else the run's own service named in the message ``config``
+        (:data:`common.protocol.CLOUD_URL`/``CLOUD_TOKEN``), else ``routing.cloud-*``."""
         cfg = from_run_config(run_config)
         spec = resolve_site(cfg, node_config)
         default_store = Path(os.environ.get("CEDAR_HOME", "~/.cache/cedar")) / "nodes" / spec.site_id
         cloud = {k: node_config.get(f"cloud-{k}") for k in ("url", "token-file", "cafile")}
+        if not cloud["url"] and config:
+            cloud.update(url=config.get(P.CLOUD_URL), token=config.get(P.CLOUD_TOKEN))
         return cls(cfg, spec, Path(str(node_config.get("model-store", default_store))), cloud)
 
     def cloud_client(self):
@@ -50,7 +56,7 @@ class LocalSite:
         from common.tokens import resolve_token
 
         try:
-            token = resolve_token(None, self.cloud["token-file"] or None)
+            token = self.cloud.get("token") or resolve_token(None, self.cloud["token-file"] or None)
         except ValueError as err:
             log.warning("%s: cloud service %s configured but no token (%s): edge metrics only",
                         self.spec.site_id, self.cloud["url"], err)

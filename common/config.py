@@ -78,12 +78,44 @@ class DataConfig:
     public_data: str = ""
 
 
+MODEL_INITS = {"edge_init": ("base", "scratch"), "cloud_init": ("train",)}
+
+
 @dataclass
 class ModelConfig:
-    """``edge``/``cloud``: an Ultralytics model name (``yolo11n``) or a YAML in ``conf/models``."""
+    """``edge``/``cloud``: an Ultralytics model name (``yolo11n``) or a YAML in ``conf/models``.
+
+    ``edge_init``: every site's first model: ``base`` (the server trains ``edge`` for
+    ``base_epochs`` on the shared benchmark's public train split, cached), ``scratch``
+    (random weights) or a checkpoint path (an Ultralytics ``.pt`` or a cedar weights file).
+    ``cloud_init``: ``train`` (``cloud`` trained for ``cloud_epochs`` the same way, cached)
+    or a checkpoint path. See :mod:`server.models`.
+    """
 
     edge: str = "yolo11n"
     cloud: str = "yolo11s"
+    edge_init: str = "base"
+    cloud_init: str = "train"
+    base_epochs: int = 20
+    cloud_epochs: int = 10
+
+
+@dataclass
+class CloudConfig:
+    """The cloud detection service inside a run (``server.cloud_process``).
+
+    ``serve``: the ServerApp runs ``python -m server.cloud`` on loopback with the cloud
+    model and tells the sites its URL and token in every train message. ``store``: the
+    hard-sample store (default ``<run>/cloud/hard-samples``; a separately deployed
+    service's ``--store`` when ``serve`` is off). Before each cloud-to-edge KD round the
+    cloud model is fine-tuned for ``finetune_epochs`` on the public train split plus the
+    hard samples the store gained (0: never; the paper's closed loop, section 4.2 (2)).
+    """
+
+    serve: bool = True
+    store: str = ""
+    finetune_epochs: int = 2
+    startup_timeout_s: float = 120.0
 
 
 @dataclass
@@ -187,9 +219,8 @@ class KDConfig:
     ``student_check``: the student keeps only the teachers that beat it on its own
     validation split (see ``clients.site.LocalSite.distiller``). Distillation runs
     inside a round's local epochs (``train.epochs_per_round``), from the teachers'
-    models of the round before. ``cloud_weights``: a cloud model file the project
-    produced (e.g. the collaboration benchmark's); empty: the server trains
-    ``model.cloud`` for ``cloud_epochs`` on the benchmark plus the hard samples.
+    models of the round before. The cloud model is ``model.cloud-init`` (see :class:`CloudConfig` for how the
+    hard samples reach it).
     """
 
     mode: str = "none"
@@ -213,14 +244,15 @@ class KDConfig:
     cloud_select: str = "teacher-fg"
     start_round: int = 2  # teachers need a round of local training before they know anything
     cloud_rounds: list[int] = field(default_factory=list)
-    cloud_epochs: int = 10
-    cloud_weights: str = ""
-    # extra YOLO-format training data for the cloud model (the cloud service's hard-sample store)
-    hard_samples_dir: str = ""
-    # graph maintenance (paper Figure 4)
+    # graph maintenance (paper Figure 4); each site is re-evaluated once every t_cycle rounds (1/t_cycle per round)
     t_cycle: int = 1
     delta_down: float = 0.05
     patience: int = 2
+    # sparse graph (common.graph.build_graph): arcs within graph_cutoff_sigmas * sigma_s_km (0: no cut-off), at
+    # most graph_top_k per site (0: all); rows-only updates until a column's mean/std moves by graph_renorm_tol std
+    graph_top_k: int = 32
+    graph_cutoff_sigmas: float = 4.0
+    graph_renorm_tol: float = 0.02
 
 
 @dataclass
@@ -264,6 +296,7 @@ class CedarConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     routing: RoutingConfig = field(default_factory=RoutingConfig)
+    cloud: CloudConfig = field(default_factory=CloudConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
     kd: KDConfig = field(default_factory=KDConfig)
     reproduce: ReproduceConfig = field(default_factory=ReproduceConfig)
@@ -365,7 +398,10 @@ def validate(cfg: CedarConfig) -> None:
     for key in positive:
         if flat[key] <= 0:
             raise ConfigError(f"{key}={flat[key]!r}: must be > 0")
-    for key in ("train.epochs_per_round",):
+    for key in ("train.epochs_per_round", "model.base_epochs", "model.cloud_epochs", "cloud.finetune_epochs"):
+        if flat[key] < 0:
+            raise ConfigError(f"{key}={flat[key]!r}: must be >= 0")
+    for key in ("kd.graph_top_k", "kd.graph_cutoff_sigmas", "kd.graph_renorm_tol"):
         if flat[key] < 0:
             raise ConfigError(f"{key}={flat[key]!r}: must be >= 0")
     for key in ("kd.t_cycle", "kd.patience", "reproduce.num_rounds", "reproduce.workers", "federation.late_join_round"):
@@ -387,6 +423,11 @@ def validate(cfg: CedarConfig) -> None:
         pair = flat[key]
         if len(pair) != 2 or pair[0] > pair[1] or pair[0] < 0:
             raise ConfigError(f"{key}={pair!r}: expected [low, high] with 0 <= low <= high")
+    for key, choices in MODEL_INITS.items():
+        if not getattr(cfg.model, key):
+            raise ConfigError(f"model.{key}='': expected one of {choices} or a checkpoint path")
+    if cfg.model.cloud_init == "train" and cfg.model.cloud_epochs == 0 and (cfg.cloud.serve or cfg.kd.cloud_rounds):
+        raise ConfigError("model.cloud_epochs=0 with model.cloud_init='train': the cloud model needs training")
     if cfg.data.source == "yolo":
         if not cfg.data.site_data:
             raise ConfigError("data.site_data: needs one data.yaml per site when data.source=yolo")
@@ -397,6 +438,21 @@ def validate(cfg: CedarConfig) -> None:
     if bad or len({i % n for i in flat["federation.late_sites"]}) != len(flat["federation.late_sites"]):
         raise ConfigError(f"federation.late_sites={flat['federation.late_sites']!r}: expected distinct site indices "
                           f"in [-{n}, {n}) (the config has {n} sites)")
+
+
+def model_init_path(cfg: CedarConfig, key: str) -> Path | None:
+    """The checkpoint ``model.<key>`` names (``edge_init``/``cloud_init``), or None for a keyword.
+
+    Raises :class:`ConfigError` naming the key and the path when the file does not exist;
+    called where the file is read (the server), not in :func:`validate`, which sites run too.
+    """
+    value = getattr(cfg.model, key)
+    if value in MODEL_INITS[key]:
+        return None
+    path = Path(value).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"model.{key}={value!r}: no such file {path} (or one of {MODEL_INITS[key]})")
+    return path
 
 
 def to_flat_dict(cfg: CedarConfig) -> dict[str, Any]:

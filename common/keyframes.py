@@ -20,13 +20,24 @@ Scale of Δf_t
     cameras. (β multiplies a median, so it is scale free anyway; the cut
     threshold is not.)
 
+Sampling large frames
+    A frame more than ``oversample`` (default 4) times the copy's size along an
+    axis is first sampled on a regular grid of ``oversample · n_out`` points
+    (the centre of each of that many equal spans; :func:`sample_grid`), and only
+    the samples are converted to grey and averaged, ``oversample × oversample``
+    samples per output pixel. A 1080p frame becomes 256×256 samples: Δf_t keeps
+    its scale (an RMS grey-level change in [0, 1]) at a fraction of the cost
+    (``benchmarks/results/scale.md`` measures both). Frames up to ``oversample``
+    times the copy (256×256 for 64×64) are averaged over every pixel, exactly;
+    ``oversample=0`` does that for every frame.
+
 Resizing without OpenCV
     The area-averaging resize is implemented in numpy as two small weight
     matrices (``out = R_y @ img @ R_x^T``), which is what OpenCV's
     ``INTER_AREA`` computes for downscaling (a test checks it when cv2 is
     installed). This keeps the module free of optional imports and gives the
     same Δf_t (up to float rounding) whether or not OpenCV is installed. Gray
-    and resize run in float32: ~13 ms for a 1080p BGR frame on 2 CPU cores.
+    and resize run in float32.
 
 Is Δf_t itself in the median?
     Yes, literally as in the paper: the median runs over Δf_1..Δf_t. With a
@@ -95,6 +106,7 @@ __all__ = [
     "GRAY_WEIGHTS_BGR",
     "to_gray",
     "area_resize",
+    "sample_grid",
     "preprocess_frame",
     "frame_difference",
     "KeyframeSelector",
@@ -192,7 +204,8 @@ def area_resize(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
     Output pixel ``(i, j)`` is the area-weighted mean of the input pixels that
     the output pixel's footprint ``[i·s_y, (i+1)·s_y) × [j·s_x, (j+1)·s_x)``
-    covers, ``s = n_in / n_out``; computed as ``R_y @ image @ R_x^T``.
+    covers, ``s = n_in / n_out``; computed as ``R_y @ image @ R_x^T``, or as the
+    mean over whole blocks when ``s`` is an integer on both axes.
 
     Parameters
     ----------
@@ -221,13 +234,36 @@ def area_resize(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     dtype = np.float32 if image.dtype == np.float32 else np.float64
     if image.shape == (h, w):
         return image.astype(dtype, copy=True)
+    if image.shape[0] % h == 0 and image.shape[1] % w == 0:  # whole blocks: their mean, no matrix product
+        fy, fx = image.shape[0] // h, image.shape[1] // w
+        return image.astype(dtype, copy=False).reshape(h, fy, w, fx).mean(axis=(1, 3), dtype=dtype)
     ry = _area_matrix(image.shape[0], h, np.dtype(dtype).name)  # (h, H)
     rx = _area_matrix(image.shape[1], w, np.dtype(dtype).name)  # (w, W)
     return ry @ image.astype(dtype, copy=False) @ rx.T  # (h, H)@(H, W)@(W, w) -> (h, w)
 
 
-def preprocess_frame(frame: np.ndarray, size: tuple[int, int] = (64, 64)) -> np.ndarray:
-    """The small grayscale copy that Δf_t is computed on: gray, area-resized, /255.
+@lru_cache(maxsize=64)
+def sample_grid(n_in: int, n_out: int, oversample: int = 4) -> np.ndarray | None:
+    """Rows (or columns) to sample from an axis of ``n_in`` pixels resized to ``n_out``; None: use every pixel.
+
+    ``oversample · n_out`` points, the centres of as many equal spans:
+    ``floor((i + 0.5) · n_in / (oversample · n_out))``. None when ``oversample`` is 0 or
+    the axis has no more than ``oversample · n_out`` pixels.
+
+    Examples
+    --------
+    480 rows to 1 with ``oversample = 2``: spans of 240 -> rows 120 and 360; 1080 rows to 64: 256 rows.
+    """
+    n = oversample * n_out
+    if not oversample or n_in <= n:
+        return None
+    grid = ((np.arange(n) + 0.5) * (n_in / n)).astype(np.intp)
+    grid.setflags(write=False)
+    return grid
+
+
+def preprocess_frame(frame: np.ndarray, size: tuple[int, int] = (64, 64), oversample: int = 4) -> np.ndarray:
+    """The small grayscale copy that Δf_t is computed on: strided samples, gray, area-resized, /255.
 
     Parameters
     ----------
@@ -235,6 +271,8 @@ def preprocess_frame(frame: np.ndarray, size: tuple[int, int] = (64, 64)) -> np.
         ``(H, W)`` or ``(H, W, 3)`` uint8 (BGR).
     size : tuple of int
         ``(height, width)`` of the copy, default 64×64.
+    oversample : int
+        Samples per output pixel and axis for large frames (see :func:`sample_grid`); 0: every pixel.
 
     Returns
     -------
@@ -245,10 +283,17 @@ def preprocess_frame(frame: np.ndarray, size: tuple[int, int] = (64, 64)) -> np.
     --------
     A 2×2 frame ``[[0, 255], [255, 255]]`` resized to 1×1 is ``(0+3·255)/4/255 = 0.75``.
     """
-    size = _check_size(size)
+    h, w = _check_size(size)
+    if int(oversample) != oversample or oversample < 0:
+        raise ValueError(f"oversample must be an integer >= 0, got {oversample!r}")
+    rows, cols = sample_grid(frame.shape[0], h, oversample), sample_grid(frame.shape[1], w, oversample)
+    if rows is not None:
+        frame = frame.take(rows, axis=0)
+    if cols is not None:
+        frame = frame.take(cols, axis=1)
     # Gray and resize are both linear, so gray-then-resize equals resize-then-gray;
     # gray first is cheaper (one channel to resize).
-    return area_resize(to_gray(frame), size).astype(np.float64) / 255.0
+    return area_resize(to_gray(frame), (h, w)).astype(np.float64) / 255.0
 
 
 def _small_difference(a: np.ndarray, b: np.ndarray) -> float:
@@ -256,7 +301,8 @@ def _small_difference(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.linalg.norm(b - a) / np.sqrt(a.size))
 
 
-def frame_difference(prev: np.ndarray, cur: np.ndarray, size: tuple[int, int] = (64, 64)) -> float:
+def frame_difference(prev: np.ndarray, cur: np.ndarray, size: tuple[int, int] = (64, 64),
+                     oversample: int = 4) -> float:
     """Inter-frame difference Δf_t = ||f_t − f_{t−1}||_2 on a normalised scale.
 
     ``Δ = ||g(cur) − g(prev)||_2 / sqrt(h·w)``, where ``g`` = grayscale (BT.601),
@@ -270,6 +316,8 @@ def frame_difference(prev: np.ndarray, cur: np.ndarray, size: tuple[int, int] = 
         ``(H, W)`` or ``(H, W, 3)`` uint8 frames (BGR as OpenCV gives them).
     size : tuple of int
         ``(height, width)`` of the downscaled copies, default 64×64.
+    oversample : int
+        Strided sampling of large frames (see :func:`preprocess_frame`); 0: every pixel.
 
     Returns
     -------
@@ -284,7 +332,7 @@ def frame_difference(prev: np.ndarray, cur: np.ndarray, size: tuple[int, int] = 
     """
     prev = _check_frame(prev, "prev")
     cur = _check_frame(cur, "cur")
-    return _small_difference(preprocess_frame(prev, size), preprocess_frame(cur, size))
+    return _small_difference(preprocess_frame(prev, size, oversample), preprocess_frame(cur, size, oversample))
 
 
 # --------------------------------------------------------------------------- #
@@ -321,6 +369,8 @@ class KeyframeSelector:
         Floor under the median so still video does not make flicker key.
     size : tuple of int
         ``(height, width)`` of the downscaled copies (see :func:`frame_difference`).
+    oversample : int
+        Strided sampling of large frames (see :func:`preprocess_frame`); 0: every pixel.
     history : int or None
         Median over the last ``history`` differences; ``None`` = all (paper).
     max_gap : int or None
@@ -353,6 +403,7 @@ class KeyframeSelector:
         size: tuple[int, int] = (64, 64),
         history: int | None = None,
         max_gap: int | None = None,
+        oversample: int = 4,
     ) -> None:
         if not beta > 0:
             raise ValueError(f"beta must be > 0, got {beta!r}")
@@ -372,6 +423,9 @@ class KeyframeSelector:
         self.cut_ratio = None if cut_ratio is None else float(cut_ratio)
         self.min_delta = float(min_delta)
         self.size = _check_size(size)
+        if int(oversample) != oversample or oversample < 0:
+            raise ValueError(f"oversample must be an integer >= 0, got {oversample!r}")
+        self.oversample = int(oversample)
         if max_gap is not None and (int(max_gap) != max_gap or max_gap < 1):
             raise ValueError(f"max_gap must be None or an integer >= 1, got {max_gap!r}")
         self.history = None if history is None else int(history)
@@ -398,7 +452,7 @@ class KeyframeSelector:
 
         ``reason`` is ``"first"``, ``"cut"``, ``"motion"``, ``"gap"`` or ``None`` (not key).
         """
-        small = preprocess_frame(_check_frame(frame), self.size)
+        small = preprocess_frame(_check_frame(frame), self.size, self.oversample)
         self.frame_index += 1
         prev, self._prev = self._prev, small
         if prev is None:

@@ -33,6 +33,11 @@ KD_SELECTIONS = ("teacher-fg", "teacher-better")
 KD_STUDENT_CHECK = "kd-student-check"  # the student keeps only teachers better than itself on its own val split
 KD_CHECK_MARGIN = "kd-check-margin"  # ... by more than this (val mAP50)
 
+# ... the run's own cloud detection service (cloud.serve; server.cloud_process), in every train message:
+# the sites' collaboration step offloads to it
+CLOUD_URL = "cloud-url"
+CLOUD_TOKEN = "cloud-token"
+
 
 def teacher_record(i: int) -> str:
     """Name of the ArrayRecord holding the ``i``-th teacher's weights."""

@@ -4,10 +4,12 @@ The collaboration graph needs each model's benchmark AP vector. Evaluating every
 model every round is what the paper avoids; :class:`GraphMaintenance` decides, once
 per round, which nodes to (re-)evaluate and why:
 
-* ``"periodic"`` - global recalculation: every present node, on the first round and
-  then whenever ``t_cycle`` rounds have passed since the last one (rounds 1,
-  1 + t_cycle, 1 + 2 t_cycle, ... when rounds are consecutive). The counting is by
-  the round numbers given, so skipped rounds (a resumed server) do not delay it.
+* ``"periodic"`` - the paper's global recalculation, spread over rounds: every node is
+  re-evaluated once every ``t_cycle`` rounds, on the rounds ``r`` with
+  ``r % t_cycle == crc32(str(node)) % t_cycle`` (:func:`periodic_turn`, a hash that is
+  stable across processes), so about ``1/t_cycle`` of the nodes each round rather than
+  all of them at once: server work per round stays flat instead of spiking every
+  ``t_cycle`` rounds. ``t_cycle = 1``: every node every round.
 * ``"new"`` - a node never seen before is evaluated and inserted at once.
 * ``"returned"`` - a node that left and comes back is re-evaluated (its model may have
   changed while away). Its local-mAP history is remembered, its streak restarts.
@@ -20,17 +22,17 @@ per round, which nodes to (re-)evaluate and why:
   local mAP this round keeps its streak unchanged.
 * Nodes that were in the graph and are absent now are dropped from the graph.
 
-A node may have several reasons at once (e.g. ``("new", "periodic")`` on round 1).
-The graph itself is always rebuilt from the freshest vector of every present node
-(z-scoring couples all nodes); ``Plan.rebuild`` says whether that happens after a
-global re-evaluation. The state is a plain JSON-ready dict (:meth:`GraphMaintenance.state_dict`),
-so a killed server resumes where it stopped.
+A node may have several reasons at once (e.g. ``("new", "periodic")``). The graph is
+updated from the freshest vector of every present node (``common.graph.update_graph``
+recomputes the rows of the nodes evaluated or dropped). The state is a plain JSON-ready
+dict (:meth:`GraphMaintenance.state_dict`), so a killed server resumes where it stopped.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import zlib
 from collections.abc import Hashable, Iterable, Mapping
 from dataclasses import dataclass, field
 
@@ -50,15 +52,12 @@ class Plan:
         The round this plan is for.
     reasons : dict node id -> tuple of str
         The nodes to evaluate on the benchmark and why (see :data:`REASONS`).
-    rebuild : bool
-        True on a periodic global recalculation (every present node is evaluated).
     dropped : frozenset
         Nodes that were in the graph and are absent this round.
     """
 
     round: int
     reasons: dict[Hashable, tuple[str, ...]] = field(default_factory=dict)
-    rebuild: bool = False
     dropped: frozenset = frozenset()
 
     @property
@@ -70,6 +69,16 @@ class Plan:
     def changed(self) -> bool:
         """Whether the graph must be recomputed this round (a node evaluated or dropped)."""
         return bool(self.reasons or self.dropped)
+
+
+def periodic_turn(node: Hashable, t_cycle: int) -> int:
+    """The node's periodic round modulo ``t_cycle``: ``crc32(str(node)) % t_cycle`` (stable across processes).
+
+    Examples
+    --------
+    ``crc32(b"a") = 3904355907``: with ``t_cycle = 3`` node ``"a"`` is refreshed on rounds 3, 6, 9, ...
+    """
+    return zlib.crc32(str(node).encode()) % t_cycle
 
 
 @dataclass
@@ -94,10 +103,11 @@ class GraphMaintenance:
 
     Examples
     --------
-    ``t_cycle=3, delta_down=0.05, patience=2``; node a reports local mAP 0.6, 0.6, 0.5, 0.5:
-    round 1 evaluates a (new, periodic); round 2 nothing; round 3 streak 1 (0.5 < 0.6 -
-    0.05); round 4 is periodic and, with streak 2 (0.5 < mean(0.6, 0.6, 0.5) - 0.05 =
-    0.517), degraded as well.
+    ``t_cycle=3, delta_down=0.05, patience=2``; node "a" (periodic turn 0: rounds 3, 6, ...)
+    reports local mAP 0.6, 0.6, 0.5, 0.5, 0.4, 0.4: round 1 evaluates a (new); round 2
+    nothing; round 3 is its periodic turn (streak 1: 0.5 < 0.6 - 0.05); round 4 streak 2
+    (0.5 < mean(0.6, 0.6, 0.5) - 0.05 = 0.517): degraded, streak back to 0; round 5 streak 1
+    (0.4 < 0.55 - 0.05); round 6 periodic and, with streak 2 (0.4 < 0.52 - 0.05), degraded.
     """
 
     def __init__(self, t_cycle: int, delta_down: float, patience: int) -> None:
@@ -111,7 +121,6 @@ class GraphMaintenance:
         self.delta_down = float(delta_down)
         self.patience = patience
         self.last_round: int | None = None
-        self.last_rebuild: int | None = None
         self._nodes: dict[Hashable, _NodeState] = {}
 
     def plan(self, round: int, present_nodes: Iterable[Hashable], local_map: Mapping[Hashable, float]) -> Plan:
@@ -137,7 +146,6 @@ class GraphMaintenance:
         if bad:
             raise ValueError(f"local_map values must be finite, got {bad}")
 
-        rebuild = self.last_rebuild is None or round - self.last_rebuild >= self.t_cycle
         reasons: dict[Hashable, list[str]] = {}
         for node in present:
             state = self._nodes.get(node)
@@ -147,7 +155,7 @@ class GraphMaintenance:
             elif not state.active:
                 state.active, state.streak = True, 0
                 reasons.setdefault(node, []).append("returned")
-            if rebuild:
+            if round % self.t_cycle == periodic_turn(node, self.t_cycle):
                 reasons.setdefault(node, []).append("periodic")
             if node in local_map and self._degraded(state, float(local_map[node])):
                 reasons.setdefault(node, []).append("degraded")
@@ -156,16 +164,9 @@ class GraphMaintenance:
             self._nodes[node].active = False
 
         self.last_round = round
-        if rebuild:
-            self.last_rebuild = round
-        plan = Plan(round=round, reasons={n: tuple(r) for n, r in reasons.items()}, rebuild=rebuild, dropped=dropped)
-        logger.info(
-            "plan: round %s, evaluate %d node(s)%s, dropped %d",
-            round,
-            len(plan.reasons),
-            " (global)" if rebuild else "",
-            len(dropped),
-        )
+        plan = Plan(round=round, reasons={n: tuple(r) for n, r in reasons.items()}, dropped=dropped)
+        logger.info("plan: round %s, evaluate %d of %d node(s), dropped %d", round, len(plan.reasons), len(present),
+                    len(dropped))
         return plan
 
     def _degraded(self, state: _NodeState, value: float) -> bool:
@@ -188,7 +189,6 @@ class GraphMaintenance:
             "delta_down": self.delta_down,
             "patience": self.patience,
             "last_round": self.last_round,
-            "last_rebuild": self.last_rebuild,
             "nodes": [{"id": node, **vars(state)} for node, state in self._nodes.items()],
         }
 
@@ -197,7 +197,6 @@ class GraphMaintenance:
         """Rebuild a :class:`GraphMaintenance` saved by :meth:`state_dict`."""
         maintenance = cls(state["t_cycle"], state["delta_down"], state["patience"])
         maintenance.last_round = state["last_round"]
-        maintenance.last_rebuild = state["last_rebuild"]
         for record in state["nodes"]:
             fields = dict(record)
             node = fields.pop("id")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 from pathlib import Path
 
 TOKEN_ENV = "CEDAR_CLOUD_TOKEN"
@@ -20,3 +21,14 @@ def resolve_token(token: str | None, token_file: str | None) -> str:
     if not value:
         raise ValueError(f"a bearer token is required: --token, --token-file or ${TOKEN_ENV}")
     return value
+
+
+def new_token_file(path: str | Path) -> str:
+    """Write a fresh random bearer token (256 bits, URL-safe) to ``path``, readable by its owner only."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    token = secrets.token_urlsafe(32)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(token + "\n")
+    return token

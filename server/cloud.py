@@ -79,7 +79,7 @@ or more than ``--max-crops`` crops; 415 a content type other than JPEG/PNG
 Hard-sample store (``--store DIR``)
     Every accepted frame or crop is kept with the cloud's labels, in YOLO
     format, as the hard-sample set that cloud-to-edge KD trains the cloud
-    model on (set ``kd.hard_samples_dir`` to ``DIR``)::
+    model on (``cloud.store``, see :mod:`server.models`)::
 
         DIR/images/<site>-<frame>-<n>.<png|jpg>   the bytes exactly as uploaded (no re-encoding)
         DIR/labels/<site>-<frame>-<n>.txt         "cls cx cy w h", normalised to that image

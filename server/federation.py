@@ -1,4 +1,5 @@
-"""The server side of a federation run: config, benchmark, strategy, cloud model, outputs, tracking, resume."""
+"""The server side of a federation run: config, benchmark, models, cloud service, strategy, outputs, tracking,
+resume."""
 
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ from common import protocol as P
 from common.config import CedarConfig, KDConfig, to_flat_dict
 from common.files import atomic_write
 from common.sites import class_names, num_sites, public_data
+from server.cloud_process import serve
+from server.models import CloudModel, base_arrays
 from server.outputs import RunOutputs
 from server.tracking import Tracker
 from strategies.graph_kd import GraphKDStrategy
@@ -48,75 +51,25 @@ class BenchmarkEvaluator:
         return ArrayRecord(self.yolo.state_dict(self.yolo.load_weights(path, model=self.model)))
 
 
-class CloudModel:
-    """The cloud detector (YOLO11s by default): ``kd.cloud_weights`` when given, else trained once by the
-    server on the shared benchmark's train split plus the hard samples edge sites uploaded (cached in the
-    run folder)."""
-
-    def __init__(self, cfg: CedarConfig, data_yaml: Path, names: list[str], run_dir: Path):
-        self.cfg, self.data_yaml, self.names = cfg, data_yaml, names
-        self.path = run_dir / "cloud" / "model.pt"
-        self.arrays = None
-
-    def training_data(self) -> Path:
-        """A data.yaml over the benchmark's train split and, if present, the hard-sample store."""
-        import yaml
-
-        base = yaml.safe_load(self.data_yaml.read_text())
-        root = Path(base["path"])
-        train = [str(root / base["train"])]
-        hard = Path(self.cfg.kd.hard_samples_dir).expanduser() if self.cfg.kd.hard_samples_dir else None
-        if hard and (hard / "images").is_dir() and any((hard / "images").iterdir()):
-            train.append(str(hard / "images"))
-        spec = {"path": str(root), "train": train, "val": base["val"], "nc": len(self.names),
-                "names": dict(enumerate(self.names))}
-        path = self.path.parent / "data.yaml"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(yaml.safe_dump(spec))
-        return path
-
-    def __call__(self, server_round: int):
-        from common import yolo
-
-        if self.arrays is None:
-            model = yolo.build_model(self.cfg.model.cloud, len(self.names), seed=self.cfg.seed, names=self.names)
-            given = Path(self.cfg.kd.cloud_weights).expanduser() if self.cfg.kd.cloud_weights else None
-            if given is not None and not given.is_file():
-                raise FileNotFoundError(f"kd.cloud-weights={self.cfg.kd.cloud_weights!r}: no such file")
-            if given is not None or self.path.is_file():
-                yolo.load_weights(given or self.path, model=model)
-                log.info("cloud model: loaded %s", given or self.path)
-            else:
-                t = self.cfg.train
-                res = yolo.train(model, self.training_data(), epochs=self.cfg.kd.cloud_epochs, imgsz=t.imgsz,
-                                 batch=t.batch, lr0=t.lr0, weight_decay=t.weight_decay, warmup_iters=t.warmup_iters,
-                                 mosaic=t.mosaic, workers=t.workers, seed=self.cfg.seed, device=t.device,
-                                 desc="cloud")
-                yolo.save_weights(model, self.path, round=server_round, epochs=res.epochs)
-                log.info("cloud model: trained %s epochs in %.0fs -> %s", res.epochs, res.seconds, self.path)
-            self.arrays = yolo.to_arrayrecord(model)
-        return self.arrays, self.cfg.model.cloud
-
-
 def _class_weights(cfg: CedarConfig, data_yaml: Path, nc: int) -> list[float] | None:
-    """Per-column distance weights: all ones, or small-object emphasis from the benchmark's labels."""
+    """Per-class distance weights (one per class; the mAP column always weighs 1): None for all ones, or
+    small-object emphasis (:func:`common.graph.small_object_class_weights`) from the benchmark's test labels,
+    an object being small when its longer side is under ``eval.small_px`` at ``train.imgsz``."""
     if cfg.kd.class_weights == "ones":
         return None
     import numpy as np
-    import yaml
 
+    from common.detections import label_path, read_yolo_labels
     from common.graph import small_object_class_weights
+    from common.sites import split_dir
 
-    spec = yaml.safe_load(data_yaml.read_text())
-    labels = Path(spec["path"]) / str(spec["test"]).replace("images", "labels", 1)
     small, total = np.zeros(nc), np.zeros(nc)
-    for txt in labels.glob("*.txt"):
-        for line in txt.read_text().split("\n"):
-            if line.strip():
-                c, _, _, w, h = (float(v) for v in line.split())
-                total[int(c)] += 1
-                small[int(c)] += max(w, h) * cfg.train.imgsz < cfg.eval.small_px
-    return [1.0, *small_object_class_weights(small, total).tolist()]  # the mAP column weighs 1
+    for image in split_dir(data_yaml, "test").iterdir():
+        rows = read_yolo_labels(label_path(image))
+        cls = rows[:, 0].astype(int)
+        np.add.at(total, cls, 1)
+        np.add.at(small, cls, np.maximum(rows[:, 3], rows[:, 4]) * cfg.train.imgsz < cfg.eval.small_px)
+    return small_object_class_weights(small, total).tolist()
 
 
 def _json(data: Any) -> bytes:
@@ -228,7 +181,8 @@ def build_strategy(cfg: CedarConfig, names: list[str], bench_yaml: Path, evaluat
         cloud_select=k.cloud_select, student_check=k.student_check,
         check_margin=k.check_margin, start_round=k.start_round,
         cloud_rounds=tuple(k.cloud_rounds), cloud_fn=cloud, edge_arch=cfg.model.edge, t_cycle=k.t_cycle,
-        delta_down=k.delta_down, patience=k.patience,
+        delta_down=k.delta_down, patience=k.patience, top_k=k.graph_top_k, cutoff_sigmas=k.graph_cutoff_sigmas,
+        renorm_tol=k.graph_renorm_tol,
     )
 
 
@@ -242,16 +196,24 @@ def run_federation(grid, cfg: CedarConfig) -> RunOutputs:
     bench_yaml = public_data(cfg)
     names = class_names(bench_yaml)
     evaluator = BenchmarkEvaluator(cfg, bench_yaml, names)
-    cloud = CloudModel(cfg, bench_yaml, names, out.run_dir) if cfg.kd.cloud_rounds else None
+    initial_arrays = base_arrays(cfg, bench_yaml, names)
+    cloud = CloudModel(cfg, bench_yaml, names, out.run_dir) if cfg.kd.cloud_rounds or cfg.cloud.serve else None
     tracker = Tracker(cfg.tracking.wandb, cfg.tracking.project, out.run_dir, to_flat_dict(cfg), out.run_dir.name)
     strategy = build_strategy(cfg, names, bench_yaml, evaluator, cloud)
     writer = RoundWriter(out, tracker, evaluator, strategy, cfg.kd)
     strategy.on_round_end = writer
     initial = writer.resume() if cfg.federation.resume and writer.state_path.is_file() else ArrayRecord()
+    if not len(initial) and initial_arrays is not None:
+        initial = initial_arrays  # a site without a model of its own starts from the base model
+    service = serve(cfg, cloud) if cfg.cloud.serve else None  # stopped in the finally below
+    if service is not None:
+        strategy.train_config.update({P.CLOUD_URL: service.url, P.CLOUD_TOKEN: service.token})
     try:
         strategy.start(grid, initial, num_rounds=cfg.federation.num_rounds, timeout=cfg.federation.reply_timeout_s)
         out.finish(tracker)
     finally:
+        if service is not None:
+            service.stop()
         tracker.finish()
     log.info("done: %s", out.write_summary())
     (out.run_dir / "DONE").write_text(f"{cfg.federation.num_rounds} rounds\n")

@@ -86,10 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep-superlink", action="store_true", help="leave the local SuperLink running")
     args = parser.parse_args(argv)
 
-    from common.config import ConfigError, load_config
+    from common.config import ConfigError, load_config, model_init_path, parse_value
     from common.sites import num_sites
-
-    from common.config import parse_value
 
     run_name = f"{args.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
     user_overrides = [o for o in args.overrides if not o.replace("_", "-").startswith("run-name=")]
@@ -104,6 +102,8 @@ def main(argv: list[str] | None = None) -> int:
         if bad:
             raise ConfigError(f"override '{bad[0]}' is not key=value")
         cfg = load_config(args.preset, overrides)
+        for key in ("edge_init", "cloud_init"):  # the ServerApp reads them, on this machine
+            model_init_path(cfg, key)
     except ConfigError as err:
         print(f"cedar-simulate: {err}", file=sys.stderr)
         return 2

@@ -2,9 +2,11 @@
 
 Round ``r``, on top of :class:`PersonalizedStrategy`'s per-site models:
 
-1. ``configure_train`` builds the **graph** from what round ``r - 1`` measured:
-   :func:`common.graph.build_graph` over every site that trains this round and has
-   a profile (position, class set, AP vector on the shared benchmark), teacher
+1. ``configure_train`` updates the **graph** from what round ``r - 1`` measured:
+   the sparse :func:`common.graph.build_graph` over every site that trains this round
+   and has a profile (position, class set, AP vector on the shared benchmark), kept
+   between rounds and brought up to date by :func:`common.graph.update_graph`, which
+   recomputes only the rows of the sites evaluated, joined or gone since; teacher
    degree (in-strength, by default weighted by benchmark mAP), top-``rho``
    teachers; a student only learns from teachers more accurate than itself
    (``better_only``). Then one message *per node*: a student's carries its own
@@ -21,7 +23,10 @@ Round ``r``, on top of :class:`PersonalizedStrategy`'s per-site models:
    rejected, then runs **maintenance**: :class:`common.schedule.GraphMaintenance`
    decides which sites to (re-)evaluate on the shared benchmark (periodic, new,
    returned, degraded); ``benchmark_fn`` scores just those and their per-class
-   AP50 becomes their profile for the next round's graph. ``aggregation="fedavg"``
+   AP50 becomes their profile for the next round's graph. The periodic share is
+   spread over rounds (``1/t_cycle`` of the sites each round), so with ``t_cycle > 1``
+   server work per round follows what changed, not the number of sites.
+   ``aggregation="fedavg"``
    works here as in the base class: students start from the global model, teachers
    are the sites' own models of the round before.
 
@@ -41,7 +46,7 @@ from flwr.serverapp import Grid
 from common import graph as G
 from common import protocol as P
 from common.schedule import GraphMaintenance
-from strategies.personalized import NodeReply, PersonalizedStrategy
+from strategies.personalized import NodeReply, PersonalizedStrategy, brief
 
 CloudFn = Callable[[int], tuple[ArrayRecord, str]]  # round -> (cloud weights, cloud arch)
 
@@ -56,7 +61,8 @@ class GraphKDStrategy(PersonalizedStrategy):
                  check_margin: float = 0.05,
                  start_round: int = 1,
                  cloud_rounds: tuple[int, ...] = (), cloud_fn: CloudFn | None = None, edge_arch: str = "yolo11n",
-                 t_cycle: int = 1, delta_down: float = 0.05, patience: int = 2, **kwargs):
+                 t_cycle: int = 1, delta_down: float = 0.05, patience: int = 2, top_k: int = 32,
+                 cutoff_sigmas: float = 4.0, renorm_tol: float = 0.02, **kwargs):
         super().__init__(**kwargs)
         if mode not in ("none", "graph", "all"):
             raise ValueError(f"mode={mode!r}: expected 'none', 'graph' or 'all'")
@@ -70,6 +76,9 @@ class GraphKDStrategy(PersonalizedStrategy):
         self.mode, self.rho, self.sigma_s_km, self.min_weight = mode, rho, sigma_s_km, min_weight
         self.teacher_rank, self.better_only = teacher_rank, better_only
         self.class_weights = class_weights
+        self.top_k, self.cutoff_sigmas, self.renorm_tol = top_k, cutoff_sigmas, renorm_tol
+        self.graph: G.CollabGraph | None = None  # kept between rounds; rows of changed sites are recomputed
+        self.stale: set[str] = set()  # sites whose profile changed since the graph was last brought up to date
         self.kd = dict(alpha=float(alpha), temperature=float(temperature), fg_threshold=float(fg_threshold),
                        student_check=bool(student_check), check_margin=float(check_margin), select=str(select))
         self.cloud_select = str(cloud_select)
@@ -93,24 +102,34 @@ class GraphKDStrategy(PersonalizedStrategy):
 
     # ------------------------------------------------------------ evaluation
     def sites_to_evaluate(self, server_round: int, replies: list[NodeReply]) -> dict[str, tuple[str, ...]]:
-        """The maintenance plan: ``{site: reasons}`` (new, returned, periodic, degraded); drops absent sites."""
+        """The maintenance plan: ``{site: reasons}`` (new, returned, periodic, degraded); drops absent sites.
+
+        Evaluation sharding: the server scores the named sites itself, each on the same
+        shared benchmark of fixed size (``benchmark_fn``), so the per-round cost is
+        (sites named) x (one fixed-size evaluation). The alternative, each site scoring
+        itself and returning only its AP vector, would move that cost to the sites but
+        make the graph trust self-reported numbers: a site could claim a high AP and be
+        picked as everyone's teacher. Server-side scoring trusts no site's report; its
+        price is one evaluation per named site on the server.
+        """
         local_map = {r.site_id: r.metrics[P.VAL_MAP50] for r in replies}
         plan = self.maintenance.plan(server_round, sorted(local_map), local_map)
         for site_id in plan.dropped:
             self.profiles.pop(site_id, None)
-        for site_id, reasons in sorted(plan.reasons.items()):
-            if "new" in reasons and server_round > 1:
-                log(INFO, "maintenance: round %s: %s is NEW (first reply): evaluated and added to the graph",
-                    server_round, site_id)
-        log(INFO, "maintenance: round %s evaluates %s%s", server_round,
-            {s: list(r) for s, r in sorted(plan.reasons.items())} or "nobody",
-            f", dropped {sorted(plan.dropped)}" if plan.dropped else "")
+        new = sorted(s for s, reasons in plan.reasons.items() if "new" in reasons)
+        if new and server_round > 1:
+            log(INFO, "maintenance: round %s: %s is NEW (first reply): evaluated and added to the graph",
+                server_round, brief(new))
+        log(INFO, "maintenance: round %s evaluates %s of %s sites%s%s", server_round, len(plan.reasons),
+            len(local_map), f": {brief(f'{s} {list(r)}' for s, r in sorted(plan.reasons.items()))}"
+            if plan.reasons else "", f", dropped {brief(sorted(plan.dropped))}" if plan.dropped else "")
         return dict(plan.reasons)
 
     def on_evaluated(self, server_round: int, reply: NodeReply) -> None:
         self.profiles[reply.site_id] = {"position": reply.site[P.POSITION_KM], "classes": reply.site[P.CLASSES],
                                         "ap": reply.benchmark["ap50"], "round": server_round,
                                         "reasons": list(reply.evaluated)}
+        self.stale.add(reply.site_id)
 
     # ----------------------------------------------------------------- graph
     def teacher_plan(self, server_round: int, present: list[str]) -> dict[str, dict[str, float]]:
@@ -134,22 +153,39 @@ class GraphKDStrategy(PersonalizedStrategy):
             plan = {s: {t: 1.0 / (len(sites) - 1) for t in sites if t != s} for s in sites if len(sites) > 1}
             self.graph_record = {"round": server_round, "mode": "all", "teachers_for": plan}
             return plan
-        graph = G.build_graph({s: self.profiles[s] for s in sites}, self.sigma_s_km,
-                              class_weights=self.class_weights, min_weight=self.min_weight)
+        graph = self.current_graph(sites)
         degree = G.teacher_degree(graph)
         score = G.accuracy_weighted_degree(graph, degree) if self.teacher_rank == "map_degree" else degree
         if self.teacher_scope == "local":  # every site learns from the neighbours ranked above it
             plan = G.local_plan(graph, score, self.better_only)
             teachers = {t for ts in plan.values() for t in ts}
-        else:
+        else:  # a student with no teacher neighbour sits out
             teachers = G.select_teachers(score, self.rho)
-            plan = {s: G.teachers_for(graph, s, teachers, self.better_only) for s in sites if s not in teachers}
-            plan = {s: t for s, t in plan.items() if t}  # a student with no teacher neighbour sits out
+            plan = G.teacher_plan(graph, teachers, self.better_only)
         self.graph_record = {"round": server_round, "mode": "graph", **G.graph_to_json(graph, teachers, degree),
                              "teacher_rank": self.teacher_rank, "teacher_scope": self.teacher_scope, "score": score,
-                             "teachers_for": plan}
-        log(INFO, "graph: round %s, teachers %s, students %s", server_round, sorted(teachers), sorted(plan))
+                             "teachers_for": plan, "rows_computed": graph.rows_computed}
+        log(INFO, "graph: round %s, %s sites, %s arcs, %s rows computed, teachers %s, students %s", server_round,
+            len(graph), graph.num_arcs, graph.rows_computed, brief(sorted(teachers)), brief(sorted(plan)))
         return plan
+
+    def current_graph(self, sites: list[str]) -> G.CollabGraph:
+        """The graph over ``sites``: built once, then updated in the rows of the sites changed, new or gone."""
+        if self.graph is None:
+            self.graph = G.build_graph({s: self.profiles[s] for s in sites}, self.sigma_s_km,
+                                       class_weights=self.class_weights, min_weight=self.min_weight,
+                                       cutoff_sigmas=self.cutoff_sigmas, top_k=self.top_k)
+        else:
+            wanted = set(sites)
+            changed = sorted((self.stale & wanted) | (wanted - set(self.graph.nodes)))
+            removed = [s for s in self.graph.nodes if s not in wanted]
+            if changed or removed:
+                self.graph = G.update_graph(self.graph, {s: self.profiles[s] for s in changed}, removed,
+                                            self.renorm_tol)
+            else:
+                self.graph.rows_computed = 0
+        self.stale.clear()
+        return self.graph
 
     # -------------------------------------------------------------------- kd
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
@@ -179,8 +215,8 @@ class GraphKDStrategy(PersonalizedStrategy):
                 msg.content[P.teacher_record(i)] = cloud[0] if t == "cloud" else self.arrays[t]
             self.plan[student] = dict(teachers)
         if self.plan:
-            log(INFO, "configure_train: round %s, KD for %s", server_round,
-                ", ".join(f"{s} <- {sorted(t)}" for s, t in sorted(self.plan.items())))
+            log(INFO, "configure_train: round %s, KD for %s students: %s", server_round, len(self.plan),
+                brief(f"{s} <- {sorted(t)}" for s, t in sorted(self.plan.items())))
         return messages
 
     def on_reply(self, server_round: int, reply: NodeReply) -> None:
@@ -210,4 +246,5 @@ class GraphKDStrategy(PersonalizedStrategy):
         self.completed_round = int(state["completed_round"])
         self.maintenance = GraphMaintenance.from_state_dict(state["maintenance"])
         self.profiles = dict(state["profiles"])
+        self.graph, self.stale = None, set()
         self.sites = dict(state.get("sites", {}))

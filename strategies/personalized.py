@@ -117,6 +117,7 @@ class PersonalizedStrategy(Strategy):
         self.on_round_end = on_round_end
         self.completed_round = 0  # rounds up to this one are done (resume): configure_train skips them
         self.site_of: dict[int, str] = {}  # Flower node id -> site id
+        self.node_of: dict[str, int] = {}  # site id -> its latest Flower node id
         self.arrays: dict[str, ArrayRecord] = {}  # latest weights per site (its own model)
         self.sites: dict[str, dict[str, Any]] = {}  # identity per site
         self.locations: dict[int, tuple[float, float]] = {}  # node id -> registered (lat, lon), if any
@@ -156,16 +157,17 @@ class PersonalizedStrategy(Strategy):
                 log(WARNING, "identify: node %s: %s", node_id, err)
                 continue
             self._bind(node_id, site)
-        log(INFO, "identify: %s", ", ".join(f"{n}={s}" for n, s in sorted(self.site_of.items())) or "none")
+        log(INFO, "identify: %s nodes: %s", len(self.site_of),
+            brief(f"{n}={s}" for n, s in sorted(self.site_of.items())))
 
     def _bind(self, node_id: int, site: dict[str, Any]) -> None:
         if node_id in self.locations:
             site[P.POSITION_KM] = self.position_km(self.locations[node_id])
         site_id = site[P.SITE_ID]
-        for other, sid in list(self.site_of.items()):  # a restarted site comes back under a new node id
-            if sid == site_id and other != node_id:
-                del self.site_of[other]
-        self.site_of[node_id] = site_id
+        other = self.node_of.get(site_id)
+        if other is not None and other != node_id and self.site_of.get(other) == site_id:
+            del self.site_of[other]  # a restarted site comes back under a new node id
+        self.site_of[node_id], self.node_of[site_id] = site_id, node_id
         self.sites[site_id] = site
 
     def position_km(self, latlon: tuple[float, float]) -> list[float]:
@@ -244,8 +246,8 @@ class PersonalizedStrategy(Strategy):
             accepted.append(reply)
         missing = set(self._sent) - {r.node_id for r in accepted}
         if missing:
-            log(WARNING, "aggregate_train: round %s: no valid reply from nodes %s (skipped)", server_round,
-                sorted(missing))
+            log(WARNING, "aggregate_train: round %s: no valid reply from %s nodes: %s (skipped)", server_round,
+                len(missing), brief(sorted(missing)))
         log(INFO, "aggregate_train: round %s, %s valid replies", server_round, len(accepted))
         return accepted
 
@@ -308,6 +310,13 @@ class PersonalizedStrategy(Strategy):
         if not scores:
             return None
         return MetricRecord({"benchmark-map50": sum(scores) / len(scores), "benchmark-sites": len(scores)})
+
+
+def brief(items: Iterable[Any], limit: int = 10) -> str:
+    """``"a, b, c"``, or the first ``limit`` items and ``"... (+N more)"``: log lines stay short at 10,000 sites."""
+    items = [str(item) for item in items]
+    more = f" ... (+{len(items) - limit} more)" if len(items) > limit else ""
+    return (", ".join(items[:limit]) or "none") + more
 
 
 def fedavg(replies: list[NodeReply]) -> ArrayRecord:

@@ -63,6 +63,7 @@ from typing import Iterable, Mapping, Protocol, Sequence
 
 import psutil
 
+from server.cloud_process import free_port  # noqa: F401  (the tests import it from here)
 from server.simulate import stop_processes
 
 HOST = "127.0.0.1"
@@ -70,13 +71,6 @@ MARKER_VAR = "CEDAR_DEPLOY_TEST_ID"
 
 
 # --------------------------------------------------------------------- basics
-def free_port(host: str = HOST) -> int:
-    """A TCP port that was free a moment ago (bind to port 0, read it, close)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
-
-
 def deploy_env(flwr_home: Path, base: Mapping[str, str] | None = None, **extra: str) -> dict[str, str]:
     """Environment for every deployment process: temp ``FLWR_HOME``, no runtime installs, a test marker."""
     env = dict(os.environ if base is None else base)

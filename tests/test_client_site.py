@@ -384,6 +384,23 @@ def test_cloud_settings_from_node_config_override_the_run_config(tiny_cfg, tmp_p
     assert LocalSite(tiny_cfg, resolve_site(tiny_cfg, {"partition-id": 0}), tmp_path).cloud_client() is None
 
 
+def test_the_runs_own_cloud_service_comes_in_the_train_message(tiny_overrides, tmp_path):
+    run_config = {"preset": "quick", "overrides": _overrides_string(tiny_overrides)}
+    message = {P.CLOUD_URL: "http://127.0.0.1:5001", P.CLOUD_TOKEN: "tok-1", P.SERVER_ROUND: 1}
+
+    # Execute: the message names the run's service; a node-config URL (the node's own service) wins over it
+    site = LocalSite.from_context(run_config, {"partition-id": 0}, message)
+    own = LocalSite.from_context(run_config, {"partition-id": 0, "cloud-url": "https://b:2",
+                                              "cloud-token-file": str(tmp_path / "none")}, message)
+
+    # Assert: a client of that service with that token; the node's own service without the message's token
+    client = site.cloud_client()
+    assert client.url == "http://127.0.0.1:5001"
+    assert client.client.headers["Authorization"] == "Bearer tok-1" and client.client.headers["X-Cedar-Site"] == "site-0"
+    client.close()
+    assert own.cloud["url"] == "https://b:2" and "token" not in own.cloud and own.cloud_client() is None
+
+
 def test_student_check_keeps_only_teachers_better_by_more_than_the_margin(monkeypatch, tiny_cfg, tmp_path):
     """Own val mAP50 0.30; teachers a 0.40, b 0.33, c 0.10, margin 0.05 -> only a is kept, weight 1.0.
     Two untrained models (0.001 vs 0.000) do not count as better."""

@@ -214,6 +214,7 @@ def test_wrong_type_is_named(overrides, key):
         ({"federation.late-sites": [4]}, "federation.late_sites"),  # 4 sites: indices -4..3
         ({"federation.late-sites": [3, -1]}, "federation.late_sites"),  # the same site twice
         ({"federation.late-join-round": 0}, "federation.late_join_round"),
+        ({"kd.graph-top-k": -1}, "kd.graph_top_k"),
     ],
 )
 def test_out_of_range_value_is_named(overrides, key):

@@ -9,6 +9,7 @@ milliseconds.
 
 import json
 
+import networkx as nx
 import numpy as np
 import pytest
 from flwr.app import Message, MessageType
@@ -166,7 +167,9 @@ def test_teacher_degree_in_graph_record_matches_networkx():
 
     profiles = {f"site-{k}": {"position": (float(k), 0.0), "classes": [0, 2], "ap": AP[k]} for k in AP}
     g = G.build_graph(profiles, 5.0)
-    in_strength = dict(g.in_degree(weight="weight"))
+    reference = nx.DiGraph()
+    reference.add_weighted_edges_from((g.nodes[i], g.nodes[j], w) for i, j, w in zip(g.src, g.dst, g.weight))
+    in_strength = dict(reference.in_degree(weight="weight"))
     recorded = {n["id"]: n["degree"] for n in strategy.graph_record["nodes"]}
     assert recorded == pytest.approx(in_strength)
 
@@ -246,7 +249,7 @@ def test_cloud_rounds_need_a_cloud_model():
 
 
 def test_only_planned_sites_are_evaluated():
-    # Prepare: t_cycle = 3, so round 2 re-evaluates nobody (no new node, nobody degraded)
+    # Prepare: t_cycle = 10 (periodic turns: site-1 9, site-2 1, site-3 9), so round 2 re-evaluates nobody
     evaluated = []
 
     def evaluate(arrays):
@@ -254,7 +257,7 @@ def test_only_planned_sites_are_evaluated():
         return {"map50": 0.1, "ap50": AP[_site_of(arrays)]}
 
     grid = FakeGrid([1, 2, 3], reply=_reply)
-    strategy = _strategy(benchmark_fn=evaluate, t_cycle=3, mode="none")
+    strategy = _strategy(benchmark_fn=evaluate, t_cycle=10, mode="none")
 
     # Execute
     _run(strategy, grid, 2)
@@ -364,7 +367,7 @@ def test_fedavg_averages_under_graph_kd():
 
 
 def test_late_site_is_new_to_the_graph_on_its_join_round_and_not_before(caplog):
-    # Prepare: site-3 joins at round 2; t_cycle 5, so only round 1 is a global recalculation
+    # Prepare: site-3 joins at round 2; t_cycle 5: periodic turns site-1 4, site-2 1, site-3 4 (crc32 % 5)
     evaluated = []
 
     def benchmark(arrays):
@@ -381,10 +384,25 @@ def test_late_site_is_new_to_the_graph_on_its_join_round_and_not_before(caplog):
     # Assert: round 1 without site-3; round 2 evaluates it alone, as new; round 3 nobody
     assert [sorted(m.metadata.dst_node_id for m in sent) for sent in grid.sent] == [[1, 2], [1, 2, 3], [1, 2, 3]]
     assert [{r.site_id: r.evaluated for r in record.replies if r.evaluated} for record in rounds] == [
-        {"site-1": ("new", "periodic"), "site-2": ("new", "periodic")}, {"site-3": ("new",)}, {}]
+        {"site-1": ("new",), "site-2": ("new", "periodic")}, {"site-3": ("new",)}, {}]
     assert evaluated == [1, 2, 3]
     assert strategy.profiles["site-3"]["round"] == 2 and strategy.profiles["site-3"]["reasons"] == ["new"]
     assert any("site-3 is NEW" in r.getMessage() and "round 2" in r.getMessage() for r in caplog.records)
     assert sum("site-3 joins at round 2" in r.getMessage() for r in caplog.records) == 1  # round 1 only
     # the graph of round 3 includes it (its profile comes from round 2)
     assert "site-3" in {n["id"] for n in rounds[2].graph["nodes"]}
+
+
+def test_graph_is_kept_between_rounds_and_only_changed_rows_are_recomputed():
+    # Prepare: t_cycle 10 (periodic turns site-1 9, site-2 1, site-3 9): round 2 evaluates nobody
+    grid = FakeGrid([1, 2, 3], reply=_reply)
+    strategy = _strategy(t_cycle=10, teacher_rank="degree", better_only=False)
+
+    # Execute
+    rounds = _run(strategy, grid, 3)
+
+    # Assert: round 2 builds the graph from round 1's profiles (3 rows); round 3 has nothing new: 0 rows, same graph
+    assert [r.graph["rows_computed"] for r in rounds[1:]] == [3, 0]
+    assert rounds[2].graph["arcs"] == rounds[1].graph["arcs"]
+    _, plan = _expected_plan(paper_rule=True)
+    assert rounds[2].graph["teachers_for"].keys() == plan.keys()

@@ -36,7 +36,7 @@ def test_flwr_run_two_sites_two_rounds_late_site_and_cloud_teacher(tmp_path, no_
         "data.video-frames=8",
         f"data.cache-dir={tmp_path / 'cache'}", f"output-dir={tmp_path / 'outputs'}",
         "federation.num-rounds=2", "train.epochs-per-round=1", "tracking.wandb=off", "run-name=it",
-        "kd.cloud-rounds=[2]", "kd.cloud-epochs=1",
+        "kd.cloud-rounds=[2]", "model.base-epochs=1", "model.cloud-epochs=1", "model.cloud=yolo11n",
     ]
     env = dict(os.environ, WANDB_MODE="disabled")
 
@@ -54,9 +54,12 @@ def test_flwr_run_two_sites_two_rounds_late_site_and_cloud_teacher(tmp_path, no_
     assert evaluated[(1, "site-0")] == ["new", "periodic"] and evaluated[(2, "site-1")] == ["new", "periodic"]
     assert all(0.0 <= r["benchmark_map50"] <= 1.0 for r in lines)
     assert len(lines[0]["benchmark_ap50"]) == 8
-    # site-0 continues its model with the cloud's soft labels; the newcomer site-1 has no model yet to distil into
+    # site-0 continues its model with the cloud's soft labels; the newcomer site-1 too, into the base model
     assert {r["site_id"]: r["teachers_proposed"] for r in lines if r["round"] == 2} == {"site-0": {"cloud": 1.0},
-                                                                                       "site-1": None}
+                                                                                       "site-1": {"cloud": 1.0}}
+    # the run's cloud service answered the sites (collaborative metrics) and is gone
+    assert any(r["collab_recall"] is not None for r in lines)
+    assert "cloud service: stopped" in proc.stdout + proc.stderr
     for site in ("site-0", "site-1"):
         assert (run_dir / "nodes" / site / "model.pt").is_file()
     assert json.loads((run_dir / "state.json").read_text())["round"] == 2

@@ -15,6 +15,7 @@ from common.keyframes import (
     box_iou,
     frame_difference,
     preprocess_frame,
+    sample_grid,
     select_keyframes,
     to_gray,
 )
@@ -327,11 +328,47 @@ def test_reset_starts_over():
         ({"size": (0, 64)}, "size"),
         ({"cut_ratio": 1.0}, "cut_ratio"),
         ({"max_gap": 0}, "max_gap"),
+        ({"oversample": -1}, "oversample"),
     ],
 )
 def test_selector_rejects_bad_arguments(kwargs, name):
     with pytest.raises(ValueError, match=name):
         KeyframeSelector(**kwargs)
+
+
+def test_sample_grid_hand_values():
+    """Span centres floor((i + 0.5) n_in / n): 480 -> 2 samples at 120, 360; small axes are not sampled."""
+    assert sample_grid(480, 1, 2).tolist() == [120, 360]
+    assert sample_grid(1080, 64).size == 256 and sample_grid(1080, 64)[:3].tolist() == [2, 6, 10]
+    assert sample_grid(256, 64) is None and sample_grid(1080, 64, 0) is None
+
+
+def _hd_video():
+    """1080p BGR: textured background (60 px blocks), a bright 120 px square moving 40 px per frame with a
+    pause, a cut to the inverse scene at frame 9, noise of +-2 grey levels."""
+    rng = np.random.default_rng(5)
+    blocks = rng.integers(40, 200, (18, 32), dtype=np.uint8)
+    scene = np.kron(blocks, np.ones((60, 60), dtype=np.uint8))
+    frames = []
+    for t, x in enumerate([0, 0, 0, 0, 0, 200, 200, 200, 200, 200, 200, 200]):
+        base = (255 - scene) if t >= 9 else scene.copy()
+        base[400:520, 600 + x:720 + x] = 250
+        noise = rng.integers(-2, 3, base.shape)
+        frames.append(np.dstack([np.clip(base.astype(int) + noise, 0, 255).astype(np.uint8)] * 3))
+    return frames
+
+
+def test_sampling_large_frames_keeps_the_decisions_and_the_scale():
+    """1080p: the sampled copy (default) selects the same keyframes for the same reasons as the every-pixel
+    average (oversample=0), and each Δ stays within 0.01 (RMS, in [0, 1]) of it."""
+    frames = _hd_video()
+    exact, sampled = KeyframeSelector(oversample=0), KeyframeSelector()
+    decisions = [(exact.update_with_reason(f), sampled.update_with_reason(f), exact.last_delta, sampled.last_delta)
+                 for f in frames]
+    assert [d[0] for d in decisions] == [d[1] for d in decisions]
+    assert [i for i, d in enumerate(decisions) if d[0][0]] == [0, 5, 9]
+    for _, _, d_exact, d_sampled in decisions[1:]:
+        assert d_sampled == pytest.approx(d_exact, abs=0.01)
 
 
 # --------------------------------------------------------------------------- #

@@ -40,7 +40,8 @@ def _grid(overrides: dict, node_ids, kill_in_round=None) -> LocalGrid:
 def overrides(tiny_overrides, tmp_path):
     return {**tiny_overrides, "output-dir": str(tmp_path / "out"), "run-name": "r", "tracking.wandb": "off",
             "federation.num-rounds": 3, "federation.wait-for-nodes-s": 0, "kd.mode": "graph", "kd.rho": 0.5,
-            "kd.start-round": 1, "kd.fg-threshold": 0.0, "kd.cloud-rounds": [], "federation.late-sites": []}
+            "kd.start-round": 1, "kd.fg-threshold": 0.0, "kd.cloud-rounds": [], "federation.late-sites": [],
+            "model.edge-init": "scratch", "cloud.serve": False}
 
 
 def _weights_of(msg: Message) -> dict:

@@ -1,10 +1,11 @@
 """Tests for common.schedule: graph maintenance of paper section 4.3, Figure 4."""
 
 import json
+import zlib
 
 import pytest
 
-from common.schedule import GraphMaintenance, Plan
+from common.schedule import GraphMaintenance, Plan, periodic_turn
 
 
 def _run(maintenance, rounds):
@@ -17,35 +18,46 @@ def _run(maintenance, rounds):
 
 
 def test_first_round_evaluates_everyone():
-    """Paper 4.3 Fig. 4 (a)+(b): on round 1 every node is new and a global recalculation runs."""
-    # Prepare
+    """Paper 4.3 Fig. 4 (b): on round 1 every node is new; b's periodic turn (crc32 % 5 = 1) is round 1 too."""
+    # Prepare: crc32(b"a") % 5 = 2, crc32(b"b") % 5 = 1
     m = GraphMaintenance(t_cycle=5, delta_down=0.05, patience=2)
     # Execute
     plan = m.plan(1, ["a", "b"], {"a": 0.5, "b": 0.4})
     # Assert
-    assert plan.rebuild
-    assert plan.reasons == {"a": ("new", "periodic"), "b": ("new", "periodic")}
+    assert plan.reasons == {"a": ("new",), "b": ("new", "periodic")}
     assert plan.evaluate == {"a", "b"} and plan.changed and plan.dropped == frozenset()
 
 
-def test_periodic_recalculation_every_t_cycle_rounds():
-    """Paper 4.3 Fig. 4 (a) periodic global recalculation: t_cycle = 3 -> rounds 1, 4, 7 only."""
+def test_periodic_turn_is_crc32_modulo_t_cycle():
+    """The periodic share's hash, hand-computed: crc32(b"a") = 3904355907, crc32(b"b") = 1908338681."""
+    assert [periodic_turn("a", t) for t in (1, 3, 4, 100)] == [0, 0, 3, 7]
+    assert [periodic_turn("b", t) for t in (1, 3, 4, 100)] == [0, 2, 1, 81]
+    assert periodic_turn(7, 5) == zlib.crc32(b"7") % 5
+
+
+def test_periodic_recalculation_is_spread_over_t_cycle_rounds():
+    """Paper 4.3 Fig. 4 (a), spread: t_cycle = 3 -> a on rounds 3, 6 (turn 0), b on rounds 2, 5, 8 (turn 2)."""
     # Prepare: stable nodes, stable local mAP
     m = GraphMaintenance(t_cycle=3, delta_down=0.05, patience=2)
     # Execute
     plans = _run(m, {r: {"a": 0.5, "b": 0.5} for r in range(1, 9)})
     # Assert
-    assert [r for r, p in plans.items() if p.rebuild] == [1, 4, 7]
-    assert plans[4].reasons == {"a": ("periodic",), "b": ("periodic",)}
-    assert all(not plans[r].changed and plans[r].evaluate == frozenset() for r in (2, 3, 5, 6, 8))
+    assert {r: p.reasons for r, p in plans.items() if r > 1} == {
+        2: {"b": ("periodic",)}, 3: {"a": ("periodic",)}, 4: {}, 5: {"b": ("periodic",)}, 6: {"a": ("periodic",)},
+        7: {}, 8: {"b": ("periodic",)}}
 
 
-def test_t_cycle_one_recalculates_every_round_and_skipped_rounds_count():
-    """Paper 4.3 Fig. 4 (a): T_cycle counts rounds, so a gap (resumed server) triggers the recalculation."""
+def test_periodic_share_refreshes_every_node_once_per_cycle_in_even_parts():
+    """400 nodes, t_cycle 4: rounds 5-8 refresh each node exactly once, about a quarter per round."""
+    nodes = [f"site-{k}" for k in range(400)]
+    m = GraphMaintenance(t_cycle=4, delta_down=0.0, patience=1)
+    plans = _run(m, {r: dict.fromkeys(nodes) for r in range(1, 9)})
+    refreshed = [n for r in (5, 6, 7, 8) for n in plans[r].reasons]
+    assert sorted(refreshed) == sorted(nodes)
+    assert all(70 <= len(plans[r].reasons) <= 130 for r in (5, 6, 7, 8))
     every = _run(GraphMaintenance(t_cycle=1, delta_down=0.0, patience=1), {r: {"a": 0.5} for r in (1, 2, 3)})
-    assert all(p.rebuild for p in every.values())
-    gap = _run(GraphMaintenance(t_cycle=3, delta_down=0.0, patience=1), {1: {"a": 0.5}, 2: {"a": 0.5}, 5: {"a": 0.5}})
-    assert [r for r, p in gap.items() if p.rebuild] == [1, 5]
+    assert [p.reasons for p in every.values()] == [{"a": ("new", "periodic")}, {"a": ("periodic",)},
+                                                   {"a": ("periodic",)}]
 
 
 def test_new_node_is_evaluated_at_once_alone():
@@ -57,7 +69,6 @@ def test_new_node_is_evaluated_at_once_alone():
     plan = m.plan(2, ["a", "b", "c"], {"c": 0.3})
     # Assert
     assert plan.reasons == {"c": ("new",)}
-    assert not plan.rebuild
 
 
 def test_degradation_uses_only_earlier_rounds_in_the_mean():
@@ -67,9 +78,8 @@ def test_degradation_uses_only_earlier_rounds_in_the_mean():
     m = GraphMaintenance(t_cycle=100, delta_down=0.05, patience=1)
     # Execute
     plans = _run(m, {1: {"a": 0.6, "b": 0.6}, 2: {"a": 0.5, "b": 0.6}})
-    # Assert: only a, only for degradation, no global rebuild
+    # Assert: only a, only for degradation
     assert plans[2].reasons == {"a": ("degraded",)}
-    assert not plans[2].rebuild
 
 
 def test_degradation_needs_patience_and_resets_after_a_trigger():
@@ -106,12 +116,12 @@ def test_missing_report_keeps_the_streak():
 
 def test_periodic_and_degraded_in_the_same_round():
     """Paper 4.3 Fig. 4 (a)+(b): the GraphMaintenance docstring example; both reasons are reported."""
-    # t_cycle 3: rounds 1 and 4 are global; a: 0.6, 0.6, 0.5 (streak 1), 0.5 < 1.7/3 - 0.05 = 0.517 (streak 2)
+    # t_cycle 3, a's turn is 0 (rounds 3, 6); local mAP 0.6, 0.6, 0.5 (streak 1), 0.5 < 1.7/3 - 0.05 (streak 2:
+    # degraded, reset), 0.4 < 0.55 - 0.05 (streak 1), 0.4 < 2.6/5 - 0.05 = 0.47 (streak 2)
     m = GraphMaintenance(t_cycle=3, delta_down=0.05, patience=2)
-    plans = _run(m, {r: {"a": v} for r, v in enumerate([0.6, 0.6, 0.5, 0.5], start=1)})
-    assert plans[1].reasons == {"a": ("new", "periodic")}
-    assert plans[2].reasons == plans[3].reasons == {}
-    assert plans[4].reasons == {"a": ("periodic", "degraded")}
+    plans = _run(m, {r: {"a": v} for r, v in enumerate([0.6, 0.6, 0.5, 0.5, 0.4, 0.4], start=1)})
+    assert [p.reasons for p in plans.values()] == [
+        {"a": ("new",)}, {}, {"a": ("periodic",)}, {"a": ("degraded",)}, {}, {"a": ("periodic", "degraded")}]
 
 
 def test_leaving_node_is_dropped_and_returning_node_is_reevaluated():
@@ -151,7 +161,7 @@ def test_state_dict_round_trip_resumes_identically():
     # Assert
     assert rest == {r: reference[r] for r in (4, 5, 6)}
     assert resumed.state_dict() == json.loads(json.dumps(resumed.state_dict()))
-    assert reference[4] == Plan(4, {"a": ("degraded",), "b": ("returned",)}, rebuild=False, dropped=frozenset())
+    assert reference[4] == Plan(4, {"a": ("degraded",), "b": ("returned",)}, dropped=frozenset())
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,306 @@
+"""Server cost per round at 100, 1,000 and 10,000 sites, and the keyframe selector at 1080p (issue 21).
+
+No training and no SuperLink: fake nodes answer the strategy's messages with small fixed
+ArrayRecords and plausible metrics, and a fake ``benchmark_fn`` returns an AP vector per
+site (drifting a little each time it is asked). What is timed is the strategy's own work
+in Flower's four hooks (``configure_train``, ``aggregate_train``, ``configure_evaluate``,
+``aggregate_evaluate``), the fake nodes' time taken out. Two paths, each in its own
+subprocess per size so that the peak memory (``ru_maxrss``) is that path's alone:
+
+* ``sparse`` (what the server does): the sparse graph kept between rounds and updated in
+  the rows of the sites evaluated (``common.graph.update_graph``); the periodic refresh
+  spread over rounds with ``t_cycle = 100``, so 1 % of the sites is re-evaluated per round.
+* ``dense`` (the reference): ``build_graph(method="dense")`` from scratch every round and
+  every site evaluated every round (``t_cycle = 1``).
+
+Sites lie uniformly at 0.08 per km² (about 100 within the 20 km cut-off of 4 sigma_s,
+sigma_s 5 km), each detects 5 of 10 classes. Round 1 evaluates everyone (every site is
+new) and builds no graph (KD starts at round 2); round 2 builds the graph; rounds 3-4 are
+the steady state the report compares. A fake evaluation costs microseconds; a real one
+cost 5.6 s per site model at quick sizes in issue 21's measurement (180 s for 32 sites),
+so the report also gives evaluations per round and what they would cost at that rate.
+
+    python -m benchmarks.scale [--sizes 100 1000 10000] [--dense-max 1000] [--rounds 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+OUT = Path(__file__).resolve().parent / "results" / "scale"
+NUM_CLASSES = 10
+DENSITY_PER_KM2 = 0.08
+SECONDS_PER_EVALUATION = 180.0 / 32  # issue 21: 3 min 00 s for 32 site models at quick sizes
+
+
+# --------------------------------------------------------------------------- fake federation
+def _site(index: int) -> dict:
+    rng = np.random.default_rng(index)
+    return {"position": rng.uniform(0.0, 1.0, 2), "classes": sorted(rng.choice(NUM_CLASSES, 5, replace=False).tolist()),
+            "ap": rng.uniform(0.1, 0.8, NUM_CLASSES)}
+
+
+class FakeNodes:
+    """A grid of ``n`` fake nodes: ``query`` gets the site record, ``train`` a small fixed reply; time kept apart."""
+
+    def __init__(self, n: int):
+        from flwr.app import Array, ArrayRecord
+        from flwr.supercore.task_identity import TaskIdentity
+
+        if TaskIdentity._run_id is None:  # what a ServerApp process would have set
+            TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id = 1, 1, 0
+        side = (n / DENSITY_PER_KM2) ** 0.5
+        self.sites = [_site(i) for i in range(n)]
+        for site in self.sites:
+            site["position"] = (site["position"] * side).tolist()
+        # 1 KiB of "weights" per site, holding the site's index (what the fake benchmark_fn reads)
+        self.arrays = [ArrayRecord({"w": Array(np.full(256, i, np.float32))}) for i in range(n)]
+        self.seconds = 0.0  # time spent answering, taken out of the server's time
+
+    def get_node_ids(self) -> list[int]:
+        return list(range(1, len(self.sites) + 1))
+
+    def site_record(self, node: int):
+        from flwr.app import ConfigRecord
+
+        from common import protocol as P
+
+        site = self.sites[node - 1]
+        return ConfigRecord({P.SITE_ID: f"site-{node - 1}", P.POSITION_KM: site["position"],
+                             P.CLASSES: site["classes"]})
+
+    def send_and_receive(self, messages, *, timeout=None):
+        from flwr.app import Message, MessageType, MetricRecord, RecordDict
+
+        from common import protocol as P
+
+        start = time.perf_counter()
+        replies = []
+        for msg in messages:
+            node = msg.metadata.dst_node_id
+            content = RecordDict({P.SITE: self.site_record(node)})
+            if msg.metadata.message_type != MessageType.QUERY:
+                content[P.ARRAYS] = self.arrays[node - 1]
+                content[P.METRICS] = MetricRecord({
+                    P.NUM_EXAMPLES: 100, P.TRAIN_LOSS: 1.0, P.TRAIN_SECONDS: 1.0, P.VAL_MAP50: 0.4,
+                    P.TEST_MAP50: 0.4, P.TEST_MAP50_95: 0.2, P.TEST_AP50: [0.4] * NUM_CLASSES})
+            replies.append(Message(content, reply_to=msg))
+        self.seconds += time.perf_counter() - start
+        return replies
+
+
+def _strategy(path: str, nodes: FakeNodes):
+    import logging
+
+    from common import graph as G
+    from strategies.graph_kd import GraphKDStrategy
+
+    logging.getLogger("flwr").setLevel(logging.WARNING)
+    evaluations: list[int] = []
+
+    def benchmark_fn(arrays):
+        """The site's own AP vector plus noise of 0.01 that differs at every evaluation."""
+        site = int(arrays["w"].numpy()[0])
+        evaluations.append(site)
+        noise = np.random.default_rng([site, len(evaluations)]).normal(0.0, 0.01, NUM_CLASSES)
+        return {"map50": 0.4, "ap50": np.clip(nodes.sites[site]["ap"] + noise, 0.0, 1.0).tolist()}
+
+    class DenseStrategy(GraphKDStrategy):
+        def current_graph(self, sites):
+            self.graph = G.build_graph({s: self.profiles[s] for s in sites}, self.sigma_s_km, method="dense")
+            return self.graph
+
+    cls = DenseStrategy if path == "dense" else GraphKDStrategy
+    strategy = cls(num_classes=NUM_CLASSES, epochs_per_round=1, benchmark_fn=benchmark_fn, mode="graph",
+                   rho=0.3, start_round=2, t_cycle=1 if path == "dense" else 100, wait_for_nodes_s=0.0,
+                   expected_nodes=len(nodes.sites))
+    return strategy, evaluations
+
+
+def _rss_mib() -> tuple[float, float]:
+    """(current, peak) resident memory of this process in MiB."""
+    with open("/proc/self/statm") as f:
+        current = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    return current, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run_federation(n: int, path: str, rounds: int) -> dict:
+    """One path at one size: per round the server seconds, evaluations, graph rows, memory."""
+    from flwr.app import ArrayRecord, ConfigRecord
+
+    nodes = FakeNodes(n)
+    strategy, evaluations = _strategy(path, nodes)
+    per_round = []
+    for r in range(1, rounds + 1):
+        nodes.seconds, done = 0.0, len(evaluations)
+        start = time.perf_counter()
+        messages = list(strategy.configure_train(r, ArrayRecord(), ConfigRecord(), nodes))
+        graph_seconds = time.perf_counter() - start - nodes.seconds
+        replies = nodes.send_and_receive(messages)
+        strategy.aggregate_train(r, replies)
+        strategy.configure_evaluate(r, ArrayRecord(), ConfigRecord(), nodes)
+        strategy.aggregate_evaluate(r, [])
+        seconds = time.perf_counter() - start - nodes.seconds
+        current, peak = _rss_mib()
+        graph = strategy.graph_record or {}
+        per_round.append({"round": r, "server_s": seconds, "configure_train_s": graph_seconds,
+                          "evaluations": len(evaluations) - done, "rows_computed": graph.get("rows_computed", n),
+                          "arcs": len(graph.get("arcs", [])), "students_with_teachers": len(strategy.plan),
+                          "rss_mib": current, "peak_rss_mib": peak})
+        print(json.dumps({"n": n, "path": path, **per_round[-1]}), file=sys.stderr, flush=True)
+    return {"n": n, "path": path, "rounds": per_round}
+
+
+def graph_timings(n: int, dense: bool) -> dict:
+    """build_graph (sparse; dense when asked) and update_graph after 1 % of the profiles changed."""
+    from common import graph as G
+
+    side = (n / DENSITY_PER_KM2) ** 0.5
+    profiles = {f"site-{i}": _site(i) for i in range(n)}
+    for p in profiles.values():
+        p["position"] = p["position"] * side
+    out = {"n": n}
+    start = time.perf_counter()
+    graph = G.build_graph(profiles, 5.0)
+    out["sparse_build_s"], out["sparse_arcs"] = time.perf_counter() - start, graph.num_arcs
+    rng = np.random.default_rng(1)
+    changed = {s: {**profiles[s], "ap": np.clip(profiles[s]["ap"] + rng.normal(0, 0.01, NUM_CLASSES), 0, 1)}
+               for s in list(profiles)[:: 100]}
+    start = time.perf_counter()
+    updated = G.update_graph(graph, changed)
+    out["update_1pct_s"], out["update_rows"] = time.perf_counter() - start, updated.rows_computed
+    if dense:
+        start = time.perf_counter()
+        out["dense_arcs"] = G.build_graph(profiles, 5.0, method="dense").num_arcs
+        out["dense_build_s"] = time.perf_counter() - start
+    out["peak_rss_mib"] = _rss_mib()[1]
+    return out
+
+
+def keyframe_fps(seconds: float = 3.0) -> dict:
+    """Frames/s of KeyframeSelector on 1080p BGR video: every pixel (oversample=0) vs sampled (default)."""
+    from common.keyframes import KeyframeSelector
+
+    rng = np.random.default_rng(0)
+    scene = np.kron(rng.integers(30, 220, (18, 32), dtype=np.uint8), np.ones((60, 60), np.uint8))
+    frames = []
+    for t in range(8):
+        frame = scene.copy()
+        frame[400:520, 600 + 40 * t:720 + 40 * t] = 250
+        frames.append(np.dstack([frame, frame // 2 + 20, 255 - frame]))
+    out = {}
+    for name, oversample in (("every_pixel", 0), ("sampled", 4), ("every_pixel_again", 0), ("sampled_again", 4)):
+        selector, count, start = KeyframeSelector(oversample=oversample), 0, time.perf_counter()
+        keys = []
+        while time.perf_counter() - start < seconds / 4:
+            keys.append(selector.update(frames[count % len(frames)]))
+            count += 1
+        out[name] = {"fps": count / (time.perf_counter() - start), "frames": count, "keys": sum(keys)}
+    return {"every_pixel_fps": max(out["every_pixel"]["fps"], out["every_pixel_again"]["fps"]),
+            "sampled_fps": max(out["sampled"]["fps"], out["sampled_again"]["fps"]), "runs": out}
+
+
+# --------------------------------------------------------------------------- driver
+def _child(args: list[str]) -> dict:
+    cmd = [sys.executable, "-m", "benchmarks.scale", "--child", *args]
+    done = subprocess.run(cmd, capture_output=True, text=True, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _steady(result: dict) -> dict:
+    """Mean of rounds 3.. (graph kept and updated), or the last round when there are fewer."""
+    rounds = [r for r in result["rounds"] if r["round"] >= 3] or result["rounds"][-1:]
+    return {k: float(np.mean([r[k] for r in rounds])) for k in ("server_s", "evaluations", "rows_computed")} | {
+        "peak_rss_mib": max(r["peak_rss_mib"] for r in result["rounds"])}
+
+
+def markdown(report: dict) -> str:
+    fed = {(r["n"], r["path"]): r for r in report["federations"]}
+    graphs = {g["n"]: g for g in report["graphs"]}
+    kf = report["keyframes"]
+    lines = [
+        "# Scale: server cost per round, graph, keyframes (issue 21)", "",
+        f"Machine: {report['machine']}. The machine is shared with other jobs while this runs (load average "
+        f"{report['load_before']} before, {report['load_after']} after), so absolute seconds are pessimistic; the "
+        "ratios compare paths measured in the same run.", "",
+        "Command: `python -m benchmarks.scale` (fake nodes, no training; see the module docstring).", "",
+        "## Server time per round (steady state: rounds 3-4, 1 % of the sites re-evaluated)", "",
+        "| sites | path | server s/round | evaluations/round | at 5.6 s each | graph rows computed | peak RSS MiB |",
+        "|---:|---|---:|---:|---:|---:|---:|",
+    ]
+    for n in report["sizes"]:
+        for path in ("sparse", "dense"):
+            if (n, path) not in fed:
+                lines.append(f"| {n:,} | {path} | not run (all-pairs Python loop: see the graph table) | {n:,} | "
+                             f"{n * SECONDS_PER_EVALUATION / 60:,.0f} min | {n:,} | |")
+                continue
+            s = _steady(fed[n, path])
+            lines.append(f"| {n:,} | {path} | {s['server_s']:.2f} | {s['evaluations']:.0f} | "
+                         f"{s['evaluations'] * SECONDS_PER_EVALUATION / 60:.1f} min | {s['rows_computed']:.0f} | "
+                         f"{s['peak_rss_mib']:.0f} |")
+    lines += ["", "Per round, every path (server seconds; round 1 evaluates every site, as all are new):", "",
+              "| sites | path | " + " | ".join(f"round {r}" for r in range(1, report["rounds"] + 1)) + " |",
+              "|---:|---|" + "---:|" * report["rounds"]]
+    for (n, path), res in sorted(fed.items()):
+        lines.append(f"| {n:,} | {path} | " + " | ".join(
+            f"{r['server_s']:.2f} s, {r['evaluations']} eval" for r in res["rounds"]) + " |")
+    lines += ["", "## Graph alone", "",
+              "| sites | sparse build s | arcs kept | update after 1 % changed s | rows recomputed | dense build s | "
+              "dense arcs | dense / sparse |", "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for n in report["sizes"]:
+        g = graphs[n]
+        dense = (f"{g['dense_build_s']:.2f} | {g['dense_arcs']:,} | {g['dense_build_s'] / g['sparse_build_s']:.0f}x"
+                 if "dense_build_s" in g else "not run (O(N^2) pairs) | | ")
+        lines.append(f"| {n:,} | {g['sparse_build_s']:.2f} | {g['sparse_arcs']:,} | {g['update_1pct_s']:.2f} | "
+                     f"{g['update_rows']:,} | {dense} |")
+    lines += ["", "## Keyframe selector, 1080p BGR", "",
+              "| path | frames/s |", "|---|---:|",
+              f"| every pixel (oversample=0) | {kf['every_pixel_fps']:.0f} |",
+              f"| sampled 4x grid (default) | {kf['sampled_fps']:.0f} |",
+              f"| ratio | {kf['sampled_fps'] / kf['every_pixel_fps']:.1f}x |", ""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[100, 1000, 10000])
+    parser.add_argument("--dense-max", type=int, default=1000, help="largest size the dense path runs at")
+    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--out", default=str(OUT))
+    parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        kind, *rest = args.child
+        if kind == "federation":
+            result = run_federation(int(rest[0]), rest[1], int(rest[2]))
+        elif kind == "graph":
+            result = graph_timings(int(rest[0]), rest[1] == "dense")
+        else:
+            result = keyframe_fps()
+        print(json.dumps(result))
+        return
+    from benchmarks.harness import cpu_model_name, write_report
+
+    report = {"machine": f"{cpu_model_name()}, {os.cpu_count()} logical CPUs", "sizes": args.sizes,
+              "rounds": args.rounds, "load_before": ", ".join(f"{v:.1f}" for v in os.getloadavg()),
+              "seconds_per_evaluation": SECONDS_PER_EVALUATION, "federations": [], "graphs": []}
+    report["keyframes"] = _child(["keyframes"])
+    for n in args.sizes:
+        report["graphs"].append(_child(["graph", str(n), "dense" if n <= args.dense_max else "sparse"]))
+        for path in ("sparse", "dense") if n <= args.dense_max else ("sparse",):
+            report["federations"].append(_child(["federation", str(n), path, str(args.rounds)]))
+    report["load_after"] = ", ".join(f"{v:.1f}" for v in os.getloadavg())
+    write_report(args.out, report, markdown(report))
+
+
+if __name__ == "__main__":
+    main()
