@@ -22,7 +22,7 @@ and merges when the answer arrives), the ClientApp's collaboration metrics
 The answer threshold follows the model: when a site trains its model it calibrates ``det_conf`` on its own
 validation split (:func:`calibrate_conf`: the F1-optimal confidence, clipped to :data:`CONF_RANGE`) and stores
 it in the weights file's metadata (``det_conf``, :func:`common.yolo.save_weights`);
-:meth:`CollabSettings.for_model` answers with it unless the threshold was set explicitly (a CLI flag).
+:meth:`CollabSettings.for_model` answers with it unless a CLI flag sets the threshold.
 
 Returned dicts (:meth:`StepResult.boxes`, :func:`gallery`) are plain lists:
 ``{"xyxy": [[x1, y1, x2, y2], ...], "conf": [...], "cls": [...]}`` in image pixels.

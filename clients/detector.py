@@ -148,7 +148,7 @@ def onnx_runtime(path: str | Path, threads: int = 0):
 
 class OnnxPredictor:
     """An ONNX export of the detector (:func:`common.yolo.export_onnx`) run with ONNX Runtime; ``meta``: the
-    metadata of the weights it was exported from."""
+    metadata of the weights it is exported from."""
 
     def __init__(self, path: str | Path, *, imgsz: int = 320, conf: float = 0.25, iou: float = 0.7,
                  threads: int = 0, meta: dict | None = None):
