@@ -242,7 +242,7 @@ class LocalSite:
                P.EDGE_LATENCY_MS: float(np.median([st.edge_ms for st in steps])),
                **{P.REASON_KEYS[k]: float(v) for k, v in reasons.items()},
                P.OFFLOAD_CANDIDATES: float(sum(len(st.keyframe.candidates) for st in steps))}
-        if answered and any(st.cloud is not None for st in steps):
+        if answered:  # a service was configured and answered every offload (an image without one: merged = edge)
             merged = score([st.merged for st in steps], gts, nc)
             out.update({P.COLLAB_MAP50: merged["map50"], P.COLLAB_RECALL: merged["recall"],
                         P.COLLAB_FNR: merged["fnr"],

@@ -422,3 +422,18 @@ def test_student_check_keeps_only_teachers_better_by_more_than_the_margin(monkey
     assert site.distiller(student, kd, list("abc"))[0] is None  # nobody kept: plain training
     unchecked = dataclasses.replace(kd, student_check=False)
     assert site.distiller(student, unchecked, list("abc"))[0].weights == [0.2, 0.5, 0.3]
+
+
+def test_collab_metrics_with_a_cloud_but_nothing_to_offload_equal_the_edge(site1, monkeypatch):
+    """A site whose edge finds nothing ambiguous sends nothing: its collaborative answer is the edge's own."""
+    from common.detections import Detections
+
+    cloud = _FakeCloud("perfect")
+    monkeypatch.setattr(site1, "edge_predictor", lambda model: lambda image: Detections.empty())
+    monkeypatch.setattr(site1, "cloud_client", lambda: cloud)
+
+    m = site1.collab_metrics(model=None)
+
+    assert cloud.entries == []
+    assert (m[P.COLLAB_RECALL], m[P.COLLAB_FNR], m[P.UPLOAD_BYTES]) == (m[P.EDGE_RECALL], m[P.EDGE_FNR], 0.0) == (
+        0.0, 1.0, 0.0)
