@@ -344,15 +344,18 @@ def test_candidates_count_only_where_the_cloud_confirms_them(site1, monkeypatch,
     assert np.isfinite(m[P.EDGE_MAP50])
 
 
-def test_collab_gallery_gives_plain_boxes_offloaded_images_first(site1, monkeypatch, tmp_path):
+def test_collab_round_gallery_gives_plain_boxes_offloaded_images_first(site1, monkeypatch, tmp_path):
     perfect, paths, gts = _labels_detector(site1, 0.9)
     cloud = _FakeCloud("perfect")
     monkeypatch.setattr(site1, "edge_predictor", lambda model: perfect)
     monkeypatch.setattr(site1, "cloud_client", lambda: cloud)
 
-    items = site1.collab_gallery(model=None, n=3)
+    metrics, items = site1.collab_round(model=None, gallery=3)
 
     assert len(items) == 3 and cloud.closed
+    timed = (P.EDGE_LATENCY_MS, P.COLLAB_LATENCY_MS)
+    again = site1.collab_metrics(model=None)
+    assert {k: v for k, v in metrics.items() if k not in timed} == {k: v for k, v in again.items() if k not in timed}
     offloaded = [e.frame for e in cloud.entries]
     first = items[0]
     index = [str(p) for p in paths].index(first["image"])
