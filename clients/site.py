@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 class RoundResult:
     weights: dict
     metrics: dict[str, Any]
+    gallery: list[dict[str, Any]] = field(default_factory=list)  # LocalSite.collab_round items, when asked
 
 
 class LocalSite:
@@ -119,10 +120,10 @@ class LocalSite:
                              iou=ev.iou, device=t.device)
 
     def train_round(self, server_round: int, epochs: int, weights: dict | None,
-                    kd: P.KDRequest | None = None, teachers: list[dict] = ()) -> RoundResult:
+                    kd: P.KDRequest | None = None, teachers: list[dict] = (), gallery: int = 0) -> RoundResult:
         """Local training (distillation when ``kd`` names teachers), then evaluation on val and test, the
         answer threshold's calibration on val (:meth:`calibrate`, stored with the weights) and the collaboration
-        metrics on test at that threshold."""
+        step on test at that threshold (with ``gallery`` keyframes for the report, see :meth:`collab_round`)."""
         import torch
 
         from common import yolo
@@ -145,7 +146,7 @@ class LocalSite:
         )
         val, test = self.evaluate(model, "val"), self.evaluate(model, "test")
         model.cedar_meta = {"round": server_round, "site": self.spec.site_id, **self.calibrate(model)}
-        routing = self.collab_metrics(model)
+        routing, pictures = self.collab_round(model, gallery)
         yolo.save_weights(model, self.store / "model.pt", **model.cedar_meta)
         log.info("%s round %s: loss %.3f, val mAP50 %.3f, test mAP50 %.3f (%.0fs)", self.spec.site_id,
                  server_round, res.loss, val.map50, test.map50, time.perf_counter() - t0)
@@ -156,7 +157,7 @@ class LocalSite:
         }
         if extra:
             metrics[P.KD_LOSS] = res.extra_loss
-        return RoundResult(yolo.state_dict(model), {**metrics, **kd_metrics, **routing})
+        return RoundResult(yolo.state_dict(model), {**metrics, **kd_metrics, **routing}, pictures)
 
     # -- the collaboration step on the test split (clients.collab)
     def collab_settings(self, model=None):
@@ -235,7 +236,7 @@ class LocalSite:
             if client is not None:
                 client.close()
 
-    def collab_metrics(self, model) -> dict[str, float]:
+    def collab_round(self, model, gallery: int = 0) -> tuple[dict[str, float], list[dict[str, Any]]]:
         """The collaboration step on the test split (paper section 4.2): what the edge offloads, and what it gains.
 
         Each test image is a keyframe through :func:`clients.collab.collaborate` with the edge runtime's own
@@ -248,6 +249,17 @@ class LocalSite:
         median latency (edge plus round trip when offloaded) and the JPEG bytes sent per image. A cloud that
         cannot answer costs only those collaborative metrics, never the round. Keys: ``common.protocol``
         ``ROUTING_KEYS`` and ``COLLAB_KEYS``; a value that is not a number (no labelled object) is left out.
+
+        Also, from the same pass, up to ``gallery`` keyframes for a report's gallery: images where the edge
+        offloads first (in name order), then the others. Each item::
+
+            {"image": "<path of the test image file>",
+             "gt": boxes, "edge": boxes, "cloud": boxes | None, "merged": boxes}
+
+        where ``boxes`` is ``{"xyxy": [[x1, y1, x2, y2], ...], "conf": [...], "cls": [...]}`` in image pixels
+        (plain lists; ground truth at conf 1.0), ``edge`` the edge's answer, ``cloud`` the cloud's answer to the
+        offload (None when nothing was offloaded or no cloud answered) and ``merged`` the final answer: the
+        items :func:`server.report.write_gallery` takes.
         """
         import numpy as np
 
@@ -255,13 +267,23 @@ class LocalSite:
         from common.routing import reason_counts
         from common.sites import class_names
 
+        from clients.collab import boxes
+        from common.detections import Detections
+
         steps, gts, answered = [], [], True
-        for _, _, gt, step, ok in self._collab_steps(model):
+        offloaded: list[dict[str, Any]] = []
+        others: list[dict[str, Any]] = []
+        for path, _, gt, step, ok in self._collab_steps(model):
             steps.append(step)
             gts.append(gt)
             answered &= ok
+            chosen = offloaded if step.entry is not None else others
+            if len(chosen) < gallery:
+                chosen.append({"image": str(path), **step.boxes(),
+                               "gt": boxes(Detections(gt[:, 1:], [1.0] * len(gt), gt[:, 0].astype(int)))})
+        pictures = (offloaded + others)[:gallery]
         if not steps:
-            return {}
+            return {}, pictures
         nc = len(class_names(self.spec.data_yaml))
         edge = score([st.keyframe.detections for st in steps], gts, nc)
         confident = score([st.keyframe.detections.select(~st.keyframe.offload_mask) for st in steps], gts, nc)
@@ -275,36 +297,14 @@ class LocalSite:
                P.EDGE_LATENCY_MS: float(np.median([st.edge_ms for st in steps])),
                **{P.REASON_KEYS[k]: float(v) for k, v in reasons.items()},
                P.OFFLOAD_CANDIDATES: float(sum(len(st.keyframe.candidates) for st in steps))}
-        if answered and any(st.cloud is not None for st in steps):
+        if answered:  # a service was configured and answered every offload (an image without one: merged = edge)
             merged = score([st.merged for st in steps], gts, nc)
             out.update({P.COLLAB_MAP50: merged["map50"], P.COLLAB_RECALL: merged["recall"],
                         P.COLLAB_FNR: merged["fnr"],
                         P.COLLAB_LATENCY_MS: float(np.median([st.edge_ms + st.rtt_ms for st in steps])),
                         P.UPLOAD_BYTES: float(np.mean([st.sent_bytes for st in steps]))})
-        return {k: float(v) for k, v in out.items() if np.isfinite(v)}
+        return {k: float(v) for k, v in out.items() if np.isfinite(v)}, pictures
 
-    def collab_gallery(self, model, n: int = 3) -> list[dict[str, Any]]:
-        """Up to ``n`` test images through the collaboration step, for a report's gallery.
-
-        Images where the edge offloads come first (in name order), then the others. Each item::
-
-            {"image": "<path of the test image file>",
-             "gt": boxes, "edge": boxes, "cloud": boxes | None, "merged": boxes}
-
-        where ``boxes`` is ``{"xyxy": [[x1, y1, x2, y2], ...], "conf": [...], "cls": [...]}`` in image pixels
-        (plain lists; ground truth at conf 1.0), ``edge`` the edge's answer, ``cloud`` the cloud's answer to the
-        offload (None when nothing was offloaded or no cloud answered) and ``merged`` the final answer: the
-        items :func:`server.report.write_gallery` takes.
-        """
-        from clients.collab import boxes
-        from common.detections import Detections
-
-        chosen: list[dict[str, Any]] = []
-        later: list[dict[str, Any]] = []
-        for path, _, gt, step, _ in self._collab_steps(model):
-            item = {"image": str(path),
-                    "gt": boxes(Detections(gt[:, 1:], [1.0] * len(gt), gt[:, 0].astype(int))), **step.boxes()}
-            (chosen if step.entry is not None else later).append(item)
-            if len(chosen) >= n:
-                break
-        return (chosen + later)[:n]
+    def collab_metrics(self, model) -> dict[str, float]:
+        """The collaboration step's metrics alone (:meth:`collab_round`)."""
+        return self.collab_round(model)[0]

@@ -8,6 +8,7 @@ This module is plain Python (no flwr) so both sides and the tests can use it.
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 from typing import Any, Mapping
@@ -37,6 +38,15 @@ KD_CHECK_MARGIN = "kd-check-margin"  # ... by more than this (val mAP50)
 # the sites' collaboration step offloads to it
 CLOUD_URL = "cloud-url"
 CLOUD_TOKEN = "cloud-token"
+
+# ... the round whose reply carries a gallery (the run's last): a few test keyframes with their boxes, for the
+# run report (server.report.write_gallery); the reply's GALLERY record holds GALLERY_ITEMS (JSON: one
+# {"gt", "edge", "cloud", "merged"} box-set dict per image) and GALLERY_IMAGES (the image files' bytes)
+GALLERY_ROUND = "gallery-round"
+GALLERY = "gallery"
+GALLERY_ITEMS = "items"
+GALLERY_IMAGES = "images"
+GALLERY_FRAMES = 3  # keyframes per site
 
 
 def teacher_record(i: int) -> str:
@@ -238,3 +248,30 @@ class KDRequest:
 
 def _is_number(value: Any) -> bool:
     return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(float(value))
+
+
+def encode_gallery(items: list[dict[str, Any]], images: list[bytes]) -> dict[str, Any]:
+    """A gallery reply record: ``items`` (box sets per image, JSON-ready) and the encoded image files."""
+    if len(items) != len(images):
+        raise ValueError(f"gallery: {len(items)} items but {len(images)} images")
+    return {GALLERY_ITEMS: json.dumps(items), GALLERY_IMAGES: list(images)}
+
+
+def parse_gallery(record: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The gallery of a reply: each item's box sets plus ``"image"``, the image file's bytes.
+
+    Only the shape is checked here (the boxes themselves by ``server.report.write_gallery``); a bad record
+    raises :class:`ProtocolError` naming the key.
+    """
+    try:
+        items = json.loads(record[GALLERY_ITEMS])
+    except KeyError:
+        raise ProtocolError(f"gallery: no '{GALLERY_ITEMS}'") from None
+    except (TypeError, ValueError) as err:
+        raise ProtocolError(f"gallery: '{GALLERY_ITEMS}' is not JSON ({err})") from None
+    images = record.get(GALLERY_IMAGES)
+    if not isinstance(items, list) or not all(isinstance(i, dict) for i in items):
+        raise ProtocolError(f"gallery: '{GALLERY_ITEMS}' must be a list of objects")
+    if not isinstance(images, list) or len(images) != len(items) or not all(isinstance(b, bytes) for b in images):
+        raise ProtocolError(f"gallery: '{GALLERY_IMAGES}' must hold one bytes value per item ({len(items)})")
+    return [{**item, "image": data} for item, data in zip(items, images)]

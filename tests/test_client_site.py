@@ -346,15 +346,18 @@ def test_candidates_count_only_where_the_cloud_confirms_them(site1, monkeypatch,
     assert np.isfinite(m[P.EDGE_MAP50])
 
 
-def test_collab_gallery_gives_plain_boxes_offloaded_images_first(site1, monkeypatch, tmp_path):
+def test_collab_round_gallery_gives_plain_boxes_offloaded_images_first(site1, monkeypatch, tmp_path):
     perfect, paths, gts = _labels_detector(site1, 0.9)
     cloud = _FakeCloud("perfect")
     monkeypatch.setattr(site1, "edge_predictor", lambda model: perfect)
     monkeypatch.setattr(site1, "cloud_client", lambda: cloud)
 
-    items = site1.collab_gallery(model=None, n=3)
+    metrics, items = site1.collab_round(model=None, gallery=3)
 
     assert len(items) == 3 and cloud.closed
+    timed = (P.EDGE_LATENCY_MS, P.COLLAB_LATENCY_MS)
+    again = site1.collab_metrics(model=None)
+    assert {k: v for k, v in metrics.items() if k not in timed} == {k: v for k, v in again.items() if k not in timed}
     offloaded = [e.frame for e in cloud.entries]
     first = items[0]
     index = [str(p) for p in paths].index(first["image"])
@@ -479,3 +482,18 @@ def test_the_answer_threshold_is_calibrated_on_val_stored_with_the_weights_and_u
                           0.3: (at_03 / g_test, g_test - at_03 + len(test_paths))}[best]
     assert res.metrics[P.EDGE_RECALL] == pytest.approx(recall) and res.metrics[P.OFFLOAD_CANDIDATES] == candidates
     P.parse_train_metrics(res.metrics, nc=8)
+
+
+def test_collab_metrics_with_a_cloud_but_nothing_to_offload_equal_the_edge(site1, monkeypatch):
+    """A site whose edge finds nothing ambiguous sends nothing: its collaborative answer is the edge's own."""
+    from common.detections import Detections
+
+    cloud = _FakeCloud("perfect")
+    monkeypatch.setattr(site1, "edge_predictor", lambda model, conf=None: lambda image: Detections.empty())
+    monkeypatch.setattr(site1, "cloud_client", lambda: cloud)
+
+    m = site1.collab_metrics(model=None)
+
+    assert cloud.entries == []
+    assert (m[P.COLLAB_RECALL], m[P.COLLAB_FNR], m[P.UPLOAD_BYTES]) == (m[P.EDGE_RECALL], m[P.EDGE_FNR], 0.0) == (
+        0.0, 1.0, 0.0)
