@@ -11,6 +11,7 @@ with weights, metrics and its site identity.
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import torch  # noqa: F401  ArrayRecord.to_torch_state_dict works only once torch is imported
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -40,15 +41,20 @@ def train(msg: Message, context: Context) -> Message:
     site = LocalSite.from_context(context.run_config, context.node_config, config)
     arrays = msg.content.get(P.ARRAYS)
     kd = P.KDRequest.parse(config)
+    server_round = int(config.get(P.SERVER_ROUND, 0))
     result = site.train_round(
-        server_round=int(config.get(P.SERVER_ROUND, 0)),
+        server_round=server_round,
         epochs=int(config.get(P.EPOCHS, site.cfg.train.epochs_per_round)),
         weights=arrays.to_torch_state_dict() if arrays is not None else None,
         kd=kd, teachers=[rec.to_torch_state_dict() for rec in kd.teacher_records(msg.content)] if kd else [],
+        gallery=P.GALLERY_FRAMES if config.get(P.GALLERY_ROUND) == server_round else 0,
     )
     content = RecordDict({
         P.ARRAYS: ArrayRecord(result.weights),
         P.METRICS: MetricRecord(result.metrics),
         P.SITE: ConfigRecord(site.identity()),
     })
+    if result.gallery:  # the run report's pictures: the image files travel as they are on disk
+        images = [Path(item.pop("image")).read_bytes() for item in result.gallery]
+        content[P.GALLERY] = ConfigRecord(P.encode_gallery(result.gallery, images))
     return Message(content=content, reply_to=msg)

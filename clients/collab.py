@@ -7,7 +7,7 @@ and merges when the answer arrives), the ClientApp's collaboration metrics
 
 1. :func:`detect_keyframe`: the edge detector on the image, down to
    ``candidate_conf``; boxes from ``det_conf`` on are the edge's answer, the ones
-   below are *candidates* (offloaded, kept only where the cloud confirms them);
+   below (from ``candidate_conf`` on) are *candidates* (offloaded, kept only where the cloud confirms them);
    each answer box gets its ambiguity reasons (:func:`common.routing.route`:
    ``low_conf``, ``small``, ``unstable`` with a tracker).
 2. :func:`plan_offload`: crops with context around the ambiguous boxes and the
@@ -19,6 +19,11 @@ and merges when the answer arrives), the ClientApp's collaboration metrics
 
 :func:`collaborate` chains the four synchronously for one image.
 
+The answer threshold follows the model: when a site trains its model it calibrates ``det_conf`` on its own
+validation split (:func:`calibrate_conf`: the F1-optimal confidence, clipped to :data:`CONF_RANGE`) and stores
+it in the weights file's metadata (``det_conf``, :func:`common.yolo.save_weights`);
+:meth:`CollabSettings.for_model` answers with it unless a CLI flag sets the threshold.
+
 Returned dicts (:meth:`StepResult.boxes`, :func:`gallery`) are plain lists:
 ``{"xyxy": [[x1, y1, x2, y2], ...], "conf": [...], "cls": [...]}`` in image pixels.
 """
@@ -26,19 +31,26 @@ Returned dicts (:meth:`StepResult.boxes`, :func:`gallery`) are plain lists:
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
 from clients.offload import OffloadEntry
 from common.config import RoutingConfig
-from common.detections import Detections
+from common.detections import Detections, f1_threshold, size_range_ap50
 from common.routing import MERGE_POLICIES, merge, route
 
 #: the reason a candidate (a box below ``det_conf``) is offloaded
 CANDIDATE = "candidate"
 _R = RoutingConfig
+#: a calibrated answer threshold is clipped to this range: below it the answer drowns in false alarms, above it
+#: a well-ranked model answers only its surest boxes
+CONF_RANGE = (0.05, 0.5)
+#: where a model's calibrated threshold lives: its weights file's metadata (``model.cedar_meta``)
+META_CONF = "det_conf"
+#: where ``det_conf`` comes from: the configuration (``routing.det_conf``), the model's calibration, a flag
+CONF_SOURCES = ("config", "model", "flag")
 
 
 @dataclass
@@ -58,8 +70,11 @@ class CollabSettings:
     merge_iou: float = _R.merge_iou
     keep_unanswered: bool = _R.keep_unanswered
     merge: str = _R.merge
+    det_conf_source: str = "config"  # CONF_SOURCES: "flag" keeps det_conf whatever the model's calibration
 
     def __post_init__(self) -> None:
+        if self.det_conf_source not in CONF_SOURCES:
+            raise ValueError(f"det_conf_source must be one of {CONF_SOURCES}, got {self.det_conf_source!r}")
         if not 0 <= self.det_conf <= 1:
             raise ValueError(f"det_conf must be in [0, 1], got {self.det_conf!r}")
         if self.candidate_conf and not 0 < self.candidate_conf < self.det_conf:
@@ -81,18 +96,40 @@ class CollabSettings:
         """The detector's own threshold: ``candidate_conf`` when candidates are on, else ``det_conf``."""
         return self.candidate_conf or self.det_conf
 
-    @property
-    def answer_conf(self) -> float:
-        """Boxes below it are candidates: ``det_conf`` with candidates on, else 0 (the detector's boxes all count)."""
-        return self.det_conf if self.candidate_conf else 0.0
+    def for_model(self, meta: Mapping[str, Any] | None):
+        """The settings a model answers with: its calibrated ``det_conf`` (``meta[META_CONF]``), unless this
+        threshold is a flag's or the model has none. A calibrated threshold at or below ``candidate_conf`` turns
+        the candidates off (the answer itself then reaches that low)."""
+        calibrated = (meta or {}).get(META_CONF)
+        if self.det_conf_source == "flag" or calibrated is None:
+            return self
+        det_conf = float(calibrated)
+        return replace(self, det_conf=det_conf, det_conf_source="model",
+                       candidate_conf=self.candidate_conf if self.candidate_conf < det_conf else 0.0)
+
+
+def calibrate_conf(dets: Sequence[Detections], gts: Sequence[np.ndarray], nc: int) -> dict | None:
+    """A model's answer threshold from its detections on a validation split (per image; detected down to at most
+    ``CONF_RANGE[0]``) and the ground truth (``(M, 5)`` pixel rows ``cls, x1, y1, x2, y2``).
+
+    The F1-optimal confidence (:func:`common.detections.f1_threshold`; class-aware matches at IoU 0.5 as in
+    mAP50, micro F1 over all classes) clipped to :data:`CONF_RANGE`. Returns ``{"det_conf", "f1", "precision",
+    "recall"}`` (the last three at the unclipped optimum), or None when no detection matches an object.
+    """
+    pooled = size_range_ap50([{"xyxy": d.xyxy, "conf": d.conf, "cls": d.cls} for d in dets], gts, nc, small_px=None)
+    best = f1_threshold(pooled["conf"], pooled["tp"], pooled["n_gt"])
+    if best is None:
+        return None
+    conf = best.pop("conf")
+    return {META_CONF: float(np.clip(conf, *CONF_RANGE)), **best}
 
 
 @dataclass(eq=False)
 class Keyframe:
     """The edge's side of one keyframe (:func:`detect_keyframe`)."""
 
-    detections: Detections  # the edge's answer: conf >= answer_conf
-    candidates: Detections  # below answer_conf
+    detections: Detections  # the edge's answer: conf >= det_conf
+    candidates: Detections  # candidate_conf <= conf < det_conf (none with candidates off)
     reasons: list[tuple[str, ...]]  # per answer box; () = confident
     offload_mask: np.ndarray  # (len(detections),) bool: ambiguous
     track_ids: np.ndarray  # (len(detections),) int64; -1 without a tracker
@@ -120,11 +157,13 @@ def detect_keyframe(image: np.ndarray, predictor: Callable[[np.ndarray], Detecti
                     tracker=None) -> Keyframe:
     """Step 1: detect, split off the candidates, track (``tracker``: :class:`common.keyframes.IoUTracker`), route.
 
+    The detector may run lower than ``s.detector_conf``: what it finds below the candidates is dropped.
     Without a tracker (still images) no box is ``unstable``.
     """
     found = predictor(image)
-    dets = found.select(found.conf >= s.answer_conf)
-    candidates = found.select(found.conf < s.answer_conf)
+    dets = found.select(found.conf >= s.det_conf)
+    candidates = found.select((found.conf < s.det_conf) & (found.conf >= s.candidate_conf) if s.candidate_conf
+                              else np.zeros(len(found), dtype=bool))
     if tracker is not None:
         track_ids = np.asarray(tracker.update(dets.xyxy, dets.cls), dtype=np.int64)
         histories = tracker.histories(track_ids)

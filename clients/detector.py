@@ -104,7 +104,9 @@ class Predictor(Protocol):
 
 
 class TorchPredictor:
-    """A detector from :mod:`common.yolo` run with PyTorch (Conv+BN fused, like Ultralytics' predictor)."""
+    """A detector from :mod:`common.yolo` run with PyTorch (Conv+BN fused, like Ultralytics' predictor).
+
+    ``meta``: the weights file's metadata (``model.cedar_meta``, e.g. the calibrated ``det_conf``)."""
 
     def __init__(self, model, *, imgsz: int = 320, conf: float = 0.25, iou: float = 0.7, device: str = "cpu",
                  fuse: bool = True):
@@ -116,6 +118,7 @@ class TorchPredictor:
         model = copy.deepcopy(model).to(device).float().eval()
         if fuse:
             model = model.fuse(verbose=False)
+        self.meta = dict(getattr(model, "cedar_meta", None) or {})
         self.model, self.imgsz, self.conf, self.iou, self.device = model, imgsz, conf, iou, device
         self.stride = max(int(model.stride.max()), 32)
         self.names = dict(model.names)
@@ -144,10 +147,12 @@ def onnx_runtime(path: str | Path, threads: int = 0):
 
 
 class OnnxPredictor:
-    """An ONNX export of the detector (:func:`common.yolo.export_onnx`) run with ONNX Runtime."""
+    """An ONNX export of the detector (:func:`common.yolo.export_onnx`) run with ONNX Runtime; ``meta``: the
+    metadata of the weights it is exported from."""
 
     def __init__(self, path: str | Path, *, imgsz: int = 320, conf: float = 0.25, iou: float = 0.7,
-                 threads: int = 0):
+                 threads: int = 0, meta: dict | None = None):
+        self.meta = dict(meta or {})
         self.runtime = onnx_runtime(path, threads)
         inp = self.runtime.get_inputs()[0]
         self.input_name = inp.name
@@ -193,7 +198,9 @@ class EdgeModel:
     is given (exporting ``onnx`` from the weights whenever the weights' version
     differs from the one recorded next to it in ``<onnx>.json``). An ``onnx`` file
     the runtime did not write (its digest is not the one recorded in ``<onnx>.json``)
-    is never overwritten: loading refuses it with :class:`EdgeError`.
+    is never overwritten: loading refuses it with :class:`EdgeError`. :attr:`meta` is the running model's
+    weights metadata (recorded in ``<onnx>.json`` for an export, so the ONNX path reads it without torch).
+    ``conf`` is the detectors' own threshold: the lowest confidence any caller needs.
     """
 
     def __init__(self, weights: str | Path, *, onnx: str | Path | None = None, imgsz: int = 320,
@@ -221,6 +228,11 @@ class EdgeModel:
         self._loader: threading.Thread | None = None
         self._ready: tuple[Predictor, str, float] | None = None
 
+    @property
+    def meta(self) -> dict:
+        """The running model's weights metadata (``{}`` for a predictor that has none)."""
+        return getattr(self.predictor, "meta", None) or {}
+
     # -- building
     def _default_load(self, path: Path, version: str) -> Predictor:
         if self.onnx is None:
@@ -237,14 +249,17 @@ class EdgeModel:
             raise EdgeError(f"--onnx {self.onnx}: the file exists and the edge runtime did not export it (no "
                             f"matching record in {sidecar.name}); it is never overwritten: give a new path, or "
                             f"delete the file to have it exported from --weights")
-        if not self.onnx.is_file() or recorded.get("version") != version or recorded.get("imgsz") != self.imgsz:
+        if not self.onnx.is_file() or recorded.get("version") != version or recorded.get("imgsz") != self.imgsz \
+                or "meta" not in recorded:
             tmp = self.onnx.with_name(f".{self.onnx.stem}.{os.getpid()}.tmp.onnx")
-            yolo.export_onnx(self._model(path), tmp, imgsz=self.imgsz)
+            model = self._model(path)
+            yolo.export_onnx(model, tmp, imgsz=self.imgsz)
             os.replace(tmp, self.onnx)
-            atomic_write(sidecar, json.dumps({"weights": str(path), "version": version, "imgsz": self.imgsz,
-                                               "onnx": file_version(self.onnx)}).encode())
+            recorded = {"weights": str(path), "version": version, "imgsz": self.imgsz,
+                        "onnx": file_version(self.onnx), "meta": model.cedar_meta}
+            atomic_write(sidecar, json.dumps(recorded).encode())
             log.info("exported %s from %s (version %s)", self.onnx, path, version)
-        return OnnxPredictor(self.onnx, imgsz=self.imgsz, conf=self.conf, iou=self.iou)
+        return OnnxPredictor(self.onnx, imgsz=self.imgsz, conf=self.conf, iou=self.iou, meta=recorded["meta"])
 
     @staticmethod
     def _model(path: Path):
@@ -314,10 +329,11 @@ class EdgeModel:
 
 
 class StaticModel:
-    """A fixed predictor with a fixed version (no file, no reload): for tests and embedding."""
+    """A fixed predictor with a fixed version (no file, no reload): for tests and embedding; ``meta`` as
+    :attr:`EdgeModel.meta`."""
 
-    def __init__(self, predictor: Predictor, version: str = "static"):
-        self.predictor, self.version, self.reloads = predictor, version, 0
+    def __init__(self, predictor: Predictor, version: str = "static", meta: dict | None = None):
+        self.predictor, self.version, self.reloads, self.meta = predictor, version, 0, dict(meta or {})
 
     def poll(self, now: float | None = None) -> bool:
         return False

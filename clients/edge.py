@@ -7,7 +7,7 @@ model store up to date after every federated round)::
         --cloud https://cloud:8443 --token-file cloud.token --cafile cert.pem --site site-0 \\
         --out results.jsonl --video annotated.mp4
 
-Per frame (paper section 4.2):
+Per frame of a video, camera or image sequence (paper section 4.2):
 
 1. **Keyframes.** :class:`common.keyframes.KeyframeSelector` (``--beta``) decides
    whether the frame is a keyframe. Only keyframes are detected. A non-keyframe
@@ -39,6 +39,19 @@ Per frame (paper section 4.2):
    carries ``merge(edge, cloud, offloaded)`` (:func:`common.routing.merge`),
    and a ``carried`` line for each non-keyframe after it carries that answer
    moved there by optical flow (:class:`RefinedCarrier`).
+
+Photo folders
+    A folder of images is a set of independent photos (a survey, the paper's DET setting): every image is a
+    keyframe (``"keyframe_reason": "photo"``) answered from that image alone: no tracks (so no ``unstable``
+    box), no optical flow, no ``carried`` lines. ``--sequence`` declares a folder to be the frames of a video
+    (keyframes, tracks, carried answers as above); videos and cameras are always sequences.
+
+Answer threshold
+    The edge's answer starts at ``det_conf``: by default the model's own, calibrated when the site trained it
+    (the F1-optimal confidence on its validation split, :func:`clients.collab.calibrate_conf`, stored in the
+    weights file's metadata), else ``routing.det_conf``; ``--conf`` overrides both. A hot-swapped model brings
+    its own threshold. The summary line records ``det_conf`` and ``det_conf_source`` (``model``, ``config``
+    or ``flag``) of the model it names.
 
 Delivery guarantees (``--queue-dir``, default ``$CEDAR_HOME/edge/<site>/queue``)
     Every offload is written to the queue *before* it is sent (one JSON file per
@@ -111,7 +124,8 @@ Output (``--out``, JSON lines; ``--append`` to keep an existing file)
     or that waited past a 64 MiB cap on the kept grayscale frames.
 
     ``{"kind": "failed", "offload_id", "error", ...}`` instead of ``refined`` for
-    an offload the cloud refused, and a last ``{"kind": "summary", ...}`` line.
+    an offload the cloud refused, and a last ``{"kind": "summary", ...}`` line (its counts, ``model``,
+    ``det_conf`` and ``det_conf_source``).
     ``time`` is Unix seconds (frame read; answer received), ``pts_s`` the media
     time (frame / fps; seconds since start for a camera). Every detection list
     reads back with :meth:`common.detections.Detections.from_list`. ``model`` is the
@@ -160,7 +174,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from clients.carry import RefinedCarrier, flow_shift
-from clients.collab import CollabSettings, Keyframe, detect_keyframe, merge_answer, plan_offload
+from clients.collab import CONF_RANGE, CollabSettings, Keyframe, detect_keyframe, merge_answer, plan_offload
 from clients.detector import EdgeModel, StaticModel  # noqa: F401 - StaticModel: embedding the runtime
 from clients.media import EdgeError, Frame, FrameSource, JsonlWriter, VideoAnnotator
 from clients.offload import CloudAnswer, CloudClient, DiskQueue, Offloader, OffloadEntry
@@ -177,7 +191,8 @@ log = logging.getLogger("clients.edge" if __name__ == "__main__" else __name__)
 @dataclass
 class EdgeSettings(CollabSettings):
     """The collaboration step's settings (:class:`clients.collab.CollabSettings`) plus the runtime's own:
-    site and run ids, keyframes, tracking, queue and retries, super-resolution, flow propagation."""
+    site and run ids, photos or a sequence, keyframes, tracking, queue and retries, super-resolution, flow
+    propagation."""
 
     site: str = "site-0"
     run_id: str | None = None
@@ -194,6 +209,7 @@ class EdgeSettings(CollabSettings):
     retry_max: float = 30.0
     upscale: str | None = None  # A+ super-resolution model (.npz) applied to every frame first
     propagate: bool = True  # move reused boxes on non-keyframes by optical flow (flow_shift)
+    photos: bool = False  # every frame an independent photo: all keyframes, no tracks, no flow, no carried lines
 
     def __post_init__(self) -> None:
         try:
@@ -225,6 +241,8 @@ class Summary:
     queue_left: int = 0
     reloads: int = 0
     model: str = ""
+    det_conf: float | None = None  # the answer threshold of `model`, and where it comes from
+    det_conf_source: str = ""
     edge_ms: list = field(default_factory=list, repr=False)
     rtt_ms: list = field(default_factory=list, repr=False)
     wall_s: float = 0.0
@@ -245,6 +263,7 @@ class Summary:
                 ("  carried to later frames", d["carried"]),
                 ("  of them from earlier runs", d["recovered"]), ("refused by the cloud", d["failed"]),
                 ("queue left", d["queue_left"]), ("model reloads", d["reloads"]), ("model", d["model"]),
+                ("answer threshold", f"{d['det_conf']} ({d['det_conf_source']})"),
                 ("edge ms (mean)", d["edge_ms_mean"]), ("cloud rtt ms (mean)", d["cloud_rtt_ms_mean"]),
                 ("wall s", d["wall_s"])]
         return "\n".join(f"  {k:<28} {v}" for k, v in rows)
@@ -286,6 +305,7 @@ class EdgeRuntime:
         self._stats_lock = threading.Lock()
         self.carrier = RefinedCarrier(move=settings.propagate)
         self._last: tuple | None = None  # (keyframe index, clients.collab.Keyframe, model version)
+        self._answer: tuple | None = None  # (model version, the settings it answers with)
         self._flow: tuple | None = None  # (previous gray frame, boxes there) while propagating
         self._edge_sent_at: dict[str, float] = {}
         self.stop_requested = False
@@ -303,7 +323,7 @@ class EdgeRuntime:
         if self.upscaler is not None:  # everything below sees (and reports in) the upscaled frame
             frame = Frame(frame.index, self.upscaler.upscale(frame.image), frame.pts_s, frame.time)
             upscale_ms = (time.perf_counter() - t0) * 1000
-        is_key, reason = self.selector.update_with_reason(frame.image)
+        is_key, reason = (True, "photo") if s.photos else self.selector.update_with_reason(frame.image)
         if self._last is None:
             is_key, reason = True, reason or "first"
         edge_ms = None
@@ -312,7 +332,8 @@ class EdgeRuntime:
             if reason == "cut":
                 self.tracker.reset()
             t1 = time.perf_counter()
-            keyframe = detect_keyframe(frame.image, self.model.predictor, s, self.tracker)
+            keyframe = detect_keyframe(frame.image, self.model.predictor, self._answer_settings(),
+                                       None if s.photos else self.tracker)
             edge_ms = (time.perf_counter() - t1) * 1000
             self._last = (frame.index, keyframe, self.model.version)
             with self._stats_lock:
@@ -323,8 +344,9 @@ class EdgeRuntime:
         dets, mask = keyframe.detections, keyframe.offload_mask
         import cv2
 
-        gray = cv2.cvtColor(frame.image, cv2.COLOR_BGR2GRAY) if frame.image.ndim == 3 else frame.image
-        if s.propagate:
+        gray = None if s.photos else \
+            cv2.cvtColor(frame.image, cv2.COLOR_BGR2GRAY) if frame.image.ndim == 3 else frame.image
+        if s.propagate and not s.photos:
             boxes = dets.xyxy if is_key else flow_shift(self._flow[0], gray, self._flow[1])
             self._flow = (gray, boxes)
             if not is_key:
@@ -357,13 +379,26 @@ class EdgeRuntime:
                     self.summary.offloaded_frames += 1
                     self.summary.offloaded_detections += int(mask.sum())
                     self.summary.bytes_queued += entry.payload_bytes
-        now = self._write_carried(self.carrier.frame(frame.index, frame.pts_s, gray, is_key, submitted))
+        now = {} if s.photos else \
+            self._write_carried(self.carrier.frame(frame.index, frame.pts_s, gray, is_key, submitted))
         if self.video is not None:
             self.video.write(frame.image, dets, mask, now.get(frame.index),
                              f"{frame.index}{' K' if is_key else ''} {version[:6]}")
         with self._stats_lock:
             self.summary.frames += 1
         return record
+
+    def _answer_settings(self) -> CollabSettings:
+        """The settings the running model answers with: its calibrated ``det_conf`` unless a flag set one
+        (:meth:`clients.collab.CollabSettings.for_model`); the summary records them."""
+        version = self.model.version
+        if self._answer is None or self._answer[0] != version:
+            answer = self.s.for_model(getattr(self.model, "meta", None))
+            self._answer = (version, answer)
+            with self._stats_lock:
+                self.summary.det_conf, self.summary.det_conf_source = answer.det_conf, answer.det_conf_source
+            log.info("model %s answers from confidence %.3g (%s)", version, answer.det_conf, answer.det_conf_source)
+        return self._answer[1]
 
     def _write_carried(self, results: list) -> dict[int, Detections]:
         """One ``carried`` line per :class:`RefinedCarrier` result; the merged answers by frame."""
@@ -393,7 +428,7 @@ class EdgeRuntime:
                            "since_edge": _round((now - sent_at) * 1000 if sent_at else None)},
             "bytes_sent": entry.payload_bytes, "request_bytes": answer.request_bytes, "attempts": attempts,
             "cloud_model": answer.model, "recovered": recovered})
-        if entry.run == self.s.run_id:
+        if entry.run == self.s.run_id and not self.s.photos:
             self.carrier.answered(entry.frame, {"id": entry.id, "model": entry.model, "offloaded": entry.offloaded},
                                   entry.edge, answer.detections)
         with self._stats_lock:
@@ -439,6 +474,7 @@ class EdgeRuntime:
         self.summary.queue_left = len(self.queue)
         self.summary.reloads = getattr(self.model, "reloads", 0)
         self.summary.model = self.model.version
+        self._answer_settings()  # the summary's threshold is its model's
         self.summary.wall_s = time.perf_counter() - self._t0
         if self.summary.queue_left:
             log.warning("%d offload(s) left in %s; the next run sends them", self.summary.queue_left,
@@ -458,6 +494,9 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m clients.edge", description="cedar edge runtime",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--source", required=True, help="video file, folder of images, or camera index")
+    p.add_argument("--sequence", action="store_true",
+                   help="the image folder is the frames of a video (keyframes, tracks, carried answers); default: "
+                        "independent photos, each answered from itself alone")
     p.add_argument("--weights", required=True, help="the site's model store file (<store>/model.pt)")
     p.add_argument("--onnx", help="run with ONNX Runtime from this file (exported from --weights when stale)")
     p.add_argument("--cloud", required=True, help="cloud service URL, e.g. https://cloud:8443")
@@ -488,8 +527,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="super-resolve every frame with this A+ model first (common.superres); "
                         "boxes are then in upscaled-frame pixels")
     p.add_argument("--imgsz", type=int, default=TrainConfig.imgsz, help="detector input size (train.imgsz)")
-    p.add_argument("--conf", "--det-conf", dest="det_conf", type=float, default=EdgeSettings.det_conf,
-                   help="the edge's answer: its detections from this confidence on (routing.det_conf)")
+    p.add_argument("--conf", "--det-conf", dest="det_conf", type=float,
+                   help="the edge's answer: its detections from this confidence on (default: the model's "
+                        f"calibrated threshold, else routing.det_conf {EdgeSettings.det_conf})")
     p.add_argument("--candidate-conf", type=float, default=EdgeSettings.candidate_conf,
                    help="also detect down to this confidence: boxes below --conf are candidates, offloaded and kept "
                         "only where the cloud confirms them (0: off)")
@@ -534,6 +574,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         token = resolve_token(args.token, args.token_file)
     except ValueError as err:
         parser.error(str(err))
+    fixed_conf = args.det_conf is not None
+    if not fixed_conf:
+        args.det_conf = EdgeSettings.det_conf
     if not 0 <= args.t_conf <= 1 or args.t_size < 0 or args.n_frames < 1 or args.beta <= 0 or args.imgsz < 32 \
             or not 0 <= args.det_conf <= 1 or not 0 < args.iou <= 1 or args.drain_timeout < 0 or args.retry_base <= 0 \
             or args.retry_max < args.retry_base or args.timeout <= 0 or args.max_gap < 0 \
@@ -542,17 +585,21 @@ def main(argv: Sequence[str] | None = None) -> int:
                      "0 <= --conf <= 1, 0 < --iou <= 1, --drain-timeout >= 0, 0 < --retry-base <= --retry-max, "
                      "--timeout > 0, --max-gap >= 0 (0: off), --candidate-conf 0 (off) or in (0, --conf)")
     try:
+        source = FrameSource(args.source, fps=args.fps, max_frames=args.max_frames, realtime=args.realtime,
+                             sequence=args.sequence)
         settings = EdgeSettings(
             site=args.site, run_id=args.run_id, t_conf=args.t_conf, t_size=args.t_size, n_frames=args.n_frames,
             beta=args.beta, warmup=args.warmup, cut_threshold=args.cut_threshold, max_gap=args.max_gap or None,
             offload=args.offload, context=args.context, min_crop=args.min_crop, jpeg_quality=args.jpeg_quality,
             atlas=args.atlas, merge_iou=args.merge_iou, keep_unanswered=args.keep_unanswered, merge=args.merge,
             det_conf=args.det_conf, candidate_conf=args.candidate_conf, drain_timeout=args.drain_timeout,
-            retry_base=args.retry_base, retry_max=args.retry_max, upscale=args.upscale, propagate=args.propagate)
+            retry_base=args.retry_base, retry_max=args.retry_max, upscale=args.upscale, propagate=args.propagate,
+            photos=source.photos, det_conf_source="flag" if fixed_conf else "config")
         queue_dir = Path(args.queue_dir).expanduser() if args.queue_dir else \
             Path(os.environ.get("CEDAR_HOME", "~/.cache/cedar")).expanduser() / "edge" / args.site / "queue"
-        source = FrameSource(args.source, fps=args.fps, max_frames=args.max_frames, realtime=args.realtime)
-        model = EdgeModel(args.weights, onnx=args.onnx, imgsz=args.imgsz, iou=args.iou, conf=settings.detector_conf,
+        # without --conf the detector reaches down to any calibrated threshold; the step cuts the answer there
+        detector_conf = settings.detector_conf if fixed_conf else min(settings.detector_conf, CONF_RANGE[0])
+        model = EdgeModel(args.weights, onnx=args.onnx, imgsz=args.imgsz, iou=args.iou, conf=detector_conf,
                           device=args.device, reload_every=args.reload_every)
         client = CloudClient(args.cloud, token, args.site, cafile=args.cafile, timeout=args.timeout)
         runtime = EdgeRuntime(model, client, settings, queue_dir=queue_dir, out=args.out, video=args.video,
@@ -568,8 +615,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    print(f"cedar edge runtime: site {settings.site}, run {settings.run_id}, {source.kind} {args.source}, "
-          f"model {model.version}, cloud {args.cloud}, queue {queue_dir}"
+    answer = settings.for_model(model.meta)
+    print(f"cedar edge runtime: site {settings.site}, run {settings.run_id}, "
+          f"{'photos' if source.photos else source.kind} {args.source}, model {model.version} "
+          f"(answers from {answer.det_conf:.3g}, {answer.det_conf_source}), cloud {args.cloud}, queue {queue_dir}"
           + (f", upscale x{runtime.upscaler.scale} ({args.upscale})" if runtime.upscaler else ""), flush=True)
     try:
         summary = runtime.run(source)

@@ -41,10 +41,12 @@ class FrameSource:
     existing path. ``fps`` (media time of image folders, and of the annotated
     video) defaults to the video's own rate, else 10. ``realtime`` paces a file
     or folder at ``fps`` (frame i is not read before ``i / fps`` s), as a camera would.
+    :attr:`photos`: the source is a set of independent photos, an image folder unless ``sequence``
+    declares it the frames of a video (videos and cameras are always sequences).
     """
 
     def __init__(self, spec: str | Path, fps: float | None = None, max_frames: int | None = None,
-                 realtime: bool = False):
+                 realtime: bool = False, sequence: bool = False):
         self.spec, self.max_frames, self.realtime = str(spec), max_frames, realtime
         path = Path(self.spec).expanduser()
         self._cap = None
@@ -69,6 +71,7 @@ class FrameSource:
                 raise EdgeError(f"--source {self.spec}: OpenCV cannot open this {self.kind}")
             native = float(self._cap.get(cv2.CAP_PROP_FPS) or 0.0) or None
         self.fps = float(fps) if fps else (native or 10.0)
+        self.photos = self.kind == "images" and not sequence
 
     def __iter__(self) -> Iterator[Frame]:
         import cv2
@@ -137,6 +140,7 @@ class VideoAnnotator:
 
         if self._writer is None:
             h, w = image.shape[:2]
+            self._size = (w, h)
             self._writer = cv2.VideoWriter(str(self.path), cv2.VideoWriter_fourcc(*"mp4v"), self.fps, (w, h))
             if not self._writer.isOpened():
                 raise EdgeError(f"--video {self.path}: OpenCV cannot write it")
@@ -149,6 +153,8 @@ class VideoAnnotator:
                 x1, y1, x2, y2 = (int(round(v)) for v in box)
                 cv2.rectangle(canvas, (x1 - 1, y1 - 1), (x2 + 1, y2 + 1), self.MAGENTA, 1)
         cv2.putText(canvas, label, (2, 10), cv2.FONT_HERSHEY_SIMPLEX, 0.3, (255, 255, 255), 1, cv2.LINE_AA)
+        if canvas.shape[:2] != self._size[::-1]:  # photos of another size: scaled to the video's
+            canvas = cv2.resize(canvas, self._size, interpolation=cv2.INTER_AREA)
         self._writer.write(canvas)
 
     def close(self) -> None:

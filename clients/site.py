@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 class RoundResult:
     weights: dict
     metrics: dict[str, Any]
+    gallery: list[dict[str, Any]] = field(default_factory=list)  # LocalSite.collab_round items, when asked
 
 
 class LocalSite:
@@ -119,8 +120,10 @@ class LocalSite:
                              iou=ev.iou, device=t.device)
 
     def train_round(self, server_round: int, epochs: int, weights: dict | None,
-                    kd: P.KDRequest | None = None, teachers: list[dict] = ()) -> RoundResult:
-        """Local training (distillation when ``kd`` names teachers), then evaluation on val and test."""
+                    kd: P.KDRequest | None = None, teachers: list[dict] = (), gallery: int = 0) -> RoundResult:
+        """Local training (distillation when ``kd`` names teachers), then evaluation on val and test, the
+        answer threshold's calibration on val (:meth:`calibrate`, stored with the weights) and the collaboration
+        step on test at that threshold (with ``gallery`` keyframes for the report, see :meth:`collab_round`)."""
         import torch
 
         from common import yolo
@@ -142,8 +145,9 @@ class LocalSite:
             extra_loss=extra, alpha=kd.alpha if extra else 1.0, augment=augment,
         )
         val, test = self.evaluate(model, "val"), self.evaluate(model, "test")
-        routing = self.collab_metrics(model)
-        yolo.save_weights(model, self.store / "model.pt", round=server_round, site=self.spec.site_id)
+        model.cedar_meta = {"round": server_round, "site": self.spec.site_id, **self.calibrate(model)}
+        routing, pictures = self.collab_round(model, gallery)
+        yolo.save_weights(model, self.store / "model.pt", **model.cedar_meta)
         log.info("%s round %s: loss %.3f, val mAP50 %.3f, test mAP50 %.3f (%.0fs)", self.spec.site_id,
                  server_round, res.loss, val.map50, test.map50, time.perf_counter() - t0)
         metrics = {
@@ -153,43 +157,71 @@ class LocalSite:
         }
         if extra:
             metrics[P.KD_LOSS] = res.extra_loss
-        return RoundResult(yolo.state_dict(model), {**metrics, **kd_metrics, **routing})
+        return RoundResult(yolo.state_dict(model), {**metrics, **kd_metrics, **routing}, pictures)
 
     # -- the collaboration step on the test split (clients.collab)
-    def collab_settings(self):
-        """:class:`clients.collab.CollabSettings` from ``routing`` (the edge runtime's defaults too)."""
+    def collab_settings(self, model=None):
+        """:class:`clients.collab.CollabSettings` from ``routing`` (the edge runtime's defaults too), answering
+        from ``model``'s calibrated threshold when it has one (``model.cedar_meta``, :meth:`calibrate`)."""
         from clients.collab import CollabSettings
 
-        return CollabSettings.from_config(self.cfg.routing)
+        return CollabSettings.from_config(self.cfg.routing).for_model(getattr(model, "cedar_meta", None))
 
-    def edge_predictor(self, model):
+    def edge_predictor(self, model, conf: float | None = None):
         """The edge runtime's detector (:class:`clients.detector.TorchPredictor`) on ``model``, batch 1,
-        down to the candidates' confidence."""
+        down to ``conf`` (default: the candidates' confidence, else the answer threshold)."""
         from clients.detector import TorchPredictor
 
         t = self.cfg.train
-        return TorchPredictor(model, imgsz=t.imgsz, conf=self.collab_settings().detector_conf, iou=self.cfg.eval.iou,
-                              device=t.device)
+        conf = self.collab_settings(model).detector_conf if conf is None else conf
+        return TorchPredictor(model, imgsz=t.imgsz, conf=conf, iou=self.cfg.eval.iou, device=t.device)
+
+    def _split_images(self, split: str) -> Iterator[tuple[Path, Any, Any]]:
+        """``(path, BGR image, gt)`` for each readable image of one of this site's splits, in name order;
+        ``gt``: ``(M, 5)`` pixel rows ``cls, x1, y1, x2, y2``."""
+        import cv2
+
+        from common.detections import image_labels
+        from common.sites import split_dir
+
+        for path in sorted(split_dir(self.spec.data_yaml, split).glob("*.*")):
+            image = cv2.imread(str(path))
+            if image is not None:
+                yield path, image, image_labels(path, image.shape[1], image.shape[0])
+
+    def calibrate(self, model) -> dict[str, float]:
+        """The model's answer threshold on this site's validation split, as the edge runtime detects (batch 1,
+        down to ``CONF_RANGE[0]``): :func:`clients.collab.calibrate_conf` (F1-optimal confidence, class-aware
+        matches at IoU 0.5, micro F1 over the classes, clipped to ``CONF_RANGE``). Returns ``{"det_conf", "f1",
+        "precision", "recall"}``; ``{}`` when no detection matches an object (the model then answers from
+        ``routing.det_conf``)."""
+        from clients.collab import CONF_RANGE, META_CONF, calibrate_conf
+
+        predictor = self.edge_predictor(model, conf=CONF_RANGE[0])
+        dets, gts = [], []
+        for _, image, gt in self._split_images("val"):
+            dets.append(predictor(image))
+            gts.append(gt)
+        found = calibrate_conf(dets, gts, len(class_names(self.spec.data_yaml))) or {}
+        if found:
+            log.info("%s: answer threshold %.3f (val F1 %.3f, precision %.3f, recall %.3f)", self.spec.site_id,
+                     found[META_CONF], found["f1"], found["precision"], found["recall"])
+        else:
+            log.info("%s: no detection matches a val object; answer threshold routing.det_conf %.3f",
+                     self.spec.site_id, self.cfg.routing.det_conf)
+        return found
 
     def _collab_steps(self, model) -> Iterator[tuple[Path, Any, Any, Any, bool]]:
         """Every test image through :func:`clients.collab.collaborate`: ``(path, image, gt, step, answered)``.
 
         ``gt``: ``(M, 5)`` pixel rows ``cls, x1, y1, x2, y2``; ``answered``: the cloud service answered (False
         from the first failure on: the client is closed and the rest of the split runs without a cloud)."""
-        import cv2
-
         from clients.collab import collaborate
         from clients.offload import CloudRejected, CloudUnavailable
-        from common.detections import image_labels
-        from common.sites import split_dir
 
-        s, predictor, client = self.collab_settings(), self.edge_predictor(model), self.cloud_client()
+        s, predictor, client = self.collab_settings(model), self.edge_predictor(model), self.cloud_client()
         try:
-            for n, path in enumerate(sorted(split_dir(self.spec.data_yaml, "test").glob("*.*"))):
-                image = cv2.imread(str(path))
-                if image is None:
-                    continue
-                gt = image_labels(path, image.shape[1], image.shape[0])
+            for n, (path, image, gt) in enumerate(self._split_images("test")):
                 kw = dict(site=self.spec.site_id, run="eval", frame=n)
                 try:
                     step = collaborate(image, predictor, client, s, **kw)
@@ -204,56 +236,22 @@ class LocalSite:
             if client is not None:
                 client.close()
 
-    def collab_metrics(self, model) -> dict[str, float]:
+    def collab_round(self, model, gallery: int = 0) -> tuple[dict[str, float], list[dict[str, Any]]]:
         """The collaboration step on the test split (paper section 4.2): what the edge offloads, and what it gains.
 
         Each test image is a keyframe through :func:`clients.collab.collaborate` with the edge runtime's own
-        detector and settings (``routing.*``; still images have no tracks, so nothing is ``unstable``). Always:
-        the edge answer's mAP50, recall and FNR (class-aware, IoU 0.5, :func:`common.detections.score`), the
+        detector and settings (``routing.*``, the answer threshold ``model``'s calibrated one when it has one;
+        still images have no tracks, so nothing is ``unstable``). Always: the answer threshold, the edge answer's
+        mAP50, recall and FNR (class-aware, IoU 0.5, :func:`common.detections.score`), the
         recall of its confident boxes alone, the share of its boxes that are ambiguous, the offloaded boxes per
         reason and the median detection latency. When the node knows a cloud service (``routing.cloud-url`` or
         node-config ``cloud-url``) and it answers every offload: the merged answer's mAP50, recall and FNR, the
         median latency (edge plus round trip when offloaded) and the JPEG bytes sent per image. A cloud that
         cannot answer costs only those collaborative metrics, never the round. Keys: ``common.protocol``
         ``ROUTING_KEYS`` and ``COLLAB_KEYS``; a value that is not a number (no labelled object) is left out.
-        """
-        import numpy as np
 
-        from common.detections import score
-        from common.routing import reason_counts
-        from common.sites import class_names
-
-        steps, gts, answered = [], [], True
-        for _, _, gt, step, ok in self._collab_steps(model):
-            steps.append(step)
-            gts.append(gt)
-            answered &= ok
-        if not steps:
-            return {}
-        nc = len(class_names(self.spec.data_yaml))
-        edge = score([st.keyframe.detections for st in steps], gts, nc)
-        confident = score([st.keyframe.detections.select(~st.keyframe.offload_mask) for st in steps], gts, nc)
-        n_boxes = sum(len(st.keyframe.detections) for st in steps)
-        reasons = reason_counts(r for st in steps for r in st.keyframe.reasons)
-        n_ambiguous = sum(int(st.keyframe.offload_mask.sum()) for st in steps)
-        out = {P.OFFLOAD_FRACTION: n_ambiguous / n_boxes if n_boxes else 0.0,
-               P.EDGE_MAP50: edge["map50"], P.EDGE_RECALL: edge["recall"], P.EDGE_FNR: edge["fnr"],
-               P.CONFIDENT_RECALL: confident["recall"],
-               P.EDGE_LATENCY_MS: float(np.median([st.edge_ms for st in steps])),
-               **{P.REASON_KEYS[k]: float(v) for k, v in reasons.items()},
-               P.OFFLOAD_CANDIDATES: float(sum(len(st.keyframe.candidates) for st in steps))}
-        if answered and any(st.cloud is not None for st in steps):
-            merged = score([st.merged for st in steps], gts, nc)
-            out.update({P.COLLAB_MAP50: merged["map50"], P.COLLAB_RECALL: merged["recall"],
-                        P.COLLAB_FNR: merged["fnr"],
-                        P.COLLAB_LATENCY_MS: float(np.median([st.edge_ms + st.rtt_ms for st in steps])),
-                        P.UPLOAD_BYTES: float(np.mean([st.sent_bytes for st in steps]))})
-        return {k: float(v) for k, v in out.items() if np.isfinite(v)}
-
-    def collab_gallery(self, model, n: int = 3) -> list[dict[str, Any]]:
-        """Up to ``n`` test images through the collaboration step, for a report's gallery.
-
-        Images where the edge offloads come first (in name order), then the others. Each item::
+        Also, from the same pass, up to ``gallery`` keyframes for a report's gallery: images where the edge
+        offloads first (in name order), then the others. Each item::
 
             {"image": "<path of the test image file>",
              "gt": boxes, "edge": boxes, "cloud": boxes | None, "merged": boxes}
@@ -263,15 +261,50 @@ class LocalSite:
         offload (None when nothing was offloaded or no cloud answered) and ``merged`` the final answer: the
         items :func:`server.report.write_gallery` takes.
         """
+        import numpy as np
+
+        from common.detections import score
+        from common.routing import reason_counts
+        from common.sites import class_names
+
         from clients.collab import boxes
         from common.detections import Detections
 
-        chosen: list[dict[str, Any]] = []
-        later: list[dict[str, Any]] = []
-        for path, _, gt, step, _ in self._collab_steps(model):
-            item = {"image": str(path),
-                    "gt": boxes(Detections(gt[:, 1:], [1.0] * len(gt), gt[:, 0].astype(int))), **step.boxes()}
-            (chosen if step.entry is not None else later).append(item)
-            if len(chosen) >= n:
-                break
-        return (chosen + later)[:n]
+        steps, gts, answered = [], [], True
+        offloaded: list[dict[str, Any]] = []
+        others: list[dict[str, Any]] = []
+        for path, _, gt, step, ok in self._collab_steps(model):
+            steps.append(step)
+            gts.append(gt)
+            answered &= ok
+            chosen = offloaded if step.entry is not None else others
+            if len(chosen) < gallery:
+                chosen.append({"image": str(path), **step.boxes(),
+                               "gt": boxes(Detections(gt[:, 1:], [1.0] * len(gt), gt[:, 0].astype(int)))})
+        pictures = (offloaded + others)[:gallery]
+        if not steps:
+            return {}, pictures
+        nc = len(class_names(self.spec.data_yaml))
+        edge = score([st.keyframe.detections for st in steps], gts, nc)
+        confident = score([st.keyframe.detections.select(~st.keyframe.offload_mask) for st in steps], gts, nc)
+        n_boxes = sum(len(st.keyframe.detections) for st in steps)
+        reasons = reason_counts(r for st in steps for r in st.keyframe.reasons)
+        n_ambiguous = sum(int(st.keyframe.offload_mask.sum()) for st in steps)
+        out = {P.EDGE_DET_CONF: self.collab_settings(model).det_conf,
+               P.OFFLOAD_FRACTION: n_ambiguous / n_boxes if n_boxes else 0.0,
+               P.EDGE_MAP50: edge["map50"], P.EDGE_RECALL: edge["recall"], P.EDGE_FNR: edge["fnr"],
+               P.CONFIDENT_RECALL: confident["recall"],
+               P.EDGE_LATENCY_MS: float(np.median([st.edge_ms for st in steps])),
+               **{P.REASON_KEYS[k]: float(v) for k, v in reasons.items()},
+               P.OFFLOAD_CANDIDATES: float(sum(len(st.keyframe.candidates) for st in steps))}
+        if answered:  # a service was configured and answered every offload (an image without one: merged = edge)
+            merged = score([st.merged for st in steps], gts, nc)
+            out.update({P.COLLAB_MAP50: merged["map50"], P.COLLAB_RECALL: merged["recall"],
+                        P.COLLAB_FNR: merged["fnr"],
+                        P.COLLAB_LATENCY_MS: float(np.median([st.edge_ms + st.rtt_ms for st in steps])),
+                        P.UPLOAD_BYTES: float(np.mean([st.sent_bytes for st in steps]))})
+        return {k: float(v) for k, v in out.items() if np.isfinite(v)}, pictures
+
+    def collab_metrics(self, model) -> dict[str, float]:
+        """The collaboration step's metrics alone (:meth:`collab_round`)."""
+        return self.collab_round(model)[0]

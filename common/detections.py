@@ -11,7 +11,8 @@
   :func:`image_labels` (an image's labels in its pixels);
 - scoring against ground truth: :func:`matched_gt` (greedy matching, recall),
   :func:`compute_ap` and :func:`size_range_ap50` (Ultralytics' 101-point AP50, with an
-  optional small-object range), :func:`score` (mAP50, recall, FNR, precision-1 point).
+  optional small-object range), :func:`score` (mAP50, recall, FNR, precision-1 point),
+  :func:`f1_threshold` (the confidence threshold of best F1).
 
 Ground truth everywhere is ``(M, 5)`` float rows ``cls, x1, y1, x2, y2`` in pixels.
 Pure: numpy only (no torch, flwr, ultralytics, wandb), so the pure core can use it.
@@ -28,7 +29,8 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 
 __all__ = ["Detections", "as_boxes", "box_area", "box_iou", "nms", "label_path", "read_yolo_labels",
-           "labels_to_pixels", "image_labels", "matched_gt", "compute_ap", "size_range_ap50", "precision_one", "score"]
+           "labels_to_pixels", "image_labels", "matched_gt", "compute_ap", "size_range_ap50", "precision_one", "score",
+           "f1_threshold"]
 
 
 def as_boxes(boxes: Any, name: str = "boxes") -> np.ndarray:
@@ -436,3 +438,37 @@ def precision_one(conf: list[float], tp: list[float], n_gt: int) -> dict:
             "recall_p1": float(flags[:k].sum() / n_gt) if n_gt else float("nan")}
 
 
+
+
+def f1_threshold(conf: Sequence[float], tp: Sequence[float], n_gt: int) -> dict | None:
+    """The answer threshold of best F1: keep detections with ``conf >= t``.
+
+    ``conf`` and ``tp`` (1.0 / 0.0) are every detection's confidence and match flag (e.g. :func:`size_range_ap50`'s
+    pooled ``conf`` and ``tp``: class-aware matches at IoU 0.5, pooled over classes, so the F1 is micro-averaged);
+    ``n_gt`` counts the ground-truth objects. Greedy matching goes by descending confidence, so the flags of the
+    detections above any threshold do not depend on those below it. Each detection's confidence is a candidate
+    ``t``: with ``k`` detections and ``m`` matches from ``t`` on, ``F1 = 2m / (k + n_gt)``; ties keep the highest
+    ``t`` (fewer boxes for the same F1). Returns ``{"conf", "f1", "precision", "recall"}``, or None when no
+    detection is a match (no threshold has F1 > 0) or there is no object.
+
+    Examples
+    --------
+    conf [0.9, 0.8, 0.6, 0.5, 0.3], tp [1, 1, 0, 1, 0], 4 objects: from 0.9 on F1 = 2/(1+4) = 0.4, from 0.8 on
+    4/6 = 0.667, 0.6: 4/7 = 0.571, 0.5: 6/8 = 0.75, 0.3: 6/9 = 0.667 -> conf 0.5, F1 0.75, precision 3/4,
+    recall 3/4.
+    """
+    conf = np.asarray(conf, dtype=np.float64).reshape(-1)
+    flags = np.asarray(tp, dtype=np.float64).reshape(-1)
+    if conf.shape != flags.shape:
+        raise ValueError(f"conf has {conf.size} entries, tp {flags.size}")
+    if n_gt <= 0 or not flags.any():
+        return None
+    order = np.argsort(-conf, kind="stable")
+    conf, flags = conf[order], flags[order]
+    last = np.r_[conf[1:] != conf[:-1], True]  # the last of each run of equal confidences: a threshold keeps all
+    k = np.arange(1, len(conf) + 1)[last]
+    m = np.cumsum(flags)[last]
+    f1 = 2 * m / (k + n_gt)
+    best = int(np.argmax(f1))  # the first maximum: the highest threshold
+    return {"conf": float(conf[last][best]), "f1": float(f1[best]), "precision": float(m[best] / k[best]),
+            "recall": float(m[best] / n_gt)}

@@ -8,6 +8,7 @@ This module is plain Python (no flwr) so both sides and the tests can use it.
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 from typing import Any, Mapping
@@ -38,6 +39,15 @@ KD_CHECK_MARGIN = "kd-check-margin"  # ... by more than this (val mAP50)
 CLOUD_URL = "cloud-url"
 CLOUD_TOKEN = "cloud-token"
 
+# ... the round whose reply carries a gallery (the run's last): a few test keyframes with their boxes, for the
+# run report (server.report.write_gallery); the reply's GALLERY record holds GALLERY_ITEMS (JSON: one
+# {"gt", "edge", "cloud", "merged"} box-set dict per image) and GALLERY_IMAGES (the image files' bytes)
+GALLERY_ROUND = "gallery-round"
+GALLERY = "gallery"
+GALLERY_ITEMS = "items"
+GALLERY_IMAGES = "images"
+GALLERY_FRAMES = 3  # keyframes per site
+
 
 def teacher_record(i: int) -> str:
     """Name of the ArrayRecord holding the ``i``-th teacher's weights."""
@@ -59,6 +69,7 @@ TEACHER_VAL_MAP50 = "teacher-val-map50"
 TEACHERS_KEPT = "teachers-kept"
 # ambiguity routing on the site's test split (paper section 4.2), optional: every test image a keyframe through
 # the collaboration step (clients.collab); recall, FNR and mAP50 class-aware at IoU 0.5 (common.detections.score)
+EDGE_DET_CONF = "edge-det-conf"  # the edge's answer threshold: calibrated on val (F1-optimal), else routing.det_conf
 OFFLOAD_FRACTION = "offload-fraction"  # share of the edge's answer boxes that are ambiguous (go to the cloud)
 EDGE_RECALL = "edge-recall"  # recall of the edge's answer
 CONFIDENT_RECALL = "confident-recall"  # ... of its confident boxes only (what the edge keeps without a cloud)
@@ -71,7 +82,7 @@ OFFLOAD_UNSTABLE = "offload-unstable"  # ... for an intermittent track (videos o
 OFFLOAD_CANDIDATES = "offload-candidates"  # boxes below routing.det_conf offloaded as candidates
 REASON_KEYS = {"low_conf": OFFLOAD_LOW_CONF, "small": OFFLOAD_SMALL, "unstable": OFFLOAD_UNSTABLE,
                "candidate": OFFLOAD_CANDIDATES}
-ROUTING_KEYS = (OFFLOAD_FRACTION, EDGE_RECALL, CONFIDENT_RECALL, EDGE_LATENCY_MS, EDGE_MAP50, EDGE_FNR,
+ROUTING_KEYS = (EDGE_DET_CONF, OFFLOAD_FRACTION, EDGE_RECALL, CONFIDENT_RECALL, EDGE_LATENCY_MS, EDGE_MAP50, EDGE_FNR,
                 *REASON_KEYS.values())
 # collaboration with the cloud detection service (only when the node knows the service and it answered), optional
 COLLAB_RECALL = "collab-recall"  # recall of the merged edge + cloud answer
@@ -237,3 +248,30 @@ class KDRequest:
 
 def _is_number(value: Any) -> bool:
     return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(float(value))
+
+
+def encode_gallery(items: list[dict[str, Any]], images: list[bytes]) -> dict[str, Any]:
+    """A gallery reply record: ``items`` (box sets per image, JSON-ready) and the encoded image files."""
+    if len(items) != len(images):
+        raise ValueError(f"gallery: {len(items)} items but {len(images)} images")
+    return {GALLERY_ITEMS: json.dumps(items), GALLERY_IMAGES: list(images)}
+
+
+def parse_gallery(record: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The gallery of a reply: each item's box sets plus ``"image"``, the image file's bytes.
+
+    Only the shape is checked here (the boxes themselves by ``server.report.write_gallery``); a bad record
+    raises :class:`ProtocolError` naming the key.
+    """
+    try:
+        items = json.loads(record[GALLERY_ITEMS])
+    except KeyError:
+        raise ProtocolError(f"gallery: no '{GALLERY_ITEMS}'") from None
+    except (TypeError, ValueError) as err:
+        raise ProtocolError(f"gallery: '{GALLERY_ITEMS}' is not JSON ({err})") from None
+    images = record.get(GALLERY_IMAGES)
+    if not isinstance(items, list) or not all(isinstance(i, dict) for i in items):
+        raise ProtocolError(f"gallery: '{GALLERY_ITEMS}' must be a list of objects")
+    if not isinstance(images, list) or len(images) != len(items) or not all(isinstance(b, bytes) for b in images):
+        raise ProtocolError(f"gallery: '{GALLERY_IMAGES}' must hold one bytes value per item ({len(items)})")
+    return [{**item, "image": data} for item, data in zip(items, images)]

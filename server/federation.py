@@ -103,6 +103,8 @@ class RoundWriter:
             tracker.log({f"{r.site_id}/{key}": v for key, v in row.items()
                          if isinstance(v, (int, float)) and not (isinstance(v, float) and math.isnan(v))},
                         step=server_round)
+            if r.gallery:
+                self.write_gallery(r)
         if record.global_arrays is not None:
             self.evaluator.save(record.global_arrays, self.global_path, round=server_round)
         tracker.table("round_summary", ["site", "phase", "train_loss", "test_map50", "benchmark_map50"], rows,
@@ -134,6 +136,24 @@ class RoundWriter:
             "benchmark_map50": bench.get("map50"), "benchmark_map50_95": bench.get("map50_95"),
             "benchmark_ap50": bench.get("ap50"), "eval_seconds": bench.get("seconds"),
         }
+
+    def write_gallery(self, r: NodeReply) -> None:
+        """The site's gallery for the report (``gallery/<site>``); a broken one costs only the pictures."""
+        import cv2
+        import numpy as np
+
+        from server.report import GalleryError, write_gallery
+
+        try:
+            items = []
+            for k, item in enumerate(r.gallery):
+                bgr = cv2.imdecode(np.frombuffer(item["image"], np.uint8), cv2.IMREAD_COLOR)
+                if bgr is None:
+                    raise GalleryError(f"gallery {r.site_id} item {k}: the image does not decode")
+                items.append({**item, "image": cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)})
+            write_gallery(self.out.run_dir, r.site_id, items)
+        except GalleryError as err:
+            log.warning("%s", err)
 
     def write_graph(self, server_round: int, graph: dict[str, Any]) -> None:
         graph_dir = self.out.run_dir / "graphs"
@@ -208,6 +228,7 @@ def run_federation(grid, cfg: CedarConfig) -> RunOutputs:
     service = serve(cfg, cloud) if cfg.cloud.serve else None  # stopped in the finally below
     if service is not None:
         strategy.train_config.update({P.CLOUD_URL: service.url, P.CLOUD_TOKEN: service.token})
+    strategy.train_config[P.GALLERY_ROUND] = cfg.federation.num_rounds  # the last round's replies carry pictures
     try:
         strategy.start(grid, initial, num_rounds=cfg.federation.num_rounds, timeout=cfg.federation.reply_timeout_s)
         out.finish(tracker)

@@ -53,6 +53,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from common.protocol import GALLERY_FRAMES
 from server.outputs import RunOutputs, per_site_round
 
 log = logging.getLogger(__name__)
@@ -65,7 +66,6 @@ BOX_STYLE = {  # colour, line style, line width: distinct at a glance, also in g
 BOX_LABEL = {"gt": "ground truth", "edge": "edge", "cloud": "cloud", "merged": "merged (edge + cloud)"}
 COLLAB_GROUPS = {"edge_": "edge", "cloud_": "cloud", "collab_": "merged (edge + cloud)", "offload_": "offloading",
                  "upload_": "upload bytes"}
-GALLERY_FRAMES = 3
 MAP_KEYS = {"test_map50": "own-test mAP50", "benchmark_map50": "benchmark mAP50"}
 
 

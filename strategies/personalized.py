@@ -55,6 +55,7 @@ class NodeReply:
     benchmark: dict[str, Any] = field(default_factory=dict)  # filled by benchmark_fn
     phase: str = "train"  # "kd" when the site distilled from at least one teacher this round
     evaluated: tuple[str, ...] = ()  # why the server scored it on the benchmark this round (maintenance reasons)
+    gallery: list[dict[str, Any]] | None = None  # test keyframes with boxes (common.protocol.parse_gallery), if sent
 
     @property
     def site_id(self) -> str:
@@ -228,7 +229,13 @@ class PersonalizedStrategy(Strategy):
                 raise P.ProtocolError(f"node {node_id}: reply has no '{name}' record")
         metrics = P.parse_train_metrics(content[P.METRICS], self.num_classes)
         site = P.parse_site(content[P.SITE], self.num_classes)
-        return NodeReply(node_id, site, metrics, content[P.ARRAYS])
+        gallery = None
+        if P.GALLERY in content:
+            try:
+                gallery = P.parse_gallery(content[P.GALLERY])
+            except P.ProtocolError as err:  # only the report's pictures are lost, never the round
+                log(WARNING, "node %s: ignoring its gallery: %s", node_id, err)
+        return NodeReply(node_id, site, metrics, content[P.ARRAYS], gallery=gallery)
 
     def accept_replies(self, server_round: int, replies: Iterable[Message]) -> list[NodeReply]:
         """Validate replies (a bad one is logged and dropped), keep each site's identity and weights."""

@@ -133,7 +133,9 @@ def test_train_round_writes_the_model_store(round1, site1):
     path = site1.store / "model.pt"
 
     blob = torch.load(path, weights_only=True)
-    assert blob["meta"] == {"round": 1, "site": "site-1"}
+    # the stored answer threshold is the file's model's own calibration (none when nothing matches on val)
+    assert blob["meta"] == {"round": 1, "site": "site-1", **site1.calibrate(yolo.load_weights(path))}
+    assert round1.metrics[P.EDGE_DET_CONF] == blob["meta"].get("det_conf", site1.cfg.routing.det_conf)
     assert blob["names"] == dict(enumerate(class_names(site1.spec.data_yaml)))
     stored = yolo.state_dict(yolo.load_weights(path))
     assert stored.keys() == round1.weights.keys()
@@ -228,16 +230,16 @@ def test_num_examples_is_the_number_of_training_images(monkeypatch, tiny_overrid
     assert res.metrics[P.NUM_EXAMPLES] == 8
 
 
-def _labels_detector(site, conf: float):
-    """A stand-in for the site's edge detector: on a test image, that image's labelled boxes (true classes),
-    all at confidence ``conf``. Returns the predictor, the test images' paths and their pixel ground truth."""
+def _labels_detector(site, conf: float, split: str = "test"):
+    """A stand-in for the site's edge detector: on an image of ``split``, that image's labelled boxes (true
+    classes), all at confidence ``conf``. Returns the predictor, the images' paths and their pixel ground truth."""
     import cv2
     import numpy as np
 
     from common.detections import Detections, image_labels
     from common.sites import split_dir
 
-    paths = sorted(split_dir(site.spec.data_yaml, "test").glob("*.png"))
+    paths = sorted(split_dir(site.spec.data_yaml, split).glob("*.png"))
     images = [cv2.imread(str(p)) for p in paths]
     gts = [image_labels(p, im.shape[1], im.shape[0]) for p, im in zip(paths, images)]
 
@@ -344,15 +346,18 @@ def test_candidates_count_only_where_the_cloud_confirms_them(site1, monkeypatch,
     assert np.isfinite(m[P.EDGE_MAP50])
 
 
-def test_collab_gallery_gives_plain_boxes_offloaded_images_first(site1, monkeypatch, tmp_path):
+def test_collab_round_gallery_gives_plain_boxes_offloaded_images_first(site1, monkeypatch, tmp_path):
     perfect, paths, gts = _labels_detector(site1, 0.9)
     cloud = _FakeCloud("perfect")
     monkeypatch.setattr(site1, "edge_predictor", lambda model: perfect)
     monkeypatch.setattr(site1, "cloud_client", lambda: cloud)
 
-    items = site1.collab_gallery(model=None, n=3)
+    metrics, items = site1.collab_round(model=None, gallery=3)
 
     assert len(items) == 3 and cloud.closed
+    timed = (P.EDGE_LATENCY_MS, P.COLLAB_LATENCY_MS)
+    again = site1.collab_metrics(model=None)
+    assert {k: v for k, v in metrics.items() if k not in timed} == {k: v for k, v in again.items() if k not in timed}
     offloaded = [e.frame for e in cloud.entries]
     first = items[0]
     index = [str(p) for p in paths].index(first["image"])
@@ -422,3 +427,73 @@ def test_student_check_keeps_only_teachers_better_by_more_than_the_margin(monkey
     assert site.distiller(student, kd, list("abc"))[0] is None  # nobody kept: plain training
     unchecked = dataclasses.replace(kd, student_check=False)
     assert site.distiller(student, unchecked, list("abc"))[0].weights == [0.2, 0.5, 0.3]
+
+
+def test_the_answer_threshold_is_calibrated_on_val_stored_with_the_weights_and_used_on_test(
+        monkeypatch, tiny_cfg, tmp_path):
+    """A val detector with known scores: each labelled box at 0.3 (objects 0, 2, 4, ... of the split, in
+    label order) or 0.2 (the others), plus one false alarm at 0.25 per image (class-aware matches at IoU 0.5).
+    With G objects, G3 of them at 0.3 and N images, F1 = 2m/(k + G) from each threshold on: 0.3: 2·G3/(G3 + G);
+    0.25: 2·G3/(G3 + N + G); 0.2: 2·G/(G + N + G). The round stores the best one in the weights' metadata,
+    reports it (edge-det-conf) and scores the test split at it: a box at 0.2 is in the edge's answer only
+    when 0.2 is the threshold."""
+    import numpy as np
+
+    from common import yolo
+    from common.detections import Detections
+
+    _fake_adapter(monkeypatch, iterations=2)
+    site = LocalSite(tiny_cfg, resolve_site(tiny_cfg, {"partition-id": 1}), tmp_path)
+    labels_val, val_paths, val_gts = _labels_detector(site, 1.0, "val")
+    labels_test, test_paths, test_gts = _labels_detector(site, 1.0, "test")
+    alarm = [[0, 0, 3, 3]]  # 3x3 px in the corner: no label there is that small (checked below)
+
+    def scored(labels):
+        def detect(image):
+            try:
+                found = labels(image)
+            except StopIteration:
+                return None
+            conf = np.where(np.arange(len(found)) % 2 == 0, 0.3, 0.2)
+            return Detections.concat([Detections(found.xyxy, conf, found.cls), Detections(alarm, [0.25], [2])])
+        return detect
+
+    val, test = scored(labels_val), scored(labels_test)
+    detector = lambda image: val(image) if val(image) is not None else test(image)  # noqa: E731
+    monkeypatch.setattr(site, "edge_predictor", lambda model, conf=None: detector)
+    every = np.concatenate(val_gts)
+    assert not ((every[:, 1] < 3) & (every[:, 2] < 3)).any()
+    g, n = len(every), len(val_paths)
+    g3 = sum((len(gt) + 1) // 2 for gt in val_gts)
+    f1 = {0.3: 2 * g3 / (g3 + g), 0.25: 2 * g3 / (g3 + n + g), 0.2: 2 * g / (g + n + g)}
+    best = max(f1, key=f1.get)
+    assert best == 0.2 < tiny_cfg.routing.det_conf  # on this split (G 34, G3 18, N 4): the calibration matters
+
+    res = site.train_round(server_round=1, epochs=1, weights=None)
+
+    meta = yolo.load_weights(tmp_path / "model.pt").cedar_meta
+    assert meta["det_conf"] == res.metrics[P.EDGE_DET_CONF] == best
+    assert meta["f1"] == pytest.approx(f1[best]) and meta["round"] == 1
+    # the test split scored at that threshold: at 0.2 every labelled box is in the answer, at 0.3 every other one
+    # (the rest and the alarms below it are candidates)
+    g_test = sum(len(gt) for gt in test_gts)
+    at_03 = sum((len(gt) + 1) // 2 for gt in test_gts)
+    recall, candidates = {0.2: (1.0, 0), 0.25: (at_03 / g_test, g_test - at_03),
+                          0.3: (at_03 / g_test, g_test - at_03 + len(test_paths))}[best]
+    assert res.metrics[P.EDGE_RECALL] == pytest.approx(recall) and res.metrics[P.OFFLOAD_CANDIDATES] == candidates
+    P.parse_train_metrics(res.metrics, nc=8)
+
+
+def test_collab_metrics_with_a_cloud_but_nothing_to_offload_equal_the_edge(site1, monkeypatch):
+    """A site whose edge finds nothing ambiguous sends nothing: its collaborative answer is the edge's own."""
+    from common.detections import Detections
+
+    cloud = _FakeCloud("perfect")
+    monkeypatch.setattr(site1, "edge_predictor", lambda model, conf=None: lambda image: Detections.empty())
+    monkeypatch.setattr(site1, "cloud_client", lambda: cloud)
+
+    m = site1.collab_metrics(model=None)
+
+    assert cloud.entries == []
+    assert (m[P.COLLAB_RECALL], m[P.COLLAB_FNR], m[P.UPLOAD_BYTES]) == (m[P.EDGE_RECALL], m[P.EDGE_FNR], 0.0) == (
+        0.0, 1.0, 0.0)

@@ -35,7 +35,7 @@ import numpy as np
 import pytest
 
 from clients.carry import RefinedCarrier, flow_shift
-from clients.detector import EdgeModel, StaticModel, file_version, letterbox, postprocess
+from clients.detector import EdgeModel, StaticModel, TorchPredictor, file_version, letterbox, postprocess
 from clients.edge import EdgeRuntime, EdgeSettings
 from clients.media import EdgeError, Frame, FrameSource
 from clients.offload import CloudAnswer, CloudRejected, CloudUnavailable, DiskQueue, OffloadEntry
@@ -447,6 +447,39 @@ def test_edge_lines_first_then_refined_lines_equal_merge(tmp_path, video):
     assert (tmp_path / "queue" / "delivered.log").read_text().split() == [ln["offload"]["id"] for ln in key]
 
 
+@pytest.mark.parametrize("sequence", [False, True])
+def test_a_photo_folder_answers_every_image_from_itself_and_sequence_keeps_the_video_rules(tmp_path, sequence):
+    """The 6 synthetic frames as a folder. Photos (the default): 6 keyframes ("photo"), each offloaded and refined
+    from its own boxes, no track ids, no "unstable", no carried line. ``sequence``: the video rules (keyframes
+    first, gap, cut with max_gap=2; carried lines on frames 1, 3, 5), as on the video file."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i, frame in enumerate(_synthetic_frames()):
+        cv2.imwrite(str(folder / f"{i:03d}.png"), frame)
+    source = FrameSource(folder, sequence=sequence)
+    assert source.photos is not sequence
+    lines, _ = _run(tmp_path, source, FakeCloud(), photos=source.photos)
+    edge = [ln for ln in lines if ln["kind"] == "edge"]
+    refined = {ln["frame"]: ln for ln in lines if ln["kind"] == "refined"}
+    carried = [ln["frame"] for ln in lines if ln["kind"] == "carried"]
+    if sequence:
+        assert [ln["keyframe_reason"] for ln in edge] == ["first", None, "gap", None, "cut", None]
+        assert sorted(refined) == [0, 2, 4] and carried == [1, 3, 5]
+        assert {d["track"] for ln in edge for d in ln["detections"]} != {-1}
+        return
+    assert [(ln["keyframe"], ln["keyframe_reason"], ln["source_frame"]) for ln in edge] == [
+        (True, "photo", i) for i in range(6)]
+    assert carried == [] and sorted(refined) == list(range(6)) and lines[-1]["carried"] == 0
+    assert lines[-1]["keyframes"] == 6 and lines[-1]["refined"] == 6
+    for ln in edge:  # no tracks across images: every box untracked, nothing "unstable"
+        assert [(d["track"], d["reasons"]) for d in ln["detections"]] == [(-1, []), (-1, ["low_conf", "small"])]
+        assert ln["offload"]["id"] == f"site-7.runA.{ln['frame']:06d}"
+    for frame, ln in refined.items():  # each image's answer: its own edge boxes merged with its own cloud answer
+        expected = merge(EDGE, Detections.from_list(ln["cloud_detections"]), [False, True],
+                         keep_unanswered=EdgeSettings.keep_unanswered, resolve="cloud")
+        assert _plain(ln["detections"]) == expected.to_list()
+
+
 def test_frame_mode_sends_the_whole_keyframe_and_fuse_merges_it(tmp_path, video):
     """Whole keyframes, merge fuse (the default), unanswered edge boxes kept (the default): each refined line =
     common.routing.merge(..., resolve="fuse")."""
@@ -662,6 +695,71 @@ def test_runtime_lines_carry_the_new_model_version_after_a_swap(tmp_path, weight
         0: va, 1: va, 2: va, 3: vb, 4: vb, 5: vb}
 
 
+def test_the_runtime_answers_from_the_models_calibrated_threshold_and_a_flag_overrides_it(tmp_path, capsys,
+                                                                                         monkeypatch):
+    """A weights file saved with ``det_conf=0.42`` (what LocalSite.train_round stores): the CLI without --conf
+    answers from 0.42 ("model"); with --conf 0.3 from 0.3 ("flag"); a file without it from routing.det_conf
+    ("config"). A scripted detector (boxes at 0.9, 0.4, 0.2, 0.03) shows the split: 0.4 is an answer box at 0.3
+    and a candidate at 0.42; a hot-swapped model brings its own threshold."""
+    from clients import edge as edge_module
+    from clients.edge import main
+    from common import yolo
+
+    monkeypatch.delenv("CEDAR_CLOUD_TOKEN", raising=False)
+    model = yolo.build_model("yolo11n", len(NAMES), names=NAMES)
+    calibrated = yolo.save_weights(model, tmp_path / "cal.pt", round=3, det_conf=0.42)
+    plain = yolo.save_weights(model, tmp_path / "plain.pt", round=3)
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    cv2.imwrite(str(folder / "a.png"), _synthetic_frames()[0])
+    boxes = Detections([[0, 0, 40, 40], [50, 10, 80, 40], [10, 50, 40, 80], [90, 50, 120, 80]],
+                       [0.9, 0.4, 0.2, 0.03], [0, 1, 2, 3])
+    floors = []
+
+    class Scripted(TorchPredictor):  # the real loader (metadata and all), a scripted answer
+        def __init__(self, model, **kw):
+            super().__init__(model, **kw)
+            floors.append(kw["conf"])
+
+        def __call__(self, image):
+            return boxes.select(boxes.conf > self.conf)
+
+    monkeypatch.setattr(edge_module.EdgeModel, "_default_load",
+                        lambda self, path, version: Scripted(self._model(path), imgsz=64, conf=self.conf))
+
+    def run(weights, *extra):
+        out = tmp_path / f"{weights.stem}{''.join(extra)}.jsonl"
+        code = main(["--source", str(folder), "--weights", str(weights), "--cloud", "http://127.0.0.1:9",
+                     "--token", "t", "--out", str(out), "--queue-dir", str(tmp_path / f"q{len(floors)}"),
+                     "--drain-timeout", "0", "--reload-every", "0", "--run-id", "cal", *extra])
+        assert code == 0
+        lines = _lines(out)
+        return lines[0], lines[-1]
+
+    edge, summary = run(calibrated)
+    assert (summary["det_conf"], summary["det_conf_source"]) == (0.42, "model")
+    assert [d["conf"] for d in edge["detections"]] == [0.9] and [d["conf"] for d in edge["candidates"]] == [0.4, 0.2]
+    assert "answers from 0.42, model" in capsys.readouterr().out
+    edge, summary = run(calibrated, "--conf", "0.3")
+    assert (summary["det_conf"], summary["det_conf_source"]) == (0.3, "flag")
+    assert [d["conf"] for d in edge["detections"]] == [0.9, 0.4] and [d["conf"] for d in edge["candidates"]] == [0.2]
+    edge, summary = run(plain)
+    assert (summary["det_conf"], summary["det_conf_source"]) == (EdgeSettings.det_conf, "config")
+    # the detector reaches down to the candidates (0.05) whether or not --conf is given
+    assert floors == [0.05, 0.05, 0.05]
+    # a hot-swapped model's own threshold: the runtime follows the model, not the first one
+    model_a = StaticModel(lambda image: boxes, "a", meta={"det_conf": 0.42})
+    runtime = EdgeRuntime(model_a, FakeCloud(), _settings(photos=True), queue_dir=tmp_path / "qs",
+                          out=tmp_path / "swap.jsonl")
+    first = runtime.process(Frame(0, _synthetic_frames()[0], 0.0, 0.0))
+    model_a.version, model_a.meta = "b", {"det_conf": 0.15}
+    second = runtime.process(Frame(1, _synthetic_frames()[0], 0.1, 0.1))
+    runtime.close(drain=False)
+    assert [d["conf"] for d in first["detections"]] == [0.9]
+    assert [d["conf"] for d in second["detections"]] == [0.9, 0.4, 0.2]
+    assert (runtime.summary.det_conf, runtime.summary.det_conf_source) == (0.15, "model")
+
+
 # =========================================================================== ONNX Runtime vs PyTorch
 
 
@@ -685,7 +783,7 @@ def test_onnx_predictor_matches_torch_and_ultralytics(tmp_path, tiny_benchmark):
     # Prepare: a calibrated YOLO11n in a model store; EdgeModel exports it (common.yolo.export_onnx) for ORT
     frames = _benchmark_frames(tiny_benchmark)
     model = _calibrated_model(frames)
-    weights = yolo.save_weights(model, tmp_path / "store" / "model.pt")
+    weights = yolo.save_weights(model, tmp_path / "store" / "model.pt", det_conf=0.3)
     conf, onnx_path = 0.25, tmp_path / "edge.onnx"
     edge_model = EdgeModel(weights, onnx=onnx_path, imgsz=128, conf=conf, iou=0.7, reload_every=0)
     ort_p = edge_model.predictor
@@ -708,8 +806,11 @@ def test_onnx_predictor_matches_torch_and_ultralytics(tmp_path, tiny_benchmark):
     # the export records the weights' version; an up-to-date export is reused, not redone
     assert json.loads(Path(f"{onnx_path}.json").read_text())["version"] == edge_model.version
     stamp = onnx_path.stat().st_mtime_ns
-    assert EdgeModel(weights, onnx=onnx_path, imgsz=128, reload_every=0).version == edge_model.version
+    again = EdgeModel(weights, onnx=onnx_path, imgsz=128, reload_every=0)
+    assert again.version == edge_model.version
     assert onnx_path.stat().st_mtime_ns == stamp
+    # the weights' metadata (the calibrated threshold) comes with the export's record, read without torch
+    assert edge_model.meta == again.meta == {"det_conf": 0.3}
 
 
 def test_cli_refuses_bad_arguments_before_loading_anything(tmp_path, capsys, monkeypatch):
@@ -737,6 +838,9 @@ def test_cli_defaults_are_edge_settings_and_a_negative_max_gap_is_refused(tmp_pa
     shared = {f.name for f in fields(EdgeSettings)} & set(args)
     assert {"t_conf", "beta", "max_gap", "cut_threshold", "merge", "keep_unanswered", "propagate", "det_conf",
             "candidate_conf", "context", "min_crop", "jpeg_quality", "merge_iou"} <= shared
+    # --conf has no default of its own: the model's calibrated threshold, else EdgeSettings.det_conf
+    assert args["det_conf"] is None and args["sequence"] is False
+    args["det_conf"] = EdgeSettings.det_conf
     assert {k: args[k] for k in shared} == {k: getattr(EdgeSettings, k) for k in shared}
     # and EdgeSettings' defaults are the config schema's (one name, one default per threshold)
     from common.config import RoutingConfig

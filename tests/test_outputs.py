@@ -333,3 +333,42 @@ def test_round_writer_writes_metrics_weights_graph_and_resume_state(tmp_path):
     assert json.loads((out.run_dir / "state.json").read_text()) == {"round": 2, "strategy": {"completed_round": 2},
                                                                      "sites": ["site-2"]}
     assert "| site-2 | 0.400 |" in (out.run_dir / "summary.md").read_text()
+
+
+def test_round_writer_writes_a_sites_gallery_and_skips_an_image_that_does_not_decode(tmp_path, caplog):
+    from types import SimpleNamespace
+
+    import cv2
+    import numpy as np
+    from flwr.app import Array, ArrayRecord
+
+    from common import protocol as P
+    from server.federation import RoundWriter
+    from strategies.personalized import NodeReply, RoundRecord
+
+    cfg = load_config("quick", {"output-dir": str(tmp_path), "run-name": "r", "tracking.wandb": "off"})
+    out = RunOutputs.create(cfg)
+    strategy = SimpleNamespace(state_dict=lambda: {}, arrays={})
+    writer = RoundWriter(out, Tracker("off", "cedar", out.run_dir, {}, "r"), SimpleNamespace(save=lambda *a, **k: None),
+                         strategy, cfg.kd)
+    bgr = np.zeros((8, 12, 3), np.uint8)
+    bgr[..., 2] = 255  # red in OpenCV's BGR order
+    png = cv2.imencode(".png", bgr)[1].tobytes()
+    box = {"xyxy": [[1.0, 1.0, 5.0, 6.0]], "conf": [0.5], "cls": [0]}
+    metrics = {P.TRAIN_LOSS: 1.0, P.TRAIN_SECONDS: 1.0, P.NUM_EXAMPLES: 1.0, P.VAL_MAP50: 0.3, P.TEST_MAP50: 0.4,
+               P.TEST_AP50: [0.5]}
+    replies = [NodeReply(k, {P.SITE_ID: f"site-{k}", P.POSITION_KM: [0.0, 0.0], P.CLASSES: [0]}, metrics,
+                         ArrayRecord({"w": Array(np.zeros(1, np.float32))}),
+                         gallery=[{"image": image, "gt": box, "edge": box, "cloud": None, "merged": box}])
+               for k, image in ((1, png), (2, b"not an image"))]
+
+    writer(RoundRecord(3, replies, None))
+
+    written, = json.loads((out.run_dir / "gallery" / "site-1.json").read_text())
+    assert written["merged"] == box and written["cloud"] is None
+    from PIL import Image
+
+    rgb = np.asarray(Image.open(out.run_dir / written["image"]))
+    assert rgb.shape == (8, 12, 3) and rgb[0, 0].tolist() == [255, 0, 0]  # stored as RGB
+    assert not (out.run_dir / "gallery" / "site-2.json").exists()
+    assert any("gallery site-2 item 0: the image does not decode" in r.getMessage() for r in caplog.records)

@@ -1,6 +1,7 @@
 """Tests for common.protocol: record keys, validation of node replies, the KD request."""
 
 import math
+import re
 
 import pytest
 
@@ -202,3 +203,31 @@ def test_kd_request_teacher_records_in_order_and_missing_ones_named():
     assert kd.teacher_records({P.teacher_record(0): "a", P.teacher_record(1): "b", P.ARRAYS: "own"}) == ["a", "b"]
     with pytest.raises(ProtocolError, match="teacher-1"):
         kd.teacher_records({P.teacher_record(0): "a"})
+
+
+# --- the report's gallery in a reply ----------------------------------------------------------
+
+
+def test_gallery_round_trip_keeps_items_and_image_bytes():
+    items = [{"gt": {"xyxy": [[1.0, 2.0, 3.0, 4.0]], "cls": [0]}, "edge": None}, {"gt": None}]
+
+    record = P.encode_gallery(items, [b"\x89PNG", b"\xff\xd8"])
+
+    assert P.parse_gallery(record) == [{**items[0], "image": b"\x89PNG"}, {**items[1], "image": b"\xff\xd8"}]
+
+
+@pytest.mark.parametrize("record, named", [
+    ({P.GALLERY_IMAGES: []}, f"no '{P.GALLERY_ITEMS}'"),
+    ({P.GALLERY_ITEMS: "[{", P.GALLERY_IMAGES: []}, "is not JSON"),
+    ({P.GALLERY_ITEMS: '{"gt": null}', P.GALLERY_IMAGES: []}, "must be a list of objects"),
+    ({P.GALLERY_ITEMS: "[{}, {}]", P.GALLERY_IMAGES: [b"x"]}, "one bytes value per item (2)"),
+    ({P.GALLERY_ITEMS: "[{}]", P.GALLERY_IMAGES: ["x"]}, "one bytes value per item (1)"),
+])
+def test_malformed_gallery_is_named(record, named):
+    with pytest.raises(ProtocolError, match=re.escape(named)):
+        P.parse_gallery(record)
+
+
+def test_encode_gallery_needs_one_image_per_item():
+    with pytest.raises(ValueError, match="2 items but 1 images"):
+        P.encode_gallery([{}, {}], [b"x"])

@@ -354,3 +354,19 @@ def test_registered_location_replaces_the_reported_position():
     assert strategy.sites["site-1"][P.POSITION_KM] == [0.0, 0.0]
     assert strategy.sites["site-2"][P.POSITION_KM] == pytest.approx([0.0, 1.000756], abs=1e-6)
     assert strategy.last_round.replies[1].site[P.POSITION_KM] == pytest.approx([0.0, 1.000756], abs=1e-6)
+
+
+def test_a_gallery_travels_with_the_reply_and_a_bad_one_costs_only_the_pictures(flwr_log):
+    strategy = _strategy()
+    msgs = list(strategy.configure_train(1, ArrayRecord(), ConfigRecord(), FakeGrid([1, 2])))
+    good, bad = _content(1, _arrays(1.0)), _content(2, _arrays(2.0))
+    good[P.GALLERY] = ConfigRecord(P.encode_gallery([{"gt": None}], [b"png"]))
+    bad[P.GALLERY] = ConfigRecord({P.GALLERY_ITEMS: "not json", P.GALLERY_IMAGES: [b"png"]})
+
+    strategy.aggregate_train(1, [Message(good, reply_to=msgs[0]), Message(bad, reply_to=msgs[1])])
+
+    replies = {r.site_id: r for r in strategy.last_round.replies}
+    assert replies["site-1"].gallery == [{"gt": None, "image": b"png"}]
+    assert replies["site-2"].gallery is None and sorted(strategy.arrays) == ["site-1", "site-2"]
+    assert any("node 2: ignoring its gallery" in r.getMessage() and "is not JSON" in r.getMessage()
+               for r in flwr_log.records)

@@ -9,10 +9,11 @@ import cv2
 import numpy as np
 import pytest
 
-from clients.collab import CollabSettings, collaborate, detect_keyframe, merge_answer, plan_offload
+from clients.collab import (CONF_RANGE, CollabSettings, calibrate_conf, collaborate, detect_keyframe, merge_answer,
+                            plan_offload)
 from clients.offload import CloudAnswer
 from common.config import RoutingConfig, load_config
-from common.detections import Detections
+from common.detections import Detections, f1_threshold
 from common.sites import resolve_site, split_dir
 
 
@@ -36,9 +37,9 @@ def test_settings_come_from_the_config_schema():
     routing = RoutingConfig(det_conf=0.3, candidate_conf=0.1, t_conf=0.6, merge="cloud")
     s = CollabSettings.from_config(routing, keep_unanswered=False)
     assert (s.det_conf, s.candidate_conf, s.t_conf, s.merge, s.keep_unanswered) == (0.3, 0.1, 0.6, "cloud", False)
-    assert (s.detector_conf, s.answer_conf) == (0.1, 0.3)
+    assert s.detector_conf == 0.1 and s.det_conf_source == "config"
     off = CollabSettings(candidate_conf=0.0)
-    assert (off.detector_conf, off.answer_conf) == (off.det_conf, 0.0)
+    assert off.detector_conf == off.det_conf
     with pytest.raises(ValueError, match=r"candidate_conf must be 0 \(off\) or in \(0, det_conf=0.25\), got 0.5"):
         CollabSettings(candidate_conf=0.5)
 
@@ -130,3 +131,52 @@ def test_runtime_halves_are_the_step(tmp_path):
     merged, items = merge_answer(entry.edge, RegionCloud().send(entry).detections, s)
     assert merged.to_list() == whole.merged.to_list() and entry.payloads == whole.entry.payloads
     assert [d["source"] for d in items] == ["edge"] * (len(merged) - len(whole.cloud)) + ["cloud"] * len(whole.cloud)
+
+
+def test_f1_threshold_hand_worked():
+    """The docstring's example, ties keep the highest threshold, and no match gives None."""
+    assert f1_threshold([0.3, 0.9, 0.5, 0.8, 0.6], [0, 1, 1, 1, 0], 4) == {
+        "conf": 0.5, "f1": 0.75, "precision": 0.75, "recall": 0.75}
+    # from 0.7 on: 2·1/(1+2) = 0.667; from 0.4 on: 2·2/(3+2) = 0.8 (0.4 twice: a threshold keeps both)
+    assert f1_threshold([0.7, 0.4, 0.4], [1, 0, 1], 2)["conf"] == 0.4
+    # 2 objects; from 0.9 on: 2/(1+2) = 2/3, 0.8: 2/4, 0.7: 2/5, 0.6: 4/(4+2) = 2/3: a tie, the higher one wins
+    assert f1_threshold([0.9, 0.8, 0.7, 0.6], [1, 0, 0, 1], 2) == pytest.approx(
+        {"conf": 0.9, "f1": 2 / 3, "precision": 1.0, "recall": 0.5})
+    assert f1_threshold([0.5], [0], 2) is None and f1_threshold([], [], 0) is None
+
+
+def test_calibrated_threshold_of_a_tiny_validation_set_is_the_f1_optimum_by_hand():
+    """Two images, three objects (class 0 twice, class 1 once); detections by confidence:
+    0.9 on object a (TP), 0.7 a false alarm, 0.45 on object b but class 1 while b is class 0 (class-aware: FP),
+    0.4 on object c (TP), 0.3 on object b with its class (TP), 0.02 below the clip (never a candidate here).
+    F1 = 2m/(k+3): from 0.9: 2/4 = 0.5; 0.7: 2/5 = 0.4; 0.45: 2/6 = 0.333; 0.4: 4/7 = 0.571; 0.3: 6/8 = 0.75 ->
+    det_conf 0.3 (inside CONF_RANGE), precision 3/5, recall 1."""
+    gts = [np.array([[0, 0, 0, 10, 10], [0, 20, 20, 30, 30]], float), np.array([[1, 50, 50, 60, 60]], float)]
+    dets = [Detections([[0, 0, 10, 10], [70, 70, 80, 80], [20, 20, 30, 30], [20, 21, 30, 31]],
+                       [0.9, 0.7, 0.45, 0.3], [0, 0, 1, 0]),
+            Detections([[50, 50, 60, 61], [0, 0, 5, 5]], [0.4, 0.02], [1, 1])]
+    assert calibrate_conf(dets, gts, nc=2) == pytest.approx({"det_conf": 0.3, "f1": 0.75, "precision": 0.6,
+                                                              "recall": 1.0})
+    # a lone confident true box: the optimum 0.9 is clipped to the range's top
+    assert calibrate_conf([dets[0][[0]], Detections()], gts, nc=2)["det_conf"] == CONF_RANGE[1]
+    assert calibrate_conf([Detections(), Detections()], gts, nc=2) is None
+
+
+def test_for_model_takes_the_calibrated_threshold_unless_a_flag_set_one():
+    s = CollabSettings(det_conf=0.25, candidate_conf=0.05)
+    assert s.for_model({}) is s and s.for_model({"round": 2}) is s
+    low = s.for_model({"det_conf": 0.12})
+    assert (low.det_conf, low.candidate_conf, low.det_conf_source) == (0.12, 0.05, "model")
+    # at or below the candidates' threshold the answer reaches that low itself: candidates off
+    lower = s.for_model({"det_conf": 0.05})
+    assert (lower.det_conf, lower.candidate_conf, lower.detector_conf) == (0.05, 0.0, 0.05)
+    flag = CollabSettings(det_conf=0.3, det_conf_source="flag")
+    assert flag.for_model({"det_conf": 0.12}).det_conf == 0.3
+    with pytest.raises(ValueError, match="det_conf_source must be one of .*got 'user'"):
+        CollabSettings(det_conf_source="user")
+    # detect_keyframe splits at the model's threshold: 0.2 is an answer box at 0.12, a candidate at 0.25
+    edge = Detections([[0, 0, 40, 40], [50, 50, 60, 60], [70, 70, 80, 80]], [0.9, 0.2, 0.03], [0, 0, 0])
+    image = np.zeros((100, 100, 3), np.uint8)
+    assert detect_keyframe(image, lambda im: edge, low).detections.conf.tolist() == [0.9, 0.2]
+    assert detect_keyframe(image, lambda im: edge, s).candidates.conf.tolist() == [0.2]
+    assert len(detect_keyframe(image, lambda im: edge, lower).candidates) == 0

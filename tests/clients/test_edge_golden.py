@@ -111,7 +111,7 @@ def run_clip(tmp_path: Path) -> list[dict]:
     out = tmp_path / "out.jsonl"
     runtime = EdgeRuntime(StaticModel(GridHead(), "grid"), RegionCloud(), settings, queue_dir=tmp_path / "queue",
                           out=out)
-    source = FrameSource(folder, fps=10)
+    source = FrameSource(folder, fps=10, sequence=True)  # video frames: keyframes, tracks, carried answers
     try:
         runtime.run(source)
     finally:
