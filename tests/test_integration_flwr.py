@@ -63,5 +63,11 @@ def test_flwr_run_two_sites_two_rounds_late_site_and_cloud_teacher(tmp_path, no_
     for site in ("site-0", "site-1"):
         assert (run_dir / "nodes" / site / "model.pt").is_file()
     assert json.loads((run_dir / "state.json").read_text())["round"] == 2
+    # the report: every site's gallery from the last round's replies, its pictures inlined
+    for site in ("site-0", "site-1"):
+        gallery = json.loads((run_dir / "gallery" / f"{site}.json").read_text())
+        assert 1 <= len(gallery) <= 3 and all((run_dir / item["image"]).is_file() for item in gallery)
+    page = (run_dir / "report.html").read_text()
+    assert "site-1" in page and "data:image/png;base64," in page
     cfg_text = (run_dir / "config.yaml").read_text()
     assert "num_sites: 2" in cfg_text and "num_rounds: 2" in cfg_text
