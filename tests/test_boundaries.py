@@ -21,7 +21,8 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from tests import REPO
+
 PACKAGES = ("common", "clients", "server", "strategies")
 ADAPTER = {"common.yolo", "common.pyrafan", "common.prune", "common.ultralytics_env", "common.distill",
            "common.checkpoints"}

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from tests import REPO
 from tests.deploy_helpers import (
     HOST,
     MARKER_VAR,
@@ -35,7 +36,7 @@ from tests.deploy_helpers import (
 
 pytestmark = pytest.mark.integration
 
-APP_DIR = Path(__file__).resolve().parent.parent
+APP_DIR = REPO  # the Flower app
 CONNECTION = "cedar-test"
 RUN_TIMEOUT_S = 600  # flwr run --stream (the whole round, 2 CPU cores shared)
 DONE_TIMEOUT_S = 300  # after flwr run returned: the ServerApp writing DONE

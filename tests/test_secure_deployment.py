@@ -27,7 +27,6 @@ import json
 import socket
 import ssl
 import subprocess
-import textwrap
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +34,7 @@ from pathlib import Path
 import pytest
 
 from server.make_certs import Credentials, make_certs
+from tests import REPO
 from tests.deploy_helpers import (
     HOST,
     MARKER_VAR,
@@ -56,7 +56,7 @@ from tests.deploy_helpers import (
 
 integration = pytest.mark.integration  # every test but the make_certs one (that runs in the default suite)
 
-APP_DIR = Path(__file__).resolve().parent.parent
+APP_DIR = REPO  # the Flower app
 CONNECTION = "cedar-secure"
 LOCATIONS = {0: "1.5,0.2", 1: "-0.4,2.8"}  # "<latitude>,<longitude>" as `flwr supernode register --location` takes
 RUN_TIMEOUT_S = 600  # flwr run --stream (the whole round, 2 CPU cores shared)

@@ -9,8 +9,15 @@ import cv2
 import numpy as np
 import pytest
 
-from clients.collab import (CONF_RANGE, CollabSettings, calibrate_conf, collaborate, detect_keyframe, merge_answer,
-                            plan_offload)
+from clients.collab import (
+    CONF_RANGE,
+    CollabSettings,
+    calibrate_conf,
+    collaborate,
+    detect_keyframe,
+    merge_answer,
+    plan_offload,
+)
 from clients.offload import CloudAnswer
 from common.config import RoutingConfig, load_config
 from common.detections import Detections, f1_threshold
@@ -83,7 +90,7 @@ def test_client_metrics_path_and_runtime_merge_the_same_boxes(tiny_overrides, ti
     from clients.media import FrameSource
     from clients.site import LocalSite
     from common import yolo
-    from tests.test_edge_runtime import _benchmark_frames, _calibrated_model
+    from tests.clients.test_edge import _benchmark_frames, _calibrated_model
 
     # Prepare: a model with spread-out scores, saved as the site's model store would
     cfg = load_config("quick", tiny_overrides)

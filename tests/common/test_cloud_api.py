@@ -4,8 +4,15 @@ from __future__ import annotations
 
 import pytest
 
-from common.cloud_api import (META_MAX_BYTES, RequestError, check_ids, encode_crop_meta, json_depth, offload_id,
-                              parse_crop_meta)
+from common.cloud_api import (
+    META_MAX_BYTES,
+    RequestError,
+    check_ids,
+    encode_crop_meta,
+    json_depth,
+    offload_id,
+    parse_crop_meta,
+)
 
 
 def test_crop_meta_the_edge_encodes_is_what_the_service_parses():

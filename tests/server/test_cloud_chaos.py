@@ -16,8 +16,15 @@ from collections import Counter
 import pytest
 
 from tests.deploy_helpers import free_port, tail
-from tests.test_edge_runtime import _check_refined, _edge, _lines, _start_cloud, _stop, _store_counts
-from tests.test_edge_runtime import weights  # noqa: F401  (the fixture)
+from tests.clients.test_edge import (
+    _check_refined,
+    _edge,
+    _lines,
+    _start_cloud,
+    _stop,
+    _store_counts,
+    weights,  # noqa: F401  (the fixture)
+)
 
 
 @pytest.mark.integration

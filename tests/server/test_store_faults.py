@@ -20,7 +20,7 @@ import cv2
 import httpx
 import numpy as np
 
-from clients.offload import RETRY_AFTER_MAX, CloudClient, DiskQueue, Offloader, OffloadEntry, retry_after_seconds
+from clients.offload import RETRY_AFTER_MAX, CloudClient, DiskQueue, OffloadEntry, Offloader, retry_after_seconds
 from common.detections import Detections
 from server.cloud import CloudService, Limits, create_app
 from server.hard_samples import HardSampleStore, Sample

@@ -17,7 +17,7 @@ from flwr.app import Message, MessageType
 from common import graph as G
 from common import protocol as P
 from strategies.graph_kd import GraphKDStrategy
-from tests.test_strategy import FakeGrid, _arrays, _content, _run, server_identity  # noqa: F401
+from tests.strategies.test_personalized import FakeGrid, _arrays, _content, _run, server_identity  # noqa: F401
 
 NC = 3
 # site k: position (k, 0) km, classes {0, 2}; AP vectors chosen so that the graph is not symmetric

@@ -16,8 +16,8 @@ from server import simulate
 from server.outputs import RunOutputs, make_run_dir
 from server.simulate import build_command
 from server.tracking import Tracker
+from tests import REPO
 
-REPO = Path(__file__).resolve().parent.parent
 NAN = float("nan")
 
 

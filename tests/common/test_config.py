@@ -1,7 +1,6 @@
 """Tests for common.config: presets, precedence, overrides and loud errors naming the key."""
 
 import dataclasses
-from pathlib import Path
 
 import pytest
 import yaml
@@ -17,6 +16,7 @@ from common.config import (
     save_config,
     to_flat_dict,
 )
+from tests import REPO
 
 # --- presets --------------------------------------------------------------------------------
 
@@ -302,7 +302,7 @@ def test_to_flat_dict():
 
 
 def test_conf_dir_presets_all_load():
-    conf = Path(__file__).resolve().parent.parent / "conf"
+    conf = REPO / "conf"
     for path in sorted(conf.glob("*.yaml")):
         if path.stem != "base":
             assert load_config(path.stem).preset == path.stem

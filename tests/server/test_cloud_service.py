@@ -20,8 +20,8 @@ import asyncio
 import datetime
 import ipaddress
 import json
-import re
 import os
+import re
 import ssl
 import subprocess
 import sys
@@ -43,6 +43,7 @@ from server.cloud_http import decode_image, image_header, parse_max_pixels, pars
 from server.hard_samples import HardSampleStore, yolo_label_lines
 
 LABEL_CONF, ANSWER_CONF = RoutingConfig.label_conf, RoutingConfig.cloud_conf
+from tests import REPO
 from tests.deploy_helpers import free_port, stop_tree, tail
 
 TOKEN = "s3cret-token"
@@ -355,7 +356,7 @@ def _start(tmp: Path, name: str, weights: Path, store: Path, *extra: str) -> tup
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     with log_path.open("wb") as log:
         proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                cwd=Path(__file__).resolve().parent.parent)
+                                cwd=REPO)
     return proc, f"127.0.0.1:{port}", log_path
 
 
@@ -560,8 +561,9 @@ def test_hard_sample_store_is_a_trainable_yolo_dataset(cloud, frame_png):
     # Prepare: at least one sample in the store
     client, store = cloud["client"], cloud["store"]
     assert client.post("/detect", content=frame_png, headers={"Content-Type": "image/png"}).status_code == 200
-    from common import yolo  # noqa: F401  (makes Ultralytics offline first)
     from ultralytics.data.utils import check_det_dataset
+
+    from common import yolo  # noqa: F401  (makes Ultralytics offline first)
 
     # Execute
     data = check_det_dataset(str(store / "data.yaml"))

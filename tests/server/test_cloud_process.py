@@ -120,8 +120,8 @@ def test_run_serves_the_cloud_and_closes_the_loop(tiny_overrides, tmp_path, capl
 
     from common import protocol as P
     from common.config import load_config
-    from server.federation import run_federation
     from server import models as M
+    from server.federation import run_federation
     from server.local_grid import LocalGrid
 
     # Prepare: the untrained tiny models detect little; a low answer/label threshold makes the service store

@@ -7,7 +7,6 @@ import pytest
 from benchmarks import collaboration
 
 
-
 def test_remerged_recomputes_each_refined_answer_under_another_policy():
     """remerged: refined detections = merge(keyframe edge line, its cloud_detections, offloaded = with reasons).
 

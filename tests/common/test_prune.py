@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
+from ultralytics.nn.modules.conv import Conv
 
 from common import prune, yolo
-from ultralytics.nn.modules.conv import Conv
 
 NC = 8
 torch.set_num_threads(1)

@@ -34,8 +34,7 @@ from common.visdrone import (
     to_yolo,
     yolo_line,
 )
-
-REPO = Path(__file__).resolve().parents[1]
+from tests import REPO
 
 
 # --------------------------------------------------------------------------- #

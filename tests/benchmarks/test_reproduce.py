@@ -8,7 +8,6 @@ import pytest
 from benchmarks import reproduce
 
 
-
 def test_verdict_pairs_seeds_and_follows_the_papers_direction():
     """yes: every paired difference goes the paper's way; mixed: only the mean does; no: not even the mean."""
     assert reproduce._verdict([0.02, 0.01, 0.03], 1) == "yes (3/3 seeds)"

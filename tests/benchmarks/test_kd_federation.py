@@ -7,8 +7,6 @@ import pytest
 from benchmarks import kd_federation
 
 
-
-
 @pytest.mark.slow
 def test_kd_benchmark_writes_tables_and_resumes(tiny_overrides, tmp_path, monkeypatch):
     # Prepare: tiny data, 2 rounds, KD from round 2

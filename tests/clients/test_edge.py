@@ -41,9 +41,9 @@ from clients.media import EdgeError, Frame, FrameSource
 from clients.offload import CloudAnswer, CloudRejected, CloudUnavailable, DiskQueue, OffloadEntry
 from common.detections import Detections
 from common.routing import merge
+from tests import REPO
 from tests.deploy_helpers import free_port, stop_tree, tail
 
-ROOT = Path(__file__).resolve().parent.parent
 TOKEN = "edge-test-token"
 NAMES = ["insulator", "bird_nest", "damper", "bolt", "crack", "rust", "vehicle", "person"]
 EDGE_KEYS = {"kind", "site", "run", "frame", "time", "pts_s", "keyframe", "keyframe_reason", "source_frame", "model",
@@ -884,7 +884,7 @@ def _start_cloud(tmp: Path, weights: Path, port: int) -> tuple[subprocess.Popen,
     args = [sys.executable, "-m", "server.cloud", "--weights", str(weights), "--host", "127.0.0.1", "--port",
             str(port), "--token", TOKEN, "--store", str(tmp / "store"), "--imgsz", "128", "--conf", "0.001"]
     with log_path.open("wb") as fh:
-        proc = subprocess.Popen(args, stdout=fh, stderr=subprocess.STDOUT, cwd=ROOT,
+        proc = subprocess.Popen(args, stdout=fh, stderr=subprocess.STDOUT, cwd=REPO,
                                 env={**os.environ, "PYTHONUNBUFFERED": "1"})
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -913,7 +913,7 @@ def _edge(tmp: Path, name: str, weights: Path, video: Path, port: int, *extra: s
             "--queue-dir", str(tmp / "queue"), "--imgsz", "128", "--conf", "0.25", "--run-id", name,
             "--retry-base", "0.2", "--retry-max", "1", "--timeout", "30", *extra]
     with log_path.open("wb") as fh:
-        proc = subprocess.Popen(args, stdout=fh, stderr=subprocess.STDOUT, cwd=ROOT,
+        proc = subprocess.Popen(args, stdout=fh, stderr=subprocess.STDOUT, cwd=REPO,
                                 env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:
         rc = proc.wait(timeout=timeout)

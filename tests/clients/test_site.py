@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from clients.site import LocalSite
 from common import protocol as P
 from common.benchmark import GeneratorSettings
 from common.config import ConfigError, load_config
 from common.sites import SiteSpec, class_names, num_sites, resolve_site
-from clients.site import LocalSite
 
 
 @pytest.fixture(scope="module")
@@ -407,8 +407,9 @@ def test_the_runs_own_cloud_service_comes_in_the_train_message(tiny_overrides, t
 def test_student_check_keeps_only_teachers_better_by_more_than_the_margin(monkeypatch, tiny_cfg, tmp_path):
     """Own val mAP50 0.30; teachers a 0.40, b 0.33, c 0.10, margin 0.05 -> only a is kept, weight 1.0.
     Two untrained models (0.001 vs 0.000) do not count as better."""
-    import torch
     from types import SimpleNamespace
+
+    import torch
 
     site = LocalSite(tiny_cfg, resolve_site(tiny_cfg, {"partition-id": 1}), tmp_path)
     student = torch.nn.Linear(1, 1)

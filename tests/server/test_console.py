@@ -7,7 +7,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+from tests import REPO
 
 # The ServerApp's main with a fake grid: run_federation is replaced by one round of the real graph-KD
 # strategy (its flwr log lines), cedar loggers at INFO and WARNING, and the end of the run (RunOutputs.finish).
@@ -24,7 +24,7 @@ TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id = 42, 1, 0
 import server.app
 from server.outputs import RunOutputs
 from strategies.graph_kd import GraphKDStrategy
-from tests.test_strategy import FakeGrid, _arrays, _content
+from tests.strategies.test_personalized import FakeGrid, _arrays, _content
 from flwr.app import Message
 
 def one_round(grid, cfg):

@@ -7,12 +7,33 @@ import json
 import numpy as np
 import pytest
 
-from common.keyframes import IoUTracker
 from common.detections import Detections
-from common.offload import (atlas_layout, crop_image, crop_regions, encode_atlas, encode_regions, merge_overlapping,
-                            offload_plan, payload_bytes, raw_bytes, shelf_pack, to_frame_coords)
-from common.routing import (REASONS, ambiguity_reasons, ambiguous_mask, is_unstable, keyframe_offload_fraction, merge,
-                            offload_fraction, offload_stats, reason_counts, route)
+from common.keyframes import IoUTracker
+from common.offload import (
+    atlas_layout,
+    crop_image,
+    crop_regions,
+    encode_atlas,
+    encode_regions,
+    merge_overlapping,
+    offload_plan,
+    payload_bytes,
+    raw_bytes,
+    shelf_pack,
+    to_frame_coords,
+)
+from common.routing import (
+    REASONS,
+    ambiguity_reasons,
+    ambiguous_mask,
+    is_unstable,
+    keyframe_offload_fraction,
+    merge,
+    offload_fraction,
+    offload_stats,
+    reason_counts,
+    route,
+)
 
 T, F = True, False
 PAPER = dict(t_conf=0.5, t_size=256.0, n_frames=5)  # the paper's T_conf and N, T_size 16x16
