@@ -5,7 +5,8 @@ It does what the bare ``flwr run .`` leaves to the user:
 - validates the config first (a bad key fails here, naming the key);
 - sets ``num-supernodes`` to the number of sites in the config;
 - sets ``FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1`` so Flower uses this
-  (already installed) environment instead of building a fresh one per run;
+  (already installed) environment instead of building a fresh one per run, and
+  ``RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO=0`` (Ray's future default, without its warning);
 - streams the logs, and stops the local SuperLink that ``flwr run`` started
   in the background (unless it was already running before, or ``--keep-superlink``).
 
@@ -108,7 +109,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cedar-simulate: {err}", file=sys.stderr)
         return 2
     n = num_sites(cfg)
-    env = dict(os.environ, FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1")
+    # Ray (the simulation engine) leaves CUDA_VISIBLE_DEVICES alone for CPU-only actors, and says nothing about it
+    env = dict(os.environ, FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1", RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO="0")
     was_running = bool(local_superlinks())
     cmd = build_command(args.preset, args.overrides, n)
     print(f"cedar-simulate: {n} sites, {cfg.federation.num_rounds} rounds: {shlex.join(cmd)}", flush=True)
