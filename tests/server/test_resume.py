@@ -89,12 +89,11 @@ def test_killed_server_resumes_after_its_last_completed_round(overrides, tmp_pat
 
 
 class NpzEvaluator:
-    """A benchmark_fn that scores nothing and saves/loads the weights as .npz bytes (no torch)."""
-
-    nc = 3
+    """A benchmark_fn whose class-0 AP50 is w[0] / 100 (whose weights made a profile); saves and loads the
+    weights as .npz bytes (no torch)."""
 
     def __call__(self, arrays):
-        return {"map50": 0.5, "ap50": [0.5, 0.5, 0.5], "seconds": 0.0}
+        return {"map50": 0.5, "ap50": [float(arrays["w"].numpy()[0]) / 100, 0.5, 0.5], "seconds": 0.0}
 
     def save(self, arrays, path, **meta):
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -126,7 +125,8 @@ def test_bindings_survive_a_resume_a_spoofer_is_refused_and_the_real_node_is_rec
     first.start(grid, ArrayRecord(), num_rounds=1)
     run_dir = tmp_path / "r"
     bindings = (run_dir / "bindings.json").read_text()
-    site1 = (run_dir / "nodes" / "site-1" / "model.pt").read_bytes()
+    model_pt = run_dir / "nodes" / "site-1" / "model.pt"
+    site1 = (model_pt.read_bytes(), first.sites["site-1"])
 
     # Execute: the resumed server; in round 2 node 1 is down and node 9 says it is site-1; node 1 is back in round 3
     strategy, writer = _server(tmp_path, site_binding="strict")
@@ -134,11 +134,21 @@ def test_bindings_survive_a_resume_a_spoofer_is_refused_and_the_real_node_is_rec
     initial = writer.resume()
     grid = FakeGrid([2, 9], claims={9: "site-1"})
     grid.reply = _round_reply(grid)
-    strategy.on_round_end = lambda record: (writer(record), grid.node_ids.append(1))
+    after = []
+
+    def round_end(record):
+        writer(record)
+        after.append((model_pt.read_bytes(), strategy.sites["site-1"], strategy.profiles.get("site-1")))
+        grid.node_ids.append(1)
+
+    strategy.on_round_end = round_end
     caplog.clear()
     strategy.start(grid, initial, num_rounds=3)
 
-    # Assert: round 2 leaves site-1's model file byte for byte and its metrics alone; node 9 gets nothing
+    # Assert: round 2 leaves site-1's model file (byte for byte), identity and metrics alone, and node 9 gets
+    # nothing; site-1's profile is dropped while it is absent, as for any absent site, and is node 1's again in round 3
+    assert after[0][:2] == site1 and site1[1][P.POSITION_KM] == [1.0, 0.0]
+    assert after[0][2] is None and after[1][2]["ap"][0] == pytest.approx(0.13)
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [(r["round"], r["site_id"], r["node_id"]) for r in rows] == [
         (1, "site-1", 1), (1, "site-2", 2), (2, "site-2", 2), (3, "site-1", 1), (3, "site-2", 2)]
@@ -154,7 +164,8 @@ def test_bindings_survive_a_resume_a_spoofer_is_refused_and_the_real_node_is_rec
     round3 = {m.metadata.dst_node_id: m for m in grid.sent[1]}
     assert round3[1].content[P.ARRAYS]["w"].numpy().tolist() == [11.0]
     assert NpzEvaluator().load(run_dir / "nodes" / "site-1" / "model.pt")["w"].numpy().tolist() == [13.0]
-    assert site1 != (run_dir / "nodes" / "site-1" / "model.pt").read_bytes()  # written in round 3, not round 2
+    assert after[1][0] != site1[0]  # written in round 3
+    assert first.profiles["site-1"]["ap"][0] == pytest.approx(0.11)
 
 
 def _cut(path, keep: float = 0.5) -> None:
