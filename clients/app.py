@@ -1,11 +1,12 @@
 """ClientApp: one edge site. Trains its own detector on its private data.
 
 Each ``train`` message may carry the node's current weights (the server keeps
-every node's personalised model); without them the node continues from its
-own model store, or starts from a fresh model built from YAML. After local
-training it evaluates on its own validation and test splits, stores the
-weights in its model store (where the edge runtime picks them up) and replies
-with weights, metrics and its site identity.
+every node's personalised model); without them the node starts from a fresh
+model built from YAML. After local training it evaluates on its own validation
+and test splits, stores the weights in its model store (written atomically; the
+edge runtime reads them from there) and replies with weights, metrics and its
+site identity. The site id comes from the node-config; the server binds it to
+this node (``strategies.personalized``).
 """
 
 from __future__ import annotations

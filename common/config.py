@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import dataclasses
 import shlex
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import yaml
 from omegaconf import OmegaConf
@@ -203,6 +204,12 @@ class FederationConfig:
     # no train message before it, and the graph maintenance evaluates them as "new" when they first reply
     late_sites: list[int] = field(default_factory=list)
     late_join_round: int = 2
+    # a site id is bound to the first node id that presents it (run folder: bindings.json); another node claiming it is
+    # refused. "connected": the binding moves to a new node once its node is no longer connected (SuperNodes without
+    # authentication get a new node id at each start); "strict": never (authenticated SuperNodes keep their node id)
+    site_binding: str = "connected"
+    # sites whose binding a resumed run releases at its start: the next node that claims one is bound to it
+    release_sites: list[str] = field(default_factory=list)
 
 
 @dataclass

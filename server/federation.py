@@ -25,6 +25,10 @@ from strategies.personalized import NodeReply, RoundRecord
 log = logging.getLogger(__name__)
 
 
+class ResumeError(RuntimeError):
+    """A run folder a resume needs does not read; the message names the file."""
+
+
 class BenchmarkEvaluator:
     """Scores a node's returned weights on the shared labelled benchmark (per-class AP50)."""
 
@@ -33,6 +37,7 @@ class BenchmarkEvaluator:
 
         self.cfg, self.data_yaml, self.yolo = cfg, data_yaml, yolo
         self.model = yolo.build_model(cfg.model.edge, len(names), seed=cfg.seed, names=names)
+        self.template = ArrayRecord(yolo.state_dict(self.model))  # the layout every reply's weights must have
 
     def __call__(self, arrays) -> dict[str, Any]:
         self.yolo.from_arrayrecord(self.model, arrays)
@@ -78,7 +83,8 @@ def _json(data: Any) -> bytes:
 
 class RoundWriter:
     """The per-round outputs of a run (the strategy's ``on_round_end``): metrics.jsonl, each site's weights
-    (and the fedavg model), the graph as JSON and PNG, W&B, the round summary, and state.json for a resume."""
+    (and the fedavg model), the graph as JSON and PNG, W&B, the round summary, and state.json for a resume;
+    bindings.json (``{site id: node id}``) whenever the strategy binds a site (its ``on_bind``)."""
 
     def __init__(self, out: RunOutputs, tracker: Tracker, evaluator: BenchmarkEvaluator, strategy: GraphKDStrategy,
                  kd: KDConfig):
@@ -87,6 +93,10 @@ class RoundWriter:
     @property
     def state_path(self) -> Path:
         return self.out.run_dir / "state.json"
+
+    @property
+    def bindings_path(self) -> Path:
+        return self.out.run_dir / "bindings.json"
 
     @property
     def global_path(self) -> Path:
@@ -168,14 +178,47 @@ class RoundWriter:
                                [[a["source"], a["target"], a["raw"], a["weight"]] for a in graph["arcs"]],
                                server_round)
 
+    def write_bindings(self, bindings: dict[str, int]) -> None:
+        atomic_write(self.bindings_path, _json(bindings))
+
+    def read_bindings(self) -> dict[str, int]:
+        """bindings.json (``{}`` when there is none); :class:`ResumeError` when it does not read."""
+        if not self.bindings_path.is_file():
+            return {}
+        try:
+            bindings = json.loads(self.bindings_path.read_text())
+            if not isinstance(bindings, dict) or not all(
+                    isinstance(n, int) and not isinstance(n, bool) for n in bindings.values()):
+                raise ValueError(f"expected {{site id: node id}}, got {str(bindings)[:80]}")
+        except ValueError as err:
+            raise ResumeError(f"{self.bindings_path}: cannot resume from it ({err}); restore it, or delete it to have "
+                              f"every site bound again to the first node that claims it") from None
+        return bindings
+
     def resume(self) -> ArrayRecord:
-        """Load state.json and the saved weights into the strategy; returns the initial global weights."""
-        state = json.loads(self.state_path.read_text())
-        self.strategy.load_state_dict(state["strategy"])
-        for site_id in state["sites"]:
-            self.strategy.arrays[site_id] = self.evaluator.load(self.out.node_weights_path(site_id))
-        log.info("resuming %s after round %s (%s sites)", self.out.run_dir, state["round"], len(state["sites"]))
-        return self.evaluator.load(self.global_path) if self.global_path.is_file() else ArrayRecord()
+        """Load state.json and the saved weights into the strategy; returns the initial global weights.
+
+        A file that does not read (state.json, a site's model.pt) raises :class:`ResumeError` naming it, before
+        anything is written: a resumed run never goes on from a guess.
+        """
+        from common.yolo import ModelError
+
+        try:
+            state = json.loads(self.state_path.read_text())
+            self.strategy.load_state_dict(state["strategy"])
+            sites = [str(s) for s in state["sites"]]
+        except (ValueError, KeyError, TypeError) as err:
+            raise ResumeError(f"{self.state_path}: cannot resume from it ({type(err).__name__}: {err}); restore it, "
+                              f"or start a new run (another run-name)") from None
+        try:
+            for site_id in sites:
+                self.strategy.arrays[site_id] = self.evaluator.load(self.out.node_weights_path(site_id))
+            initial = self.evaluator.load(self.global_path) if self.global_path.is_file() else ArrayRecord()
+        except ModelError as err:
+            raise ResumeError(f"cannot resume: {err}; restore the file, or start a new run (another run-name)") \
+                from None
+        log.info("resuming %s after round %s (%s sites)", self.out.run_dir, state["round"], len(sites))
+        return initial
 
 
 def late_sites(cfg: CedarConfig) -> dict[str, int]:
@@ -194,6 +237,7 @@ def build_strategy(cfg: CedarConfig, names: list[str], bench_yaml: Path, evaluat
         num_classes=len(names), epochs_per_round=cfg.train.epochs_per_round, benchmark_fn=evaluator,
         aggregation=f.aggregation, expected_nodes=num_sites(cfg), wait_for_nodes_s=f.wait_for_nodes_s,
         query_timeout_s=min(f.reply_timeout_s, 120.0), join_round=late_sites(cfg),
+        site_binding=f.site_binding, template=evaluator.template,
         mode=k.mode, rho=k.rho, teacher_rank=k.teacher_rank,
         teacher_scope=k.teacher_scope, better_only=k.better_only, sigma_s_km=k.sigma_s_km,
         min_weight=k.min_weight, class_weights=_class_weights(cfg, bench_yaml, len(names)), alpha=k.alpha,
@@ -221,7 +265,12 @@ def run_federation(grid, cfg: CedarConfig) -> RunOutputs:
     tracker = Tracker(cfg.tracking.wandb, cfg.tracking.project, out.run_dir, to_flat_dict(cfg), out.run_dir.name)
     strategy = build_strategy(cfg, names, bench_yaml, evaluator, cloud)
     writer = RoundWriter(out, tracker, evaluator, strategy, cfg.kd)
-    strategy.on_round_end = writer
+    strategy.on_round_end, strategy.on_bind = writer, writer.write_bindings
+    if cfg.federation.resume:
+        strategy.load_bindings(writer.read_bindings(), release=cfg.federation.release_sites)
+    elif cfg.federation.release_sites:
+        log.warning("federation.release-sites=%s: only a resumed run has bindings to release; ignored",
+                    cfg.federation.release_sites)
     initial = writer.resume() if cfg.federation.resume and writer.state_path.is_file() else ArrayRecord()
     if not len(initial) and initial_arrays is not None:
         initial = initial_arrays  # a site without a model of its own starts from the base model

@@ -5,6 +5,8 @@
     config.yaml          the resolved configuration
     metrics.jsonl        one JSON line per node per round
     nodes/<site>/model.pt  each site's latest weights (state dict, common.yolo.save_weights)
+    state.json           what a resumed run continues from (server.federation.RoundWriter)
+    bindings.json        {site id: node id}: the node each site is bound to (strategies.personalized)
     summary.md           per-site table: mAP50 per round, on its own test set and the benchmark
     report.html          the run report (server.report)
 """

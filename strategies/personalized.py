@@ -6,7 +6,21 @@ per site. Models are the ServerApp's business (``benchmark_fn``), so this module
 never imports torch.
 
 State is keyed by *site id*, not Flower node id: node ids change when a
-SuperNode restarts (and when a killed server resumes), site ids do not.
+SuperNode without authentication restarts (and in every simulated run), site ids do not.
+
+Site identity: a site id is bound to the first node that presents it, and a
+node to one site (:meth:`PersonalizedStrategy.claim`). Another node that claims a
+bound site is refused: its query or reply is dropped with one WARNING naming the
+site and both node ids, it gets no train message, and it never touches the
+site's weights, identity or metrics. A returning node is recognised by its node
+id: an authenticated SuperNode keeps it across restarts of the SuperNode and of
+the SuperLink (on its database), since the SuperLink derives it from the
+registered public key, so ``site_binding="strict"`` never moves a binding.
+SuperNodes without authentication and simulated nodes get a new node id at
+every start: with ``site_binding="connected"`` (the default) a binding moves to
+a new node once its node is no longer connected. ``on_bind`` persists the
+bindings; :meth:`load_bindings` restores them and releases the sites an
+operator names.
 
 Round ``r``:
 
@@ -17,7 +31,9 @@ Round ``r``:
    training config. Rounds up to ``completed_round`` (a resumed run) send
    nothing, and a site in ``join_round`` gets nothing before its join round.
 2. ``aggregate_train``: replies are validated (a failed, missing or malformed
-   reply is logged and dropped; the round goes on), each site's weights and
+   reply, weights that are not finite or do not fit the server's model
+   (``template``), a site claimed by another node: logged and dropped; the round
+   goes on), each site's weights and
    identity are kept, the sites :meth:`sites_to_evaluate` names are scored on the
    shared benchmark (``benchmark_fn``), and ``on_round_end`` gets the round's
    :class:`RoundRecord`. With ``aggregation="fedavg"`` it returns the
@@ -31,10 +47,12 @@ Round ``r``:
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any
 
+import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
@@ -74,6 +92,8 @@ class RoundRecord:
 
 BenchmarkFn = Callable[[ArrayRecord], dict[str, Any]]  # weights -> {"map50", "map50_95", "ap50", "seconds"}
 RoundEndFn = Callable[[RoundRecord], None]
+BindFn = Callable[[dict[str, int]], None]  # {site id: node id}, after a change
+SITE_BINDINGS = ("connected", "strict")
 
 
 class PersonalizedStrategy(Strategy):
@@ -98,14 +118,24 @@ class PersonalizedStrategy(Strategy):
         Sites that join late: no train message before that round.
     on_round_end : callable, optional
         Called with the :class:`RoundRecord` at the end of each round's ``aggregate_train``.
+    site_binding : ``"connected"`` or ``"strict"``
+        When a bound site may move to another node: once its node is no longer
+        connected, or never (authenticated SuperNodes keep their node id).
+    template : ArrayRecord, optional
+        The server's model: a reply's weights must have its names, shapes and dtypes.
+    on_bind : callable, optional
+        Called with ``{site id: node id}`` after the bindings change (the ServerApp persists them).
     """
 
     def __init__(self, *, num_classes: int, epochs_per_round: int, benchmark_fn: BenchmarkFn | None = None,
                  aggregation: str = "none", train_config: Mapping[str, Any] | None = None, expected_nodes: int = 0,
                  wait_for_nodes_s: float = 120.0, query_timeout_s: float = 120.0,
-                 join_round: Mapping[str, int] | None = None, on_round_end: RoundEndFn | None = None):
+                 join_round: Mapping[str, int] | None = None, on_round_end: RoundEndFn | None = None,
+                 site_binding: str = "connected", template: ArrayRecord | None = None, on_bind: BindFn | None = None):
         if aggregation not in ("none", "fedavg"):
             raise ValueError(f"aggregation={aggregation!r}: expected 'none' or 'fedavg'")
+        if site_binding not in SITE_BINDINGS:
+            raise ValueError(f"site_binding={site_binding!r}: expected one of {SITE_BINDINGS}")
         self.num_classes = num_classes
         self.epochs_per_round = epochs_per_round
         self.benchmark_fn = benchmark_fn
@@ -116,9 +146,15 @@ class PersonalizedStrategy(Strategy):
         self.query_timeout_s = query_timeout_s
         self.join_round = dict(join_round or {})
         self.on_round_end = on_round_end
+        self.site_binding = site_binding
+        self.layout = weights_layout(template) if template is not None and len(template) else None
+        self.on_bind = on_bind
         self.completed_round = 0  # rounds up to this one are done (resume): configure_train skips them
-        self.site_of: dict[int, str] = {}  # Flower node id -> site id
-        self.node_of: dict[str, int] = {}  # site id -> its latest Flower node id
+        self.site_of: dict[int, str] = {}  # Flower node id -> its bound site id
+        self.node_of: dict[str, int] = {}  # site id -> its bound Flower node id
+        self.connected: set[int] = set()  # the node ids connected at the last identify
+        self.refused: dict[int, str] = {}  # node id -> the bound site it claimed (it gets no train message)
+        self._bindings_changed = False
         self.arrays: dict[str, ArrayRecord] = {}  # latest weights per site (its own model)
         self.sites: dict[str, dict[str, Any]] = {}  # identity per site
         self.locations: dict[int, tuple[float, float]] = {}  # node id -> registered (lat, lon), if any
@@ -142,12 +178,14 @@ class PersonalizedStrategy(Strategy):
         the position a node reports from its node-config.
         """
         self.locations.update(registered_locations(grid))
-        unknown = [n for n in sorted(grid.get_node_ids()) if n not in self.site_of]
+        self.connected = set(grid.get_node_ids())
+        unknown = [n for n in sorted(self.connected) if n not in self.site_of]
         if not unknown:
             return
         messages = [Message(content=RecordDict(), dst_node_id=n, message_type=MessageType.QUERY) for n in unknown]
         for reply in grid.send_and_receive(messages=messages, timeout=self.query_timeout_s):
             node_id = reply.metadata.src_node_id
+            self.refused.pop(node_id, None)
             try:
                 if reply.has_error():
                     raise P.ProtocolError(reply.error.reason)
@@ -157,19 +195,73 @@ class PersonalizedStrategy(Strategy):
             except P.ProtocolError as err:
                 log(WARNING, "identify: node %s: %s", node_id, err)
                 continue
+            try:
+                self.claim(node_id, site[P.SITE_ID])
+            except P.ProtocolError as err:
+                log(WARNING, "identify: %s", err)
+                self.refused[node_id] = site[P.SITE_ID]
+                continue
             self._bind(node_id, site)
+        self._save_bindings()
         log(INFO, "identify: %s nodes: %s", len(self.site_of),
             brief(f"{n}={s}" for n, s in sorted(self.site_of.items())))
 
+    def claim(self, node_id: int, site_id: str) -> None:
+        """Check that ``node_id`` may speak for ``site_id``; raises :class:`common.protocol.ProtocolError` if not.
+
+        A node speaks for one site, and a site is bound to the first node that presents it. A
+        bound site moves to another node only with ``site_binding="connected"`` and only once
+        its node is no longer connected (:meth:`_bind` moves it).
+        """
+        own = self.site_of.get(node_id)
+        if own is not None and own != site_id:
+            raise P.ProtocolError(f"site-binding: node {node_id} claims {site_id} but is bound to {own}: refused")
+        bound = self.node_of.get(site_id)
+        if bound is None or bound == node_id:
+            return
+        if self.site_binding == "connected" and bound not in self.connected:
+            return
+        state = "connected" if bound in self.connected else "not connected, site-binding strict"
+        raise P.ProtocolError(f"site-binding: node {node_id} claims {site_id}, which is bound to node {bound} "
+                              f"({state}): refused")
+
     def _bind(self, node_id: int, site: dict[str, Any]) -> None:
+        """Bind ``site`` to ``node_id`` (after :meth:`claim`) and keep its identity."""
         if node_id in self.locations:
             site[P.POSITION_KM] = self.position_km(self.locations[node_id])
         site_id = site[P.SITE_ID]
-        other = self.node_of.get(site_id)
-        if other is not None and other != node_id and self.site_of.get(other) == site_id:
-            del self.site_of[other]  # a restarted site comes back under a new node id
-        self.site_of[node_id], self.node_of[site_id] = site_id, node_id
+        bound = self.node_of.get(site_id)
+        if bound != node_id:
+            if bound is not None:
+                self.site_of.pop(bound, None)
+                log(INFO, "site-binding: %s moves from node %s (no longer connected) to node %s", site_id, bound,
+                    node_id)
+            self.site_of[node_id], self.node_of[site_id] = site_id, node_id
+            self._bindings_changed = True
+        self.refused.pop(node_id, None)
         self.sites[site_id] = site
+
+    def _save_bindings(self) -> None:
+        if self._bindings_changed and self.on_bind is not None:
+            self.on_bind(dict(sorted(self.node_of.items())))
+        self._bindings_changed = False
+
+    def load_bindings(self, bindings: Mapping[str, int], release: Iterable[str] = ()) -> None:
+        """Restore ``{site id: node id}`` (a resumed run), less the sites in ``release``: the next node that
+        claims a released site is bound to it (the operator's way to move a site to a new node)."""
+        self.node_of = {str(s): int(n) for s, n in bindings.items()}
+        self.site_of = {n: s for s, n in self.node_of.items()}
+        for site_id in release:
+            node_id = self.node_of.pop(site_id, None)
+            if node_id is None:
+                log(WARNING, "site-binding: %s is not bound: nothing to release", site_id)
+                continue
+            del self.site_of[node_id]
+            self._bindings_changed = True
+            log(WARNING, "site-binding: %s released from node %s by the operator: the next node that claims it is "
+                "bound to it", site_id, node_id)
+        log(INFO, "site-binding: %s sites bound (%s)", len(self.node_of), self.site_binding)
+        self._save_bindings()
 
     def position_km(self, latlon: tuple[float, float]) -> list[float]:
         """(lat, lon) -> km on a local plane around the first registered location (stable across rounds)."""
@@ -190,6 +282,8 @@ class PersonalizedStrategy(Strategy):
         self.identify(grid)
         nodes = []
         for node_id in sorted(grid.get_node_ids()):
+            if node_id in self.refused:
+                continue  # identify logged why
             site_id = self.site_of.get(node_id)
             if self.join_round.get(site_id, 1) > server_round:
                 log(INFO, "configure_train: %s joins at round %s: not sent", site_id, self.join_round[site_id])
@@ -229,6 +323,7 @@ class PersonalizedStrategy(Strategy):
                 raise P.ProtocolError(f"node {node_id}: reply has no '{name}' record")
         metrics = P.parse_train_metrics(content[P.METRICS], self.num_classes)
         site = P.parse_site(content[P.SITE], self.num_classes)
+        check_weights(content[P.ARRAYS], self.layout)
         gallery = None
         if P.GALLERY in content:
             try:
@@ -243,6 +338,7 @@ class PersonalizedStrategy(Strategy):
         for msg in replies:
             try:
                 reply = self.parse_reply(msg)
+                self.claim(reply.node_id, reply.site_id)
                 self.on_reply(server_round, reply)
             except Exception as err:  # noqa: BLE001  a bad reply must never crash the round
                 log(WARNING, "aggregate_train: round %s: dropping reply of node %s: %s", server_round,
@@ -251,6 +347,7 @@ class PersonalizedStrategy(Strategy):
             self._bind(reply.node_id, reply.site)
             self.arrays[reply.site_id] = reply.arrays
             accepted.append(reply)
+        self._save_bindings()
         missing = set(self._sent) - {r.node_id for r in accepted}
         if missing:
             log(WARNING, "aggregate_train: round %s: no valid reply from %s nodes: %s (skipped)", server_round,
@@ -324,6 +421,34 @@ def brief(items: Iterable[Any], limit: int = 10) -> str:
     items = [str(item) for item in items]
     more = f" ... (+{len(items) - limit} more)" if len(items) > limit else ""
     return (", ".join(items[:limit]) or "none") + more
+
+
+def weights_layout(arrays: ArrayRecord) -> dict[str, tuple[tuple[int, ...], str]]:
+    """``{name: (shape, dtype)}`` of a model's weights."""
+    return {name: (tuple(a.shape), str(a.dtype)) for name, a in arrays.items()}
+
+
+def check_weights(arrays: ArrayRecord, layout: Mapping[str, tuple[tuple[int, ...], str]] | None) -> None:
+    """Raise :class:`common.protocol.ProtocolError` naming the first tensor of a reply's weights that is missing,
+    unexpected, of another shape or dtype than ``layout`` (the server's model; ``None``: any), or not finite.
+
+    Shapes are read from the decoded arrays, not from the record's metadata.
+    """
+    if layout is not None:
+        missing, extra = sorted(set(layout) - set(arrays)), sorted(set(arrays) - set(layout))
+        if missing or extra:
+            raise P.ProtocolError(f"{P.ARRAYS}: do not fit the model: missing {missing[:3]}, unexpected {extra[:3]}")
+    for name, array in arrays.items():
+        try:
+            values = array.numpy()
+        except Exception as err:  # noqa: BLE001  undecodable bytes
+            raise P.ProtocolError(f"{P.ARRAYS}: '{name}' does not decode: {err}") from None
+        if layout is not None and (values.shape, str(values.dtype)) != layout[name]:
+            raise P.ProtocolError(f"{P.ARRAYS}: '{name}' is {values.shape} {values.dtype}, the model's "
+                                  f"{layout[name][0]} {layout[name][1]}")
+        if values.dtype.kind in "fc" and not np.isfinite(values).all():
+            raise P.ProtocolError(f"{P.ARRAYS}: '{name}' has {int(values.size - np.isfinite(values).sum())} "
+                                  f"values that are not finite (NaN or inf)")
 
 
 def fedavg(replies: list[NodeReply]) -> ArrayRecord:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -649,6 +650,14 @@ def test_reload_picks_up_new_weights_in_the_background(tmp_path, weights_pair):
     # a broken file (not written atomically) is ignored; the running model stays
     store.write_bytes(b"not a weights file")
     model.poll(now=time.monotonic() + 4)
+    assert not model.wait_reload() and model.version == version_a
+    # ... and so is a real one cut short, which at start is an error naming the file
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(weights_pair[1].read_bytes()[:weights_pair[1].stat().st_size // 2])
+    with pytest.raises(EdgeError, match=re.escape(f"--weights {truncated}: cannot load it: cannot read weights file")):
+        EdgeModel(truncated, imgsz=64, reload_every=0)
+    shutil.copy(truncated, store)
+    model.poll(now=time.monotonic() + 4.5)
     assert not model.wait_reload() and model.version == version_a
     # Execute: a federated round replaces the file atomically (as save_weights does)
     tmp = store.with_suffix(".tmp")

@@ -8,6 +8,7 @@ milliseconds.
 """
 
 import json
+import logging
 
 import networkx as nx
 import numpy as np
@@ -406,3 +407,28 @@ def test_graph_is_kept_between_rounds_and_only_changed_rows_are_recomputed():
     assert rounds[2].graph["arcs"] == rounds[1].graph["arcs"]
     _, plan = _expected_plan(paper_rule=True)
     assert rounds[2].graph["teachers_for"].keys() == plan.keys()
+
+
+def test_a_spoofed_reply_never_becomes_the_sites_profile(caplog):
+    # Prepare: node 9 does not say who it is when asked; its reply names site-1 (node 1's) and carries weights
+    # whose benchmark AP is site-3's
+    def reply(m):
+        if m.metadata.dst_node_id == 9:
+            return Message(_content(9, _arrays(3.0), site_id="site-1"), reply_to=m)
+        return _reply(m)
+
+    grid = FakeGrid([1, 2, 9], reply=reply, silent=[9])
+    strategy = _strategy(mode="none")
+
+    # Execute
+    with caplog.at_level("INFO", logger="flwr"):
+        rounds = _run(strategy, grid, 1)
+
+    # Assert: site-1's profile is node 1's benchmark result; node 9's reply is dropped in one line
+    assert [r.site_id for r in rounds[0].replies] == ["site-1", "site-2"]
+    assert json.dumps(strategy.profiles["site-1"]["ap"]) == json.dumps(AP[1]) != json.dumps(AP[3])
+    assert sorted(strategy.profiles) == ["site-1", "site-2"]
+    assert [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING] == [
+        ("aggregate_train: round 1: dropping reply of node 9: site-binding: node 9 claims site-1, which is bound to "
+         "node 1 (connected): refused"),
+        "aggregate_train: round 1: no valid reply from 1 nodes: 9 (skipped)"]

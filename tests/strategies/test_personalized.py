@@ -5,11 +5,13 @@ no SuperLink, no torch: milliseconds.
 """
 
 import logging
+import re
 import time
 
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
+from flwr.common.constant import ErrorCode
 from flwr.supercore.task_identity import TaskIdentity
 
 from common import protocol as P
@@ -36,12 +38,13 @@ def _arrays(*values: float) -> ArrayRecord:
     return ArrayRecord({"w": Array(np.asarray(values, np.float32)), "b": Array(np.asarray([values[0]], np.float32))})
 
 
-def _content(node_id: int, arrays: ArrayRecord, n: int = 8, ap=(0.5, -1.0, 0.25), drop: str = "") -> RecordDict:
+def _content(node_id: int, arrays: ArrayRecord, n: int = 8, ap=(0.5, -1.0, 0.25), drop: str = "",
+             site_id: str = "") -> RecordDict:
     records = {
         P.ARRAYS: arrays,
         P.METRICS: MetricRecord({P.NUM_EXAMPLES: n, P.TRAIN_LOSS: 1.5, P.TRAIN_SECONDS: 2.0, P.VAL_MAP50: 0.3,
                                  P.TEST_MAP50: 0.4, P.TEST_MAP50_95: 0.2, P.TEST_AP50: list(ap)}),
-        P.SITE: ConfigRecord({P.SITE_ID: f"site-{node_id}", P.POSITION_KM: [float(node_id), 0.0],
+        P.SITE: ConfigRecord({P.SITE_ID: site_id or f"site-{node_id}", P.POSITION_KM: [float(node_id), 0.0],
                               P.CLASSES: [0, 2]}),
     }
     return RecordDict({k: v for k, v in records.items() if k != drop})
@@ -50,14 +53,16 @@ def _content(node_id: int, arrays: ArrayRecord, n: int = 8, ap=(0.5, -1.0, 0.25)
 class FakeGrid:
     """``get_node_ids`` and ``send_and_receive``; ``reply(msg)`` returns a reply or None (no reply).
 
-    ``query`` messages (who are you?) are answered with site ``site-<node id>`` by every node
-    except those in ``silent``; ``self.sent`` records the other messages, one list per call that sends any.
+    ``query`` messages (who are you?) are answered with site ``site-<node id>`` (or ``claims[node id]``) by
+    every node except those in ``silent``; ``self.sent`` records the other messages, one list per call that
+    sends any.
     """
 
-    def __init__(self, node_ids, reply=None, silent=()):
+    def __init__(self, node_ids, reply=None, silent=(), claims=None):
         self.node_ids = list(node_ids)
         self.reply = reply
         self.silent = set(silent)
+        self.claims = dict(claims or {})
         self.sent: list[list[Message]] = []
         self.queries: list[Message] = []
 
@@ -70,10 +75,13 @@ class FakeGrid:
             return []
         if all(m.metadata.message_type == MessageType.QUERY for m in messages):
             self.queries += messages
-            return [Message(RecordDict({P.SITE: _content(m.metadata.dst_node_id, _arrays(0.0))[P.SITE]}), reply_to=m)
+            return [Message(RecordDict({P.SITE: self.site_record(m.metadata.dst_node_id)}), reply_to=m)
                     for m in messages if m.metadata.dst_node_id not in self.silent]
         self.sent.append(messages)
         return [r for r in (self.reply(m) for m in messages) if r is not None]
+
+    def site_record(self, node_id: int) -> ConfigRecord:
+        return _content(node_id, _arrays(0.0), site_id=self.claims.get(node_id, ""))[P.SITE]
 
 
 def _strategy(benchmark_fn=None, **kw) -> PersonalizedStrategy:
@@ -219,7 +227,7 @@ def test_fedavg_is_the_example_weighted_mean():
                Message(_content(2, _arrays(*b), n=30), reply_to=msgs[1])]
 
     # Execute
-    merged, metrics = strategy.aggregate_train(1, replies)
+    merged, _ = strategy.aggregate_train(1, replies)
 
     # Assert
     expected = (10 * a.astype(np.float64) + 30 * b) / 40
@@ -370,3 +378,212 @@ def test_a_gallery_travels_with_the_reply_and_a_bad_one_costs_only_the_pictures(
     assert replies["site-2"].gallery is None and sorted(strategy.arrays) == ["site-1", "site-2"]
     assert any("node 2: ignoring its gallery" in r.getMessage() and "is not JSON" in r.getMessage()
                for r in flwr_log.records)
+
+
+# --- site identity: a site id is bound to the first node that presents it --------------------
+
+
+def _warnings(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+
+
+def _data(arrays: ArrayRecord) -> dict[str, bytes]:
+    """The weights' serialised bytes, for byte-for-byte comparisons."""
+    return {name: array.data for name, array in arrays.items()}
+
+
+def _round_reply(grid: FakeGrid):
+    """Node k replies as its claimed site (default site-k) with weights [10 k + round]."""
+    def reply(m: Message) -> Message:
+        node = m.metadata.dst_node_id
+        weights = _arrays(10.0 * node + m.content[P.CONFIG][P.SERVER_ROUND])
+        return Message(_content(node, weights, site_id=grid.claims.get(node, "")), reply_to=m)
+    return reply
+
+
+def test_a_node_claiming_a_bound_site_is_refused_and_gets_no_train_message(flwr_log):
+    # Prepare: nodes 1 and 2 in round 1; node 9 connects before round 2 and says it is site-1, node 1 still connected
+    grid = FakeGrid([1, 2], claims={9: "site-1"})
+    grid.reply = _round_reply(grid)
+    saved = []
+    strategy = _strategy(on_bind=saved.append)
+    rounds = []
+    strategy.on_round_end = lambda record: (rounds.append(record), grid.node_ids.append(9))
+
+    # Execute
+    strategy.start(grid, ArrayRecord(), num_rounds=2)
+
+    # Assert: node 9 is asked, refused in one line naming the site and both nodes, and sent nothing
+    assert [q.metadata.dst_node_id for q in grid.queries] == [1, 2, 9]
+    assert [sorted(m.metadata.dst_node_id for m in sent) for sent in grid.sent] == [[1, 2], [1, 2]]
+    assert _warnings(flwr_log) == [("identify: site-binding: node 9 claims site-1, which is bound to node 1 "
+                                    "(connected): refused")]
+    assert strategy.node_of == {"site-1": 1, "site-2": 2} and strategy.refused == {9: "site-1"}
+    assert saved == [{"site-1": 1, "site-2": 2}]  # persisted once, when bound
+    assert [[r.node_id for r in record.replies] for record in rounds] == [[1, 2], [1, 2]]
+    assert strategy.arrays["site-1"]["w"].numpy().tolist() == [12.0]  # node 1's round 2
+
+
+def test_a_reply_for_another_nodes_site_is_dropped_and_that_site_keeps_its_model(flwr_log):
+    # Prepare: round 1: node 1 is site-1, node 2 is site-2; node 9 never says who it is
+    strategy = _strategy()
+    grid = FakeGrid([1, 2, 9], silent=[9])
+    msgs = {m.metadata.dst_node_id: m for m in strategy.configure_train(1, ArrayRecord(), ConfigRecord(), grid)}
+    strategy.aggregate_train(1, [Message(_content(1, _arrays(1.0)), reply_to=msgs[1]),
+                                 Message(_content(2, _arrays(2.0)), reply_to=msgs[2])])
+    before, identity = _data(strategy.arrays["site-1"]), dict(strategy.sites["site-1"])
+    flwr_log.clear()
+
+    # Execute: round 2: node 9 and node 2 both reply as site-1 (other weights, another position); node 1 is silent
+    msgs = {m.metadata.dst_node_id: m for m in strategy.configure_train(2, ArrayRecord(), ConfigRecord(), grid)}
+    strategy.aggregate_train(2, [Message(_content(9, _arrays(666.0), site_id="site-1"), reply_to=msgs[9]),
+                                 Message(_content(2, _arrays(777.0), site_id="site-1"), reply_to=msgs[2])])
+
+    # Assert: site-1's weights byte for byte, its identity and the bindings are as before; no reply counts
+    assert _data(strategy.arrays["site-1"]) == before
+    assert strategy.arrays["site-2"]["w"].numpy().tolist() == [2.0]
+    assert strategy.sites["site-1"] == identity == {P.SITE_ID: "site-1", P.POSITION_KM: [1.0, 0.0], P.CLASSES: [0, 2]}
+    assert strategy.last_round.replies == []
+    assert strategy.node_of == {"site-1": 1, "site-2": 2}
+    assert _warnings(flwr_log) == [
+        ("aggregate_train: round 2: dropping reply of node 9: site-binding: node 9 claims site-1, which is bound to "
+         "node 1 (connected): refused"),
+        ("aggregate_train: round 2: dropping reply of node 2: site-binding: node 2 claims site-1 but is bound to "
+         "site-2: refused"),
+        "aggregate_train: round 2: no valid reply from 3 nodes: 1, 2, 9 (skipped)"]
+
+
+@pytest.mark.parametrize("mode", ["connected", "strict"])
+def test_a_site_moves_to_a_new_node_once_its_node_is_gone_and_never_when_strict(mode, flwr_log):
+    # Prepare: round 1 nodes 1 and 2; before round 2 node 1 is gone and node 5 (a SuperNode restarted without
+    # authentication: a new node id) says it is site-1
+    grid = FakeGrid([1, 2], claims={5: "site-1"})
+    grid.reply = _round_reply(grid)
+    strategy = _strategy(site_binding=mode)
+    rounds = []
+
+    def round_end(record):
+        rounds.append(record)
+        grid.node_ids = [2, 5]
+
+    strategy.on_round_end = round_end
+
+    # Execute
+    strategy.start(grid, ArrayRecord(), num_rounds=2)
+
+    # Assert
+    round2 = {m.metadata.dst_node_id: m for m in grid.sent[1]}
+    messages = [r.getMessage() for r in flwr_log.records]
+    if mode == "connected":  # site-1 and its own weights follow it to node 5
+        assert sorted(round2) == [2, 5] and _weights(round2[5]) == [11.0]
+        assert strategy.node_of == {"site-1": 5, "site-2": 2} and strategy.site_of == {2: "site-2", 5: "site-1"}
+        assert strategy.arrays["site-1"]["w"].numpy().tolist() == [52.0]
+        assert "site-binding: site-1 moves from node 1 (no longer connected) to node 5" in messages
+        assert _warnings(flwr_log) == []
+    else:  # strict: only node 1 speaks for site-1
+        assert sorted(round2) == [2]
+        assert strategy.node_of == {"site-1": 1, "site-2": 2}
+        assert strategy.arrays["site-1"]["w"].numpy().tolist() == [11.0]
+        assert _warnings(flwr_log) == [("identify: site-binding: node 5 claims site-1, which is bound to node 1 "
+                                        "(not connected, site-binding strict): refused")]
+
+
+def test_bindings_are_restored_and_the_operator_releases_a_site(flwr_log):
+    # Prepare: a resumed run's bindings; the operator releases site-2 (and names a site that is not bound)
+    saved = []
+    strategy = _strategy(site_binding="strict", on_bind=saved.append)
+
+    # Execute 1
+    strategy.load_bindings({"site-1": 1, "site-2": 2}, release=["site-2", "site-7"])
+
+    # Assert 1: each release is one WARNING line, and the new bindings are persisted at once
+    assert strategy.node_of == {"site-1": 1} and strategy.site_of == {1: "site-1"}
+    assert saved == [{"site-1": 1}]
+    assert _warnings(flwr_log) == [
+        "site-binding: site-2 released from node 2 by the operator: the next node that claims it is bound to it",
+        "site-binding: site-7 is not bound: nothing to release"]
+
+    # Execute 2: node 5 claims the released site-2, node 6 claims site-1 (bound to node 1, which is gone: strict)
+    strategy.identify(FakeGrid([5, 6], claims={5: "site-2", 6: "site-1"}))
+
+    # Assert 2
+    assert strategy.node_of == {"site-1": 1, "site-2": 5} and saved[-1] == {"site-1": 1, "site-2": 5}
+    assert strategy.refused == {6: "site-1"}
+
+
+def test_unknown_site_binding_is_named():
+    with pytest.raises(ValueError, match="site_binding='loose'"):
+        _strategy(site_binding="loose")
+
+
+# --- message-level faults: each reply is logged and skipped, the round goes on -------------------
+
+
+def _lying_shape(m: Message) -> RecordDict:
+    """'w' says it is (2,) but its bytes hold 3 values."""
+    real = Array(np.asarray([1.0, 2.0, 3.0], np.float32))
+    arrays = ArrayRecord({"w": Array(dtype="float32", shape=(2,), stype=real.stype, data=real.data),
+                          "b": Array(np.asarray([1.0], np.float32))})
+    return _content(2, arrays)
+
+
+FAULTS = {  # reply of node 2 in round 2 -> the one WARNING line that drops it (a regular expression)
+    # what a SuperNode sends when the ClientApp raises (flwr.supernode.runtime.run_clientapp)
+    "ClientApp raises in train": (
+        lambda m: Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason="<class 'RuntimeError'>:<'CUDA oom'>"),
+        re.escape("node 2 failed: <class 'RuntimeError'>:<'CUDA oom'>")),
+    "NaN weights": (lambda m: _content(2, _arrays(2.0, float("nan"))),
+                    re.escape("arrays: 'w' has 1 values that are not finite (NaN or inf)")),
+    "inf in a buffer": (lambda m: _content(2, ArrayRecord({"w": Array(np.zeros(2, np.float32)),
+                                                           "b": Array(np.asarray([np.inf], np.float32))})),
+                        re.escape("arrays: 'b' has 1 values that are not finite (NaN or inf)")),
+    "wrong shape": (lambda m: _content(2, _arrays(2.0, 0.5, 0.5)),
+                    re.escape("arrays: 'w' is (3,) float32, the model's (2,) float32")),
+    "shape metadata that lies": (_lying_shape, re.escape("arrays: 'w' is (3,) float32, the model's (2,) float32")),
+    "wrong dtype": (lambda m: _content(2, ArrayRecord({"w": Array(np.zeros(2)), "b": Array(np.zeros(1, np.float32))})),
+                    re.escape("arrays: 'w' is (2,) float64, the model's (2,) float32")),
+    "missing tensor": (lambda m: _content(2, ArrayRecord({"w": Array(np.zeros(2, np.float32))})),
+                       re.escape("arrays: do not fit the model: missing ['b'], unexpected []")),
+    "bytes that do not decode": (
+        lambda m: _content(2, ArrayRecord({"w": Array(dtype="float32", shape=(2,), stype="numpy.ndarray",
+                                                      data=b"garbage"), "b": Array(np.zeros(1, np.float32))})),
+        "arrays: 'w' does not decode: .+"),
+    "another site's id": (lambda m: _content(2, _arrays(2.0, 0.5), site_id="site-3"),
+                          re.escape("site-binding: node 2 claims site-3 but is bound to site-2: refused")),
+}
+
+
+@pytest.mark.parametrize("fault", list(FAULTS))
+def test_a_faulty_reply_is_dropped_and_its_site_keeps_its_state(fault, flwr_log):
+    # Prepare: 3 nodes, 3 rounds, the server's model has w (2,) and b (1,) float32; node k replies with
+    # w = [10 k + round, 0.5], except node 2 in round 2, whose reply has the fault
+    make_bad, expected = FAULTS[fault]
+
+    def reply(m):
+        node, rnd = m.metadata.dst_node_id, m.content[P.CONFIG][P.SERVER_ROUND]
+        if (node, rnd) == (2, 2):
+            return Message(make_bad(m), reply_to=m)
+        return Message(_content(node, _arrays(10.0 * node + rnd, 0.5)), reply_to=m)
+
+    scored = []
+    strategy = _strategy(benchmark_fn=lambda arrays: scored.append(arrays["w"].numpy()[0]) or {"map50": 0.5},
+                         template=_arrays(0.0, 0.0))
+    grid = FakeGrid([1, 2, 3], reply)
+    snapshots = []
+    strategy.on_round_end = lambda record: snapshots.append((record, _data(strategy.arrays["site-2"]),
+                                                             dict(strategy.sites["site-2"])))
+
+    # Execute
+    strategy.start(grid, ArrayRecord(), num_rounds=3)
+
+    # Assert: round 2 goes on with sites 1 and 3; site-2's weights (byte for byte) and identity stay as in round 1,
+    # and round 3 sends node 2 its round-1 weights
+    assert [[r.site_id for r in record.replies] for record, _, _ in snapshots] == [
+        ["site-1", "site-2", "site-3"], ["site-1", "site-3"], ["site-1", "site-2", "site-3"]]
+    assert snapshots[1][1] == snapshots[0][1] and snapshots[1][2] == snapshots[0][2]
+    assert _weights(grid.sent[2][1]) == [21.0, 0.5]
+    assert scored == [11.0, 21.0, 31.0, 12.0, 32.0, 13.0, 23.0, 33.0]  # the faulty reply is never scored
+    warnings = _warnings(flwr_log)
+    assert len(warnings) == 2
+    assert re.fullmatch(f"aggregate_train: round 2: dropping reply of node 2: {expected}", warnings[0]), warnings[0]
+    assert warnings[1] == "aggregate_train: round 2: no valid reply from 1 nodes: 2 (skipped)"
