@@ -1,4 +1,4 @@
-"""Tests for common/keyframes.py (paper section 4.2: Δf_t, keyframes, W_j, tracks)."""
+"""Tests for common/keyframes.py (paper section 4.2: Δf_t, keyframes, tracks)."""
 
 from __future__ import annotations
 
@@ -10,13 +10,10 @@ import pytest
 from common.keyframes import (
     IoUTracker,
     KeyframeSelector,
-    KeyframeWindow,
     area_resize,
     box_iou,
-    frame_difference,
     preprocess_frame,
     sample_grid,
-    select_keyframes,
     to_gray,
 )
 
@@ -28,6 +25,20 @@ def gray(level: int, shape=(64, 64)) -> np.ndarray:
 
 def levels_video(levels, shape=(64, 64)) -> list[np.ndarray]:
     return [gray(v, shape) for v in levels]
+
+
+def frame_difference(prev: np.ndarray, cur: np.ndarray, **kwargs) -> float:
+    """Δf_t as the selector computes it for ``cur`` right after ``prev``."""
+    selector = KeyframeSelector(**kwargs)
+    selector.update(prev)
+    selector.update(cur)
+    return selector.last_delta
+
+
+def select_keyframes(frames, **kwargs) -> list[int]:
+    """Indices of the frames a fresh :class:`KeyframeSelector` calls key."""
+    selector = KeyframeSelector(**kwargs)
+    return [i for i, frame in enumerate(frames) if selector.update(frame)]
 
 
 def _cv2():
@@ -369,26 +380,6 @@ def test_sampling_large_frames_keeps_the_decisions_and_the_scale():
     assert [i for i, d in enumerate(decisions) if d[0][0]] == [0, 5, 9]
     for _, _, d_exact, d_sampled in decisions[1:]:
         assert d_sampled == pytest.approx(d_exact, abs=0.01)
-
-
-# --------------------------------------------------------------------------- #
-# Windows W_j
-# --------------------------------------------------------------------------- #
-def test_keyframe_window_keeps_last_m():
-    """Paper 4.2, W_j = {k_1..k_m}: with m = 2, pushing 0, 4, 9 leaves (4, 9)."""
-    # Prepare
-    window = KeyframeWindow(size=2)
-    # Execute
-    for idx, dets in [(0, "a"), (4, "b"), (9, "c")]:
-        window.push(idx, dets)
-    # Assert
-    assert window.frame_indices == (4, 9)
-    assert window.payloads == ["b", "c"]
-    assert window.full and len(window) == 2
-    with pytest.raises(ValueError, match="increase"):
-        window.push(9, "d")
-    with pytest.raises(ValueError, match="size"):
-        KeyframeWindow(size=0)
 
 
 # --------------------------------------------------------------------------- #
