@@ -60,7 +60,6 @@ from common.detections import labels_to_pixels, read_yolo_labels, score
 log = logging.getLogger("benchmarks.collaboration")
 RESULTS = Path(__file__).resolve().parent / "results" / "collaboration"
 EDGE_MODELS = ("yolo11n", "yolo11n-p2", "yolo11n-pyrafan")
-PAPER = {"edge_map50": 0.328, "cloud_map50": 0.401, "collab_map50": 0.429, "edge_fnr": 0.46, "collab_fnr": 0.37}
 
 
 # --------------------------------------------------------------------------- models

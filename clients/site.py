@@ -304,7 +304,3 @@ class LocalSite:
                         P.COLLAB_LATENCY_MS: float(np.median([st.edge_ms + st.rtt_ms for st in steps])),
                         P.UPLOAD_BYTES: float(np.mean([st.sent_bytes for st in steps]))})
         return {k: float(v) for k, v in out.items() if np.isfinite(v)}, pictures
-
-    def collab_metrics(self, model) -> dict[str, float]:
-        """The collaboration step's metrics alone (:meth:`collab_round`)."""
-        return self.collab_round(model)[0]
