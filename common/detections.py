@@ -66,8 +66,8 @@ class Detections:
     Examples
     --------
     >>> d = Detections([[0, 0, 10, 20]], [0.9], [3])
-    >>> len(d), d.area.tolist(), d.to_list()
-    (1, [200.0], [{'xyxy': [0.0, 0.0, 10.0, 20.0], 'conf': 0.9, 'cls': 3}])
+    >>> len(d), d.to_list()
+    (1, [{'xyxy': [0.0, 0.0, 10.0, 20.0], 'conf': 0.9, 'cls': 3}])
     """
 
     xyxy: Any = field(default_factory=lambda: np.zeros((0, 4)))
@@ -123,11 +123,6 @@ class Detections:
             np.concatenate([p.conf for p in parts]),
             np.concatenate([p.cls for p in parts]),
         )
-
-    @property
-    def area(self) -> np.ndarray:
-        """``(N,)`` box areas ``(x2 - x1)·(y2 - y1)`` in px² (0 for inverted boxes)."""
-        return box_area(self.xyxy)
 
     def to_list(self) -> list[dict[str, Any]]:
         """JSON-friendly ``[{"xyxy": [x1, y1, x2, y2], "conf": c, "cls": k}, ...]``."""

@@ -405,11 +405,6 @@ class KeyframeSelector:
         self.last_delta: float | None = None
         self.last_threshold: float | None = None
 
-    @property
-    def deltas(self) -> tuple[float, ...]:
-        """The differences the median currently runs over, oldest first."""
-        return tuple(self._deltas)
-
     def update_with_reason(self, frame: np.ndarray) -> tuple[bool, str | None]:
         """Feed the next frame; return ``(is_key, reason)``.
 

@@ -8,6 +8,7 @@ import pytest
 
 from common.detections import (
     Detections,
+    box_area,
     image_labels,
     label_path,
     labels_to_pixels,
@@ -83,7 +84,7 @@ def test_matched_gt_hand_checked():
 
 def test_detections_round_trip_and_select():
     d = Detections([[0, 0, 10, 20], [5, 5, 6, 6]], [0.9, 0.2], [3, 1])
-    assert d.area.tolist() == [200.0, 1.0]
+    assert box_area(d.xyxy).tolist() == [200.0, 1.0]
     assert Detections.from_list(d.to_list()).to_list() == d.to_list()
     assert d.select(d.conf > 0.5).cls.tolist() == [3]
 

@@ -281,7 +281,6 @@ def test_median_includes_current_difference():
     # Assert
     assert keys == [True, False, False, False, False, False]
     assert selector.last_threshold == pytest.approx(1.5 * 28 / 255, abs=1e-6)
-    np.testing.assert_allclose(np.array(selector.deltas) * 255, [10, 10, 30, 28, 35], atol=1e-4)
 
 
 def test_warmup_blocks_motion_keyframes():
@@ -296,14 +295,20 @@ def test_warmup_blocks_motion_keyframes():
 
 
 def test_history_bounds_the_median():
-    """history=3 keeps the last 3 differences only."""
+    """history=3 keeps the last 3 differences only.
+
+    Differences 10, 10, 10, 50, 50: the median of all is 10 (threshold 1.5·10), of the last 3 it is 50.
+    """
     # Prepare
-    selector = KeyframeSelector(history=3)
+    frames = levels_video([0, 10, 20, 30, 80, 130])
+    bounded, unbounded = KeyframeSelector(history=3), KeyframeSelector()
     # Execute
-    for f in levels_video([0, 10, 20, 30, 40, 50]):
-        selector.update(f)
+    for f in frames:
+        bounded.update(f)
+        unbounded.update(f)
     # Assert
-    assert len(selector.deltas) == 3
+    assert bounded.last_threshold == pytest.approx(1.5 * 50 / 255, abs=1e-6)
+    assert unbounded.last_threshold == pytest.approx(1.5 * 10 / 255, abs=1e-6)
 
 
 def test_cut_ratio_and_max_gap():
@@ -325,7 +330,9 @@ def test_reset_starts_over():
     selector.update(gray(0))
     selector.reset()
     assert selector.update_with_reason(gray(0)) == (True, "first")
-    assert selector.deltas == ()
+    # the median runs over the differences after the reset only: [10] -> 10, not [0, 10] -> 5
+    selector.update(gray(10))
+    assert selector.last_threshold == pytest.approx(1.5 * 10 / 255, abs=1e-6)
 
 
 @pytest.mark.parametrize(

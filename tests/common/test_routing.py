@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from common.detections import Detections
+from common.detections import Detections, box_area
 from common.keyframes import IoUTracker
 from common.offload import (
     atlas_layout,
@@ -56,7 +56,7 @@ def test_detections_basics_and_json_roundtrip():
     both = Detections.concat([d, d[1]])
     # Assert
     assert len(d) == 2
-    np.testing.assert_allclose(d.area, [200.0, 8.0])  # 10·20, 4·2
+    np.testing.assert_allclose(box_area(d.xyxy), [200.0, 8.0])  # 10·20, 4·2
     assert d.to_list()[0] == {"xyxy": [0.0, 0.0, 10.0, 20.0], "conf": 0.9, "cls": 3}
     np.testing.assert_allclose(restored.xyxy, d.xyxy)
     np.testing.assert_allclose(restored.conf, d.conf)
