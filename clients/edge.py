@@ -175,7 +175,7 @@ import numpy as np
 
 from clients.carry import RefinedCarrier, flow_shift
 from clients.collab import CONF_RANGE, CollabSettings, Keyframe, detect_keyframe, merge_answer, plan_offload
-from clients.detector import EdgeModel, StaticModel  # noqa: F401 - StaticModel: embedding the runtime
+from clients.detector import EdgeModel
 from clients.media import EdgeError, Frame, FrameSource, JsonlWriter, VideoAnnotator
 from clients.offload import CloudAnswer, CloudClient, DiskQueue, Offloader, OffloadEntry
 from common.cloud_api import ID_PATTERN, ID_RULE, RUN_PATTERN

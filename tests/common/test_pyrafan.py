@@ -585,7 +585,7 @@ def test_small_object_ap_counts_misses_and_a_box_on_the_wrong_object():
 def test_compute_ap_is_ultralytics():
     from ultralytics.utils.metrics import compute_ap as ultralytics_ap
 
-    from benchmarks.pyrafan_accuracy import compute_ap
+    from common.detections import compute_ap
 
     rng = np.random.default_rng(0)
     for n in (1, 5, 40):
