@@ -38,6 +38,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from common.detections import yolo_label_lines
+
 log = logging.getLogger(__name__)
 
 GENERATOR_VERSION = 3
@@ -371,15 +373,10 @@ def render_scene(rng, s: GeneratorSettings, site: Site, size: int) -> tuple[np.n
 
 
 def yolo_lines(boxes, size: int, label_map) -> list[str]:
-    """``cls cx cy w h`` normalised to [0, 1], clipped to the image, 6 decimals."""
-    lines = []
-    for cls, x0, y0, x1, y1 in boxes:
-        x0, y0, x1, y1 = (float(np.clip(v, 0, size)) for v in (x0, y0, x1, y1))
-        if x1 - x0 <= 0 or y1 - y0 <= 0:
-            continue
-        cx, cy, w, h = (x0 + x1) / 2 / size, (y0 + y1) / 2 / size, (x1 - x0) / size, (y1 - y0) / size
-        lines.append(f"{label_map[cls]} {cx:.6f} {cy:.6f} {w:.6f} {h:.6f}")
-    return lines
+    """Label lines of ``(cls, x0, y0, x1, y1)`` pixel boxes on a ``size`` px square, each class written as
+    ``label_map[cls]`` (:func:`common.detections.yolo_label_lines`)."""
+    rows = np.asarray(boxes, dtype=np.float64).reshape(-1, 5)
+    return yolo_label_lines(rows[:, 1:], [label_map[int(c)] for c in rows[:, 0]], size, size)
 
 
 def _write(path_img: Path, path_lbl: Path, img: np.ndarray, lines: list[str]) -> None:
