@@ -60,7 +60,6 @@ from common.detections import labels_to_pixels, read_yolo_labels, score
 log = logging.getLogger("benchmarks.collaboration")
 RESULTS = Path(__file__).resolve().parent / "results" / "collaboration"
 EDGE_MODELS = ("yolo11n", "yolo11n-p2", "yolo11n-pyrafan")
-PAPER = {"edge_map50": 0.328, "cloud_map50": 0.401, "collab_map50": 0.429, "edge_fnr": 0.46, "collab_fnr": 0.37}
 
 
 # --------------------------------------------------------------------------- models
@@ -279,9 +278,16 @@ def separate_crop_bytes(records: list[dict], source: Path, quality: int = 90) ->
     return total / max(n, 1)
 
 
-def video_labels(video_dir: Path, n: int, size: int) -> list[np.ndarray]:
-    """Ground truth of the video's ``n`` frames (``labels/<frame:06d>.txt``, ``size`` px square) as pixel rows."""
-    return [labels_to_pixels(read_yolo_labels(video_dir / "labels" / f"{i:06d}.txt"), size, size) for i in range(n)]
+def site_test_data(bench, site: int) -> tuple[Path, list[np.ndarray], Path, list[np.ndarray]]:
+    """A site's test images folder and their boxes, and its video folder and every frame's boxes (pixel rows)."""
+    images_dir = bench.site_dir(site) / "images" / "test"
+    _, image_gts = read_split(bench.site_dir(site), "test")
+    video_dir = bench.video_dir(site)
+    meta = json.loads((video_dir / "meta.json").read_text())
+    n, size = meta["frames"], meta["imgsz"]
+    video_gts = [labels_to_pixels(read_yolo_labels(video_dir / "labels" / f"{i:06d}.txt"), size, size)
+                 for i in range(n)]
+    return images_dir, image_gts, video_dir, video_gts
 
 
 # --------------------------------------------------------------------------- the experiment
@@ -300,11 +306,7 @@ def measure(args, cfg, bench, workdir: Path, site: int) -> dict:
     workdir.mkdir()
     nc, small_px, r = len(CLASS_NAMES), cfg.eval.small_px, cfg.routing
     site_id = f"site-{site}"
-    images_dir = bench.site_dir(site) / "images" / "test"
-    paths, image_gts = read_split(bench.site_dir(site), "test")
-    video_dir = bench.video_dir(site)
-    meta = json.loads((video_dir / "meta.json").read_text())
-    video_gts = video_labels(video_dir, meta["frames"], meta["imgsz"])
+    images_dir, image_gts, video_dir, video_gts = site_test_data(bench, site)
     archs = args.edge_models if site == args.sites[0] else args.edge_models[:1]  # the others: first site only
     edges = {arch: edge_model(cfg, bench, arch, site, args.seed) for arch in archs}
     cloud = cloud_model(cfg, bench, args.seed, args.cloud_iters)

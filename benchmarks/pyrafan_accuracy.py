@@ -17,7 +17,7 @@ the site's ``train`` split with the same budget (the preset's optimiser settings
   detection is a FP. Simply deleting large boxes from the labels would turn every
   correct detection of a large object into a FP and punish the better detector;
   keeping every detection would do the same for large false alarms. AP is Ultralytics'
-  101-point interpolation (``compute_ap``), averaged over the classes with at least one
+  101-point interpolation (:func:`common.detections.compute_ap`), averaged over the classes with at least one
   small object in the split. The same matcher without the size range
   (``map50_all_own``, JSON only) cross-checks it against the validator's mAP50.
 
@@ -46,7 +46,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.harness import write_report
-from common.detections import compute_ap, image_labels, size_range_ap50  # noqa: F401 - compute_ap: re-exported
+from common.detections import image_labels, size_range_ap50
 
 log = logging.getLogger("benchmarks.pyrafan_accuracy")
 

@@ -186,9 +186,8 @@ def collab_job(cfg, seed: int, done: dict, work: Path) -> dict:
     import tempfile
 
     from benchmarks.collaboration import (MERGES, cloud_only, cloud_service, offload_figures, per_frame, remerged,
-                                          run_edge, video_labels)
+                                          run_edge, site_test_data)
     from common.detections import score
-    from benchmarks.pyrafan_accuracy import read_split
     from clients.edge import EdgeSettings
     from clients.offload import CloudClient
     from common.benchmark import CLASS_NAMES, benchmark_from_config
@@ -207,11 +206,7 @@ def collab_job(cfg, seed: int, done: dict, work: Path) -> dict:
             base = EdgeSettings.from_config(r, site=site_id, drain_timeout=600,
                                             keep_unanswered=False, merge="cloud")  # the paper's merge
             kw = dict(imgsz=cfg.train.imgsz, conf=base.detector_conf, iou=cfg.eval.iou)
-            images = bench.site_dir(site) / "images" / "test"
-            _, image_gts = read_split(bench.site_dir(site), "test")
-            video = bench.video_dir(site)
-            meta = json.loads((video / "meta.json").read_text())
-            video_gts = video_labels(video, meta["frames"], meta["imgsz"])
+            images, image_gts, video, video_gts = site_test_data(bench, site)
             res: dict = {}
             try:
                 for source, gts, tag in ((images, image_gts, "images"), (video / "video.mp4", video_gts, "video")):

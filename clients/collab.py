@@ -3,7 +3,7 @@
 Every user of the cloud-edge collaboration runs this step: the edge runtime
 (:class:`clients.edge.EdgeRuntime`, which sends the offload through its disk queue
 and merges when the answer arrives), the ClientApp's collaboration metrics
-(:meth:`clients.site.LocalSite.collab_metrics`) and the collaboration benchmark.
+(:meth:`clients.site.LocalSite.collab_round`) and the collaboration benchmark.
 
 1. :func:`detect_keyframe`: the edge detector on the image, down to
    ``candidate_conf``; boxes from ``det_conf`` on are the edge's answer, the ones

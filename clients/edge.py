@@ -161,7 +161,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import secrets
 import signal
 import sys
@@ -175,7 +174,7 @@ import numpy as np
 
 from clients.carry import RefinedCarrier, flow_shift
 from clients.collab import CONF_RANGE, CollabSettings, Keyframe, detect_keyframe, merge_answer, plan_offload
-from clients.detector import EdgeModel, StaticModel  # noqa: F401 - StaticModel: embedding the runtime
+from clients.detector import EdgeModel
 from clients.media import EdgeError, Frame, FrameSource, JsonlWriter, VideoAnnotator
 from clients.offload import CloudAnswer, CloudClient, DiskQueue, Offloader, OffloadEntry
 from common.cloud_api import ID_PATTERN, ID_RULE, RUN_PATTERN
@@ -184,6 +183,7 @@ from common.detections import Detections
 from common.keyframes import IoUTracker, KeyframeSelector
 from common.routing import MERGE_POLICIES
 from common.tokens import TOKEN_ENV, resolve_token
+from common.ultralytics_env import CEDAR_HOME
 
 log = logging.getLogger("clients.edge" if __name__ == "__main__" else __name__)
 
@@ -596,7 +596,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             retry_base=args.retry_base, retry_max=args.retry_max, upscale=args.upscale, propagate=args.propagate,
             photos=source.photos, det_conf_source="flag" if fixed_conf else "config")
         queue_dir = Path(args.queue_dir).expanduser() if args.queue_dir else \
-            Path(os.environ.get("CEDAR_HOME", "~/.cache/cedar")).expanduser() / "edge" / args.site / "queue"
+            CEDAR_HOME / "edge" / args.site / "queue"
         # without --conf the detector reaches down to any calibrated threshold; the step cuts the answer there
         detector_conf = settings.detector_conf if fixed_conf else min(settings.detector_conf, CONF_RANGE[0])
         model = EdgeModel(args.weights, onnx=args.onnx, imgsz=args.imgsz, iou=args.iou, conf=detector_conf,

@@ -6,7 +6,6 @@ Plain Python over the YOLO adapter, so it runs (and is tested) without Flower.
 from __future__ import annotations
 
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +14,7 @@ from typing import Any, Iterator, Mapping
 from common import protocol as P
 from common.config import CedarConfig, from_run_config
 from common.sites import SiteSpec, class_names, resolve_site
+from common.ultralytics_env import CEDAR_HOME
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ class LocalSite:
         (:data:`common.protocol.CLOUD_URL`/``CLOUD_TOKEN``), else ``routing.cloud-*``."""
         cfg = from_run_config(run_config)
         spec = resolve_site(cfg, node_config)
-        default_store = Path(os.environ.get("CEDAR_HOME", "~/.cache/cedar")) / "nodes" / spec.site_id
+        default_store = CEDAR_HOME / "nodes" / spec.site_id
         cloud = {k: node_config.get(f"cloud-{k}") for k in ("url", "token-file", "cafile")}
         if not cloud["url"] and config:
             cloud.update(url=config.get(P.CLOUD_URL), token=config.get(P.CLOUD_TOKEN))
@@ -304,7 +304,3 @@ class LocalSite:
                         P.COLLAB_LATENCY_MS: float(np.median([st.edge_ms + st.rtt_ms for st in steps])),
                         P.UPLOAD_BYTES: float(np.mean([st.sent_bytes for st in steps]))})
         return {k: float(v) for k, v in out.items() if np.isfinite(v)}, pictures
-
-    def collab_metrics(self, model) -> dict[str, float]:
-        """The collaboration step's metrics alone (:meth:`collab_round`)."""
-        return self.collab_round(model)[0]

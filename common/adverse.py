@@ -345,10 +345,11 @@ def condition_params(condition: str, severity: int, shape_hw: tuple[int, int] | 
 def apply_with_boxes(image: np.ndarray, boxes_xyxy: np.ndarray | None, condition: str, severity: int,
                      rng: np.random.Generator | int, min_visible: float = MIN_VISIBLE
                      ) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`apply`, plus which of ``boxes_xyxy`` (pixels, ``(N, 4)``) keep their label.
+    """``condition`` (one of :data:`CONDITIONS`) at ``severity`` (0 = clean, 1-3, :data:`PARAMS`), and which
+    of ``boxes_xyxy`` (pixels, ``(N, 4)``, or None) keep their label.
 
     Only occlusion ever drops a label (:func:`keep_visible`); the random draws
-    do not depend on the boxes, so the image equals ``apply``'s for the same seed.
+    do not depend on the boxes, so the image is the same with or without them for the same seed.
     """
     _check_image(image)
     boxes = np.zeros((0, 4)) if boxes_xyxy is None else np.asarray(boxes_xyxy, np.float64).reshape(-1, 4)
@@ -366,11 +367,6 @@ def apply_with_boxes(image: np.ndarray, boxes_xyxy: np.ndarray | None, condition
         return motion_blur(image, p["length_px"], rng=rng), keep
     out, transmission = occlusion(image, p["fraction"], rng, return_transmission=True)
     return out, keep_visible(boxes, transmission, min_visible)
-
-
-def apply(image: np.ndarray, condition: str, severity: int, rng: np.random.Generator | int) -> np.ndarray:
-    """``condition`` (one of :data:`CONDITIONS`) at ``severity`` (0 = clean, 1-3, :data:`PARAMS`)."""
-    return apply_with_boxes(image, None, condition, severity, rng)[0]
 
 
 class AdverseAugment:

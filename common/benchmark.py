@@ -38,6 +38,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from common.config import DataConfig
+from common.detections import yolo_label_lines
+
 log = logging.getLogger(__name__)
 
 GENERATOR_VERSION = 3
@@ -57,31 +60,34 @@ DOMAINS = (
 )
 
 
+_D = DataConfig()
+
+
 @dataclass(frozen=True)
 class GeneratorSettings:
-    """The generator-relevant part of :class:`common.config.DataConfig`."""
+    """The generator-relevant part of :class:`common.config.DataConfig` (its defaults and meaning)."""
 
-    seed: int = 0
-    num_sites: int = 4
-    imgsz: int = 320
-    train_per_site: int = 96
-    val_per_site: int = 24
-    test_per_site: int = 24
-    public_per_site: int = 16
-    public_train_per_site: int = 32
-    objects_per_image: tuple[int, int] = (4, 12)
-    small_px: tuple[int, int] = (4, 12)
-    large_px: tuple[int, int] = (16, 32)
-    small_fraction: float = 0.75
-    occlusion_prob: float = 0.15
-    clutter_per_image: tuple[int, int] = (6, 16)
-    noise_std: float = 14.0
-    contrast: tuple[float, float] = (0.4, 0.85)  # opacity of the drawn objects
-    classes_per_site: int = 5
-    video_frames: int = 60
-    noisy_site: bool = False
-    site_spacing_km: float = 2.0
-    similar_pairs: bool = False
+    seed: int = _D.seed
+    num_sites: int = _D.num_sites
+    imgsz: int = _D.imgsz
+    train_per_site: int = _D.train_per_site
+    val_per_site: int = _D.val_per_site
+    test_per_site: int = _D.test_per_site
+    public_per_site: int = _D.public_per_site
+    public_train_per_site: int = _D.public_train_per_site
+    objects_per_image: tuple[int, int] = tuple(_D.objects_per_image)
+    small_px: tuple[int, int] = tuple(_D.small_px)
+    large_px: tuple[int, int] = tuple(_D.large_px)
+    small_fraction: float = _D.small_fraction
+    occlusion_prob: float = _D.occlusion_prob
+    clutter_per_image: tuple[int, int] = tuple(_D.clutter_per_image)
+    noise_std: float = _D.noise_std
+    contrast: tuple[float, float] = tuple(_D.contrast)  # opacity of the drawn objects
+    classes_per_site: int = _D.classes_per_site
+    video_frames: int = _D.video_frames
+    noisy_site: bool = _D.noisy_site
+    site_spacing_km: float = _D.site_spacing_km
+    similar_pairs: bool = _D.similar_pairs
 
     @classmethod
     def from_data_config(cls, data) -> "GeneratorSettings":
@@ -371,15 +377,10 @@ def render_scene(rng, s: GeneratorSettings, site: Site, size: int) -> tuple[np.n
 
 
 def yolo_lines(boxes, size: int, label_map) -> list[str]:
-    """``cls cx cy w h`` normalised to [0, 1], clipped to the image, 6 decimals."""
-    lines = []
-    for cls, x0, y0, x1, y1 in boxes:
-        x0, y0, x1, y1 = (float(np.clip(v, 0, size)) for v in (x0, y0, x1, y1))
-        if x1 - x0 <= 0 or y1 - y0 <= 0:
-            continue
-        cx, cy, w, h = (x0 + x1) / 2 / size, (y0 + y1) / 2 / size, (x1 - x0) / size, (y1 - y0) / size
-        lines.append(f"{label_map[cls]} {cx:.6f} {cy:.6f} {w:.6f} {h:.6f}")
-    return lines
+    """Label lines of ``(cls, x0, y0, x1, y1)`` pixel boxes on a ``size`` px square, each class written as
+    ``label_map[cls]`` (:func:`common.detections.yolo_label_lines`)."""
+    rows = np.asarray(boxes, dtype=np.float64).reshape(-1, 5)
+    return yolo_label_lines(rows[:, 1:], [label_map[int(c)] for c in rows[:, 0]], size, size)
 
 
 def _write(path_img: Path, path_lbl: Path, img: np.ndarray, lines: list[str]) -> None:

@@ -29,7 +29,6 @@ from omegaconf.errors import OmegaConfBaseException
 from common.protocol import KD_SELECTIONS
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
-PRESETS = ("quick", "standard", "paper")
 
 
 class ConfigError(ValueError):

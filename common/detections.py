@@ -29,7 +29,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 
 __all__ = ["Detections", "as_boxes", "box_area", "box_iou", "nms", "label_path", "read_yolo_labels",
-           "labels_to_pixels", "image_labels", "matched_gt", "compute_ap", "size_range_ap50", "precision_one", "score",
+           "labels_to_pixels", "yolo_label_lines", "image_labels", "matched_gt", "compute_ap", "size_range_ap50", "precision_one", "score",
            "f1_threshold"]
 
 
@@ -66,8 +66,8 @@ class Detections:
     Examples
     --------
     >>> d = Detections([[0, 0, 10, 20]], [0.9], [3])
-    >>> len(d), d.area.tolist(), d.to_list()
-    (1, [200.0], [{'xyxy': [0.0, 0.0, 10.0, 20.0], 'conf': 0.9, 'cls': 3}])
+    >>> len(d), d.to_list()
+    (1, [{'xyxy': [0.0, 0.0, 10.0, 20.0], 'conf': 0.9, 'cls': 3}])
     """
 
     xyxy: Any = field(default_factory=lambda: np.zeros((0, 4)))
@@ -123,11 +123,6 @@ class Detections:
             np.concatenate([p.conf for p in parts]),
             np.concatenate([p.cls for p in parts]),
         )
-
-    @property
-    def area(self) -> np.ndarray:
-        """``(N,)`` box areas ``(x2 - x1)·(y2 - y1)`` in px² (0 for inverted boxes)."""
-        return box_area(self.xyxy)
 
     def to_list(self) -> list[dict[str, Any]]:
         """JSON-friendly ``[{"xyxy": [x1, y1, x2, y2], "conf": c, "cls": k}, ...]``."""
@@ -270,6 +265,26 @@ def labels_to_pixels(rows: Any, width: float, height: float) -> np.ndarray:
     rows = np.asarray(rows, dtype=np.float64).reshape(-1, 5)
     cx, cy, w, h = rows[:, 1] * width, rows[:, 2] * height, rows[:, 3] * width, rows[:, 4] * height
     return np.column_stack([rows[:, 0], cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2])
+
+
+def yolo_label_lines(xyxy: Any, cls: Any, width: float, height: float) -> list[str]:
+    """YOLO label lines ``cls cx cy w h``, normalised to a ``width`` x ``height`` image, 6 decimals.
+
+    Boxes are clipped to the image first; one with no area left is dropped. The inverse of
+    :func:`labels_to_pixels` up to the clipping and the rounding.
+
+    Example: ``[10, 20, 30, 60]`` class 3 on 100x200 -> ``"3 0.200000 0.200000 0.200000 0.200000"``.
+    """
+    if not (width > 0 and height > 0):
+        raise ValueError(f"image size must be positive, got width={width!r}, height={height!r}")
+    boxes = np.asarray(xyxy, dtype=np.float64).reshape(-1, 4)
+    classes = np.asarray(cls).reshape(-1)
+    if len(classes) != len(boxes):
+        raise ValueError(f"{len(boxes)} boxes but {len(classes)} classes")
+    x1, x2 = np.clip(boxes[:, 0], 0, width), np.clip(boxes[:, 2], 0, width)
+    y1, y2 = np.clip(boxes[:, 1], 0, height), np.clip(boxes[:, 3], 0, height)
+    return [f"{int(k)} {(a + c) / 2 / width:.6f} {(b + d) / 2 / height:.6f} {(c - a) / width:.6f} "
+            f"{(d - b) / height:.6f}" for k, a, b, c, d in zip(classes, x1, y1, x2, y2) if c > a and d > b]
 
 
 def image_labels(image: str | Path, width: float, height: float, labels: str | Path | None = None) -> np.ndarray:

@@ -24,7 +24,7 @@ the student only. Choices where the paper is unclear:
 * **Several teachers.** Their soft outputs are mixed as *probabilities* (a mixture
   of their predictive distributions), not logits: averaging logits would make the
   mixture sharper than any teacher where they agree and can invent confident
-  classes neither predicts. The ``*_from_probs`` losses take the mixture directly.
+  classes neither predicts. The losses take teacher probabilities, so a mixture goes in directly.
 """
 
 from __future__ import annotations
@@ -37,47 +37,6 @@ import torch
 import torch.nn.functional as F
 
 
-def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Softmax distillation ``T^2 * mean_samples KL(p_t || p_s)``, ``p = softmax(z / T)`` (paper 4.3, L_KD, p(y)).
-
-    Parameters
-    ----------
-    student_logits, teacher_logits : torch.Tensor
-        Shape ``(..., C)``; classes on the last dim, every leading position is a sample.
-    temperature : float
-        T > 0.
-
-    Returns
-    -------
-    torch.Tensor
-        Scalar.
-
-    Examples
-    --------
-    Teacher logits [0, 0] -> p_t = [0.5, 0.5]; student logits [0, ln 3] -> p_s = [0.25, 0.75];
-    T = 1: KL = 0.5 ln(0.5/0.25) + 0.5 ln(0.5/0.75) = 0.5 (0.69315 - 0.40547) = 0.14384.
-    """
-    _check_temperature(temperature)
-    _check_same_shape(student_logits, teacher_logits)
-    return kd_loss_from_probs(student_logits, F.softmax(teacher_logits.detach() / temperature, dim=-1), temperature)
-
-
-def kd_loss_from_probs(student_logits: torch.Tensor, teacher_probs: torch.Tensor, temperature: float) -> torch.Tensor:
-    """:func:`kd_loss` against given (e.g. mixed, see :func:`mix_teachers`) teacher probabilities at temperature T.
-
-    Parameters
-    ----------
-    student_logits : torch.Tensor
-        Shape ``(..., C)``.
-    teacher_probs : torch.Tensor
-        Shape ``(..., C)``, rows summing to 1.
-    """
-    _check_temperature(temperature)
-    _check_same_shape(student_logits, teacher_probs)
-    per_sample = _softmax_kl(student_logits, teacher_probs, temperature)  # (...)
-    return _masked_mean(per_sample, None) * temperature**2
-
-
 def total_loss(task_loss, kd_loss, alpha: float):
     """``L_total = alpha * L_task + (1 - alpha) * L_KD`` (paper section 4.3, L_total).
 
@@ -88,64 +47,34 @@ def total_loss(task_loss, kd_loss, alpha: float):
     return alpha * task_loss + (1.0 - alpha) * kd_loss
 
 
-def foreground_mask(teacher_logits: torch.Tensor, threshold: float) -> torch.Tensor:
-    """Anchors the teacher calls foreground: ``max_k sigmoid(t_k) >= threshold``.
-
-    Parameters
-    ----------
-    teacher_logits : torch.Tensor
-        Class logits, shape ``(..., nc)``.
-    threshold : float
-        In [0, 1].
-
-    Returns
-    -------
-    torch.Tensor
-        Bool, shape ``(...)``. Example: logits [[0, -5], [-5, -5]], threshold 0.5 -> [True, False].
-    """
-    _check_threshold(threshold)
-    return torch.sigmoid(teacher_logits.detach()).amax(dim=-1) >= threshold
-
-
 def binary_kd_loss(
     student_logits: torch.Tensor,
-    teacher_logits: torch.Tensor,
+    teacher_probs: torch.Tensor,
     temperature: float,
     mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Per-class Bernoulli distillation loss for sigmoid classifiers (paper section 4.3, L_KD for YOLO heads).
 
-    ``T^2 * mean_{anchors in mask} sum_k KL(Bern(p_k) || Bern(q_k))``, ``p = sigmoid(t / T)``,
-    ``q = sigmoid(s / T)``, ``KL = p ln(p/q) + (1-p) ln((1-p)/(1-q))``.
+    ``T^2 * mean_{anchors in mask} sum_k KL(Bern(p_k) || Bern(q_k))``, ``p = sigmoid(t / T)`` (the teacher's,
+    or a mixture of teachers', see :func:`mix_teachers`), ``q = sigmoid(s / T)``,
+    ``KL = p ln(p/q) + (1-p) ln((1-p)/(1-q))``.
 
     Parameters
     ----------
-    student_logits, teacher_logits : torch.Tensor
+    student_logits : torch.Tensor
         Shape ``(..., nc)``.
+    teacher_probs : torch.Tensor
+        ``sigmoid(t / T)``, shape ``(..., nc)``.
     temperature : float
         T > 0.
     mask : torch.Tensor, optional
-        Bool, shape ``(...)`` (e.g. :func:`foreground_mask`); all anchors by default.
+        Bool, shape ``(...)`` (e.g. the teacher's foreground anchors); all anchors by default.
         An empty mask gives a differentiable 0.
 
     Examples
     --------
     t = 0 -> p = 0.5; s = ln 3 -> q = 0.75; KL = 0.5 ln(0.5/0.75) + 0.5 ln(0.5/0.25) = 0.14384.
     """
-    _check_temperature(temperature)
-    _check_same_shape(student_logits, teacher_logits)
-    return binary_kd_loss_from_probs(
-        student_logits, torch.sigmoid(teacher_logits.detach() / temperature), temperature, mask
-    )
-
-
-def binary_kd_loss_from_probs(
-    student_logits: torch.Tensor,
-    teacher_probs: torch.Tensor,
-    temperature: float,
-    mask: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """:func:`binary_kd_loss` against given (e.g. mixed) teacher probabilities ``sigmoid(t / T)``, ``(..., nc)``."""
     _check_temperature(temperature)
     _check_same_shape(student_logits, teacher_probs)
     p = teacher_probs.detach()
@@ -159,7 +88,7 @@ def binary_kd_loss_from_probs(
 
 def dfl_kd_loss(
     student_dfl: torch.Tensor,
-    teacher_dfl: torch.Tensor,
+    teacher_probs: torch.Tensor,
     temperature: float,
     mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
@@ -170,8 +99,10 @@ def dfl_kd_loss(
 
     Parameters
     ----------
-    student_dfl, teacher_dfl : torch.Tensor
-        Shape ``(..., 4, reg_max)`` (Ultralytics: reg_max = 16).
+    student_dfl : torch.Tensor
+        Logits, shape ``(..., 4, reg_max)`` (Ultralytics: reg_max = 16).
+    teacher_probs : torch.Tensor
+        ``softmax(t / T)`` over the bins (or a mixture of teachers'), shape ``(..., 4, reg_max)``.
     temperature : float
         T > 0.
     mask : torch.Tensor, optional
@@ -179,20 +110,8 @@ def dfl_kd_loss(
 
     Examples
     --------
-    Every side with teacher [0, 0] and student [0, ln 3] (reg_max = 2) -> 0.14384 per side -> 0.14384.
+    Every side with teacher [0.5, 0.5] and student logits [0, ln 3] (reg_max = 2) -> 0.14384 per side -> 0.14384.
     """
-    _check_temperature(temperature)
-    _check_same_shape(student_dfl, teacher_dfl)
-    return dfl_kd_loss_from_probs(student_dfl, F.softmax(teacher_dfl.detach() / temperature, dim=-1), temperature, mask)
-
-
-def dfl_kd_loss_from_probs(
-    student_dfl: torch.Tensor,
-    teacher_probs: torch.Tensor,
-    temperature: float,
-    mask: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """:func:`dfl_kd_loss` against given (e.g. mixed) teacher bin probabilities, shape ``(..., 4, reg_max)``."""
     _check_temperature(temperature)
     _check_same_shape(student_dfl, teacher_probs)
     if student_dfl.dim() < 2 or student_dfl.shape[-2] != 4:
@@ -366,8 +285,8 @@ def detection_kd_loss(
             box_masks.append(gt & (t_iou > s_iou))
 
     cls_mask, box_mask = torch.cat(cls_masks), torch.cat(box_masks)  # (A,) over all shared levels
-    cls = binary_kd_loss_from_probs(torch.cat(s_cls), torch.cat(t_cls), temperature, cls_mask)
-    box = dfl_kd_loss_from_probs(torch.cat(s_dfl), torch.cat(t_dfl), temperature, box_mask)
+    cls = binary_kd_loss(torch.cat(s_cls), torch.cat(t_cls), temperature, cls_mask)
+    box = dfl_kd_loss(torch.cat(s_dfl), torch.cat(t_dfl), temperature, box_mask)
     return DetectionKDLoss(cls_weight * cls + box_weight * box, cls, box, int(cls_mask.sum()),
                            tuple(sorted(strides)))
 

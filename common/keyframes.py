@@ -7,17 +7,20 @@ difference method::
     f_t is a keyframe  <=>  Δf_t > β · median({Δf_i}_{i=1..t}),  β ∈ {1.5, 2}
 
 and groups keyframes into temporal windows ``W_j = {k_1, ..., k_m}`` over which
-object trajectories are built. The paper leaves several things open; the
+object trajectories are built (here the tracks' hit/miss history over the last
+keyframes, see Tracks below). The paper leaves several things open; the
 choices made here are:
 
 Scale of Δf_t
     Each frame is converted to grayscale (ITU-R BT.601 weights on BGR, the
     weights OpenCV's ``BGR2GRAY`` uses), area-averaged down to ``size``
-    (64×64 by default), scaled to [0, 1] by /255, and the L2 norm of the
-    difference is divided by ``sqrt(number of pixels)``. So Δf_t is the RMS
-    grey-level change in [0, 1]: independent of the camera resolution and of
-    ``size``, which keeps β and the absolute cut threshold meaningful across
-    cameras. (β multiplies a median, so it is scale free anyway; the cut
+    (64×64 by default), scaled to [0, 1] by /255 (:func:`preprocess_frame`), and
+    the L2 norm of the difference is divided by ``sqrt(number of pixels)``:
+    ``Δ = ||g(f_t) − g(f_{t−1})||_2 / sqrt(h·w)``. So Δf_t is the RMS grey-level
+    change in [0, 1]: independent of the camera resolution and of ``size``,
+    which keeps β and the absolute cut threshold meaningful across cameras.
+    Black → white everywhere gives Δ = 1; only the left half turning from 0 to
+    255 gives ``sqrt(0.5)``; a uniform change from grey 10 to 27 gives 17/255. (β multiplies a median, so it is scale free anyway; the cut
     threshold is not.)
 
 Sampling large frames
@@ -94,7 +97,7 @@ import logging
 from collections import deque
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -108,10 +111,7 @@ __all__ = [
     "area_resize",
     "sample_grid",
     "preprocess_frame",
-    "frame_difference",
     "KeyframeSelector",
-    "select_keyframes",
-    "KeyframeWindow",
     "box_iou",
     "Track",
     "IoUTracker",
@@ -130,17 +130,17 @@ REASON_GAP = "gap"
 # --------------------------------------------------------------------------- #
 # Frame preprocessing and the inter-frame difference
 # --------------------------------------------------------------------------- #
-def _check_frame(frame: Any, name: str = "frame") -> np.ndarray:
+def _check_frame(frame: Any) -> np.ndarray:
     if not isinstance(frame, np.ndarray):
-        raise ValueError(f"{name} must be a numpy array, got {type(frame).__name__}")
+        raise ValueError(f"frame must be a numpy array, got {type(frame).__name__}")
     if frame.dtype != np.uint8:
-        raise ValueError(f"{name} must have dtype uint8, got {frame.dtype}")
+        raise ValueError(f"frame must have dtype uint8, got {frame.dtype}")
     if frame.ndim == 3 and frame.shape[2] == 1:
         frame = frame[:, :, 0]
     if not (frame.ndim == 2 or (frame.ndim == 3 and frame.shape[2] == 3)):
-        raise ValueError(f"{name} must be HxW or HxWx3 (BGR), got shape {frame.shape}")
+        raise ValueError(f"frame must be HxW or HxWx3 (BGR), got shape {frame.shape}")
     if frame.shape[0] == 0 or frame.shape[1] == 0:
-        raise ValueError(f"{name} is empty: shape {frame.shape}")
+        raise ValueError(f"frame is empty: shape {frame.shape}")
     return frame
 
 
@@ -301,40 +301,6 @@ def _small_difference(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.linalg.norm(b - a) / np.sqrt(a.size))
 
 
-def frame_difference(prev: np.ndarray, cur: np.ndarray, size: tuple[int, int] = (64, 64),
-                     oversample: int = 4) -> float:
-    """Inter-frame difference Δf_t = ||f_t − f_{t−1}||_2 on a normalised scale.
-
-    ``Δ = ||g(cur) − g(prev)||_2 / sqrt(h·w)``, where ``g`` = grayscale (BT.601),
-    area-resized to ``size = (h, w)``, divided by 255. Δ is the RMS grey-level
-    change, in [0, 1], independent of the input resolution. The two frames may
-    have different resolutions or channel counts (each is resized on its own).
-
-    Parameters
-    ----------
-    prev, cur : np.ndarray
-        ``(H, W)`` or ``(H, W, 3)`` uint8 frames (BGR as OpenCV gives them).
-    size : tuple of int
-        ``(height, width)`` of the downscaled copies, default 64×64.
-    oversample : int
-        Strided sampling of large frames (see :func:`preprocess_frame`); 0: every pixel.
-
-    Returns
-    -------
-    float
-        Δ in [0, 1].
-
-    Examples
-    --------
-    Black → white everywhere: every pixel changes by 1, so Δ = 1. Only the
-    left half turning from 0 to 255: ``sqrt(0.5·64·64·1²) / 64 = sqrt(0.5)``
-    ≈ 0.7071. A uniform grey level change from 10 to 27 gives 17/255 ≈ 0.0667.
-    """
-    prev = _check_frame(prev, "prev")
-    cur = _check_frame(cur, "cur")
-    return _small_difference(preprocess_frame(prev, size, oversample), preprocess_frame(cur, size, oversample))
-
-
 # --------------------------------------------------------------------------- #
 # Keyframe selection
 # --------------------------------------------------------------------------- #
@@ -368,7 +334,7 @@ class KeyframeSelector:
     min_delta : float
         Floor under the median so still video does not make flicker key.
     size : tuple of int
-        ``(height, width)`` of the downscaled copies (see :func:`frame_difference`).
+        ``(height, width)`` of the downscaled copies (see :func:`preprocess_frame`).
     oversample : int
         Strided sampling of large frames (see :func:`preprocess_frame`); 0: every pixel.
     history : int or None
@@ -378,8 +344,6 @@ class KeyframeSelector:
 
     Attributes
     ----------
-    last_reason : str or None
-        ``"first"``, ``"cut"``, ``"motion"``, ``"gap"`` or ``None`` for the last frame.
     last_delta : float or None
         Δf_t of the last frame (``None`` for the first frame).
     last_threshold : float or None
@@ -438,14 +402,8 @@ class KeyframeSelector:
         self._deltas: deque[float] = deque(maxlen=self.history)
         self.frame_index = -1  # index of the last frame seen
         self.last_key_index = -1  # index of the last keyframe
-        self.last_reason: str | None = None
         self.last_delta: float | None = None
         self.last_threshold: float | None = None
-
-    @property
-    def deltas(self) -> tuple[float, ...]:
-        """The differences the median currently runs over, oldest first."""
-        return tuple(self._deltas)
 
     def update_with_reason(self, frame: np.ndarray) -> tuple[bool, str | None]:
         """Feed the next frame; return ``(is_key, reason)``.
@@ -479,7 +437,6 @@ class KeyframeSelector:
         return self._decide(None)
 
     def _decide(self, reason: str | None) -> tuple[bool, str | None]:
-        self.last_reason = reason
         if reason is not None:
             self.last_key_index = self.frame_index
             logger.debug(
@@ -492,87 +449,8 @@ class KeyframeSelector:
         return reason is not None, reason
 
     def update(self, frame: np.ndarray) -> bool:
-        """Feed the next frame; return whether it is a keyframe (see ``last_reason``)."""
+        """Feed the next frame; return whether it is a keyframe."""
         return self.update_with_reason(frame)[0]
-
-
-def select_keyframes(frames: Iterable[np.ndarray], **kwargs: Any) -> list[int]:
-    """Indices of the keyframes of a frame sequence.
-
-    Parameters
-    ----------
-    frames : iterable of np.ndarray
-        uint8 frames, ``(H, W)`` or ``(H, W, 3)`` BGR.
-    **kwargs
-        Passed to :class:`KeyframeSelector` (``beta``, ``warmup``, ...).
-
-    Returns
-    -------
-    list of int
-        0-based indices of the frames that are keyframes; ``[0, ...]`` unless empty.
-
-    Examples
-    --------
-    Five identical frames → ``[0]`` (only the first frame is key).
-    """
-    selector = KeyframeSelector(**kwargs)
-    return [i for i, frame in enumerate(frames) if selector.update(frame)]
-
-
-# --------------------------------------------------------------------------- #
-# Temporal windows W_j
-# --------------------------------------------------------------------------- #
-class KeyframeWindow:
-    """Temporal window ``W_j = {k_1, ..., k_m}`` of the last ``size`` keyframes.
-
-    Keeps ``(frame_index, payload)`` pairs, oldest first; the payload is whatever
-    the caller stores per keyframe (typically that keyframe's detections). When
-    full, pushing drops the oldest keyframe.
-
-    Parameters
-    ----------
-    size : int
-        m, the number of keyframes kept (>= 1).
-
-    Examples
-    --------
-    With ``size=2``, pushing keyframes 0, 4, 9 leaves ``frame_indices == (4, 9)``.
-    """
-
-    def __init__(self, size: int = 5) -> None:
-        if int(size) != size or size < 1:
-            raise ValueError(f"size must be an integer >= 1, got {size!r}")
-        self.size = int(size)
-        self._items: deque[tuple[int, Any]] = deque(maxlen=self.size)
-
-    def push(self, frame_index: int, payload: Any = None) -> None:
-        """Append a keyframe; frame indices must increase."""
-        if self._items and frame_index <= self._items[-1][0]:
-            raise ValueError(
-                f"frame_index must increase: got {frame_index} after {self._items[-1][0]}"
-            )
-        self._items.append((int(frame_index), payload))
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-    def __iter__(self) -> Iterator[tuple[int, Any]]:
-        return iter(self._items)
-
-    @property
-    def full(self) -> bool:
-        return len(self._items) == self.size
-
-    @property
-    def frame_indices(self) -> tuple[int, ...]:
-        return tuple(i for i, _ in self._items)
-
-    @property
-    def payloads(self) -> list[Any]:
-        return [p for _, p in self._items]
-
-    def clear(self) -> None:
-        self._items.clear()
 
 
 # --------------------------------------------------------------------------- #

@@ -31,7 +31,7 @@ import numpy as np
 from common.detections import Detections, as_boxes
 
 __all__ = ["crop_regions", "merge_overlapping", "to_frame_coords", "OffloadPlan", "offload_plan", "crop_image",
-           "encode_regions", "shelf_pack", "atlas_layout", "encode_atlas", "payload_bytes", "raw_bytes"]
+           "encode_regions", "shelf_pack", "atlas_layout", "encode_atlas", "payload_bytes"]
 
 
 def _image_hw(image_shape: Any) -> tuple[int, int]:
@@ -387,13 +387,3 @@ def payload_bytes(encoded: Iterable[bytes | int]) -> int:
         total += n
     return total
 
-
-def raw_bytes(regions: Any, channels: int = 3) -> int:
-    """Uncompressed size of the regions: ``sum (x2-x1)·(y2-y1)·channels``.
-
-    Examples
-    --------
-    Regions 40×32 and 640×480 at 3 channels: 3840 + 921600 = 925440 bytes.
-    """
-    r = np.asarray(regions, dtype=np.int64).reshape(-1, 4)
-    return int(((r[:, 2] - r[:, 0]) * (r[:, 3] - r[:, 1])).sum() * int(channels))

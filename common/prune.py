@@ -6,8 +6,8 @@ contribution to overall information flow", keeping "only the most essential
 channels, those with higher entropy". Here:
 
 1. **Score.** Every prunable channel gets the Shannon entropy of its post-activation
-   values over a calibration set (:func:`channel_entropy`; two streaming passes over
-   the images, :class:`EntropyMeter`).
+   values over a calibration set (:class:`EntropyMeter`: two streaming passes over
+   the images).
 2. **Select.** Each channel group (below) keeps its ``round(keep_fraction * size)``
    highest-entropy channels (at least ``min_channels``); one ``keep_fraction`` for the
    whole model, found by bisection so that a requested fraction of the model's
@@ -112,9 +112,12 @@ def entropy_from_counts(counts: torch.Tensor) -> torch.Tensor:
     return -(p * torch.where(p > 0, p.log(), torch.zeros_like(p))).sum(-1)
 
 
-def channel_entropy(x: torch.Tensor | np.ndarray, bins: int = DEFAULT_BINS, shared_range: bool = True
-                    ) -> torch.Tensor:
-    """Histogram entropy (nats) of each channel's values; ``x`` is ``(N, C)`` samples or ``(B, C, H, W)`` maps.
+class EntropyMeter:
+    """Histogram entropy (nats) of each channel's values, over data seen in batches.
+
+    ``update(x)`` takes ``(B, C, H, W)`` maps (or ``(N, C)`` samples); pass 1 finds the
+    range(s), then call :meth:`start_counting` and feed the same data again: pass 2 bins,
+    and :meth:`entropy` gives one value per channel.
 
     The estimator (the score of the platform's entropy channel filtering):
     every post-activation value of a channel, at every position of every calibration
@@ -147,27 +150,6 @@ def channel_entropy(x: torch.Tensor | np.ndarray, bins: int = DEFAULT_BINS, shar
     one taking -1 and 7 equally often (bins 0 and 7) -> ln 2 = 0.6931; [0, 0, 1, 3] (bins
     1, 1, 2, 4: counts [2, 1, 1]) -> 1.5 ln 2 = 1.0397. A channel alternating 0 and 0.1
     in that layer falls in bin 1 only -> 0; with ``shared_range=False`` it scores ln 2.
-    """
-    x = torch.as_tensor(x)
-    if x.ndim == 4:  # (B, C, H, W) -> (B*H*W, C)
-        x = x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])
-    if x.ndim != 2 or x.shape[0] == 0:
-        raise ValueError(f"expected (N, C) samples or (B, C, H, W) maps with N > 0, got shape {tuple(x.shape)}")
-    if bins < 1:
-        raise ValueError(f"bins={bins}: need at least one bin")
-    meter = EntropyMeter(x.shape[1], bins, shared_range)
-    meter.update(x)
-    meter.start_counting()
-    meter.update(x)
-    return meter.entropy()
-
-
-class EntropyMeter:
-    """:func:`channel_entropy` over data seen in batches: pass 1 finds the range(s), pass 2 bins.
-
-    ``update(x)`` takes ``(B, C, H, W)`` maps (or ``(N, C)`` samples); call
-    :meth:`start_counting` between the passes and feed the same data again. After
-    pass 2, :meth:`entropy` equals ``channel_entropy(all the data, bins, shared_range)``.
     """
 
     def __init__(self, channels: int, bins: int = DEFAULT_BINS, shared_range: bool = True):
@@ -436,24 +418,6 @@ def _inside_chain(path: str) -> bool:
 # --------------------------------------------------------------------------- surgery
 
 
-def zero_channels(model: nn.Module, group: ChannelGroup, channels: Sequence[int]) -> None:
-    """Make ``channels`` of ``group`` exactly 0 everywhere (BN gamma = beta = 0 on every producer and pass-through).
-
-    With SiLU(0) = 0, zero channels contribute nothing downstream, so cutting them
-    must leave the model's output unchanged: a test oracle for :func:`apply_pruning`.
-    """
-    idx = torch.as_tensor(list(channels), dtype=torch.long)
-    with torch.no_grad():
-        for path, offset in group.producers:
-            bn = model.get_submodule(path).bn
-            bn.weight[idx + offset] = 0.0
-            bn.bias[idx + offset] = 0.0
-        for path in group.passthrough:
-            bn = model.get_submodule(path).bn
-            bn.weight[idx] = 0.0
-            bn.bias[idx] = 0.0
-
-
 def _cut_conv(conv: nn.Conv2d, out_keep: torch.Tensor | None, in_keep: torch.Tensor | None) -> None:
     w = conv.weight.data
     depthwise = conv.groups > 1
@@ -628,7 +592,7 @@ def calibrate(model: nn.Module, groups: Sequence[ChannelGroup], batches: Iterabl
               bins: int = DEFAULT_BINS, shared_range: bool = True) -> Calibration:
     """Per-channel entropy of every prunable group, and consumer input means, over ``batches`` ``(B, 3, H, W)``.
 
-    Entropy as in :func:`channel_entropy`, the shared range being that of the
+    Entropy as in :class:`EntropyMeter`, the shared range being that of the
     group's channels in one signal tensor. Runs the model (in eval mode) twice over
     the batches (pass 1: ranges and means, pass 2: histograms; the batches must be
     the same both times, so ``batches`` is materialised). A group with several
@@ -687,18 +651,11 @@ def calibrate(model: nn.Module, groups: Sequence[ChannelGroup], batches: Iterabl
                        {path: (total / n).float() for path, (total, n) in sums.items()})
 
 
-def group_entropies(model: nn.Module, groups: Sequence[ChannelGroup], batches: Iterable[torch.Tensor],
-                    bins: int = DEFAULT_BINS) -> dict[str, torch.Tensor]:
-    """Per-channel entropy (nats) of every prunable group over ``batches`` (:func:`calibrate`'s ``entropy``)."""
-    return calibrate(model, groups, batches, bins).entropy
-
-
 # --------------------------------------------------------------------------- to a target ratio
 
 
 @dataclass
 class PruneReport:
-    ratio_requested: float
     keep_fraction: float
     params_before: int
     params_after: int
@@ -714,12 +671,6 @@ class PruneReport:
 def _params_after(model: nn.Module, groups: Sequence[ChannelGroup], keep_fraction: float, min_channels: int) -> int:
     """Parameters left by a cut to ``keep_fraction`` (which channels does not matter for the count)."""
     return _parameters_after(model, *_masks(model, groups, select_channels({}, groups, keep_fraction, min_channels)))
-
-
-def max_prune_ratio(model: nn.Module, min_channels: int = 1) -> float:
-    """The largest fraction of parameters this pruner can remove (every prunable group cut to ``min_channels``)."""
-    groups = find_groups(model)
-    return 1.0 - _params_after(model, groups, 0.0, min_channels) / yolo.count_parameters(model)
 
 
 def prune_to_ratio(model: nn.Module, ratio: float, entropy: dict[str, torch.Tensor],
@@ -749,7 +700,7 @@ def prune_to_ratio(model: nn.Module, ratio: float, entropy: dict[str, torch.Tens
     keep = select_channels(entropy, groups, lo, min_channels)
     apply_pruning(model, groups, keep, input_mean)
     after = yolo.count_parameters(model)
-    report = PruneReport(ratio, lo, before, after, len(keep), sum(g.frozen for g in groups),
+    report = PruneReport(lo, before, after, len(keep), sum(g.frozen for g in groups),
                          {name: len(ch) for name, ch in keep.items()})
     log.info("pruned %d groups (%d frozen) to keep fraction %.3f: %d -> %d parameters (%.1f %% removed)",
              report.groups_pruned, report.groups_frozen, lo, before, after, 100 * report.ratio_achieved)

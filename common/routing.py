@@ -64,10 +64,6 @@ __all__ = [
     "Routing",
     "route",
     "merge",
-    "OffloadStats",
-    "offload_stats",
-    "offload_fraction",
-    "keyframe_offload_fraction",
     "reason_counts",
 ]
 
@@ -329,56 +325,6 @@ def merge(
     fused = Detections(w * pe.xyxy + (1 - w) * pc.xyxy, 1.0 - (1.0 - pe.conf) * (1.0 - pc.conf),
                        np.where(pc.conf > pe.conf, pc.cls, pe.cls))
     return Detections.concat([fused, edge.select(free_e & keep), cloud.select(free_c)])
-
-
-# --------------------------------------------------------------------------- #
-# Offload metrics
-# --------------------------------------------------------------------------- #
-@dataclass(frozen=True)
-class OffloadStats:
-    """Offload counts over keyframes; fractions are 0.0 when the total is 0."""
-
-    detections: int
-    detections_offloaded: int
-    keyframes: int
-    keyframes_with_offload: int
-
-    @property
-    def detection_fraction(self) -> float:
-        return self.detections_offloaded / self.detections if self.detections else 0.0
-
-    @property
-    def keyframe_fraction(self) -> float:
-        return self.keyframes_with_offload / self.keyframes if self.keyframes else 0.0
-
-
-def offload_stats(masks: Iterable[Any]) -> OffloadStats:
-    """Counts from one offload mask per keyframe.
-
-    Examples
-    --------
-    Masks ``[T, F]``, ``[F, F, F]``, ``[]``: 5 detections, 1 offloaded (0.2);
-    3 keyframes, 1 with an offload (1/3).
-    """
-    n_det = n_off = n_kf = n_kf_off = 0
-    for m in masks:
-        m = np.asarray(m, dtype=bool).reshape(-1)
-        n_kf += 1
-        n_det += m.size
-        k = int(m.sum())
-        n_off += k
-        n_kf_off += k > 0
-    return OffloadStats(n_det, n_off, n_kf, n_kf_off)
-
-
-def offload_fraction(masks: Iterable[Any]) -> float:
-    """Fraction of all detections that were offloaded (0.0 if there are none)."""
-    return offload_stats(masks).detection_fraction
-
-
-def keyframe_offload_fraction(masks: Iterable[Any]) -> float:
-    """Fraction of keyframes with at least one offloaded detection (0.0 if none)."""
-    return offload_stats(masks).keyframe_fraction
 
 
 def reason_counts(reasons: Iterable[tuple[str, ...]]) -> dict[str, int]:

@@ -65,11 +65,6 @@ class Plan:
         """The nodes to evaluate on the shared benchmark this round."""
         return frozenset(self.reasons)
 
-    @property
-    def changed(self) -> bool:
-        """Whether the graph must be recomputed this round (a node evaluated or dropped)."""
-        return bool(self.reasons or self.dropped)
-
 
 def periodic_turn(node: Hashable, t_cycle: int) -> int:
     """The node's periodic round modulo ``t_cycle``: ``crc32(str(node)) % t_cycle`` (stable across processes).

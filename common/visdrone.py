@@ -73,6 +73,8 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
+from common.detections import yolo_label_lines
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -82,8 +84,6 @@ __all__ = [
     "parse_line",
     "read_det_annotation",
     "read_vid_annotation",
-    "to_yolo",
-    "yolo_line",
     "convert_boxes",
     "image_size",
     "Sample",
@@ -220,57 +220,20 @@ def read_vid_annotation(path: str | Path) -> dict[int, list[VisDroneBox]]:
     return dict(by_frame)
 
 
-def to_yolo(
-    box: VisDroneBox, image_size: tuple[int, int]
-) -> tuple[int, float, float, float, float] | None:
-    """YOLO ``(cls, cx, cy, w, h)`` (normalised) for one box, or ``None`` if dropped.
+def convert_boxes(boxes: Iterable[VisDroneBox], image_size: tuple[int, int]) -> list[str]:
+    """YOLO label lines for the boxes kept, in input order (:func:`common.detections.yolo_label_lines`).
 
-    Dropped: ``score == 0``, category 0 or 11, or zero area after clipping to
-    the image. Clipping: ``x1 = max(0, left)``, ``x2 = min(W, left + width)``
-    (same for y); then ``cx = (x1 + x2) / 2W``, ``w = (x2 - x1) / W``.
-
-    Parameters
-    ----------
-    box : VisDroneBox
-    image_size : tuple of int
-        ``(width, height)`` in pixels.
+    Dropped: ``score == 0`` (an ignored region), category 0 or 11, or no area left after
+    clipping to the image. Class = category - 1.
 
     Examples
     --------
     Box ``left=90, top=10, width=20, height=20``, category 4 (car), image
-    100×50: clipped to x 90..100, y 10..30 → ``(3, 0.95, 0.4, 0.1, 0.4)``.
+    100×50: clipped to x 90..100, y 10..30 → ``"3 0.950000 0.400000 0.100000 0.400000"``.
     """
-    img_w, img_h = image_size
-    if img_w <= 0 or img_h <= 0:
-        raise ValueError(f"image_size must be positive (width, height), got {image_size!r}")
-    if box.score == 0 or box.category in IGNORED_CATEGORIES:
-        return None
-    x1, y1 = max(0, box.left), max(0, box.top)
-    x2, y2 = min(img_w, box.left + box.width), min(img_h, box.top + box.height)
-    if x2 <= x1 or y2 <= y1:
-        return None
-    return (
-        box.category - 1,
-        (x1 + x2) / 2 / img_w,
-        (y1 + y2) / 2 / img_h,
-        (x2 - x1) / img_w,
-        (y2 - y1) / img_h,
-    )
-
-
-def yolo_line(cls: int, cx: float, cy: float, w: float, h: float) -> str:
-    """``"cls cx cy w h"`` with 6 decimals, e.g. ``"3 0.950000 0.400000 0.100000 0.400000"``."""
-    return f"{int(cls)} {cx:.6f} {cy:.6f} {w:.6f} {h:.6f}"
-
-
-def convert_boxes(boxes: Iterable[VisDroneBox], image_size: tuple[int, int]) -> list[str]:
-    """YOLO label lines for the boxes that survive :func:`to_yolo`, in input order."""
-    out = []
-    for box in boxes:
-        y = to_yolo(box, image_size)
-        if y is not None:
-            out.append(yolo_line(*y))
-    return out
+    kept = [b for b in boxes if b.score != 0 and b.category not in IGNORED_CATEGORIES]
+    return yolo_label_lines([(b.left, b.top, b.left + b.width, b.top + b.height) for b in kept],
+                            [b.category - 1 for b in kept], *image_size)
 
 
 # --------------------------------------------------------------------------- #

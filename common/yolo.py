@@ -603,10 +603,6 @@ class EvalResult:
     def to_dict(self) -> dict:
         return asdict(self)
 
-    @property
-    def present_classes(self) -> list[int]:
-        return [i for i, v in enumerate(self.ap50) if not math.isnan(v)]
-
 
 def evaluate(
     model: DetectionModel,

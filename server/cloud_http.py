@@ -127,7 +127,6 @@ def media_type(content_type: str | None) -> tuple[str, Message]:
 @dataclass
 class Part:
     name: str | None
-    filename: str | None
     content_type: str
     data: bytes
 
@@ -155,7 +154,7 @@ def parse_multipart(body: bytes, boundary: str | tuple | None, max_parts: int, l
         if not sep:
             raise RequestError(400, f"malformed multipart body: part {len(parts)} has no header end")
         headers = HeaderParser().parsestr(head.lstrip(b" \t").lstrip(b"\r\n").decode("latin-1"))
-        parts.append(Part(headers.get_param("name", header="content-disposition"), headers.get_filename(),
+        parts.append(Part(headers.get_param("name", header="content-disposition"),
                           headers.get_content_type() if headers.get("content-type") else "", data))
     raise RequestError(400, "malformed multipart body: no closing boundary")
 

@@ -18,9 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-import numpy as np
-
-from common.detections import Detections
+from common.detections import Detections, yolo_label_lines
 from common.files import atomic_write
 
 SUFFIX = {"jpeg": ".jpg", "png": ".png"}
@@ -47,22 +45,6 @@ class Sample:
     dets: Detections
     origin: tuple[float, float] | None = None
     scale: Any = None
-
-
-def yolo_label_lines(dets: Detections, width: int, height: int) -> list[str]:
-    """``cls cx cy w h`` normalised to a ``width`` x ``height`` image (boxes clipped; empty ones dropped).
-
-    Example: ``[10, 20, 30, 60]`` class 3 on 100x200 -> ``"3 0.200000 0.200000 0.200000 0.200000"``.
-    """
-    lines = []
-    for (x1, y1, x2, y2), k in zip(dets.xyxy, dets.cls):
-        x1, x2 = np.clip([x1, x2], 0, width)
-        y1, y2 = np.clip([y1, y2], 0, height)
-        if x2 - x1 <= 0 or y2 - y1 <= 0:
-            continue
-        lines.append(f"{int(k)} {(x1 + x2) / 2 / width:.6f} {(y1 + y2) / 2 / height:.6f} "
-                     f"{(x2 - x1) / width:.6f} {(y2 - y1) / height:.6f}")
-    return lines
 
 
 class HardSampleStore:
@@ -132,7 +114,7 @@ class HardSampleStore:
             try:
                 for s in samples:
                     height, width = s.image_hw
-                    lines = yolo_label_lines(s.dets, width, height)
+                    lines = yolo_label_lines(s.dets.xyxy, s.dets.cls, width, height)
                     sample_id = self._claim(s.site, s.frame or f"t{time.time_ns() // 1_000_000}")
                     label, image = self.labels / f"{sample_id}.txt", self.images / f"{sample_id}{SUFFIX[s.fmt]}"
                     written.append(label)

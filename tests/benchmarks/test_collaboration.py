@@ -80,3 +80,18 @@ def test_collaboration_benchmark_runs_end_to_end(tiny_overrides, tmp_path):
     assert "## Every site (sites 0, 1;" in md and "| 1 | " in md and "| mean | " in md
     assert "| crops, fuse+keep > both edge and cloud alone | " in md and "| crop zoom |" in md
     assert 0 <= res["images_cloud"]["recall"] <= 1 or res["images_cloud"]["recall"] != res["images_cloud"]["recall"]
+
+
+def test_site_test_data_reads_the_test_split_and_every_video_frame(tiny_benchmark):
+    """Site 0 of the tiny benchmark: 4 test images, 12 video frames at 128 px; label rows in pixels."""
+    # Execute
+    images_dir, image_gts, video_dir, video_gts = collaboration.site_test_data(tiny_benchmark, 0)
+    # Assert
+    assert images_dir == tiny_benchmark.site_dir(0) / "images" / "test" and len(image_gts) == 4
+    assert video_dir == tiny_benchmark.video_dir(0) and len(video_gts) == 12
+    label_files = [video_dir / "labels" / f"{i:06d}.txt" for i in range(12)]
+    first = [line.split() for line in label_files[0].read_text().splitlines()]
+    assert [len(g) for g in video_gts] == [len(f.read_text().splitlines()) for f in label_files]
+    cls, cx, cy, w, h = map(float, first[0])  # normalised centre and size -> corners at 128 px
+    assert video_gts[0][0].tolist() == pytest.approx([cls, 128 * (cx - w / 2), 128 * (cy - h / 2),
+                                                      128 * (cx + w / 2), 128 * (cy + h / 2)])

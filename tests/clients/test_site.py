@@ -263,7 +263,7 @@ def test_collab_metrics_with_a_detector_that_returns_the_ground_truth(site1, mon
     all_boxes = np.concatenate(gts)[:, 1:]
     small = (all_boxes[:, 2] - all_boxes[:, 0]) * (all_boxes[:, 3] - all_boxes[:, 1]) < 256
 
-    m = site1.collab_metrics(model=None)
+    m = site1.collab_round(model=None)[0]
 
     assert m[P.EDGE_RECALL] == 1.0 and m[P.EDGE_FNR] == 0.0
     assert m[P.EDGE_MAP50] == pytest.approx(0.995)  # every class ranked perfectly: Ultralytics' 101-point AP
@@ -310,7 +310,7 @@ def test_collab_metrics_merge_the_cloud_answer(site1, monkeypatch, answer):
     monkeypatch.setattr(site1, "edge_predictor", lambda model: perfect)
     monkeypatch.setattr(site1, "cloud_client", lambda: cloud)
 
-    m = site1.collab_metrics(model=None)
+    m = site1.collab_round(model=None)[0]
 
     assert cloud.closed
     assert m[P.EDGE_RECALL] == 1.0  # the edge metrics never depend on the cloud
@@ -336,7 +336,7 @@ def test_candidates_count_only_where_the_cloud_confirms_them(site1, monkeypatch,
     monkeypatch.setattr(site1, "edge_predictor", lambda model: faint)
     monkeypatch.setattr(site1, "cloud_client", lambda: cloud)
 
-    m = site1.collab_metrics(model=None)
+    m = site1.collab_round(model=None)[0]
 
     assert site1.collab_settings().detector_conf == site1.cfg.routing.candidate_conf == 0.05
     assert m[P.EDGE_RECALL] == 0.0 and all(all(e.offloaded) for e in cloud.entries) and cloud.entries
@@ -356,7 +356,7 @@ def test_collab_round_gallery_gives_plain_boxes_offloaded_images_first(site1, mo
 
     assert len(items) == 3 and cloud.closed
     timed = (P.EDGE_LATENCY_MS, P.COLLAB_LATENCY_MS)
-    again = site1.collab_metrics(model=None)
+    again = site1.collab_round(model=None)[0]
     assert {k: v for k, v in metrics.items() if k not in timed} == {k: v for k, v in again.items() if k not in timed}
     offloaded = [e.frame for e in cloud.entries]
     first = items[0]
@@ -493,7 +493,7 @@ def test_collab_metrics_with_a_cloud_but_nothing_to_offload_equal_the_edge(site1
     monkeypatch.setattr(site1, "edge_predictor", lambda model, conf=None: lambda image: Detections.empty())
     monkeypatch.setattr(site1, "cloud_client", lambda: cloud)
 
-    m = site1.collab_metrics(model=None)
+    m = site1.collab_round(model=None)[0]
 
     assert cloud.entries == []
     assert (m[P.COLLAB_RECALL], m[P.COLLAB_FNR], m[P.UPLOAD_BYTES]) == (m[P.EDGE_RECALL], m[P.EDGE_FNR], 0.0) == (

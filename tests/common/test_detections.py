@@ -8,6 +8,7 @@ import pytest
 
 from common.detections import (
     Detections,
+    box_area,
     image_labels,
     label_path,
     labels_to_pixels,
@@ -16,6 +17,7 @@ from common.detections import (
     precision_one,
     read_yolo_labels,
     score,
+    yolo_label_lines,
 )
 
 
@@ -83,7 +85,7 @@ def test_matched_gt_hand_checked():
 
 def test_detections_round_trip_and_select():
     d = Detections([[0, 0, 10, 20], [5, 5, 6, 6]], [0.9, 0.2], [3, 1])
-    assert d.area.tolist() == [200.0, 1.0]
+    assert box_area(d.xyxy).tolist() == [200.0, 1.0]
     assert Detections.from_list(d.to_list()).to_list() == d.to_list()
     assert d.select(d.conf > 0.5).cls.tolist() == [3]
 
@@ -120,3 +122,20 @@ def test_score_hand_worked():
     assert s["conf_p1"] == pytest.approx(0.7) and s["recall_p1"] == pytest.approx(2 / 3)
     # class 0: TP, TP, FP over 2 objects -> AP 0.995; class 1: no detection -> AP 0 -> mAP 0.4975
     assert s["map50"] == pytest.approx(0.4975)
+
+
+def test_yolo_label_lines_normalise_clip_and_drop():
+    # [10, 20, 30, 60] on 100x200: cx = 20/100, cy = 40/200, w = 20/100, h = 40/200
+    # [90, 190, 130, 230] is clipped to [90, 190, 100, 200]: cx = 0.95, cy = 0.975, w = 0.1, h = 0.05
+    # [150, 0, 160, 10] lies outside: dropped
+    boxes = [[10, 20, 30, 60], [90, 190, 130, 230], [150, 0, 160, 10]]
+    lines = yolo_label_lines(boxes, [3, 0, 1], 100, 200)
+    assert lines == ["3 0.200000 0.200000 0.200000 0.200000", "0 0.950000 0.975000 0.100000 0.050000"]
+    # read back: the kept boxes in pixels (the clipped one as clipped)
+    back = labels_to_pixels([[float(v) for v in ln.split()] for ln in lines], 100, 200)
+    np.testing.assert_allclose(back, [[3, 10, 20, 30, 60], [0, 90, 190, 100, 200]], atol=1e-4)
+    assert yolo_label_lines(np.zeros((0, 4)), [], 100, 200) == []
+    with pytest.raises(ValueError, match="width=0"):
+        yolo_label_lines(boxes, [3, 0, 1], 0, 200)
+    with pytest.raises(ValueError, match="3 boxes but 2 classes"):
+        yolo_label_lines(boxes, [3, 0], 100, 200)

@@ -1,4 +1,4 @@
-"""Tests for common/keyframes.py (paper section 4.2: Δf_t, keyframes, W_j, tracks)."""
+"""Tests for common/keyframes.py (paper section 4.2: Δf_t, keyframes, tracks)."""
 
 from __future__ import annotations
 
@@ -10,13 +10,10 @@ import pytest
 from common.keyframes import (
     IoUTracker,
     KeyframeSelector,
-    KeyframeWindow,
     area_resize,
     box_iou,
-    frame_difference,
     preprocess_frame,
     sample_grid,
-    select_keyframes,
     to_gray,
 )
 
@@ -28,6 +25,20 @@ def gray(level: int, shape=(64, 64)) -> np.ndarray:
 
 def levels_video(levels, shape=(64, 64)) -> list[np.ndarray]:
     return [gray(v, shape) for v in levels]
+
+
+def frame_difference(prev: np.ndarray, cur: np.ndarray, **kwargs) -> float:
+    """Δf_t as the selector computes it for ``cur`` right after ``prev``."""
+    selector = KeyframeSelector(**kwargs)
+    selector.update(prev)
+    selector.update(cur)
+    return selector.last_delta
+
+
+def select_keyframes(frames, **kwargs) -> list[int]:
+    """Indices of the frames a fresh :class:`KeyframeSelector` calls key."""
+    selector = KeyframeSelector(**kwargs)
+    return [i for i, frame in enumerate(frames) if selector.update(frame)]
 
 
 def _cv2():
@@ -270,7 +281,6 @@ def test_median_includes_current_difference():
     # Assert
     assert keys == [True, False, False, False, False, False]
     assert selector.last_threshold == pytest.approx(1.5 * 28 / 255, abs=1e-6)
-    np.testing.assert_allclose(np.array(selector.deltas) * 255, [10, 10, 30, 28, 35], atol=1e-4)
 
 
 def test_warmup_blocks_motion_keyframes():
@@ -285,14 +295,20 @@ def test_warmup_blocks_motion_keyframes():
 
 
 def test_history_bounds_the_median():
-    """history=3 keeps the last 3 differences only."""
+    """history=3 keeps the last 3 differences only.
+
+    Differences 10, 10, 10, 50, 50: the median of all is 10 (threshold 1.5·10), of the last 3 it is 50.
+    """
     # Prepare
-    selector = KeyframeSelector(history=3)
+    frames = levels_video([0, 10, 20, 30, 80, 130])
+    bounded, unbounded = KeyframeSelector(history=3), KeyframeSelector()
     # Execute
-    for f in levels_video([0, 10, 20, 30, 40, 50]):
-        selector.update(f)
+    for f in frames:
+        bounded.update(f)
+        unbounded.update(f)
     # Assert
-    assert len(selector.deltas) == 3
+    assert bounded.last_threshold == pytest.approx(1.5 * 50 / 255, abs=1e-6)
+    assert unbounded.last_threshold == pytest.approx(1.5 * 10 / 255, abs=1e-6)
 
 
 def test_cut_ratio_and_max_gap():
@@ -314,7 +330,9 @@ def test_reset_starts_over():
     selector.update(gray(0))
     selector.reset()
     assert selector.update_with_reason(gray(0)) == (True, "first")
-    assert selector.deltas == ()
+    # the median runs over the differences after the reset only: [10] -> 10, not [0, 10] -> 5
+    selector.update(gray(10))
+    assert selector.last_threshold == pytest.approx(1.5 * 10 / 255, abs=1e-6)
 
 
 @pytest.mark.parametrize(
@@ -369,26 +387,6 @@ def test_sampling_large_frames_keeps_the_decisions_and_the_scale():
     assert [i for i, d in enumerate(decisions) if d[0][0]] == [0, 5, 9]
     for _, _, d_exact, d_sampled in decisions[1:]:
         assert d_sampled == pytest.approx(d_exact, abs=0.01)
-
-
-# --------------------------------------------------------------------------- #
-# Windows W_j
-# --------------------------------------------------------------------------- #
-def test_keyframe_window_keeps_last_m():
-    """Paper 4.2, W_j = {k_1..k_m}: with m = 2, pushing 0, 4, 9 leaves (4, 9)."""
-    # Prepare
-    window = KeyframeWindow(size=2)
-    # Execute
-    for idx, dets in [(0, "a"), (4, "b"), (9, "c")]:
-        window.push(idx, dets)
-    # Assert
-    assert window.frame_indices == (4, 9)
-    assert window.payloads == ["b", "c"]
-    assert window.full and len(window) == 2
-    with pytest.raises(ValueError, match="increase"):
-        window.push(9, "d")
-    with pytest.raises(ValueError, match="size"):
-        KeyframeWindow(size=0)
 
 
 # --------------------------------------------------------------------------- #

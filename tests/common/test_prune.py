@@ -8,6 +8,7 @@ output); parameter counts by hand; save/load and ONNX round trips of a pruned mo
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from copy import deepcopy
 
 import numpy as np
@@ -20,6 +21,33 @@ from common import prune, yolo
 
 NC = 8
 torch.set_num_threads(1)
+
+
+def channel_entropy(x: torch.Tensor, bins: int, shared_range: bool = True) -> torch.Tensor:
+    """:class:`prune.EntropyMeter` over ``x`` in one batch (both passes)."""
+    meter = prune.EntropyMeter(x.shape[1], bins, shared_range)
+    meter.update(x)
+    meter.start_counting()
+    meter.update(x)
+    return meter.entropy()
+
+
+def zero_channels(model: nn.Module, group: prune.ChannelGroup, channels: Sequence[int]) -> None:
+    """Make ``channels`` of ``group`` exactly 0 everywhere (BN gamma = beta = 0 on every producer and pass-through).
+
+    With SiLU(0) = 0, zero channels contribute nothing downstream, so cutting them
+    must leave the model's output unchanged: the oracle for :func:`common.prune.apply_pruning`.
+    """
+    idx = torch.as_tensor(list(channels), dtype=torch.long)
+    with torch.no_grad():
+        for path, offset in group.producers:
+            bn = model.get_submodule(path).bn
+            bn.weight[idx + offset] = 0.0
+            bn.bias[idx + offset] = 0.0
+        for path in group.passthrough:
+            bn = model.get_submodule(path).bn
+            bn.weight[idx] = 0.0
+            bn.bias[idx] = 0.0
 
 
 def _randomise_bn(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -74,8 +102,8 @@ def test_entropy_hand_values_shared_range():
     x = torch.tensor([constant, two_values, worked, faint]).T  # (N=4, C=4)
 
     # Execute
-    shared = prune.channel_entropy(x, bins=8)
-    own = prune.channel_entropy(x, bins=8, shared_range=False)
+    shared = channel_entropy(x, bins=8)
+    own = channel_entropy(x, bins=8, shared_range=False)
 
     # Assert
     np.testing.assert_allclose(shared.numpy(), [0.0, math.log(2), 1.5 * math.log(2), 0.0], atol=1e-12)
@@ -87,15 +115,15 @@ def test_entropy_two_values_is_log_2_whatever_the_bins():
     x = torch.tensor([[-1.0], [7.0], [-1.0], [7.0]])
 
     for bins in (2, 3, 32):
-        assert prune.channel_entropy(x, bins=bins).item() == pytest.approx(math.log(2), abs=1e-12)
+        assert channel_entropy(x, bins=bins).item() == pytest.approx(math.log(2), abs=1e-12)
 
 
 def test_entropy_uniform_over_all_bins_is_log_bins():
     x = torch.arange(8, dtype=torch.float32).repeat(5)[:, None]  # 0..7, five times each: 8 bins of 1 value
 
-    assert prune.channel_entropy(x, bins=8).item() == pytest.approx(math.log(8), abs=1e-12)
+    assert channel_entropy(x, bins=8).item() == pytest.approx(math.log(8), abs=1e-12)
     # 4 bins: two values per bin, still uniform
-    assert prune.channel_entropy(x, bins=4).item() == pytest.approx(math.log(4), abs=1e-12)
+    assert channel_entropy(x, bins=4).item() == pytest.approx(math.log(4), abs=1e-12)
 
 
 def test_entropy_from_counts_worked_example_and_empty_bins():
@@ -108,11 +136,11 @@ def test_entropy_of_maps_equals_entropy_of_samples():
     maps = torch.randn(2, 3, 4, 5, generator=torch.Generator().manual_seed(0))  # (B, C, H, W)
     samples = maps.permute(0, 2, 3, 1).reshape(-1, 3)  # (B*H*W, C)
 
-    np.testing.assert_allclose(prune.channel_entropy(maps, bins=6).numpy(),
-                               prune.channel_entropy(samples, bins=6).numpy(), atol=0)
+    np.testing.assert_allclose(channel_entropy(maps, bins=6).numpy(),
+                               channel_entropy(samples, bins=6).numpy(), atol=0)
 
 
-def test_entropy_meter_two_passes_equal_one_shot():
+def test_entropy_meter_batches_equal_one_batch():
     # Prepare: 3 batches of maps, one channel constant
     g = torch.Generator().manual_seed(0)
     batches = [torch.randn(2, 4, 3, 3, generator=g) * torch.tensor([1.0, 5.0, 0.01, 0.0])[None, :, None, None]
@@ -127,16 +155,21 @@ def test_entropy_meter_two_passes_equal_one_shot():
         meter.update(b)
 
     # Assert: the same as on all the data at once; the constant channel has 0
-    expected = prune.channel_entropy(torch.cat(batches), bins=16)
+    expected = channel_entropy(torch.cat(batches), bins=16)
     np.testing.assert_allclose(meter.entropy().numpy(), expected.numpy(), atol=1e-12)
     assert meter.entropy()[3].item() == 0.0
     # shared bins: the faint channel (x 0.01) lands in at most 2 of the 16 bins, the wide one spreads
     assert meter.entropy()[2].item() <= math.log(2) < meter.entropy()[1].item()
 
 
-def test_entropy_rejects_empty_input():
-    with pytest.raises(ValueError, match="N > 0"):
-        prune.channel_entropy(torch.zeros(0, 3))
+def test_entropy_meter_without_data_says_which_pass():
+    meter = prune.EntropyMeter(3)
+    with pytest.raises(RuntimeError, match="pass 1 saw no data"):
+        meter.start_counting()
+    meter.update(torch.zeros(2, 3))
+    meter.start_counting()
+    with pytest.raises(RuntimeError, match="pass 2 saw no data"):
+        meter.entropy()
 
 
 def test_select_channels_keeps_highest_entropy_in_order():
@@ -182,7 +215,7 @@ def test_pruned_pair_keeps_the_kept_channels_and_matches_a_zeroed_original():
     with torch.no_grad():
         a_before = pair.a(x)  # (2, 6, 8, 8)
     zeroed = deepcopy(pair)
-    prune.zero_channels(zeroed, group, drop)
+    zero_channels(zeroed, group, drop)
     with torch.no_grad():
         ref = zeroed(x)
 
@@ -258,7 +291,7 @@ def test_cutting_zeroed_channels_leaves_the_model_output_unchanged(arch):
     keep, drop = _random_half(groups, seed=2)
     for grp in groups:
         if grp.name in drop:
-            prune.zero_channels(model, grp, drop[grp.name])
+            zero_channels(model, grp, drop[grp.name])
     x = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     with torch.no_grad():
         ref = model(x)[0]  # (2, 4 + nc, anchors): decoded boxes and class scores
@@ -369,11 +402,11 @@ def test_dead_channel_has_zero_entropy_and_is_cut_first(yolo11n):
     model = deepcopy(yolo11n)
     groups = prune.find_groups(model)
     group = next(g for g in groups if g.name == "model.1")
-    prune.zero_channels(model, group, [5])
+    zero_channels(model, group, [5])
     images = [torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(5))]
 
     # Execute
-    entropy = prune.group_entropies(model, [group], images, bins=16)
+    entropy = prune.calibrate(model, [group], images, bins=16).entropy
 
     # Assert: 512 samples per channel; only the dead one scores 0, and it is the first to go
     h = entropy["model.1"]

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from common.detections import Detections
+from common.detections import Detections, box_area
 from common.keyframes import IoUTracker
 from common.offload import (
     atlas_layout,
@@ -18,7 +18,6 @@ from common.offload import (
     merge_overlapping,
     offload_plan,
     payload_bytes,
-    raw_bytes,
     shelf_pack,
     to_frame_coords,
 )
@@ -27,10 +26,7 @@ from common.routing import (
     ambiguity_reasons,
     ambiguous_mask,
     is_unstable,
-    keyframe_offload_fraction,
     merge,
-    offload_fraction,
-    offload_stats,
     reason_counts,
     route,
 )
@@ -60,7 +56,7 @@ def test_detections_basics_and_json_roundtrip():
     both = Detections.concat([d, d[1]])
     # Assert
     assert len(d) == 2
-    np.testing.assert_allclose(d.area, [200.0, 8.0])  # 10·20, 4·2
+    np.testing.assert_allclose(box_area(d.xyxy), [200.0, 8.0])  # 10·20, 4·2
     assert d.to_list()[0] == {"xyxy": [0.0, 0.0, 10.0, 20.0], "conf": 0.9, "cls": 3}
     np.testing.assert_allclose(restored.xyxy, d.xyxy)
     np.testing.assert_allclose(restored.conf, d.conf)
@@ -460,10 +456,8 @@ def test_crop_image_rejects_outside_region():
 # --------------------------------------------------------------------------- #
 # Bytes and metrics
 # --------------------------------------------------------------------------- #
-def test_byte_counts():
-    """raw: 40×32·3 + 640×480·3 = 3840 + 921600 = 925440; payload sums sizes."""
-    assert raw_bytes([[0, 0, 40, 32], [0, 0, 640, 480]]) == 925440
-    assert raw_bytes(np.zeros((0, 4))) == 0
+def test_payload_bytes():
+    """The payload sums encoded sizes (bytes objects and counts); a negative size is named."""
     assert payload_bytes([b"abc", 10]) == 13
     with pytest.raises(ValueError, match="-1"):
         payload_bytes([-1])
@@ -540,17 +534,6 @@ def test_encode_atlas_decodes_each_crop_as_if_sent_alone():
     assert len(atlas) < payload_bytes(separate) - 2 * 500  # measured 1656 vs 2835 bytes
     with pytest.raises(ValueError, match="at least one region"):
         encode_atlas(image, np.zeros((0, 4)))
-
-
-def test_offload_stats():
-    """Masks [T, F], [F, F, F], []: 1 of 5 detections (0.2), 1 of 3 keyframes (1/3)."""
-    masks = [[T, F], [F, F, F], []]
-    stats = offload_stats(masks)
-    assert (stats.detections, stats.detections_offloaded) == (5, 1)
-    assert (stats.keyframes, stats.keyframes_with_offload) == (3, 1)
-    assert offload_fraction(masks) == pytest.approx(0.2)
-    assert keyframe_offload_fraction(masks) == pytest.approx(1 / 3)
-    assert offload_fraction([]) == 0.0 and keyframe_offload_fraction([]) == 0.0
 
 
 def test_reason_counts_rejects_unknown():

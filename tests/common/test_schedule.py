@@ -25,7 +25,7 @@ def test_first_round_evaluates_everyone():
     plan = m.plan(1, ["a", "b"], {"a": 0.5, "b": 0.4})
     # Assert
     assert plan.reasons == {"a": ("new",), "b": ("new", "periodic")}
-    assert plan.evaluate == {"a", "b"} and plan.changed and plan.dropped == frozenset()
+    assert plan.evaluate == {"a", "b"} and plan.dropped == frozenset()
 
 
 def test_periodic_turn_is_crc32_modulo_t_cycle():
@@ -134,8 +134,8 @@ def test_leaving_node_is_dropped_and_returning_node_is_reevaluated():
     away = m.plan(3, ["a"], {"a": 0.5})
     back = m.plan(4, ["a", "b"], {"a": 0.5, "b": 0.7})
     # Assert: dropped once, history remembered (2 reports for b: rounds 1 and 4)
-    assert left.dropped == {"b"} and left.changed and left.evaluate == frozenset()
-    assert away.dropped == frozenset() and not away.changed
+    assert left.dropped == {"b"} and left.evaluate == frozenset()
+    assert away.dropped == frozenset() and away.evaluate == frozenset()
     assert back.reasons == {"b": ("returned",)}
     b_state = next(r for r in m.state_dict()["nodes"] if r["id"] == "b")
     assert b_state["map_count"] == 2 and b_state["active"]

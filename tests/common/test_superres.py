@@ -213,7 +213,8 @@ class _Cloud:
 
 
 def test_edge_runtime_detects_and_offloads_on_the_upscaled_frame(tmp_path):
-    from clients.edge import EdgeRuntime, EdgeSettings, Frame, StaticModel
+    from clients.detector import StaticModel
+    from clients.edge import EdgeRuntime, EdgeSettings, Frame
     from common.routing import Detections
 
     # Prepare: a model file, 3 frames of 48x64, a predictor that records what it sees and
@@ -246,7 +247,8 @@ def test_edge_runtime_detects_and_offloads_on_the_upscaled_frame(tmp_path):
 
 
 def test_edge_runtime_refuses_a_bad_upscale_model_before_locking_the_queue(tmp_path):
-    from clients.edge import EdgeRuntime, EdgeSettings, StaticModel
+    from clients.detector import StaticModel
+    from clients.edge import EdgeRuntime, EdgeSettings
 
     (tmp_path / "bad.npz").write_text("garbage")
     settings = EdgeSettings(site="site-1", run_id="sr", upscale=str(tmp_path / "bad.npz"))

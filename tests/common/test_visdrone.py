@@ -31,8 +31,6 @@ from common.visdrone import (
     scan_det,
     scan_vid,
     site_positions,
-    to_yolo,
-    yolo_line,
 )
 from tests import REPO
 
@@ -192,9 +190,9 @@ def test_malformed_file_names_its_line_number(tmp_path: Path):
     "box, expected",
     [
         # car, clipped to x 90..100 in a 100×50 image
-        (VisDroneBox(90, 10, 20, 20, 1, 4, 0, 0), (3, 0.95, 0.4, 0.1, 0.4)),
+        (VisDroneBox(90, 10, 20, 20, 1, 4, 0, 0), "3 0.950000 0.400000 0.100000 0.400000"),
         # fully inside: x 20..30, y 10..20 → cx 0.25, cy 0.3, w 0.1, h 0.2
-        (VisDroneBox(20, 10, 10, 10, 1, 10, 2, 2), (9, 0.25, 0.3, 0.1, 0.2)),
+        (VisDroneBox(20, 10, 10, 10, 1, 10, 2, 2), "9 0.250000 0.300000 0.100000 0.200000"),
         (VisDroneBox(20, 10, 10, 10, 0, 4, 0, 0), None),  # score 0: ignored region
         (VisDroneBox(20, 10, 10, 10, 1, 0, 0, 0), None),  # category 0
         (VisDroneBox(20, 10, 10, 10, 1, 11, 0, 0), None),  # category 11 (others)
@@ -202,17 +200,11 @@ def test_malformed_file_names_its_line_number(tmp_path: Path):
         (VisDroneBox(20, 10, 0, 10, 1, 4, 0, 0), None),  # zero width
     ],
 )
-def test_to_yolo_hand_values(box, expected):
-    out = to_yolo(box, (100, 50))
-    if expected is None:
-        assert out is None
-    else:
-        assert out[0] == expected[0]
-        assert out[1:] == pytest.approx(expected[1:])
+def test_convert_boxes_hand_values(box, expected):
+    assert convert_boxes([box], (100, 50)) == ([] if expected is None else [expected])
 
 
-def test_yolo_line_format_and_class_names():
-    assert yolo_line(3, 0.95, 0.4, 0.1, 0.4) == "3 0.950000 0.400000 0.100000 0.400000"
+def test_class_names():
     assert CLASS_NAMES[0] == "pedestrian" and CLASS_NAMES[9] == "motor" and len(CLASS_NAMES) == 10
     assert CLASS_NAMES[7] == "awning-tricycle"
 

@@ -36,11 +36,11 @@ import pytest
 
 from common.cloud_api import RequestError
 from common.config import RoutingConfig
-from common.detections import Detections
+from common.detections import Detections, yolo_label_lines
 from common.offload import atlas_layout, to_frame_coords
 from server.cloud import CloudService, Limits, create_app, crops_to_frame, detect_packed
 from server.cloud_http import decode_image, image_header, parse_max_pixels, parse_multipart
-from server.hard_samples import HardSampleStore, yolo_label_lines
+from server.hard_samples import HardSampleStore
 
 LABEL_CONF, ANSWER_CONF = RoutingConfig.label_conf, RoutingConfig.cloud_conf
 from tests import REPO
@@ -165,15 +165,6 @@ def test_detect_packed_zoom_enlarges_crops_and_maps_boxes_back_to_crop_pixels():
         detect_packed(_white_boxes, [crops[0][0]], 128, zoom=0)
 
 
-def test_yolo_label_lines_normalise_to_the_stored_image_and_clip():
-    # [10, 20, 30, 60] on 100x200: cx = 20/100, cy = 40/200, w = 20/100, h = 40/200
-    # [90, 190, 130, 230] is clipped to [90, 190, 100, 200]: cx = 0.95, cy = 0.975, w = 0.1, h = 0.05
-    # [150, 0, 160, 10] lies outside: dropped
-    dets = Detections([[10, 20, 30, 60], [90, 190, 130, 230], [150, 0, 160, 10]], [0.9, 0.8, 0.7], [3, 0, 1])
-    assert yolo_label_lines(dets, 100, 200) == ["3 0.200000 0.200000 0.200000 0.200000",
-                                                "0 0.950000 0.975000 0.100000 0.050000"]
-
-
 def test_parse_multipart_is_byte_exact():
     # Prepare: binary payloads full of CR/LF and dashes, encoded by httpx itself
     payload = bytes(range(256)) * 3 + b"\r\n--\r\n\r\n"
@@ -184,8 +175,7 @@ def test_parse_multipart_is_byte_exact():
     # Execute
     parts = parse_multipart(body, boundary, max_parts=5)
     # Assert
-    assert [(p.name, p.filename, p.content_type) for p in parts] == [("meta", None, "application/json"),
-                                                                    ("crop", "a.png", "image/png")]
+    assert [(p.name, p.content_type) for p in parts] == [("meta", "application/json"), ("crop", "image/png")]
     assert parts[0].data == b'{"a": 1}' and parts[1].data == payload
     with pytest.raises(RequestError, match="more than 1 parts") as err:
         parse_multipart(body, boundary, max_parts=1)
@@ -456,7 +446,7 @@ def test_detect_png_and_jpeg_frames_and_store_them(cloud, frame_png):
     assert stored.read_bytes() == frame_png  # kept exactly as uploaded
     assert (store / "images" / f"{r_jpg.json()['sample']}.jpg").is_file()
     lines = (store / "labels" / f"{sample}.txt").read_text().splitlines()
-    assert lines == yolo_label_lines(dets, w, h)
+    assert lines == yolo_label_lines(dets.xyxy, dets.cls, w, h)
     index = {e["id"]: e for e in map(json.loads, (store / "index.jsonl").read_text().splitlines())}
     assert index[sample]["site"] == "site-0" and index[sample]["frame"] == "11"
     assert index[sample]["kind"] == "frame" and index[sample]["detections"] == len(lines)
