@@ -143,7 +143,10 @@ def sync_widths(model: nn.Module) -> nn.Module:
 def head_levels(model: nn.Module, preds) -> dict[int, dict[str, torch.Tensor]]:
     """Per-level raw head outputs ``{stride: {"cls": (B, nc, H, W), "dfl": (B, 4 reg_max, H, W)}}`` for ``common.kd``.
 
-    Works for any Detect-style head: a stock YOLO11 (strides 8, 16, 32) and PyraFAN (4, 8, 16).
+    Works for any Detect-style head: a stock YOLO11 (strides 8, 16, 32), PyraFAN (4, 8, 16) and
+    YOLO26 (8, 16, 32; P2: 4 to 32), whose head has no DFL: ``"ltrb": (B, 4, H, W)`` side distances
+    in grid cells instead of ``"dfl"``. An end-to-end head gives its one-to-many branch: the
+    branch that trains the backbone (the one-to-one branch sees detached features).
 
     Parameters
     ----------
