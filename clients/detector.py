@@ -1,6 +1,10 @@
 """The edge detector: letterbox, postprocess (the one NMS of :mod:`common.detections`), PyTorch and ONNX
 Runtime predictors, and the site's model hot-swapped when its weights file changes (ONNX re-exported).
 
+An end-to-end model (YOLO26, :func:`common.yolo.is_end2end`) runs its one-to-one branch, which
+outputs decided boxes ``(300, 6)``: :func:`postprocess_end2end` only thresholds and maps them,
+no NMS. The ONNX predictor knows such an export by its ``end2end`` metadata.
+
 Both predictors share one letterbox and one postprocess, checked against
 :func:`common.yolo.predict` in the tests. As in Ultralytics, PyTorch pads a frame
 only to a multiple of the stride, a fixed-size ONNX export to the full square, so
@@ -90,7 +94,22 @@ def postprocess(raw: np.ndarray, lb: Letterbox, conf: float = 0.25, iou: float =
         xywh, score, cls = xywh[top], score[top], cls[top]
     xyxy = np.concatenate([xywh[:, :2] - xywh[:, 2:] / 2, xywh[:, :2] + xywh[:, 2:] / 2], axis=1)
     kept = nms(xyxy, score, iou, classes=cls)[:max_det]
-    xyxy, score, cls = xyxy[kept], score[kept], cls[kept]
+    return _to_frame(xyxy[kept], score[kept], cls[kept], lb)
+
+
+def postprocess_end2end(raw: np.ndarray, lb: Letterbox, conf: float = 0.25) -> Detections:
+    """End-to-end head output ``(K, 6)`` (``x1, y1, x2, y2`` in input pixels, score, class) -> frame detections.
+
+    The head has decided the boxes (one per object, best first): rows with score ``> conf``
+    are kept and mapped back through the letterbox, as Ultralytics' end-to-end path does.
+    """
+    keep = raw[:, 4] > conf
+    rows = raw[keep].astype(np.float64)
+    return _to_frame(rows[:, :4], rows[:, 4], rows[:, 5].round().astype(np.int64), lb)
+
+
+def _to_frame(xyxy: np.ndarray, score: np.ndarray, cls: np.ndarray, lb: Letterbox) -> Detections:
+    """Input-pixel boxes -> frame pixels (``x_frame = (x_in - left) / gain_x``), clipped to the frame."""
     h, w = lb.shape
     xyxy = (xyxy - [lb.left, lb.top, lb.left, lb.top]) / [lb.gain_x, lb.gain_y, lb.gain_x, lb.gain_y]
     xyxy = np.clip(xyxy, 0, [w, h, w, h])
@@ -114,8 +133,13 @@ class TorchPredictor:
 
         import torch
 
+        from common.yolo import is_end2end
+
         self._torch = torch
         model = copy.deepcopy(model).to(device).float().eval()
+        self.end2end = is_end2end(model)
+        if self.end2end:
+            model.end2end = True  # the one-to-one branch (fusing drops the other)
         if fuse:
             model = model.fuse(verbose=False)
         self.meta = dict(getattr(model, "cedar_meta", None) or {})
@@ -127,7 +151,9 @@ class TorchPredictor:
         x, lb = letterbox(image, self.imgsz, self.stride, auto=True)
         with self._torch.inference_mode():
             out = self.model(self._torch.from_numpy(x).to(self.device))
-        raw = out[0] if isinstance(out, (list, tuple)) else out  # eval: (y, feats); y is (1, 4 + nc, A)
+        raw = out[0] if isinstance(out, (list, tuple)) else out  # eval: (y, feats); y is (1, 4 + nc, A) or (1, K, 6)
+        if self.end2end:
+            return postprocess_end2end(raw[0].float().cpu().numpy(), lb, self.conf)
         return postprocess(raw[0].float().cpu().numpy(), lb, self.conf, self.iou)
 
 
@@ -161,6 +187,7 @@ class OnnxPredictor:
         self.imgsz = (h, w) if self.static else (imgsz, imgsz)
         meta = self.runtime.get_modelmeta().custom_metadata_map
         self.stride = int(meta.get("stride", 32))
+        self.end2end = meta.get("end2end") == "True"  # (1, K, 6) decided boxes, see common.yolo.export_onnx
         try:
             self.names = ast.literal_eval(meta["names"]) if "names" in meta else {}
         except (ValueError, SyntaxError):
@@ -169,7 +196,9 @@ class OnnxPredictor:
 
     def __call__(self, image: np.ndarray) -> Detections:
         x, lb = letterbox(image, self.imgsz, self.stride, auto=not self.static)
-        raw = self.runtime.run(None, {self.input_name: x})[0]  # (1, 4 + nc, A)
+        raw = self.runtime.run(None, {self.input_name: x})[0]  # (1, 4 + nc, A) or (1, K, 6)
+        if self.end2end:
+            return postprocess_end2end(raw[0], lb, self.conf)
         return postprocess(raw[0], lb, self.conf, self.iou)
 
 

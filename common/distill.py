@@ -3,9 +3,15 @@
 :class:`TeacherEnsemble` is the ``extra_loss`` that :func:`common.yolo.train`
 adds to the detection loss: ``alpha * L_det + (1 - alpha) * L_KD`` with
 ``L_KD`` from :func:`common.kd.detection_kd_loss` (per-class Bernoulli KL on
-the class logits plus KL on the DFL box distributions, on the anchors the
-teachers mark as foreground, on the strides student and teachers share; several
-teachers' soft outputs mixed by their graph weights).
+the class logits plus KL on the DFL box distributions, or L1 + GIoU on the side
+distances where a head has no DFL, on the anchors the teachers mark as foreground,
+on the strides student and teachers share; several teachers' soft outputs mixed
+by their graph weights).
+
+**YOLO26** (an end-to-end head without DFL) distils on its one-to-many branch,
+which shapes the backbone; its one-to-one branch, the one that answers at
+inference, learns from the labels only (soft labels on every teacher-foreground
+anchor would teach it the duplicates it exists to avoid).
 
 ``select="teacher-better"`` replaces the teachers' foreground by the anchors where
 they are closer to the student's own labels than the student is (the batch's boxes,
@@ -19,7 +25,10 @@ Why shared strides and not pseudo-labels for the rest: a PyraFAN student
 (strides 4/8/16) and a YOLO11 teacher (8/16/32) share 8 and 16, where most
 small objects live; the student's stride-4 level still learns from the
 ground-truth detection loss. Pseudo-labels would need NMS on every batch and
-add a second, noisier supervision path for little gain at these sizes.
+add a second, noisier supervision path for little gain at these sizes. Across
+families the same rule holds: YOLO11 and YOLO26 share 8/16/32 (a YOLO26-P2
+student adds 4), their class logits mean the same, and the box term compares
+side distances (a DFL head's expected bins).
 """
 
 from __future__ import annotations

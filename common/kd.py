@@ -19,8 +19,17 @@ the student only. Choices where the paper is unclear:
   and finer levels weigh by their anchor count, like Ultralytics' own loss). With
   the student's labels given (``truth``), only the anchors where the teacher is
   closer to them than the student (*teacher-better* selection; not in the paper).
+* **Boxes without DFL.** A head without DFL bins (YOLO26: ``reg_max = 1``) predicts the
+  four side distances directly, so there is no distribution to match: where the student
+  or a teacher has no DFL (or another ``reg_max``), the box term is :func:`box_kd_loss`,
+  L1 on the side distances plus ``1 - GIoU`` of the boxes they span, both in grid cells
+  at the anchor, on the same anchors; a DFL head enters it through its expected
+  distances. The temperature does not apply to it (a regression, not a distribution).
 * **Different heads.** Teacher and student may have different strides (PyraFAN:
-  4/8/16, YOLO11: 8/16/32); we distil only on the strides both have.
+  4/8/16, YOLO11 and YOLO26: 8/16/32, YOLO26-P2: 4/8/16/32); we distil only on the
+  strides both have. The same holds across families (a YOLO11 teacher, a YOLO26
+  student, or the reverse): class logits mean the same in both, and the box term is
+  :func:`box_kd_loss` on side distances.
 * **Several teachers.** Their soft outputs are mixed as *probabilities* (a mixture
   of their predictive distributions), not logits: averaging logits would make the
   mixture sharper than any teacher where they agree and can invent confident
@@ -120,6 +129,47 @@ def dfl_kd_loss(
     return _masked_mean(per_anchor, mask) * temperature**2
 
 
+def box_kd_loss(student_ltrb: torch.Tensor, teacher_ltrb: torch.Tensor, mask: torch.Tensor | None = None
+                ) -> torch.Tensor:
+    """Box distillation without DFL: ``mean_{anchors in mask} [mean_4 |s - t| + 1 - GIoU(s, t)]``.
+
+    Both boxes sit on the same anchor, so each is ``(-l, -t, r, b)`` around it and the
+    L1 of the side distances equals the L1 of the corners. GIoU = IoU - (C - U) / C with
+    C the smallest box enclosing both and U their union; it keeps a gradient where the
+    boxes do not overlap.
+
+    Parameters
+    ----------
+    student_ltrb, teacher_ltrb : torch.Tensor
+        Shape ``(..., 4)``: left, top, right, bottom distances from the anchor point, in grid cells
+        (YOLO26's raw box channels; a DFL head's expected bins, :func:`dfl_distances`).
+    mask : torch.Tensor, optional
+        Bool, shape ``(...)``; all anchors by default. An empty mask gives a differentiable 0.
+
+    Examples
+    --------
+    Teacher (1, 1, 1, 1) (a 2x2 box), student (1, 1, 2, 1) (3x2): L1 = (0 + 0 + 1 + 0) / 4 = 0.25;
+    intersection 4, union 6, enclosing 6: GIoU = 2/3; loss = 0.25 + 1/3 = 0.58333.
+    """
+    _check_same_shape(student_ltrb, teacher_ltrb)
+    if student_ltrb.dim() < 1 or student_ltrb.shape[-1] != 4:
+        raise ValueError(f"side distances must be shaped (..., 4), got {tuple(student_ltrb.shape)}")
+    t = teacher_ltrb.detach()
+    l1 = (student_ltrb - t).abs().mean(dim=-1)
+    return _masked_mean(l1 + 1.0 - _giou_same_anchor(student_ltrb, t), mask)
+
+
+def _giou_same_anchor(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-9) -> torch.Tensor:
+    """GIoU of the boxes ``(-l, -t, r, b)`` that two ``(..., 4)`` side-distance tensors span around one anchor."""
+    area_a = (a[..., 0] + a[..., 2]).clamp(min=0) * (a[..., 1] + a[..., 3]).clamp(min=0)
+    area_b = (b[..., 0] + b[..., 2]).clamp(min=0) * (b[..., 1] + b[..., 3]).clamp(min=0)
+    near, far = torch.minimum(a, b), torch.maximum(a, b)
+    inter = (near[..., 0] + near[..., 2]).clamp(min=0) * (near[..., 1] + near[..., 3]).clamp(min=0)
+    union = area_a + area_b - inter
+    hull = (far[..., 0] + far[..., 2]).clamp(min=0) * (far[..., 1] + far[..., 3]).clamp(min=0)
+    return inter / union.clamp(min=eps) - (hull - union) / hull.clamp(min=eps)
+
+
 def mix_teachers(outputs: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
     """Mix several teachers' probabilities: ``sum_k w_k p_k / sum_k w_k`` (weights from ``teachers_for``).
 
@@ -137,16 +187,23 @@ def mix_teachers(outputs: Sequence[torch.Tensor], weights: Sequence[float]) -> t
     --------
     [0.9, 0.1] with weight 0.75 and [0.5, 0.5] with 0.25 -> [0.8, 0.2].
     """
-    if len(outputs) == 0 or len(outputs) != len(weights):
-        raise ValueError(f"need one weight per teacher output, got {len(outputs)} outputs and {len(weights)} weights")
-    if not all(math.isfinite(w) and w >= 0 for w in weights) or sum(weights) <= 0:
-        raise ValueError(f"weights must be finite, non-negative and sum to > 0, got {list(weights)}")
     for k, out in enumerate(outputs):
-        _check_same_shape(outputs[0], out)
         if out.numel() and (out.min() < 0 or out.max() > 1):
             raise ValueError(
                 f"teacher output {k} has values outside [0, 1]: mix_teachers mixes probabilities, not logits"
             )
+    return weighted_mean(outputs, weights)
+
+
+def weighted_mean(outputs: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
+    """``sum_k w_k x_k / sum_k w_k`` of same-shaped (detached) tensors; what :func:`mix_teachers` and the
+    teachers' side distances use. Example: [2.0] with weight 3 and [6.0] with 1 -> [3.0]."""
+    if len(outputs) == 0 or len(outputs) != len(weights):
+        raise ValueError(f"need one weight per teacher output, got {len(outputs)} outputs and {len(weights)} weights")
+    if not all(math.isfinite(w) and w >= 0 for w in weights) or sum(weights) <= 0:
+        raise ValueError(f"weights must be finite, non-negative and sum to > 0, got {list(weights)}")
+    for out in outputs:
+        _check_same_shape(outputs[0], out)
     total = float(sum(weights))
     return sum(out.detach() * (w / total) for out, w in zip(outputs, weights, strict=True))
 
@@ -154,14 +211,16 @@ def mix_teachers(outputs: Sequence[torch.Tensor], weights: Sequence[float]) -> t
 def split_head_outputs(
     outputs: Sequence[torch.Tensor], strides: Sequence[int], reg_max: int = 16
 ) -> dict[int, dict[str, torch.Tensor]]:
-    """Raw per-level Detect-head outputs -> ``{stride: {"dfl": ..., "cls": ...}}``.
+    """Raw per-level Detect-head outputs -> ``{stride: {"dfl": ..., "cls": ...}}`` (``"ltrb"`` for ``reg_max = 1``).
 
     An Ultralytics Detect head returns, per level, ``(B, 4 * reg_max + nc, H, W)``: the
-    box (DFL) channels first, then the class logits.
+    box channels first (DFL logits, or with ``reg_max = 1`` as in YOLO26 the four side
+    distances in grid cells), then the class logits.
 
     Examples
     --------
-    One level ``(2, 64 + 3, 80, 80)`` at stride 8 -> ``{8: {"dfl": (2, 64, 80, 80), "cls": (2, 3, 80, 80)}}``.
+    One level ``(2, 64 + 3, 80, 80)`` at stride 8 -> ``{8: {"dfl": (2, 64, 80, 80), "cls": (2, 3, 80, 80)}}``;
+    with ``reg_max = 1``, ``(2, 4 + 3, 80, 80)`` -> ``{8: {"ltrb": (2, 4, 80, 80), "cls": (2, 3, 80, 80)}}``.
     """
     if len(outputs) != len(strides):
         raise ValueError(f"got {len(outputs)} level outputs for strides {list(strides)}")
@@ -169,7 +228,7 @@ def split_head_outputs(
     for stride, out in zip(strides, outputs, strict=True):
         if out.dim() != 4 or out.shape[1] <= 4 * reg_max:
             raise ValueError(f"stride {stride}: expected (B, 4*{reg_max} + nc, H, W), got {tuple(out.shape)}")
-        levels[int(stride)] = {"dfl": out[:, : 4 * reg_max], "cls": out[:, 4 * reg_max :]}
+        levels[int(stride)] = {"dfl" if reg_max > 1 else "ltrb": out[:, : 4 * reg_max], "cls": out[:, 4 * reg_max :]}
     return levels
 
 
@@ -178,9 +237,10 @@ class DetectionKDLoss(NamedTuple):
 
     total: torch.Tensor  # cls_weight * cls + box_weight * box
     cls: torch.Tensor  # Bernoulli KL term
-    box: torch.Tensor  # DFL KL term
+    box: torch.Tensor  # DFL KL term, or L1 + (1 - GIoU) on side distances (box_kind "ltrb")
     num_foreground: int  # anchors the class term distilled on
     strides: tuple[int, ...]  # shared strides used
+    box_kind: str = "dfl"  # "dfl": every head has the same DFL bins; "ltrb": box_kd_loss
 
 
 class GroundTruth(NamedTuple):
@@ -203,8 +263,10 @@ def detection_kd_loss(
 ) -> DetectionKDLoss:
     """Response-based detection distillation on the strides student and teacher(s) share (paper section 4.3, L_KD).
 
-    ``total = cls_weight * binary_kd + box_weight * dfl_kd``, pooled over all shared strides,
-    each averaged over its selected anchors:
+    ``total = cls_weight * binary_kd + box_weight * box``, pooled over all shared strides,
+    each averaged over its selected anchors. ``box`` is :func:`dfl_kd_loss` when student and
+    teachers have the same DFL bins, else :func:`box_kd_loss` on side distances (a head
+    without DFL, e.g. YOLO26, or two families; ``box_kind`` says which). The anchors:
 
     * without ``truth`` (the paper's soft labels): both over the teacher's foreground
       anchors (max class probability >= ``fg_threshold``);
@@ -222,11 +284,13 @@ def detection_kd_loss(
     ----------
     student_levels : mapping stride -> {"cls": (B, nc, H, W), "dfl": (B, 4 * reg_max, H, W)}
         Raw logits (see :func:`split_head_outputs`); DFL channels ordered side-major
-        (channel = side * reg_max + bin), as in Ultralytics.
+        (channel = side * reg_max + bin), as in Ultralytics. A head without DFL gives
+        ``"ltrb": (B, 4, H, W)`` side distances in grid cells instead of ``"dfl"``.
     teacher_levels : one such mapping, or a sequence of them (several teachers)
         Detached. With several teachers, give ``teacher_weights`` (e.g. from
-        ``teachers_for``): their probabilities are mixed (:func:`mix_teachers`),
-        and the foreground mask comes from the mixed class probabilities at T = 1.
+        ``teachers_for``): their probabilities are mixed (:func:`mix_teachers`), their
+        side distances averaged (:func:`weighted_mean`), and the foreground mask comes
+        from the mixed class probabilities at T = 1.
     temperature : float
         T > 0.
     fg_threshold : float
@@ -252,43 +316,52 @@ def detection_kd_loss(
         raise ValueError(
             f"no shared stride: student {sorted(student_levels)}, teacher(s) {[sorted(levels) for levels in teachers]}"
         )
-
-    s_cls, s_dfl, t_cls, t_dfl, cls_masks, box_masks = [], [], [], [], [], []
-    for stride in sorted(strides):
+    for stride in strides:
         _check_level(stride, student_levels, teachers)
-        s_cls.append(_anchors_cls(student_levels[stride]["cls"]))  # (A_l, nc)
-        s_dfl.append(_anchors_dfl(student_levels[stride]["dfl"]))  # (A_l, 4, reg_max)
+    heads = [student_levels, *teachers]
+    use_dfl = all("dfl" in levels[s] for levels in heads for s in strides) and all(
+        levels[s]["dfl"].shape == student_levels[s]["dfl"].shape for levels in teachers for s in strides)
+
+    s_cls, s_box, t_cls, t_box, cls_masks, box_masks = [], [], [], [], [], []
+    for stride in sorted(strides):
+        student = student_levels[stride]
+        s_cls.append(_anchors_cls(student["cls"]))  # (A_l, nc)
+        # (A_l, 4, reg_max) DFL logits, or (A_l, 4) side distances in cells
+        s_box.append(_anchors_dfl(student["dfl"]) if use_dfl else _level_distances(student))
         with torch.no_grad():
             cls_logits = [_anchors_cls(levels[stride]["cls"]) for levels in teachers]
-            dfl_logits = [_anchors_dfl(levels[stride]["dfl"]) for levels in teachers]
             t_cls.append(mix_teachers([torch.sigmoid(z / temperature) for z in cls_logits], weights))
-            t_dfl.append(mix_teachers([F.softmax(z / temperature, dim=-1) for z in dfl_logits], weights))
+            t_dist = weighted_mean([_level_distances(levels[stride]) for levels in teachers], weights)  # (A_l, 4)
+            t_box.append(mix_teachers([F.softmax(_anchors_dfl(levels[stride]["dfl"]) / temperature, dim=-1)
+                                       for levels in teachers], weights) if use_dfl else t_dist)
             confidence = mix_teachers([torch.sigmoid(z) for z in cls_logits], weights)  # T = 1
             if truth is None:
                 cls_masks.append(confidence.amax(dim=-1) >= fg_threshold)  # (A_l,)
                 box_masks.append(cls_masks[-1])
                 continue
-            b, _, h, w = student_levels[stride]["cls"].shape
+            b, _, h, w = student["cls"].shape
             owner = anchor_targets(truth.boxes, truth.image_index, b, (h, w), stride).reshape(-1)  # (A_l,)
             gt = owner >= 0
-            student = torch.sigmoid(s_cls[-1].detach())
+            probs = torch.sigmoid(s_cls[-1].detach())
             k = truth.classes.long()[owner.clamp(min=0)]  # the owner's class (garbage where background)
-            cls_better = torch.where(gt, confidence.gather(1, k[:, None])[:, 0] > student.gather(1, k[:, None])[:, 0],
-                                     (student.amax(-1) >= fg_threshold) & (confidence.amax(-1) < student.amax(-1)))
+            cls_better = torch.where(gt, confidence.gather(1, k[:, None])[:, 0] > probs.gather(1, k[:, None])[:, 0],
+                                     (probs.amax(-1) >= fg_threshold) & (confidence.amax(-1) < probs.amax(-1)))
             ys, xs = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
-            points = (torch.stack([xs, ys], -1).reshape(-1, 2).to(student) + 0.5).repeat(b, 1)  # (A_l, 2) cells
-            target = truth.boxes.to(student)[owner.clamp(min=0)]
-            t_iou = box_iou_pairs(dfl_boxes(mix_teachers([F.softmax(z, dim=-1) for z in dfl_logits], weights),
-                                            points, stride), target)
-            s_iou = box_iou_pairs(dfl_boxes(F.softmax(s_dfl[-1].detach(), dim=-1), points, stride), target)
+            points = (torch.stack([xs, ys], -1).reshape(-1, 2).to(probs) + 0.5).repeat(b, 1)  # (A_l, 2) cells
+            target = truth.boxes.to(probs)[owner.clamp(min=0)]
+            t_iou = box_iou_pairs(ltrb_boxes(t_dist, points, stride), target)
+            s_iou = box_iou_pairs(ltrb_boxes(_level_distances(student).detach(), points, stride), target)
             cls_masks.append(cls_better)
             box_masks.append(gt & (t_iou > s_iou))
 
     cls_mask, box_mask = torch.cat(cls_masks), torch.cat(box_masks)  # (A,) over all shared levels
     cls = binary_kd_loss(torch.cat(s_cls), torch.cat(t_cls), temperature, cls_mask)
-    box = dfl_kd_loss(torch.cat(s_dfl), torch.cat(t_dfl), temperature, box_mask)
+    if use_dfl:
+        box = dfl_kd_loss(torch.cat(s_box), torch.cat(t_box), temperature, box_mask)
+    else:
+        box = box_kd_loss(torch.cat(s_box), torch.cat(t_box), box_mask)
     return DetectionKDLoss(cls_weight * cls + box_weight * box, cls, box, int(cls_mask.sum()),
-                           tuple(sorted(strides)))
+                           tuple(sorted(strides)), "dfl" if use_dfl else "ltrb")
 
 
 def anchor_targets(boxes: torch.Tensor, image_index: torch.Tensor, batch: int, shape: tuple[int, int],
@@ -333,16 +406,18 @@ def anchor_targets(boxes: torch.Tensor, image_index: torch.Tensor, batch: int, s
     return out
 
 
-def dfl_boxes(dfl_probs: torch.Tensor, anchors: torch.Tensor, stride: float | torch.Tensor) -> torch.Tensor:
-    """Boxes (xyxy, pixels) from DFL bin probabilities ``(A, 4, reg_max)`` at anchor points ``(A, 2)`` (in cells).
-
-    Side distances are the expected bin ``sum_i i * p_i`` (left, top, right, bottom, in
-    cells), as in Ultralytics' ``DFL`` + ``dist2bbox``. Example: all mass on bin 1 at
-    anchor (2.5, 2.5), stride 8 -> (12, 12, 28, 28).
-    """
+def dfl_distances(dfl_probs: torch.Tensor) -> torch.Tensor:
+    """Side distances (cells) from DFL bin probabilities ``(..., 4, reg_max)``: the expected bin ``sum_i i * p_i``,
+    as Ultralytics' ``DFL``. Example: p = [0.25, 0.75] on every side -> 0.75."""
     bins = torch.arange(dfl_probs.shape[-1], dtype=dfl_probs.dtype, device=dfl_probs.device)
-    d = (dfl_probs * bins).sum(-1)  # (A, 4)
-    return torch.cat([anchors - d[:, :2], anchors + d[:, 2:]], -1) * stride
+    return (dfl_probs * bins).sum(-1)
+
+
+def ltrb_boxes(ltrb: torch.Tensor, anchors: torch.Tensor, stride: float | torch.Tensor) -> torch.Tensor:
+    """Boxes (xyxy, pixels) from side distances ``(A, 4)`` (left, top, right, bottom, in cells) at anchor points
+    ``(A, 2)`` (in cells), as Ultralytics' ``dist2bbox``. Example: distances 1 at anchor (2.5, 2.5), stride 8 ->
+    (12, 12, 28, 28)."""
+    return torch.cat([anchors - ltrb[:, :2], anchors + ltrb[:, 2:]], -1) * stride
 
 
 def box_iou_pairs(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -354,25 +429,34 @@ def box_iou_pairs(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def _check_level(stride: int, student_levels: Mapping, teachers: Sequence[Mapping]) -> None:
-    """Both heads ('cls', 'dfl') present and shaped alike at ``stride``; ValueError naming what differs."""
+    """'cls' and a box ('dfl' or 'ltrb') present and consistent at ``stride``; ValueError naming what differs."""
     named = [("student", student_levels)] + [(f"teacher {k}", levels) for k, levels in enumerate(teachers)]
     for who, levels in named:
-        if not {"cls", "dfl"} <= set(levels[stride]):
-            raise ValueError(f"stride {stride} of the {who} needs 'cls' and 'dfl', got {sorted(levels[stride])}")
-    student = student_levels[stride]
+        level = levels[stride]
+        if "cls" not in level or not {"dfl", "ltrb"} & set(level):
+            raise ValueError(f"stride {stride} of the {who} needs 'cls' and 'dfl' (DFL logits) or 'ltrb' "
+                             f"(side distances), got {sorted(level)}")
+        cls, box = level["cls"], _box_channels(level)
+        if cls.dim() != 4 or box.dim() != 4 or box.shape[1] % 4 or cls.shape[2:] != box.shape[2:] \
+                or ("ltrb" in level and box.shape[1] != 4):
+            raise ValueError(f"stride {stride} of the {who}: expected cls (B, nc, H, W) and dfl (B, 4 * reg_max, H, W)"
+                             f" or ltrb (B, 4, H, W), got {tuple(cls.shape)} and {tuple(box.shape)}")
+    student = student_levels[stride]["cls"]
     for who, levels in named[1:]:
-        for key in ("cls", "dfl"):
-            if levels[stride][key].shape != student[key].shape:
-                raise ValueError(
-                    f"stride {stride} {key!r}: {who} {tuple(levels[stride][key].shape)}"
-                    f" != student {tuple(student[key].shape)}"
-                )
-    cls, dfl = student["cls"], student["dfl"]
-    if cls.dim() != 4 or dfl.dim() != 4 or dfl.shape[1] % 4 or cls.shape[2:] != dfl.shape[2:]:
-        raise ValueError(
-            f"stride {stride}: expected cls (B, nc, H, W) and dfl (B, 4 * reg_max, H, W), got "
-            f"{tuple(cls.shape)} and {tuple(dfl.shape)}"
-        )
+        if levels[stride]["cls"].shape != student.shape:
+            raise ValueError(f"stride {stride} 'cls': {who} {tuple(levels[stride]['cls'].shape)}"
+                             f" != student {tuple(student.shape)}")
+
+
+def _box_channels(level: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    return level["ltrb"] if "ltrb" in level else level["dfl"]
+
+
+def _level_distances(level: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """A level's side distances ``(B * H * W, 4)`` in cells: its ``ltrb`` channels, or its DFL's expected bins."""
+    if "ltrb" in level:
+        return level["ltrb"].permute(0, 2, 3, 1).reshape(-1, 4)
+    return dfl_distances(F.softmax(_anchors_dfl(level["dfl"]), dim=-1))
 
 
 def _anchors_cls(cls: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Entropy channel filtering: structured pruning of YOLO11 detectors.
+"""Entropy channel filtering: structured pruning of YOLO11 and YOLO26 detectors.
 
 The platform's entropy channel filtering: "identify and remove redundant
 or less informative filters within convolutional layers by analysing their
@@ -30,7 +30,8 @@ pass-throughs. Found by walking the Ultralytics modules:
   two halves (the ``chunk(2)`` halves keep equal counts; the second half runs through
   residual bottlenecks, a ``C3k`` output is its own group); ``SPPF`` cv1 (read 4 times
   by cv2, once per pooling); ``PSABlock`` feed-forward hidden; ``Detect`` box and class
-  branch internals (the class branch's depthwise conv is a pass-through);
+  branch internals (the class branch's depthwise conv is a pass-through), of both branches
+  of an end-to-end head (YOLO26's ``one2one_cv2``/``one2one_cv3`` read the same levels);
 * between layers of ``DetectionModel.model``: a layer's output (``Conv``, ``C2f``,
   ``C3``, ``SPPF``, ``C2PSA`` end in one ``Conv``) followed through ``nn.Upsample``
   and ``Concat`` (input offsets) to every consumer, ``Detect`` included.
@@ -39,7 +40,8 @@ Anything else (``C2PSA``'s attention stream, whose width the attention's reshape
 fixes; the final box/class convs; the image input; a layer read by a module this
 file does not know, e.g. PyraFAN's fusion) is left alone: groups that touch it are
 *frozen*. For ``yolo11n-pyrafan`` that leaves the neck's three outputs and the
-PyraFAN head unpruned; the backbone and the rest of the neck are pruned.
+PyraFAN head unpruned; the backbone and the rest of the neck are pruned. For ``yolo26n``
+it leaves the attention ``C3k2`` of P5 and the output read by the residual ``SPPF``.
 
 **Saved format.** :func:`save_pruned` writes :func:`common.yolo.save_weights`' file
 with ``meta["pruned_channels"] = {group name: kept channels}`` (every cut so far: the CLI
@@ -290,28 +292,36 @@ class _Builder:
 
     def detect(self, path: str, m: nn.Module) -> None:
         for i in range(m.nl):
-            box, cls = f"{path}.cv2.{i}", f"{path}.cv3.{i}"
-            self.new(f"{box}.0", _conv_out(m.cv2[i][0])).consumers.append((f"{box}.1.conv", 0))
-            self.new(f"{box}.1", _conv_out(m.cv2[i][1])).consumers.append((f"{box}.2", 0))
-            if isinstance(m.cv3[i][0], self.t.Conv):  # legacy head: Conv, Conv, Conv2d
-                self.new(f"{cls}.0", _conv_out(m.cv3[i][0])).consumers.append((f"{cls}.1.conv", 0))
-                self.new(f"{cls}.1", _conv_out(m.cv3[i][1])).consumers.append((f"{cls}.2", 0))
-            else:  # (DWConv, Conv), (DWConv, Conv), Conv2d
-                g = self.new(f"{cls}.0.1", _conv_out(m.cv3[i][0][1]))
-                g.passthrough.append(f"{cls}.1.0")
-                g.consumers.append((f"{cls}.1.1.conv", 0))
-                self.new(f"{cls}.1.1", _conv_out(m.cv3[i][1][1])).consumers.append((f"{cls}.2", 0))
+            for box_name, cls_name in _detect_branches(m):
+                box, cls = f"{path}.{box_name}.{i}", f"{path}.{cls_name}.{i}"
+                box_seq, cls_seq = getattr(m, box_name)[i], getattr(m, cls_name)[i]
+                self.new(f"{box}.0", _conv_out(box_seq[0])).consumers.append((f"{box}.1.conv", 0))
+                self.new(f"{box}.1", _conv_out(box_seq[1])).consumers.append((f"{box}.2", 0))
+                if isinstance(cls_seq[0], self.t.Conv):  # legacy head: Conv, Conv, Conv2d
+                    self.new(f"{cls}.0", _conv_out(cls_seq[0])).consumers.append((f"{cls}.1.conv", 0))
+                    self.new(f"{cls}.1", _conv_out(cls_seq[1])).consumers.append((f"{cls}.2", 0))
+                else:  # (DWConv, Conv), (DWConv, Conv), Conv2d
+                    g = self.new(f"{cls}.0.1", _conv_out(cls_seq[0][1]))
+                    g.passthrough.append(f"{cls}.1.0")
+                    g.consumers.append((f"{cls}.1.1.conv", 0))
+                    self.new(f"{cls}.1.1", _conv_out(cls_seq[1][1])).consumers.append((f"{cls}.2", 0))
 
     # -- between layers ---------------------------------------------------------------
 
     def input_port(self, path: str, m: nn.Module, k: int) -> tuple[list[str], list[tuple[str, int]]] | None:
         """(pass-throughs, consumers at offset 0) of input ``k`` of layer ``m``; None if not rewirable."""
         if isinstance(m, self.t.Detect):
-            if type(m) is not self.t.Detect or getattr(m, "one2one_cv2", None) is not None:
-                return None  # PyraFAN, end-to-end heads, Segment/Pose...: not rewired
-            if isinstance(m.cv3[k][0], self.t.Conv):
-                return [], [(f"{path}.cv2.{k}.0.conv", 0), (f"{path}.cv3.{k}.0.conv", 0)]
-            return [f"{path}.cv3.{k}.0.0"], [(f"{path}.cv2.{k}.0.conv", 0), (f"{path}.cv3.{k}.0.1.conv", 0)]
+            if type(m) is not self.t.Detect:
+                return None  # PyraFAN, Segment/Pose...: not rewired
+            passthrough, consumers = [], []
+            for box, cls in _detect_branches(m):  # an end-to-end head reads each level twice
+                consumers.append((f"{path}.{box}.{k}.0.conv", 0))
+                if isinstance(getattr(m, cls)[k][0], self.t.Conv):
+                    consumers.append((f"{path}.{cls}.{k}.0.conv", 0))
+                else:
+                    passthrough.append(f"{path}.{cls}.{k}.0.0")
+                    consumers.append((f"{path}.{cls}.{k}.0.1.conv", 0))
+            return passthrough, consumers
         if type(m) in (self.t.Conv, self.t.DWConv) and isinstance(m.conv, nn.Conv2d):
             if m.conv.groups != 1:
                 return None
@@ -387,7 +397,7 @@ def find_groups(model: nn.Module) -> list[ChannelGroup]:
             b.sppf(path, m)
         elif isinstance(m, b.t.PSABlock):
             b.psablock(path, m)
-        elif type(m) is b.t.Detect and getattr(m, "one2one_cv2", None) is None:
+        elif type(m) is b.t.Detect:
             b.detect(path, m)
     b.layers(model.model)
     for g in b.groups:  # the surgery cuts plain (groups=1) and depthwise convs only
@@ -407,6 +417,11 @@ def find_groups(model: nn.Module) -> list[ChannelGroup]:
     names = [g.name for g in b.groups]
     assert len(names) == len(set(names)), "group names must be unique"
     return b.groups
+
+
+def _detect_branches(m: nn.Module) -> list[tuple[str, str]]:
+    """A Detect head's (box, class) branch names: ``cv2``/``cv3``, and YOLO26's one-to-one ``one2one_cv2``/``_cv3``."""
+    return [("cv2", "cv3")] + ([("one2one_cv2", "one2one_cv3")] if getattr(m, "one2one_cv2", None) is not None else [])
 
 
 def _inside_chain(path: str) -> bool:

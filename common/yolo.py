@@ -45,7 +45,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MODELS_DIR = Path(__file__).resolve().parent.parent / "conf" / "models"
-BUILTIN_ARCHS = tuple(f"yolo{v}{s}" for v in ("11", "26") for s in "nsmlx")
+BUILTIN_ARCHS = (*(f"yolo{v}{s}" for v in ("11", "26") for s in "nsmlx"), *(f"yolo26{s}-p2" for s in "nsmlx"))
 
 
 class ModelError(ValueError):
@@ -56,7 +56,7 @@ class ModelError(ValueError):
 
 
 def resolve_model_cfg(arch: str) -> str:
-    """``yolo11n`` -> Ultralytics' built-in YAML; ``yolo11n-pyrafan`` -> ``conf/models/``; or a YAML path."""
+    """``yolo11n``, ``yolo26n-p2`` -> Ultralytics' built-in YAML; ``yolo11n-pyrafan`` -> ``conf/models/``; or a YAML path."""
     local = MODELS_DIR / f"{arch}.yaml"
     if local.is_file():
         return str(local)
@@ -87,6 +87,18 @@ def build_model(arch: str, nc: int, seed: int = 0, names: list[str] | None = Non
     model.task = "detect"
     model.cedar_arch = arch
     return model
+
+
+def is_end2end(model: nn.Module) -> bool:
+    """Whether the head has a one-to-one (NMS-free) branch, as YOLO26's has.
+
+    cedar runs such a model through that branch everywhere it infers (evaluation,
+    prediction, ONNX export, the edge runtime): each object gets one box, no NMS
+    follows. Its one-to-many branch is what trains the backbone and what
+    distillation works on (:func:`head_levels`).
+    """
+    head = model.model[-1] if hasattr(model, "model") else model
+    return getattr(head, "one2one_cv2", None) is not None
 
 
 def num_classes(model: nn.Module) -> int:
@@ -131,7 +143,10 @@ def sync_widths(model: nn.Module) -> nn.Module:
 def head_levels(model: nn.Module, preds) -> dict[int, dict[str, torch.Tensor]]:
     """Per-level raw head outputs ``{stride: {"cls": (B, nc, H, W), "dfl": (B, 4 reg_max, H, W)}}`` for ``common.kd``.
 
-    Works for any Detect-style head: a stock YOLO11 (strides 8, 16, 32) and PyraFAN (4, 8, 16).
+    Works for any Detect-style head: a stock YOLO11 (strides 8, 16, 32), PyraFAN (4, 8, 16) and
+    YOLO26 (8, 16, 32; P2: 4 to 32), whose head has no DFL: ``"ltrb": (B, 4, H, W)`` side distances
+    in grid cells instead of ``"dfl"``. An end-to-end head gives its one-to-many branch: the
+    branch that trains the backbone (the one-to-one branch sees detached features).
 
     Parameters
     ----------
@@ -526,6 +541,7 @@ def train(
     stride = max(int(model.stride.max()), 32)
     loader, hyp = make_train_loader(data_yaml, imgsz=imgsz, batch=batch, stride=stride,
                                     mosaic=mosaic, workers=workers, seed=seed, augment=augment)
+    hyp.epochs = epochs  # YOLO26's E2ELoss moves weight from its one-to-many to its one-to-one branch over these
     model.args = hyp
     criterion = model.init_criterion()
     optimizer = torch.optim.AdamW(_param_groups(model, weight_decay), lr=lr0, betas=(0.937, 0.999))
@@ -565,6 +581,8 @@ def train(
             n_batches += 1
             it += 1
             bar.set_postfix(loss=f"{float(loss.detach()) / imgs.shape[0]:.3f}")
+        if hasattr(criterion, "update"):  # E2ELoss, once per epoch as in Ultralytics' trainer
+            criterion.update()
         names = list(items.keys()) if isinstance(items, dict) else ["box", "cls", "dfl"]
         last = {str(k): float(v) / n_batches for k, v in zip(names, sums)}
         last_extra = extra_sum / n_batches
@@ -627,7 +645,7 @@ def evaluate(
     with tempfile.TemporaryDirectory(prefix="cedar-val-") as tmp:
         args = dict(data=str(data_yaml), split=split, imgsz=imgsz, batch=batch, conf=conf, iou=iou,
                     plots=False, save_json=False, verbose=False, device=device, half=False, workers=0,
-                    task="detect", mode="val")
+                    task="detect", mode="val", nms=False if is_end2end(model) else None)
         validator = DetectionValidator(save_dir=Path(tmp), args=args)
         copy = deepcopy(model).float().eval()  # AutoBackend fuses Conv+BN in place
         validator(model=copy)
@@ -669,7 +687,8 @@ class Predictor:
     def __init__(self, model: DetectionModel, *, imgsz: int = 320, conf: float = 0.25, iou: float = 0.7,
                  device: str = "cpu"):
         self.yolo = _as_yolo(deepcopy(model).eval())
-        self.kwargs = dict(imgsz=imgsz, conf=conf, iou=iou, device=device, verbose=False, save=False)
+        self.kwargs = dict(imgsz=imgsz, conf=conf, iou=iou, device=device, verbose=False, save=False,
+                           nms=False if is_end2end(model) else None)
 
     def __call__(self, images: list[np.ndarray]) -> list[dict[str, np.ndarray]]:
         """Detections per BGR image: ``{"xyxy": (N,4), "conf": (N,), "cls": (N,)}`` in image pixels."""
@@ -688,7 +707,12 @@ def predict(model: DetectionModel, images: list[np.ndarray], *, imgsz: int = 320
 
 
 def export_onnx(model: DetectionModel, path: str | Path, *, imgsz: int = 320, dynamic: bool = False) -> Path:
-    """Export to ONNX at ``path`` (raw head output, NMS done by the caller)."""
+    """Export to ONNX at ``path``.
+
+    The output is the raw head, ``(1, 4 + nc, A)`` (NMS done by the caller), or for an
+    end-to-end model (:func:`is_end2end`) its one-to-one branch's decided boxes ``(1, 300, 6)``
+    (``x1, y1, x2, y2, score, class``), with ``end2end: True`` in the file's metadata.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     copy = deepcopy(model).cpu().eval()
@@ -697,6 +721,6 @@ def export_onnx(model: DetectionModel, path: str | Path, *, imgsz: int = 320, dy
     with tempfile.TemporaryDirectory(prefix="cedar-export-") as tmp:
         copy.pt_path = str(Path(tmp) / "model.pt")
         out = _as_yolo(copy).export(format="onnx", imgsz=imgsz, dynamic=dynamic, simplify=False,
-                                    device="cpu", verbose=False)
+                                    device="cpu", verbose=False, nms=False if is_end2end(model) else None)
         shutil.move(out, path)
     return path

@@ -36,7 +36,15 @@ import numpy as np
 import pytest
 
 from clients.carry import RefinedCarrier, flow_shift
-from clients.detector import EdgeModel, StaticModel, TorchPredictor, file_version, letterbox, postprocess
+from clients.detector import (
+    EdgeModel,
+    StaticModel,
+    TorchPredictor,
+    file_version,
+    letterbox,
+    postprocess,
+    postprocess_end2end,
+)
 from clients.edge import EdgeRuntime, EdgeSettings
 from clients.media import EdgeError, Frame, FrameSource
 from clients.offload import CloudAnswer, CloudRejected, CloudUnavailable, DiskQueue, OffloadEntry
@@ -150,13 +158,13 @@ def _plain(items: list[dict]) -> list[dict]:
     return [{k: d[k] for k in ("xyxy", "conf", "cls")} for d in items]
 
 
-def _calibrated_model(frames: list[np.ndarray], seed: int = 0, imgsz: int = 128):
-    """YOLO11n with BatchNorm statistics from ``frames`` and a random class layer (std 0.1, bias -3)."""
+def _calibrated_model(frames: list[np.ndarray], seed: int = 0, imgsz: int = 128, arch: str = "yolo11n"):
+    """``arch`` with BatchNorm statistics from ``frames`` and random class layers (std 0.1, bias -3)."""
     import torch
 
     from common import yolo
 
-    model = yolo.build_model("yolo11n", len(NAMES), seed=seed, names=NAMES)
+    model = yolo.build_model(arch, len(NAMES), seed=seed, names=NAMES)
     for module in model.modules():
         if isinstance(module, torch.nn.BatchNorm2d):
             module.reset_running_stats()
@@ -166,7 +174,8 @@ def _calibrated_model(frames: list[np.ndarray], seed: int = 0, imgsz: int = 128)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         model(batch)
-        for seq in model.model[-1].cv3:
+        head = model.model[-1]
+        for seq in [*head.cv3, *(head.one2one_cv3 if yolo.is_end2end(model) else [])]:
             seq[-1].weight.normal_(0, 0.1, generator=generator)
             seq[-1].bias.fill_(-3.0)
     return model.eval()
@@ -353,6 +362,16 @@ def test_postprocess_maps_back_through_the_letterbox():
     # anchor 2: class 1 at 0.6: [96, 195, 106, 205] -> [38.4, 46, 42.4, 50]
     assert np.allclose(dets.xyxy, [[30, 8, 50, 24], [38.4, 46, 42.4, 50]])
     assert np.allclose(dets.conf, [0.9, 0.6]) and dets.cls.tolist() == [0, 1]
+
+
+def test_postprocess_end2end_keeps_the_heads_boxes_without_nms():
+    # decided boxes (x1, y1, x2, y2, score, class) on a 320 input from a 64x128 frame (gain 2.5, top 80)
+    raw = np.array([[75, 100, 125, 140, 0.9, 0], [76, 100, 125, 140, 0.8, 0],  # overlapping: both kept
+                    [96, 195, 106, 205, 0.6, 1], [0, 0, 10, 10, 0.2, 1], [300, 270, 330, 330, 0.5, 0]], np.float32)
+    dets = postprocess_end2end(raw, letterbox(np.zeros((64, 128, 3), np.uint8), 320)[1], conf=0.25)
+    # x / 2.5, (y - 80) / 2.5, clipped to 128 x 64: row 3 is under conf; row 4 -> [120, 76, 132, 100] -> clipped
+    assert np.allclose(dets.xyxy, [[30, 8, 50, 24], [30.4, 8, 50, 24], [38.4, 46, 42.4, 50], [120, 64, 128, 64]])
+    assert np.allclose(dets.conf, [0.9, 0.8, 0.6, 0.5]) and dets.cls.tolist() == [0, 0, 1, 0]
 
 
 def test_frame_source_reads_videos_and_folders_and_names_bad_sources(tmp_path, video):
@@ -820,6 +839,36 @@ def test_onnx_predictor_matches_torch_and_ultralytics(tmp_path, tiny_benchmark):
     assert onnx_path.stat().st_mtime_ns == stamp
     # the weights' metadata (the calibrated threshold) comes with the export's record, read without torch
     assert edge_model.meta == again.meta == {"det_conf": 0.3}
+
+
+def test_the_runtime_serves_a_yolo26n_onnx_export_without_nms_on_the_test_video(tmp_path, tiny_benchmark):
+    from clients.detector import OnnxPredictor
+    from common import yolo
+
+    # Prepare: a calibrated YOLO26n in a model store; EdgeModel exports its one-to-one head for ORT
+    frames = _benchmark_frames(tiny_benchmark)
+    model = _calibrated_model(frames, arch="yolo26n")
+    weights = yolo.save_weights(model, tmp_path / "store" / "model.pt")
+    edge_model = EdgeModel(weights, onnx=tmp_path / "edge.onnx", imgsz=128, conf=0.25, reload_every=0)
+    runtime = EdgeRuntime(edge_model, FakeCloud(), _settings(max_gap=3), queue_dir=tmp_path / "q",
+                          out=tmp_path / "out.jsonl")
+
+    # Execute
+    summary = runtime.run(FrameSource(tiny_benchmark.video_dir(0) / "video.mp4"))
+    ort_p, torch_p = edge_model.predictor, TorchPredictor(model, imgsz=128, conf=0.25)
+    ref = yolo.predict(model, [frames[0]], imgsz=128, conf=0.25)[0]
+
+    # Assert: the export outputs decided boxes, the predictor knows it, and ORT == torch == Ultralytics (nms=False)
+    assert isinstance(ort_p, OnnxPredictor) and ort_p.end2end and torch_p.end2end
+    assert [o.shape for o in ort_p.runtime.get_outputs()] == [[1, 300, 6]]
+    o, t = ort_p(frames[0]), torch_p(frames[0])
+    assert len(t) >= 3 and len(o) == len(t) == len(ref["conf"])
+    sure = int((t.conf > 0.25 + 2e-3).sum())  # _match skips boxes that may sit on either side of conf
+    assert _match(o, t, 0.25) == _match(t, Detections(ref["xyxy"], ref["conf"], ref["cls"]), 0.25) == sure >= 3
+    edge = [ln for ln in _lines(tmp_path / "out.jsonl") if ln["kind"] == "edge"]
+    assert summary.frames == len(frames) == len(edge) == 12
+    assert {ln["model"] for ln in edge} == {file_version(weights)}
+    assert sum(len(ln["detections"]) for ln in edge) > 0
 
 
 def test_cli_refuses_bad_arguments_before_loading_anything(tmp_path, capsys, monkeypatch):

@@ -98,3 +98,52 @@ def test_teacher_better_selection_uses_the_student_labels(tiny_benchmark):
     assert other.last.num_foreground > 0 and other.last.total.item() > 0
     with pytest.raises(ValueError, match="select='teacher-worse'"):
         TeacherEnsemble(student, [student], [1.0], select="teacher-worse")
+
+
+# --- YOLO26 (no DFL, one-to-one head) and across families -----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def kd_batch(tiny_benchmark):
+    loader, _ = yolo.make_train_loader(tiny_benchmark.site_data(0), imgsz=128, batch=4, stride=32, mosaic=0.0,
+                                       workers=0, seed=0)
+    batch = next(iter(loader))
+    return batch["img"].float() / 255, batch
+
+
+@pytest.mark.parametrize("student_arch, teacher_arch, strides", [
+    ("yolo26n", "yolo26s", (8, 16, 32)),
+    ("yolo26n", "yolo11s", (8, 16, 32)),  # YOLO11s cloud -> YOLO26n edge
+    ("yolo11n", "yolo26s", (8, 16, 32)),  # the reverse
+    ("yolo26n-p2", "yolo11s", (8, 16, 32)),  # the student's stride 4 learns from the labels only
+])
+def test_box_distillation_without_dfl_reaches_the_students_one_to_many_box_branch(kd_batch, student_arch,
+                                                                                   teacher_arch, strides):
+    # Prepare
+    images, batch = kd_batch
+    student = yolo.build_model(student_arch, NC, seed=1).train()
+    kd = TeacherEnsemble(student, [yolo.build_model(teacher_arch, NC, seed=2)], [1.0], fg_threshold=0.0)
+
+    # Execute: the KD term alone, backwards
+    loss = kd(images, student(images), batch)
+    loss.backward()
+
+    # Assert: side distances, not DFL (one head has none); every shared anchor distilled (threshold 0)
+    head = student.model[-1]
+    anchors = sum((128 // s) ** 2 for s in strides) * len(images)
+    assert kd.last.box_kind == "ltrb" and kd.last.strides == strides and kd.last.num_foreground == anchors
+    assert loss.item() == pytest.approx(kd.last.cls.item() + kd.last.box.item(), rel=1e-6) and kd.last.box > 0
+    assert head.cv2[-1][-1].weight.grad.abs().sum() > 0  # the box branch
+    if yolo.is_end2end(student):  # its one-to-one branch is not distilled
+        assert head.one2one_cv2[-1][-1].weight.grad is None and head.one2one_cv3[-1][-1].weight.grad is None
+
+
+def test_yolo11s_teaches_a_yolo26n_student_in_training(tiny_benchmark):
+    student = yolo.build_model("yolo26n", NC, seed=1)
+    kd = TeacherEnsemble(student, [yolo.build_model("yolo11s", NC, seed=2)], [1.0], fg_threshold=0.0)
+
+    res = _train(student, tiny_benchmark.site_data(0), kd, alpha=0.5)
+
+    # 8 images, batch 4: the mean KD term over the 2 batches; the last batch's is one of them
+    assert kd.last.box_kind == "ltrb" and res.iterations == 2
+    assert res.extra_loss > 0 and torch.isfinite(torch.tensor(res.extra_loss)) and kd.last.total.item() > 0

@@ -12,12 +12,15 @@ from common.kd import (
     anchor_targets,
     binary_kd_loss,
     box_iou_pairs,
+    box_kd_loss,
     detection_kd_loss,
-    dfl_boxes,
+    dfl_distances,
     dfl_kd_loss,
+    ltrb_boxes,
     mix_teachers,
     split_head_outputs,
     total_loss,
+    weighted_mean,
 )
 
 LN3 = math.log(3.0)
@@ -323,9 +326,10 @@ def test_anchor_targets_hand_worked():
     assert torch.equal(anchor_targets(torch.zeros(0, 4), torch.zeros(0), 1, (2, 2), 8), torch.full((1, 2, 2), -1))
 
 
-def test_dfl_boxes_and_pairwise_iou_hand_worked():
+def test_dfl_distances_boxes_and_pairwise_iou_hand_worked():
     probs = torch.tensor([[0.0, 1.0]]).repeat(4, 1)[None]  # (1, 4, 2): every side at bin 1
-    assert dfl_boxes(probs, torch.tensor([[2.5, 2.5]]), 8).tolist() == [[12.0, 12.0, 28.0, 28.0]]
+    assert ltrb_boxes(dfl_distances(probs), torch.tensor([[2.5, 2.5]]), 8).tolist() == [[12.0, 12.0, 28.0, 28.0]]
+    assert dfl_distances(torch.tensor([0.25, 0.75])).item() == 0.75
     iou = box_iou_pairs(torch.tensor([[0.0, 0, 2, 2], [0, 0, 1, 1]]), torch.tensor([[1.0, 0, 3, 2], [2, 2, 3, 3]]))
     assert iou.tolist() == pytest.approx([1 / 3, 0.0])
 
@@ -366,3 +370,100 @@ def test_teacher_better_selection_ignores_a_teacher_behind_the_student():
     assert result.num_foreground == 0 and result.total.item() == 0.0
     # while the teacher's own foreground (anchor 1 at 0.75) is what soft-label KD would distil on
     assert detection_kd_loss(student, teacher, 1.0, fg_threshold=0.5).num_foreground == 1
+
+
+# --- box distillation without DFL (YOLO26) and across families -------------------------------------------------
+
+# teacher (1, 1, 1, 1) (a 2x2 box around the anchor), student (1, 1, 2, 1) (3x2): L1 = 1/4; intersection 4,
+# union 6, hull 6 -> GIoU = 2/3 -> 1 - GIoU = 1/3
+L1_PLUS_GIOU = 0.25 + 1 / 3
+
+
+def test_box_kd_loss_hand_worked():
+    teacher = torch.tensor([[1.0, 1, 1, 1], [1, 1, 1, 1], [0, 0, 0, 0]])
+    student = torch.tensor([[1.0, 1, 2, 1], [-2, 1, 3, 1], [5, 5, 5, 5]], requires_grad=True)
+    # row 1: student box x in [2, 3], y in [-1, 1] (1x2), teacher [-1, 1]^2: no overlap; union 2 + 4 = 6,
+    # hull 4x2 = 8 -> GIoU = 0 - 2/8 = -0.25 -> 1.25; L1 (3 + 0 + 2 + 0) / 4 = 1.25 -> 2.5
+    loss = box_kd_loss(student, teacher, torch.tensor([True, True, False]))
+    loss.backward()
+    assert loss.item() == pytest.approx((L1_PLUS_GIOU + 2.5) / 2, rel=1e-6)
+    assert student.grad[2].abs().sum() == 0 and student.grad[1].abs().sum() > 0  # the disjoint pair still pulls
+    assert box_kd_loss(teacher[:2], teacher[:2]).item() == pytest.approx(0.0, abs=1e-7)
+    empty = box_kd_loss(student, teacher, torch.zeros(3, dtype=torch.bool))
+    assert empty.item() == 0.0 and empty.requires_grad
+    with pytest.raises(ValueError, match=r"\(\.\.\., 4\)"):
+        box_kd_loss(torch.zeros(2, 3), torch.zeros(2, 3))
+
+
+def test_box_kd_loss_matches_torchvision_on_random_boxes():
+    from torchvision.ops import generalized_box_iou
+
+    gen = torch.Generator().manual_seed(4)
+    s, t = torch.rand(50, 4, generator=gen) * 3, torch.rand(50, 4, generator=gen) * 3
+    anchors = torch.rand(50, 2, generator=gen) * 10
+    giou = generalized_box_iou(ltrb_boxes(s, anchors, 8), ltrb_boxes(t, anchors, 8)).diagonal()  # scale-free
+    reference = ((s - t).abs().mean(-1) + 1 - giou).mean()
+    assert box_kd_loss(s, t).item() == pytest.approx(reference.item(), rel=1e-5)
+
+
+def test_split_head_outputs_without_dfl_gives_side_distances():
+    out = torch.arange(6.0).view(1, 6, 1, 1)  # reg_max = 1 (YOLO26): 4 side distances, nc = 2
+    levels = split_head_outputs([out], [8], reg_max=1)
+    assert set(levels[8]) == {"ltrb", "cls"}
+    assert levels[8]["ltrb"].flatten().tolist() == [0, 1, 2, 3] and levels[8]["cls"].flatten().tolist() == [4, 5]
+
+
+def _ltrb_level(cls, ltrb):
+    return {"cls": torch.tensor(cls).view(1, -1, 1, 1), "ltrb": torch.tensor(ltrb).view(1, 4, 1, 1)}
+
+
+def test_detection_kd_loss_without_dfl_hand_worked():
+    """YOLO26 student and teacher: class KL as with DFL heads, box term L1 + GIoU on the foreground anchors."""
+    # stride 8 foreground (teacher sigmoid(0) = 0.5 >= 0.4): cls [0 vs ln 3] -> 0.14384, box -> 0.58333;
+    # stride 16 background for the teacher: its student values do not count
+    student = {8: _ltrb_level([LN3, -5.0], [1.0, 1, 2, 1]), 16: _ltrb_level([5.0, 5.0], [9.0, 9, 9, 9])}
+    teacher = {8: _ltrb_level([0.0, -5.0], [1.0, 1, 1, 1]), 16: _ltrb_level([-5.0, -5.0], [1.0, 1, 1, 1])}
+    result = detection_kd_loss(student, teacher, temperature=2.0, fg_threshold=0.4, box_weight=2.0)
+    cls_t2 = binary_kd_loss(torch.tensor([[LN3, -5.0]]), torch.tensor([[0.0, -5.0]]), 2.0).item()
+    assert result.box_kind == "ltrb" and result.strides == (8, 16) and result.num_foreground == 1
+    assert result.box.item() == pytest.approx(L1_PLUS_GIOU, rel=1e-6)  # no temperature on the box term
+    assert result.cls.item() == pytest.approx(cls_t2, rel=1e-6)
+    assert result.total.item() == pytest.approx(cls_t2 + 2 * L1_PLUS_GIOU, rel=1e-6)
+
+
+@pytest.mark.parametrize("dfl_teacher", [True, False], ids=["yolo11-teacher", "yolo11-student"])
+def test_detection_kd_loss_across_families_uses_the_dfl_heads_expected_distances(dfl_teacher):
+    """A DFL head (reg_max = 3, uniform bins: expected distance (0 + 1 + 2) / 3 = 1 per side) against a head
+    without DFL at (1, 1, 2, 1): the box term is L1 + GIoU on side distances, 0.58333 either way round."""
+    dfl = {8: {"cls": torch.zeros(1, 1, 1, 1), "dfl": torch.zeros(1, 12, 1, 1, requires_grad=True)}}
+    ltrb = {8: _ltrb_level([0.0], [1.0, 1, 2, 1])}
+    ltrb[8]["ltrb"].requires_grad_(True)
+    student, teacher = (ltrb, dfl) if dfl_teacher else (dfl, ltrb)
+    result = detection_kd_loss(student, teacher, temperature=1.0, fg_threshold=0.5)
+    result.total.backward()
+    assert result.box_kind == "ltrb" and result.num_foreground == 1
+    assert result.box.item() == pytest.approx(L1_PLUS_GIOU, rel=1e-6)
+    own = student[8]["ltrb" if dfl_teacher else "dfl"]
+    assert own.grad is not None and own.grad.abs().sum() > 0
+    assert teacher[8]["dfl" if dfl_teacher else "ltrb"].grad is None
+
+
+def test_detection_kd_loss_without_dfl_averages_several_teachers_distances():
+    # (1, 1, 1, 1) with weight 0.75 and (1, 1, 5, 1) with 0.25 -> (1, 1, 2, 1); student (1, 1, 1, 1) -> 0.58333
+    assert weighted_mean([torch.tensor([2.0]), torch.tensor([6.0])], [3, 1]).tolist() == [3.0]
+    student = {8: _ltrb_level([0.0], [1.0, 1, 1, 1])}
+    teachers = [{8: _ltrb_level([0.0], [1.0, 1, 1, 1])}, {8: _ltrb_level([0.0], [1.0, 1, 5, 1])}]
+    result = detection_kd_loss(student, teachers, 1.0, fg_threshold=0.5, teacher_weights=[0.75, 0.25])
+    assert result.box.item() == pytest.approx(L1_PLUS_GIOU, rel=1e-6)
+
+
+def test_teacher_better_selection_without_dfl_hand_worked():
+    # stride 8, one anchor at cell (0.5, 0.5) owned by the class-0 box (0, 0, 8, 8): teacher distances 0.5 (the box,
+    # IoU 1) beat the student's 0.75 (IoU 64/144): box term L1 0.25 + 1 - GIoU(1.5x1.5 cells vs 1x1) = 1 - 1/2.25
+    truth = GroundTruth(torch.tensor([[0.0, 0.0, 8.0, 8.0]]), torch.tensor([0]), torch.tensor([0]))
+    student, teacher = {8: _ltrb_level([0.0], [0.75] * 4)}, {8: _ltrb_level([0.0], [0.5] * 4)}
+    result = detection_kd_loss(student, teacher, 1.0, fg_threshold=0.5, truth=truth)
+    assert result.box.item() == pytest.approx(0.25 + 1 - 1 / 2.25, rel=1e-6)
+    assert result.num_foreground == 0  # equal class probabilities: the teacher is not better there
+    swapped = detection_kd_loss(teacher, student, 1.0, fg_threshold=0.5, truth=truth)
+    assert swapped.box.item() == 0.0

@@ -282,7 +282,14 @@ def test_apply_pruning_names_bad_requests():
 # --------------------------------------------------------------------------- whole models
 
 
-@pytest.mark.parametrize("arch", ["yolo11n", "yolo11n-pyrafan"])
+def _head_outputs(model, x) -> torch.Tensor:
+    """Every branch's raw boxes and class logits, (B, C, anchors): both branches of an end-to-end head."""
+    raw = model(x)[1]
+    branches = [raw["one2many"], raw["one2one"]] if "one2one" in raw else [raw]
+    return torch.cat([torch.cat([b["boxes"], b["scores"]], 1) for b in branches], 1)
+
+
+@pytest.mark.parametrize("arch", ["yolo11n", "yolo11n-pyrafan", "yolo26n", "yolo26n-p2"])
 def test_cutting_zeroed_channels_leaves_the_model_output_unchanged(arch):
     # Prepare: about half of every prunable group made exactly 0 (BN gamma = beta = 0; SiLU(0) = 0).
     # float64, so that the only difference could come from the surgery, not from summation order.
@@ -295,15 +302,17 @@ def test_cutting_zeroed_channels_leaves_the_model_output_unchanged(arch):
     x = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     with torch.no_grad():
         ref = model(x)[0]  # (2, 4 + nc, anchors): decoded boxes and class scores
+        ref_raw = _head_outputs(model, x)
 
     # Execute
     pruned = prune.apply_pruning(deepcopy(model), groups, keep)
     with torch.no_grad():
         out = pruned(x)[0]
+        out_raw = _head_outputs(pruned, x)
 
     # Assert
-    assert out.shape == ref.shape
-    assert (out - ref).abs().max().item() < 1e-5
+    assert out.shape == ref.shape and out_raw.shape == ref_raw.shape
+    assert (out - ref).abs().max().item() < 1e-5 and (out_raw - ref_raw).abs().max().item() < 1e-5
     assert yolo.count_parameters(pruned) < 0.45 * yolo.count_parameters(model)  # half the channels: ~1/4 of most convs
 
 
@@ -330,6 +339,17 @@ def test_pyrafan_inputs_are_frozen_the_rest_is_not():
     frozen = sorted(g.name for g in groups if g.frozen)
 
     assert frozen == ["model.19.cv2", "model.22.cv2", "model.25.cv2"]  # X2, X3, X4 feed PyraFAN's fusion
+
+
+def test_yolo26n_groups_reach_both_branches_of_its_end_to_end_head():
+    groups = {g.name: g for g in prune.find_groups(yolo.build_model("yolo26n", nc=NC))}
+
+    # P3 (layer 16) feeds layer 17 and both head branches, each through its class branch's depthwise conv
+    assert groups["model.16.cv2"].passthrough == ["model.23.cv3.0.0.0", "model.23.one2one_cv3.0.0.0"]
+    assert {"model.23.cv2.0.0.conv", "model.23.one2one_cv2.0.0.conv"} <= {c for c, _ in groups["model.16.cv2"].consumers}
+    assert "model.23.one2one_cv2.0.0" in groups and "model.23.one2one_cv3.0.1.1" in groups
+    # left alone: the attention C3k2 of P5 (its halves) and the output read by the residual SPPF
+    assert sorted(g for g in groups if groups[g].frozen) == ["model.22.cv1[0]", "model.22.cv1[1]", "model.8.cv2"]
 
 
 def test_pruned_checkpoint_loads_with_the_plain_loader_and_exports(tmp_path, pruned11n):
@@ -359,6 +379,41 @@ def test_pruned_checkpoint_loads_with_the_plain_loader_and_exports(tmp_path, pru
     np.testing.assert_allclose(out, ref.numpy(), atol=1e-4, rtol=1e-5)
     with pytest.raises(yolo.ModelError, match="wrong shape"):  # into a given full-width model: strict
         yolo.load_weights(path, model=yolo.build_model("yolo11n", nc=NC))
+
+
+def test_pruned_yolo26n_loads_and_exports_its_one_to_one_head(tmp_path):
+    import onnxruntime as ort
+
+    # Prepare: about half of every prunable group cut, saved as the CLI saves it
+    model = _randomise_bn(yolo.build_model("yolo26n", nc=NC, seed=0)).eval()
+    with torch.no_grad():  # spread the class scores: fewer near-ties in the head's top-k
+        for seq in model.model[-1].one2one_cv3:
+            seq[-1].weight.normal_(0, 0.5, generator=torch.Generator().manual_seed(2))
+            seq[-1].bias.fill_(-2.0)
+    full = yolo.count_parameters(model)
+    groups = prune.find_groups(model)
+    keep, _ = _random_half(groups, seed=1)
+    pruned = prune.apply_pruning(model, groups, keep).eval()
+    path = prune.save_pruned(pruned, tmp_path / "pruned.pt", {name: len(k) for name, k in keep.items()})
+    x = np.random.default_rng(4).random((1, 3, 128, 128), dtype=np.float32)
+
+    # Execute
+    loaded = yolo.load_weights(path).eval()
+    onnx = yolo.export_onnx(loaded, tmp_path / "pruned.onnx", imgsz=128)
+    session = ort.InferenceSession(str(onnx), providers=["CPUExecutionProvider"])
+    (out,) = session.run(None, {session.get_inputs()[0].name: x})
+
+    # Assert: the export is the NMS-free head's decided boxes, as the pruned model gives them
+    assert yolo.count_parameters(loaded) == yolo.count_parameters(pruned) < 0.45 * full
+    reference = deepcopy(pruned)
+    reference.end2end = True
+    with torch.no_grad():
+        ref = reference(torch.from_numpy(x))[0].numpy()
+    assert out.shape == ref.shape == (1, 300, 6)
+    # near-tied scores may come out in another order: every row clearly inside the top 300 has its twin
+    sure = ref[0][ref[0, :, 4] > ref[0, -1, 4] + 1e-4]
+    twins = [np.abs(out[0] - row).max(axis=1).min() < 1e-3 for row in sure]
+    assert len(sure) > 100 and all(twins)
 
 
 def test_pruned_pyrafan_checkpoint_loads(tmp_path):

@@ -453,3 +453,51 @@ def test_export_onnx_offline_matches_torch(no_network, tmp_path, model_bn):
     assert out.shape == (1, 4 + NC, 336) == ref.shape
     np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-4)  # box centres reach ~480 px: float32 rounding
     assert _state_equal(before, yolo.state_dict(model)) == []  # exported a copy
+
+
+# --- YOLO26: NMS-free, no DFL ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch, strides", [("yolo26n", [8, 16, 32]), ("yolo26n-p2", [4, 8, 16, 32])])
+def test_yolo26_and_its_p2_variant_build_offline_with_a_one_to_one_head_and_no_dfl(no_network, arch, strides, model0):
+    model = yolo.build_model(arch, nc=NC, seed=0)
+
+    head = model.model[-1]
+    assert no_network == []
+    assert head.stride.tolist() == strides and head.reg_max == 1  # box = 4 raw side distances, no DFL bins
+    assert yolo.is_end2end(model) and not yolo.is_end2end(model0)
+    assert type(model.init_criterion()).__name__ == "E2ELoss"
+    model.train()
+    preds = model(torch.zeros(1, 3, 64, 64))
+    anchors = sum((64 // s) ** 2 for s in strides)
+    for branch in ("one2many", "one2one"):  # training: both branches' raw outputs
+        assert preds[branch]["boxes"].shape == (1, 4, anchors) and preds[branch]["scores"].shape == (1, NC, anchors)
+
+
+def test_yolo26_trains_with_the_end_to_end_loss_and_evaluates_its_one_to_one_head(tiny_benchmark, monkeypatch):
+    """Two epochs: the one-to-many weight falls from 0.8 to 0.1 after the first, as Ultralytics' schedule
+    ``max(1 - updates / (epochs - 1), 0) * 0.7 + 0.1`` gives with epochs = 2; evaluation runs without NMS."""
+    from ultralytics.models.yolo.detect import DetectionValidator
+    from ultralytics.utils.loss import E2ELoss
+
+    # Prepare: record the one-to-many weight at each batch and the validator's nms setting
+    weights_seen, nms_seen = [], []
+    loss_call, val_call = E2ELoss.__call__, DetectionValidator.__call__
+    monkeypatch.setattr(E2ELoss, "__call__", lambda self, *a: weights_seen.append(self.o2m) or loss_call(self, *a))
+    monkeypatch.setattr(DetectionValidator, "__call__",
+                        lambda self, *a, **k: nms_seen.append(self.args.nms) or val_call(self, *a, **k))
+    model = yolo.build_model("yolo26n", nc=NC, seed=0)
+    before = yolo.state_dict(model)
+
+    # Execute
+    res = yolo.train(model, tiny_benchmark.site_data(0), epochs=2, imgsz=128, batch=4, warmup_iters=2,
+                     progress=False)
+    ev = yolo.evaluate(model, tiny_benchmark.site_data(0), split="val", imgsz=128, batch=4)
+
+    # Assert: 8 images, batch 4: 2 batches per epoch
+    assert weights_seen == pytest.approx([0.8, 0.8, 0.1, 0.1])
+    assert set(res.loss_items) == {"box_loss", "cls_loss", "l1_loss"} and math.isfinite(res.loss)
+    changed = _state_equal(before, yolo.state_dict(model))
+    assert any(".one2one_cv3." in k for k in changed) and any(".cv3." in k and "one2one" not in k for k in changed)
+    assert nms_seen == [False]  # the NMS-free head, as the edge runs it
+    assert len(ev.ap50) == NC and 0.0 <= ev.map50 <= 1.0 and ev.images == 4
