@@ -28,8 +28,9 @@ def test_quick_preset_values():
     # Assert: conf/quick.yaml over conf/base.yaml over the schema
     assert cfg.preset == "quick"
     assert (cfg.data.num_sites, cfg.data.imgsz, cfg.data.train_per_site, cfg.data.video_frames) == (4, 256, 48, 40)
-    assert (cfg.train.imgsz, cfg.train.batch, cfg.train.epochs_per_round) == (256, 8, 8)
+    assert (cfg.train.imgsz, cfg.train.batch, cfg.train.epochs_per_round) == (256, 8, 4)
     assert cfg.federation.num_rounds == 3
+    assert (cfg.model.base_epochs, cfg.model.cloud_epochs) == (40, 10)
     assert cfg.train.device == "cpu"
     assert cfg.tracking.wandb == "offline"
 
