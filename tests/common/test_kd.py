@@ -424,7 +424,7 @@ def test_detection_kd_loss_without_dfl_hand_worked():
     student = {8: _ltrb_level([LN3, -5.0], [1.0, 1, 2, 1]), 16: _ltrb_level([5.0, 5.0], [9.0, 9, 9, 9])}
     teacher = {8: _ltrb_level([0.0, -5.0], [1.0, 1, 1, 1]), 16: _ltrb_level([-5.0, -5.0], [1.0, 1, 1, 1])}
     result = detection_kd_loss(student, teacher, temperature=2.0, fg_threshold=0.4, box_weight=2.0)
-    cls_t2 = binary_kd_loss(torch.tensor([[LN3, -5.0]]), torch.tensor([[0.0, -5.0]]), 2.0).item()
+    cls_t2 = binary_kd_loss(torch.tensor([[LN3, -5.0]]), torch.sigmoid(torch.tensor([[0.0, -5.0]]) / 2.0), 2.0).item()
     assert result.box_kind == "ltrb" and result.strides == (8, 16) and result.num_foreground == 1
     assert result.box.item() == pytest.approx(L1_PLUS_GIOU, rel=1e-6)  # no temperature on the box term
     assert result.cls.item() == pytest.approx(cls_t2, rel=1e-6)
