@@ -419,7 +419,7 @@ def _ltrb_level(cls, ltrb):
 
 def test_detection_kd_loss_without_dfl_hand_worked():
     """YOLO26 student and teacher: class KL as with DFL heads, box term L1 + GIoU on the foreground anchors."""
-    # stride 8 foreground (teacher sigmoid(0) = 0.5 >= 0.4): cls [0 vs ln 3] -> 0.14384, box -> 0.58333;
+    # stride 8 foreground (teacher sigmoid(0) = 0.5 >= 0.4): cls [0 vs ln 3] at T = 2, box -> 0.58333;
     # stride 16 background for the teacher: its student values do not count
     student = {8: _ltrb_level([LN3, -5.0], [1.0, 1, 2, 1]), 16: _ltrb_level([5.0, 5.0], [9.0, 9, 9, 9])}
     teacher = {8: _ltrb_level([0.0, -5.0], [1.0, 1, 1, 1]), 16: _ltrb_level([-5.0, -5.0], [1.0, 1, 1, 1])}
