@@ -24,6 +24,12 @@ validation split (:func:`calibrate_conf`: the F1-optimal confidence, clipped to 
 it in the weights file's metadata (``det_conf``, :func:`common.yolo.save_weights`);
 :meth:`CollabSettings.for_model` answers with it unless a CLI flag sets the threshold.
 
+The offload follows a budget: when a site trains its model it also measures, on its validation split, every
+offload option of :data:`OFFLOAD_GRID` (:func:`measure_offload`: mode, ``t_conf``, candidates, JPEG quality; upload
+bytes per frame, mAP50 and recall of the answer) and stores the measurements with the weights (``offload``);
+:meth:`CollabSettings.for_model` then runs the option :func:`common.routing.choose_offload` picks for
+``routing.budget``, unless a CLI flag sets the offload.
+
 Returned dicts (:meth:`StepResult.boxes`, :func:`gallery`) are plain lists:
 ``{"xyxy": [[x1, y1, x2, y2], ...], "conf": [...], "cls": [...]}`` in image pixels.
 """
@@ -38,8 +44,9 @@ import numpy as np
 
 from clients.offload import OffloadEntry
 from common.config import RoutingConfig
-from common.detections import Detections, f1_threshold, size_range_ap50
-from common.routing import MERGE_POLICIES, merge, route
+from common.detections import Detections, f1_threshold, score, size_range_ap50
+from common.offload import encode_regions, payload_bytes
+from common.routing import MERGE_POLICIES, OFFLOAD_MODES, choose_offload, merge, parse_budget, route
 
 #: the reason a candidate (a box below ``det_conf``) is offloaded
 CANDIDATE = "candidate"
@@ -51,6 +58,21 @@ CONF_RANGE = (0.05, 0.5)
 META_CONF = "det_conf"
 #: where ``det_conf`` comes from: the configuration (``routing.det_conf``), the model's calibration, a flag
 CONF_SOURCES = ("config", "model", "flag")
+#: where a model's offload measurements live (:func:`measure_offload`; ``model.cedar_meta``)
+META_OFFLOAD = "offload"
+#: the settings an offload option sets; where they come from: the configuration, the budget's choice, a flag
+OPTION_FIELDS = ("offload", "t_conf", "candidate_conf", "jpeg_quality")
+OFFLOAD_SOURCES = ("config", "budget", "flag")
+#: the whole keyframe also at this JPEG quality: about a quarter of the bytes of quality 90 on the built-in benchmark
+LOW_QUALITY = 25
+#: the offload options a site measures (:func:`measure_offload`), each over the configured settings: the edge
+#: alone; crops at three ``t_conf``, with the configured candidates and without; the whole keyframe when anything
+#: is ambiguous and always (the cloud alone), each at the configured JPEG quality and at :data:`LOW_QUALITY`
+OFFLOAD_GRID = (
+    {"offload": "none"},
+    *({"offload": "crops", "t_conf": t, **cand} for t in (0.3, 0.5, 0.7) for cand in ({}, {"candidate_conf": 0.0})),
+    *({"offload": mode, **q} for mode in ("frame", "cloud") for q in ({}, {"jpeg_quality": LOW_QUALITY})),
+)
 
 
 @dataclass
@@ -71,6 +93,8 @@ class CollabSettings:
     keep_unanswered: bool = _R.keep_unanswered
     merge: str = _R.merge
     det_conf_source: str = "config"  # CONF_SOURCES: "flag" keeps det_conf whatever the model's calibration
+    budget: str = _R.budget
+    offload_source: str = "config"  # OFFLOAD_SOURCES: "flag" keeps the OPTION_FIELDS whatever the budget
 
     def __post_init__(self) -> None:
         if self.det_conf_source not in CONF_SOURCES:
@@ -80,8 +104,11 @@ class CollabSettings:
         if self.candidate_conf and not 0 < self.candidate_conf < self.det_conf:
             raise ValueError(f"candidate_conf must be 0 (off) or in (0, det_conf={self.det_conf}), "
                              f"got {self.candidate_conf!r}")
-        if self.offload not in ("crops", "frame"):
-            raise ValueError(f"offload must be 'crops' or 'frame', got {self.offload!r}")
+        if self.offload not in OFFLOAD_MODES:
+            raise ValueError(f"offload must be one of {OFFLOAD_MODES}, got {self.offload!r}")
+        if self.offload_source not in OFFLOAD_SOURCES:
+            raise ValueError(f"offload_source must be one of {OFFLOAD_SOURCES}, got {self.offload_source!r}")
+        parse_budget(self.budget)  # a ValueError naming the bad budget
         if self.merge not in MERGE_POLICIES:
             raise ValueError(f"merge must be one of {MERGE_POLICIES}, got {self.merge!r}")
 
@@ -98,14 +125,33 @@ class CollabSettings:
 
     def for_model(self, meta: Mapping[str, Any] | None):
         """The settings a model answers with: its calibrated ``det_conf`` (``meta[META_CONF]``), unless this
-        threshold is a flag's or the model has none. A calibrated threshold at or below ``candidate_conf`` turns
+        threshold is a flag's or the model has none; then the offload option ``budget`` picks from the model's
+        measurements (``meta[META_OFFLOAD]``, :func:`common.routing.choose_offload`), unless the offload is a
+        flag's, there is no budget or the model measured none. A threshold at or below ``candidate_conf`` turns
         the candidates off (the answer itself then reaches that low)."""
-        calibrated = (meta or {}).get(META_CONF)
-        if self.det_conf_source == "flag" or calibrated is None:
-            return self
-        det_conf = float(calibrated)
-        return replace(self, det_conf=det_conf, det_conf_source="model",
-                       candidate_conf=self.candidate_conf if self.candidate_conf < det_conf else 0.0)
+        meta = meta or {}
+        s = self
+        calibrated = meta.get(META_CONF)
+        if self.det_conf_source != "flag" and calibrated is not None:
+            det_conf = float(calibrated)
+            s = replace(s, det_conf=det_conf, det_conf_source="model",
+                        candidate_conf=s.candidate_conf if s.candidate_conf < det_conf else 0.0)
+        budget, measured = parse_budget(s.budget), meta.get(META_OFFLOAD)
+        if budget is None or not measured or s.offload_source == "flag":
+            return s
+        return s.with_option(choose_offload(measured, budget)["settings"], source="budget")
+
+    def with_option(self, option: Mapping[str, Any], source: str = "config"):
+        """These settings with an offload option's :data:`OPTION_FIELDS` (other keys are ignored); candidates at
+        or above ``det_conf`` are off."""
+        fields_ = {k: option[k] for k in OPTION_FIELDS if k in option}
+        candidate = fields_.get("candidate_conf", self.candidate_conf)
+        fields_["candidate_conf"] = candidate if candidate < self.det_conf else 0.0
+        return replace(self, **fields_, offload_source=source)
+
+    def option(self) -> dict[str, Any]:
+        """The :data:`OPTION_FIELDS` of these settings."""
+        return {k: getattr(self, k) for k in OPTION_FIELDS}
 
 
 def calibrate_conf(dets: Sequence[Detections], gts: Sequence[np.ndarray], nc: int) -> dict | None:
@@ -175,24 +221,30 @@ def detect_keyframe(image: np.ndarray, predictor: Callable[[np.ndarray], Detecti
 
 def plan_offload(image: np.ndarray, keyframe: Keyframe, s: CollabSettings, *, site: str, run: str, frame: int,
                  created: float, model: str, pts_s: float | None = None) -> OffloadEntry | None:
-    """Step 2: the offload of a keyframe with an ambiguous box or a candidate; None when nothing is offloaded."""
-    if not keyframe.offloads:
+    """Step 2: the offload of a keyframe with an ambiguous box or a candidate (``offload`` ``"crops"`` or
+    ``"frame"``), of every keyframe (``"cloud"``: all its boxes offloaded), of none (``"none"``); None when nothing
+    is offloaded."""
+    if s.offload == "none" or (s.offload != "cloud" and not keyframe.offloads):
         return None
     boxes = np.concatenate([keyframe.detections.xyxy, keyframe.candidates.xyxy])
+    sent = np.ones(len(boxes), dtype=bool) if s.offload == "cloud" else keyframe.sent
     return OffloadEntry.for_keyframe(
-        image, boxes, keyframe.sent, site=site, run=run, frame=frame, mode=s.offload, created=created, model=model,
+        image, boxes, sent, site=site, run=run, frame=frame, mode=s.offload, created=created, model=model,
         edge=keyframe.items(), pts_s=pts_s, context=s.context, min_size=s.min_crop, quality=s.jpeg_quality,
         atlas=s.atlas)
 
 
 def merge_answer(edge: Sequence[Mapping], cloud: Detections, s: CollabSettings,
-                 offloaded: Sequence[bool] | None = None) -> tuple[Detections, list[dict]]:
+                 offloaded: Sequence[bool] | None = None, mode: str | None = None) -> tuple[Detections, list[dict]]:
     """Step 4: ``merge(edge, cloud, offloaded)`` with the settings' policy; and its items tagged by source.
 
     ``edge``: the keyframe's items (:meth:`Keyframe.items`, possibly moved by optical flow);
-    ``offloaded`` defaults to "has a reason". Candidates are never kept without a cloud box.
+    ``offloaded`` defaults to "has a reason". Candidates are never kept without a cloud box. ``mode``: the
+    offload's (default ``s.offload``); ``"cloud"`` answers with the cloud's boxes alone.
     Returns the merged detections and ``[{"xyxy", "conf", "cls", "source": "edge" | "cloud"}]``.
     """
+    if (mode or s.offload) == "cloud":  # every edge box offloaded, none kept unanswered: the cloud's answer
+        s, offloaded = replace(s, merge="cloud", keep_unanswered=False), [True] * len(edge)
     if offloaded is None:
         offloaded = [bool(d.get("reasons")) for d in edge]
     keep = [s.keep_unanswered and CANDIDATE not in d.get("reasons", ()) for d in edge]
@@ -244,5 +296,46 @@ def collaborate(image: np.ndarray, predictor: Callable[[np.ndarray], Detections]
     if entry is None or client is None:
         return StepResult(keyframe, entry, None, keyframe.detections, edge_ms)
     answer = client.send(entry)
-    merged, _ = merge_answer(entry.edge, answer.detections, s, entry.offloaded)
+    merged, _ = merge_answer(entry.edge, answer.detections, s, entry.offloaded, entry.mode)
     return StepResult(keyframe, entry, answer.detections, merged, edge_ms, answer.rtt_ms)
+
+
+class _SameAnswer:
+    """A cloud client that sends each distinct upload once (the whole keyframe of ``frame`` and ``cloud`` at one
+    JPEG quality, crops two options cut alike) and answers a repeat from memory."""
+
+    def __init__(self, client):
+        self.client, self.answers = client, {}
+
+    def send(self, entry: OffloadEntry):
+        key = (entry.mode == "crops", str(entry.regions), str(entry.atlas), b"".join(entry.payloads))
+        if key not in self.answers:
+            self.answers[key] = self.client.send(entry)
+        return self.answers[key]
+
+
+def measure_offload(images: Sequence[np.ndarray], gts: Sequence[np.ndarray], found: Sequence[Detections], client,
+                    s: CollabSettings, nc: int, *, site: str, grid: Sequence[Mapping[str, Any]] = OFFLOAD_GRID) -> dict:
+    """Every offload option of ``grid`` (over the settings ``s``) on a split: what it uploads and what it gives.
+
+    ``found``: the edge detector's boxes on each image, down to the lowest threshold an option uses (they are
+    cut per option as :func:`detect_keyframe` does); ``gts``: ``(M, 5)`` pixel rows ``cls, x1, y1, x2, y2``. Each
+    image goes through :func:`collaborate` once per option (a distinct upload is sent to ``client`` once).
+
+    Returns :func:`common.routing.choose_offload`'s input: ``{"frame_bytes": mean JPEG bytes of a whole image at
+    s.jpeg_quality, "options": [{"settings": {OPTION_FIELDS}, "bytes": mean upload bytes per image, "map50",
+    "recall"}]}`` (mAP50 class-aware, recall at IoU 0.5: :func:`common.detections.score`; 0 where undefined).
+    The client's errors propagate.
+    """
+    memo = _SameAnswer(client)
+    frame_bytes = [payload_bytes(encode_regions(im, [[0, 0, im.shape[1], im.shape[0]]], quality=s.jpeg_quality))
+                   for im in images]
+    options = []
+    for option in grid:
+        so = s.with_option(option)
+        steps = [collaborate(im, lambda _, d=d: d, memo, so, site=site, run="budget", frame=i)
+                 for i, (im, d) in enumerate(zip(images, found, strict=True))]
+        got = score([st.merged for st in steps], gts, nc)
+        options.append({"settings": so.option(), "bytes": float(np.mean([st.sent_bytes for st in steps])),
+                        **{k: float(np.nan_to_num(got[k])) for k in ("map50", "recall")}})
+    return {"frame_bytes": float(np.mean(frame_bytes)), "options": options}

@@ -173,7 +173,8 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from clients.carry import RefinedCarrier, flow_shift
-from clients.collab import CONF_RANGE, CollabSettings, Keyframe, detect_keyframe, merge_answer, plan_offload
+from clients.collab import (CONF_RANGE, OPTION_FIELDS, CollabSettings, Keyframe, detect_keyframe, merge_answer,
+                            plan_offload)
 from clients.detector import EdgeModel
 from clients.media import EdgeError, Frame, FrameSource, JsonlWriter, VideoAnnotator
 from clients.offload import CloudAnswer, CloudClient, DiskQueue, Offloader, OffloadEntry
@@ -181,7 +182,7 @@ from common.cloud_api import ID_PATTERN, ID_RULE, RUN_PATTERN
 from common.config import EvalConfig, TrainConfig
 from common.detections import Detections
 from common.keyframes import IoUTracker, KeyframeSelector
-from common.routing import MERGE_POLICIES
+from common.routing import MERGE_POLICIES, OFFLOAD_MODES
 from common.tokens import TOKEN_ENV, resolve_token
 from common.ultralytics_env import CEDAR_HOME
 
@@ -243,6 +244,8 @@ class Summary:
     model: str = ""
     det_conf: float | None = None  # the answer threshold of `model`, and where it comes from
     det_conf_source: str = ""
+    offload: dict = field(default_factory=dict)  # the offload of `model` (CollabSettings.option), and its source
+    offload_source: str = ""
     edge_ms: list = field(default_factory=list, repr=False)
     rtt_ms: list = field(default_factory=list, repr=False)
     wall_s: float = 0.0
@@ -264,6 +267,7 @@ class Summary:
                 ("  of them from earlier runs", d["recovered"]), ("refused by the cloud", d["failed"]),
                 ("queue left", d["queue_left"]), ("model reloads", d["reloads"]), ("model", d["model"]),
                 ("answer threshold", f"{d['det_conf']} ({d['det_conf_source']})"),
+                ("offload", f"{d['offload']} ({d['offload_source']})"),
                 ("edge ms (mean)", d["edge_ms_mean"]), ("cloud rtt ms (mean)", d["cloud_rtt_ms_mean"]),
                 ("wall s", d["wall_s"])]
         return "\n".join(f"  {k:<28} {v}" for k, v in rows)
@@ -354,11 +358,11 @@ class EdgeRuntime:
                 boxes = np.clip(boxes, 0, [w, h, w, h]).astype(np.float32)
                 dets = Detections(boxes, dets.conf, dets.cls)
         det_list = Keyframe(dets, Detections(), keyframe.reasons, mask, keyframe.track_ids).items()
-        entry = plan_offload(frame.image, keyframe, s, site=s.site, run=s.run_id, frame=frame.index,
-                             created=frame.time, model=version, pts_s=frame.pts_s) if is_key else None
+        entry = plan_offload(frame.image, keyframe, self._answer_settings(), site=s.site, run=s.run_id,
+                             frame=frame.index, created=frame.time, model=version, pts_s=frame.pts_s) if is_key else None
         candidates = keyframe.candidate_items() if is_key else []
         if entry is not None:
-            offload = {"id": entry.id, "mode": s.offload, "regions": entry.regions, "detections": int(mask.sum()),
+            offload = {"id": entry.id, "mode": entry.mode, "regions": entry.regions, "detections": int(mask.sum()),
                        "candidates": len(candidates), "bytes": entry.payload_bytes}
         record = {"kind": "edge", "site": s.site, "run": s.run_id, "frame": frame.index,
                   "time": round(frame.time, 3), "pts_s": frame.pts_s, "keyframe": bool(is_key),
@@ -389,22 +393,25 @@ class EdgeRuntime:
         return record
 
     def _answer_settings(self) -> CollabSettings:
-        """The settings the running model answers with: its calibrated ``det_conf`` unless a flag set one
-        (:meth:`clients.collab.CollabSettings.for_model`); the summary records them."""
+        """The settings the running model answers and offloads with: its calibrated ``det_conf`` and the offload
+        its measurements and the budget pick, unless flags set them (:meth:`clients.collab.CollabSettings.for_model`);
+        the summary records them."""
         version = self.model.version
         if self._answer is None or self._answer[0] != version:
             answer = self.s.for_model(getattr(self.model, "meta", None))
             self._answer = (version, answer)
             with self._stats_lock:
                 self.summary.det_conf, self.summary.det_conf_source = answer.det_conf, answer.det_conf_source
-            log.info("model %s answers from confidence %.3g (%s)", version, answer.det_conf, answer.det_conf_source)
+                self.summary.offload, self.summary.offload_source = answer.option(), answer.offload_source
+            log.info("model %s answers from confidence %.3g (%s), offloads %s (%s)", version, answer.det_conf,
+                     answer.det_conf_source, answer.option(), answer.offload_source)
         return self._answer[1]
 
     def _write_carried(self, results: list) -> dict[int, Detections]:
         """One ``carried`` line per :class:`RefinedCarrier` result; the merged answers by frame."""
         merged_by_frame = {}
         for index, pts_s, key, meta, edge, cloud in results:
-            merged, items = merge_answer(edge, cloud, self.s, meta["offloaded"])
+            merged, items = merge_answer(edge, cloud, self.s, meta["offloaded"], meta["mode"])
             merged_by_frame[index] = merged
             self.writer.write({"kind": "carried", "site": self.s.site, "run": self.s.run_id, "frame": index,
                                "source_frame": key, "offload_id": meta["id"], "time": round(time.time(), 3),
@@ -416,7 +423,7 @@ class EdgeRuntime:
 
     # -- worker callbacks
     def _delivered(self, entry: OffloadEntry, answer: CloudAnswer, attempts: int) -> None:
-        _, items = merge_answer(entry.edge, answer.detections, self.s, entry.offloaded)
+        _, items = merge_answer(entry.edge, answer.detections, self.s, entry.offloaded, entry.mode)
         now = time.time()
         sent_at = self._edge_sent_at.pop(entry.id, None)
         recovered = entry.run != self.s.run_id or sent_at is None
@@ -429,7 +436,8 @@ class EdgeRuntime:
             "bytes_sent": entry.payload_bytes, "request_bytes": answer.request_bytes, "attempts": attempts,
             "cloud_model": answer.model, "recovered": recovered})
         if entry.run == self.s.run_id and not self.s.photos:
-            self.carrier.answered(entry.frame, {"id": entry.id, "model": entry.model, "offloaded": entry.offloaded},
+            self.carrier.answered(entry.frame, {"id": entry.id, "model": entry.model, "offloaded": entry.offloaded,
+                                                "mode": entry.mode},
                                   entry.edge, answer.detections)
         with self._stats_lock:
             self.summary.refined += 1
@@ -508,9 +516,17 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="JSON-lines results")
     p.add_argument("--append", action="store_true", help="append to --out instead of replacing it")
     p.add_argument("--video", help="annotated video to write (mp4)")
-    p.add_argument("--offload", choices=("crops", "frame"), default=EdgeSettings.offload,
-                   help="send crops around the ambiguous boxes and the candidates, or the whole keyframe")
-    p.add_argument("--t-conf", type=float, default=EdgeSettings.t_conf, help="T_conf: lower confidence is ambiguous")
+    p.add_argument("--budget", default=EdgeSettings.budget,
+                   help="what the site may upload: 'bytes:N' per frame, 'frame:F' (a share of the whole keyframe's "
+                        "bytes), 'recall:R' (the cheapest option reaching recall R), '' (off); picks the offload "
+                        "and its thresholds from the model's measurements (common.routing.choose_offload)")
+    p.add_argument("--offload", choices=OFFLOAD_MODES,
+                   help="send nothing, crops around the ambiguous boxes and the candidates, the whole keyframe when "
+                        "anything is ambiguous, or the whole keyframe always (the cloud's answer alone); this, "
+                        "--t-conf, --candidate-conf or --jpeg-quality replaces the budget's choice (default: the "
+                        f"budget's, else {EdgeSettings.offload})")
+    p.add_argument("--t-conf", type=float,
+                   help=f"T_conf: lower confidence is ambiguous (default: the budget's, else {EdgeSettings.t_conf})")
     p.add_argument("--t-size", type=float, default=EdgeSettings.t_size,
                    help="T_size in px²: smaller boxes are ambiguous")
     p.add_argument("--n-frames", type=int, default=EdgeSettings.n_frames, help="N keyframes for the 'unstable' rule")
@@ -530,15 +546,17 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--conf", "--det-conf", dest="det_conf", type=float,
                    help="the edge's answer: its detections from this confidence on (default: the model's "
                         f"calibrated threshold, else routing.det_conf {EdgeSettings.det_conf})")
-    p.add_argument("--candidate-conf", type=float, default=EdgeSettings.candidate_conf,
+    p.add_argument("--candidate-conf", type=float,
                    help="also detect down to this confidence: boxes below --conf are candidates, offloaded and kept "
-                        "only where the cloud confirms them (0: off)")
+                        f"only where the cloud confirms them (0: off; default: the budget's, else "
+                        f"{EdgeSettings.candidate_conf})")
     p.add_argument("--iou", type=float, default=EvalConfig.iou, help="edge detector NMS IoU (eval.iou)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--context", type=float, default=EdgeSettings.context,
                    help="crop margin, fraction of the box per side")
     p.add_argument("--min-crop", type=int, default=EdgeSettings.min_crop, help="minimum crop side in px")
-    p.add_argument("--jpeg-quality", type=int, default=EdgeSettings.jpeg_quality)
+    p.add_argument("--jpeg-quality", type=int,
+                   help=f"of what is sent (default: the budget's, else {EdgeSettings.jpeg_quality})")
     p.add_argument("--separate-crops", dest="atlas", action="store_false",
                    help="send each crop as its own JPEG (default: all crops of a keyframe on one atlas image, "
                         "one JPEG header instead of one per crop)")
@@ -577,6 +595,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     fixed_conf = args.det_conf is not None
     if not fixed_conf:
         args.det_conf = EdgeSettings.det_conf
+    fixed_offload = any(getattr(args, k) is not None for k in OPTION_FIELDS)
+    for k in OPTION_FIELDS:
+        if getattr(args, k) is None:
+            setattr(args, k, getattr(EdgeSettings, k))
     if not 0 <= args.t_conf <= 1 or args.t_size < 0 or args.n_frames < 1 or args.beta <= 0 or args.imgsz < 32 \
             or not 0 <= args.det_conf <= 1 or not 0 < args.iou <= 1 or args.drain_timeout < 0 or args.retry_base <= 0 \
             or args.retry_max < args.retry_base or args.timeout <= 0 or args.max_gap < 0 \
@@ -594,7 +616,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             atlas=args.atlas, merge_iou=args.merge_iou, keep_unanswered=args.keep_unanswered, merge=args.merge,
             det_conf=args.det_conf, candidate_conf=args.candidate_conf, drain_timeout=args.drain_timeout,
             retry_base=args.retry_base, retry_max=args.retry_max, upscale=args.upscale, propagate=args.propagate,
-            photos=source.photos, det_conf_source="flag" if fixed_conf else "config")
+            photos=source.photos, det_conf_source="flag" if fixed_conf else "config", budget=args.budget,
+            offload_source="flag" if fixed_offload else "config")
         queue_dir = Path(args.queue_dir).expanduser() if args.queue_dir else \
             CEDAR_HOME / "edge" / args.site / "queue"
         # without --conf the detector reaches down to any calibrated threshold; the step cuts the answer there
@@ -618,7 +641,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     answer = settings.for_model(model.meta)
     print(f"cedar edge runtime: site {settings.site}, run {settings.run_id}, "
           f"{'photos' if source.photos else source.kind} {args.source}, model {model.version} "
-          f"(answers from {answer.det_conf:.3g}, {answer.det_conf_source}), cloud {args.cloud}, queue {queue_dir}"
+          f"(answers from {answer.det_conf:.3g}, {answer.det_conf_source}; offloads {answer.option()}, "
+          f"{answer.offload_source}), cloud {args.cloud}, queue {queue_dir}"
           + (f", upscale x{runtime.upscaler.scale} ({args.upscale})" if runtime.upscaler else ""), flush=True)
     try:
         summary = runtime.run(source)

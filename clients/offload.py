@@ -91,7 +91,7 @@ class OffloadEntry:
     site: str
     run: str
     frame: int
-    mode: str  # "crops" | "frame"
+    mode: str  # "crops" | "frame" | "cloud" (the whole keyframe, answered by the cloud alone)
     created: float  # Unix time of the edge line
     model: str  # edge model version
     pts_s: float | None
@@ -171,7 +171,7 @@ class CloudClient:
         headers = {FRAME_HEADER: entry.tag}
         t0 = time.perf_counter()
         try:
-            if entry.mode == "frame":
+            if entry.mode in ("frame", "cloud"):
                 r = self.client.post(DETECT_PATH, content=entry.payloads[0],
                                      headers={**headers, "Content-Type": "image/jpeg"})
             else:

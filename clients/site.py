@@ -122,8 +122,9 @@ class LocalSite:
     def train_round(self, server_round: int, epochs: int, weights: dict | None,
                     kd: P.KDRequest | None = None, teachers: list[dict] = (), gallery: int = 0) -> RoundResult:
         """Local training (distillation when ``kd`` names teachers), then evaluation on val and test, the
-        answer threshold's calibration on val (:meth:`calibrate`, stored with the weights) and the collaboration
-        step on test at that threshold (with ``gallery`` keyframes for the report, see :meth:`collab_round`)."""
+        answer threshold's calibration and the offload options' measurements on val (:meth:`calibrate`, stored
+        with the weights) and the collaboration step on test at that threshold with the offload the budget picks
+        (with ``gallery`` keyframes for the report, see :meth:`collab_round`)."""
         import torch
 
         from common import yolo
@@ -189,27 +190,61 @@ class LocalSite:
             if image is not None:
                 yield path, image, image_labels(path, image.shape[1], image.shape[0])
 
-    def calibrate(self, model) -> dict[str, float]:
+    def calibrate(self, model) -> dict[str, Any]:
         """The model's answer threshold on this site's validation split, as the edge runtime detects (batch 1,
         down to ``CONF_RANGE[0]``): :func:`clients.collab.calibrate_conf` (F1-optimal confidence, class-aware
         matches at IoU 0.5, micro F1 over the classes, clipped to ``CONF_RANGE``). Returns ``{"det_conf", "f1",
-        "precision", "recall"}``; ``{}`` when no detection matches an object (the model then answers from
-        ``routing.det_conf``)."""
-        from clients.collab import CONF_RANGE, META_CONF, calibrate_conf
+        "precision", "recall"}``; no ``det_conf`` when no detection matches an object (the model then answers from
+        ``routing.det_conf``). With ``routing.budget`` set and a cloud service that answers, also ``"offload"``:
+        every offload option measured on the same split at that threshold (:func:`clients.collab.measure_offload`),
+        from which the budget picks (:meth:`clients.collab.CollabSettings.for_model`)."""
+        from clients.collab import CONF_RANGE, META_CONF, META_OFFLOAD, CollabSettings, calibrate_conf
 
         predictor = self.edge_predictor(model, conf=CONF_RANGE[0])
-        dets, gts = [], []
+        images, dets, gts = [], [], []
         for _, image, gt in self._split_images("val"):
+            images.append(image)
             dets.append(predictor(image))
             gts.append(gt)
-        found = calibrate_conf(dets, gts, len(class_names(self.spec.data_yaml))) or {}
+        nc = len(class_names(self.spec.data_yaml))
+        found = calibrate_conf(dets, gts, nc) or {}
         if found:
             log.info("%s: answer threshold %.3f (val F1 %.3f, precision %.3f, recall %.3f)", self.spec.site_id,
                      found[META_CONF], found["f1"], found["precision"], found["recall"])
         else:
             log.info("%s: no detection matches a val object; answer threshold routing.det_conf %.3f",
                      self.spec.site_id, self.cfg.routing.det_conf)
+        if self.cfg.routing.budget and images:
+            settings = CollabSettings.from_config(self.cfg.routing).for_model(found)
+            measured = self.measure_offload(settings, images, gts, dets, nc)
+            if measured:
+                found[META_OFFLOAD] = measured
         return found
+
+    def measure_offload(self, settings, images, gts, dets, nc: int) -> dict | None:
+        """:func:`clients.collab.measure_offload` on validation images against the site's cloud service; None
+        (logged) when the node knows none or it does not answer."""
+        from clients.collab import measure_offload
+        from clients.offload import CloudRejected, CloudUnavailable
+
+        client = self.cloud_client()
+        if client is None:
+            return None
+        try:
+            measured = measure_offload(images, gts, dets, client, settings, nc, site=self.spec.site_id)
+        except (CloudUnavailable, CloudRejected) as err:
+            log.warning("%s: cloud service %s: %s: no offload measurements", self.spec.site_id, self.cloud["url"],
+                        err)
+            return None
+        finally:
+            client.close()
+        log.info("%s: offload options on val (bytes/frame, mAP50, recall; whole frame %.0f B): %s", self.spec.site_id,
+                 measured["frame_bytes"], "; ".join(f"{o['settings']['offload']} t_conf {o['settings']['t_conf']:g} "
+                                                    f"cand {o['settings']['candidate_conf']:g} "
+                                                    f"q{o['settings']['jpeg_quality']} {o['bytes']:.0f} "
+                                                    f"{o['map50']:.3f} {o['recall']:.3f}"
+                                                    for o in measured["options"]))
+        return measured
 
     def _collab_steps(self, model) -> Iterator[tuple[Path, Any, Any, Any, bool]]:
         """Every test image through :func:`clients.collab.collaborate`: ``(path, image, gt, step, answered)``.
@@ -220,6 +255,7 @@ class LocalSite:
         from clients.offload import CloudRejected, CloudUnavailable
 
         s, predictor, client = self.collab_settings(model), self.edge_predictor(model), self.cloud_client()
+        log.info("%s: offload %s (%s, routing.budget %r)", self.spec.site_id, s.option(), s.offload_source, s.budget)
         try:
             for n, (path, image, gt) in enumerate(self._split_images("test")):
                 kw = dict(site=self.spec.site_id, run="eval", frame=n)

@@ -27,6 +27,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from common.protocol import KD_SELECTIONS
+from common.routing import BUDGET_FORMS, OFFLOAD_MODES, parse_budget
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
@@ -168,9 +169,18 @@ class RoutingConfig:
     cloud_url: str = ""
     cloud_token_file: str = ""
     cloud_cafile: str = ""
-    # "crops" (around the ambiguous boxes and the candidates, with context) or "frame" (the whole keyframe):
-    # benchmarks/results/collaboration.md
+    # what a keyframe sends (common.routing.OFFLOAD_MODES): "none" (the edge alone), "crops" (around the ambiguous
+    # boxes and the candidates, with context), "frame" (the whole keyframe when anything is ambiguous, merged) or
+    # "cloud" (the whole keyframe always, the cloud's answer alone): benchmarks/results/collaboration.md. With a
+    # budget and a model that measured its options, the budget's choice replaces offload, t_conf, candidate_conf and
+    # jpeg_quality
     offload: str = "crops"
+    # what a site may spend on offloading (common.routing.parse_budget): "bytes:N" upload bytes per frame,
+    # "frame:F" that as a share of the whole keyframe's JPEG, "recall:R" the cheapest option reaching recall R, or
+    # "" (the settings above as they are). Each round a site measures every option on its validation split
+    # (clients.collab.OFFLOAD_GRID), stores the measurements with its model, and the budget picks one
+    # (common.routing.choose_offload): benchmarks/results/offload_budget.md
+    budget: str = "frame:0.25"
     context: float = 0.5  # crop margin per side, as a fraction of the box
     min_crop: int = 32  # minimum crop side in px
     jpeg_quality: int = 90
@@ -317,7 +327,7 @@ _CHOICES = {
     "kd.teacher_scope": ("global", "local"),
     "kd.select": KD_SELECTIONS,
     "kd.cloud_select": KD_SELECTIONS,
-    "routing.offload": ("crops", "frame"),
+    "routing.offload": OFFLOAD_MODES,
     "routing.merge": ("cloud", "fuse"),
     "kd.class_weights": ("ones", "small"),
     "tracking.wandb": ("off", "offline", "online"),
@@ -423,6 +433,10 @@ def validate(cfg: CedarConfig) -> None:
     if flat["routing.candidate_conf"] and not 0.0 < flat["routing.candidate_conf"] < flat["routing.det_conf"]:
         raise ConfigError(f"routing.candidate_conf={flat['routing.candidate_conf']!r}: must be 0 (off) or in "
                           f"(0, routing.det_conf={flat['routing.det_conf']!r})")
+    try:
+        parse_budget(flat["routing.budget"])
+    except ValueError:
+        raise ConfigError(f"routing.budget={flat['routing.budget']!r}: expected {BUDGET_FORMS}") from None
     if not (len(flat["data.contrast"]) == 2 and 0 < flat["data.contrast"][0] <= flat["data.contrast"][1] <= 1):
         raise ConfigError(f"data.contrast={flat['data.contrast']!r}: expected [low, high] with 0 < low <= high <= 1")
     for key in ("data.objects_per_image", "data.small_px", "data.large_px", "data.clutter_per_image"):

@@ -212,8 +212,9 @@ def offload_plan(
         ``(N,)`` bool, True for ambiguous detections.
     image_shape : tuple
         ``(H, W)`` or ``(H, W, C)``.
-    mode : {"crops", "frame"}
-        Send merged crops (see :func:`crop_regions`) or the full frame.
+    mode : {"crops", "frame", "cloud"}
+        Send merged crops (see :func:`crop_regions`) or the full frame: in ``"frame"`` mode when a box is
+        offloaded, in ``"cloud"`` mode always.
 
     Examples
     --------
@@ -222,17 +223,17 @@ def offload_plan(
     (sorted top to bottom), ``box_region == [0, 1]``; in ``"frame"`` mode → one
     region ``[0, 0, 640, 480]``, ``box_region == [0, 0]``.
     """
-    if mode not in ("crops", "frame"):
-        raise ValueError(f"mode must be 'crops' or 'frame', got {mode!r}")
+    if mode not in ("crops", "frame", "cloud"):
+        raise ValueError(f"mode must be 'crops', 'frame' or 'cloud', got {mode!r}")
     h_img, w_img = _image_hw(image_shape)
     xyxy = as_boxes(boxes)
     mask = np.asarray(offload_mask, dtype=bool).reshape(-1)
     if mask.shape[0] != xyxy.shape[0]:
         raise ValueError(f"offload_mask has {mask.shape[0]} entries for {xyxy.shape[0]} boxes")
     box_region = np.full(xyxy.shape[0], -1, dtype=np.int64)
-    if not mask.any():
+    if not mask.any() and mode != "cloud":
         return OffloadPlan(mode, np.zeros((0, 4), dtype=np.int64), box_region)
-    if mode == "frame":
+    if mode in ("frame", "cloud"):
         box_region[mask] = 0
         return OffloadPlan(mode, np.array([[0, 0, w_img, h_img]], dtype=np.int64), box_region)
     regions = crop_regions(xyxy[mask], (h_img, w_img), context=context, min_size=min_size)

@@ -39,6 +39,13 @@ Merge
     detection that the cloud does not confirm is dropped (the cloud's answer
     for that region is authoritative, this is what cuts false positives).
 
+Offloading chosen by a budget
+    How much to offload pays off differently where the edge is about as good as the cloud (crops around what
+    the edge finds ambiguous, fused with its answer, beat both) and where the cloud is far stronger (only the
+    whole keyframe lets the cloud see what the edge missed). A site measures, on its validation split, every
+    offload option (mode and thresholds: :data:`clients.collab.OFFLOAD_GRID`) with its upload bytes per frame,
+    mAP50 and recall; :func:`choose_offload` picks one from a stated :class:`Budget` (``routing.budget``).
+
 Crop regions, atlases and frame coordinates of what is offloaded: :mod:`common.offload`.
 Detections come from :mod:`common.detections`. No flwr, ultralytics, wandb, torch or OpenCV here.
 """
@@ -46,9 +53,10 @@ Detections come from :mod:`common.detections`. No flwr, ultralytics, wandb, torc
 from __future__ import annotations
 
 import logging
+import math
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -65,6 +73,10 @@ __all__ = [
     "route",
     "merge",
     "reason_counts",
+    "OFFLOAD_MODES",
+    "Budget",
+    "parse_budget",
+    "choose_offload",
 ]
 
 REASON_LOW_CONF = "low_conf"
@@ -340,3 +352,87 @@ def reason_counts(reasons: Iterable[tuple[str, ...]]) -> dict[str, int]:
     if unknown:
         raise ValueError(f"unknown ambiguity reasons: {sorted(unknown)}")
     return {r: counts.get(r, 0) for r in REASONS}
+
+
+# --------------------------------------------------------------------------- #
+# Offloading chosen by a budget
+# --------------------------------------------------------------------------- #
+#: what a keyframe sends: nothing (the edge alone), crops around the ambiguous boxes and the candidates, the whole
+#: keyframe when anything is ambiguous (merged with the edge's answer), the whole keyframe always (the cloud alone)
+OFFLOAD_MODES = ("none", "crops", "frame", "cloud")
+#: ``kind:value`` forms of a budget, and what the value means
+BUDGET_KINDS = {"bytes": "upload bytes per frame, X >= 0",
+                "frame": "upload bytes per frame as a share of the whole keyframe's JPEG, X >= 0",
+                "recall": "the recall to reach at the fewest bytes, 0 < X <= 1"}
+BUDGET_FORMS = "'' (none), " + ", ".join(f"'{k}:X' ({v})" for k, v in BUDGET_KINDS.items())
+
+
+@dataclass(frozen=True)
+class Budget:
+    """What a site may spend on offloading: ``kind`` one of :data:`BUDGET_KINDS`, ``value`` its amount."""
+
+    kind: str
+    value: float
+
+    def __str__(self) -> str:
+        return f"{self.kind}:{self.value:g}"
+
+
+def parse_budget(text: str) -> Budget | None:
+    """``routing.budget`` as a :class:`Budget`; ``""`` (or ``"off"``) → None: no budget, the configured routing.
+
+    Examples
+    --------
+    ``"bytes:4000"`` → ``Budget("bytes", 4000.0)``; ``"frame:0.25"`` → ``Budget("frame", 0.25)``;
+    ``"recall:1.5"`` → ValueError naming ``'recall:1.5'``.
+    """
+    text = str(text).strip()
+    if text in ("", "off"):
+        return None
+    kind, sep, value = text.partition(":")
+    try:
+        amount = float(value) if sep else math.nan
+    except ValueError:
+        amount = math.nan
+    ok = kind in BUDGET_KINDS and math.isfinite(amount) and (0 < amount <= 1 if kind == "recall" else amount >= 0)
+    if not ok:
+        raise ValueError(f"budget {text!r}: expected {BUDGET_FORMS}")
+    return Budget(kind, amount)
+
+
+def choose_offload(measured: Mapping[str, Any], budget: Budget) -> dict:
+    """The offload option a budget picks from a site's measurements.
+
+    ``measured = {"frame_bytes": B, "options": [{"settings": {...}, "bytes": b, "map50": m, "recall": r}, ...]}``:
+    per option the upload bytes per frame ``b``, the mAP50 ``m`` and recall ``r`` of the answer it gives, on
+    the site's validation split; ``B`` the whole keyframe's JPEG bytes per frame there.
+
+    - ``bytes:N`` / ``frame:F``: the cap is ``N`` bytes, or ``F · B``. Of the options with ``b <= cap``, the
+      highest ``m`` (ties: fewer bytes, then the earlier option); when none fits, the one with the fewest bytes.
+    - ``recall:R``: of the options with ``r >= R``, the fewest bytes (ties: higher ``m``, then the earlier);
+      when none reaches ``R``, the highest recall (ties: fewer bytes).
+
+    Returns the chosen option (one of ``measured["options"]``).
+
+    Examples
+    --------
+    ``B = 10000``; options edge ``(b 0, m 0.30, r 0.40)``, crops ``(2000, 0.35, 0.50)``, frame
+    ``(10000, 0.50, 0.70)``. ``frame:0.25`` (cap 2500) → crops; ``frame:1`` → frame; ``bytes:100`` → edge;
+    ``recall:0.45`` → crops; ``recall:0.9`` → frame (the highest recall).
+    """
+    options = list(measured.get("options") or ())
+    if not options:
+        raise ValueError("choose_offload: no measured options")
+    order = range(len(options))
+    if budget.kind == "recall":
+        reach = [i for i in order if options[i]["recall"] >= budget.value]
+        if reach:
+            best = min(reach, key=lambda i: (options[i]["bytes"], -options[i]["map50"], i))
+        else:
+            best = min(order, key=lambda i: (-options[i]["recall"], options[i]["bytes"], i))
+        return options[best]
+    cap = budget.value if budget.kind == "bytes" else budget.value * float(measured["frame_bytes"])
+    fits = [i for i in order if options[i]["bytes"] <= cap]
+    if not fits:
+        return options[min(order, key=lambda i: (options[i]["bytes"], i))]
+    return options[min(fits, key=lambda i: (-options[i]["map50"], options[i]["bytes"], i))]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 
 import cv2
 import numpy as np
@@ -11,10 +12,12 @@ import pytest
 
 from clients.collab import (
     CONF_RANGE,
+    OFFLOAD_GRID,
     CollabSettings,
     calibrate_conf,
     collaborate,
     detect_keyframe,
+    measure_offload,
     merge_answer,
     plan_offload,
 )
@@ -187,3 +190,109 @@ def test_for_model_takes_the_calibrated_threshold_unless_a_flag_set_one():
     assert detect_keyframe(image, lambda im: edge, low).detections.conf.tolist() == [0.9, 0.2]
     assert detect_keyframe(image, lambda im: edge, s).candidates.conf.tolist() == [0.2]
     assert len(detect_keyframe(image, lambda im: edge, lower).candidates) == 0
+
+
+# --------------------------------------------------------------------------- offloading chosen by a budget
+MEASURED = {"frame_bytes": 10000.0, "options": [
+    {"settings": {"offload": "none", "t_conf": 0.5, "candidate_conf": 0.05, "jpeg_quality": 90}, "bytes": 0.0,
+     "map50": 0.30, "recall": 0.40},
+    {"settings": {"offload": "crops", "t_conf": 0.7, "candidate_conf": 0.0, "jpeg_quality": 90}, "bytes": 2000.0,
+     "map50": 0.35, "recall": 0.50},
+    {"settings": {"offload": "cloud", "t_conf": 0.5, "candidate_conf": 0.05, "jpeg_quality": 25}, "bytes": 10000.0,
+     "map50": 0.60, "recall": 0.80}]}
+
+
+def test_for_model_runs_the_offload_the_budget_picks_unless_a_flag_set_it():
+    """A quarter of a keyframe (2 500 B) buys the crops at t_conf 0.7 without candidates; a whole keyframe buys
+    the cloud alone (better here) at JPEG quality 25; a flag or no budget keeps the configured offload."""
+    s = CollabSettings(det_conf=0.25, candidate_conf=0.05, budget="frame:0.25")
+    meta = {"det_conf": 0.2, "offload": MEASURED}
+    crops = s.for_model(meta)
+    assert (crops.offload, crops.t_conf, crops.candidate_conf, crops.det_conf) == ("crops", 0.7, 0.0, 0.2)
+    assert crops.offload_source == "budget" and crops.detector_conf == 0.2
+    whole = replace(s, budget="frame:1").for_model(meta)
+    assert (whole.offload, whole.jpeg_quality, whole.candidate_conf, whole.offload_source) == ("cloud", 25, 0.05,
+                                                                                                "budget")
+    flagged = replace(s, offload="frame", offload_source="flag").for_model(meta)
+    assert (flagged.offload, flagged.t_conf, flagged.offload_source) == ("frame", 0.5, "flag")
+    unbudgeted = replace(s, budget="").for_model(meta)
+    assert (unbudgeted.offload, unbudgeted.offload_source, unbudgeted.det_conf) == ("crops", "config", 0.2)
+    assert s.for_model({"det_conf": 0.2}).offload_source == "config"  # a model that measured nothing
+    # a flagged answer threshold at or below the option's candidates turns them off
+    low = CollabSettings(det_conf=0.04, candidate_conf=0.0, det_conf_source="flag", budget="frame:1")
+    assert low.for_model(meta).candidate_conf == 0.0
+    with pytest.raises(ValueError, match="budget 'bytes=1': expected"):
+        CollabSettings(budget="bytes=1")
+    with pytest.raises(ValueError, match="offload must be one of .*got 'tiles'"):
+        CollabSettings(offload="tiles")
+
+
+def test_cloud_mode_sends_every_keyframe_whole_and_answers_with_the_cloud_alone_none_sends_nothing():
+    edge = Detections([[0, 0, 40, 40], [80, 10, 90, 20]], [0.9, 0.1], [0, 1])
+    image = np.zeros((100, 120, 3), np.uint8)
+    answer = Detections([[1, 0, 41, 40], [50, 50, 60, 60]], [0.3, 0.8], [2, 1])
+
+    class Cloud:
+        def __init__(self):
+            self.modes = []
+
+        def send(self, entry):
+            self.modes.append(entry.mode)
+            return CloudAnswer(answer, rtt_ms=1.0)
+
+    cloud = Cloud()
+    step = collaborate(image, lambda im: edge, cloud, CollabSettings(offload="cloud"), site="s")
+    assert step.entry.regions == [[0, 0, 120, 100]] and step.entry.offloaded == [True, True]
+    assert step.merged.to_list() == answer.to_list()  # not fused with the edge's confident box
+    # also a keyframe where the edge finds nothing
+    empty = collaborate(image, lambda im: Detections(), cloud, CollabSettings(offload="cloud"), site="s")
+    assert empty.merged.to_list() == answer.to_list() and cloud.modes == ["cloud", "cloud"]
+    # the runtime's later merge of a queued cloud entry, whatever its own settings' mode
+    assert merge_answer(step.entry.edge, answer, CollabSettings(), step.entry.offloaded, "cloud")[0].to_list() == \
+        answer.to_list()
+    alone = collaborate(image, lambda im: edge, cloud, CollabSettings(offload="none"), site="s")
+    assert alone.entry is None and alone.merged.to_list() == edge[[0]].to_list() and len(cloud.modes) == 2
+
+
+def test_measure_offload_hand_worked():
+    """One image, objects A [0,0,40,40] class 0 and B [80,10,90,20] class 1; the edge finds A alone at 0.9
+    (confident, 1600 px²: nothing ambiguous, no candidate). A cloud that finds A and B on the whole frame, nothing
+    on crops. Edge, crops and frame (nothing ambiguous): nothing sent, recall 1/2, mAP50 (1 + 0) / 2; frame at
+    t_conf 1 (A ambiguous) and the cloud alone: the whole frame, recall 1, mAP50 1, sent to the cloud once.
+    (A perfect ranking's AP is 0.995 under Ultralytics' 101-point interpolation, so "1" reads 0.995.)"""
+    rng = np.random.default_rng(0)
+    image = cv2.GaussianBlur(rng.integers(0, 255, (100, 120, 3), dtype=np.uint8), (5, 5), 0)
+    gt = np.array([[0, 0, 0, 40, 40], [1, 80, 10, 90, 20]], float)
+    found = Detections([[0, 0, 40, 40]], [0.9], [0])
+    truth = Detections(gt[:, 1:], [0.8, 0.8], [0, 1])
+
+    class Cloud:
+        calls = 0
+
+        def send(self, entry):
+            Cloud.calls += 1
+            return CloudAnswer(truth if entry.mode != "crops" else Detections(), rtt_ms=1.0)
+
+    grid = [{"offload": "none"}, {"offload": "crops"}, {"offload": "frame"}, {"offload": "frame", "t_conf": 1.0},
+            {"offload": "cloud"}]
+    measured = measure_offload([image], [gt], [found], Cloud(), CollabSettings(), nc=2, site="s", grid=grid)
+
+    frame_bytes = len(cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, 90])[1])
+    assert measured["frame_bytes"] == frame_bytes and Cloud.calls == 1
+    got = [(o["settings"]["offload"], o["settings"]["t_conf"], o["bytes"], o["map50"], o["recall"])
+           for o in measured["options"]]
+    ap1 = 0.995
+    assert got == [("none", 0.5, 0, ap1 / 2, 0.5), ("crops", 0.5, 0, ap1 / 2, 0.5), ("frame", 0.5, 0, ap1 / 2, 0.5),
+                   ("frame", 1.0, frame_bytes, ap1, 1.0), ("cloud", 0.5, frame_bytes, ap1, 1.0)]
+    assert measured["options"][0]["settings"] == {"offload": "none", "t_conf": 0.5, "candidate_conf": 0.05,
+                                                  "jpeg_quality": 90}
+    # what the runtime then runs: a quarter of the frame buys nothing better than the edge; a whole frame the cloud
+    s = CollabSettings(budget="frame:0.25")
+    assert s.for_model({"offload": measured}).offload == "none"
+    assert replace(s, budget="frame:1").for_model({"offload": measured}).option() == {
+        "offload": "frame", "t_conf": 1.0, "candidate_conf": 0.05, "jpeg_quality": 90}
+
+
+def test_the_grid_has_every_mode():
+    assert {o["offload"] for o in OFFLOAD_GRID} == {"none", "crops", "frame", "cloud"}
+    assert all(CollabSettings().with_option(o).offload == o["offload"] for o in OFFLOAD_GRID)

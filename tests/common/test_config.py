@@ -317,3 +317,10 @@ def test_quick_preset_runs_graph_kd_a_cloud_round_and_a_late_site_and_each_turns
         ("graph", [3], [-1], 2)
     assert (off.kd.mode, off.kd.cloud_rounds, off.federation.late_sites) == ("none", [], [])
     assert load_config("standard").federation.late_sites == []
+
+
+@pytest.mark.parametrize("bad", ["bytes=4000", "recall:2", "frame:-0.1", "quarter"])
+def test_routing_budget_error_names_the_bad_value(bad):
+    with pytest.raises(ConfigError, match=f"routing.budget='{bad}': expected '' \\(none\\), 'bytes:X'"):
+        load_config("quick", {"routing.budget": bad})
+    assert load_config("quick", {"routing.budget": "recall:0.6"}).routing.budget == "recall:0.6"

@@ -23,10 +23,13 @@ from common.offload import (
 )
 from common.routing import (
     REASONS,
+    Budget,
     ambiguity_reasons,
     ambiguous_mask,
+    choose_offload,
     is_unstable,
     merge,
+    parse_budget,
     reason_counts,
     route,
 )
@@ -444,6 +447,11 @@ def test_offload_plan_modes():
     np.testing.assert_array_equal(frame.regions, [[0, 0, 640, 480]])
     np.testing.assert_array_equal(frame.box_region, [0, -1, 0])
     assert nothing.empty and nothing.box_region.tolist() == [-1, -1, -1]
+    # cloud: the whole frame always, also with nothing offloaded (and with no box at all)
+    cloud = offload_plan(boxes, [F, F, F], (480, 640), mode="cloud")
+    np.testing.assert_array_equal(cloud.regions, [[0, 0, 640, 480]])
+    np.testing.assert_array_equal(offload_plan(np.zeros((0, 4)), [], (480, 640), mode="cloud").regions,
+                                  [[0, 0, 640, 480]])
     with pytest.raises(ValueError, match="mode must be"):
         offload_plan(boxes, mask, (480, 640), mode="tiles")
 
@@ -555,3 +563,61 @@ def test_merge_keep_unanswered_per_detection():
     assert merge(edge, cloud, offloaded, keep_unanswered=True, resolve="fuse").to_list() == kept.to_list()
     with pytest.raises(ValueError, match="keep_unanswered has 2 entries for 3 edge detections"):
         merge(edge, cloud, offloaded, keep_unanswered=[True, False])
+
+
+# --------------------------------------------------------------------------- offloading chosen by a budget
+def option(mode, nbytes, map50, recall, **thresholds):
+    return {"settings": {"offload": mode, **thresholds}, "bytes": nbytes, "map50": map50, "recall": recall}
+
+
+# a whole keyframe is 10 000 B; hand-built measurements of one site's validation split
+EDGE = option("none", 0.0, 0.30, 0.40)
+CROPS = option("crops", 1800.0, 0.36, 0.52, t_conf=0.5)
+CROPS_WIDE = option("crops", 3000.0, 0.38, 0.55, t_conf=0.7)
+FRAME = option("frame", 9500.0, 0.55, 0.74)
+CLOUD = option("cloud", 10000.0, 0.58, 0.76)
+
+
+def test_budget_sends_whole_frames_when_it_allows_and_the_cloud_is_better():
+    """Cloud >> edge: with room for whole keyframes (cap 10 000 B) the cloud alone (0.58) beats everything; at
+    9 500 B the frame mode (0.55) is the best that fits, above every crop option."""
+    measured = {"frame_bytes": 10000.0, "options": [EDGE, CROPS, CROPS_WIDE, FRAME, CLOUD]}
+    assert choose_offload(measured, Budget("frame", 1.0)) is CLOUD
+    assert choose_offload(measured, Budget("bytes", 9500)) is FRAME
+    assert choose_offload(measured, Budget("recall", 0.7)) is FRAME  # the cheapest option with recall >= 0.7
+
+
+def test_budget_sends_crops_when_it_does_not_allow_whole_frames():
+    """The same site at a quarter of a keyframe (cap 2 500 B): of edge (0 B) and crops (1 800 B) the crops
+    (mAP50 0.36); the wider crops (3 000 B) do not fit. Below every upload: the edge alone."""
+    measured = {"frame_bytes": 10000.0, "options": [EDGE, CROPS, CROPS_WIDE, FRAME, CLOUD]}
+    assert choose_offload(measured, Budget("frame", 0.25)) is CROPS
+    assert choose_offload(measured, Budget("bytes", 3000)) is CROPS_WIDE
+    assert choose_offload(measured, Budget("bytes", 100)) is EDGE
+    assert choose_offload(measured, Budget("recall", 0.5)) is CROPS  # 0.52 >= 0.5 at 1 800 B
+
+
+def test_budget_ties_and_nothing_that_fits():
+    """Equal mAP50: the fewer bytes; equal bytes too: the earlier option. No option within the cap (no edge
+    option measured): the cheapest. No option reaching the recall: the highest recall."""
+    a, b, c = option("crops", 900.0, 0.4, 0.5), option("crops", 600.0, 0.4, 0.5), option("crops", 600.0, 0.4, 0.5)
+    measured = {"frame_bytes": 1000.0, "options": [a, b, c]}
+    assert choose_offload(measured, Budget("frame", 1.0)) is b
+    assert choose_offload(measured, Budget("bytes", 10)) is b
+    assert choose_offload({"frame_bytes": 1.0, "options": [CROPS, FRAME]}, Budget("recall", 0.9)) is FRAME
+    with pytest.raises(ValueError, match="no measured options"):
+        choose_offload({"frame_bytes": 1.0, "options": []}, Budget("bytes", 1))
+
+
+@pytest.mark.parametrize("text, expected", [("", None), ("off", None), ("bytes:4000", Budget("bytes", 4000.0)),
+                                            ("frame:0.25", Budget("frame", 0.25)), (" recall:1 ", Budget("recall", 1.0)),
+                                            ("bytes:0", Budget("bytes", 0.0))])
+def test_parse_budget(text, expected):
+    assert parse_budget(text) == expected
+
+
+@pytest.mark.parametrize("text", ["bytes=4000", "bytes:", "bytes:-1", "frame:nan", "recall:0", "recall:1.5",
+                                  "share:0.25", "4000"])
+def test_parse_budget_names_the_bad_value(text):
+    with pytest.raises(ValueError, match=f"budget '{text.strip()}': expected ''"):
+        parse_budget(text)
