@@ -53,6 +53,15 @@ Answer threshold
     its own threshold. The summary line records ``det_conf`` and ``det_conf_source`` (``model``, ``config``
     or ``flag``) of the model it names.
 
+Offload budget
+    What a keyframe sends (``--offload``: nothing, crops, the whole keyframe when anything is ambiguous, or the
+    whole keyframe always with the cloud's answer alone) and its thresholds (``--t-conf``, ``--candidate-conf``,
+    ``--jpeg-quality``) are by default the option ``--budget`` (``routing.budget``) picks from the model's own
+    measurements (:func:`clients.collab.measure_offload`, stored in the weights file's metadata each round;
+    :func:`common.routing.choose_offload`); any of those four flags replaces the budget's choice, and a model
+    without measurements runs the configured ones. The summary line records ``offload`` and ``offload_source``
+    (``budget``, ``config`` or ``flag``).
+
 Delivery guarantees (``--queue-dir``, default ``$CEDAR_HOME/edge/<site>/queue``)
     Every offload is written to the queue *before* it is sent (one JSON file per
     offload: metadata, edge detections and the base64 JPEG payloads; written to a

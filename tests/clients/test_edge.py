@@ -899,6 +899,11 @@ def test_cli_defaults_are_edge_settings_and_a_negative_max_gap_is_refused(tmp_pa
     # --conf has no default of its own: the model's calibrated threshold, else EdgeSettings.det_conf
     assert args["det_conf"] is None and args["sequence"] is False
     args["det_conf"] = EdgeSettings.det_conf
+    # nor the offload's: the budget's choice (--budget), else EdgeSettings'; any of them given replaces the budget
+    from clients.collab import OPTION_FIELDS
+
+    assert all(args[k] is None for k in OPTION_FIELDS) and args["budget"] == EdgeSettings.budget == "frame:0.25"
+    args.update({k: getattr(EdgeSettings, k) for k in OPTION_FIELDS})
     assert {k: args[k] for k in shared} == {k: getattr(EdgeSettings, k) for k in shared}
     # and EdgeSettings' defaults are the config schema's (one name, one default per threshold)
     from common.config import RoutingConfig
@@ -1078,3 +1083,10 @@ def test_real_cloud_down_then_back_nothing_lost_nothing_duplicated(tmp_path, wei
                                                  **Counter(set(offloads_b))}
     assert list((tmp_path / "queue").glob("*.json")) == []
     assert lines_b[-1]["queue_left"] == 0 and lines_b[-1]["recovered"] == len(offloads_a)
+
+
+def test_a_bad_budget_is_refused_naming_it():
+    from clients.media import EdgeError
+
+    with pytest.raises(EdgeError, match="budget 'frame:-1': expected"):
+        EdgeSettings(budget="frame:-1")

@@ -498,3 +498,66 @@ def test_collab_metrics_with_a_cloud_but_nothing_to_offload_equal_the_edge(site1
     assert cloud.entries == []
     assert (m[P.COLLAB_RECALL], m[P.COLLAB_FNR], m[P.UPLOAD_BYTES]) == (m[P.EDGE_RECALL], m[P.EDGE_FNR], 0.0) == (
         0.0, 1.0, 0.0)
+
+
+def test_offload_options_are_measured_on_val_stored_and_the_budget_runs_on_test(monkeypatch, tiny_cfg, tmp_path):
+    """The edge finds every other labelled object (conf 0.9); the cloud finds every object on a whole keyframe
+    and answers crops with the boxes sent. Calibration measures every option of OFFLOAD_GRID on val: the edge
+    alone uploads nothing at its own recall, the cloud alone reaches recall 1 at a whole frame's bytes. On test a
+    budget of a whole frame buys recall 1 from the whole keyframe; a budget of 0 bytes runs the edge alone."""
+    from dataclasses import replace
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from clients.collab import OFFLOAD_GRID
+    from clients.offload import CloudAnswer
+    from common.detections import Detections
+
+    site = LocalSite(tiny_cfg, resolve_site(tiny_cfg, {"partition-id": 1}), tmp_path)
+    labels_val, _, val_gts = _labels_detector(site, 0.9, "val")
+    labels_test, _, test_gts = _labels_detector(site, 0.9, "test")
+
+    def half(image):
+        for labels in (labels_val, labels_test):
+            try:
+                found = labels(image)
+            except StopIteration:
+                continue
+            return found[np.arange(len(found)) % 2 == 0]
+
+    class Cloud:
+        def send(self, entry):
+            if entry.mode == "crops":
+                dets = Detections.from_list([d for d, off in zip(entry.edge, entry.offloaded) if off])
+            else:
+                gt = (val_gts if entry.run == "budget" else test_gts)[entry.frame]
+                dets = Detections(gt[:, 1:], np.full(len(gt), 0.8), gt[:, 0].astype(int))
+            return CloudAnswer(dets, rtt_ms=1.0)
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(site, "edge_predictor", lambda model, conf=None: half)
+    monkeypatch.setattr(site, "cloud_client", Cloud)
+
+    found = site.calibrate(model=None)
+
+    measured = found["offload"]
+    options = {(o["settings"]["offload"], o["settings"]["jpeg_quality"]): o for o in measured["options"]}
+    assert len(measured["options"]) == len(OFFLOAD_GRID)
+    every = sum(len(gt) for gt in val_gts)
+    assert options["none", 90]["bytes"] == 0
+    assert options["none", 90]["recall"] == pytest.approx(sum((len(gt) + 1) // 2 for gt in val_gts) / every)
+    assert options["cloud", 90]["recall"] == 1.0 and options["cloud", 90]["bytes"] == measured["frame_bytes"] > 0
+    model = SimpleNamespace(cedar_meta=found)
+    whole = replace(site.cfg, routing=replace(site.cfg.routing, budget="frame:1"))
+    site.cfg = whole
+    m = site.collab_round(model)[0]
+    assert site.collab_settings(model).offload_source == "budget"
+    assert site.collab_settings(model).offload in ("frame", "cloud")
+    assert m[P.COLLAB_RECALL] == 1.0 and m[P.UPLOAD_BYTES] > 0
+    site.cfg = replace(whole, routing=replace(whole.routing, budget="bytes:0"))
+    m = site.collab_round(model)[0]
+    assert site.collab_settings(model).offload == "none"
+    assert m[P.UPLOAD_BYTES] == 0 and m[P.COLLAB_RECALL] == m[P.EDGE_RECALL] < 1.0
