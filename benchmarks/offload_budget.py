@@ -1,7 +1,7 @@
 """Offloading chosen by a budget: the bytes / accuracy frontier where edge ≈ cloud and where cloud ≫ edge.
 
 Every site measures every offload option of :data:`clients.collab.OFFLOAD_GRID` (the edge alone; crops at three
-``t_conf`` with and without candidates; the whole keyframe when anything is ambiguous and always, i.e. the cloud
+``t_conf`` with and without candidates, and with them at JPEG quality 60; the whole keyframe when anything is ambiguous and always, i.e. the cloud
 alone, each at JPEG quality 90 and 25) with :func:`clients.collab.measure_offload`, the function the ClientApp runs
 after each training round: the one collaboration step (:func:`clients.collab.collaborate`) against the real cloud
 service process (:func:`benchmarks.collaboration.cloud_service`). On the validation split the measurements are
@@ -179,7 +179,8 @@ def option_name(settings: dict) -> str:
         return "edge alone"
     if mode == "crops":
         cand = f"candidates ≥ {settings['candidate_conf']:g}" if settings["candidate_conf"] else "no candidates"
-        return f"crops, t_conf {settings['t_conf']:g}, {cand}"
+        quality = "" if settings["jpeg_quality"] == 90 else f", JPEG q{settings['jpeg_quality']}"
+        return f"crops, t_conf {settings['t_conf']:g}, {cand}{quality}"
     what = "whole keyframe when ambiguous (fused)" if mode == "frame" else "cloud alone (whole keyframe)"
     return f"{what}, JPEG q{settings['jpeg_quality']}"
 

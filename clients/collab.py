@@ -65,12 +65,16 @@ OPTION_FIELDS = ("offload", "t_conf", "candidate_conf", "jpeg_quality")
 OFFLOAD_SOURCES = ("config", "budget", "flag")
 #: the whole keyframe also at this JPEG quality: about a quarter of the bytes of quality 90 on the built-in benchmark
 LOW_QUALITY = 25
+#: crops with candidates also at this JPEG quality: about half their bytes at quality 90
+CROP_QUALITY = 60
 #: the offload options a site measures (:func:`measure_offload`), each over the configured settings: the edge
-#: alone; crops at three ``t_conf``, with the configured candidates and without; the whole keyframe when anything
-#: is ambiguous and always (the cloud alone), each at the configured JPEG quality and at :data:`LOW_QUALITY`
+#: alone; crops at three ``t_conf``, with the configured candidates and without, and with the candidates at
+#: :data:`CROP_QUALITY`; the whole keyframe when anything is ambiguous and always (the cloud alone), each at the
+#: configured JPEG quality and at :data:`LOW_QUALITY`
 OFFLOAD_GRID = (
     {"offload": "none"},
-    *({"offload": "crops", "t_conf": t, **cand} for t in (0.3, 0.5, 0.7) for cand in ({}, {"candidate_conf": 0.0})),
+    *({"offload": "crops", "t_conf": t, **more} for t in (0.3, 0.5, 0.7)
+      for more in ({}, {"candidate_conf": 0.0}, {"jpeg_quality": CROP_QUALITY})),
     *({"offload": mode, **q} for mode in ("frame", "cloud") for q in ({}, {"jpeg_quality": LOW_QUALITY})),
 )
 
