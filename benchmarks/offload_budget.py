@@ -20,7 +20,7 @@ from the cache, nothing is trained when it is there)
 
 Both clouds answer from their own F1-optimal threshold on the public test split (:func:`cloud_threshold`).
 
-Run (2 CPU cores: ~10 min with the models cached; the base models train in ~5 min each when missing)::
+Run (2 CPU cores: ~5 min with the models cached; the base models train in ~5 min each when missing)::
 
     python -m benchmarks.offload_budget
 """
@@ -223,7 +223,7 @@ def to_markdown(res: dict, settings: dict) -> str:
              f"threshold, the cloud service from its model's (calibrated alike on the public test split), crops detected at "
              f"{settings['crop_zoom']:g}x, merges fuse+keep (the runtime's defaults). mAP50 class-aware, IoU 0.5 "
              "(`common.detections.score`), means over the 4 sites; bytes are the JPEG upload per frame, share = "
-             "of the whole keyframe's JPEG at quality 90."), ""]
+             "those bytes over the whole keyframe's JPEG at quality 90."), ""]
     for name, regime in res.items():
         v = verdict(regime)
         lines += [f"## {settings['regimes'][name]}", "",
