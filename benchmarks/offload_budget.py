@@ -67,21 +67,14 @@ def demo_edge(site: int) -> Path:
 
 
 def cloud_threshold(cfg, bench, cloud: Path) -> float:
-    """The cloud service's answer threshold: the cloud model's F1-optimal confidence on the shared benchmark's
-    public test split (:func:`clients.collab.calibrate_conf`, as a site calibrates its edge model; the sites' own
-    labels stay on the sites), else ``routing.cloud_conf``. The service itself answers from ``--conf``."""
-    import cv2
-
-    from benchmarks.pyrafan_accuracy import read_split
-    from clients.collab import CONF_RANGE, calibrate_conf
-    from clients.detector import TorchPredictor
+    """The cloud service's answer threshold: the cloud model's calibrated one (:func:`server.models.calibrate`, on
+    the shared benchmark's public val split, as a run's cloud service answers), else ``routing.cloud_conf``."""
     from common import yolo
     from common.benchmark import CLASS_NAMES
+    from server.models import calibrate
 
-    predictor = TorchPredictor(yolo.load_weights(cloud), imgsz=cfg.train.imgsz, conf=CONF_RANGE[0], iou=cfg.eval.iou)
-    paths, gts = read_split(bench.public_data.parent, "test")
-    found = calibrate_conf([predictor(cv2.imread(str(p))) for p in paths], gts, len(CLASS_NAMES))
-    return found["det_conf"] if found else cfg.routing.cloud_conf
+    found = calibrate(cfg, yolo.load_weights(cloud), bench.public_data, list(CLASS_NAMES))
+    return found.get("det_conf", cfg.routing.cloud_conf)
 
 
 # --------------------------------------------------------------------------- the experiment

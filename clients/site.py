@@ -13,7 +13,7 @@ from typing import Any, Iterator, Mapping
 
 from common import protocol as P
 from common.config import CedarConfig, from_run_config
-from common.sites import SiteSpec, class_names, resolve_site
+from common.sites import SiteSpec, class_names, resolve_site, split_images
 from common.ultralytics_env import CEDAR_HOME
 
 log = logging.getLogger(__name__)
@@ -177,19 +177,6 @@ class LocalSite:
         conf = self.collab_settings(model).detector_conf if conf is None else conf
         return TorchPredictor(model, imgsz=t.imgsz, conf=conf, iou=self.cfg.eval.iou, device=t.device)
 
-    def _split_images(self, split: str) -> Iterator[tuple[Path, Any, Any]]:
-        """``(path, BGR image, gt)`` for each readable image of one of this site's splits, in name order;
-        ``gt``: ``(M, 5)`` pixel rows ``cls, x1, y1, x2, y2``."""
-        import cv2
-
-        from common.detections import image_labels
-        from common.sites import split_dir
-
-        for path in sorted(split_dir(self.spec.data_yaml, split).glob("*.*")):
-            image = cv2.imread(str(path))
-            if image is not None:
-                yield path, image, image_labels(path, image.shape[1], image.shape[0])
-
     def calibrate(self, model) -> dict[str, Any]:
         """The model's answer threshold on this site's validation split, as the edge runtime detects (batch 1,
         down to ``CONF_RANGE[0]``): :func:`clients.collab.calibrate_conf` (F1-optimal confidence, class-aware
@@ -202,7 +189,7 @@ class LocalSite:
 
         predictor = self.edge_predictor(model, conf=CONF_RANGE[0])
         images, dets, gts = [], [], []
-        for _, image, gt in self._split_images("val"):
+        for _, image, gt in split_images(self.spec.data_yaml, "val"):
             images.append(image)
             dets.append(predictor(image))
             gts.append(gt)
@@ -257,7 +244,7 @@ class LocalSite:
         s, predictor, client = self.collab_settings(model), self.edge_predictor(model), self.cloud_client()
         log.info("%s: offload %s (%s, routing.budget %r)", self.spec.site_id, s.option(), s.offload_source, s.budget)
         try:
-            for n, (path, image, gt) in enumerate(self._split_images("test")):
+            for n, (path, image, gt) in enumerate(split_images(self.spec.data_yaml, "test")):
                 kw = dict(site=self.spec.site_id, run="eval", frame=n)
                 try:
                     step = collaborate(image, predictor, client, s, **kw)

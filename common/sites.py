@@ -46,6 +46,19 @@ def class_names(data_yaml: str | Path) -> list[str]:
     raise ConfigError(f"{path}: 'names' must list the class names")
 
 
+def split_images(data_yaml: Path, split: str):
+    """``(path, BGR image, gt)`` for each readable image of a split of an Ultralytics data.yaml, in name order;
+    ``gt``: ``(M, 5)`` pixel rows ``cls, x1, y1, x2, y2``."""
+    import cv2
+
+    from common.detections import image_labels
+
+    for path in sorted(split_dir(data_yaml, split).glob("*.*")):
+        image = cv2.imread(str(path))
+        if image is not None:
+            yield path, image, image_labels(path, image.shape[1], image.shape[0])
+
+
 def split_dir(data_yaml: Path, split: str) -> Path:
     """The image folder of a split of an Ultralytics data.yaml."""
     cfg = yaml.safe_load(Path(data_yaml).read_text())

@@ -12,7 +12,7 @@ and detected one at a time on a single worker thread, so the event loop keeps
 answering (``/health`` stays fast) while a large image is being detected.
 
 Options: ``--token T`` | ``--token-file F`` | ``$CEDAR_CLOUD_TOKEN`` (one is
-required), ``--certfile/--keyfile`` (TLS), ``--imgsz 320 --conf 0.15 --label-conf 0.25 --iou 0.7
+required), ``--certfile/--keyfile`` (TLS), ``--imgsz 320 --conf C`` (default: the weights file's calibrated threshold, else 0.15) ``--label-conf 0.25 --iou 0.7
 --crop-zoom 2 --device cpu``, limits ``--max-body-mb 8 --max-pixels 4096x4096 --max-crops 64
 --read-timeout 60 --max-concurrency 32``, the store's ``--store-max-mb`` (no bound by default) and
 ``--retry-after 30``.
@@ -216,11 +216,16 @@ class YoloDetector:
         self.lock = threading.Lock()
 
     @classmethod
-    def from_file(cls, weights: str | Path, arch: str | None = None, **kwargs) -> "YoloDetector":
+    def from_file(cls, weights: str | Path, arch: str | None = None, conf: float | None = None,
+                  **kwargs) -> "YoloDetector":
+        """``conf`` None: the threshold calibrated into the weights file (``det_conf`` in its metadata,
+        :func:`server.models.calibrate`), else ``routing.cloud_conf``."""
         from common import yolo
 
         model = yolo.load_weights(weights, arch=arch).eval()
-        return cls(model, **kwargs)
+        if conf is None:
+            conf = float(model.cedar_meta.get("det_conf", _R.cloud_conf))
+        return cls(model, conf=conf, **kwargs)
 
     @property
     def arch(self) -> str:
@@ -471,7 +476,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--retry-after", type=int, default=Limits.retry_after_s,
                    help="seconds a 503 (store full or unwritable) tells the client to wait")
     p.add_argument("--imgsz", type=int, default=TrainConfig.imgsz, help="detector input size (train.imgsz)")
-    p.add_argument("--conf", type=float, default=_R.cloud_conf, help="answer with detections from this confidence on")
+    p.add_argument("--conf", type=float, default=None,
+                   help="answer with detections from this confidence on (default: the threshold calibrated into the "
+                        f"weights file, else {_R.cloud_conf})")
     p.add_argument("--label-conf", type=float, default=_R.label_conf,
                    help="the hard-sample store's labels: only detections from this confidence on")
     p.add_argument("--iou", type=float, default=EvalConfig.iou, help="NMS IoU (eval.iou)")
@@ -502,7 +509,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         max_pixels = parse_max_pixels(args.max_pixels)
     except ValueError as err:
         parser.error(str(err))
-    if args.max_body_mb <= 0 or args.max_crops < 1 or args.imgsz < 32 or not 0 <= args.conf <= 1 \
+    if args.max_body_mb <= 0 or args.max_crops < 1 or args.imgsz < 32 or not 0 <= (args.conf or 0) <= 1 \
             or not 0 <= args.label_conf <= 1 or not 0 < args.iou <= 1 or args.read_timeout <= 0 \
             or args.max_concurrency < 1 or args.retry_after < 0 or (args.store_max_mb or 1) <= 0 \
             or not 0 < args.crop_zoom <= 8:
@@ -531,7 +538,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     import uvicorn
 
     scheme = "https" if args.certfile else "http"
-    print(f"cedar cloud service: {detector.arch} ({len(detector.names)} classes) on {scheme}://{args.host}:"
+    print(f"cedar cloud service: {detector.arch} ({len(detector.names)} classes, answers from conf "
+          f"{detector.conf:.3f}) on {scheme}://{args.host}:"
           f"{args.port}, store {store.root}", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, ssl_certfile=args.certfile, ssl_keyfile=args.keyfile,
                 log_level=args.log_level.lower(), timeout_keep_alive=30, limit_concurrency=args.max_concurrency)

@@ -138,6 +138,30 @@ def base_arrays(cfg: CedarConfig, data_yaml: Path, names: list[str]):
     return None if model is None else yolo.to_arrayrecord(model)
 
 
+def calibrate(cfg: CedarConfig, model, data_yaml: Path, names: list[str]) -> dict[str, float]:
+    """The cloud model's answer threshold, as a site calibrates its edge model (:meth:`clients.site.LocalSite.
+    calibrate`): the F1-optimal confidence (:func:`clients.collab.calibrate_conf`) on the shared benchmark's val
+    split; the service answers from it (``det_conf`` in the weights file's metadata). ``{}`` when no detection
+    matches an object (the service then answers from ``routing.cloud_conf``)."""
+    from clients.collab import CONF_RANGE, calibrate_conf
+    from clients.detector import TorchPredictor
+    from common.sites import split_images
+
+    t = cfg.train
+    predictor = TorchPredictor(model, imgsz=t.imgsz, conf=CONF_RANGE[0], iou=cfg.eval.iou, device=t.device)
+    dets, gts = [], []
+    for _, image, gt in split_images(data_yaml, "val"):
+        dets.append(predictor(image))
+        gts.append(gt)
+    found = calibrate_conf(dets, gts, len(names)) or {}
+    if found:
+        log.info("cloud model: answer threshold %.3f (public val F1 %.3f, precision %.3f, recall %.3f)",
+                 found["det_conf"], found["f1"], found["precision"], found["recall"])
+    else:
+        log.info("cloud model: no detection matches a public val object; answer threshold routing.cloud_conf")
+    return found
+
+
 def hard_sample_count(store: Path) -> int:
     """Samples in a hard-sample store (``images/`` of :class:`server.cloud.HardSampleStore`)."""
     images = store / "images"
@@ -160,7 +184,8 @@ class CloudModel:
 
         self.model, source = initial_model(cfg, "cloud", data_yaml, names)
         # what the service serves: a cedar weights file, also when the source is an Ultralytics checkpoint
-        self.path = yolo.save_weights(self.model, self.dir / "model.pt", source=source)
+        self.path = yolo.save_weights(self.model, self.dir / "model.pt", source=source,
+                                      **calibrate(cfg, self.model, data_yaml, names))
         self.used = 0  # hard samples the current model was fine-tuned on
         self.service: CloudProcess | None = None
 
@@ -193,7 +218,8 @@ class CloudModel:
                          mosaic=t.mosaic, workers=t.workers, seed=self.cfg.seed + server_round, device=t.device,
                          desc="cloud fine-tune")
         self.path = yolo.save_weights(self.model, self.dir / f"model-round-{server_round:03d}.pt",
-                                      round=server_round, hard_samples=found)
+                                      round=server_round, hard_samples=found,
+                                      **calibrate(self.cfg, self.model, self.data_yaml, self.names))
         log.info("cloud model: round %s: fine-tuned %s epochs on the public train split + %s hard samples "
                  "(%s new) in %.0fs -> %s", server_round, epochs, found, found - self.used, res.seconds, self.path)
         self.used = found

@@ -196,3 +196,64 @@ def test_defaults_start_sites_from_the_base_model_and_serve_the_cloud():
     cfg = load_config("quick")
     assert (cfg.model.edge_init, cfg.model.cloud_init, cfg.cloud.serve) == ("base", "train", True)
     assert M.cache_root(cfg) == Path("~/.cache/cedar/benchmark/models").expanduser()
+
+
+def test_cloud_model_saves_its_calibrated_threshold_and_the_service_answers_from_it(cfg_of, own_cache, tmp_path,
+                                                                                   monkeypatch):
+    """The cloud's answer threshold is calibrated like an edge model's (issue 25 item 2; the F1 optimum itself is
+    tested in tests/clients/test_collab.py): saved with the weights, and the service's detector answers from it
+    unless ``--conf`` is given; a file without one answers from ``routing.cloud_conf``."""
+    from common.config import RoutingConfig
+    from server.cloud import YoloDetector
+
+    # Prepare: the calibration stands in for a model that has trained long enough to find objects
+    cfg = cfg_of()
+    data = public_data(cfg)
+    found = {"det_conf": 0.123, "f1": 0.5, "precision": 0.6, "recall": 0.4}
+    seen = []
+    monkeypatch.setattr(M, "calibrate", lambda c, model, yaml, names: seen.append(yaml) or dict(found))
+
+    # Execute
+    cloud = M.CloudModel(cfg, data, class_names(data), tmp_path / "run")
+
+    # Assert: calibrated on the public data, in the served file's metadata, used by the service's detector
+    assert seen == [data]
+    assert torch.load(cloud.path, weights_only=True)["meta"]["det_conf"] == 0.123
+    assert YoloDetector.from_file(cloud.path, imgsz=128).conf == 0.123
+    assert YoloDetector.from_file(cloud.path, imgsz=128, conf=0.4).conf == 0.4
+    plain = yolo.save_weights(cloud.model, tmp_path / "plain.pt")
+    assert YoloDetector.from_file(plain, imgsz=128).conf == RoutingConfig.cloud_conf
+
+
+def test_calibrate_finds_the_threshold_of_a_model_that_detects(cfg_of, monkeypatch):
+    """A predictor stand-in answers each public val image's own labels at conf 0.3, plus one false box at 0.9 on
+    the first image: by hand, F1 is best at 0.3 (n true boxes of n, one false: precision n/(n+1), recall 1)."""
+    import numpy as np
+
+    from clients import detector as D
+    from common.detections import Detections
+    from common.sites import split_images
+
+    cfg = cfg_of()
+    data = public_data(cfg)
+    truth = [gt for _, _, gt in split_images(data, "val")]
+    answers = iter(truth)
+
+    class Stand:
+        def __init__(self, *a, **k):
+            self.first = True
+
+        def __call__(self, image):
+            gt = next(answers)
+            xyxy, conf, cls = gt[:, 1:], [0.3] * len(gt), gt[:, 0].astype(int)
+            if self.first:
+                self.first = False
+                xyxy = np.vstack([xyxy, [[0, 0, 5, 5]]])
+                conf, cls = conf + [0.9], np.append(cls, (cls[0] + 1) % 8 if len(cls) else 0)
+            return Detections(xyxy, conf, cls)
+
+    n = sum(len(g) for g in truth)
+    monkeypatch.setattr(D, "TorchPredictor", Stand)
+    found = M.calibrate(cfg, None, data, class_names(data))
+    assert found["det_conf"] == pytest.approx(0.3)
+    assert found["recall"] == pytest.approx(1.0) and found["precision"] == pytest.approx(n / (n + 1))
