@@ -9,7 +9,7 @@ checkpoint file: an Ultralytics ``.pt`` a user downloaded (another class count
 re-initialises the class branch) or a cedar weights file
 (:func:`common.yolo.load_checkpoint`).
 
-Trained models are cached in ``<data.cache-dir>/models/<role>-<arch>-<key>/model.pt``,
+Trained models are cached in ``<data.cache-dir>/models/<arch>-<key>/model.pt``,
 ``key`` a hash of everything that determines them (the benchmark, the
 architecture, the training settings, the seed): a second run loads them
 ("... loaded from cache") instead of training.
@@ -91,10 +91,11 @@ def build(arch: str, names: list[str], seed: int):
 def trained(role: str, recipe: Recipe, data_yaml: Path, names: list[str], root: Path, *, device: str = "cpu",
             workers: int = 0) -> Path:
     """The weights file of ``recipe`` trained on ``data_yaml``'s train split: from the cache, or trained now
-    and cached (written atomically, so a killed run never leaves a half file)."""
+    and cached (written atomically, so a killed run never leaves a half file). The file is the recipe's, whatever
+    the ``role`` (logged): a cloud model of the base model's recipe is the base model, trained once."""
     from common import yolo
 
-    path = root / f"{role}-{recipe.arch}-{recipe.key()}" / "model.pt"
+    path = root / f"{recipe.arch}-{recipe.key()}" / "model.pt"
     if path.is_file():
         log.info("%s model: loaded from cache %s", role, path)
         return path
@@ -103,7 +104,7 @@ def trained(role: str, recipe: Recipe, data_yaml: Path, names: list[str], root: 
     res = yolo.train(model, data_yaml, epochs=recipe.epochs, imgsz=recipe.imgsz, batch=recipe.batch, lr0=recipe.lr0,
                      weight_decay=recipe.weight_decay, warmup_iters=recipe.warmup_iters, mosaic=recipe.mosaic,
                      workers=workers, seed=recipe.seed, device=device, desc=f"{role} model")
-    yolo.save_weights(model, path, role=role, epochs=res.epochs, seconds=round(res.seconds, 1), recipe=asdict(recipe))
+    yolo.save_weights(model, path, epochs=res.epochs, seconds=round(res.seconds, 1), recipe=asdict(recipe))
     log.info("%s model: trained %s epochs (%s iterations) in %.0fs -> %s", role, res.epochs, res.iterations,
              res.seconds, path)
     return path

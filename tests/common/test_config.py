@@ -30,7 +30,8 @@ def test_quick_preset_values():
     assert (cfg.data.num_sites, cfg.data.imgsz, cfg.data.train_per_site, cfg.data.video_frames) == (4, 256, 48, 40)
     assert (cfg.train.imgsz, cfg.train.batch, cfg.train.epochs_per_round) == (256, 8, 4)
     assert cfg.federation.num_rounds == 3
-    assert (cfg.model.base_epochs, cfg.model.cloud_epochs) == (40, 10)
+    assert (cfg.model.base_epochs, cfg.model.cloud, cfg.model.cloud_epochs) == (40, "yolo11n", 40)
+    assert cfg.data.similar_pairs and cfg.kd.teacher_scope == "local" and cfg.kd.mode == "graph"
     assert cfg.train.device == "cpu"
     assert cfg.tracking.wandb == "offline"
 

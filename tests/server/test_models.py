@@ -68,13 +68,15 @@ def test_trained_model_is_cached_and_reused(cfg_of, tmp_path, caplog):
         first = M.trained("base", recipe, data, names, tmp_path / "models")
         stamp = first.stat().st_mtime_ns
         second = M.trained("base", recipe, data, names, tmp_path / "models")
+        cloud = M.trained("cloud", recipe, data, names, tmp_path / "models")
 
-    # Assert: one training, then the same file from the cache (not rewritten), named in the log
-    assert first == second == tmp_path / "models" / f"base-yolo11n-{recipe.key()}" / "model.pt"
+    # Assert: one training, then the same file from the cache (not rewritten), named in the log; a cloud model of
+    # the same recipe is that file too
+    assert first == second == cloud == tmp_path / "models" / f"yolo11n-{recipe.key()}" / "model.pt"
     assert second.stat().st_mtime_ns == stamp
     messages = [r.getMessage() for r in caplog.records]
     assert sum("trained 1 epochs" in m for m in messages) == 1
-    assert messages[-1] == f"base model: loaded from cache {first}"
+    assert messages[-2:] == [f"base model: loaded from cache {first}", f"cloud model: loaded from cache {first}"]
     blob = torch.load(first, weights_only=True)
     assert blob["meta"]["epochs"] == 1 and blob["meta"]["recipe"]["arch"] == "yolo11n" and blob["nc"] == len(names)
 
@@ -88,7 +90,7 @@ def test_base_arrays_are_the_cached_base_model(cfg_of, own_cache):
     arrays = M.base_arrays(cfg, data, class_names(data))
 
     # Assert: the record holds exactly the cached file's tensors
-    (path,) = own_cache.glob("base-yolo11n-*/model.pt")
+    (path,) = own_cache.glob("yolo11n-*/model.pt")
     assert _equal(arrays.to_torch_state_dict(), torch.load(path, weights_only=True)["state_dict"])
 
 
