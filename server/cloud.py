@@ -10,12 +10,16 @@ YOLO11s-PyraFAN, ...; the file names its architecture and classes, ``--arch``
 overrides the architecture). The model is loaded once; requests are decoded
 and detected one at a time on a single worker thread, so the event loop keeps
 answering (``/health`` stays fast) while a large image is being detected.
+``--workers N`` runs N such processes on one port under uvicorn's supervisor, each
+with its own model (N times the memory); the arguments are checked and the model
+and store opened once before any worker starts. They share the hard-sample store
+(see below); ``/health``'s ``served`` and ``stored`` are the answering worker's.
 
 Options: ``--token T`` | ``--token-file F`` | ``$CEDAR_CLOUD_TOKEN`` (one is
 required), ``--certfile/--keyfile`` (TLS), ``--imgsz 320 --conf 0.15 --label-conf 0.25 --iou 0.7
 --crop-zoom 2 --device cpu``, limits ``--max-body-mb 8 --max-pixels 4096x4096 --max-crops 64
---read-timeout 60 --max-concurrency 32``, the store's ``--store-max-mb`` (no bound by default) and
-``--retry-after 30``.
+--read-timeout 60 --max-concurrency 32`` (per worker), the store's ``--store-max-mb`` (no bound by default;
+every worker's samples count) and ``--retry-after 30``, ``--workers 1``.
 
 API
 ---
@@ -98,6 +102,8 @@ Hard-sample store (``--store DIR``)
     are written to a temporary name and renamed (label first, then image, then
     the request's index lines in one appending write under a file lock: an
     image never appears without its labels, and a line is never interleaved).
+    ``DIR/.bytes`` holds the store's size in bytes, updated under the same lock,
+    which ``--store-max-mb`` is checked against.
 
 TLS: give ``--certfile`` and ``--keyfile`` (PEM); clients then use ``https://``
 and verify against that certificate (or its CA).
