@@ -94,7 +94,7 @@ def run_load(workers: int, duration_s: float, clients: int, workdir: Path) -> di
     samples: list[tuple[float, float]] = []
     with service:
         pid = service.proc.pid
-        while len(_service_tree(pid)) < workers + (workers > 1):  # every worker started (and loaded, below)
+        while workers > 1 and len(_worker_processes(pid)) < workers:  # every worker started (loaded: below)
             time.sleep(0.2)
         start_at = threading.Barrier(clients + 1)
         stop_at = [0.0]
@@ -150,13 +150,18 @@ def run_load(workers: int, duration_s: float, clients: int, workdir: Path) -> di
             "request_bytes": float(np.mean([e.payload_bytes for e in entries]))}
 
 
-def _service_tree(pid: int) -> list:
+def _worker_processes(pid: int) -> list:
+    """The worker processes uvicorn's supervisor ``pid`` spawned (multiprocessing's ``spawn_main``)."""
     import psutil
 
+    found = []
     try:
-        return psutil.Process(pid).children(recursive=True)
+        for p in psutil.Process(pid).children(recursive=True):
+            if "spawn_main" in " ".join(p.cmdline()):
+                found.append(p)
     except psutil.NoSuchProcess:
-        return []
+        pass
+    return found
 
 
 def service_health(service) -> dict:
