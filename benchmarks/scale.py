@@ -388,7 +388,7 @@ def markdown(report: dict) -> str:
                   f"| ratio | {kf['sampled_fps'] / kf['every_pixel_fps']:.1f}x |", ""]
     if report.get("edge"):
         lines += ["## Edge runtime per keyframe, cloud down, beside a bare ONNX Runtime forward", "",
-                  ("`EdgeRuntime.process` on 256 px frames, every frame a keyframe, ONNX at 256 px, interleaved with "
+                  ("`python -m benchmarks.scale --parts edge`: `EdgeRuntime.process` on 256 px frames, every frame a keyframe, ONNX at 256 px, interleaved with "
                    "`InferenceSession.run` of the same file on the same letterboxed input (medians; see the module "
                    "docstring). *detect* is the detector call with NMS down to the candidate threshold, tracking and "
                    "routing (`latency_ms.edge`); *to edge line* is frame in to edge line out (`latency_ms.total`); "
