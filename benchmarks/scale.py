@@ -1,4 +1,5 @@
-"""Server cost per round at 100, 1,000 and 10,000 sites, and the keyframe selector at 1080p (issue 21).
+"""Server cost per round at 100, 1,000 and 10,000 sites, the keyframe selector at 1080p, and the edge
+runtime's time per keyframe against a bare ONNX Runtime forward (issue 21).
 
 No training and no SuperLink: fake nodes answer the strategy's messages with small fixed
 ArrayRecords and plausible metrics, and a fake ``benchmark_fn`` returns an AP vector per
@@ -20,7 +21,21 @@ the steady state the report compares. A fake evaluation costs microseconds; a re
 cost 5.6 s per site model at quick sizes in issue 21's measurement (180 s for 32 sites),
 so the report also gives evaluations per round and what they would cost at that rate.
 
-    python -m benchmarks.scale [--sizes 100 1000 10000] [--dense-max 1000] [--rounds 4]
+The edge part runs the edge runtime (:class:`clients.edge.EdgeRuntime`, ``--onnx`` at 256 px) on
+256 px frames of the built-in benchmark, every frame a keyframe, with the cloud down (a real
+:class:`clients.offload.CloudClient` on a closed port: every offload goes to the disk queue),
+and times each keyframe's ``process`` (the whole main-thread work: keyframe test, letterbox,
+forward, NMS down to the candidate threshold, tracking, routing, the JPEG atlas, the edge line,
+the queue) interleaved with a bare ``InferenceSession.run`` of the same ONNX file on the same
+letterboxed input. Two models: the trained base YOLO11n of the quick preset (``--edge-weights``,
+by default the one cached under ``$CEDAR_HOME/benchmark/models``; skipped when there is none) and
+a YOLO11n with BatchNorm statistics from the frames and a random class layer, whose few hundred
+boxes above the candidate threshold are the hard case for NMS, tracking and the offload.
+
+    python -m benchmarks.scale [--parts server graph keyframes edge] [--sizes 100 1000 10000]
+        [--dense-max 1000] [--rounds 4] [--edge-weights model.pt]
+
+``--parts`` runs only the parts named and keeps the others from the report already written.
 """
 
 from __future__ import annotations
@@ -209,6 +224,101 @@ def keyframe_fps(seconds: float = 3.0) -> dict:
             "sampled_fps": max(out["sampled"]["fps"], out["sampled_again"]["fps"]), "runs": out}
 
 
+# --------------------------------------------------------------------------- edge hot path
+EDGE_IMGSZ = 256
+
+
+def _edge_frames(n: int) -> list[np.ndarray]:
+    """``n`` 256 px scenes of site 0 of the built-in benchmark (objects 4-32 px, clutter, noise)."""
+    from common.benchmark import GeneratorSettings, make_sites, render_scene
+
+    settings = GeneratorSettings()
+    site, rng = make_sites(settings)[0], np.random.default_rng(0)
+    return [render_scene(rng, settings, site, EDGE_IMGSZ)[0] for _ in range(n)]
+
+
+def _random_head_weights(frames: list[np.ndarray], path: Path) -> Path:
+    """YOLO11n with BatchNorm statistics from ``frames`` and a random class layer (std 0.1, bias -3), saved."""
+    import torch
+
+    from clients.detector import letterbox
+    from common import yolo
+    from common.benchmark import CLASS_NAMES
+
+    model = yolo.build_model("yolo11n", len(CLASS_NAMES), seed=0, names=list(CLASS_NAMES))
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.reset_running_stats()
+            module.momentum = None  # cumulative average: one pass sets the statistics
+    model.train()
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        model(torch.from_numpy(np.concatenate([letterbox(f, EDGE_IMGSZ)[0] for f in frames])))
+        for seq in model.model[-1].cv3:
+            seq[-1].weight.normal_(0, 0.1, generator=generator)
+            seq[-1].bias.fill_(-3.0)
+    return yolo.save_weights(model.eval(), path)
+
+
+def cached_base_weights() -> Path | None:
+    """The newest trained base YOLO11n cached by the quick preset (``$CEDAR_HOME/benchmark/models``), if any."""
+    from common.ultralytics_env import CEDAR_HOME
+
+    found = sorted((CEDAR_HOME / "benchmark" / "models").glob("base-yolo11n-*/model.pt"), key=os.path.getmtime)
+    return found[-1] if found else None
+
+
+def edge_keyframes(weights: str | None, runs: int = 200, warmup: int = 10) -> dict:
+    """Milliseconds per keyframe of the edge runtime (cloud down) beside a bare ORT forward of its ONNX file."""
+    import socket
+    import tempfile
+
+    from benchmarks.harness import time_interleaved
+    from clients.collab import CONF_RANGE
+    from clients.detector import EdgeModel, letterbox, onnx_runtime
+    from clients.edge import EdgeRuntime, EdgeSettings
+    from clients.media import Frame
+    from clients.offload import CloudClient
+
+    frames = _edge_frames(40)
+    inputs = [letterbox(f, EDGE_IMGSZ)[0] for f in frames]
+    with tempfile.TemporaryDirectory() as tmp, socket.socket() as closed:
+        tmp = Path(tmp)
+        closed.bind(("127.0.0.1", 0))  # bound, never listening: connections are refused
+        path = Path(weights) if weights else _random_head_weights(frames, tmp / "random-head.pt")
+        settings = EdgeSettings(site="site-0", max_gap=1, retry_base=3600.0, retry_max=3600.0, drain_timeout=0.0)
+        model = EdgeModel(path, onnx=tmp / "edge.onnx", imgsz=EDGE_IMGSZ, reload_every=0,
+                          conf=min(settings.detector_conf, CONF_RANGE[0]))  # as clients.edge without --conf
+        client = CloudClient(f"http://127.0.0.1:{closed.getsockname()[1]}", "token", "site-0", timeout=1.0)
+        runtime = EdgeRuntime(model, client, settings, queue_dir=tmp / "queue", out=tmp / "edge.jsonl")
+        session = onnx_runtime(tmp / "edge.onnx")
+        name = session.get_inputs()[0].name
+        records, count = [], iter(range(10**9))
+
+        def keyframe():
+            i = next(count)
+            records.append(runtime.process(Frame(i, frames[i % len(frames)], i / 10, time.time())))
+
+        def bare():
+            session.run(None, {name: inputs[len(records) % len(inputs)]})
+
+        times = time_interleaved({"bare_ort": bare, "runtime": keyframe}, runs=runs, warmup=warmup)
+        runtime.close(drain=False)
+        client.close()
+    records = records[warmup:]
+    assert all(r["keyframe"] for r in records), "every frame is a keyframe (max_gap=1)"
+    return {"model": "trained base YOLO11n" if weights else "YOLO11n, random class layer", "weights": str(weights),
+            "imgsz": EDGE_IMGSZ, "frame": list(frames[0].shape[:2]), "keyframes": len(records),
+            "bare_ort_ms": times["bare_ort"], "keyframe_ms": times["runtime"],
+            "ratio": times["runtime"]["median_ms"] / times["bare_ort"]["median_ms"],
+            "detect_ms": float(np.median([r["latency_ms"]["edge"] for r in records])),
+            "to_edge_line_ms": float(np.median([r["latency_ms"]["total"] for r in records])),
+            "answer_boxes": float(np.median([len(r["detections"]) for r in records])),
+            "candidates": float(np.median([len(r["candidates"]) for r in records])),
+            "offloaded": float(np.mean([r["offload"] is not None for r in records])),
+            "offload_bytes": float(np.median([r["offload"]["bytes"] for r in records if r["offload"]] or [0]))}
+
+
 # --------------------------------------------------------------------------- driver
 def _child(args: list[str]) -> dict:
     cmd = [sys.executable, "-m", "benchmarks.scale", "--child", *args]
@@ -223,58 +333,90 @@ def _steady(result: dict) -> dict:
         "peak_rss_mib": max(r["peak_rss_mib"] for r in result["rounds"])}
 
 
+PARTS = ("federation", "graph", "keyframes", "edge")
+
+
 def markdown(report: dict) -> str:
-    fed = {(r["n"], r["path"]): r for r in report["federations"]}
-    graphs = {g["n"]: g for g in report["graphs"]}
-    kf = report["keyframes"]
+    fed = {(r["n"], r["path"]): r for r in report.get("federations", [])}
+    graphs = {g["n"]: g for g in report.get("graphs", [])}
     lines = [
-        "# Scale: server cost per round, graph, keyframes (issue 21)", "",
-        f"Machine: {report['machine']}. The machine is shared with other jobs while this runs (load average "
-        f"{report['load_before']} before, {report['load_after']} after), so absolute seconds are pessimistic; the "
-        "ratios compare paths measured in the same run.", "",
+        "# Scale: server cost per round, graph, keyframes, edge hot path (issue 21)", "",
+        f"Machine: {report['machine']}. The machine is shared with other jobs while this runs, so absolute "
+        "seconds are pessimistic; the ratios compare paths measured in the same run. Load average (1, 5, 15 min) "
+        "before and after each part: " + "; ".join(f"{part} {load['before']} / {load['after']}"
+                                                   for part, load in report["load"].items()) + ".", "",
         "Command: `python -m benchmarks.scale` (fake nodes, no training; see the module docstring).", "",
-        "## Server time per round (steady state: rounds 3-4, 1 % of the sites re-evaluated)", "",
-        "| sites | path | server s/round | evaluations/round | at 5.6 s each | graph rows computed | peak RSS MiB |",
-        "|---:|---|---:|---:|---:|---:|---:|",
     ]
-    for n in report["sizes"]:
-        for path in ("sparse", "dense"):
-            if (n, path) not in fed:
-                lines.append(f"| {n:,} | {path} | not run (all-pairs Python loop: see the graph table) | {n:,} | "
-                             f"{n * SECONDS_PER_EVALUATION / 60:,.0f} min | {n:,} | |")
-                continue
-            s = _steady(fed[n, path])
-            lines.append(f"| {n:,} | {path} | {s['server_s']:.2f} | {s['evaluations']:.0f} | "
-                         f"{s['evaluations'] * SECONDS_PER_EVALUATION / 60:.1f} min | {s['rows_computed']:.0f} | "
-                         f"{s['peak_rss_mib']:.0f} |")
-    lines += ["", "Per round, every path (server seconds; round 1 evaluates every site, as all are new):", "",
-              "| sites | path | " + " | ".join(f"round {r}" for r in range(1, report["rounds"] + 1)) + " |",
-              "|---:|---|" + "---:|" * report["rounds"]]
-    for (n, path), res in sorted(fed.items()):
-        lines.append(f"| {n:,} | {path} | " + " | ".join(
-            f"{r['server_s']:.2f} s, {r['evaluations']} eval" for r in res["rounds"]) + " |")
-    lines += ["", "## Graph alone", "",
-              "| sites | sparse build s | arcs kept | update after 1 % changed s | rows recomputed | dense build s | "
-              "dense arcs | dense / sparse |", "|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for n in report["sizes"]:
-        g = graphs[n]
-        dense = (f"{g['dense_build_s']:.2f} | {g['dense_arcs']:,} | {g['dense_build_s'] / g['sparse_build_s']:.0f}x"
-                 if "dense_build_s" in g else "not run (O(N^2) pairs) | | ")
-        lines.append(f"| {n:,} | {g['sparse_build_s']:.2f} | {g['sparse_arcs']:,} | {g['update_1pct_s']:.2f} | "
-                     f"{g['update_rows']:,} | {dense} |")
-    lines += ["", "## Keyframe selector, 1080p BGR", "",
-              "| path | frames/s |", "|---|---:|",
-              f"| every pixel (oversample=0) | {kf['every_pixel_fps']:.0f} |",
-              f"| sampled 4x grid (default) | {kf['sampled_fps']:.0f} |",
-              f"| ratio | {kf['sampled_fps'] / kf['every_pixel_fps']:.1f}x |", ""]
+    if fed:
+        lines += ["## Server time per round (steady state: rounds 3-4, 1 % of the sites re-evaluated)", "",
+                  ("| sites | path | server s/round | evaluations/round | at 5.6 s each | graph rows computed | "
+                   "peak RSS MiB |"), "|---:|---|---:|---:|---:|---:|---:|"]
+        for n in report["sizes"]:
+            for path in ("sparse", "dense"):
+                if (n, path) not in fed:
+                    lines.append(f"| {n:,} | {path} | not run (all-pairs Python loop: see the graph table) | {n:,} | "
+                                 f"{n * SECONDS_PER_EVALUATION / 60:,.0f} min | {n:,} | |")
+                    continue
+                st = _steady(fed[n, path])
+                lines.append(f"| {n:,} | {path} | {st['server_s']:.2f} | {st['evaluations']:.0f} | "
+                             f"{st['evaluations'] * SECONDS_PER_EVALUATION / 60:.1f} min | {st['rows_computed']:.0f} | "
+                             f"{st['peak_rss_mib']:.0f} |")
+        lines += ["", "Per round, every path (server seconds; round 1 evaluates every site, as all are new):", "",
+                  "| sites | path | " + " | ".join(f"round {r}" for r in range(1, report["rounds"] + 1)) + " |",
+                  "|---:|---|" + "---:|" * report["rounds"]]
+        for (n, path), res in sorted(fed.items()):
+            lines.append(f"| {n:,} | {path} | " + " | ".join(
+                f"{r['server_s']:.2f} s, {r['evaluations']} eval" for r in res["rounds"]) + " |")
+        lines.append("")
+    if graphs:
+        lines += ["## Graph alone", "",
+                  ("| sites | sparse build s | arcs kept | update after 1 % changed s | rows recomputed | dense build s | "
+                   "dense arcs | dense / sparse |"), "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for n in sorted(graphs):
+            g = graphs[n]
+            dense = (f"{g['dense_build_s']:.2f} | {g['dense_arcs']:,} | {g['dense_build_s'] / g['sparse_build_s']:.0f}x"
+                     if "dense_build_s" in g else "not run (O(N^2) pairs) | | ")
+            lines.append(f"| {n:,} | {g['sparse_build_s']:.2f} | {g['sparse_arcs']:,} | {g['update_1pct_s']:.2f} | "
+                         f"{g['update_rows']:,} | {dense} |")
+        lines.append("")
+    if "keyframes" in report:
+        kf = report["keyframes"]
+        lines += ["## Keyframe selector, 1080p BGR", "",
+                  "| path | frames/s |", "|---|---:|",
+                  f"| every pixel (oversample=0) | {kf['every_pixel_fps']:.0f} |",
+                  f"| sampled 4x grid (default) | {kf['sampled_fps']:.0f} |",
+                  f"| ratio | {kf['sampled_fps'] / kf['every_pixel_fps']:.1f}x |", ""]
+    if report.get("edge"):
+        lines += ["## Edge runtime per keyframe, cloud down, beside a bare ONNX Runtime forward", "",
+                  ("`python -m benchmarks.scale --parts edge`: `EdgeRuntime.process` on 256 px frames, every frame a keyframe, ONNX at 256 px, interleaved with "
+                   "`InferenceSession.run` of the same file on the same letterboxed input (medians; see the module "
+                   "docstring). *detect* is the detector call with NMS down to the candidate threshold, tracking and "
+                   "routing (`latency_ms.edge`); *to edge line* is frame in to edge line out (`latency_ms.total`); "
+                   "*keyframe* is all of `process`, the disk queue included."), "",
+                  ("| model | bare ORT ms | keyframe ms | keyframe / bare | detect ms | to edge line ms | answer boxes | "
+                   "candidates | offloaded | JPEG bytes |"), "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for e in report["edge"]:
+            lines.append(f"| {e['model']} | {e['bare_ort_ms']['median_ms']:.2f} | {e['keyframe_ms']['median_ms']:.2f} | "
+                         f"{e['ratio']:.2f}x | {e['detect_ms']:.2f} | {e['to_edge_line_ms']:.2f} | "
+                         f"{e['answer_boxes']:.0f} | {e['candidates']:.0f} | {e['offloaded']:.0%} | "
+                         f"{e['offload_bytes']:.0f} |")
+        lines.append("")
     return "\n".join(lines)
+
+
+def _load() -> str:
+    return ", ".join(f"{v:.1f}" for v in os.getloadavg())
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS),
+                        help="run these parts; the others are kept from the report at --out")
     parser.add_argument("--sizes", type=int, nargs="+", default=[100, 1000, 10000])
     parser.add_argument("--dense-max", type=int, default=1000, help="largest size the dense path runs at")
     parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--edge-weights", help="trained edge weights for the edge part (default: the cached base "
+                                               "YOLO11n of the quick preset, when there is one)")
     parser.add_argument("--out", default=str(OUT))
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -284,22 +426,44 @@ def main(argv: list[str] | None = None) -> None:
             result = run_federation(int(rest[0]), rest[1], int(rest[2]))
         elif kind == "graph":
             result = graph_timings(int(rest[0]), rest[1] == "dense")
+        elif kind == "edge":
+            result = edge_keyframes(rest[0] if rest else None)
         else:
             result = keyframe_fps()
         print(json.dumps(result))
         return
     from benchmarks.harness import cpu_model_name, write_report
 
-    report = {"machine": f"{cpu_model_name()}, {os.cpu_count()} logical CPUs", "sizes": args.sizes,
-              "rounds": args.rounds, "load_before": ", ".join(f"{v:.1f}" for v in os.getloadavg()),
-              "seconds_per_evaluation": SECONDS_PER_EVALUATION, "federations": [], "graphs": []}
-    report["keyframes"] = _child(["keyframes"])
-    for n in args.sizes:
-        report["graphs"].append(_child(["graph", str(n), "dense" if n <= args.dense_max else "sparse"]))
-        for path in ("sparse", "dense") if n <= args.dense_max else ("sparse",):
-            report["federations"].append(_child(["federation", str(n), path, str(args.rounds)]))
-    report["load_after"] = ", ".join(f"{v:.1f}" for v in os.getloadavg())
-    write_report(args.out, report, markdown(report))
+    out = Path(args.out)
+    report = json.loads(out.with_suffix(".json").read_text()) if set(args.parts) != set(PARTS) \
+        and out.with_suffix(".json").is_file() else {}
+    report["machine"] = f"{cpu_model_name()}, {os.cpu_count()} logical CPUs"
+    report.setdefault("load", {})
+    if "load_before" in report:  # a report written before loads were kept per part
+        report["load"]["federation, graph, keyframes"] = {"before": report.pop("load_before"),
+                                                          "after": report.pop("load_after")}
+    report["seconds_per_evaluation"] = SECONDS_PER_EVALUATION
+    if "keyframes" in args.parts:
+        before = _load()
+        report["keyframes"] = _child(["keyframes"])
+        report["load"]["keyframes"] = {"before": before, "after": _load()}
+    if {"federation", "graph"} & set(args.parts):
+        before = _load()
+        report.update(sizes=args.sizes, rounds=args.rounds)
+        if "graph" in args.parts:
+            report["graphs"] = [_child(["graph", str(n), "dense" if n <= args.dense_max else "sparse"])
+                                for n in args.sizes]
+        if "federation" in args.parts:
+            report["federations"] = [_child(["federation", str(n), path, str(args.rounds)]) for n in args.sizes
+                                     for path in (("sparse", "dense") if n <= args.dense_max else ("sparse",))]
+        report["load"][" and ".join(p for p in ("federation", "graph") if p in args.parts)] = \
+            {"before": before, "after": _load()}
+    if "edge" in args.parts:
+        before = _load()
+        weights = args.edge_weights or cached_base_weights()
+        report["edge"] = ([_child(["edge", str(weights)])] if weights else []) + [_child(["edge"])]
+        report["load"]["edge"] = {"before": before, "after": _load()}
+    write_report(out, report, markdown(report))
 
 
 if __name__ == "__main__":

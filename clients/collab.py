@@ -37,7 +37,7 @@ Returned dicts (:meth:`StepResult.boxes`, :func:`gallery`) are plain lists:
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
@@ -183,15 +183,20 @@ class Keyframe:
     reasons: list[tuple[str, ...]]  # per answer box; () = confident
     offload_mask: np.ndarray  # (len(detections),) bool: ambiguous
     track_ids: np.ndarray  # (len(detections),) int64; -1 without a tracker
+    _items: list[dict] | None = field(default=None, init=False, repr=False)
 
     def items(self) -> list[dict]:
-        """The answer boxes (with ``track`` and ``reasons``), then the candidates (track -1, reasons ``candidate``)."""
-        answer = [{**d, "track": int(t), "reasons": list(r)}
-                  for d, t, r in zip(self.detections.to_list(), self.track_ids, self.reasons)]
-        return answer + self.candidate_items()
+        """The answer boxes (with ``track`` and ``reasons``), then the candidates (track -1, reasons ``candidate``).
+
+        Built once per keyframe (the edge line and the offload share it): read it, do not change it."""
+        if self._items is None:
+            self._items = [{**d, "track": t, "reasons": list(r)}
+                           for d, t, r in zip(self.detections.to_list(), np.asarray(self.track_ids).tolist(), self.reasons)]
+            self._items += [{**d, "track": -1, "reasons": [CANDIDATE]} for d in self.candidates.to_list()]
+        return self._items
 
     def candidate_items(self) -> list[dict]:
-        return [{**d, "track": -1, "reasons": [CANDIDATE]} for d in self.candidates.to_list()]
+        return self.items()[len(self.detections):]
 
     @property
     def sent(self) -> np.ndarray:

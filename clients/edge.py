@@ -33,8 +33,9 @@ Per frame of a video, camera or image sequence (paper section 4.2):
    (a box between ``--candidate-conf`` and ``--conf``) is offloaded: crops with
    context around those boxes (:func:`common.offload.offload_plan`), all on one
    JPEG atlas (:func:`common.offload.encode_atlas`; ``--separate-crops``: one
-   JPEG each), or the whole keyframe with ``--offload frame``; written to the
-   disk queue and handed to a background worker.
+   JPEG each), or the whole keyframe with ``--offload frame``; handed to a
+   writer thread that puts it on the disk queue (the frame does not wait for the
+   disk), then to the worker that sends it.
 5. **Refinement.** When the cloud answers, a ``refined`` line for that frame
    carries ``merge(edge, cloud, offloaded)`` (:func:`common.routing.merge`),
    and a ``carried`` line for each non-keyframe after it carries that answer
@@ -65,7 +66,9 @@ Offload budget
 Delivery guarantees (``--queue-dir``, default ``$CEDAR_HOME/edge/<site>/queue``)
     Every offload is written to the queue *before* it is sent (one JSON file per
     offload: metadata, edge detections and the base64 JPEG payloads; written to a
-    temporary name, fsynced and renamed). One worker thread sends entries in
+    temporary name, fsynced and renamed) by a writer thread, right after its edge
+    line: a kill -9 in those milliseconds loses that offload, a stop or Ctrl-C
+    writes every submitted offload first. One worker thread sends entries in
     order. Connection errors, timeouts, 408/429/5xx and 401/403 are retried with
     exponential backoff (``--retry-base`` doubling up to ``--retry-max`` s, ±10 %
     jitter) while the edge keeps serving frames. Other 4xx answers (the cloud
@@ -366,10 +369,13 @@ class EdgeRuntime:
                 h, w = gray.shape
                 boxes = np.clip(boxes, 0, [w, h, w, h]).astype(np.float32)
                 dets = Detections(boxes, dets.conf, dets.cls)
-        det_list = Keyframe(dets, Detections(), keyframe.reasons, mask, keyframe.track_ids).items()
+        if is_key:
+            items = keyframe.items()
+            det_list, candidates = items[:len(dets)], items[len(dets):]
+        else:  # the keyframe's answer boxes, moved
+            det_list, candidates = Keyframe(dets, Detections(), keyframe.reasons, mask, keyframe.track_ids).items(), []
         entry = plan_offload(frame.image, keyframe, self._answer_settings(), site=s.site, run=s.run_id,
                              frame=frame.index, created=frame.time, model=version, pts_s=frame.pts_s) if is_key else None
-        candidates = keyframe.candidate_items() if is_key else []
         if entry is not None:
             offload = {"id": entry.id, "mode": entry.mode, "regions": entry.regions, "detections": int(mask.sum()),
                        "candidates": len(candidates), "bytes": entry.payload_bytes}

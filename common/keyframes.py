@@ -558,13 +558,15 @@ class IoUTracker:
             order = np.argsort(-iou[ti, di], kind="stable")
             used_t: set[int] = set()
             used_d: set[int] = set()
-            for k in order:
-                t, d = int(ti[k]), int(di[k])
+            most = min(len(track_ids), len(det_idx))
+            for t, d in zip(ti[order].tolist(), di[order].tolist()):
                 if t in used_t or d in used_d:
                     continue
                 used_t.add(t)
                 used_d.add(d)
                 ids[det_idx[d]] = track_ids[t]
+                if len(used_t) == most:  # one side is used up: no pair is left
+                    break
 
         for i in range(boxes.shape[0]):
             if ids[i] >= 0:

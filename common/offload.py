@@ -68,22 +68,34 @@ def merge_overlapping(windows: Any) -> np.ndarray:
     ``[0,0,10,10]``, ``[5,5,20,20]``, ``[20,0,30,5]`` → the first two merge into
     ``[0,0,20,20]``, which only touches the third: ``[[0,0,20,20],[20,0,30,5]]``.
     """
-    boxes = [list(map(int, w)) for w in np.asarray(windows).reshape(-1, 4)]
-    changed = True
-    while changed:
-        changed = False
-        for i in range(len(boxes)):
-            for j in range(i + 1, len(boxes)):
-                a, b = boxes[i], boxes[j]
-                if min(a[2], b[2]) > max(a[0], b[0]) and min(a[3], b[3]) > max(a[1], b[1]):
-                    boxes[i] = [min(a[0], b[0]), min(a[1], b[1]), max(a[2], b[2]), max(a[3], b[3])]
-                    del boxes[j]
-                    changed = True
-                    break
-            if changed:
+    boxes = np.asarray(windows).reshape(-1, 4).astype(np.int64)
+    # The result does not depend on the order of the merges (a group, once merged, only grows, so any two windows
+    # merged in one order end up together in every other), so each round merges every connected group of
+    # overlapping windows at once, until a round finds no overlap.
+    while len(boxes) > 1:
+        overlap = (np.minimum(boxes[:, None, 2], boxes[None, :, 2]) > np.maximum(boxes[:, None, 0], boxes[None, :, 0])) \
+            & (np.minimum(boxes[:, None, 3], boxes[None, :, 3]) > np.maximum(boxes[:, None, 1], boxes[None, :, 1]))
+        np.fill_diagonal(overlap, False)
+        if not overlap.any():
+            break
+        group = np.arange(len(boxes))  # each window ends with the smallest index of its connected group
+        while True:
+            lowest = np.minimum(group, np.where(overlap, group[None, :], len(boxes)).min(axis=1))
+            lowest = lowest[lowest]
+            if np.array_equal(lowest, group):
                 break
-    boxes.sort(key=lambda b: (b[1], b[0], b[3], b[2]))
-    return np.array(boxes, dtype=np.int64).reshape(-1, 4)
+            group = lowest
+        labels, group = np.unique(group, return_inverse=True)
+        merged = np.empty((len(labels), 4), dtype=np.int64)
+        merged[:, :2] = np.iinfo(np.int64).max
+        merged[:, 2:] = np.iinfo(np.int64).min
+        np.minimum.at(merged[:, 0], group, boxes[:, 0])
+        np.minimum.at(merged[:, 1], group, boxes[:, 1])
+        np.maximum.at(merged[:, 2], group, boxes[:, 2])
+        np.maximum.at(merged[:, 3], group, boxes[:, 3])
+        boxes = merged
+    order = np.lexsort((boxes[:, 2], boxes[:, 3], boxes[:, 0], boxes[:, 1]))  # by (y1, x1, y2, x2)
+    return boxes[order].reshape(-1, 4)
 
 
 def crop_regions(

@@ -10,12 +10,16 @@ YOLO11s-PyraFAN, ...; the file names its architecture and classes, ``--arch``
 overrides the architecture). The model is loaded once; requests are decoded
 and detected one at a time on a single worker thread, so the event loop keeps
 answering (``/health`` stays fast) while a large image is being detected.
+``--workers N`` runs N such processes on one port under uvicorn's supervisor, each
+with its own model (N times the memory); the arguments are checked and the model
+and store opened once before any worker starts. They share the hard-sample store
+(see below); ``/health``'s ``served`` and ``stored`` are the answering worker's.
 
 Options: ``--token T`` | ``--token-file F`` | ``$CEDAR_CLOUD_TOKEN`` (one is
 required), ``--certfile/--keyfile`` (TLS), ``--imgsz 320 --conf C`` (default: the weights file's calibrated threshold, else 0.15) ``--label-conf 0.25 --iou 0.7
 --crop-zoom 2 --device cpu``, limits ``--max-body-mb 8 --max-pixels 4096x4096 --max-crops 64
---read-timeout 60 --max-concurrency 32``, the store's ``--store-max-mb`` (no bound by default) and
-``--retry-after 30``.
+--read-timeout 60 --max-concurrency 32`` (per worker), the store's ``--store-max-mb`` (no bound by default;
+every worker's samples count) and ``--retry-after 30``, ``--workers 1``.
 
 API
 ---
@@ -98,6 +102,8 @@ Hard-sample store (``--store DIR``)
     are written to a temporary name and renamed (label first, then image, then
     the request's index lines in one appending write under a file lock: an
     image never appears without its labels, and a line is never interleaved).
+    ``DIR/.bytes`` holds the store's size in bytes, updated under the same lock,
+    which ``--store-max-mb`` is checked against.
 
 TLS: give ``--certfile`` and ``--keyfile`` (PEM); clients then use ``https://``
 and verify against that certificate (or its CA).
@@ -491,14 +497,20 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--read-timeout", type=float, default=60.0, help="seconds to receive a request body")
     p.add_argument("--max-concurrency", type=int, default=32,
                    help="open connections/requests beyond this get 503 (bounds memory: each may buffer a body)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="worker processes (uvicorn's supervisor), each with its own model, on one port")
     p.add_argument("--log-level", default="info")
     return p
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = _parser()
+#: with ``--workers N``: the argument list each worker process builds its service from (the token goes in
+#: ``$CEDAR_CLOUD_TOKEN``)
+ARGV_ENV = "CEDAR_CLOUD_ARGV"
+
+
+def _checked_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> tuple[argparse.Namespace, str]:
+    """The parsed arguments and the token; a bad value stops with the parser's error naming it."""
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         token = resolve_token(args.token, args.token_file)
     except ValueError as err:
@@ -506,44 +518,80 @@ def main(argv: Sequence[str] | None = None) -> int:
     if bool(args.certfile) != bool(args.keyfile):
         parser.error("TLS needs both --certfile and --keyfile")
     try:
-        max_pixels = parse_max_pixels(args.max_pixels)
+        args.max_pixels = parse_max_pixels(args.max_pixels)
     except ValueError as err:
         parser.error(str(err))
     if args.max_body_mb <= 0 or args.max_crops < 1 or args.imgsz < 32 or not 0 <= (args.conf or 0) <= 1 \
             or not 0 <= args.label_conf <= 1 or not 0 < args.iou <= 1 or args.read_timeout <= 0 \
             or args.max_concurrency < 1 or args.retry_after < 0 or (args.store_max_mb or 1) <= 0 \
-            or not 0 < args.crop_zoom <= 8:
+            or not 0 < args.crop_zoom <= 8 or args.workers < 1:
         parser.error("need --max-body-mb > 0, --max-crops >= 1, --imgsz >= 32, 0 <= --conf <= 1, "
                      "0 <= --label-conf <= 1, "
                      "0 < --iou <= 1, --read-timeout > 0, --max-concurrency >= 1, --retry-after >= 0, "
-                     "--store-max-mb > 0, 0 < --crop-zoom <= 8")
+                     "--store-max-mb > 0, 0 < --crop-zoom <= 8, --workers >= 1")
+    return args, token
+
+
+def _service(args: argparse.Namespace, token: str) -> CloudService:
+    """The model, the store and the service the arguments name (raises ModelError, StoreError, OSError)."""
+    detector = YoloDetector.from_file(args.weights, args.arch, imgsz=args.imgsz, conf=args.conf, iou=args.iou,
+                                      device=args.device)
+    store = HardSampleStore(args.store, detector.names, max_bytes=None if args.store_max_mb is None
+                            else int(args.store_max_mb * 1024 * 1024))
+    limits = Limits(max_body_bytes=int(args.max_body_mb * 1024 * 1024), max_pixels=args.max_pixels,
+                    max_crops=args.max_crops, read_timeout_s=args.read_timeout, retry_after_s=args.retry_after)
+    return CloudService(detector, arch=detector.arch, names=detector.names, token=token, store=store,
+                        limits=limits, iou=args.iou, imgsz=args.imgsz, crop_zoom=args.crop_zoom,
+                        label_conf=args.label_conf)
+
+
+def worker_app():
+    """The app of one worker process under ``--workers N`` (uvicorn's factory): its own model and service,
+    built from the arguments in ``$CEDAR_CLOUD_ARGV``."""
+    import json
+    import os
+
+    args, token = _checked_args(_parser(), json.loads(os.environ[ARGV_ENV]))
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return create_app(_service(args, token))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args, token = _checked_args(parser, argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     from common.yolo import ModelError
 
-    try:
-        detector = YoloDetector.from_file(args.weights, args.arch, imgsz=args.imgsz, conf=args.conf, iou=args.iou,
-                                          device=args.device)
-        store = HardSampleStore(args.store, detector.names, max_bytes=None if args.store_max_mb is None
-                                else int(args.store_max_mb * 1024 * 1024))
+    try:  # with --workers too: a bad model or store stops here, before any worker starts
+        service = _service(args, token)
     except (ModelError, StoreError, OSError) as err:
         log.error("%s", err)
         return 2
-    limits = Limits(max_body_bytes=int(args.max_body_mb * 1024 * 1024), max_pixels=max_pixels,
-                    max_crops=args.max_crops, read_timeout_s=args.read_timeout, retry_after_s=args.retry_after)
-    service = CloudService(detector, arch=detector.arch, names=detector.names, token=token, store=store,
-                           limits=limits, iou=args.iou, imgsz=args.imgsz, crop_zoom=args.crop_zoom,
-                           label_conf=args.label_conf)
-    app = create_app(service)
 
     import uvicorn
 
     scheme = "https" if args.certfile else "http"
-    print(f"cedar cloud service: {detector.arch} ({len(detector.names)} classes, answers from conf "
-          f"{detector.conf:.3f}) on {scheme}://{args.host}:"
-          f"{args.port}, store {store.root}", flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, ssl_certfile=args.certfile, ssl_keyfile=args.keyfile,
-                log_level=args.log_level.lower(), timeout_keep_alive=30, limit_concurrency=args.max_concurrency)
-    service.executor.shutdown(wait=False, cancel_futures=True)
+    print(f"cedar cloud service: {service.arch} ({len(service.names)} classes, answers from conf "
+          f"{service.detect.conf:.3f}) on {scheme}://{args.host}:"
+          f"{args.port}, store {service.store.root}"
+          + (f", {args.workers} worker processes" if args.workers > 1 else ""), flush=True)
+    options = {"host": args.host, "port": args.port, "ssl_certfile": args.certfile, "ssl_keyfile": args.keyfile,
+               "log_level": args.log_level.lower(), "timeout_keep_alive": 30,
+               "limit_concurrency": args.max_concurrency}
+    if args.workers == 1:
+        uvicorn.run(create_app(service), **options)
+        service.executor.shutdown(wait=False, cancel_futures=True)
+        return 0
+    import json
+    import os
+
+    service.executor.shutdown(wait=False)
+    del service  # the supervisor serves nothing: each worker loads its own model
+    os.environ[ARGV_ENV] = json.dumps(list(sys.argv[1:] if argv is None else argv))
+    os.environ[TOKEN_ENV] = token
+    uvicorn.run(f"{__name__ if __name__ != '__main__' else 'server.cloud'}:worker_app", factory=True,
+                workers=args.workers, **options)
     return 0
 
 

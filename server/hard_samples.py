@@ -53,7 +53,9 @@ class HardSampleStore:
     ``max_bytes``: the bound on the bytes this store holds (images, labels, index); a batch that
     would pass it raises :class:`StoreUnavailable`. Several processes may write one store: a
     sample's name is claimed by creating its label file exclusively, and each batch's index
-    lines go in one ``O_APPEND`` write under an exclusive ``flock`` (the byte count is per process).
+    lines go in one ``O_APPEND`` write under an exclusive ``flock``, which also adds the batch's
+    bytes to the store-wide count in ``.bytes`` (so the bound holds for all writers together;
+    writers that check at the same moment may each add one batch past it).
     """
 
     def __init__(self, root: str | Path, names: Sequence[str], max_bytes: int | None = None):
@@ -78,15 +80,33 @@ class HardSampleStore:
         atomic_write(data_yaml, yaml.safe_dump(spec, sort_keys=False).encode())
         self.lock = threading.Lock()
         self.count = sum(1 for _ in self.index.open("rb")) if self.index.is_file() else 0
-        files = [*self.images.iterdir(), *self.labels.iterdir(), self.index]
-        self.bytes = sum(p.stat().st_size for p in files if p.is_file())
+        self.usage = self.root / ".bytes"  # the store-wide byte count, written under the index lock
+        with self._index_lock():
+            files = [*self.images.iterdir(), *self.labels.iterdir(), self.index]
+            self.bytes = sum(p.stat().st_size for p in files if p.is_file())
+            self._set_shared_bytes(self.bytes)
         existing = [int(m[1]) for p in self.images.iterdir() if (m := re.search(r"-(\d+)\.\w+$", p.name))]
         self._seq = itertools.count(max([self.count, *existing]) + 1)
 
+    def _shared_bytes(self) -> int:
+        """The bytes every writer has stored (``.bytes``); this process's count if it cannot be read."""
+        try:
+            return int(self.usage.read_text())
+        except (OSError, ValueError):
+            return self.bytes
+
+    def _set_shared_bytes(self, value: int) -> None:
+        """Replace ``.bytes`` (under the index lock; renamed into place, not fsynced: the count is the bound's
+        aid, the index is the record)."""
+        tmp = self.usage.with_name(f".bytes.{os.getpid()}.{threading.get_ident()}.tmp")
+        with contextlib.suppress(OSError):
+            tmp.write_text(str(value))
+            os.replace(tmp, self.usage)
+
     def check_room(self, incoming: int) -> None:
         """Raise :class:`StoreUnavailable` if ``incoming`` more bytes would pass ``max_bytes``."""
-        if self.max_bytes is not None and self.bytes + incoming > self.max_bytes:
-            raise StoreUnavailable(f"the hard-sample store holds {self.bytes} bytes; {incoming} more would pass "
+        if self.max_bytes is not None and self._shared_bytes() + incoming > self.max_bytes:
+            raise StoreUnavailable(f"the hard-sample store holds {self._shared_bytes()} bytes; {incoming} more would pass "
                                    f"its bound of {self.max_bytes} bytes (--store-max-mb)")
 
     def _claim(self, site: str, frame_part: str) -> str:
@@ -126,21 +146,31 @@ class HardSampleStore:
                                     "kind": s.kind, "origin": list(s.origin) if s.origin is not None else None,
                                     "scale": s.scale, "width": width, "height": height, "detections": len(lines),
                                     "image": f"images/{image.name}", "label": f"labels/{label.name}"})
-                index_bytes = self._append("".join(json.dumps(e) + "\n" for e in entries).encode())
+                file_bytes = sum(p.stat().st_size for p in written)
+                index_bytes = self._append("".join(json.dumps(e) + "\n" for e in entries).encode(), file_bytes)
             except OSError as err:
                 for path in written:
                     with contextlib.suppress(OSError):  # the folder itself may be what failed
                         path.unlink(missing_ok=True)
                 raise StoreUnavailable(f"cannot write to the hard-sample store {self.root}: {err}") from None
             self.count += len(entries)
-            self.bytes += index_bytes + sum(p.stat().st_size for p in written)
+            self.bytes += index_bytes + file_bytes
         return [e["id"] for e in entries]
 
-    def _append(self, data: bytes) -> int:
-        """Append ``data`` to the index in one write under an exclusive lock; on failure cut it back."""
+    @contextlib.contextmanager
+    def _index_lock(self):
+        """The index opened for appending, under an exclusive ``flock`` (released on close)."""
         fd = os.open(self.index, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
+            yield fd
+        finally:
+            os.close(fd)
+
+    def _append(self, data: bytes, file_bytes: int) -> int:
+        """Append ``data`` to the index in one write under an exclusive lock, and add it and ``file_bytes`` to
+        ``.bytes``; on failure cut the index back."""
+        with self._index_lock() as fd:
             size = os.fstat(fd).st_size
             try:
                 done = 0
@@ -150,6 +180,5 @@ class HardSampleStore:
             except OSError:
                 os.ftruncate(fd, size)  # never leave half a line
                 raise
-        finally:
-            os.close(fd)  # releases the lock
+            self._set_shared_bytes(self._shared_bytes() + len(data) + file_bytes)
         return len(data)

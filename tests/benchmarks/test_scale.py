@@ -34,3 +34,35 @@ def test_keyframe_fps_reports_both_paths_on_the_same_video():
     runs = out["runs"]
     assert runs["every_pixel"]["frames"] > 0 and runs["sampled"]["frames"] > 0
     assert np.isfinite(out["sampled_fps"] / out["every_pixel_fps"])
+
+
+def test_edge_keyframes_times_every_frame_as_a_keyframe_with_the_cloud_down():
+    # Execute: the random-class-layer model, 6 timed keyframes after 2 of warm-up
+    out = scale.edge_keyframes(None, runs=6, warmup=2)
+
+    # Assert: every timed frame a keyframe with an offload queued (the cloud is down); the ratio is the medians'
+    assert out["keyframes"] == 6 and out["offloaded"] == 1.0 and out["offload_bytes"] > 0
+    assert out["candidates"] > 0 and out["frame"] == [256, 256]
+    assert out["bare_ort_ms"]["runs"] == out["keyframe_ms"]["runs"] == 6
+    assert out["ratio"] == out["keyframe_ms"]["median_ms"] / out["bare_ort_ms"]["median_ms"]
+    assert out["detect_ms"] <= out["to_edge_line_ms"]
+
+
+def test_parts_keep_the_report_of_the_parts_not_run(tmp_path, monkeypatch):
+    # Prepare: a report with a keyframe part; a child that answers the edge part at once
+    import json
+
+    (tmp_path / "scale.json").write_text(json.dumps({"keyframes": {"every_pixel_fps": 50.0, "sampled_fps": 500.0},
+                                                     "load": {}}))
+    fake_edge = {"model": "m", "bare_ort_ms": {"median_ms": 10.0}, "keyframe_ms": {"median_ms": 12.0}, "ratio": 1.2,
+                 "detect_ms": 11.0, "to_edge_line_ms": 11.5, "answer_boxes": 3, "candidates": 4, "offloaded": 1.0,
+                 "offload_bytes": 900.0}
+    monkeypatch.setattr(scale, "_child", lambda args: fake_edge)
+    monkeypatch.setattr(scale, "cached_base_weights", lambda: None)
+    # Execute
+    scale.main(["--parts", "edge", "--out", str(tmp_path / "scale")])
+    # Assert: the keyframe part kept, the edge part added, both in the markdown
+    report = json.loads((tmp_path / "scale.json").read_text())
+    assert report["keyframes"]["sampled_fps"] == 500.0 and report["edge"] == [fake_edge]
+    md = (tmp_path / "scale.md").read_text()
+    assert "| sampled 4x grid (default) | 500 |" in md and "| m | 10.00 | 12.00 | 1.20x |" in md

@@ -37,6 +37,33 @@ def test_nms_matches_torchvision_on_random_boxes():
     assert nms(boxes, scores, 0.5, classes=classes).tolist() == batched.numpy().tolist()
 
 
+@pytest.mark.parametrize("chunk", [1 << 22, 5])
+def test_nms_matches_torchvision_on_crowded_boxes_in_any_pair_chunk(monkeypatch, chunk):
+    """A detector's output at a low threshold: clusters of near-duplicates, big and degenerate boxes, tied
+    scores; the pair sweep measured in chunks of 5 pairs decides as in one piece and as torchvision."""
+    torch = pytest.importorskip("torch")
+    torchvision = pytest.importorskip("torchvision")
+    import common.detections as D
+
+    monkeypatch.setattr(D, "_PAIR_CHUNK", chunk)
+    # Prepare: 40 objects, 1-12 boxes each jittered by up to 3 px, 60 big boxes, 5 zero-width ones, 4 classes
+    rng = np.random.default_rng(2)
+    centres = rng.uniform(0, 200, (40, 2)).repeat(rng.integers(1, 13, 40), axis=0)
+    small = np.concatenate([centres - 6, centres + 6], axis=1) + rng.uniform(-3, 3, (len(centres), 4))
+    xy = rng.uniform(0, 100, (60, 2))
+    big = np.concatenate([xy, xy + rng.uniform(80, 150, (60, 2))], axis=1)
+    flat = np.array([[50.0, 50, 50, 60]] * 5)
+    boxes = np.concatenate([small, big, flat]).round(1)
+    scores = rng.integers(1, 50, len(boxes)) / 50.0  # many ties
+    classes = rng.integers(0, 4, len(boxes))
+    for iou in (0.45, 0.7):
+        # Execute / Assert
+        expected = torchvision.ops.nms(torch.tensor(boxes), torch.tensor(scores), iou).numpy()
+        assert nms(boxes, scores, iou).tolist() == expected.tolist()
+        batched = torchvision.ops.batched_nms(torch.tensor(boxes), torch.tensor(scores), torch.tensor(classes), iou)
+        assert nms(boxes, scores, iou, classes=classes).tolist() == batched.numpy().tolist()
+
+
 def test_nms_hand_worked_classes_ties_and_empty():
     # [0,0,10,10] vs [1,0,11,10]: IoU = 90/110 ≈ 0.82 > 0.7: the less confident one goes, unless of another class
     boxes = [[0, 0, 10, 10], [1, 0, 11, 10], [20, 20, 30, 30]]

@@ -395,6 +395,40 @@ def test_merge_overlapping_chains_and_touching():
     assert merge_overlapping(np.zeros((0, 4))).shape == (0, 4)
 
 
+def _merge_pairwise(windows) -> list[list[int]]:
+    """Reference: merge the first overlapping pair found, start over, until no pair overlaps; sort."""
+    boxes = [list(map(int, w)) for w in windows]
+    merged = True
+    while merged:
+        merged = False
+        for i in range(len(boxes)):
+            for j in range(i + 1, len(boxes)):
+                a, b = boxes[i], boxes[j]
+                if min(a[2], b[2]) > max(a[0], b[0]) and min(a[3], b[3]) > max(a[1], b[1]):
+                    boxes[i] = [min(a[0], b[0]), min(a[1], b[1]), max(a[2], b[2]), max(a[3], b[3])]
+                    del boxes[j]
+                    merged = True
+                    break
+            if merged:
+                break
+    return sorted(boxes, key=lambda b: (b[1], b[0], b[3], b[2]))
+
+
+def test_merge_overlapping_equals_merging_pair_by_pair():
+    """Whole groups merged per round give what merging one pair at a time gives, also where a merged window
+    reaches one its parts did not touch: [0,0,10,10] + [5,5,20,12] -> [0,0,20,12], which now overlaps
+    [15,0,25,4] (neither part alone does: the first ends at x 10, the second starts at y 5)."""
+    # Prepare
+    reach = [[0, 0, 10, 10], [5, 5, 20, 12], [15, 0, 25, 4], [30, 30, 31, 31]]
+    rng = np.random.default_rng(0)
+    cases = [reach] + [np.concatenate([xy := rng.integers(0, 120, (n, 2)), xy + rng.integers(0, 30, (n, 2))], 1)
+                       for n in rng.integers(2, 40, 200)]
+    # Execute / Assert
+    np.testing.assert_array_equal(merge_overlapping(reach), [[0, 0, 25, 12], [30, 30, 31, 31]])
+    for windows in cases:
+        assert merge_overlapping(windows).tolist() == _merge_pairwise(windows)
+
+
 def test_to_frame_coords():
     """Crop at (100, 50) sent at 2×: [10,20,30,40] → [10/2+100, 20/2+50, ...] = [105,60,115,70]."""
     # Prepare

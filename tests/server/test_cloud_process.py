@@ -161,3 +161,58 @@ def test_run_serves_the_cloud_and_closes_the_loop(tiny_overrides, tmp_path, capl
     assert tuned["round"] == 2 and 0 < tuned["hard_samples"] <= stored
     assert sorted(p.name for p in (out.run_dir / "cloud").glob("model*.pt")) == ["model-round-002.pt", "model.pt"]
     assert _cloud_children() == []
+
+
+def test_workers_answer_on_one_port_share_one_store_and_stop_together(weights, tmp_path):
+    """``--workers 2``: two worker processes under uvicorn's supervisor answer 24 concurrent offloads (6 clients,
+    the edge's own requests); the store they share holds one index line and one labelled image per crop, all
+    names distinct; stopping the service stops the workers."""
+    import json
+    import threading
+    import time
+
+    import numpy as np
+
+    from clients.offload import CloudClient, OffloadEntry
+
+    # Prepare: 4 offloads of 3 crops each, on one atlas
+    rng = np.random.default_rng(0)
+    boxes = np.array([[10, 10, 30, 30], [60, 20, 80, 44], [20, 80, 44, 100]], dtype=np.float64)
+    entries = [OffloadEntry.for_keyframe(rng.integers(0, 255, (128, 128, 3), dtype=np.uint8), boxes,
+                                         np.ones(3, bool), site="site-0", run="w", frame=i, mode="crops",
+                                         created=0.0, model="m", edge=[]) for i in range(4)]
+    service = CloudProcess(weights[0], tmp_path / "store", tmp_path / "svc", args=["--imgsz", "128", "--workers", "2"])
+    answers, failures = [], []
+
+    def client(k: int) -> None:
+        cloud = CloudClient(service.url, service.token, f"site-{k}")
+        try:
+            for entry in entries:
+                answers.append(cloud.send(entry))
+        except Exception as err:  # noqa: BLE001 - the assertion below names it
+            failures.append(repr(err))
+        finally:
+            cloud.close()
+
+    # Execute
+    with service:
+        supervisor = psutil.Process(service.proc.pid)
+        deadline = time.monotonic() + 120
+        while len(supervisor.children(recursive=True)) < 3 and time.monotonic() < deadline:
+            time.sleep(0.1)  # two workers (and multiprocessing's resource tracker)
+        workers = [p for p in supervisor.children(recursive=True) if "spawn_main" in " ".join(p.cmdline())]
+        threads = [threading.Thread(target=client, args=(k,)) for k in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        pids = [service.proc.pid, *(p.pid for p in workers)]
+
+    # Assert: every request answered; 6 x 4 x 3 = 72 samples, each indexed once, named once, labelled
+    assert not failures and len(answers) == 24 and len(workers) == 2
+    index = [json.loads(line) for line in (tmp_path / "store" / "index.jsonl").read_text().splitlines()]
+    assert len(index) == 72 and len({e["id"] for e in index}) == 72
+    assert all((tmp_path / "store" / e["image"]).is_file() and (tmp_path / "store" / e["label"]).is_file()
+               for e in index)
+    assert len(list((tmp_path / "store" / "images").iterdir())) == 72
+    assert not any(psutil.pid_exists(pid) for pid in pids)

@@ -19,11 +19,12 @@ import time
 import cv2
 import httpx
 import numpy as np
+import pytest
 
 from clients.offload import RETRY_AFTER_MAX, CloudClient, DiskQueue, OffloadEntry, Offloader, retry_after_seconds
 from common.detections import Detections
 from server.cloud import CloudService, Limits, create_app
-from server.hard_samples import HardSampleStore, Sample
+from server.hard_samples import HardSampleStore, Sample, StoreUnavailable
 from tests.deploy_helpers import free_port
 
 TOKEN = "store-token"
@@ -89,6 +90,36 @@ def test_a_full_store_answers_503_with_retry_after_and_stores_nothing(tmp_path):
     assert _post(app, "/detect/crops", files=_crop_files(2)).status_code == 200
     assert len(_index(store)) == 3
     service.executor.shutdown()
+
+
+def test_the_bound_holds_for_all_writers_of_a_store_together(tmp_path):
+    """Two writers of one folder (two worker processes; each store object keeps only what it wrote in memory,
+    the shared count is on disk): bounded to 3 samples' bytes, writer A stores 2, writer B one, then both refuse.
+    Each sample: a 24x32 PNG, its one label line and its index line, so the counts are the files' sizes."""
+    # Prepare
+    png = _png()
+    a = HardSampleStore(tmp_path / "store", NAMES)
+    b = HardSampleStore(tmp_path / "store", NAMES)
+
+    def sample() -> list[Sample]:
+        return [Sample("site-1", "f", "frame", png, "png", (24, 32), Detections([[2, 2, 12, 12]], [0.9], [1]))]
+
+    a.add(sample())
+    one = a.bytes  # the bytes of one sample
+    a.max_bytes = b.max_bytes = 3 * one + 10
+    # Execute
+    a.add(sample())
+    b.add(sample())  # B's own count: 1 sample; the store's: 3
+    # Assert: nothing more fits, for either writer, and the refusal names the store-wide count
+    files = [*a.images.iterdir(), *a.labels.iterdir(), a.index]
+    assert sum(p.stat().st_size for p in files) == int((tmp_path / "store" / ".bytes").read_text()) == 3 * one
+    assert (a.bytes, b.bytes) == (2 * one, one)
+    for writer in (a, b):
+        with pytest.raises(StoreUnavailable, match=f"holds {3 * one} bytes; {len(png)} more would pass"):
+            writer.add(sample())
+    assert len(_index(a)) == 3
+    # a writer started later counts what is there
+    assert HardSampleStore(tmp_path / "store", NAMES).bytes == 3 * one
 
 
 def test_an_unwritable_store_answers_503_and_leaves_no_half_sample(tmp_path):
