@@ -33,9 +33,9 @@ Per frame of a video, camera or image sequence (paper section 4.2):
    (a box between ``--candidate-conf`` and ``--conf``) is offloaded: crops with
    context around those boxes (:func:`common.offload.offload_plan`), all on one
    JPEG atlas (:func:`common.offload.encode_atlas`; ``--separate-crops``: one
-   JPEG each), or the whole keyframe with ``--offload frame``; handed to a
-   writer thread that puts it on the disk queue (the frame does not wait for the
-   disk), then to the worker that sends it.
+   JPEG each), or the whole keyframe with ``--offload frame``; written to the
+   disk queue (before the ``edge`` line that names it, so a crash never leaves
+   a line naming an offload that is not on disk) and handed to a background worker.
 5. **Refinement.** When the cloud answers, a ``refined`` line for that frame
    carries ``merge(edge, cloud, offloaded)`` (:func:`common.routing.merge`),
    and a ``carried`` line for each non-keyframe after it carries that answer
@@ -386,11 +386,12 @@ class EdgeRuntime:
                   "latency_ms": {"edge": _round(edge_ms), "total": _round((time.perf_counter() - t0) * 1000)}}
         if upscale_ms is not None:
             record["latency_ms"]["upscale"] = _round(upscale_ms)
-        self.writer.write(record)  # the edge result is out before anything is sent
         submitted = False
-        if entry is not None:
+        if entry is None:
+            self.writer.write(record)
+        else:  # the edge result is out before anything is sent, and after the offload is on disk
             self._edge_sent_at[entry.id] = time.time()
-            submitted = self.offloader.submit(entry)
+            submitted = self.offloader.submit(entry, announce=lambda: self.writer.write(record))
             if not submitted:
                 self._edge_sent_at.pop(entry.id, None)
             else:

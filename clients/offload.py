@@ -91,7 +91,7 @@ class OffloadEntry:
     site: str
     run: str
     frame: int
-    mode: str  # "crops" | "frame" | "cloud" (the whole keyframe, answered by the cloud alone)
+    mode: str  # "crops" | "frame"
     created: float  # Unix time of the edge line
     model: str  # edge model version
     pts_s: float | None
@@ -171,7 +171,7 @@ class CloudClient:
         headers = {FRAME_HEADER: entry.tag}
         t0 = time.perf_counter()
         try:
-            if entry.mode in ("frame", "cloud"):
+            if entry.mode == "frame":
                 r = self.client.post(DETECT_PATH, content=entry.payloads[0],
                                      headers={**headers, "Content-Type": "image/jpeg"})
             else:
@@ -263,21 +263,17 @@ class DiskQueue:
     def __len__(self) -> int:
         return len(self.paths())
 
-    def reserve(self, entry_id: str) -> bool:
-        """Claim ``entry_id`` for an entry about to be written; False (a warning) if it was queued or delivered."""
-        if entry_id in self.delivered or entry_id in self.queued:
-            log.warning("queue: offload %s was already %s; not queued again", entry_id,
-                        "delivered" if entry_id in self.delivered else "queued")
-            return False
-        self.queued.add(entry_id)
-        return True
-
-    def write(self, entry: OffloadEntry) -> Path:
-        """Write a reserved ``entry`` durably (temporary name, fsync, rename); its path."""
+    def put(self, entry: OffloadEntry) -> Path | None:
+        """Write ``entry`` durably; None (and nothing written) if its id was already queued or delivered."""
+        if entry.id in self.delivered or entry.id in self.queued:
+            log.warning("queue: offload %s was already %s; not queued again", entry.id,
+                        "delivered" if entry.id in self.delivered else "queued")
+            return None
         seq = max(time.time_ns(), self._last_seq + 1)
         self._last_seq = seq
         path = self.root / f"{seq:020d}-{entry.id}.json"
         atomic_write(path, json.dumps(entry.to_json(), separators=(",", ":")).encode())
+        self.queued.add(entry.id)
         entry.path = path
         return path
 
@@ -309,8 +305,7 @@ class DiskQueue:
 
 
 class Offloader:
-    """One worker thread sending queued offloads in order, with backoff (see the module docstring), and one
-    writer thread putting submitted offloads on the disk queue, so that the caller's frame never waits for it.
+    """One worker thread sending queued offloads in order, with backoff (see the module docstring).
 
     ``on_delivered(entry, answer, attempts)`` and ``on_failed(entry, error)``
     run on the worker thread, after the commit.
@@ -322,7 +317,6 @@ class Offloader:
         self.on_delivered, self.on_failed = on_delivered, on_failed
         self.retry_base, self.retry_max = retry_base, retry_max
         self._pending: deque[Path] = deque(queue.paths())
-        self._unwritten: deque[OffloadEntry] = deque()  # submitted, not yet on disk
         self._cv = threading.Condition()
         self._stop = False
         self._abandoned = False
@@ -330,55 +324,37 @@ class Offloader:
         self.attempts = 0
         self.failures = 0
         self.online: bool | None = None
-        self._writer = threading.Thread(target=self._write_loop, name="cedar-queue-writer", daemon=True)
-        self._writer.start()
         self._thread = threading.Thread(target=self._loop, name="cedar-offload", daemon=True)
         self._thread.start()
 
-    def submit(self, entry: OffloadEntry) -> bool:
-        """Hand ``entry`` to the writer thread, which writes it to the disk queue (fsynced) and then wakes the
-        worker; False if its id was seen before."""
-        if not self.queue.reserve(entry.id):
+    def submit(self, entry: OffloadEntry, announce: Callable[[], None] = lambda: None) -> bool:
+        """Queue durably (main thread), then ``announce`` it (the edge line, so no line names an offload that a
+        crash could lose), then wake the worker; False if the id was seen before (announced all the same)."""
+        try:
+            path = self.queue.put(entry)
+        finally:
+            announce()  # the frame's result is out even when the disk refuses the entry
+        if path is None:
             return False
         with self._cv:
-            self._unwritten.append(entry)
+            self._pending.append(path)
             self._cv.notify_all()
         return True
 
     def pending(self) -> int:
         with self._cv:
-            return len(self._pending) + len(self._unwritten)
+            return len(self._pending)
 
     def drain(self, timeout: float, cancelled: Callable[[], bool] = lambda: False) -> bool:
         """Wait up to ``timeout`` s (or until ``cancelled()``) for the queue to empty; True if it did."""
         deadline = time.monotonic() + max(0.0, timeout)
         with self._cv:
-            while self._pending or self._unwritten:
+            while self._pending:
                 left = deadline - time.monotonic()
                 if left <= 0 or cancelled():
                     return False
                 self._cv.wait(min(left, 0.5))
         return True
-
-    def _write_loop(self) -> None:
-        """Write submitted entries in order until stopped with none left; a failed write is tried again."""
-        while True:
-            with self._cv:
-                while not self._unwritten and not self._stop:
-                    self._cv.wait()
-                if not self._unwritten:
-                    return
-                entry = self._unwritten[0]
-            try:
-                path = self.queue.write(entry)
-            except OSError as err:  # e.g. a full disk: keep the entry in memory and try again
-                log.error("queue: cannot write offload %s (%s); trying again in 1s", entry.id, err)
-                time.sleep(1.0)
-                continue
-            with self._cv:
-                self._unwritten.popleft()
-                self._pending.append(path)
-                self._cv.notify_all()
 
     def stop(self, join_timeout: float = 30.0) -> None:
         """Stop the worker after its current request; a request still running after ``join_timeout``
@@ -386,9 +362,6 @@ class Offloader:
         with self._cv:
             self._stop = True
             self._cv.notify_all()
-        self._writer.join(join_timeout)  # everything submitted is on disk before the worker stops
-        if self._writer.is_alive():
-            log.error("queue: %d offload(s) could not be written to %s", len(self._unwritten), self.queue.root)
         self._thread.join(join_timeout)
         if self._thread.is_alive():
             with self._cv:

@@ -54,6 +54,7 @@ from typing import Any
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
@@ -94,6 +95,15 @@ BenchmarkFn = Callable[[ArrayRecord], dict[str, Any]]  # weights -> {"map50", "m
 RoundEndFn = Callable[[RoundRecord], None]
 BindFn = Callable[[dict[str, int]], None]  # {site id: node id}, after a change
 SITE_BINDINGS = ("connected", "strict")
+
+
+def sender(reply: Message, sent: Iterable[Message]) -> int:
+    """The node a reply is about. For a node it no longer hears from, the SuperLink answers itself (an error
+    reply from :data:`~flwr.common.constant.SUPERLINK_NODE_ID`) to the message ``sent`` to that node."""
+    node_id, to = reply.metadata.src_node_id, reply.metadata.reply_to_message_id
+    if node_id == SUPERLINK_NODE_ID and to:
+        return next((m.metadata.dst_node_id for m in sent if m.metadata.message_id == to), node_id)
+    return node_id
 
 
 class PersonalizedStrategy(Strategy):
@@ -184,7 +194,7 @@ class PersonalizedStrategy(Strategy):
             return
         messages = [Message(content=RecordDict(), dst_node_id=n, message_type=MessageType.QUERY) for n in unknown]
         for reply in grid.send_and_receive(messages=messages, timeout=self.query_timeout_s):
-            node_id = reply.metadata.src_node_id
+            node_id = sender(reply, messages)
             self.refused.pop(node_id, None)
             try:
                 if reply.has_error():
@@ -314,7 +324,7 @@ class PersonalizedStrategy(Strategy):
 
     def parse_reply(self, msg: Message) -> NodeReply:
         """Validate one reply; raises :class:`common.protocol.ProtocolError` naming the problem."""
-        node_id = msg.metadata.src_node_id
+        node_id = sender(msg, self._sent.values())
         if msg.has_error():
             raise P.ProtocolError(f"node {node_id} failed: {msg.error.reason}")
         content = msg.content
@@ -342,7 +352,7 @@ class PersonalizedStrategy(Strategy):
                 self.on_reply(server_round, reply)
             except Exception as err:  # noqa: BLE001  a bad reply must never crash the round
                 log(WARNING, "aggregate_train: round %s: dropping reply of node %s: %s", server_round,
-                    msg.metadata.src_node_id, err)
+                    sender(msg, self._sent.values()), err)
                 continue
             self._bind(reply.node_id, reply.site)
             self.arrays[reply.site_id] = reply.arrays

@@ -13,6 +13,7 @@ Ultralytics or ``wandb``:
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import tempfile
@@ -29,6 +30,7 @@ os.environ["MPLBACKEND"] = "Agg"
 os.environ.pop("YOLO_CONFIG_DIR", None)
 
 from common.benchmark import Benchmark, GeneratorSettings, generate  # noqa: E402
+from common.console import CEDAR_LOGGERS  # noqa: E402
 from common.ultralytics_env import setup  # noqa: E402  (its CEDAR_HOME is read on first import)
 
 setup()
@@ -36,6 +38,19 @@ setup()
 
 def pytest_unconfigure(config):
     shutil.rmtree(_SESSION_HOME, ignore_errors=True)
+
+
+@pytest.fixture(autouse=True)
+def _loggers_as_before():
+    """A test that runs an app in-process (``run_federation``) calls :func:`common.console.configure_logging`,
+    which stops Flower's and cedar's loggers from propagating; later tests would see none of their records in
+    ``caplog``. Each test leaves those loggers as it found them."""
+    loggers = [logging.getLogger(name) for name in ("flwr", *CEDAR_LOGGERS)]
+    saved = [(logger, logger.propagate, logger.level, list(logger.handlers)) for logger in loggers]
+    yield
+    for logger, propagate, level, handlers in saved:
+        logger.propagate, logger.handlers[:] = propagate, handlers
+        logger.setLevel(level)
 
 
 # 2 sites x (8 train + 4 val + 4 test + 4 public test + 4 public train) images at 128 px and a
@@ -68,5 +83,6 @@ def tiny_overrides(tiny_benchmark) -> dict:
     differs from the schema default is given here.
     """
     data = {f"data.{k.replace('_', '-')}": v for k, v in TINY.items()}
+    data["data.similar-pairs"] = False  # the quick preset pairs its sites; the tiny benchmark does not
     return {**data, "data.cache-dir": str(tiny_benchmark.root.parent), "train.imgsz": 128, "train.batch": 4,
             "eval.batch": 4, "train.epochs-per-round": 1, "train.warmup-iters": 2}

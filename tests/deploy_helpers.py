@@ -1,7 +1,8 @@
 """Start and stop a real Flower deployment (SuperLink, SuperNodes, ``flwr run``) on loopback, for tests.
 
-A plain module (not a test file), imported by ``tests/test_deployment.py`` and
-meant to be reused by the TLS / SuperNode-authentication tests.
+A plain module (not a test file), imported by ``tests/test_deployment.py``, the TLS /
+SuperNode-authentication tests and the chaos tests (``tests/test_chaos.py``: :class:`Deployment`,
+:func:`kill_tree`).
 
 Flower 1.41's deployment CLI, as used here:
 
@@ -371,6 +372,56 @@ def wait_for_exit(proc: Proc, timeout: float = 60.0) -> int | None:
         return None
 
 
+# ---------------------------------------------------------------- a deployment
+@dataclass
+class Deployment:
+    """A SuperLink and its SuperNodes on loopback, for one test; :meth:`stop` stops all it started."""
+
+    tmp: Path
+    env: dict
+    connection: str = "cedar-test"
+    superlink: Proc | None = None
+    supernodes: dict[int, Proc] = field(default_factory=dict)  # by site index
+    procs: list[Proc] = field(default_factory=list)  # everything started, for teardown and logs
+
+    @property
+    def address(self) -> str:
+        return f"{HOST}:{self.superlink.port}"
+
+    def start_superlink(self, *extra_args: str, port: int | None = None, name: str = "superlink") -> Proc:
+        """``flower-superlink`` (insecure), also written as the ``flwr`` CLI's default connection."""
+        self.superlink = start_superlink(self.tmp, self.env, extra_args, port=port, name=name, wait=False)
+        self.procs.append(self.superlink)
+        wait_for_port(self.superlink.port, proc=self.superlink)
+        write_flwr_config(Path(self.env["FLWR_HOME"]), self.connection, self.address, insecure=True)
+        return self.superlink
+
+    def start_supernodes(self, sites: Iterable[int], name: str = "supernode-{}",
+                         **node_config: object) -> list[Proc]:
+        """One SuperNode per site index, its model store ``tmp/stores/site-<i>`` unless ``node_config`` names one."""
+        started = []
+        for i in sites:
+            config = {"site-index": i, "model-store": str(self.tmp / "stores" / f"site-{i}"), **node_config}
+            node = start_supernode(self.tmp, self.env, self.address, config, name=name.format(i), wait=False)
+            self.procs.append(node)
+            self.supernodes[i] = node
+            started.append(node)
+        for node in started:
+            wait_for_port(node.port, proc=node)
+        return started
+
+    def logs(self, lines: int = 40) -> str:
+        """Problems found in every log, then the last lines of each (for assertion messages)."""
+        extra = [x for x in [self.tmp / "logs" / "flwr-run.log"] if x.exists()]
+        return "\n".join([f"----- problems -----\n{problems([p.log for p in self.procs] + extra)}"]
+                         + [p.tail(lines) for p in self.procs]
+                         + [f"----- {x} -----\n{tail(x, lines)}" for x in extra])
+
+    def stop(self) -> list[str]:
+        """Stop everything started (and strays carrying this deployment's marker); what is still alive."""
+        return stop_all(self.procs, marker=self.env[MARKER_VAR])
+
+
 # ---------------------------------------------------------------- stopping
 def tree(proc: Proc | subprocess.Popen | int) -> list[psutil.Process]:
     """The process and all its descendants (those still alive)."""
@@ -402,6 +453,20 @@ def stop_tree(proc: Proc | subprocess.Popen, timeout: float = 10.0) -> None:
         popen.wait(timeout=5)  # reap our direct child
     except subprocess.TimeoutExpired:
         pass
+
+
+def kill_tree(proc: Proc, descendants: bool = True) -> list[int]:
+    """SIGKILL ``proc`` and its descendants at once, as when the box loses power (``descendants=False``: the
+    process alone); the pids killed."""
+    family = tree(proc) if descendants else tree(proc)[:1]
+    for p in family:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(family, timeout=10)
+    proc.popen.wait(timeout=10)  # reap our direct child
+    return [p.pid for p in family]
 
 
 def stop_all(procs: Iterable[Proc], marker: str | None = None, timeout: float = 10.0) -> list[str]:

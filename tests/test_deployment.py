@@ -13,26 +13,11 @@ from __future__ import annotations
 import json
 import subprocess
 import time
-from dataclasses import dataclass, field
-from pathlib import Path
 
 import pytest
 
 from tests import REPO
-from tests.deploy_helpers import (
-    HOST,
-    MARKER_VAR,
-    Proc,
-    deploy_env,
-    flwr_run_command,
-    problems,
-    start_superlink,
-    start_supernode,
-    stop_all,
-    tail,
-    wait_for_port,
-    write_flwr_config,
-)
+from tests.deploy_helpers import Deployment, deploy_env, flwr_run_command, tail
 
 pytestmark = pytest.mark.integration
 
@@ -42,44 +27,16 @@ RUN_TIMEOUT_S = 600  # flwr run --stream (the whole round, 2 CPU cores shared)
 DONE_TIMEOUT_S = 300  # after flwr run returned: the ServerApp writing DONE
 
 
-@dataclass
-class Deployment:
-    tmp: Path
-    env: dict
-    superlink: Proc | None = None
-    supernodes: list[Proc] = field(default_factory=list)
-    procs: list[Proc] = field(default_factory=list)  # everything started, for teardown
-
-    def logs(self, lines: int = 40) -> str:
-        """Problems found in every log, then the last lines of each (for assertion messages)."""
-        extra = [x for x in [self.tmp / "logs" / "flwr-run.log"] if x.exists()]
-        return "\n".join([f"----- problems -----\n{problems([p.log for p in self.procs] + extra)}"]
-                         + [p.tail(lines) for p in self.procs]
-                         + [f"----- {x} -----\n{tail(x, lines)}" for x in extra])
-
-
 @pytest.fixture
 def deployment(tmp_path):
     """SuperLink + 2 SuperNodes (sites 0 and 1) on free loopback ports; always torn down, nothing left alive."""
-    env = deploy_env(tmp_path / "flwr-home")
-    dep = Deployment(tmp_path, env)
+    dep = Deployment(tmp_path, deploy_env(tmp_path / "flwr-home"), CONNECTION)
     try:
-        dep.superlink = start_superlink(tmp_path, env, wait=False)
-        dep.procs.append(dep.superlink)
-        wait_for_port(dep.superlink.port, proc=dep.superlink)
-        address = f"{HOST}:{dep.superlink.port}"
-        write_flwr_config(tmp_path / "flwr-home", CONNECTION, address, insecure=True)
-        for i in range(2):
-            node = start_supernode(tmp_path, env, address,
-                                   {"site-index": i, "model-store": str(tmp_path / "stores" / f"site-{i}")},
-                                   wait=False)
-            dep.procs.append(node)
-            dep.supernodes.append(node)
-        for node in dep.supernodes:
-            wait_for_port(node.port, proc=node)
+        dep.start_superlink()
+        dep.start_supernodes(range(2))
         yield dep
     finally:
-        left = stop_all(dep.procs, marker=env[MARKER_VAR])
+        left = dep.stop()
         assert not left, f"still alive after teardown: {left}\n{dep.logs()}"
 
 
@@ -136,5 +93,5 @@ def test_deployment_two_supernodes_one_kd_round(deployment, tiny_overrides):
         # the ClientApp ran in deployment mode: it used the store given in its SuperNode's node-config
         assert (dep.tmp / "stores" / site / "model.pt").is_file(), f"no model store for {site}\n{dep.logs()}"
     # both SuperNodes actually answered messages
-    for node in dep.supernodes:
+    for node in dep.supernodes.values():
         assert "Sent successfully" in tail(node.log, 10_000), node.tail()

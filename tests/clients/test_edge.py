@@ -653,7 +653,7 @@ def test_an_onnx_file_the_runtime_did_not_write_is_never_overwritten(tmp_path, w
         EdgeModel(bad, imgsz=128, reload_every=0)
 
 
-def test_reload_picks_up_new_weights_in_the_background(tmp_path, weights_pair):
+def test_reload_picks_up_new_weights_in_the_background(tmp_path, weights_pair, record_property):
     import shutil
 
     # Prepare: the site's model store holds weights A
@@ -678,6 +678,9 @@ def test_reload_picks_up_new_weights_in_the_background(tmp_path, weights_pair):
     shutil.copy(truncated, store)
     model.poll(now=time.monotonic() + 4.5)
     assert not model.wait_reload() and model.version == version_a
+    record_property("chaos", {"fault": "a truncated model.pt in a site's model store (edge runtime)",
+                              "happened": "refused at start with an error naming the file; a running runtime "
+                                          "keeps its model, then swaps in the next whole file", "lost": None})
     # Execute: a federated round replaces the file atomically (as save_weights does)
     tmp = store.with_suffix(".tmp")
     shutil.copy(weights_pair[1], tmp)
@@ -968,8 +971,9 @@ def _stop(proc: subprocess.Popen) -> None:
     assert proc.poll() is not None
 
 
-def _edge(tmp: Path, name: str, weights: Path, video: Path, port: int, *extra: str, timeout: float = 300) -> Path:
-    """Run ``python -m clients.edge`` to completion; returns its output file."""
+def _start_edge(tmp: Path, name: str, weights: Path, video: Path, port: int,
+                *extra: str) -> tuple[subprocess.Popen, Path, Path]:
+    """Start ``python -m clients.edge`` on the queue folder ``tmp/queue``: (process, output file, log file)."""
     out, log_path = tmp / f"{name}.jsonl", tmp / f"{name}.log"
     args = [sys.executable, "-m", "clients.edge", "--source", str(video), "--weights", str(weights),
             "--cloud", f"http://127.0.0.1:{port}", "--token", TOKEN, "--site", "site-0", "--out", str(out),
@@ -978,6 +982,12 @@ def _edge(tmp: Path, name: str, weights: Path, video: Path, port: int, *extra: s
     with log_path.open("wb") as fh:
         proc = subprocess.Popen(args, stdout=fh, stderr=subprocess.STDOUT, cwd=REPO,
                                 env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    return proc, out, log_path
+
+
+def _edge(tmp: Path, name: str, weights: Path, video: Path, port: int, *extra: str, timeout: float = 300) -> Path:
+    """Run ``python -m clients.edge`` to completion; returns its output file."""
+    proc, out, log_path = _start_edge(tmp, name, weights, video, port, *extra)
     try:
         rc = proc.wait(timeout=timeout)
     finally:

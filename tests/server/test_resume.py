@@ -8,6 +8,7 @@ as when the ServerApp process dies mid-round.
 
 import json
 import logging
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -56,7 +57,7 @@ def _weights_of(msg: Message) -> dict:
 
 
 @pytest.mark.slow
-def test_killed_server_resumes_after_its_last_completed_round(overrides, tmp_path):
+def test_killed_server_resumes_after_its_last_completed_round(overrides, tmp_path, record_property):
     cfg = load_config("quick", overrides)
     run_dir = tmp_path / "out" / "r"
 
@@ -71,6 +72,13 @@ def test_killed_server_resumes_after_its_last_completed_round(overrides, tmp_pat
     grid = _grid(overrides, (21, 22))
     run_federation(grid, load_config("quick", {**overrides, "federation.resume": True}))
 
+    rounds = [json.loads(x)["round"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    record_property("chaos", {
+        "fault": "the ServerApp killed mid-round (an exception while round 3 is sent; LocalGrid, no processes)",
+        "happened": f"resumed with new node ids after round {state['round']}, round 3 from the saved weights, "
+                    f"the graph history kept; metrics rounds {sorted(rounds)}",
+        "lost": sum((Counter({1: 2, 2: 2, 3: 2}) - Counter(rounds)).values()), "of": "6 site-rounds"})
+
     # Assert: it continued at round 3, from the saved weights, with the same graph history
     assert state["round"] == 2
     first = {m.metadata.dst_node_id: m for m in grid.train_messages if m.content[P.CONFIG][P.SERVER_ROUND] == 3}
@@ -78,7 +86,6 @@ def test_killed_server_resumes_after_its_last_completed_round(overrides, tmp_pat
     for node, site in ((21, "site-0"), (22, "site-1")):
         sent = _weights_of(first[node])
         assert all(torch.equal(sent[k], v) for k, v in saved[site].state_dict().items())
-    rounds = [json.loads(x)["round"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert sorted(rounds) == [1, 1, 2, 2, 3, 3]  # round 1 once, not repeated
     assert (run_dir / "graphs" / "round-002.json").read_text() == graph2
     assert json.loads((run_dir / "state.json").read_text())["round"] == 3
@@ -173,7 +180,7 @@ def _cut(path, keep: float = 0.5) -> None:
     path.write_bytes(data[:int(len(data) * keep)])
 
 
-def test_a_truncated_state_or_bindings_file_stops_the_resume_naming_it(tmp_path):
+def test_a_truncated_state_or_bindings_file_stops_the_resume_naming_it(tmp_path, record_property):
     # Prepare: a completed round 1, then both files cut in half
     strategy, writer = _server(tmp_path)
     grid = FakeGrid([1, 2])
@@ -184,6 +191,9 @@ def test_a_truncated_state_or_bindings_file_stops_the_resume_naming_it(tmp_path)
     state = writer.state_path.read_bytes()
 
     # Execute / Assert: a clear error naming the file; nothing is written
+    record_property("chaos", {"fault": "a truncated state.json or bindings.json in the run folder",
+                              "happened": "the resume stops at once with an error naming the file; nothing is "
+                                          "written", "lost": None})
     resumed, writer = _server(tmp_path)
     with pytest.raises(ResumeError, match=rf"{writer.state_path}: cannot resume from it \(JSONDecodeError: .*"
                                           r"restore it, or start a new run"):
@@ -198,7 +208,7 @@ def test_a_truncated_state_or_bindings_file_stops_the_resume_naming_it(tmp_path)
         writer.resume()
 
 
-def test_a_truncated_model_file_stops_the_resume_naming_it(tmp_path):
+def test_a_truncated_model_file_stops_the_resume_naming_it(tmp_path, record_property):
     # Prepare: a real weights file of site-0 (as the server saves it), cut in half, and a state.json that needs it
     cfg = load_config("quick", {"output-dir": str(tmp_path), "run-name": "r", "tracking.wandb": "off"})
     evaluator = BenchmarkEvaluator(cfg, tmp_path / "unused.yaml", ["a", "b", "c"])
@@ -212,6 +222,9 @@ def test_a_truncated_model_file_stops_the_resume_naming_it(tmp_path):
     writer.state_path.write_text(json.dumps({"round": 1, "strategy": strategy.state_dict(), "sites": ["site-0"]}))
 
     # Execute / Assert
+    record_property("chaos", {"fault": "a truncated model.pt of a site in the run folder",
+                              "happened": "the resume stops at once with an error naming the file; no model is "
+                                          "loaded", "lost": None})
     with pytest.raises(ResumeError, match=rf"cannot resume: cannot read weights file {path}: .*; restore the file"):
         writer.resume()
     assert strategy.arrays == {}

@@ -11,7 +11,7 @@ import time
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
-from flwr.common.constant import ErrorCode
+from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
 from flwr.supercore.task_identity import TaskIdentity
 
 from common import protocol as P
@@ -527,7 +527,17 @@ def _lying_shape(m: Message) -> RecordDict:
     return _content(2, arrays)
 
 
+def _node_unavailable(m: Message) -> Message:
+    """What the SuperLink answers for a node that missed its heartbeats (flwr.server.superlink.linkstate.utils):
+    an error reply from the SuperLink's own node id to the message sent to the node."""
+    m.metadata.__dict__["_message_id"] = f"train-{m.metadata.dst_node_id}"  # as the grid sets it on push
+    reply = Message(Error(code=ErrorCode.NODE_UNAVAILABLE, reason="Error: Node Unavailable"), reply_to=m)
+    reply.metadata.__dict__["_src_node_id"] = SUPERLINK_NODE_ID
+    return reply
+
+
 FAULTS = {  # reply of node 2 in round 2 -> the one WARNING line that drops it (a regular expression)
+    "node unavailable (the SuperLink's reply)": (_node_unavailable, re.escape("node 2 failed: Error: Node Unavailable")),
     # what a SuperNode sends when the ClientApp raises (flwr.supernode.runtime.run_clientapp)
     "ClientApp raises in train": (
         lambda m: Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason="<class 'RuntimeError'>:<'CUDA oom'>"),
@@ -554,7 +564,7 @@ FAULTS = {  # reply of node 2 in round 2 -> the one WARNING line that drops it (
 
 
 @pytest.mark.parametrize("fault", list(FAULTS))
-def test_a_faulty_reply_is_dropped_and_its_site_keeps_its_state(fault, flwr_log):
+def test_a_faulty_reply_is_dropped_and_its_site_keeps_its_state(fault, flwr_log, record_property):
     # Prepare: 3 nodes, 3 rounds, the server's model has w (2,) and b (1,) float32; node k replies with
     # w = [10 k + round, 0.5], except node 2 in round 2, whose reply has the fault
     make_bad, expected = FAULTS[fault]
@@ -562,7 +572,8 @@ def test_a_faulty_reply_is_dropped_and_its_site_keeps_its_state(fault, flwr_log)
     def reply(m):
         node, rnd = m.metadata.dst_node_id, m.content[P.CONFIG][P.SERVER_ROUND]
         if (node, rnd) == (2, 2):
-            return Message(make_bad(m), reply_to=m)
+            bad = make_bad(m)
+            return bad if isinstance(bad, Message) else Message(bad, reply_to=m)
         return Message(_content(node, _arrays(10.0 * node + rnd, 0.5)), reply_to=m)
 
     scored = []
@@ -576,6 +587,12 @@ def test_a_faulty_reply_is_dropped_and_its_site_keeps_its_state(fault, flwr_log)
     # Execute
     strategy.start(grid, ArrayRecord(), num_rounds=3)
 
+    warnings = _warnings(flwr_log)
+    good = sum(len(record.replies) for record, _, _ in snapshots)
+    record_property("chaos", {"fault": f"a reply: {fault} (fake nodes)", "happened": f"logged: {warnings[0]}; "
+                              "the round went on, site-2 kept its round-1 weights and identity",
+                              "lost": 8 - good, "of": "8 good replies"})
+
     # Assert: round 2 goes on with sites 1 and 3; site-2's weights (byte for byte) and identity stay as in round 1,
     # and round 3 sends node 2 its round-1 weights
     assert [[r.site_id for r in record.replies] for record, _, _ in snapshots] == [
@@ -583,7 +600,6 @@ def test_a_faulty_reply_is_dropped_and_its_site_keeps_its_state(fault, flwr_log)
     assert snapshots[1][1] == snapshots[0][1] and snapshots[1][2] == snapshots[0][2]
     assert _weights(grid.sent[2][1]) == [21.0, 0.5]
     assert scored == [11.0, 21.0, 31.0, 12.0, 32.0, 13.0, 23.0, 33.0]  # the faulty reply is never scored
-    warnings = _warnings(flwr_log)
     assert len(warnings) == 2
     assert re.fullmatch(f"aggregate_train: round 2: dropping reply of node 2: {expected}", warnings[0]), warnings[0]
     assert warnings[1] == "aggregate_train: round 2: no valid reply from 1 nodes: 2 (skipped)"
