@@ -64,31 +64,34 @@ Offload budget
     (``budget``, ``config`` or ``flag``).
 
 Delivery guarantees (``--queue-dir``, default ``$CEDAR_HOME/edge/<site>/queue``)
-    Every offload is written to the queue *before* it is sent (one JSON file per
-    offload: metadata, edge detections and the base64 JPEG payloads; written to a
-    temporary name, fsynced and renamed) by a writer thread, right after its edge
-    line: a kill -9 in those milliseconds loses that offload, a stop or Ctrl-C
-    writes every submitted offload first. One worker thread sends entries in
-    order. Connection errors, timeouts, 408/429/5xx and 401/403 are retried with
-    exponential backoff (``--retry-base`` doubling up to ``--retry-max`` s, ±10 %
-    jitter) while the edge keeps serving frames. Other 4xx answers (the cloud
-    refuses the content) move the entry to ``queue/failed/`` with the error and
-    emit a ``failed`` line: kept, never retried in a loop. On success the worker
-    (1) appends the offload id to ``queue/delivered.log`` (fsync: the commit
-    point), (2) writes the ``refined`` line, (3) deletes the entry. At start-up
-    entries whose id is already in ``delivered.log`` are deleted unsent, and an
-    id already delivered or queued is never queued again, so the ``refined``
-    line of an offload is written at most once; a crash between (1) and (2)
-    loses that one line (the id says it was delivered), which is the price of
-    never duplicating. A request whose answer is lost in transit (timeout after
-    the cloud stored it) is sent again: the cloud's hard-sample store may then
-    hold that sample twice, the result file still has one line.
+    Every offload is written to the queue *before* it is sent and before its
+    edge line (one JSON file per offload: metadata, edge detections and the
+    base64 JPEG payloads; written to a temporary name, fsynced and renamed), so
+    no edge line names an offload that a crash could lose. One worker thread
+    sends entries in order. Connection errors, timeouts, 408/429/5xx and
+    401/403 are retried with exponential backoff (``--retry-base`` doubling up
+    to ``--retry-max`` s, ±10 % jitter; a ``Retry-After`` wins) while the edge
+    keeps serving frames. Other 4xx answers (the cloud refuses the content)
+    move the entry to ``queue/failed/`` with the error and emit a ``failed``
+    line: kept, never retried in a loop. On success the worker (1) writes the
+    ``refined`` line and fsyncs the output (the commit point), (2) appends the
+    offload id to ``queue/delivered.log``, (3) deletes the entry. At start-up
+    entries whose id is in ``delivered.log`` are deleted unsent, and entries
+    whose ``refined`` line is already in an output this queue has served
+    (``queue/outputs.log`` lists them) are committed unsent: a crash between
+    (1) and (2) neither loses nor repeats the line. An id already delivered or
+    queued is never queued again, so each offload gets exactly one ``refined``
+    line as long as earlier outputs stay where they were written. A request
+    whose answer is lost in transit (timeout after the cloud stored it) is sent
+    again: the cloud's hard-sample store may then hold that sample twice, the
+    result files still have one line.
     At the end of the source the runtime waits up to ``--drain-timeout`` s for
     the queue to empty; what is left stays on disk and is sent first by the
     next run on the same ``--queue-dir`` (its ``refined`` lines then appear in
     that run's output, with the original ``run`` and ``frame``). One process
     per queue folder (a lock file enforces it). ``delivered.log`` grows by one
-    id (~40 bytes) per offload; delete it only together with the queue entries.
+    id (~40 bytes) per offload, ``outputs.log`` by one path per run; delete
+    them only together with the queue entries.
 
 Offload ids
     ``<site>.<run>.<frame:06d>``; ``run`` (``--run-id``, default a UTC time stamp
@@ -311,6 +314,7 @@ class EdgeRuntime:
 
             self.upscaler = load_model(settings.upscale)
         self.queue = DiskQueue(queue_dir)
+        self.queue.reconcile(out)  # before the output is opened: "w" would erase an earlier run's lines
         self.writer = JsonlWriter(out, append=append)
         self.video = VideoAnnotator(video, fps) if video else None
         self.selector = KeyframeSelector(beta=settings.beta, warmup=settings.warmup,
@@ -443,14 +447,16 @@ class EdgeRuntime:
         now = time.time()
         sent_at = self._edge_sent_at.pop(entry.id, None)
         recovered = entry.run != self.s.run_id or sent_at is None
-        self.writer.write({
+        written = self.writer.write({
             "kind": "refined", "site": entry.site, "run": entry.run, "frame": entry.frame, "offload_id": entry.id,
             "time": round(now, 3), "pts_s": entry.pts_s, "keyframe": True, "model": entry.model, "mode": entry.mode,
             "detections": items, "cloud_detections": answer.detections.to_list(),
             "latency_ms": {"cloud_rtt": _round(answer.rtt_ms),
                            "since_edge": _round((now - sent_at) * 1000 if sent_at else None)},
             "bytes_sent": entry.payload_bytes, "request_bytes": answer.request_bytes, "attempts": attempts,
-            "cloud_model": answer.model, "recovered": recovered})
+            "cloud_model": answer.model, "recovered": recovered}, sync=True)
+        if not written:  # not committed: the entry stays queued for the next run
+            raise EdgeError(f"offload {entry.id}: the output is closed; its answer is sent again by the next run")
         if entry.run == self.s.run_id and not self.s.photos:
             self.carrier.answered(entry.frame, {"id": entry.id, "model": entry.model, "offloaded": entry.offloaded,
                                                 "mode": entry.mode},
@@ -464,7 +470,7 @@ class EdgeRuntime:
 
     def _failed(self, entry: OffloadEntry, error: str) -> None:
         self.writer.write({"kind": "failed", "site": entry.site, "run": entry.run, "frame": entry.frame,
-                           "offload_id": entry.id, "time": round(time.time(), 3), "error": error})
+                           "offload_id": entry.id, "time": round(time.time(), 3), "error": error}, sync=True)
         with self._stats_lock:
             self.summary.failed += 1
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import threading
 import time
@@ -109,14 +110,18 @@ class JsonlWriter:
         self._fh = open(self.path, "a" if append else "w", encoding="utf-8")
         self._lock = threading.Lock()
 
-    def write(self, record: dict) -> None:
+    def write(self, record: dict, sync: bool = False) -> bool:
+        """Append one line (``sync``: and fsync it, for lines that commit something); False if closed."""
         line = json.dumps(record, separators=(",", ":"))
         with self._lock:
             if self._fh.closed:
                 log.error("output closed; dropping a %s line for frame %s", record.get("kind"), record.get("frame"))
-                return
+                return False
             self._fh.write(line + "\n")
             self._fh.flush()
+            if sync:
+                os.fsync(self._fh.fileno())
+        return True
 
     def close(self) -> None:
         with self._lock:

@@ -1,7 +1,8 @@
 """Offloads to the cloud: the queue entry, the HTTP client, the disk queue and the background worker.
 
 The delivery guarantees (queue before send, one worker in order, retries with
-backoff, ``delivered.log`` as the commit point, refusals kept in ``failed/``) are
+backoff, the synced output line as the commit point, reconciled at start-up through ``outputs.log`` and
+``delivered.log``, refusals kept in ``failed/``) are
 described in :mod:`clients.edge`. When the cloud answers "not now" with a
 ``Retry-After`` (a 503 from a full or unwritable hard-sample store, a 429), the
 worker waits that long (at most :data:`RETRY_AFTER_MAX`) instead of its backoff,
@@ -248,9 +249,53 @@ class DiskQueue:
             else:
                 self.queued.add(entry_id)
                 self.recovered += 1
+        self.outputs_log = self.root / "outputs.log"
+
+    def reconcile(self, output: str | Path) -> int:
+        """Commit the pending entries whose answer an earlier run already wrote, and note ``output``.
+
+        The worker writes an offload's ``refined`` (or ``failed``) line, synced, before it appends the id to
+        ``delivered.log``; a crash between the two leaves the entry queued although its line is out. Every
+        output file this queue has served is listed in ``outputs.log``; the pending ids found in one of them
+        are committed and removed unsent. Call it before ``output`` is opened (truncating it erases its lines).
+        Returns how many entries were reconciled; the rest (``self.recovered``) are sent first.
+        """
+        output = Path(output).expanduser().resolve()
+        earlier = []
+        if self.outputs_log.is_file():
+            earlier = list(dict.fromkeys(ln.strip() for ln in self.outputs_log.read_text().splitlines() if ln.strip()))
+        done: set[str] = set()
+        for name in earlier:
+            if not self.queued - done:
+                break
+            try:
+                with open(name, encoding="utf-8") as fh:
+                    for line in fh:
+                        try:
+                            record = json.loads(line)
+                        except ValueError:  # a line a crash cut short: not written as far as we know
+                            continue
+                        if isinstance(record, dict) and record.get("kind") in ("refined", "failed") \
+                                and record.get("offload_id") in self.queued:
+                            done.add(record["offload_id"])
+            except OSError:  # moved or deleted since: its entries are sent again
+                continue
+        for path in self.paths():
+            entry_id = self.id_of(path)
+            if entry_id in done:
+                log.info("queue: %s was answered in an earlier output; committing it", entry_id)
+                self.commit(entry_id)
+                self.remove(path)
+        self.recovered -= len(done)
+        if str(output) not in earlier[-1:]:
+            with open(self.outputs_log, "a", encoding="utf-8") as fh:
+                fh.write(f"{output}\n")
+                fh.flush()
+                os.fsync(fh.fileno())
         if self.recovered:
             log.info("queue: %d offload(s) left by an earlier run in %s will be sent first", self.recovered,
                      self.root)
+        return len(done)
 
     @staticmethod
     def id_of(path: Path) -> str:
@@ -426,15 +471,12 @@ class Offloader:
             with self._cv:
                 if self._abandoned:
                     return  # the runtime has closed its output: leave the entry queued
-            try:
-                self.queue.commit(entry.id)  # the commit point: from here on it is delivered
-            except OSError as err:  # e.g. a full disk: not delivered as far as we know; send again later
-                log.error("queue: cannot record delivery of %s (%s); will send it again", entry.id, err)
-                self._wait(self.retry_max)
-                continue
 
             def deliver(entry=entry, answer=answer, tries=tries):
+                # the synced output line is the commit point: a crash before it sends again, a crash after it
+                # is reconciled at the next start (DiskQueue.reconcile), so the line is written exactly once
                 self.on_delivered(entry, answer, tries)
+                self.queue.commit(entry.id)
                 self.queue.remove(path)
 
             self._finish(path, entry.id, deliver)

@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import flwr
 import psutil
 import pytest
 
@@ -229,7 +230,7 @@ def test_the_superlink_killed_and_restarted_on_its_database_the_run_resumes(dep,
     record_property("chaos", {
         "fault": "the SuperLink killed (SIGKILL) and restarted on its --database",
         "happened": f"the ServerApp {'exited on its own' if serverapp_exited else 'did not exit'}; the restarted "
-                    f"SuperLink marked the run {status}: Flower 1.41 does not continue a run across a SuperLink "
+                    f"SuperLink marked the run {status}: Flower {flwr.__version__} does not continue a run across a SuperLink "
                     f"restart. Both SuperNodes were back online with their node ids {online_s:.0f} s after the restart; "
                     f"the run resubmitted with federation.resume=true continued after round 1 (not repeated)",
         "lost": len(set(expected) - set(rows)), "of": f"{len(expected)} site-rounds"})

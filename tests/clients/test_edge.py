@@ -596,6 +596,49 @@ def test_cloud_down_nothing_lost_next_run_delivers_each_offload_once(tmp_path, v
     assert [ln["kind"] for ln in lines_c] == ["summary"]
 
 
+def test_a_crash_between_the_refined_line_and_the_commit_neither_loses_nor_repeats_it(tmp_path, video, monkeypatch):
+    # Prepare: run A's worker dies after writing keyframe 2's refined line, before its id reaches delivered.log
+    real_commit = DiskQueue.commit
+
+    def commit(queue, entry_id):
+        if entry_id == "site-7.runA.000002":
+            raise OSError("killed here (fake)")
+        real_commit(queue, entry_id)
+
+    monkeypatch.setattr(DiskQueue, "commit", commit)
+    lines_a, _ = _run(tmp_path, _frames_of(video), FakeCloud(), "a")
+    monkeypatch.setattr(DiskQueue, "commit", real_commit)
+    assert [ln["offload_id"] for ln in lines_a if ln["kind"] == "refined"] == [
+        "site-7.runA.000000", "site-7.runA.000002", "site-7.runA.000004"]
+    assert [DiskQueue.id_of(p) for p in (tmp_path / "queue").glob("*.json")] == ["site-7.runA.000002"]
+    # Execute: run B on the same queue folder, another output file
+    cloud_b = FakeCloud()
+    lines_b, _ = _run(tmp_path, iter(()), cloud_b, "b", run_id="runB")
+    # Assert: the entry is committed from A's output, unsent; no second refined line; each id once in the log
+    assert cloud_b.calls == [] and [ln["kind"] for ln in lines_b] == ["summary"]
+    assert list((tmp_path / "queue").glob("*.json")) == []
+    assert sorted((tmp_path / "queue" / "delivered.log").read_text().split()) == [
+        "site-7.runA.000000", "site-7.runA.000002", "site-7.runA.000004"]
+    assert (tmp_path / "queue" / "outputs.log").read_text().split() == [
+        str((tmp_path / "a.jsonl").resolve()), str((tmp_path / "b.jsonl").resolve())]
+
+
+def test_reconcile_ignores_a_cut_line_and_outputs_that_are_gone(tmp_path):
+    queue = DiskQueue(tmp_path / "q")
+    for frame in (0, 1):
+        queue.put(OffloadEntry(id=f"s.r.{frame:06d}", site="s", run="r", frame=frame, mode="crops", created=0.0,
+                               model="m", pts_s=None, image_shape=[8, 8, 3], regions=[], edge=[], offloaded=[],
+                               payloads=[]))
+    queue.close()
+    queue = DiskQueue(tmp_path / "q")  # a restart: both entries are left by an earlier run
+    out = tmp_path / "a.jsonl"
+    out.write_text(json.dumps({"kind": "refined", "offload_id": "s.r.000000"}) + "\n"
+                   + '{"kind": "refined", "offload_id": "s.r.0000')  # the line of frame 1, cut by a crash
+    (tmp_path / "q" / "outputs.log").write_text(f"{tmp_path / 'gone.jsonl'}\n{out}\n")
+    assert queue.reconcile(tmp_path / "b.jsonl") == 1
+    assert queue.queued == {"s.r.000001"} and queue.delivered == {"s.r.000000"} and queue.recovered == 1
+
+
 def test_a_refused_offload_is_kept_in_failed_and_reported_once(tmp_path, video):
     lines, _ = _run(tmp_path, _frames_of(video), FakeCloud(reject=(2,)))
     # frame 3's keyframe (2) was refused: no carried line for it either
