@@ -4,7 +4,8 @@ Round ``r``, on top of :class:`PersonalizedStrategy`'s per-site models:
 
 1. ``configure_train`` updates the **graph** from what round ``r - 1`` measured:
    the sparse :func:`common.graph.build_graph` over every site that trains this round
-   and has a profile (position, class set, AP vector on the shared benchmark), kept
+   and has a profile (position, class set, AP vector on the shared benchmark; a site
+   that joins this round: the AP vector of the weights it starts from), kept
    between rounds and brought up to date by :func:`common.graph.update_graph`, which
    recomputes only the rows of the sites evaluated, joined or gone since; teacher
    degree (in-strength, by default weighted by benchmark mAP), top-``rho``
@@ -91,6 +92,7 @@ class GraphKDStrategy(PersonalizedStrategy):
         self.profiles: dict[str, dict[str, Any]] = {}  # site -> {"position", "classes", "ap", "round"}
         self.graph_record: dict[str, Any] | None = None  # this round's graph, JSON-ready
         self.plan: dict[str, dict[str, float]] = {}  # this round's {student: {teacher: weight}}, as sent
+        self._start_ap: list[float] | None = None  # the starting weights' AP vector (joining sites' profile)
 
     def summary(self) -> None:
         super().summary()
@@ -130,6 +132,34 @@ class GraphKDStrategy(PersonalizedStrategy):
                                         "ap": reply.benchmark["ap50"], "round": server_round,
                                         "reasons": list(reply.evaluated)}
         self.stale.add(reply.site_id)
+
+    def joining_profiles(self, server_round: int, present: list[str], arrays: ArrayRecord | None) -> None:
+        """Give each site that trains for the first time a profile from the weights it starts from.
+
+        A joining site has no benchmark profile yet: it is scored only after its first round. It starts from
+        ``arrays`` (the base model, or fedavg's global model), so until then its profile is its identity
+        (position, classes) with the AP vector of those weights, scored once. It then gets its teachers in its
+        first round, which is what the new-node rule is for (section 4.3: a new model "quickly integrates and
+        absorbs existing knowledge"). Its own profile replaces this one after the round.
+        """
+        if self.mode != "graph" or server_round < self.start_round or self.benchmark_fn is None \
+                or arrays is None or not len(arrays):
+            return
+        joining = [s for s in present if s not in self.profiles and s not in self.arrays and s in self.sites]
+        if not joining:
+            return
+        if self._start_ap is None:
+            try:
+                self._start_ap = list(self.benchmark_fn(arrays)["ap50"])
+            except Exception as err:  # noqa: BLE001  (the site then waits for its own profile, as without this)
+                log(WARNING, "configure_train: round %s: cannot score the starting weights: %s", server_round, err)
+                return
+        for site_id in joining:
+            site = self.sites[site_id]
+            self.profiles[site_id] = {"position": site[P.POSITION_KM], "classes": site[P.CLASSES],
+                                      "ap": self._start_ap, "round": server_round, "reasons": ["joining"]}
+            self.stale.add(site_id)
+        log(INFO, "graph: round %s: %s join with the starting weights' profile", server_round, brief(joining))
 
     # ----------------------------------------------------------------- graph
     def teacher_plan(self, server_round: int, present: list[str]) -> dict[str, dict[str, float]]:
@@ -195,6 +225,7 @@ class GraphKDStrategy(PersonalizedStrategy):
         messages = list(super().configure_train(server_round, arrays, config, grid))
         present = sorted({self.site_of[m.metadata.dst_node_id] for m in messages
                           if m.metadata.dst_node_id in self.site_of})
+        self.joining_profiles(server_round, present, arrays)
         plan = self.teacher_plan(server_round, present) if messages else {}
         cloud = self.cloud_fn(server_round) if any("cloud" in t for t in plan.values()) else None
         for msg in messages:

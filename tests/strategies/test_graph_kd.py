@@ -394,6 +394,41 @@ def test_late_site_is_new_to_the_graph_on_its_join_round_and_not_before(caplog):
     assert "site-3" in {n["id"] for n in rounds[2].graph["nodes"]}
 
 
+def test_a_joining_site_gets_its_teachers_in_its_first_round_from_the_starting_weights_profile(caplog):
+    """Section 4.3's new-node case: site-3 joins at round 2 from the starting weights (AP of 'node 0'); its
+    profile until it is scored is its identity with that AP vector, so round 2's graph already names its teachers."""
+    ap = {**AP, 0: [0.05, float("nan"), 0.05]}  # the starting (base) weights: weaker than every trained site
+    evaluated = []
+
+    def benchmark(arrays):
+        evaluated.append(_site_of(arrays))
+        return {"map50": 0.1, "ap50": ap[_site_of(arrays)]}
+
+    grid = FakeGrid([1, 2, 3], reply=_reply)
+    strategy = _strategy(join_round={"site-3": 2}, benchmark_fn=benchmark, start_round=2, teacher_scope="local",
+                         t_cycle=5)  # periodic turns as above: round 2 scores only the new site
+
+    with caplog.at_level("INFO", logger="flwr"):
+        rounds = _run(strategy, grid, 2, initial=_arrays(0.0))
+
+    # the starting weights are scored once, in round 2 (graph KD starts there), before site-3's own score
+    assert evaluated == [1, 2, 0, 3]
+    profiles = {"site-1": {"position": (1.0, 0.0), "classes": [0, 2], "ap": AP[1]},
+                "site-2": {"position": (2.0, 0.0), "classes": [0, 2], "ap": AP[2]},
+                "site-3": {"position": (3.0, 0.0), "classes": [0, 2], "ap": ap[0]}}
+    g = G.build_graph(profiles, 5.0)
+    expected = G.local_plan(g, G.accuracy_weighted_degree(g, G.teacher_degree(g)), True)
+    assert set(expected["site-3"]) == {"site-1", "site-2"}  # both trained sites beat the starting weights
+    assert rounds[1].graph["teachers_for"]["site-3"] == pytest.approx(expected["site-3"])
+    (kd_msg,) = [m for m in _kd_msgs(grid, 1) if m.metadata.dst_node_id == 3]
+    assert dict(zip(kd_msg.content[P.CONFIG][P.TEACHER_IDS], kd_msg.content[P.CONFIG][P.TEACHER_WEIGHTS])) == \
+        pytest.approx(expected["site-3"])
+    assert kd_msg.content[P.ARRAYS]["w"].numpy().tolist() == [0.0]  # it starts from the starting weights
+    # after its round, its own score replaces the joining profile
+    assert strategy.profiles["site-3"]["ap"] == AP[3] and strategy.profiles["site-3"]["reasons"] == ["new"]
+    assert any("site-3 join with the starting weights' profile" in r.getMessage() for r in caplog.records)
+
+
 def test_graph_is_kept_between_rounds_and_only_changed_rows_are_recomputed():
     # Prepare: t_cycle 10 (periodic turns site-1 9, site-2 1, site-3 9): round 2 evaluates nobody
     grid = FakeGrid([1, 2, 3], reply=_reply)
