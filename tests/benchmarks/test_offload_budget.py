@@ -48,3 +48,22 @@ def test_frontier_budget_and_verdict_hand_worked():
     assert (v["edge"], v["cloud"], v["bar"]) == pytest.approx((0.25, 0.40, 0.38))
     assert not v["met"] and not v["frontier_can"] and v["best_within"] == pytest.approx(0.25)
     assert v["best_within_option"] == "edge alone"
+
+
+def test_calibration_check_hand_worked():
+    """One image, 4 objects of class 0 (20 px boxes 40 px apart); detections at conf 0.9 (hit), 0.8 (hit), 0.6
+    (miss), 0.5 (hit), 0.3 (miss): the f1_threshold example, best F1 0.75 from 0.5 on, recall there 3/4. Deployed at
+    det_conf 0.7 (calibrated elsewhere): 2 hits of 4, recall 0.5, a relative gap of (0.75 - 0.5) / 0.75 = 1/3."""
+    import numpy as np
+
+    from common.detections import Detections
+
+    gt = np.array([[0, 40 * i, 0, 40 * i + 20, 20] for i in range(4)], dtype=float)
+    boxes = [[0, 0, 20, 20], [40, 0, 60, 20], [300, 300, 320, 320], [80, 0, 100, 20], [400, 400, 420, 420]]
+    dets = Detections(boxes, [0.9, 0.8, 0.6, 0.5, 0.3], [0, 0, 0, 0, 0])
+
+    c = ob.calibration_check([dets], [gt], 0.7, nc=1)
+    assert c["recall"] == pytest.approx(0.5)
+    assert (c["best_f1_conf"], c["best_f1_recall"]) == pytest.approx((0.5, 0.75))
+    assert c["relative_gap"] == pytest.approx(1 / 3) and not c["within_10pct"]
+    assert ob.calibration_check([dets], [gt], 0.5, nc=1)["within_10pct"]
