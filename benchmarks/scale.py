@@ -32,8 +32,11 @@ by default the one cached under ``$CEDAR_HOME/benchmark/models``; skipped when t
 a YOLO11n with BatchNorm statistics from the frames and a random class layer, whose few hundred
 boxes above the candidate threshold are the hard case for NMS, tracking and the offload.
 
-    python -m benchmarks.scale [--parts server graph keyframes edge] [--sizes 100 1000 10000]
-        [--dense-max 1000] [--rounds 4] [--edge-weights model.pt]
+    python -m benchmarks.scale [--parts federation graph keyframes edge simulation] [--sizes 100 1000 10000]
+        [--dense-max 1000] [--rounds 4] [--edge-weights model.pt] [--sim-sites 32] [--sim-rounds 3]
+
+The simulation part (:func:`simulated_rounds`) is the one with real training: ``cedar-simulate`` with 32 sites
+and 1 epoch per round, per round its wall time, the server's evaluation inside it and the machine's peak memory.
 
 ``--parts`` runs only the parts named and keeps the others from the report already written.
 """
@@ -319,6 +322,68 @@ def edge_keyframes(weights: str | None, runs: int = 200, warmup: int = 10) -> di
             "offload_bytes": float(np.median([r["offload"]["bytes"] for r in records if r["offload"]] or [0]))}
 
 
+# --------------------------------------------------------------------------- a real simulated federation
+def simulated_rounds(sites: int, rounds: int, preset: str = "quick", overrides: tuple[str, ...] = ()) -> dict:
+    """``cedar-simulate`` with ``sites`` sites, ``rounds`` rounds of 1 local epoch (the preset's sizes), as a
+    subprocess: per round its wall time (from the ``[ROUND k/n]`` line to the next, or to the end), the server's
+    benchmark evaluation inside it (the sum of ``eval_seconds`` in ``metrics.jsonl``: the server scores one site
+    after another), and the peak memory in use on the whole machine above what was in use before the start
+    (``psutil.virtual_memory().used`` every 0.5 s: the SuperLink, Ray and every ClientApp included)."""
+    import re
+    import shutil
+    import tempfile
+    import threading
+
+    import psutil
+
+    out = Path(tempfile.mkdtemp(prefix="cedar-scale-sim-"))
+    cmd = [sys.executable, "-m", "server.simulate", "--preset", preset, f"data.num-sites={sites}",
+           f"federation.num-rounds={rounds}", "train.epochs-per-round=1", "tracking.wandb=off",
+           *overrides, f"output-dir={out}", "run-name=scale"]
+    base = psutil.virtual_memory().used
+    peak, stop = [base], threading.Event()
+
+    def sample() -> None:
+        while not stop.wait(0.5):
+            peak[0] = max(peak[0], psutil.virtual_memory().used)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    marks, start = {}, time.monotonic()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            cwd=Path(__file__).resolve().parent.parent)
+    tail: list[str] = []
+    try:
+        for line in proc.stdout:
+            tail = (tail + [line])[-40:]
+            found = re.search(r"\[ROUND (\d+)/\d+\]", line)
+            if found:
+                marks[int(found.group(1))] = time.monotonic()
+        rc = proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        stop.set()
+        sampler.join()
+    end = time.monotonic()
+    metrics = out / "scale" / "metrics.jsonl"
+    if rc != 0 or not metrics.is_file():
+        raise RuntimeError(f"cedar-simulate failed (exit {rc}):\n{''.join(tail)}")
+    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    per_round = []
+    for r in sorted(marks):
+        mine = [row for row in rows if row["round"] == r]
+        wall = marks.get(r + 1, end) - marks[r]
+        evaluation = sum(row["eval_seconds"] or 0.0 for row in mine)
+        per_round.append({"round": r, "wall_s": wall, "server_eval_s": evaluation,
+                          "evaluations": sum(row["evaluated"] is not None for row in mine),
+                          "eval_share": evaluation / wall, "sites": len(mine),
+                          "train_s_mean": float(np.mean([row["train_seconds"] for row in mine]))})
+    shutil.rmtree(out, ignore_errors=True)
+    return {"sites": sites, "rounds": per_round, "wall_s": end - start, "peak_used_gib": (peak[0] - base) / 2**30,
+            "command": "cedar-simulate " + " ".join(cmd[5:-2])}
+
+
 # --------------------------------------------------------------------------- driver
 def _child(args: list[str]) -> dict:
     cmd = [sys.executable, "-m", "benchmarks.scale", "--child", *args]
@@ -333,7 +398,7 @@ def _steady(result: dict) -> dict:
         "peak_rss_mib": max(r["peak_rss_mib"] for r in result["rounds"])}
 
 
-PARTS = ("federation", "graph", "keyframes", "edge")
+PARTS = ("federation", "graph", "keyframes", "edge", "simulation")
 
 
 def markdown(report: dict) -> str:
@@ -386,6 +451,21 @@ def markdown(report: dict) -> str:
                   f"| every pixel (oversample=0) | {kf['every_pixel_fps']:.0f} |",
                   f"| sampled 4x grid (default) | {kf['sampled_fps']:.0f} |",
                   f"| ratio | {kf['sampled_fps'] / kf['every_pixel_fps']:.1f}x |", ""]
+    if "simulation" in report:
+        sim = report["simulation"]
+        lines += [f"## A simulated federation of {sim['sites']} sites (real training, quick sizes, 1 epoch per round)",
+                  "", (f"`python -m benchmarks.scale --parts simulation` runs `{sim['command']}` and times each round "
+                       "from its `[ROUND k/n]` line to the next; *server evaluation* is the server scoring the "
+                       "sites the maintenance rules name on the shared benchmark, one after another. Peak memory "
+                       "is the memory in use on the machine above what was in use before the run "
+                       f"(SuperLink, Ray, every ClientApp): **{sim['peak_used_gib']:.1f} GiB**; the whole run "
+                       f"took {sim['wall_s']:.0f} s."), "",
+                  ("| round | sites training | round wall s | site training s (mean) | sites evaluated | "
+                   "server evaluation s | evaluation share of the round |"), "|---:|---:|---:|---:|---:|---:|---:|"]
+        for r in sim["rounds"]:
+            lines.append(f"| {r['round']} | {r['sites']} | {r['wall_s']:.0f} | {r['train_s_mean']:.1f} | "
+                         f"{r['evaluations']} | {r['server_eval_s']:.0f} | {r['eval_share']:.0%} |")
+        lines.append("")
     if report.get("edge"):
         lines += ["## Edge runtime per keyframe, cloud down, beside a bare ONNX Runtime forward", "",
                   ("`python -m benchmarks.scale --parts edge`: `EdgeRuntime.process` on 256 px frames, every frame a keyframe, ONNX at 256 px, interleaved with "
@@ -417,6 +497,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--edge-weights", help="trained edge weights for the edge part (default: the cached base "
                                                "YOLO11n of the quick preset, when there is one)")
+    parser.add_argument("--sim-sites", type=int, default=32, help="sites of the simulation part")
+    parser.add_argument("--sim-rounds", type=int, default=3, help="rounds of the simulation part")
     parser.add_argument("--out", default=str(OUT))
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -428,6 +510,8 @@ def main(argv: list[str] | None = None) -> None:
             result = graph_timings(int(rest[0]), rest[1] == "dense")
         elif kind == "edge":
             result = edge_keyframes(rest[0] if rest else None)
+        elif kind == "simulation":
+            result = simulated_rounds(int(rest[0]), int(rest[1]))
         else:
             result = keyframe_fps()
         print(json.dumps(result))
@@ -463,6 +547,10 @@ def main(argv: list[str] | None = None) -> None:
         weights = args.edge_weights or cached_base_weights()
         report["edge"] = ([_child(["edge", str(weights)])] if weights else []) + [_child(["edge"])]
         report["load"]["edge"] = {"before": before, "after": _load()}
+    if "simulation" in args.parts:
+        before = _load()
+        report["simulation"] = _child(["simulation", str(args.sim_sites), str(args.sim_rounds)])
+        report["load"]["simulation"] = {"before": before, "after": _load()}
     write_report(out, report, markdown(report))
 
 

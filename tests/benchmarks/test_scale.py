@@ -1,6 +1,7 @@
 """Tests for benchmarks.scale: the fake federation it times behaves as the report says (small sizes, seconds)."""
 
 import numpy as np
+import pytest
 
 from benchmarks import scale
 
@@ -66,3 +67,32 @@ def test_parts_keep_the_report_of_the_parts_not_run(tmp_path, monkeypatch):
     assert report["keyframes"]["sampled_fps"] == 500.0 and report["edge"] == [fake_edge]
     md = (tmp_path / "scale.md").read_text()
     assert "| sampled 4x grid (default) | 500 |" in md and "| m | 10.00 | 12.00 | 1.20x |" in md
+
+
+def test_the_simulation_part_in_the_report():
+    sim = {"sites": 32, "wall_s": 700.0, "peak_used_gib": 4.25, "command": "cedar-simulate --preset quick x=1",
+           "rounds": [{"round": 1, "sites": 31, "wall_s": 300.0, "train_s_mean": 60.0, "evaluations": 31,
+                       "server_eval_s": 150.0, "eval_share": 0.5},
+                      {"round": 2, "sites": 32, "wall_s": 200.0, "train_s_mean": 61.5, "evaluations": 2,
+                       "server_eval_s": 10.0, "eval_share": 0.05}]}
+    md = scale.markdown({"machine": "m", "load": {}, "simulation": sim})
+    assert "**4.2 GiB**" in md and "took 700 s" in md and "`cedar-simulate --preset quick x=1`" in md
+    assert "| 1 | 31 | 300 | 60.0 | 31 | 150 | 50% |" in md and "| 2 | 32 | 200 | 61.5 | 2 | 10 | 5% |" in md
+
+
+@pytest.mark.integration
+def test_simulated_rounds_times_a_real_tiny_federation(tmp_path):
+    # Execute: cedar-simulate on tiny data, 2 sites x 2 rounds, both from round 1, 1-epoch base and cloud models
+    overrides = ("data.imgsz=128", "train.imgsz=128", "data.train-per-site=8", "data.val-per-site=4",
+                 "data.test-per-site=4", "data.public-per-site=4", "data.public-train-per-site=4",
+                 "data.video-frames=8", f"data.cache-dir={tmp_path / 'cache'}", "model.base-epochs=1",
+                 "model.cloud-epochs=1", "kd.cloud-rounds=[]", "federation.late-sites=[]")
+    out = scale.simulated_rounds(2, 2, overrides=overrides)
+
+    # Assert: both rounds timed from the log, the evaluation inside them, memory measured above the baseline
+    assert [r["round"] for r in out["rounds"]] == [1, 2] and [r["sites"] for r in out["rounds"]] == [2, 2]
+    first, second = out["rounds"]
+    assert first["evaluations"] == 2 and 0 < first["server_eval_s"] < first["wall_s"]
+    assert first["eval_share"] == pytest.approx(first["server_eval_s"] / first["wall_s"])
+    assert second["wall_s"] > 0 and out["wall_s"] > first["wall_s"] + second["wall_s"]
+    assert out["peak_used_gib"] > 0 and "data.num-sites=2" in out["command"]
