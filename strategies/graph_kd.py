@@ -186,6 +186,9 @@ class GraphKDStrategy(PersonalizedStrategy):
         graph = self.current_graph(sites)
         degree = G.teacher_degree(graph)
         score = G.accuracy_weighted_degree(graph, degree) if self.teacher_rank == "map_degree" else degree
+        # a joining site has no model of its own to send yet: it learns this round and teaches nobody (score 0:
+        # below every positive score, so no local neighbour learns from it and no global top set takes it)
+        score = {s: 0.0 if self.profiles[s].get("reasons") == ["joining"] else v for s, v in score.items()}
         if self.teacher_scope == "local":  # every site learns from the neighbours ranked above it
             plan = G.local_plan(graph, score, self.better_only)
             teachers = {t for ts in plan.values() for t in ts}

@@ -429,6 +429,24 @@ def test_a_joining_site_gets_its_teachers_in_its_first_round_from_the_starting_w
     assert any("site-3 join with the starting weights' profile" in r.getMessage() for r in caplog.records)
 
 
+@pytest.mark.parametrize("scope", ["local", "global"])
+def test_a_joining_site_teaches_nobody_in_its_first_round(scope):
+    """It has no model of its own on the server yet: even when the starting weights score best, it only learns."""
+    ap = {**AP, 0: [0.9, float("nan"), 0.9]}
+    grid = FakeGrid([1, 2, 3], reply=_reply)
+    strategy = _strategy(join_round={"site-3": 2}, start_round=2, teacher_scope=scope, t_cycle=5, rho=0.5,
+                         benchmark_fn=lambda arrays: {"map50": 0.1, "ap50": ap[_site_of(arrays)]},
+                         teacher_rank="degree", better_only=False)
+
+    rounds = _run(strategy, grid, 2, initial=_arrays(0.0))
+
+    plan = rounds[1].graph["teachers_for"]
+    assert "site-3" not in {t for teachers in plan.values() for t in teachers}
+    assert "site-3" not in rounds[1].graph["teachers"] and rounds[1].graph["score"]["site-3"] == 0.0
+    assert all(m.content[P.CONFIG][P.TEACHER_IDS] for m in _kd_msgs(grid, 1))  # every student got its teachers
+    assert {m.metadata.dst_node_id for m in _kd_msgs(grid, 1)} == {int(s[-1]) for s in plan}
+
+
 def test_graph_is_kept_between_rounds_and_only_changed_rows_are_recomputed():
     # Prepare: t_cycle 10 (periodic turns site-1 9, site-2 1, site-3 9): round 2 evaluates nobody
     grid = FakeGrid([1, 2, 3], reply=_reply)
