@@ -28,7 +28,16 @@ from typing import Any, Callable
 import numpy as np
 
 from clients.media import EdgeError
-from common.cloud_api import CROPS_PATH, DETECT_PATH, FRAME_HEADER, SITE_HEADER, encode_crop_meta, frame_tag, offload_id
+from common.cloud_api import (
+    CROPS_PATH,
+    DETECT_PATH,
+    FRAME_HEADER,
+    KEEP_HEADER,
+    SITE_HEADER,
+    encode_crop_meta,
+    frame_tag,
+    offload_id,
+)
 from common.detections import Detections
 from common.files import atomic_write
 from common.offload import encode_atlas, encode_regions, offload_plan, payload_bytes
@@ -156,7 +165,9 @@ class OffloadEntry:
 class CloudClient:
     """HTTP(S) client of the cloud detection service (:mod:`server.cloud`)."""
 
-    def __init__(self, url: str, token: str, site: str, *, cafile: str | None = None, timeout: float = 10.0):
+    def __init__(self, url: str, token: str, site: str, *, cafile: str | None = None, timeout: float = 10.0,
+                 keep: bool = True):
+        """``keep`` False: every request asks for the answer only (``X-Cedar-Keep: 0``), never a hard sample."""
         import httpx
 
         if not token:
@@ -165,7 +176,8 @@ class CloudClient:
         verify: Any = ssl.create_default_context(cafile=cafile) if cafile else True
         self.url = url.rstrip("/")
         self.client = httpx.Client(base_url=self.url, verify=verify, timeout=timeout,
-                                   headers={"Authorization": f"Bearer {token}", SITE_HEADER: site})
+                                   headers={"Authorization": f"Bearer {token}", SITE_HEADER: site,
+                                            KEEP_HEADER: "1" if keep else "0"})
 
     def send(self, entry: OffloadEntry) -> CloudAnswer:
         httpx = self._httpx

@@ -49,8 +49,12 @@ class LocalSite:
             cloud.update(url=config.get(P.CLOUD_URL), token=config.get(P.CLOUD_TOKEN))
         return cls(cfg, spec, Path(str(node_config.get("model-store", default_store))), cloud)
 
-    def cloud_client(self):
-        """A :class:`clients.offload.CloudClient` for the configured cloud service, or None when there is none."""
+    def cloud_client(self, keep: bool = False):
+        """A :class:`clients.offload.CloudClient` for the configured cloud service, or None when there is none.
+
+        ``keep`` False (scoring the site's own splits): the service answers without keeping the uploads as hard
+        samples, so no validation or test image ever trains the cloud; True for the site's video
+        (:meth:`video_offloads`), its production traffic."""
         if not self.cloud["url"]:
             return None
         from clients.offload import CloudClient
@@ -62,7 +66,8 @@ class LocalSite:
             log.warning("%s: cloud service %s configured but no token (%s): edge metrics only",
                         self.spec.site_id, self.cloud["url"], err)
             return None
-        return CloudClient(self.cloud["url"], token, self.spec.site_id, cafile=self.cloud["cafile"] or None)
+        return CloudClient(self.cloud["url"], token, self.spec.site_id, cafile=self.cloud["cafile"] or None,
+                           keep=keep)
 
     def identity(self) -> dict[str, Any]:
         return {P.SITE_ID: self.spec.site_id, P.POSITION_KM: [float(v) for v in self.spec.position_km],
@@ -148,6 +153,7 @@ class LocalSite:
         val, test = self.evaluate(model, "val"), self.evaluate(model, "test")
         model.cedar_meta = {"round": server_round, "site": self.spec.site_id, **self.calibrate(model)}
         routing, pictures = self.collab_round(model, gallery)
+        self.video_offloads(model, server_round)
         yolo.save_weights(model, self.store / "model.pt", **model.cedar_meta)
         log.info("%s round %s: loss %.3f, val mAP50 %.3f, test mAP50 %.3f (%.0fs)", self.spec.site_id,
                  server_round, res.loss, val.map50, test.map50, time.perf_counter() - t0)
@@ -232,6 +238,50 @@ class LocalSite:
                                                     f"{o['map50']:.3f} {o['recall']:.3f}"
                                                     for o in measured["options"]))
         return measured
+
+    def video_offloads(self, model, server_round: int) -> dict[str, int]:
+        """The site's video through the edge runtime's keyframe rule, tracker and collaboration step against the
+        cloud service, whose uploads it keeps as hard samples: the production traffic the cloud fine-tunes on
+        before a cloud-to-edge KD round (section 4.2 (2)). Frames are tagged ``r<round>.<frame>``. Returns (and
+        logs) ``{"frames", "keyframes", "offloads", "bytes"}``; nothing when there is no video or no service, and
+        a cloud that does not answer costs only these uploads."""
+        from clients.collab import collaborate
+        from clients.edge import EdgeSettings
+        from clients.media import FrameSource
+        from clients.offload import CloudRejected, CloudUnavailable
+        from common.keyframes import IoUTracker, KeyframeSelector
+
+        video = self.spec.video_dir / "video.mp4" if self.spec.video_dir else None
+        client = self.cloud_client(keep=True) if video is not None and video.is_file() else None
+        if client is None:
+            return {}
+        e, s = EdgeSettings(), self.collab_settings(model)
+        selector = KeyframeSelector(beta=e.beta, warmup=e.warmup, cut_threshold=e.cut_threshold, max_gap=e.max_gap)
+        tracker = IoUTracker(iou_threshold=e.track_iou, max_age=max(0, e.n_frames - 1), history=e.n_frames)
+        predictor, counts, source = self.edge_predictor(model), dict(frames=0, keyframes=0, offloads=0, bytes=0), \
+            FrameSource(video)
+        try:
+            for frame in source:
+                counts["frames"] += 1
+                is_key, reason = selector.update_with_reason(frame.image)
+                if not is_key and counts["keyframes"]:
+                    continue
+                if reason == "cut":
+                    tracker.reset()
+                counts["keyframes"] += 1
+                step = collaborate(frame.image, predictor, client, s, site=self.spec.site_id,
+                                   run=f"r{server_round}", frame=frame.index, tracker=tracker)
+                if step.entry is not None:
+                    counts["offloads"] += 1
+                    counts["bytes"] += step.entry.payload_bytes
+        except (CloudUnavailable, CloudRejected) as err:
+            log.warning("%s: cloud service %s: %s: video uploads stopped", self.spec.site_id, self.cloud["url"], err)
+        finally:
+            source.close()
+            client.close()
+        log.info("%s: video: %d frames, %d keyframes, %d uploads (%d B) kept by the cloud as hard samples",
+                 self.spec.site_id, counts["frames"], counts["keyframes"], counts["offloads"], counts["bytes"])
+        return counts
 
     def _collab_steps(self, model) -> Iterator[tuple[Path, Any, Any, Any, bool]]:
         """Every test image through :func:`clients.collab.collaborate`: ``(path, image, gt, step, answered)``.

@@ -6,7 +6,9 @@ One definition of what goes over the wire (the service's endpoints are described
 - paths :data:`DETECT_PATH` (one frame) and :data:`CROPS_PATH` (regions of one frame);
 - headers :data:`SITE_HEADER` (required) and :data:`FRAME_HEADER` (optional), whose
   values follow :data:`ID_PATTERN`; :func:`check_ids` is the service's check,
-  :func:`offload_id` and :func:`frame_tag` build the edge's values;
+  :func:`offload_id` and :func:`frame_tag` build the edge's values; :data:`KEEP_HEADER`
+  (optional, ``1`` by default): ``0`` asks for an answer without keeping the upload as a
+  hard sample (a site scoring its own validation or test split; :func:`check_keep`);
 - the crop metadata part ``meta`` of ``/detect/crops``: :func:`encode_crop_meta` (edge)
   and :func:`parse_crop_meta` (service); with an atlas each crop also names its cell
   (:data:`ATLAS_FIELDS`).
@@ -25,6 +27,7 @@ DETECT_PATH = "/detect"
 CROPS_PATH = "/detect/crops"
 SITE_HEADER = "X-Cedar-Site"
 FRAME_HEADER = "X-Cedar-Frame"
+KEEP_HEADER = "X-Cedar-Keep"
 #: what the service accepts in :data:`SITE_HEADER` and :data:`FRAME_HEADER`
 ID_PATTERN = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 ID_RULE = "[A-Za-z0-9_.-]{1,64}"
@@ -65,6 +68,15 @@ def frame_tag(run: str, frame: int) -> str:
 def offload_id(site: str, run: str, frame: int) -> str:
     """An edge offload's id, ``<site>.<run>.<frame:06d>``: the hard samples it leaves are ``<site>-<tag>-<n>``."""
     return f"{site}.{frame_tag(run, frame)}"
+
+
+def check_keep(value: str | None) -> bool:
+    """:data:`KEEP_HEADER`: absent or ``1``: the upload may become a hard sample; ``0``: answer only. 400 if other."""
+    if value is None or value == "1":
+        return True
+    if value == "0":
+        return False
+    raise RequestError(400, f"bad {KEEP_HEADER} {show(value)}: must be 0 or 1")
 
 
 def check_ids(site: str | None, frame: str | None) -> tuple[str, str | None]:

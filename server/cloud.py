@@ -68,7 +68,9 @@ API
 
 Headers: ``Authorization: Bearer <token>`` (every endpoint but ``/health``;
 compared in constant time), ``X-Cedar-Site`` (required, ``[A-Za-z0-9_.-]{1,64}``),
-``X-Cedar-Frame`` (optional, same pattern).
+``X-Cedar-Frame`` (optional, same pattern), ``X-Cedar-Keep`` (optional: ``1``, the default, lets the
+upload become a hard sample; ``0`` asks for the answer only, as a site does when it scores its own
+validation or test split, so that no evaluation image ever trains the cloud).
 
 Errors are JSON ``{"detail": "<message naming the bad value>"}``: 400 bad or
 missing header, undecodable image ("cannot decode image: ...") or malformed
@@ -128,14 +130,32 @@ import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
-from common.cloud_api import (CROPS_PATH, DETECT_PATH, FRAME_HEADER, SITE_HEADER, RequestError, check_ids,
-                              parse_crop_meta, show)
+from common.cloud_api import (
+    CROPS_PATH,
+    DETECT_PATH,
+    FRAME_HEADER,
+    KEEP_HEADER,
+    SITE_HEADER,
+    RequestError,
+    check_ids,
+    check_keep,
+    parse_crop_meta,
+    show,
+)
 from common.config import EvalConfig, RoutingConfig, TrainConfig
 from common.detections import Detections, nms
 from common.offload import shelf_pack, to_frame_coords
 from common.tokens import TOKEN_ENV, resolve_token
-from server.cloud_http import (IMAGE_TYPES, PART_TYPES, cut_atlas, decode_image, media_type, parse_max_pixels,
-                               parse_multipart, read_body)
+from server.cloud_http import (
+    IMAGE_TYPES,
+    PART_TYPES,
+    cut_atlas,
+    decode_image,
+    media_type,
+    parse_max_pixels,
+    parse_multipart,
+    read_body,
+)
 from server.hard_samples import HardSampleStore, Sample, StoreError, StoreUnavailable
 
 log = logging.getLogger("server.cloud" if __name__ == "__main__" else __name__)
@@ -300,9 +320,10 @@ class CloudService:
             except StoreUnavailable as err:
                 raise self._unavailable(err) from None
 
-    def _store(self, samples: list[Sample]) -> list[str | None]:
-        """Store the samples (labels: detections from ``label_conf`` on); all or none, else a 503."""
-        if self.store is None:
+    def _store(self, samples: list[Sample], keep: bool = True) -> list[str | None]:
+        """Store the samples (labels: detections from ``label_conf`` on); all or none, else a 503. Nothing with
+        ``keep`` False (the client asked for an answer only: :data:`common.cloud_api.KEEP_HEADER` 0)."""
+        if self.store is None or not keep:
             return [None] * len(samples)
         for s in samples:
             s.dets = s.dets.select(s.dets.conf >= self.label_conf)
@@ -311,12 +332,13 @@ class CloudService:
         except StoreUnavailable as err:
             raise self._unavailable(err) from None
 
-    def detect_frame(self, data: bytes, site: str, frame: str | None) -> dict:
+    def detect_frame(self, data: bytes, site: str, frame: str | None, keep: bool = True) -> dict:
         t0 = time.perf_counter()
-        self._check_room(len(data))
+        if keep:
+            self._check_room(len(data))
         fmt, image = decode_image(data, self.limits.max_pixels)
         dets = self.detect([image])[0]
-        (sample,) = self._store([Sample(site, frame, "frame", data, fmt, image.shape[:2], dets)])
+        (sample,) = self._store([Sample(site, frame, "frame", data, fmt, image.shape[:2], dets)], keep)
         self.served += 1
         seconds = time.perf_counter() - t0
         log.info("detect: site=%s frame=%s %dx%d -> %d detections in %.3fs", site, frame, image.shape[1],
@@ -324,10 +346,12 @@ class CloudService:
         return {"site": site, "frame": frame, "width": int(image.shape[1]), "height": int(image.shape[0]),
                 "model": self.arch, "detections": dets.to_list(), "sample": sample, "seconds": round(seconds, 4)}
 
-    def detect_crops(self, crops: list[bytes], metas: list[dict], site: str, frame: str | None) -> dict:
+    def detect_crops(self, crops: list[bytes], metas: list[dict], site: str, frame: str | None,
+                     keep: bool = True) -> dict:
         """Crops sent as one image part each."""
         t0 = time.perf_counter()
-        self._check_room(sum(map(len, crops)))
+        if keep:
+            self._check_room(sum(map(len, crops)))
         samples = []
         for i, data in enumerate(crops):
             try:
@@ -335,30 +359,33 @@ class CloudService:
             except RequestError as err:
                 raise RequestError(err.status, f"crop {i}: {err.detail}") from None
             samples.append((fmt, image, data))
-        return self._crops(samples, metas, site, frame, t0)
+        return self._crops(samples, metas, site, frame, t0, keep)
 
-    def detect_atlas(self, atlas: bytes, metas: list[dict], site: str, frame: str | None) -> dict:
+    def detect_atlas(self, atlas: bytes, metas: list[dict], site: str, frame: str | None,
+                     keep: bool = True) -> dict:
         """Crops sent on one atlas image (``common.offload.encode_atlas``); each is stored as a lossless PNG."""
         import cv2
 
         t0 = time.perf_counter()
-        self._check_room(len(atlas))
+        if keep:
+            self._check_room(len(atlas))
         try:
             _, image = decode_image(atlas, self.limits.max_pixels)
         except RequestError as err:
             raise RequestError(err.status, f"atlas: {err.detail}") from None
-        samples = [("png", crop, cv2.imencode(".png", crop)[1].tobytes() if self.store else b"")
+        samples = [("png", crop, cv2.imencode(".png", crop)[1].tobytes() if self.store and keep else b"")
                    for crop in cut_atlas(image, metas)]
-        return self._crops(samples, metas, site, frame, t0)
+        return self._crops(samples, metas, site, frame, t0, keep)
 
     def _crops(self, samples: list[tuple[str, np.ndarray, bytes]], metas: list[dict], site: str,
-               frame: str | None, t0: float) -> dict:
+               frame: str | None, t0: float, keep: bool = True) -> dict:
         images = [image for _, image, _ in samples]
         # with the model's input size known, crops are packed onto tiles at crop_zoom; else detected one by one
         per_crop = detect_packed(self.detect, images, self.imgsz, self.crop_zoom) if self.imgsz else self.detect(images)
         in_frame = crops_to_frame(per_crop, metas)
         stored = self._store([Sample(site, frame, "crop", data, fmt, image.shape[:2], dets, (m["x0"], m["y0"]),
-                                     m["scale"]) for (fmt, image, data), m, dets in zip(samples, metas, per_crop)])
+                                     m["scale"]) for (fmt, image, data), m, dets in zip(samples, metas, per_crop)],
+                             keep)
         out = [{**meta, "width": int(image.shape[1]), "height": int(image.shape[0]), "sample": sample,
                 "detections": framed.to_list()}
                for (_, image, _), meta, framed, sample in zip(samples, metas, in_frame, stored)]
@@ -395,11 +422,12 @@ def create_app(service: CloudService):
         log.exception("%s %s failed", request.method, request.url.path)
         return JSONResponse({"detail": f"internal error: {type(err).__name__}"}, status_code=500)
 
-    def checked(request: Request) -> tuple[str, str | None, str, Message]:
+    def checked(request: Request) -> tuple[str, str | None, bool, str, Message]:
         service.authorize(request.headers.get("authorization"))
         site, frame = check_ids(request.headers.get(SITE_HEADER), request.headers.get(FRAME_HEADER))
+        keep = check_keep(request.headers.get(KEEP_HEADER))
         kind, parsed = media_type(request.headers.get("content-type"))
-        return site, frame, kind, parsed
+        return site, frame, keep, kind, parsed
 
     @app.get("/health")
     async def health():
@@ -407,7 +435,7 @@ def create_app(service: CloudService):
 
     @app.post(DETECT_PATH)
     async def detect(request: Request):
-        site, frame, kind, parsed = checked(request)
+        site, frame, keep, kind, parsed = checked(request)
         if kind not in IMAGE_TYPES and kind != "multipart/form-data":
             raise RequestError(415, f"unsupported Content-Type {show(request.headers.get('content-type'))}: "
                                     f"send image/jpeg, image/png or multipart/form-data")
@@ -422,11 +450,11 @@ def create_app(service: CloudService):
                 raise RequestError(415, f"unsupported image part type {show(images[0].content_type)}: "
                                         f"send image/jpeg or image/png")
             body = images[0].data
-        return await service.run(service.detect_frame, body, site, frame)
+        return await service.run(service.detect_frame, body, site, frame, keep)
 
     @app.post(CROPS_PATH)
     async def detect_crops(request: Request):
-        site, frame, kind, parsed = checked(request)
+        site, frame, keep, kind, parsed = checked(request)
         if kind != "multipart/form-data":
             raise RequestError(415, f"unsupported Content-Type {show(request.headers.get('content-type'))}: "
                                     f"send multipart/form-data with a 'meta' part and 'crop' parts (or an 'atlas')")
@@ -452,12 +480,12 @@ def create_app(service: CloudService):
                                         f"{show(p.content_type)}: send image/jpeg or image/png")
         if crops:
             meta = parse_crop_meta(metas[0].data, len(crops))
-            return await service.run(service.detect_crops, [p.data for p in crops], meta, site, frame)
+            return await service.run(service.detect_crops, [p.data for p in crops], meta, site, frame, keep)
         meta = parse_crop_meta(metas[0].data, None)
         if len(meta) > service.limits.max_crops:
             raise RequestError(413, f"the atlas names {len(meta)} crops; the limit is {service.limits.max_crops} "
                                     f"(--max-crops)")
-        return await service.run(service.detect_atlas, atlases[0].data, meta, site, frame)
+        return await service.run(service.detect_atlas, atlases[0].data, meta, site, frame, keep)
 
     return app
 

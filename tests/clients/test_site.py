@@ -561,3 +561,40 @@ def test_offload_options_are_measured_on_val_stored_and_the_budget_runs_on_test(
     m = site.collab_round(model)[0]
     assert site.collab_settings(model).offload == "none"
     assert m[P.UPLOAD_BYTES] == 0 and m[P.COLLAB_RECALL] == m[P.EDGE_RECALL] < 1.0
+
+
+def test_the_video_goes_to_the_cloud_as_hard_samples_and_the_splits_never_do(site1, monkeypatch):
+    """Section 4.2 (2): the site's video (its production traffic) runs through the edge runtime's keyframe rule and
+    collaboration step with uploads the cloud keeps; scoring val and test asks for answers only (X-Cedar-Keep 0)."""
+    import cv2
+
+    from clients.edge import EdgeSettings
+    from common.detections import Detections
+    from common.keyframes import KeyframeSelector
+
+    faint = Detections([[10, 10, 14, 14]], [0.1], [2])  # a candidate on every frame: every keyframe uploads
+    monkeypatch.setattr(site1, "edge_predictor", lambda model, conf=None: lambda image: faint)
+    cloud, asked = _FakeCloud("perfect"), []
+    monkeypatch.setattr(site1, "cloud_client", lambda keep=False: asked.append(keep) or cloud)
+
+    counts = site1.video_offloads(model=None, server_round=2)
+
+    # the keyframes the runtime's own rule picks on the same video, independently
+    e, cap, expected, n = EdgeSettings(), cv2.VideoCapture(str(site1.spec.video_dir / "video.mp4")), [], 0
+    selector = KeyframeSelector(beta=e.beta, warmup=e.warmup, cut_threshold=e.cut_threshold, max_gap=e.max_gap)
+    while True:
+        ok, image = cap.read()
+        if not ok:
+            break
+        if selector.update(image) or not expected:  # the first frame is always one
+            expected.append(n)
+        n += 1
+    cap.release()
+    assert asked == [True] and cloud.closed
+    assert [e.frame for e in cloud.entries] == expected and {e.run for e in cloud.entries} == {"r2"}
+    assert 0 < len(expected) < n
+    assert counts == {"frames": n, "keyframes": len(expected), "offloads": len(expected),
+                      "bytes": sum(e.payload_bytes for e in cloud.entries)}
+    asked.clear()
+    site1.collab_round(model=None)
+    assert asked == [False]

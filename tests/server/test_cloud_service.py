@@ -239,6 +239,24 @@ def test_crops_endpoint_maps_to_frame_and_stores_crop_labels(app_client):
     assert index[0]["id"].startswith("site-3-f7-")
 
 
+def test_keep_0_answers_without_storing_and_a_bad_keep_value_is_named(app_client):
+    """A site scoring its own validation or test split sends X-Cedar-Keep: 0: the same answer, nothing stored."""
+    client, store = app_client
+    files = lambda: _crop_files({"crops": [{"x0": 100, "y0": 50}]}, [_png(48, 64)])  # noqa: E731
+    frame = _png(48, 64)
+    answers = [client.post("/detect/crops", files=files(), headers={"X-Cedar-Keep": "0"}),
+               client.post("/detect", content=frame, headers={"Content-Type": "image/png", "X-Cedar-Keep": "0"})]
+    assert [r.status_code for r in answers] == [200, 200]
+    assert answers[0].json()["crops"][0]["sample"] is None and answers[1].json()["sample"] is None
+    assert not store.index.exists() or store.index.read_text() == ""
+    assert not list((store.root / "images").glob("*"))
+    kept = client.post("/detect/crops", files=files(), headers={"X-Cedar-Keep": "1"})
+    assert kept.json()["crops"][0]["detections"] == answers[0].json()["crops"][0]["detections"]
+    assert len(store.index.read_text().splitlines()) == 1  # "1" (and no header) keeps it
+    r = client.post("/detect/crops", files=files(), headers={"X-Cedar-Keep": "no"})
+    assert r.status_code == 400 and "X-Cedar-Keep 'no'" in r.json()["detail"]
+
+
 def test_store_labels_only_boxes_at_or_above_label_conf(tmp_path):
     """The answer has every box the detector returned (from --conf on); the hard-sample store's labels only
     those at >= label_conf (default routing.label_conf 0.25), since cloud->edge KD trains on them."""
