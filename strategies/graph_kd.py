@@ -188,13 +188,21 @@ class GraphKDStrategy(PersonalizedStrategy):
         score = G.accuracy_weighted_degree(graph, degree) if self.teacher_rank == "map_degree" else degree
         # a joining site has no model of its own to send yet: it learns this round and teaches nobody (score 0:
         # below every positive score, so no local neighbour learns from it and no global top set takes it)
-        score = {s: 0.0 if self.profiles[s].get("reasons") == ["joining"] else v for s, v in score.items()}
+        joining = {s for s in sites if self.profiles[s].get("reasons") == ["joining"]}
+        rules = [self.better_only, False] if self.better_only and joining else [self.better_only]
+        score = {s: 0.0 if s in joining else v for s, v in score.items()}
         if self.teacher_scope == "local":  # every site learns from the neighbours ranked above it
-            plan = G.local_plan(graph, score, self.better_only)
-            teachers = {t for ts in plan.values() for t in ts}
+            plans = [G.local_plan(graph, score, better) for better in rules]
         else:  # a student with no teacher neighbour sits out
             teachers = G.select_teachers(score, self.rho)
-            plan = G.teacher_plan(graph, teachers, self.better_only)
+            plans = [G.teacher_plan(graph, teachers, better) for better in rules]
+        # better_only compares benchmark mAP50, which for a joining site is the starting weights' score on the
+        # public data they were trained on, not on its task: it takes every neighbour ranked above it, and its
+        # own check on its validation split (student_check) keeps those that help
+        plan = {s: ts for s, ts in plans[0].items() if s not in joining}
+        plan.update({s: ts for s, ts in plans[-1].items() if s in joining and ts})
+        if self.teacher_scope == "local":
+            teachers = {t for ts in plan.values() for t in ts}
         self.graph_record = {"round": server_round, "mode": "graph", **G.graph_to_json(graph, teachers, degree),
                              "teacher_rank": self.teacher_rank, "teacher_scope": self.teacher_scope, "score": score,
                              "teachers_for": plan, "rows_computed": graph.rows_computed}

@@ -447,6 +447,27 @@ def test_a_joining_site_teaches_nobody_in_its_first_round(scope):
     assert {m.metadata.dst_node_id for m in _kd_msgs(grid, 1)} == {int(s[-1]) for s in plan}
 
 
+def test_a_joining_site_whose_starting_weights_score_best_still_gets_its_teachers():
+    """better_only compares benchmark mAP50; the starting weights were trained on the public data, so their score
+    says nothing about the joining site's task: it takes every neighbour ranked above it (its own check decides)."""
+    ap = {**AP, 0: [0.9, float("nan"), 0.9]}
+    grid = FakeGrid([1, 2, 3], reply=_reply)
+    strategy = _strategy(join_round={"site-3": 2}, start_round=2, teacher_scope="local", t_cycle=5,
+                         benchmark_fn=lambda arrays: {"map50": 0.1, "ap50": ap[_site_of(arrays)]})
+
+    rounds = _run(strategy, grid, 2, initial=_arrays(0.0))
+
+    profiles = {f"site-{k}": {"position": (float(k), 0.0), "classes": [0, 2], "ap": ap[k if k < 3 else 0]}
+                for k in (1, 2, 3)}
+    g = G.build_graph(profiles, 5.0)
+    score = {**G.accuracy_weighted_degree(g, G.teacher_degree(g)), "site-3": 0.0}
+    assert G.local_plan(g, score, True).get("site-3") is None  # the benchmark rule alone would leave it out
+    assert rounds[1].graph["teachers_for"]["site-3"] == pytest.approx(G.local_plan(g, score, False)["site-3"])
+    for student, teachers in G.local_plan(g, score, True).items():  # the others keep the benchmark rule
+        if teachers:
+            assert rounds[1].graph["teachers_for"][student] == pytest.approx(teachers)
+
+
 def test_graph_is_kept_between_rounds_and_only_changed_rows_are_recomputed():
     # Prepare: t_cycle 10 (periodic turns site-1 9, site-2 1, site-3 9): round 2 evaluates nobody
     grid = FakeGrid([1, 2, 3], reply=_reply)
