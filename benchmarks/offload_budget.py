@@ -66,6 +66,15 @@ def demo_edge(site: int) -> Path:
     return path
 
 
+def shown(path: Path) -> str:
+    """A model path as the report names it: under ``$CEDAR_HOME`` when it is there (no machine-specific path)."""
+    from common.yolo import CEDAR_HOME
+
+    path = Path(path).resolve()
+    home = Path(CEDAR_HOME).expanduser().resolve()
+    return f"$CEDAR_HOME/{path.relative_to(home)}" if path.is_relative_to(home) else path.name
+
+
 def cloud_threshold(cfg, bench, cloud: Path) -> float:
     """The cloud service's answer threshold: the cloud model's calibrated one (:func:`server.models.calibrate`, on
     the shared benchmark's public val split, as a run's cloud service answers), else ``routing.cloud_conf``."""
@@ -142,7 +151,7 @@ def run_regime(cfg, bench, cloud: Path, edges: dict[int, Path], workdir: Path) -
     from clients.offload import CloudClient
 
     conf = cloud_threshold(cfg, bench, cloud)
-    res = {"cloud_weights": str(cloud), "cloud_conf": conf, "sites": {}}
+    res = {"cloud_weights": shown(cloud), "cloud_conf": conf, "sites": {}}
     with cloud_service(cloud, workdir, imgsz=cfg.train.imgsz, conf=conf, iou=cfg.eval.iou) as (url, token):
         for site, edge in edges.items():
             client = CloudClient(url, token, f"site-{site}", timeout=120)
@@ -365,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="cedar-budget-") as tmp:
         for name in args.regimes:
             res[name] = run_regime(cfg, bench, base(cfg.model.base_epochs), edges[name](), Path(tmp) / name)
-            res[name]["edge_weights"] = {str(k): str(v) for k, v in edges[name]().items()}
+            res[name]["edge_weights"] = {str(k): shown(v) for k, v in edges[name]().items()}
     settings = {"argv": " ".join(sys.argv[1:] if argv is None else argv),
                 "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
                 "machine": f"{cpu_model_name()}, {os.cpu_count()} CPU cores", "wall_s": time.perf_counter() - t0,
