@@ -74,6 +74,17 @@ class FrameSource:
         self.fps = float(fps) if fps else (native or 10.0)
         self.photos = self.kind == "images" and not sequence
 
+    @property
+    def length(self) -> int | None:
+        """How many frames the folder or video holds (a video's container count); None for a camera or unknown."""
+        if self.kind == "images":
+            return len(self._files)
+        if self.kind == "video":
+            import cv2
+
+            return int(self._cap.get(cv2.CAP_PROP_FRAME_COUNT)) or None
+        return None
+
     def __iter__(self) -> Iterator[Frame]:
         import cv2
 

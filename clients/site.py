@@ -13,7 +13,7 @@ from typing import Any, Iterator, Mapping
 
 from common import protocol as P
 from common.config import CedarConfig, from_run_config
-from common.sites import SiteSpec, class_names, resolve_site, split_images
+from common.sites import SiteSpec, class_names, resolve_site, split_dir, split_images
 from common.ultralytics_env import CEDAR_HOME
 
 log = logging.getLogger(__name__)
@@ -116,6 +116,62 @@ class LocalSite:
                                temperature=kd.temperature, fg_threshold=kd.fg_threshold,
                                select=kd.select), metrics
 
+    def transfer_set(self, ensemble, server_round: int) -> tuple[Path, dict[str, int]]:
+        """The KD transfer set: this site's labelled training images plus up to ``kd.unlabelled_frames`` of its
+        unlabelled frames (evenly spaced over the source), labelled by its teachers
+        (:func:`common.kd.pseudo_labels` at ``kd.pseudo_conf``, each teacher by its mixing weight).
+
+        Written into the node's store (``transfer/``, replaced each round): the frames never leave the site. The
+        soft-label loss runs on them as on the labelled images. Returns the data.yaml to train on and
+        ``{transfer-frames, pseudo-boxes}``."""
+        import shutil
+
+        import cv2
+        import yaml
+
+        from clients.media import FrameSource
+        from common import yolo
+        from common.detections import Detections, yolo_label_lines
+        from common.kd import pseudo_labels
+
+        t, k = self.cfg.train, self.cfg.kd
+        root = self.store / "transfer"
+        shutil.rmtree(root, ignore_errors=True)
+        (root / "images").mkdir(parents=True)
+        (root / "labels").mkdir()
+        # teachers answer down to the lowest score a box can still pass with (their weights scale the scores)
+        top = max(ensemble.weights)
+        predictors = [yolo.Predictor(m, imgsz=t.imgsz, conf=k.pseudo_conf * top / w if w else 1.0, device=t.device)
+                      for m, w in zip(ensemble.teachers, ensemble.weights)]
+        source = FrameSource(self.spec.unlabelled)
+        stride = max(1, (source.length or 0) // k.unlabelled_frames)
+        frames = boxes = 0
+        try:
+            for frame in source:
+                if frames >= k.unlabelled_frames:
+                    break
+                if frame.index % stride:
+                    continue
+                dets = [Detections(d["xyxy"], d["conf"], d["cls"]) for d in (p([frame.image])[0] for p in predictors)]
+                labels = pseudo_labels(dets, ensemble.weights, k.pseudo_conf)
+                h, w = frame.image.shape[:2]
+                name = f"r{server_round}-{frame.index:06d}"
+                lines = yolo_label_lines(labels.xyxy, labels.cls, w, h)
+                (root / "labels" / f"{name}.txt").write_text("".join(f"{ln}\n" for ln in lines))
+                cv2.imwrite(str(root / "images" / f"{name}.png"), frame.image)
+                frames, boxes = frames + 1, boxes + len(lines)
+        finally:
+            source.close()
+        splits = {s: str(split_dir(self.spec.data_yaml, s).resolve()) for s in ("train", "val", "test")}
+        data = root / "data.yaml"
+        data.write_text(yaml.safe_dump({"path": str(root.resolve()),
+                                        "train": [splits["train"], str((root / "images").resolve())],
+                                        "val": splits["val"], "test": splits["test"],
+                                        "names": dict(enumerate(class_names(self.spec.data_yaml)))}))
+        log.info("%s round %s: KD transfer set: %d unlabelled frames with %d pseudo-label boxes from %d teachers",
+                 self.spec.site_id, server_round, frames, boxes, len(predictors))
+        return data, {P.TRANSFER_FRAMES: frames, P.PSEUDO_BOXES: boxes}
+
     def evaluate(self, model, split: str):
         """Ultralytics' validator on one of this site's splits, at the evaluation settings."""
         from common import yolo
@@ -139,11 +195,15 @@ class LocalSite:
         t = self.cfg.train
         model = self.build_model(weights)
         extra, kd_metrics = self.distiller(model, kd, list(teachers)) if kd else (None, {})
+        data = self.spec.data_yaml
+        if extra is not None and self.cfg.kd.unlabelled_frames and self.spec.unlabelled is not None:
+            data, transfer = self.transfer_set(extra, server_round)
+            kd_metrics.update(transfer)
         seed = self.cfg.seed + 1000 * server_round + self.spec.index
         augment = AdverseAugment(t.adverse_p, seed=seed) if t.adverse_p > 0 else None
         t0 = time.perf_counter()
         res = yolo.train(
-            model, self.spec.data_yaml, epochs=epochs, imgsz=t.imgsz, batch=t.batch,
+            model, data, epochs=epochs, imgsz=t.imgsz, batch=t.batch,
             lr0=t.lr0 if weights is None else t.finetune_lr0,  # from scratch, or continuing a trained model
             weight_decay=t.weight_decay, warmup_iters=t.warmup_iters,  # every round: AdamW restarts
             mosaic=t.mosaic, workers=t.workers, seed=seed,
@@ -251,8 +311,8 @@ class LocalSite:
         from clients.offload import CloudRejected, CloudUnavailable
         from common.keyframes import IoUTracker, KeyframeSelector
 
-        video = self.spec.video_dir / "video.mp4" if self.spec.video_dir else None
-        client = self.cloud_client(keep=True) if video is not None and video.is_file() else None
+        video = self.spec.unlabelled
+        client = self.cloud_client(keep=True) if video is not None else None
         if client is None:
             return {}
         e, s = EdgeSettings(), self.collab_settings(model)

@@ -76,6 +76,9 @@ class DataConfig:
     # source: yolo
     site_data: list[str] = field(default_factory=list)
     site_positions_km: list[list[float]] = field(default_factory=list)
+    # each site's unlabelled frames (a video file or an image folder; "" none), in site_data's order; the
+    # built-in benchmark uses each site's video. A SuperNode names its own with node-config ``unlabelled``
+    unlabelled: list[str] = field(default_factory=list)
     public_data: str = ""
 
 
@@ -260,6 +263,14 @@ class KDConfig:
     cloud_select: str = "teacher-fg"
     start_round: int = 2  # teachers need a round of local training before they know anything
     cloud_rounds: list[int] = field(default_factory=list)
+    # the KD transfer set (clients.site.LocalSite.transfer_set): up to unlabelled_frames of the site's unlabelled
+    # frames join its labelled images, with pseudo-labels from its teachers at pseudo_conf (common.kd.pseudo_labels);
+    # 0: the labelled images only. The frames never leave the site
+    unlabelled_frames: int = 0
+    pseudo_conf: float = 0.3
+    # a joining site's starting weights when the new-node rule gives it teachers: "base" (what every site starts
+    # from) or "teacher" (its top teacher's model; strategies.graph_kd.GraphKDStrategy.joining_start)
+    new_node_init: str = "base"
     # graph maintenance (paper Figure 4); each site is re-evaluated once every t_cycle rounds (1/t_cycle per round)
     t_cycle: int = 1
     delta_down: float = 0.05
@@ -327,6 +338,7 @@ _CHOICES = {
     "kd.teacher_scope": ("global", "local"),
     "kd.select": KD_SELECTIONS,
     "kd.cloud_select": KD_SELECTIONS,
+    "kd.new_node_init": ("base", "teacher"),
     "routing.offload": OFFLOAD_MODES,
     "routing.merge": ("cloud", "fuse"),
     "kd.class_weights": ("ones", "small"),
@@ -417,7 +429,7 @@ def validate(cfg: CedarConfig) -> None:
     for key in ("train.epochs_per_round", "model.base_epochs", "model.cloud_epochs", "cloud.finetune_epochs"):
         if flat[key] < 0:
             raise ConfigError(f"{key}={flat[key]!r}: must be >= 0")
-    for key in ("kd.graph_top_k", "kd.graph_cutoff_sigmas", "kd.graph_renorm_tol"):
+    for key in ("kd.graph_top_k", "kd.graph_cutoff_sigmas", "kd.graph_renorm_tol", "kd.unlabelled_frames"):
         if flat[key] < 0:
             raise ConfigError(f"{key}={flat[key]!r}: must be >= 0")
     for key in ("kd.t_cycle", "kd.patience", "reproduce.num_rounds", "reproduce.workers", "federation.late_join_round"):
@@ -427,7 +439,7 @@ def validate(cfg: CedarConfig) -> None:
         raise ConfigError(f"kd.temperature={flat['kd.temperature']!r} and kd.sigma_s_km={flat['kd.sigma_s_km']!r}"
                           " must be > 0")
     for key in ("data.small_fraction", "data.occlusion_prob", "train.mosaic", "train.adverse_p", "kd.rho", "kd.alpha",
-                "kd.fg_threshold", "kd.check_margin", "routing.det_conf", "routing.t_conf"):
+                "kd.fg_threshold", "kd.check_margin", "kd.pseudo_conf", "routing.det_conf", "routing.t_conf"):
         if not 0.0 <= flat[key] <= 1.0:
             raise ConfigError(f"{key}={flat[key]!r}: must be in [0, 1]")
     if flat["routing.candidate_conf"] and not 0.0 < flat["routing.candidate_conf"] < flat["routing.det_conf"]:
@@ -453,6 +465,9 @@ def validate(cfg: CedarConfig) -> None:
             raise ConfigError("data.site_data: needs one data.yaml per site when data.source=yolo")
         if not cfg.data.public_data:
             raise ConfigError("data.public_data: needs the shared benchmark's data.yaml when data.source=yolo")
+        if len(cfg.data.unlabelled) > len(cfg.data.site_data):
+            raise ConfigError(f"data.unlabelled={list(cfg.data.unlabelled)!r}: names {len(cfg.data.unlabelled)} "
+                              f"sources for {len(cfg.data.site_data)} sites (one per site_data entry, '' for none)")
     n = len(cfg.data.site_data) if cfg.data.source == "yolo" else cfg.data.num_sites
     bad = [i for i in flat["federation.late_sites"] if not -n <= i < n]
     if bad or len({i % n for i in flat["federation.late_sites"]}) != len(flat["federation.late_sites"]):

@@ -34,6 +34,9 @@ the student only. Choices where the paper is unclear:
   of their predictive distributions), not logits: averaging logits would make the
   mixture sharper than any teacher where they agree and can invent confident
   classes neither predicts. The losses take teacher probabilities, so a mixture goes in directly.
+* **Unlabelled images.** A site's unlabelled frames (its video) join the transfer set with hard
+  pseudo-labels from its teachers (:func:`pseudo_labels`), so the detection loss has boxes to learn
+  from there too, and the soft-label loss runs on them as on the labelled images.
 """
 
 from __future__ import annotations
@@ -42,8 +45,11 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import NamedTuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+
+from common.detections import Detections, nms
 
 
 def total_loss(task_loss, kd_loss, alpha: float):
@@ -500,3 +506,31 @@ def _check_threshold(threshold: float) -> None:
 def _check_same_shape(a: torch.Tensor, b: torch.Tensor) -> None:
     if a.shape != b.shape:
         raise ValueError(f"shapes differ: {tuple(a.shape)} vs {tuple(b.shape)}")
+
+
+def pseudo_labels(teacher_dets: Sequence[Detections], weights: Sequence[float], conf: float,
+                  iou: float = 0.5) -> Detections:
+    """Hard labels for an unlabelled image from its teachers' detections (the transfer set of section 4.3).
+
+    A teacher's box scores ``conf_box * w_t / max(w)``: the teacher with the largest graph weight keeps its
+    confidences, a teacher with half its weight needs twice the confidence. Boxes scoring ``>= conf`` from
+    every teacher are pooled, and class-aware NMS at ``iou`` (:func:`common.detections.nms`) keeps the
+    best-scoring box where teachers agree. The result carries those scores as its confidences.
+
+    Example: teacher A (weight 2) ``[0,0,10,10]`` class 1 at 0.6; teacher B (weight 1) ``[1,0,11,10]``
+    class 1 at 0.9 (score 0.45) and ``[20,20,30,30]`` class 0 at 0.5 (score 0.25). At ``conf=0.3``: B's
+    second box is dropped; A's box (0.6) suppresses B's first (IoU 0.82) -> one box, ``[0,0,10,10]`` 0.6.
+    """
+    if len(teacher_dets) != len(weights):
+        raise ValueError(f"{len(teacher_dets)} teachers' detections but {len(weights)} weights")
+    if not weights or min(weights) < 0 or max(weights) <= 0:
+        raise ValueError(f"teacher weights must be >= 0 with one > 0, got {list(weights)!r}")
+    _check_threshold(conf)
+    top = max(weights)
+    scores = [d.conf * (w / top) for d, w in zip(teacher_dets, weights)]
+    keep = [s >= conf for s in scores]
+    xyxy = np.concatenate([d.xyxy[k] for d, k in zip(teacher_dets, keep)])
+    score = np.concatenate([s[k] for s, k in zip(scores, keep)])
+    cls = np.concatenate([d.cls[k] for d, k in zip(teacher_dets, keep)])
+    order = nms(xyxy, score, iou, classes=cls)
+    return Detections(xyxy[order], score[order], cls[order])

@@ -67,6 +67,9 @@ KD_LOSS = "kd-loss"  # mean distillation loss of the last epoch (KD rounds only)
 START_VAL_MAP50 = "start-val-map50"
 TEACHER_VAL_MAP50 = "teacher-val-map50"
 TEACHERS_KEPT = "teachers-kept"
+# the KD transfer set's unlabelled part (kd.unlabelled_frames): frames added and the pseudo-label boxes on them
+TRANSFER_FRAMES = "transfer-frames"
+PSEUDO_BOXES = "pseudo-boxes"
 # ambiguity routing on the site's test split (paper section 4.2), optional: every test image a keyframe through
 # the collaboration step (clients.collab); recall, FNR and mAP50 class-aware at IoU 0.5 (common.detections.score)
 EDGE_DET_CONF = "edge-det-conf"  # the edge's answer threshold: calibrated on val (F1-optimal), else routing.det_conf
@@ -138,7 +141,7 @@ def parse_train_metrics(metrics: Mapping[str, Any], nc: int) -> dict[str, Any]:
         raise ProtocolError(f"{where}: '{TEST_AP50}' entries must be {ABSENT} (absent) or in [0, 1], got {bad[0]!r}")
     out[TEST_AP50] = decode_ap(ap)
     out[TEST_MAP50_95] = float(metrics.get(TEST_MAP50_95, math.nan))
-    for key in (KD_LOSS, START_VAL_MAP50, *ROUTING_KEYS, *COLLAB_KEYS):
+    for key in (KD_LOSS, START_VAL_MAP50, TRANSFER_FRAMES, PSEUDO_BOXES, *ROUTING_KEYS, *COLLAB_KEYS):
         if key in metrics:
             out[key] = _number(metrics, key, where)
     for key in (TEACHER_VAL_MAP50, TEACHERS_KEPT):

@@ -3,7 +3,7 @@
 A node's identity comes from its Flower ``node-config``:
 
 - simulation: ``partition-id`` (set by Flower) selects site ``partition-id``;
-- deployment: ``site-index`` (and optionally ``data-path``, ``position-km``
+- deployment: ``site-index`` (and optionally ``data-path``, ``unlabelled``, ``position-km``
   as ``"x,y"``, ``site-id``) given with ``flower-supernode --node-config``.
 
 Both the built-in benchmark (``data.source: builtin``) and user datasets
@@ -30,7 +30,7 @@ class SiteSpec:
     position_km: tuple[float, float]
     classes: tuple[int, ...]
     data_yaml: Path
-    video_dir: Path | None = None
+    unlabelled: Path | None = None  # the site's unlabelled frames: a video file or an image folder
 
 
 def class_names(data_yaml: str | Path) -> list[str]:
@@ -120,14 +120,20 @@ def resolve_site(cfg: CedarConfig, node_config: Mapping[str, Any]) -> SiteSpec:
         bench = benchmark_from_config(cfg.data)
         site = bench.sites[index]
         spec = SiteSpec(index, site.site_id, site.position_km, site.classes,
-                        bench.site_data(index), bench.video_dir(index))
+                        bench.site_data(index), bench.video_dir(index) / "video.mp4")
     else:
         data_yaml = Path(node_config.get("data-path") or cfg.data.site_data[index]).expanduser()
         if not data_yaml.is_file():
             raise ConfigError(f"site {index}: dataset file not found: {data_yaml}")
         positions = cfg.data.site_positions_km
         pos = tuple(positions[index]) if index < len(positions) else (0.0, 0.0)
-        spec = SiteSpec(index, f"site-{index}", pos, _label_classes(data_yaml), data_yaml)
+        sources = cfg.data.unlabelled
+        unlabelled = Path(sources[index]).expanduser() if index < len(sources) and sources[index] else None
+        spec = SiteSpec(index, f"site-{index}", pos, _label_classes(data_yaml), data_yaml, unlabelled)
+    if node_config.get("unlabelled"):
+        spec = replace(spec, unlabelled=Path(str(node_config["unlabelled"])).expanduser())
+    if spec.unlabelled is not None and not spec.unlabelled.exists():
+        raise ConfigError(f"site {index}: unlabelled frames not found: {spec.unlabelled}")
     if "position-km" in node_config:
         spec = replace(spec, position_km=_parse_position(node_config["position-km"], "position-km"))
     if "site-id" in node_config:

@@ -246,6 +246,7 @@ def build_strategy(cfg: CedarConfig, names: list[str], bench_yaml: Path, evaluat
         check_margin=k.check_margin, start_round=k.start_round,
         cloud_rounds=tuple(k.cloud_rounds), cloud_fn=cloud, edge_arch=cfg.model.edge, t_cycle=k.t_cycle,
         delta_down=k.delta_down, patience=k.patience, top_k=k.graph_top_k, cutoff_sigmas=k.graph_cutoff_sigmas,
+        new_node_init=k.new_node_init,
         renorm_tol=k.graph_renorm_tol,
     )
 

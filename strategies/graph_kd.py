@@ -38,7 +38,7 @@ Round ``r``, on top of :class:`PersonalizedStrategy`'s per-site models:
 from __future__ import annotations
 
 from logging import INFO, WARNING
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Mapping
 
 from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.common.logger import log
@@ -63,7 +63,7 @@ class GraphKDStrategy(PersonalizedStrategy):
                  start_round: int = 1,
                  cloud_rounds: tuple[int, ...] = (), cloud_fn: CloudFn | None = None, edge_arch: str = "yolo11n",
                  t_cycle: int = 1, delta_down: float = 0.05, patience: int = 2, top_k: int = 32,
-                 cutoff_sigmas: float = 4.0, renorm_tol: float = 0.02, **kwargs):
+                 cutoff_sigmas: float = 4.0, renorm_tol: float = 0.02, new_node_init: str = "base", **kwargs):
         super().__init__(**kwargs)
         if mode not in ("none", "graph", "all"):
             raise ValueError(f"mode={mode!r}: expected 'none', 'graph' or 'all'")
@@ -73,7 +73,9 @@ class GraphKDStrategy(PersonalizedStrategy):
             raise ValueError(f"teacher_rank={teacher_rank!r}: expected 'map_degree' or 'degree'")
         if teacher_scope not in ("global", "local"):
             raise ValueError(f"teacher_scope={teacher_scope!r}: expected 'global' or 'local'")
-        self.teacher_scope = teacher_scope
+        if new_node_init not in ("base", "teacher"):
+            raise ValueError(f"new_node_init={new_node_init!r}: expected 'base' or 'teacher'")
+        self.teacher_scope, self.new_node_init = teacher_scope, new_node_init
         self.mode, self.rho, self.sigma_s_km, self.min_weight = mode, rho, sigma_s_km, min_weight
         self.teacher_rank, self.better_only = teacher_rank, better_only
         self.class_weights = class_weights
@@ -253,6 +255,7 @@ class GraphKDStrategy(PersonalizedStrategy):
                              tuple(cloud[1] if t == "cloud" else self.edge_arch for t in ids),
                              **{**self.kd, **({"select": self.cloud_select} if "cloud" in ids else {})})
             msg.content[P.CONFIG].update(kd.encode())
+            self.joining_start(server_round, student, teachers, msg)
             for i, t in enumerate(ids):
                 msg.content[P.teacher_record(i)] = cloud[0] if t == "cloud" else self.arrays[t]
             self.plan[student] = dict(teachers)
@@ -260,6 +263,19 @@ class GraphKDStrategy(PersonalizedStrategy):
             log(INFO, "configure_train: round %s, KD for %s students: %s", server_round, len(self.plan),
                 brief(f"{s} <- {sorted(t)}" for s, t in sorted(self.plan.items())))
         return messages
+
+    def joining_start(self, server_round: int, student: str, teachers: Mapping[str, float], msg: Message) -> None:
+        """With ``new_node_init="teacher"`` a joining site starts from its top edge teacher's model (largest graph
+        weight; ties by name) instead of the base model: warm-started from the neighbour most like it, it distils
+        from the rest. Its own check then finds that teacher no better than its start, and drops it."""
+        if self.new_node_init != "teacher" or self.profiles.get(student, {}).get("reasons") != ["joining"]:
+            return
+        edge = [t for t in teachers if t != "cloud"]
+        if edge:
+            best = max(edge, key=lambda t: (teachers[t], t))
+            msg.content[P.ARRAYS] = self.arrays[best]
+            log(INFO, "configure_train: round %s: %s joins from %s's model (kd.new-node-init=teacher)",
+                server_round, student, best)
 
     def on_reply(self, server_round: int, reply: NodeReply) -> None:
         """A student's reply: which proposed teachers its own check kept and which it rejected."""

@@ -5,6 +5,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -41,7 +42,7 @@ def test_resolve_site_from_partition_id(tiny_cfg, tiny_benchmark):
     spec = resolve_site(tiny_cfg, {"partition-id": 1})
 
     assert spec == SiteSpec(1, "site-1", (2.0, 0.0), (2, 3, 4, 5, 6), tiny_benchmark.site_data(1),
-                            tiny_benchmark.video_dir(1))
+                            tiny_benchmark.video_dir(1) / "video.mp4")
 
 
 def test_resolve_site_index_wins_and_node_config_overrides(tiny_cfg):
@@ -49,6 +50,9 @@ def test_resolve_site_index_wins_and_node_config_overrides(tiny_cfg):
                                    "site-id": "tower-7"})
 
     assert (spec.index, spec.site_id, spec.position_km, spec.classes) == (0, "tower-7", (1.5, -2.0), (0, 1, 2, 3, 4))
+    assert spec.unlabelled.name == "video.mp4" and spec.unlabelled.parent.name == "site-0"  # the built-in video
+    folder = resolve_site(tiny_cfg, {"site-index": "0", "unlabelled": str(spec.unlabelled.parent)})
+    assert folder.unlabelled == spec.unlabelled.parent  # the node's own source wins
 
 
 @pytest.mark.parametrize("node_config, named", [
@@ -58,6 +62,7 @@ def test_resolve_site_index_wins_and_node_config_overrides(tiny_cfg):
     ({"partition-id": "one"}, "partition-id='one' is not an integer"),
     ({}, "'site-index' (deployment) or 'partition-id'"),
     ({"partition-id": 0, "position-km": "3"}, "position-km='3'"),
+    ({"partition-id": 0, "unlabelled": "/no/such/video.mp4"}, "site 0: unlabelled frames not found: /no/such/video.mp4"),
 ])
 def test_resolve_site_errors_name_the_key(tiny_cfg, node_config, named):
     with pytest.raises(ConfigError) as info:
@@ -580,7 +585,7 @@ def test_the_video_goes_to_the_cloud_as_hard_samples_and_the_splits_never_do(sit
     counts = site1.video_offloads(model=None, server_round=2)
 
     # the keyframes the runtime's own rule picks on the same video, independently
-    e, cap, expected, n = EdgeSettings(), cv2.VideoCapture(str(site1.spec.video_dir / "video.mp4")), [], 0
+    e, cap, expected, n = EdgeSettings(), cv2.VideoCapture(str(site1.spec.unlabelled)), [], 0
     selector = KeyframeSelector(beta=e.beta, warmup=e.warmup, cut_threshold=e.cut_threshold, max_gap=e.max_gap)
     while True:
         ok, image = cap.read()
@@ -598,3 +603,46 @@ def test_the_video_goes_to_the_cloud_as_hard_samples_and_the_splits_never_do(sit
     asked.clear()
     site1.collab_round(model=None)
     assert asked == [False]
+
+
+def test_the_transfer_set_adds_evenly_spaced_unlabelled_frames_with_the_teachers_pseudo_labels(
+        monkeypatch, tiny_overrides, tmp_path):
+    """kd.unlabelled-frames=4 of the 12-frame video: stride 3, frames 0, 3, 6, 9. Two fake teachers (weights 0.75
+    and 0.25 of one ensemble): A sees [10,10,30,30] class 1 at 0.9, B [12,10,32,30] class 1 at 0.95 (scaled 0.32)
+    and [60,60,70,70] class 0 at 0.6 (0.2, below pseudo-conf 0.3). Each frame's label: A's box alone, in YOLO
+    form on the 128 px frame. Ultralytics' loader takes the data.yaml: 8 labelled + 4 transfer images."""
+    from types import SimpleNamespace
+
+    from common import yolo
+
+    cfg = load_config("quick", {**tiny_overrides, "kd.unlabelled-frames": 4, "kd.pseudo-conf": 0.3})
+    site = LocalSite(cfg, resolve_site(cfg, {"partition-id": 0}), tmp_path)
+    seen = {"a": ([[10, 10, 30, 30]], [0.9], [1]), "b": ([[12, 10, 32, 30], [60, 60, 70, 70]], [0.95, 0.6], [1, 0])}
+    made = []
+
+    class FakePredictor:
+        def __init__(self, model, *, imgsz, conf, device):
+            made.append((model, round(conf, 6)))
+            self.boxes = seen[model]
+
+        def __call__(self, images):
+            xyxy, conf, cls = self.boxes
+            return [{"xyxy": np.array(xyxy, np.float32), "conf": np.array(conf, np.float32), "cls": np.array(cls)}
+                    for _ in images]
+
+    monkeypatch.setattr(yolo, "Predictor", FakePredictor)
+    ensemble = SimpleNamespace(teachers=["a", "b"], weights=[0.75, 0.25])
+
+    data, metrics = site.transfer_set(ensemble, server_round=2)
+
+    # each teacher answers from the lowest confidence that can still pass once scaled by its weight
+    assert made == [("a", 0.3), ("b", 0.9)]
+    images = sorted(p.name for p in (tmp_path / "transfer" / "images").iterdir())
+    assert images == ["r2-000000.png", "r2-000003.png", "r2-000006.png", "r2-000009.png"]
+    for name in images:
+        label = (tmp_path / "transfer" / "labels" / name).with_suffix(".txt").read_text()
+        assert label == "1 0.156250 0.156250 0.156250 0.156250\n"  # centre 20/128, side 20/128
+    assert metrics == {P.TRANSFER_FRAMES: 4, P.PSEUDO_BOXES: 4}
+    loader, _ = yolo.make_train_loader(data, imgsz=128, batch=4)
+    assert len(loader.dataset) == 8 + 4
+    assert len(yolo.split_images(data, "val")) == 4  # validation stays the site's own split

@@ -209,6 +209,9 @@ def test_wrong_type_is_named(overrides, key):
         ({"train.epochs-per-round": -1}, "train.epochs_per_round"),
         ({"train.finetune-lr0": 0}, "train.finetune_lr0"),
         ({"kd.select": "everything"}, "kd.select"),
+        ({"kd.new-node-init": "peer"}, "kd.new_node_init"),
+        ({"kd.pseudo-conf": 1.5}, "kd.pseudo_conf"),
+        ({"kd.unlabelled-frames": -1}, "kd.unlabelled_frames"),
         ({"data.small-px": [15, 5]}, "data.small_px"),
         ({"data.large-px": [16]}, "data.large_px"),
         ({"data.source": "yolo"}, "data.site_data"),
@@ -325,3 +328,12 @@ def test_routing_budget_error_names_the_bad_value(bad):
     with pytest.raises(ConfigError, match=f"routing.budget='{bad}': expected '' \\(none\\), 'bytes:X'"):
         load_config("quick", {"routing.budget": bad})
     assert load_config("quick", {"routing.budget": "recall:0.6"}).routing.budget == "recall:0.6"
+
+
+def test_data_unlabelled_names_one_source_per_site_at_most(tmp_path):
+    yaml_file = tmp_path / "data.yaml"
+    yaml_file.write_text("names: [a]\n")
+    overrides = {"data.source": "yolo", "data.site-data": [str(yaml_file)], "data.public-data": str(yaml_file)}
+    assert load_config("quick", {**overrides, "data.unlabelled": ["v.mp4"]}).data.unlabelled == ["v.mp4"]
+    with pytest.raises(ConfigError, match=r"data.unlabelled=\['a.mp4', 'b.mp4'\]: names 2 sources for 1 sites"):
+        load_config("quick", {**overrides, "data.unlabelled": ["a.mp4", "b.mp4"]})

@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from common.detections import Detections
 from common.kd import (
     GroundTruth,
     anchor_targets,
@@ -18,6 +19,7 @@ from common.kd import (
     dfl_kd_loss,
     ltrb_boxes,
     mix_teachers,
+    pseudo_labels,
     split_head_outputs,
     total_loss,
     weighted_mean,
@@ -467,3 +469,32 @@ def test_teacher_better_selection_without_dfl_hand_worked():
     assert result.num_foreground == 0  # equal class probabilities: the teacher is not better there
     swapped = detection_kd_loss(teacher, student, 1.0, fg_threshold=0.5, truth=truth)
     assert swapped.box.item() == 0.0
+
+
+# --- pseudo-labels for the unlabelled part of the transfer set ------------------------------------------------
+
+
+def test_pseudo_labels_scale_by_teacher_weight_and_keep_the_best_box_where_teachers_agree():
+    """Hand-worked (common.kd.pseudo_labels): teacher A (weight 2) [0,0,10,10] class 1 at 0.6; teacher B (weight 1)
+    [1,0,11,10] class 1 at 0.9 -> score 0.45, [20,20,30,30] class 0 at 0.5 -> 0.25, [0,0,10,10] class 2 at 0.8
+    -> 0.4. At conf 0.3 B's 0.25 box goes; A's 0.6 box suppresses B's class-1 box (IoU 90/110 = 0.82 > 0.5);
+    B's class-2 box stays (another class)."""
+    a = Detections([[0, 0, 10, 10]], [0.6], [1])
+    b = Detections([[1, 0, 11, 10], [20, 20, 30, 30], [0, 0, 10, 10]], [0.9, 0.5, 0.8], [1, 0, 2])
+
+    out = pseudo_labels([a, b], [2.0, 1.0], conf=0.3)
+
+    assert out.xyxy.tolist() == [[0, 0, 10, 10], [0, 0, 10, 10]]
+    assert out.conf.tolist() == pytest.approx([0.6, 0.4])
+    assert out.cls.tolist() == [1, 2]
+    # equal weights: B's class-1 box (0.9) wins, and its 0.5 box passes
+    even = pseudo_labels([a, b], [1.0, 1.0], conf=0.3)
+    assert even.conf.tolist() == pytest.approx([0.9, 0.8, 0.5]) and even.cls.tolist() == [1, 2, 0]
+
+
+def test_pseudo_labels_of_teachers_that_see_nothing_are_empty_and_bad_weights_are_named():
+    assert len(pseudo_labels([Detections(), Detections()], [0.5, 0.5], conf=0.3)) == 0
+    with pytest.raises(ValueError, match="2 teachers' detections but 1 weights"):
+        pseudo_labels([Detections(), Detections()], [1.0], conf=0.3)
+    with pytest.raises(ValueError, match=r"teacher weights must be >= 0 with one > 0, got \[0.0\]"):
+        pseudo_labels([Detections()], [0.0], conf=0.3)

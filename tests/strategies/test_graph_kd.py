@@ -429,6 +429,36 @@ def test_a_joining_site_gets_its_teachers_in_its_first_round_from_the_starting_w
     assert any("site-3 join with the starting weights' profile" in r.getMessage() for r in caplog.records)
 
 
+def test_new_node_init_teacher_starts_a_joining_site_from_its_top_teachers_model(caplog):
+    """kd.new-node-init=teacher: the joining site-3's message carries the weights of the teacher the graph weighs
+    most for it (computed independently with common.graph), and still names all its teachers; the established
+    students keep their own weights."""
+    ap = {**AP, 0: [0.05, float("nan"), 0.05]}
+    grid = FakeGrid([1, 2, 3], reply=_reply)
+    strategy = _strategy(join_round={"site-3": 2}, start_round=2, teacher_scope="local", t_cycle=5,
+                         new_node_init="teacher", benchmark_fn=lambda arrays: {"map50": 0.1, "ap50": ap[_site_of(arrays)]})
+
+    with caplog.at_level("INFO", logger="flwr"):
+        _run(strategy, grid, 2, initial=_arrays(0.0))
+
+    profiles = {"site-1": {"position": (1.0, 0.0), "classes": [0, 2], "ap": AP[1]},
+                "site-2": {"position": (2.0, 0.0), "classes": [0, 2], "ap": AP[2]},
+                "site-3": {"position": (3.0, 0.0), "classes": [0, 2], "ap": ap[0]}}
+    g = G.build_graph(profiles, 5.0)
+    expected = G.local_plan(g, G.accuracy_weighted_degree(g, G.teacher_degree(g)), True)["site-3"]
+    best = max(expected, key=lambda t: (expected[t], t))
+    msgs = {m.metadata.dst_node_id: m for m in grid.sent[1]}
+    assert msgs[3].content[P.ARRAYS]["w"].numpy().tolist() == [float(best[-1])]  # the teacher's own weights
+    assert sorted(msgs[3].content[P.CONFIG][P.TEACHER_IDS]) == sorted(expected)
+    assert [msgs[n].content[P.ARRAYS]["w"].numpy().tolist() for n in (1, 2)] == [[1.0], [2.0]]
+    assert any(f"site-3 joins from {best}'s model" in r.getMessage() for r in caplog.records)
+
+
+def test_new_node_init_must_be_base_or_teacher():
+    with pytest.raises(ValueError, match="new_node_init='peer'"):
+        _strategy(new_node_init="peer")
+
+
 @pytest.mark.parametrize("scope", ["local", "global"])
 def test_a_joining_site_teaches_nobody_in_its_first_round(scope):
     """It has no model of its own on the server yet: even when the starting weights score best, it only learns."""
