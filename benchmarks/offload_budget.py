@@ -299,7 +299,9 @@ def to_markdown(res: dict, settings: dict) -> str:
               "site's mAP50 by points; each site chooses on its own 16 validation images), one YOLO11n cloud, "
               "256 px keyframes (a whole keyframe is ~15 kB at JPEG quality 90, so crops with their candidates "
               "already take ~28% of it), and a cloud ≫ edge regime whose edge is a newly joined site's young model "
-              "(near zero on its own), not a trained site far below a strong cloud."), "",
+              "(" + "; ".join(f"{settings['regimes'][n].split(' (')[0].lower()}: edge alone {v['edge']:.3f}, cloud "
+                              f"alone {v['cloud']:.3f}" for n, v in verdicts.items())
+              + "), not a trained site far below a strong cloud."), "",
               "Plot: `offload_budget.png` (mean over the sites; the star is the default budget's choice).", ""]
     return "\n".join(lines)
 
