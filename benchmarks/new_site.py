@@ -18,7 +18,10 @@ its weights and soft labels come from differs:
 - ``kd-unlabelled`` (e): graph KD whose transfer set adds its video frames with the teachers' pseudo-labels
   (``kd.unlabelled-frames``; :meth:`clients.site.LocalSite.transfer_set`), the frames never leaving the site;
 - ``warm-kd-unlabelled`` (f): (c) + (e) (``kd.new-node-init=teacher``);
-- ``cloud-unlabelled``: (e) with the cloud model as the only teacher.
+- ``cloud-unlabelled``: (e) with the cloud model as the only teacher;
+- ``library``: Ultralytics' own distillation (the trainer's ``distill_model``: detection loss plus a
+  teacher-score-weighted L2 between projected neck features, :func:`common.yolo.train`'s
+  ``feature_teacher``) from the top graph teacher, on its labelled images, in the same training loop.
 
 The teachers are the graph's for a joining site (:meth:`strategies.graph_kd.GraphKDStrategy.edge_plan`
 on the established sites' benchmark profiles and the joining site's profile from the base weights), and
@@ -60,6 +63,7 @@ ARMS = {
     "kd-unlabelled": "(e) graph KD + unlabelled frames",
     "warm-kd-unlabelled": "(f) (c) + (e)",
     "cloud-unlabelled": "cloud KD + unlabelled frames",
+    "library": "Ultralytics' distill_model, top teacher",
 }
 TEST_SITE, CONTROL_SITE, ESTABLISHED = 3, 4, (0, 1, 2)
 SIBLING = {TEST_SITE: 2}
@@ -188,7 +192,8 @@ def run_arm(fed: Federation, arm: str, joining: int, labelled: int, seed: int, r
             kd, teachers = _request(cfg, ("cloud",), (1.0,), cfg.kd.cloud_select), [fed.cloud]
         elif arm in ("kd", "kd-unlabelled", "warm-kd-unlabelled") and ids:
             kd, teachers = _request(cfg, ids, [plan[t] for t in ids], cfg.kd.select), [by_id[t] for t in ids]
-        res = site.train_round(r, epochs, weights, kd, teachers)
+        feature_teacher = by_id[best] if arm == "library" and best else None
+        res = site.train_round(r, epochs, weights, kd, teachers, feature_teacher=feature_teacher)
         weights = res.weights
         curve.append(res.metrics[P.TEST_MAP50])
         rows.append({k: res.metrics.get(k) for k in (P.KD_LOSS, P.TRANSFER_FRAMES, P.PSEUDO_BOXES)})

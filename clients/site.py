@@ -181,10 +181,12 @@ class LocalSite:
                              iou=ev.iou, device=t.device)
 
     def train_round(self, server_round: int, epochs: int, weights: dict | None,
-                    kd: P.KDRequest | None = None, teachers: list[dict] = (), gallery: int = 0) -> RoundResult:
-        """Local training (distillation when ``kd`` names teachers), then evaluation on val and test, the
-        answer threshold's calibration and the offload options' measurements on val (:meth:`calibrate`, stored
-        with the weights) and the collaboration step on test at that threshold with the offload the budget picks
+                    kd: P.KDRequest | None = None, teachers: list[dict] = (), gallery: int = 0,
+                    feature_teacher: dict | None = None) -> RoundResult:
+        """Local training (distillation when ``kd`` names teachers; Ultralytics' own feature distillation
+        from ``feature_teacher``'s weights, the library baseline of ``benchmarks.new_site``, where given), then
+        evaluation on val and test, the answer threshold's calibration and the offload options' measurements
+        on val (:meth:`calibrate`, stored with the weights) and the collaboration step on test at that threshold with the offload the budget picks
         (with ``gallery`` keyframes for the report, see :meth:`collab_round`)."""
         import torch
 
@@ -209,6 +211,7 @@ class LocalSite:
             mosaic=t.mosaic, workers=t.workers, seed=seed,
             device=t.device, desc=f"{self.spec.site_id} round {server_round}{' KD' if extra else ''}",
             extra_loss=extra, alpha=kd.alpha if extra else 1.0, augment=augment,
+            feature_teacher=None if feature_teacher is None else self.build_model(feature_teacher),
         )
         val, test = self.evaluate(model, "val"), self.evaluate(model, "test")
         model.cedar_meta = {"round": server_round, "site": self.spec.site_id, **self.calibrate(model)}

@@ -408,6 +408,8 @@ def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     decay, no_decay = [], []
     for module in model.modules():
         for name, p in module.named_parameters(recurse=False):
+            if not p.requires_grad:  # Ultralytics' fixed DFL projection, a frozen teacher
+                continue
             (no_decay if name == "bias" or isinstance(module, norm_types) else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
@@ -510,6 +512,7 @@ def train(
     extra_loss: Callable[[torch.Tensor, dict, dict], torch.Tensor] | None = None,
     alpha: float = 0.5,
     augment: Augment | None = None,
+    feature_teacher: DetectionModel | None = None,
 ) -> TrainResult:
     """Train ``model`` in place on the ``train`` split of ``data_yaml``.
 
@@ -521,6 +524,10 @@ def train(
     the detection loss is Ultralytics' per-batch sum, so ``extra`` is scaled
     by the batch size to match). ``augment`` (e.g. :class:`common.adverse.AdverseAugment`) sees every
     loaded training image before Ultralytics' own augmentation (:func:`_augment_dataset`).
+    ``feature_teacher``: Ultralytics' own knowledge distillation (the trainer's ``distill_model``,
+    :class:`ultralytics.nn.distill_model.DistillationModel`) from this frozen model: the library's loss, the
+    detection loss plus ``dis`` (6.0) times a teacher-score-weighted L2 between the student's projected neck
+    features and the teacher's; its projectors train with the student and are dropped afterwards.
 
     ``progress``: a tqdm bar per epoch when stderr is a terminal; otherwise (a log
     file, Ray's log stream in a ClientApp) one DEBUG line per epoch instead, with
@@ -544,7 +551,14 @@ def train(
     hyp.epochs = epochs  # YOLO26's E2ELoss moves weight from its one-to-many to its one-to-one branch over these
     model.args = hyp
     criterion = model.init_criterion()
-    optimizer = torch.optim.AdamW(_param_groups(model, weight_decay), lr=lr0, betas=(0.937, 0.999))
+    trained = model
+    if feature_teacher is not None:
+        from ultralytics.nn.distill_model import DistillationModel
+
+        model.criterion = criterion  # the one the library's loss uses (E2ELoss updates below)
+        trained = DistillationModel(teacher_model=feature_teacher.to(dev), student_model=model)
+    params = [p for p in trained.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(_param_groups(trained, weight_decay), lr=lr0, betas=(0.937, 0.999))
     total = epochs * len(loader)
     warm = min(warmup_iters, max(1, total // 4))
 
@@ -565,8 +579,11 @@ def train(
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(it)
             imgs = batch_data["img"].to(dev, non_blocking=True).float() / 255.0
-            preds = model(imgs)
-            loss_vec, items = criterion(preds, batch_data)
+            if trained is model:
+                preds = model(imgs)
+                loss_vec, items = criterion(preds, batch_data)
+            else:  # the library's distillation: its own forward passes, detection + feature loss
+                loss_vec, items = trained.loss({**batch_data, "img": imgs})
             loss = loss_vec.sum()
             if extra_loss is not None:
                 extra = extra_loss(imgs, preds, batch_data)
@@ -574,7 +591,7 @@ def train(
                 extra_sum += float(extra.detach())
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=10.0)
+            torch.nn.utils.clip_grad_norm_(params, max_norm=10.0)
             optimizer.step()
             vec = torch.as_tensor([float(v) for v in (items.values() if isinstance(items, dict) else items)])
             sums = vec if sums is None else sums + vec
@@ -593,6 +610,9 @@ def train(
                      time.perf_counter() - t_epoch)
     if mosaic > 0 and epochs > 1:  # leave the (shared) loader state alone for the next call
         loader.dataset.mosaic = False
+    if trained is not model:
+        trained._remove_feature_hooks()
+        del model.criterion
     model.eval()
     return TrainResult(epochs, it, time.perf_counter() - t0, float(sum(last.values())), last,
                        len(loader.dataset), last_extra)

@@ -51,7 +51,7 @@ def test_a_tiny_run_trains_the_arms_writes_the_report_and_resumes(tmp_path, monk
             "data.test-per-site=4", "data.public-per-site=4", "data.public-train-per-site=4", "data.video-frames=12",
             f"data.cache-dir={tmp_path / 'cache'}", "model.base-epochs=1", "model.cloud-epochs=1", "train.batch=4",
             "eval.batch=4", "train.warmup-iters=2", "kd.unlabelled-frames=4"]
-    argv = ["--labelled", "4", "--seeds", "0", "--arms", "alone", "warm-kd-unlabelled", "--sites", "3",
+    argv = ["--labelled", "4", "--seeds", "0", "--arms", "alone", "warm-kd-unlabelled", "library", "--sites", "3",
             "--rounds", "1", "--epochs", "1", "--established-rounds", "1", "--work", str(tmp_path / "work"),
             "--out", str(tmp_path / "out" / "new_site"), "--set", *sets]
     monkeypatch.setattr(new_site.Federation, "teachers_for", lambda self, joining: {"site-2": 1.0})
@@ -62,12 +62,14 @@ def test_a_tiny_run_trains_the_arms_writes_the_report_and_resumes(tmp_path, monk
     new_site.main(argv)
     new_site.main(argv)
 
-    assert calls == ["alone", "warm-kd-unlabelled"]
+    assert calls == ["alone", "warm-kd-unlabelled", "library"]
     runs = [json.loads(line) for line in (tmp_path / "out" / "new_site.jsonl").read_text().splitlines()]
     assert [(r["arm"], r["site"], r["labelled"], len(r["curve"])) for r in runs] == [
-        ("alone", "site-3", 4, 1), ("warm-kd-unlabelled", "site-3", 4, 1)]
+        ("alone", "site-3", 4, 1), ("warm-kd-unlabelled", "site-3", 4, 1), ("library", "site-3", 4, 1)]
     assert runs[0]["rounds"][0]["transfer-frames"] is None  # alone: no transfer set
     assert runs[1]["rounds"][0]["transfer-frames"] == 4  # 4 of the 12 video frames joined its KD round
+    assert runs[2]["rounds"][0]["transfer-frames"] is None  # the library's distillation: labelled images only
     md = (tmp_path / "out" / "new_site.md").read_text()
     assert "| (a) alone, from the base model | 1 |" in md and "| (f) (c) + (e) | 1 |" in md
+    assert "| Ultralytics' distill_model, top teacher | 1 |" in md
     assert (tmp_path / "out" / "new_site.png").stat().st_size > 0

@@ -501,3 +501,32 @@ def test_yolo26_trains_with_the_end_to_end_loss_and_evaluates_its_one_to_one_hea
     assert any(".one2one_cv3." in k for k in changed) and any(".cv3." in k and "one2one" not in k for k in changed)
     assert nms_seen == [False]  # the NMS-free head, as the edge runs it
     assert len(ev.ap50) == NC and 0.0 <= ev.map50 <= 1.0 and ev.images == 4
+
+
+def test_feature_teacher_trains_with_ultralytics_own_distillation_loss(tiny_benchmark, monkeypatch):
+    """``feature_teacher``: the library's DistillationModel loss, detection + ``dis`` x feature L2; the teacher
+    stays as it was, the student keeps no hook, projector or criterion afterwards."""
+    from ultralytics.nn.distill_model import DistillationModel
+
+    # Prepare: record the distillation term of every batch
+    seen = []
+    loss_call = DistillationModel.loss
+    monkeypatch.setattr(DistillationModel, "loss",
+                        lambda self, batch, preds=None: seen.append(loss_call(self, batch, preds)) or seen[-1])
+    model = yolo.build_model("yolo11n", nc=NC, seed=0)
+    teacher = yolo.build_model("yolo11n", nc=NC, seed=1)
+    teacher_before, before = yolo.state_dict(teacher), yolo.state_dict(model)
+
+    # Execute
+    res = yolo.train(model, tiny_benchmark.site_data(0), epochs=1, imgsz=128, batch=4, warmup_iters=2,
+                     progress=False, feature_teacher=teacher)
+
+    # Assert: 8 images, batch 4: 2 batches; the loss items are the library's, its distillation term > 0
+    assert len(seen) == 2
+    assert set(res.loss_items) == {"box_loss", "cls_loss", "dfl_loss", "dis_loss"}
+    assert all(float(items["dis_loss"]) > 0 for _, items in seen)
+    assert res.loss == pytest.approx(sum(res.loss_items.values()))
+    assert _state_equal(teacher_before, yolo.state_dict(teacher)) == []
+    assert len(_state_equal(before, yolo.state_dict(model))) > 0
+    assert set(yolo.state_dict(model)) == set(before)  # no projector in the student
+    assert not any(m._forward_hooks for m in model.modules()) and not hasattr(model, "criterion")
