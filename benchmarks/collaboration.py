@@ -227,6 +227,34 @@ def remerged(records: list[dict], **policy) -> list[dict]:
     return out
 
 
+def sliced_run(weights: Path, source: Path, gts: list[np.ndarray], settings, *, imgsz: int, iou: float,
+               slice_frac: float, overlap: float, nc: int, small_px: float) -> dict:
+    """The site's edge model alone on every frame of ``source`` by sliced inference (:func:`clients.sliced.
+    sliced_detect`: tiles of ``slice_frac`` of the frame's shorter side, ``overlap``, plus the whole frame), at the
+    answer threshold the runtime would use for it (its calibrated ``det_conf``): scores and edge ms per frame."""
+    from clients.detector import TorchPredictor
+    from clients.media import FrameSource
+    from clients.sliced import sahi_model, sliced_detect
+    from common import yolo
+
+    model = yolo.load_weights(weights)
+    conf = settings.for_model(getattr(model, "cedar_meta", None)).det_conf
+    predictor = TorchPredictor(model, imgsz=imgsz, conf=conf, iou=iou)
+    sahi = sahi_model(predictor, conf)
+    dets, ms = [], []
+    frames = FrameSource(source)
+    try:
+        for frame in frames:
+            side = max(1, round(slice_frac * min(frame.image.shape[:2])))
+            t0 = time.perf_counter()
+            dets.append(sliced_detect(predictor, frame.image, slice_px=side, overlap=overlap, model=sahi))
+            ms.append((time.perf_counter() - t0) * 1000)
+    finally:
+        frames.close()
+    return {**score(dets, gts, nc, small_px), "edge_ms": float(np.mean(ms)), "det_conf": conf,
+            "slice_frac": slice_frac, "overlap": overlap}
+
+
 def per_frame(records: list[dict], collaborative: bool) -> list:
     """Final detections per frame: with ``collaborative``, a keyframe's ``refined`` answer or, on a later
     frame, that answer ``carried`` there (:class:`clients.carry.RefinedCarrier`); else (or when neither came)
@@ -359,6 +387,10 @@ def measure(args, cfg, bench, workdir: Path, site: int) -> dict:
                                "bytes_per_frame": float(np.mean(sizes)),
                                "request_bytes_per_frame": float(np.mean(wire))}
             result["images"] = {mode: images_run(main_arch, r.t_conf, mode, "img") for mode in ("crops", "frame")}
+            sliced = dict(settings=base, imgsz=cfg.train.imgsz, iou=cfg.eval.iou, slice_frac=args.slice_frac,
+                          overlap=args.slice_overlap, nc=nc, small_px=small_px)
+            result["sliced"] = {"images": sliced_run(edges[main_arch], images_dir, image_gts, **sliced),
+                                "video": sliced_run(edges[main_arch], video_dir / "video.mp4", video_gts, **sliced)}
             result["video"] = {f"{mode}-{'all' if every else 'key'}": video_run(main_arch, mode, every)
                                for mode in ("crops", "frame") for every in (False, True)}
             result["sweep"] = {arch: {str(t): images_run(arch, t, "crops", "sweep") for t in args.t_conf_sweep}
@@ -418,7 +450,43 @@ def to_markdown(res: dict, settings: dict) -> str:
              f"wall time {settings['wall_s']:.0f} s.", ""]
     if len(sites) > 1:
         lines += summary_markdown(res, settings)
+    lines += sliced_markdown(res["sites"], settings)
     return "\n".join(lines + site_markdown(res["sites"][sites[0]], settings, sites[0]))
+
+
+def sliced_markdown(per: dict, settings: dict) -> list[str]:
+    """Sliced inference at the edge (no cloud) beside the edge alone and the crops collaboration (fuse+keep)."""
+    per = {site: r for site, r in per.items() if "sliced" in r}
+    if not per:
+        return []
+    lines = ["## Sliced inference at the edge (SAHI, no cloud) against the collaboration", "",
+             f"`clients.sliced`: SAHI's sliced prediction with the site's own edge model on every frame, tiles of "
+             f"{settings['slice_frac']:g} x the frame's shorter side at {settings['slice_overlap']:g} overlap plus "
+             "the whole frame, merged by SAHI's greedy NMM (IOS 0.5), at the model's answer threshold. Edge ms: the "
+             "edge's detection per frame (sliced: all tiles and the merge; collab.: plus the cloud round trip).", "",
+             "| site | images mAP50: edge | sliced | crops, fuse+keep | FNR: edge | sliced | crops, fuse+keep | "
+             "edge ms / image: edge | sliced | collab. | video (every frame) mAP50: edge | sliced | "
+             "crops, fuse+keep |", "|---|" + "---|" * 12]
+    rows = {}
+    for site, r in per.items():
+        img, vid, sl = r["images"]["crops"], r["video"]["crops-all"], r["sliced"]
+        fused, vfused = img["merges"]["fuse+keep"], vid["merges"]["fuse+keep"]
+        rows[site] = [img["edge"]["map50"], sl["images"]["map50"], fused["map50"], img["edge"]["fnr"],
+                      sl["images"]["fnr"], fused["fnr"], img["edge_ms"], sl["images"]["edge_ms"], img["collab_ms"],
+                      vid["edge"]["map50"], sl["video"]["map50"], vfused["map50"]]
+    mean = list(np.mean(list(rows.values()), axis=0))
+    for site, v in [*rows.items(), ("mean", mean)]:
+        lines.append(f"| {site} | " + " | ".join(f"{x:.3f}" for x in v[:6]) + " | "
+                     + " | ".join(f"{x:.1f}" for x in v[6:9]) + " | " + " | ".join(f"{x:.3f}" for x in v[9:]) + " |")
+    won = sum(v[2] > v[1] for v in rows.values())
+    won_video = sum(v[11] > v[10] for v in rows.values())
+    lines += ["", "| claim | sites where it holds | mean |", "|---|---|---|",
+              f"| crops, fuse+keep beats slicing at the edge (images mAP50) | {won}/{len(rows)} | {mean[2]:.3f} vs "
+              f"{mean[1]:.3f} ({_rel(mean[2], mean[1])}) |",
+              f"| crops, fuse+keep beats slicing at the edge (video mAP50) | {won_video}/{len(rows)} | "
+              f"{mean[11]:.3f} vs {mean[10]:.3f} ({_rel(mean[11], mean[10])}) |",
+              f"| slicing's edge time per image over the edge alone's | - | {mean[7] / mean[6]:.1f}x |", ""]
+    return lines
 
 
 SUMMARY = (("crops, merge cloud (paper)", "crops", "cloud"), ("crops, fuse+keep", "crops", "fuse+keep"),
@@ -702,6 +770,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="the keyframes-only video runs' max_gap (0: off, the paper's rule alone)")
     ap.add_argument("--gap-sweep", type=int, nargs="+", default=[2, 3, 5, 10],
                     help="keyframe max_gap values tried with beta 1.5 (gap 1 = every frame is always added)")
+    ap.add_argument("--slice-frac", type=float, default=0.5,
+                    help="sliced-inference baseline: tile side as a fraction of the frame's shorter side")
+    ap.add_argument("--slice-overlap", type=float, default=0.2, help="sliced-inference baseline: tile overlap")
     ap.add_argument("--set", nargs="*", default=[], help="config overrides key=value")
     ap.add_argument("--out", default=str(RESULTS), help="output path without suffix (.md, .json, .png)")
     args = ap.parse_args(argv)
@@ -726,7 +797,7 @@ def main(argv: list[str] | None = None) -> int:
                 "t_conf": cfg.routing.t_conf, "t_size": cfg.routing.t_size, "n_frames_rule": cfg.routing.n_frames,
                 "t_conf_sweep": args.t_conf_sweep, "n_images": cfg.data.test_per_site, "n_frames": meta["frames"],
                 "crop_zoom": args.crop_zoom, "candidate_conf": cfg.routing.candidate_conf,
-                "max_gap": args.max_gap}
+                "max_gap": args.max_gap, "slice_frac": args.slice_frac, "slice_overlap": args.slice_overlap}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     plot_sweep(res["sites"][str(args.sites[0])], settings, out.parent / f"{out.name}_tconf.png")

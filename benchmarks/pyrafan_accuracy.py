@@ -1,4 +1,5 @@
-"""PyraFAN ablation: YOLO11n vs YOLO11n-P2 vs YOLO11n-PyraFAN on the built-in benchmark.
+"""PyraFAN ablation: YOLO11n and YOLO26n, their plain P2 heads, PyraFAN (v1) and PyraFAN v2 on the built-in
+benchmark.
 
 Every (model, site, seed) run builds the model from YAML with that seed, trains it on
 the site's ``train`` split with the same budget (the preset's optimiser settings;
@@ -25,7 +26,7 @@ Per model, values are averaged over sites for each seed, then reported as the me
 and standard deviation over seeds. Raw runs are appended to ``<out>.jsonl`` as they
 finish; a rerun with the same settings skips the runs already there (resume).
 
-Full run (standard preset, 4 sites x 3 seeds x 3 models)::
+Full run (standard preset, 4 sites x 3 seeds x 7 models)::
 
     python -m benchmarks.pyrafan_accuracy --preset standard --seeds 3
 
@@ -50,7 +51,7 @@ from common.detections import image_labels, size_range_ap50
 
 log = logging.getLogger("benchmarks.pyrafan_accuracy")
 
-MODELS = ("yolo11n", "yolo11n-p2", "yolo11n-pyrafan")
+MODELS = ("yolo11n", "yolo11n-p2", "yolo11n-pyrafan", "yolo11n-pyrafan2", "yolo26n", "yolo26n-p2", "yolo26n-pyrafan2")
 RESULTS = Path(__file__).resolve().parent / "results" / "pyrafan_accuracy"
 
 
@@ -103,7 +104,7 @@ def run_one(arch: str, site: int, seed: int, bench, cfg, epochs: int) -> dict:
     small = size_range_ap50(preds, gts, len(CLASS_NAMES), small_px=e.small_px)
     every = size_range_ap50(preds, gts, len(CLASS_NAMES), small_px=None)
     return {"model": arch, "site": site, "seed": seed, "params": yolo.count_parameters(model),
-            "map50": ev.map50, "map50_95": ev.map50_95, "map50_small": small["map50"],
+            "gflops": yolo.gflops(model, t.imgsz), "map50": ev.map50, "map50_95": ev.map50_95, "map50_small": small["map50"],
             "ap50_small": small["ap50"], "n_small": small["n_gt"], "n_gt": every["n_gt"],
             "map50_all_own": every["map50"], "train_loss": res.loss, "train_s": res.seconds,
             "iterations": res.iterations, "eval_s": ev.seconds, "weights": str(saved)}
@@ -119,7 +120,7 @@ def summarise(records: list[dict], models: list[str]) -> dict:
         seeds = sorted({r["seed"] for r in rows})
         per_seed = {k: [float(np.nanmean([r[k] for r in rows if r["seed"] == s])) for s in seeds]
                     for k in ("map50", "map50_95", "map50_small", "map50_all_own")}
-        out[arch] = {"params": rows[0]["params"], "seeds": seeds, "sites": sorted({r["site"] for r in rows}),
+        out[arch] = {"params": rows[0]["params"], "gflops": rows[0].get("gflops", float("nan")), "seeds": seeds, "sites": sorted({r["site"] for r in rows}),
                      "runs": len(rows), "train_s_mean": float(np.mean([r["train_s"] for r in rows])),
                      **{f"{k}_mean": float(np.mean(v)) for k, v in per_seed.items()},
                      **{f"{k}_std": float(np.std(v, ddof=1)) if len(v) > 1 else float("nan")
@@ -146,13 +147,14 @@ def to_markdown(summary: dict, settings: dict) -> str:
         f"{settings['small_px']} px, COCO-style ignores (see the script's docstring). Mean ± std over seeds "
         "of the mean over sites.",
         "",
-        "| model | params | mAP50 | mAP50-95 | mAP50 small | Δ mAP50 small vs yolo11n | train s/run |",
-        "|---|---|---|---|---|---|---|",
+        f"| model | params | GFLOPs at {settings['imgsz']} px | mAP50 | mAP50-95 | mAP50 small | "
+        "Δ mAP50 small vs yolo11n | train s/run |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for arch, row in summary.items():
         gain = None if base is None or arch == "yolo11n" else row["map50_small_mean"] - base["map50_small_mean"]
         delta = "" if gain is None else f"{gain:+.3f}"
-        lines.append(f"| {arch} | {row['params'] / 1e6:.3f} M | {pm(row, 'map50')} | {pm(row, 'map50_95')} | "
+        lines.append(f"| {arch} | {row['params'] / 1e6:.3f} M | {row['gflops']:.2f} | {pm(row, 'map50')} | {pm(row, 'map50_95')} | "
                      f"{pm(row, 'map50_small')} | {delta} | {row['train_s_mean']:.0f} |")
     lines += ["", "Per site (mean over seeds), mAP50 / mAP50 small:", "",
               "| model | " + " | ".join(f"site {s}" for s in settings["sites"]) + " |",

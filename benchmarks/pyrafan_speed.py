@@ -31,7 +31,8 @@ from benchmarks.harness import latency_runners, machine, time_interleaved, write
 
 log = logging.getLogger("benchmarks.pyrafan_speed")
 
-MODELS = ("yolo11n", "yolo11n-p2", "yolo11n-pyrafan", "yolo11s", "yolo11s-pyrafan")
+MODELS = ("yolo11n", "yolo11n-p2", "yolo11n-pyrafan", "yolo11n-pyrafan2", "yolo26n", "yolo26n-p2", "yolo26n-pyrafan2",
+          "yolo11s", "yolo11s-pyrafan")
 SIZES = (320, 640)
 NC = 8  # the built-in benchmark's classes
 RESULTS = Path(__file__).resolve().parent / "results" / "pyrafan_speed"

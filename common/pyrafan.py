@@ -45,6 +45,11 @@ Choices where the paper is ambiguous or silent, and why:
   in validation, prediction and export) folds each level's BatchNorm into its own
   copy of the shared depthwise conv; every other Conv+BN is folded by Ultralytics.
 
+**PyraFAN v2** (:class:`PyraFANv2`, YAML ``PyraFANv2``; ``yolo11n-pyrafan2``, ``yolo26n-pyrafan2``) keeps v1's
+fusion in front of Ultralytics' own ``Detect`` branches, with a learned gate on X2 and the own level added to
+each fusion (see the class); on a YOLO26 neck it has YOLO26's NMS-free one-to-one branch. v1 stays as the
+paper describes it.
+
 Registration. Ultralytics' ``parse_model`` resolves module names in
 ``ultralytics.nn.tasks`` and hands input channels only to classes it lists by
 identity, so a multi-input class of ours cannot be named in a model YAML as is.
@@ -246,9 +251,79 @@ class PyraFAN(Detect):
             self.dw = self.dw_bn = None
 
 
+class LearnedGate(nn.Module):
+    """``X_attn = X * 2 sigmoid(W GAP(X) + b)`` per channel, ``W`` (C x C) and ``b`` zero-initialised: the gate
+    starts as the identity (2 sigmoid(0) = 1) and learns which channels to damp or boost (up to 2x).
+
+    Examples
+    --------
+    At init every channel passes unchanged; with ``b = log 3`` and ``W = 0``, every channel is scaled by 1.5.
+    """
+
+    def __init__(self, c: int):
+        super().__init__()
+        self.fc = nn.Conv2d(c, c, 1)
+        nn.init.zeros_(self.fc.weight)
+        nn.init.zeros_(self.fc.bias)
+
+    def attention(self, x: torch.Tensor) -> torch.Tensor:
+        """``2 a``, ``(B, C, 1, 1)``, in (0, 2)."""
+        return 2 * torch.sigmoid(self.fc(x.mean(dim=(2, 3), keepdim=True)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.attention(x)
+
+
+class ResidualFusion(LevelFusion):
+    """``F_l = Z_l + sum_k W_k Z_k``: :class:`LevelFusion` plus its own level's aligned map, so the level being
+    detected always reaches the head whatever the softmax learns (v1's weights collapse onto the deepest level)."""
+
+    def forward(self, xs: Sequence[torch.Tensor]) -> torch.Tensor:
+        z = self.aligned(xs)
+        w = self.level_weights(z)
+        return z[self.target] + sum(w[:, k : k + 1] * z_k for k, z_k in enumerate(z))
+
+
+class PyraFANv2(Detect):
+    """PyraFAN v2: v1's pyramid fusion in front of Ultralytics' own ``Detect`` branches (what the v1
+    diagnostics asked for; ``benchmarks/results/pyrafan_diagnostics.md``).
+
+    * Level 2: ``X2`` through a :class:`LearnedGate` (v1's parameter-free gate sat near a constant halving).
+    * Levels 3 and 4: :class:`ResidualFusion`, the own level plus v1's softmax-weighted sum.
+    * Width ``C / r`` with ``C = max(ch)``, default ``r = 2`` (v1: 4); a 1x1 Conv brings ``X2`` to it if needed.
+    * Heads: ``Detect``'s ``cv2``/``cv3`` (two 3x3 convs per branch, DFL or not) built on the three fused maps,
+      so everything Ultralytics does with a Detect head applies, YOLO26's one-to-one (end-to-end) branch
+      included: ``[[p2, p3, p4], 1, PyraFANv2, [nc, r]]`` in a YAML with ``end2end: True`` gives an NMS-free head.
+
+    Outputs are ``Detect``'s on the fused maps ``[X2_attn, F3, F4]``.
+    """
+
+    def __init__(self, nc: int = 80, r: int = 2, reg_max: int = 16, end2end: bool = False, ch: Sequence[int] = ()):
+        ch = [int(c) for c in ch]
+        if len(ch) != NUM_LEVELS:
+            raise ValueError(f"PyraFANv2 takes exactly 3 levels (X2, X3, X4), got channels {ch}")
+        c = max(ch)
+        if r < 1 or c % r:
+            raise ValueError(f"r={r} must be >= 1 and divide C = max(ch) = {c}")
+        super().__init__(nc, reg_max, end2end, ch=[c // r] * NUM_LEVELS)
+        self.r, self.c_head = r, c // r
+        self.gate = LearnedGate(ch[0])
+        self.proj2 = nn.Identity() if ch[0] == self.c_head else Conv(ch[0], self.c_head, 1)
+        self.fusion = nn.ModuleList(ResidualFusion(ch, self.c_head, target) for target in (1, 2))  # F3, F4
+
+    def head_inputs(self, x: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """``[X2_attn, F3, F4]``, each ``(B, C/r, H_l, W_l)``, from ``[X2, X3, X4]``."""
+        if len(x) != self.nl:
+            raise ValueError(f"PyraFANv2 expects [X2, X3, X4], got {len(x)} feature maps")
+        return [self.proj2(self.gate(x[0])), *(fusion(x) for fusion in self.fusion)]
+
+    def forward(self, x: list[torch.Tensor]):
+        return super().forward(self.head_inputs(x))
+
+
 # --------------------------------------------------------------------------- Ultralytics registration
 
-HEADS: dict[str, type[Detect]] = {"PyraFAN": PyraFAN}
+HEADS: dict[str, type[Detect]] = {"PyraFAN": PyraFAN, "PyraFANv2": PyraFANv2}
 
 
 def parse_model(d: dict, ch: int, verbose: bool = True):

@@ -79,6 +79,13 @@ def test_collaboration_benchmark_runs_end_to_end(tiny_overrides, tmp_path):
     assert set(other["sweep"]) == {"yolo11n"} and other["images"]["crops"]["frames"] == 4
     assert "## Every site (sites 0, 1;" in md and "| 1 | " in md and "| mean | " in md
     assert "| crops, fuse+keep > both edge and cloud alone | " in md and "| crop zoom |" in md
+    # sliced inference at the edge: the same ground truth as the edge alone, every image and frame, timed
+    sl = res["sliced"]
+    assert sl["images"]["n_gt"] == img["crops"]["edge"]["n_gt"]
+    assert sl["video"]["n_gt"] == res["video"]["crops-all"]["edge"]["n_gt"]
+    assert sl["images"]["edge_ms"] > 0 and sl["video"]["edge_ms"] > 0 and sl["images"]["slice_frac"] == 0.5
+    assert "## Sliced inference at the edge (SAHI, no cloud)" in md
+    assert "| crops, fuse+keep beats slicing at the edge (images mAP50) | " in md
     assert 0 <= res["images_cloud"]["recall"] <= 1 or res["images_cloud"]["recall"] != res["images_cloud"]["recall"]
 
 

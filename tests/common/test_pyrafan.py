@@ -1,5 +1,6 @@
 """Tests for common.pyrafan: the PyraFAN head (paper section 3), its Ultralytics registration and KD levels."""
 
+import copy
 import math
 import subprocess
 import sys
@@ -13,7 +14,7 @@ from torch import nn
 
 from common import yolo
 from common.kd import detection_kd_loss
-from common.pyrafan import ChannelGate, LevelFusion, PyraFAN
+from common.pyrafan import ChannelGate, LearnedGate, LevelFusion, PyraFAN, PyraFANv2, ResidualFusion
 from common.yolo import head_levels
 
 NC = 8
@@ -608,3 +609,97 @@ def test_dynamic_onnx_export_runs_at_other_sizes(pyrafan_n, tmp_path):
             ref = pyrafan_n(torch.from_numpy(x))[0].numpy()
         assert out.shape == ref.shape == (2, 4 + NC, {64: 336, 160: 2100}[size])
         np.testing.assert_allclose(out, ref, atol=1e-4, rtol=1e-5)
+
+
+# --- PyraFAN v2 ----------------------------------------------------------------------------------
+
+
+def test_learned_gate_starts_as_the_identity_and_scales_by_twice_its_sigmoid():
+    """W = 0, b = 0: 2 sigmoid(0) = 1 on every channel; b = log 3: 2 sigmoid(log 3) = 2 * 3/4 = 1.5."""
+    gate = LearnedGate(4)
+    x = torch.randn(2, 4, 5, 5, generator=GEN)
+
+    same = gate(x)
+    with torch.no_grad():
+        gate.fc.bias.fill_(math.log(3))
+    scaled = gate(x)
+
+    torch.testing.assert_close(same, x)
+    torch.testing.assert_close(scaled, 1.5 * x)
+
+
+def test_residual_fusion_adds_the_own_level_to_v1s_mean_at_init():
+    """Zero logits: F_3 = Z_3 + (Z_2 + Z_3 + Z_4) / 3."""
+    fusion = ResidualFusion((8, 16, 32), 8, target=1)
+    xs = _levels()
+
+    z = fusion.aligned(xs)
+
+    torch.testing.assert_close(fusion(xs), z[1] + (z[0] + z[1] + z[2]) / 3)
+
+
+def test_v2_feeds_the_fused_maps_to_detects_own_branches():
+    torch.manual_seed(0)
+    head = PyraFANv2(nc=3, r=4, reg_max=16, ch=(8, 16, 32)).train()
+    head.stride = torch.tensor([4.0, 8.0, 16.0])
+    xs = _levels(size=64)
+
+    preds = head(xs)
+    fused = head.head_inputs(xs)
+
+    # C = 32, r = 4: 8 channels per level; Detect's cv2/cv3 on them: 16 x 16 + 8 x 8 + 4 x 4 anchors
+    assert [f.shape[1] for f in fused] == [8, 8, 8] and len(head.cv2) == len(head.cv3) == 3
+    assert preds["boxes"].shape == (2, 64, 336) and preds["scores"].shape == (2, 3, 336)
+    torch.testing.assert_close(preds["scores"], torch.cat([head.cv3[i](f).flatten(2) for i, f in enumerate(fused)], 2))
+    with pytest.raises(ValueError, match=r"r=3 must be >= 1 and divide C = max\(ch\) = 32"):
+        PyraFANv2(nc=3, r=3, ch=(8, 16, 32))
+
+
+@pytest.mark.parametrize("arch, end2end, strides", [("yolo11n-pyrafan2", False, [4, 8, 16]),
+                                                      ("yolo26n-pyrafan2", True, [4, 8, 16])])
+def test_v2_models_build_on_yolo11_and_yolo26_and_export_to_onnx(arch, end2end, strides, tmp_path):
+    """YOLO26's v2 has the one-to-one branch: its ONNX output is (1, 300, 6) decided boxes, no NMS."""
+    import onnxruntime as ort
+
+    model = yolo.build_model(arch, nc=NC, seed=0)
+    x = np.random.default_rng(0).random((1, 3, 128, 128), dtype=np.float32)
+    for module in model.modules():  # BatchNorm statistics of this input (one pass), so features are not ~0
+        if isinstance(module, nn.BatchNorm2d):
+            module.reset_running_stats()
+            module.momentum = None
+    with torch.no_grad():
+        model.train()(torch.from_numpy(x))
+    model.eval()
+    reference = copy.deepcopy(model)
+    reference.model[-1].end2end = end2end  # torch through the branch the export runs
+    with torch.no_grad():
+        ref = reference(torch.from_numpy(x))[0].numpy()
+
+    path = yolo.export_onnx(model, tmp_path / f"{arch}.onnx", imgsz=128)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (out,) = session.run(None, {session.get_inputs()[0].name: x})
+
+    assert isinstance(model.model[-1], PyraFANv2) and model.stride.tolist() == strides
+    assert yolo.is_end2end(model) is end2end
+    assert out.shape == ref.shape == ((1, 300, 6) if end2end else (1, 4 + NC, 32 * 32 + 16 * 16 + 8 * 8))
+    # BatchNorm folded for the export: boxes of up to ~250 px agree within 0.05 px, scores within 1e-4
+    if not end2end:
+        np.testing.assert_allclose(out, ref, atol=0.05, rtol=1e-4)
+        return
+    # near-tied scores may come out in another order: every row clearly inside the top 300 has its twin
+    sure = ref[0][ref[0, :, 4] > ref[0, -1, 4] + 1e-4]
+    assert len(sure) > 100 and all(np.abs(out[0] - row).max(axis=1).min() < 0.05 for row in sure)
+
+
+def test_adapter_trains_yolo26_pyrafan2_with_the_end_to_end_loss(tmp_path):
+    data = _tiny_dataset(tmp_path)
+    model = yolo.build_model("yolo26n-pyrafan2", nc=2, seed=0, names=["white", "red"])
+    before = yolo.state_dict(model)
+
+    res = yolo.train(model, data, epochs=2, imgsz=128, batch=2, warmup_iters=2, mosaic=0.0, progress=False)
+    ev = yolo.evaluate(model, data, split="val", imgsz=128, batch=2)
+
+    changed = [k for k, v in yolo.state_dict(model).items() if not torch.equal(before[k], v)]
+    assert set(res.loss_items) == {"box_loss", "cls_loss", "l1_loss"} and math.isfinite(res.loss)
+    assert any(".fusion." in k for k in changed) and any(".gate." in k for k in changed)
+    assert any(".one2one_cv3." in k for k in changed) and ev.images == 4 and 0.0 <= ev.map50 <= 1.0
