@@ -30,7 +30,7 @@ def test_kd_benchmark_writes_tables_and_resumes(tiny_overrides, tmp_path, monkey
         assert all(0.0 <= v <= 1.0 for v in r["final_test_map50"].values())
     md = (tmp_path / "kd.md").read_text()
     assert "| none |" in md and "| graph |" in md and "| site-0 |" in md
-    assert "teachers ranked by map_degree (global scope), only more accurate teachers" in md
+    assert "teachers ranked by map_degree (local scope), only more accurate teachers" in md
 
 
 @pytest.mark.parametrize("variant, reused", [("none", True), ("graph", False)])
