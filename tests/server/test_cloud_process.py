@@ -140,7 +140,7 @@ def test_run_serves_the_cloud_and_closes_the_loop(tiny_overrides, tmp_path, capl
         out = run_federation(grid, cfg)
 
     # Assert: round 1 sent both sites the cached base model, and the service's URL and token
-    base = M.cache_root(cfg) / f"base-yolo11n-{M.Recipe.from_config(cfg, 'yolo11n', 1).key()}" / "model.pt"
+    base = M.cache_root(cfg) / f"yolo11n-{M.Recipe.from_config(cfg, 'yolo11n', 1).key()}" / "model.pt"
     round1 = [m for m in sent if m.content[P.CONFIG][P.SERVER_ROUND] == 1]
     assert len(round1) == 2
     token = (out.run_dir / "cloud" / "token").read_text().strip()
