@@ -53,7 +53,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.pyrafan_accuracy import read_split, weights_path
-from benchmarks.harness import cpu_model_name, write_report
+from benchmarks.harness import cpu_model_name, shown, write_report
 from common.config import RoutingConfig
 from common.detections import labels_to_pixels, read_yolo_labels, score
 
@@ -343,7 +343,7 @@ def measure(args, cfg, bench, workdir: Path, site: int) -> dict:
                                     keep_unanswered=False, merge="cloud")  # the paper's merge; MERGES gives the others
     kw = dict(imgsz=cfg.train.imgsz, conf=base.detector_conf, iou=cfg.eval.iou)
     main_arch = args.edge_models[0]
-    result: dict = {"edge_weights": {a: str(p) for a, p in edges.items()}, "cloud_weights": str(cloud)}
+    result: dict = {"edge_weights": {a: shown(p) for a, p in edges.items()}, "cloud_weights": shown(cloud)}
     from common import yolo
 
     # each model's own quality on the test split (PNG, Ultralytics' validator at conf 0.001): context for the rest

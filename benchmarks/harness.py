@@ -84,6 +84,15 @@ def time_interleaved(runners: Mapping[Hashable, Callable], runs: int, warmup: in
                   "p75_ms": float(np.percentile(v, 75)), "runs": len(v)} for key, v in times.items()}
 
 
+def shown(path: Path) -> str:
+    """A model path as the report names it: under ``$CEDAR_HOME`` when it is there (no machine-specific path)."""
+    from common.ultralytics_env import CEDAR_HOME
+
+    path = Path(path).resolve()
+    home = Path(CEDAR_HOME).expanduser().resolve()
+    return f"$CEDAR_HOME/{path.relative_to(home)}" if path.is_relative_to(home) else path.name
+
+
 def write_report(out: str | Path, result: dict | list, markdown: str) -> None:
     """``<out>.json`` and ``<out>.md`` (folders made as needed); the markdown is printed too."""
     out = Path(out)

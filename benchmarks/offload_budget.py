@@ -39,7 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.harness import cpu_model_name, write_report
+from benchmarks.harness import cpu_model_name, shown, write_report
 
 log = logging.getLogger("benchmarks.offload_budget")
 RESULTS = Path(__file__).resolve().parent / "results" / "offload_budget"
@@ -64,15 +64,6 @@ def demo_edge(site: int) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(store, path)
     return path
-
-
-def shown(path: Path) -> str:
-    """A model path as the report names it: under ``$CEDAR_HOME`` when it is there (no machine-specific path)."""
-    from common.yolo import CEDAR_HOME
-
-    path = Path(path).resolve()
-    home = Path(CEDAR_HOME).expanduser().resolve()
-    return f"$CEDAR_HOME/{path.relative_to(home)}" if path.is_relative_to(home) else path.name
 
 
 def cloud_threshold(cfg, bench, cloud: Path) -> float:

@@ -54,6 +54,8 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks.harness import shown
+
 OUT = Path(__file__).resolve().parent / "results" / "scale"
 NUM_CLASSES = 10
 DENSITY_PER_KM2 = 0.08
@@ -267,7 +269,7 @@ def cached_base_weights() -> Path | None:
     """The newest trained base YOLO11n cached by the quick preset (``$CEDAR_HOME/benchmark/models``), if any."""
     from common.ultralytics_env import CEDAR_HOME
 
-    found = sorted((CEDAR_HOME / "benchmark" / "models").glob("base-yolo11n-*/model.pt"), key=os.path.getmtime)
+    found = sorted((CEDAR_HOME / "benchmark" / "models").glob("yolo11n-*/model.pt"), key=os.path.getmtime)
     return found[-1] if found else None
 
 
@@ -310,7 +312,7 @@ def edge_keyframes(weights: str | None, runs: int = 200, warmup: int = 10) -> di
         client.close()
     records = records[warmup:]
     assert all(r["keyframe"] for r in records), "every frame is a keyframe (max_gap=1)"
-    return {"model": "trained base YOLO11n" if weights else "YOLO11n, random class layer", "weights": str(weights),
+    return {"model": "trained base YOLO11n" if weights else "YOLO11n, random class layer", "weights": shown(weights) if weights else None,
             "imgsz": EDGE_IMGSZ, "frame": list(frames[0].shape[:2]), "keyframes": len(records),
             "bare_ort_ms": times["bare_ort"], "keyframe_ms": times["runtime"],
             "ratio": times["runtime"]["median_ms"] / times["bare_ort"]["median_ms"],

@@ -186,8 +186,9 @@ class LocalSite:
         """Local training (distillation when ``kd`` names teachers; Ultralytics' own feature distillation
         from ``feature_teacher``'s weights, the library baseline of ``benchmarks.new_site``, where given), then
         evaluation on val and test, the answer threshold's calibration and the offload options' measurements
-        on val (:meth:`calibrate`, stored with the weights) and the collaboration step on test at that threshold with the offload the budget picks
-        (with ``gallery`` keyframes for the report, see :meth:`collab_round`)."""
+        on val (:meth:`calibrate`, stored with the weights) and the collaboration step on test at that
+        threshold with the offload the budget picks (with ``gallery`` keyframes for the report, see
+        :meth:`collab_round`)."""
         import torch
 
         from common import yolo

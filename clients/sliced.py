@@ -16,17 +16,15 @@ the predictor as BGR tiles. Example::
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import numpy as np
 
 from clients.detector import Predictor
 from common.detections import Detections
 
 
-def sahi_model(predictor: Predictor, conf: float = 0.0, names: Sequence[str] = ()):
-    """``predictor`` as a SAHI detection model (``sahi.models.base.DetectionModel``), keeping scores ``>= conf``;
-    ``names``: the class names SAHI carries (class ids where none)."""
+def sahi_model(predictor: Predictor, conf: float = 0.0):
+    """``predictor`` as a SAHI detection model (``sahi.models.base.DetectionModel``), keeping scores ``>= conf``
+    (SAHI's category names are the class ids)."""
     from sahi.models.base import DetectionModel
     from sahi.prediction import ObjectPrediction
     from sahi.utils.compatibility import fix_full_shape_list, fix_shift_amount_list
@@ -34,7 +32,6 @@ def sahi_model(predictor: Predictor, conf: float = 0.0, names: Sequence[str] = (
     class CedarDetectionModel(DetectionModel):
         def set_model(self, model, **kwargs) -> None:
             self.model = model
-            self.category_mapping = dict(enumerate(names))
 
         def perform_inference(self, image: np.ndarray) -> None:
             self._original_predictions = self.model(image)
@@ -52,7 +49,7 @@ def sahi_model(predictor: Predictor, conf: float = 0.0, names: Sequence[str] = (
                 if x2 - x1 <= 0 or y2 - y1 <= 0:  # SAHI refuses empty boxes; a clipped one can be
                     continue
                 preds.append(ObjectPrediction(bbox=[x1, y1, x2, y2], category_id=int(cls),
-                                              category_name=self.category_mapping.get(int(cls), str(int(cls))),
+                                              category_name=str(int(cls)),
                                               score=float(score), shift_amount=list(shift),
                                               full_shape=None if h is None else [int(h), int(w)]))
             self._object_prediction_list_per_image = [preds]
