@@ -45,7 +45,6 @@ import argparse
 import json
 import logging
 import statistics
-import sys
 import time
 from dataclasses import replace
 from datetime import datetime, timezone
@@ -224,7 +223,7 @@ def _spread(values: list[float]) -> str:
 def summarise(runs: list[dict], sibling_map50: dict[str, float], settings: dict) -> str:
     lines = [
         "# A new site joins with few labels and its own video (paper section 4.3)", "",
-        f"`python -m benchmarks.new_site {settings['argv']}`; {settings['machine']}; built-in benchmark, `quick` "
+        (f"`python -m benchmarks.new_site {settings['argv']}`; {settings['machine']}; built-in benchmark, `quick` "
         f"preset with 5 sites in pairs of one kind ({settings['train_images']} train images each), established "
         f"sites 0-2 trained alone "
         f"{settings['established_rounds']} rounds x {settings['epochs']} epochs from the base model; each arm trains "
@@ -232,7 +231,7 @@ def summarise(runs: list[dict], sibling_map50: dict[str, float], settings: dict)
         f"(+ up to {settings['unlabelled_frames']} frames of its video where the arm says so). Own-test mAP50 "
         f"(Ultralytics' validator, {settings['test_images']} test images); mean ± standard deviation over the seeds. "
         "See the module "
-        "docstring for the arms and what this benchmark does not measure.", "",
+        "docstring for the arms and what this benchmark does not measure."), "",
         "Established sites' own-test mAP50 (fixed during the arms, so no arm changes them): "
         + ", ".join(f"{s} {v:.3f}" for s, v in sorted(sibling_map50.items())) + ".", "",
     ]
@@ -290,6 +289,31 @@ def plot(runs: list[dict], out: Path) -> None:
     plt.close(fig)
 
 
+def command(runs: list[dict], args: argparse.Namespace) -> str:
+    """The arguments that reproduce ``runs`` (all of them, whichever calls made them): their L values and seeds,
+    the arms and sites where not the defaults, and this call's settings where not the defaults.
+
+    Examples
+    --------
+    Runs of L 16 and 32, seeds 0-2, every arm on both sites, default settings → ``"--labelled 16 32 --seeds 0 1 2"``.
+    """
+    parts = [f"--labelled {' '.join(str(v) for v in sorted({r['labelled'] for r in runs}))}",
+             f"--seeds {' '.join(str(v) for v in sorted({r['seed'] for r in runs}))}"]
+    arms = [a for a in ARMS if any(r["arm"] == a for r in runs)]
+    if arms != list(ARMS):
+        parts.append(f"--arms {' '.join(arms)}")
+    sites = sorted({int(r["site"].rsplit("-", 1)[1]) for r in runs})
+    if sites != [TEST_SITE, CONTROL_SITE]:
+        parts.append(f"--sites {' '.join(str(v) for v in sites)}")
+    for flag, value, default in (("--rounds", args.rounds, 3), ("--epochs", args.epochs, 4),
+                                 ("--established-rounds", args.established_rounds, 2)):
+        if value != default:
+            parts.append(f"{flag} {value}")
+    if args.set:
+        parts.append(f"--set {' '.join(args.set)}")
+    return " ".join(parts)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--labelled", type=int, nargs="+", default=[16, 32, 64])
@@ -336,8 +360,7 @@ def main(argv: list[str] | None = None) -> None:
     mine = [r for r in runs if r["settings"] == settings]
     sibling = {fed.sites[i].spec.site_id: fed.test_map50[i] for i in ESTABLISHED}
     machine = f"{cpu_model_name()}, {datetime.now(timezone.utc):%Y-%m-%d}"
-    argv_text = " ".join(argv if argv is not None else sys.argv[1:])
-    markdown = summarise(mine, sibling, {**settings, "argv": argv_text, "machine": machine})
+    markdown = summarise(mine, sibling, {**settings, "argv": command(mine, args), "machine": machine})
     markdown += "\nPlot: `new_site.png` (mean own-test mAP50 per round, per site and L).\n"
     write_report(args.out, {"settings": settings, "established_test_map50": sibling, "runs": mine}, markdown)
     plot(mine, args.out.with_suffix(".png"))

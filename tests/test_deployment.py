@@ -47,9 +47,11 @@ def test_deployment_two_supernodes_one_kd_round(deployment, tiny_overrides):
         "data.num-sites=2", f"output-dir={out_dir}", "run-name=dep", "tracking.wandb=off",
         "federation.num-rounds=2", "kd.mode=graph", "kd.rho=0.5", "kd.start-round=2",
         "kd.fg-threshold=0.0", "federation.wait-for-nodes-s=60", "federation.late-sites=[]",
-        # the paper's in-strength rule and no student-side check: after one tiny round both models score ~0,
-        # and the default rules would (rightly) pick no teacher; this test is about the transport
-        "kd.teacher-rank=degree", "kd.better-only=false", "kd.student-check=false",
+        # the paper's global top-rho set by in-strength and no student-side check: after one tiny round both models
+        # score ~0, and the default rules would (rightly) pick no teacher; this test is about the transport
+        "kd.teacher-scope=global", "kd.teacher-rank=degree", "kd.better-only=false", "kd.student-check=false",
+        # the quick preset's base and cloud models train for minutes; one epoch is enough for the transport
+        "model.base-epochs=1", "model.cloud-epochs=1", "model.cloud=yolo11n",
     ]
     cmd = flwr_run_command(APP_DIR, CONNECTION, "quick", overrides, stream=True)
 

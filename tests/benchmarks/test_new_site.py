@@ -23,6 +23,20 @@ def test_rounds_to_reach_is_the_first_round_at_or_above_the_target():
     assert new_site.rounds_to_reach([0.1, 0.2], 0.45) is None
 
 
+def test_the_reports_command_reproduces_every_run_it_holds_whichever_calls_made_them():
+    """Runs of L 16 (seeds 0, 1) and L 64 (seed 2), two arms on the test site only, made with --rounds 2."""
+    import argparse
+
+    runs = [{"arm": arm, "site": "site-3", "labelled": labelled, "seed": seed}
+            for arm in ("alone", "warm") for labelled, seed in ((16, 0), (16, 1), (64, 2))]
+    args = argparse.Namespace(rounds=2, epochs=4, established_rounds=2, set=[])
+
+    assert new_site.command(runs, args) == "--labelled 16 64 --seeds 0 1 2 --arms alone warm --sites 3 --rounds 2"
+    every = [{**r, "arm": arm, "site": site} for r in runs[:1] for arm in new_site.ARMS for site in ("site-3", "site-4")]
+    assert new_site.command(every, argparse.Namespace(rounds=3, epochs=4, established_rounds=2, set=["a=1"])) == (
+        "--labelled 16 --seeds 0 --set a=1")
+
+
 def test_the_table_gives_each_arms_curve_its_gain_over_alone_and_the_rounds_to_90_percent_of_the_sibling():
     """Sibling site-2 at 0.5 (target 0.45). Alone: seeds end at 0.2 and 0.3 (mean 0.25, sd 0.071); KD: 0.3 and
     0.46 (mean 0.38, sd 0.113, 0.38 / 0.25 - 1 = +52.0 %), reaching 0.45 never and in round 3."""

@@ -124,12 +124,14 @@ def test_run_serves_the_cloud_and_closes_the_loop(tiny_overrides, tmp_path, capl
     from server.federation import run_federation
     from server.local_grid import LocalGrid
 
-    # Prepare: the untrained tiny models detect little; a low answer/label threshold makes the service store
+    # Prepare: the untrained tiny models detect little; a low answer/label threshold makes the service store, and
+    # no offload budget (on a 0-mAP validation split every option ties and the budget picks "none")
     overrides = {**tiny_overrides, "output-dir": str(tmp_path / "out"), "run-name": "r", "tracking.wandb": "off",
                  "federation.num-rounds": 2, "federation.wait-for-nodes-s": 0, "kd.cloud-rounds": "[2]",
                  "federation.late-sites": "[]",
                  "model.base-epochs": 1, "model.cloud-epochs": 1, "model.cloud": "yolo11n",
-                 "cloud.finetune-epochs": 1, "routing.det-conf": 0.01, "routing.candidate-conf": 0.001}
+                 "cloud.finetune-epochs": 1, "routing.det-conf": 0.01, "routing.candidate-conf": 0.001,
+                 "routing.budget": "off"}
     sent = []
     run_config = {"preset": "quick", "overrides": " ".join(f"{k}={v}" for k, v in overrides.items())}
     grid = LocalGrid(run_config, (1, 2), before_send=lambda m: sent.append(m) if m.content else None)
