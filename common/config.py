@@ -222,6 +222,10 @@ class FederationConfig:
     site_binding: str = "connected"
     # sites whose binding a resumed run releases at its start: the next node that claims one is bound to it
     release_sites: list[str] = field(default_factory=list)
+    # the share of the sites with a model that trains each round, in turn (strategies.personalized
+    # .PersonalizedStrategy.sample_nodes): every site trains once every ceil(1 / fraction_train) rounds, a new or
+    # joining site at once. 1: every site every round
+    fraction_train: float = 1.0
 
 
 @dataclass
@@ -268,9 +272,10 @@ class KDConfig:
     # 0: the labelled images only. The frames never leave the site
     unlabelled_frames: int = 0
     pseudo_conf: float = 0.3
-    # a joining site's starting weights when the new-node rule gives it teachers: "base" (what every site starts
-    # from) or "teacher" (its top teacher's model; strategies.graph_kd.GraphKDStrategy.joining_start)
-    new_node_init: str = "base"
+    # a joining site's starting weights when the new-node rule gives it teachers: "teacher" (its top edge teacher's
+    # model; strategies.graph_kd.GraphKDStrategy.joining_start) or "base" (what every site starts from). "teacher"
+    # beats "base" for a joining site at every L of benchmarks/results/new_site.md, on both new sites
+    new_node_init: str = "teacher"
     # graph maintenance (paper Figure 4); each site is re-evaluated once every t_cycle rounds (1/t_cycle per round)
     t_cycle: int = 1
     delta_down: float = 0.05
@@ -442,6 +447,8 @@ def validate(cfg: CedarConfig) -> None:
                 "kd.fg_threshold", "kd.check_margin", "kd.pseudo_conf", "routing.det_conf", "routing.t_conf"):
         if not 0.0 <= flat[key] <= 1.0:
             raise ConfigError(f"{key}={flat[key]!r}: must be in [0, 1]")
+    if not 0.0 < flat["federation.fraction_train"] <= 1.0:
+        raise ConfigError(f"federation.fraction_train={flat['federation.fraction_train']!r}: must be in (0, 1]")
     if flat["routing.candidate_conf"] and not 0.0 < flat["routing.candidate_conf"] < flat["routing.det_conf"]:
         raise ConfigError(f"routing.candidate_conf={flat['routing.candidate_conf']!r}: must be 0 (off) or in "
                           f"(0, routing.det_conf={flat['routing.det_conf']!r})")

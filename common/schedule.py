@@ -118,7 +118,8 @@ class GraphMaintenance:
         self.last_round: int | None = None
         self._nodes: dict[Hashable, _NodeState] = {}
 
-    def plan(self, round: int, present_nodes: Iterable[Hashable], local_map: Mapping[Hashable, float]) -> Plan:
+    def plan(self, round: int, present_nodes: Iterable[Hashable], local_map: Mapping[Hashable, float],
+             idle_nodes: Iterable[Hashable] = ()) -> Plan:
         """Decide this round's evaluations and update the state; call once per round.
 
         Parameters
@@ -129,6 +130,9 @@ class GraphMaintenance:
             The nodes that returned a model this round.
         local_map : mapping node id -> float
             Local-validation mAP of (some of) the present nodes.
+        idle_nodes : iterable of node ids
+            Nodes still in the federation that were not asked to train this round (a sampled round): their
+            model has not changed, so they are neither evaluated nor dropped.
         """
         if self.last_round is not None and round <= self.last_round:
             raise ValueError(f"round must increase: got {round} after {self.last_round}")
@@ -154,7 +158,8 @@ class GraphMaintenance:
                 reasons.setdefault(node, []).append("periodic")
             if node in local_map and self._degraded(state, float(local_map[node])):
                 reasons.setdefault(node, []).append("degraded")
-        dropped = frozenset(node for node, state in self._nodes.items() if state.active and node not in present_set)
+        kept = present_set | set(idle_nodes)
+        dropped = frozenset(node for node, state in self._nodes.items() if state.active and node not in kept)
         for node in dropped:
             self._nodes[node].active = False
 

@@ -237,7 +237,7 @@ def build_strategy(cfg: CedarConfig, names: list[str], bench_yaml: Path, evaluat
         num_classes=len(names), epochs_per_round=cfg.train.epochs_per_round, benchmark_fn=evaluator,
         aggregation=f.aggregation, expected_nodes=num_sites(cfg), wait_for_nodes_s=f.wait_for_nodes_s,
         query_timeout_s=min(f.reply_timeout_s, 120.0), join_round=late_sites(cfg),
-        site_binding=f.site_binding, template=evaluator.template,
+        site_binding=f.site_binding, template=evaluator.template, fraction_train=f.fraction_train,
         mode=k.mode, rho=k.rho, teacher_rank=k.teacher_rank,
         teacher_scope=k.teacher_scope, better_only=k.better_only, sigma_s_km=k.sigma_s_km,
         min_weight=k.min_weight, class_weights=_class_weights(cfg, bench_yaml, len(names)), alpha=k.alpha,

@@ -63,7 +63,7 @@ class GraphKDStrategy(PersonalizedStrategy):
                  start_round: int = 1,
                  cloud_rounds: tuple[int, ...] = (), cloud_fn: CloudFn | None = None, edge_arch: str = "yolo11n",
                  t_cycle: int = 1, delta_down: float = 0.05, patience: int = 2, top_k: int = 32,
-                 cutoff_sigmas: float = 4.0, renorm_tol: float = 0.02, new_node_init: str = "base", **kwargs):
+                 cutoff_sigmas: float = 4.0, renorm_tol: float = 0.02, new_node_init: str = "teacher", **kwargs):
         super().__init__(**kwargs)
         if mode not in ("none", "graph", "all"):
             raise ValueError(f"mode={mode!r}: expected 'none', 'graph' or 'all'")
@@ -106,7 +106,8 @@ class GraphKDStrategy(PersonalizedStrategy):
 
     # ------------------------------------------------------------ evaluation
     def sites_to_evaluate(self, server_round: int, replies: list[NodeReply]) -> dict[str, tuple[str, ...]]:
-        """The maintenance plan: ``{site: reasons}`` (new, returned, periodic, degraded); drops absent sites.
+        """The maintenance plan: ``{site: reasons}`` (new, returned, periodic, degraded); drops absent sites (a site
+        that ``fraction_train`` left out this round is idle: kept, its unchanged model not scored).
 
         Evaluation sharding: the server scores the named sites itself, each on the same
         shared benchmark of fixed size (``benchmark_fn``), so the per-round cost is
@@ -117,7 +118,8 @@ class GraphKDStrategy(PersonalizedStrategy):
         price is one evaluation per named site on the server.
         """
         local_map = {r.site_id: r.metrics[P.VAL_MAP50] for r in replies}
-        plan = self.maintenance.plan(server_round, sorted(local_map), local_map)
+        idle = sorted({self.site_of[n] for n in self.eligible if n not in self._sent and n in self.site_of})
+        plan = self.maintenance.plan(server_round, sorted(local_map), local_map, idle)
         for site_id in plan.dropped:
             self.profiles.pop(site_id, None)
         new = sorted(s for s, reasons in plan.reasons.items() if "new" in reasons)
@@ -236,10 +238,15 @@ class GraphKDStrategy(PersonalizedStrategy):
         """The base class's messages; a student's also carries its KDRequest and its teachers' weights."""
         self.graph_record, self.plan = None, {}
         messages = list(super().configure_train(server_round, arrays, config, grid))
-        present = sorted({self.site_of[m.metadata.dst_node_id] for m in messages
-                          if m.metadata.dst_node_id in self.site_of})
+        # the graph spans every site that may train this round; the students are those that do (fraction_train)
+        present = sorted({self.site_of[n] for n in self.eligible if n in self.site_of}) if messages else []
+        students = {self.site_of.get(m.metadata.dst_node_id) for m in messages}
         self.joining_profiles(server_round, present, arrays)
         plan = self.teacher_plan(server_round, present) if messages else {}
+        plan = {s: ts for s, ts in plan.items() if s in students}
+        if self.graph_record is not None:
+            self.graph_record["teachers_for"] = {s: ts for s, ts in self.graph_record["teachers_for"].items()
+                                                 if s in students}
         cloud = self.cloud_fn(server_round) if any("cloud" in t for t in plan.values()) else None
         for msg in messages:
             student = self.site_of.get(msg.metadata.dst_node_id)

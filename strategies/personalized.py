@@ -29,7 +29,9 @@ Round ``r``:
    message *per node*: that site's own weights (its last reply) or, with
    ``aggregation="fedavg"``, the global weights Flower passes in, and the round's
    training config. Rounds up to ``completed_round`` (a resumed run) send
-   nothing, and a site in ``join_round`` gets nothing before its join round.
+   nothing, a site in ``join_round`` gets nothing before its join round, and
+   with ``fraction_train`` < 1 only that share of the sites trains, in turn
+   (:meth:`PersonalizedStrategy.sample_nodes`).
 2. ``aggregate_train``: replies are validated (a failed, missing or malformed
    reply, weights that are not finite or do not fit the server's model
    (``template``), a site claimed by another node: logged and dropped; the round
@@ -46,6 +48,7 @@ Round ``r``:
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -141,11 +144,15 @@ class PersonalizedStrategy(Strategy):
                  aggregation: str = "none", train_config: Mapping[str, Any] | None = None, expected_nodes: int = 0,
                  wait_for_nodes_s: float = 120.0, query_timeout_s: float = 120.0,
                  join_round: Mapping[str, int] | None = None, on_round_end: RoundEndFn | None = None,
-                 site_binding: str = "connected", template: ArrayRecord | None = None, on_bind: BindFn | None = None):
+                 site_binding: str = "connected", template: ArrayRecord | None = None, on_bind: BindFn | None = None,
+                 fraction_train: float = 1.0):
         if aggregation not in ("none", "fedavg"):
             raise ValueError(f"aggregation={aggregation!r}: expected 'none' or 'fedavg'")
         if site_binding not in SITE_BINDINGS:
             raise ValueError(f"site_binding={site_binding!r}: expected one of {SITE_BINDINGS}")
+        if not 0.0 < fraction_train <= 1.0:
+            raise ValueError(f"fraction_train={fraction_train!r}: expected a share in (0, 1]")
+        self.fraction_train = fraction_train
         self.num_classes = num_classes
         self.epochs_per_round = epochs_per_round
         self.benchmark_fn = benchmark_fn
@@ -171,12 +178,15 @@ class PersonalizedStrategy(Strategy):
         self.last_round: RoundRecord | None = None
         self._waited = False
         self._sent: dict[int, Message] = {}  # this round's train messages by node id
+        self.eligible: list[int] = []  # this round's nodes that may train (fraction_train picks among them)
 
     def summary(self) -> None:
         log(INFO, "\t├── Personalised models (aggregation: %s)", self.aggregation)
         if self.join_round:
             log(INFO, "\t├── Late sites: %s",
                 ", ".join(f"{s} at round {r}" for s, r in sorted(self.join_round.items())))
+        if self.fraction_train < 1.0:
+            log(INFO, "\t├── Sites trained per round: %s of those connected, in turn", self.fraction_train)
         log(INFO, "\t└── Local epochs per round: %s", self.epochs_per_round)
 
     # --------------------------------------------------------------- identity
@@ -308,7 +318,8 @@ class PersonalizedStrategy(Strategy):
         if server_round <= self.completed_round:
             log(INFO, "configure_train: round %s is done already (resumed run): skipped", server_round)
             return []
-        node_ids = self.train_nodes(server_round, grid)
+        self.eligible = self.train_nodes(server_round, grid)
+        node_ids = self.sample_nodes(server_round, self.eligible)
         initial = arrays if arrays is not None and len(arrays) else None  # empty: every node builds its own
         for node_id in node_ids:
             content = RecordDict({P.CONFIG: ConfigRecord({**self.round_config(server_round), **dict(config or {})})})
@@ -321,6 +332,31 @@ class PersonalizedStrategy(Strategy):
         log(INFO, "configure_train: round %s, %s of %s nodes", server_round, len(self._sent),
             len(grid.get_node_ids()))
         return list(self._sent.values())
+
+    def sample_nodes(self, server_round: int, nodes: list[int]) -> list[int]:
+        """The share ``fraction_train`` of ``nodes`` that trains this round, in turn, so that every site trains
+        once every ``ceil(1 / fraction_train)`` rounds; a node whose site has no model here yet (new, joining, or
+        not identified) always trains.
+
+        The sites with a model, sorted by id, are taken ``k = ceil(fraction_train * n)`` at a time from position
+        ``(server_round - 1) * k`` on, wrapping around.
+
+        Examples
+        --------
+        Sites a-e with models, fraction 0.4: k = 2, so round 1 trains a, b; round 2 c, d; round 3 e, a.
+        """
+        if self.fraction_train >= 1.0:
+            return nodes
+        known = sorted((self.site_of[n], n) for n in nodes if self.site_of.get(n) in self.arrays)
+        always = [n for n in nodes if self.site_of.get(n) not in self.arrays]
+        if not known:
+            return nodes
+        k = math.ceil(self.fraction_train * len(known))
+        start = (server_round - 1) * k
+        turn = [known[(start + i) % len(known)][1] for i in range(k)]
+        log(INFO, "configure_train: round %s trains %s of %s sites with a model (federation.fraction-train %s)"
+            " and %s without", server_round, k, len(known), self.fraction_train, len(always))
+        return sorted(turn + always)
 
     def parse_reply(self, msg: Message) -> NodeReply:
         """Validate one reply; raises :class:`common.protocol.ProtocolError` naming the problem."""

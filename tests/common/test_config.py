@@ -204,6 +204,8 @@ def test_wrong_type_is_named(overrides, key):
         ({"data.small_fraction": 1.5}, "data.small_fraction"),
         ({"data.occlusion-prob": -0.1}, "data.occlusion_prob"),
         ({"federation.aggregation": "median"}, "federation.aggregation"),
+        ({"federation.fraction-train": 0}, "federation.fraction_train"),
+        ({"federation.fraction-train": 1.5}, "federation.fraction_train"),
         ({"tracking.wandb": "maybe"}, "tracking.wandb"),
         ({"data.num-sites": 0}, "data.num_sites"),
         ({"train.epochs-per-round": -1}, "train.epochs_per_round"),

@@ -141,6 +141,19 @@ def test_leaving_node_is_dropped_and_returning_node_is_reevaluated():
     assert b_state["map_count"] == 2 and b_state["active"]
 
 
+def test_an_idle_node_is_neither_dropped_nor_evaluated_and_trains_on_without_being_returned():
+    """A node left out of a sampled round (idle) stays in the graph: not dropped, not scored (its model has not
+    changed), even on its periodic turn; when it trains again it is not "returned"."""
+    m = GraphMaintenance(t_cycle=1, delta_down=0.05, patience=2)  # t_cycle 1: every node's turn is every round
+    m.plan(1, ["a", "b"], {"a": 0.5, "b": 0.7})
+
+    idle = m.plan(2, ["a"], {"a": 0.5}, idle_nodes=["b"])
+    again = m.plan(3, ["b"], {"b": 0.7}, idle_nodes=["a"])
+
+    assert idle.dropped == frozenset() and idle.reasons == {"a": ("periodic",)}
+    assert again.dropped == frozenset() and again.reasons == {"b": ("periodic",)}
+
+
 def test_state_dict_round_trip_resumes_identically():
     """Paper 4.3 Fig. 4 as a continuous process: a server killed after round 3 resumes with the same plans."""
     # Prepare: node b joins late, a degrades; values chosen so that several triggers fire

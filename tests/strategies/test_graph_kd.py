@@ -103,6 +103,26 @@ def test_local_scope_lets_every_site_learn_from_the_sites_ranked_above_it():
             assert plan[student] == pytest.approx(mixing)
 
 
+def test_with_fraction_train_the_graph_spans_every_site_and_only_the_sites_in_turn_are_students():
+    """The paper's rule on sites 1-3 gives student site-3 the teachers site-1 and site-2 (common.graph). With
+    fraction_train 0.3 one site trains per round after round 1: round 2 site-2 (a teacher: no KD), round 3 site-3,
+    which distils from both teachers, though neither trains that round, with their last weights."""
+    grid = FakeGrid([1, 2, 3], reply=_reply)
+    strategy = _strategy(teacher_rank="degree", better_only=False, fraction_train=0.3)
+
+    _run(strategy, grid, 3)
+
+    _, expected = _expected_plan(paper_rule=True)
+    assert [[m.metadata.dst_node_id for m in sent] for sent in grid.sent] == [[1, 2, 3], [2], [3]]
+    assert not _kd_msgs(grid, 1)
+    (msg,) = _kd_msgs(grid, 2)
+    ids = list(msg.content[P.CONFIG][P.TEACHER_IDS])
+    assert dict(zip(ids, msg.content[P.CONFIG][P.TEACHER_WEIGHTS])) == pytest.approx(expected["site-3"])
+    assert [msg.content[P.teacher_record(i)]["w"].numpy().tolist() for i in range(2)] == [[1.0], [2.0]]
+    assert strategy.graph_record["teachers_for"].keys() == {"site-3"}
+    assert sorted(n["id"] for n in strategy.graph_record["nodes"]) == ["site-1", "site-2", "site-3"]
+
+
 def test_bad_teacher_rank_is_an_error_naming_it():
     with pytest.raises(ValueError, match="'best'"):
         _strategy(teacher_rank="best")
@@ -406,7 +426,7 @@ def test_a_joining_site_gets_its_teachers_in_its_first_round_from_the_starting_w
 
     grid = FakeGrid([1, 2, 3], reply=_reply)
     strategy = _strategy(join_round={"site-3": 2}, benchmark_fn=benchmark, start_round=2, teacher_scope="local",
-                         t_cycle=5)  # periodic turns as above: round 2 scores only the new site
+                         t_cycle=5, new_node_init="base")  # periodic turns as above: round 2 scores only the new site
 
     with caplog.at_level("INFO", logger="flwr"):
         rounds = _run(strategy, grid, 2, initial=_arrays(0.0))
@@ -423,7 +443,7 @@ def test_a_joining_site_gets_its_teachers_in_its_first_round_from_the_starting_w
     (kd_msg,) = [m for m in _kd_msgs(grid, 1) if m.metadata.dst_node_id == 3]
     assert dict(zip(kd_msg.content[P.CONFIG][P.TEACHER_IDS], kd_msg.content[P.CONFIG][P.TEACHER_WEIGHTS])) == \
         pytest.approx(expected["site-3"])
-    assert kd_msg.content[P.ARRAYS]["w"].numpy().tolist() == [0.0]  # it starts from the starting weights
+    assert kd_msg.content[P.ARRAYS]["w"].numpy().tolist() == [0.0]  # kd.new-node-init=base: the starting weights
     # after its round, its own score replaces the joining profile
     assert strategy.profiles["site-3"]["ap"] == AP[3] and strategy.profiles["site-3"]["reasons"] == ["new"]
     assert any("site-3 join with the starting weights' profile" in r.getMessage() for r in caplog.records)

@@ -286,6 +286,29 @@ def test_late_site_gets_no_message_before_its_join_round():
                                                                           ["site-1", "site-2", "site-3"]]
 
 
+def test_fraction_train_trains_the_sites_in_turn_and_a_joining_site_at_once():
+    """fraction 0.4 of sites 1-5: round 1 trains all five (none has a model yet); then k = ceil(0.4 * 5) = 2 sites
+    a round from position (r - 1) * 2 of the sorted sites, wrapping: round 2 sites 3 and 4, round 3 sites 5 and 1,
+    and site-6, joining in round 3 without a model, trains at once. Each site's own weights go back to it."""
+    grid = FakeGrid(range(1, 7), reply=lambda m: Message(_content(m.metadata.dst_node_id,
+                                                                  _arrays(float(m.metadata.dst_node_id))), reply_to=m))
+    strategy = _strategy(join_round={"site-6": 3}, fraction_train=0.4)
+
+    rounds = _run(strategy, grid, num_rounds=3)
+
+    assert [sorted(m.metadata.dst_node_id for m in sent) for sent in grid.sent] == [[1, 2, 3, 4, 5], [3, 4],
+                                                                                    [1, 5, 6]]
+    assert [_weights(m) for m in grid.sent[2][:2]] == [[1.0], [5.0]] and P.ARRAYS not in grid.sent[2][2].content
+    assert [sorted(r.site_id for r in record.replies) for record in rounds][1:] == [["site-3", "site-4"],
+                                                                                    ["site-1", "site-5", "site-6"]]
+
+
+@pytest.mark.parametrize("fraction", [0.0, 1.5])
+def test_fraction_train_outside_0_1_is_an_error_naming_it(fraction):
+    with pytest.raises(ValueError, match=f"fraction_train={fraction}"):
+        _strategy(fraction_train=fraction)
+
+
 def test_rounds_completed_before_a_resume_send_nothing():
     grid = FakeGrid([1, 2], reply=lambda m: Message(_content(m.metadata.dst_node_id, _arrays(1.0)), reply_to=m))
     strategy = _strategy()
