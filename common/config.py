@@ -226,6 +226,13 @@ class FederationConfig:
     # .PersonalizedStrategy.sample_nodes): every site trains once every ceil(1 / fraction_train) rounds, a new or
     # joining site at once. 1: every site every round
     fraction_train: float = 1.0
+    # the simulation engine (cedar-simulate, Flower's Ray backend): each simulated ClientApp reserves client_cpus
+    # CPUs (0: train.threads, the threads it trains with) and client_gpus GPUs (a share: 0.5 puts two on a GPU),
+    # and Ray uses sim_cpus CPUs in all (0: every CPU of the machine), so sim_cpus // client_cpus ClientApps train
+    # at once (a 32-site round's peak memory: benchmarks/results/scale.md)
+    client_cpus: int = 0
+    client_gpus: float = 0.0
+    sim_cpus: int = 0
 
 
 @dataclass
@@ -447,6 +454,9 @@ def validate(cfg: CedarConfig) -> None:
                 "kd.fg_threshold", "kd.check_margin", "kd.pseudo_conf", "routing.det_conf", "routing.t_conf"):
         if not 0.0 <= flat[key] <= 1.0:
             raise ConfigError(f"{key}={flat[key]!r}: must be in [0, 1]")
+    for key in ("federation.client_cpus", "federation.client_gpus", "federation.sim_cpus"):
+        if flat[key] < 0:
+            raise ConfigError(f"{key}={flat[key]!r}: must be >= 0")
     if not 0.0 < flat["federation.fraction_train"] <= 1.0:
         raise ConfigError(f"federation.fraction_train={flat['federation.fraction_train']!r}: must be in (0, 1]")
     if flat["routing.candidate_conf"] and not 0.0 < flat["routing.candidate_conf"] < flat["routing.det_conf"]:

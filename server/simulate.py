@@ -3,7 +3,9 @@
 It does what the bare ``flwr run .`` leaves to the user:
 
 - validates the config first (a bad key fails here, naming the key);
-- sets ``num-supernodes`` to the number of sites in the config;
+- sets ``num-supernodes`` to the number of sites in the config, and the CPUs and GPUs each simulated ClientApp
+  reserves (``federation.client-cpus``, default ``train.threads``; ``federation.client-gpus``) and Ray's
+  CPUs in all (``federation.sim-cpus``);
 - sets ``FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1`` so Flower uses this
   (already installed) environment instead of building a fresh one per run, and
   ``RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO=0`` (Ray's future default, without its warning);
@@ -13,7 +15,8 @@ It does what the bare ``flwr run .`` leaves to the user:
 Equivalent manual command (quick preset, 4 sites)::
 
     FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1 flwr run . --stream \\
-        --federation-config "num-supernodes=4" --run-config "preset='quick'"
+        --federation-config "num-supernodes=4 client-resources-num-cpus=2 client-resources-num-gpus=0.0" \\
+        --run-config "preset='quick'"
 """
 
 from __future__ import annotations
@@ -68,12 +71,19 @@ def stop_local_superlinks(timeout: float = 15.0) -> int:
     return len(procs)
 
 
-def build_command(preset: str, overrides: list[str], num_nodes: int, app_dir: Path = APP_DIR) -> list[str]:
+def build_command(preset: str, overrides: list[str], num_nodes: int, app_dir: Path = APP_DIR,
+                  client_cpus: int = 2, client_gpus: float = 0.0, sim_cpus: int = 0) -> list[str]:
+    """``flwr run`` of the app: the preset and overrides as its run config, the simulation's size and resources
+    (``federation.client-cpus``, ``client-gpus``, ``sim-cpus``; 0 sim_cpus: Ray takes every CPU) as its
+    federation config."""
     run_config = f"preset={_toml_str(preset)}"
     if overrides:
         run_config += f" overrides={_toml_str(shlex.join(overrides))}"
-    return ["flwr", "run", str(app_dir), "--stream", "--run-config", run_config,
-            "--federation-config", f"num-supernodes={num_nodes}"]
+    federation = (f"num-supernodes={num_nodes} client-resources-num-cpus={int(client_cpus)} "
+                  f"client-resources-num-gpus={float(client_gpus)}")
+    if sim_cpus:
+        federation += f" init-args-num-cpus={int(sim_cpus)}"
+    return ["flwr", "run", str(app_dir), "--stream", "--run-config", run_config, "--federation-config", federation]
 
 
 def _toml_str(value: str) -> str:
@@ -112,8 +122,13 @@ def main(argv: list[str] | None = None) -> int:
     # Ray (the simulation engine) leaves CUDA_VISIBLE_DEVICES alone for CPU-only actors, and says nothing about it
     env = dict(os.environ, FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1", RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO="0")
     was_running = bool(local_superlinks())
-    cmd = build_command(args.preset, args.overrides, n)
-    print(f"cedar-simulate: {n} sites, {cfg.federation.num_rounds} rounds: {shlex.join(cmd)}", flush=True)
+    f = cfg.federation
+    cpus = f.client_cpus or cfg.train.threads
+    cmd = build_command(args.preset, args.overrides, n, client_cpus=cpus, client_gpus=f.client_gpus,
+                        sim_cpus=f.sim_cpus)
+    at_once = max(1, (f.sim_cpus or os.cpu_count() or 1) // cpus)
+    print(f"cedar-simulate: {n} sites, {f.num_rounds} rounds, up to {min(n, at_once)} ClientApps at once "
+          f"({cpus} CPUs each): {shlex.join(cmd)}", flush=True)
     t0 = time.monotonic()
     try:
         rc = subprocess.call(cmd, env=env, cwd=APP_DIR)

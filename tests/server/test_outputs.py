@@ -182,13 +182,20 @@ def test_build_command_exact_argv():
 
     assert cmd == ["flwr", "run", "/app", "--stream", "--run-config",
                    'preset="quick" overrides="federation.num-rounds=5 train.batch=4"',
-                   "--federation-config", "num-supernodes=4"]
+                   "--federation-config", "num-supernodes=4 client-resources-num-cpus=2 client-resources-num-gpus=0.0"]
 
 
-def test_build_command_without_overrides():
-    cmd = build_command("paper", [], 6, app_dir=Path("/app"))
+def test_build_command_without_overrides_with_resources_that_flower_parses():
+    """What ``flwr run`` makes of the federation config: Flower's own parser and its SimulationConfig message."""
+    from flwr.supercore.utils import simulation_config_from_json
 
-    assert cmd[4:] == ["--run-config", 'preset="paper"', "--federation-config", "num-supernodes=6"]
+    cmd = build_command("paper", [], 6, app_dir=Path("/app"), client_cpus=4, client_gpus=0.5, sim_cpus=16)
+
+    federation = "num-supernodes=6 client-resources-num-cpus=4 client-resources-num-gpus=0.5 init-args-num-cpus=16"
+    assert cmd[4:] == ["--run-config", 'preset="paper"', "--federation-config", federation]
+    parsed = simulation_config_from_json({k.replace("-", "_"): v for k, v in parse_config_args([cmd[7]]).items()})
+    assert (parsed.num_supernodes, parsed.client_resources_num_cpus, parsed.client_resources_num_gpus,
+            parsed.init_args_num_cpus) == (6, 4, 0.5, 16)
 
 
 def test_build_command_round_trips_through_flower_and_from_run_config():
@@ -268,12 +275,28 @@ def test_main_runs_flwr_with_one_supernode_per_site(monkeypatch, tmp_path, capsy
     # Assert
     assert rc == 0
     (cmd, env, cwd), = calls
-    assert cmd == build_command("quick", ["data.noisy-site=true", f"output-dir={tmp_path}", "run-name=r7"], 5)
+    assert cmd == build_command("quick", ["data.noisy-site=true", f"output-dir={tmp_path}", "run-name=r7"], 5,
+                                client_cpus=2)  # train.threads
     assert env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] == "1"
     assert cwd == simulate.APP_DIR
     assert stopped == [1]
     out = capsys.readouterr().out
     assert "5 sites, 3 rounds" in out and "finished" in out
+
+
+def test_main_sizes_the_simulation_from_the_config(monkeypatch, tmp_path, capsys):
+    """federation.client-cpus=1 and sim-cpus=3: each ClientApp reserves 1 CPU, Ray takes 3: 3 at once."""
+    calls = []
+    monkeypatch.setattr(simulate.subprocess, "call", lambda cmd, env, cwd: calls.append(cmd) or 1)
+    monkeypatch.setattr(simulate, "local_superlinks", lambda: [])
+    monkeypatch.setattr(simulate, "stop_local_superlinks", lambda: None)
+
+    simulate.main(["federation.client-cpus=1", "federation.sim-cpus=3", "federation.client-gpus=0.25",
+                   f"output-dir={tmp_path}"])
+
+    assert calls[0][-1] == ("num-supernodes=4 client-resources-num-cpus=1 client-resources-num-gpus=0.25 "
+                            "init-args-num-cpus=3")
+    assert "up to 3 ClientApps at once (1 CPUs each)" in capsys.readouterr().out
 
 
 def test_main_reports_failure_when_the_server_app_did_not_finish(monkeypatch, tmp_path, capsys):
