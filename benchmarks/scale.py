@@ -11,6 +11,8 @@ subprocess per size so that the peak memory (``ru_maxrss``) is that path's alone
 * ``sparse`` (what the server does): the sparse graph kept between rounds and updated in
   the rows of the sites evaluated (``common.graph.update_graph``); the periodic refresh
   spread over rounds with ``t_cycle = 100``, so 1 % of the sites is re-evaluated per round.
+* ``sampled``: ``sparse`` with ``federation.fraction-train`` 0.1: a tenth of the sites trains each round,
+  in turn; the graph keeps every site.
 * ``dense`` (the reference): ``build_graph(method="dense")`` from scratch every round and
   every site evaluated every round (``t_cycle = 1``).
 
@@ -58,6 +60,8 @@ from benchmarks.harness import shown
 
 OUT = Path(__file__).resolve().parent / "results" / "scale"
 NUM_CLASSES = 10
+SAMPLED_FRACTION = 0.1  # federation.fraction-train of the sampled path
+PATHS = ("sparse", "sampled", "dense")
 DENSITY_PER_KM2 = 0.08
 SECONDS_PER_EVALUATION = 180.0 / 32  # issue 21: 3 min 00 s for 32 site models at quick sizes
 
@@ -142,7 +146,7 @@ def _strategy(path: str, nodes: FakeNodes):
     cls = DenseStrategy if path == "dense" else GraphKDStrategy
     strategy = cls(num_classes=NUM_CLASSES, epochs_per_round=1, benchmark_fn=benchmark_fn, mode="graph",
                    rho=0.3, start_round=2, t_cycle=1 if path == "dense" else 100, wait_for_nodes_s=0.0,
-                   expected_nodes=len(nodes.sites))
+                   expected_nodes=len(nodes.sites), fraction_train=SAMPLED_FRACTION if path == "sampled" else 1.0)
     return strategy, evaluations
 
 
@@ -175,6 +179,7 @@ def run_federation(n: int, path: str, rounds: int) -> dict:
         per_round.append({"round": r, "server_s": seconds, "configure_train_s": graph_seconds,
                           "evaluations": len(evaluations) - done, "rows_computed": graph.get("rows_computed", n),
                           "arcs": len(graph.get("arcs", [])), "students_with_teachers": len(strategy.plan),
+                          "messages": len(messages),
                           "rss_mib": current, "peak_rss_mib": peak})
         print(json.dumps({"n": n, "path": path, **per_round[-1]}), file=sys.stderr, flush=True)
     return {"n": n, "path": path, "rounds": per_round}
@@ -396,7 +401,8 @@ def _child(args: list[str]) -> dict:
 def _steady(result: dict) -> dict:
     """Mean of rounds 3.. (graph kept and updated), or the last round when there are fewer."""
     rounds = [r for r in result["rounds"] if r["round"] >= 3] or result["rounds"][-1:]
-    return {k: float(np.mean([r[k] for r in rounds])) for k in ("server_s", "evaluations", "rows_computed")} | {
+    keys = ("server_s", "evaluations", "rows_computed", "messages")
+    return {k: float(np.mean([r.get(k, np.nan) for r in rounds])) for k in keys} | {
         "peak_rss_mib": max(r["peak_rss_mib"] for r in result["rounds"])}
 
 
@@ -408,24 +414,26 @@ def markdown(report: dict) -> str:
     graphs = {g["n"]: g for g in report.get("graphs", [])}
     lines = [
         "# Scale: server cost per round, graph, keyframes, edge hot path (issue 21)", "",
-        f"Machine: {report['machine']}. The machine is shared with other jobs while this runs, so absolute "
-        "seconds are pessimistic; the ratios compare paths measured in the same run. Load average (1, 5, 15 min) "
+        f"Machine: {report['machine']}. Absolute seconds depend on what else the machine ran (the load averages "
+        "here); the ratios compare paths measured in the same run. Load average (1, 5, 15 min) "
         "before and after each part: " + "; ".join(f"{part} {load['before']} / {load['after']}"
                                                    for part, load in report["load"].items()) + ".", "",
         "Command: `python -m benchmarks.scale` (fake nodes, no training; see the module docstring).", "",
     ]
     if fed:
         lines += ["## Server time per round (steady state: rounds 3-4, 1 % of the sites re-evaluated)", "",
-                  ("| sites | path | server s/round | evaluations/round | at 5.6 s each | graph rows computed | "
-                   "peak RSS MiB |"), "|---:|---|---:|---:|---:|---:|---:|"]
+                  ("| sites | path | server s/round | train messages/round | evaluations/round | at 5.6 s each | "
+                   "graph rows computed | peak RSS MiB |"), "|---:|---|---:|---:|---:|---:|---:|---:|"]
         for n in report["sizes"]:
-            for path in ("sparse", "dense"):
+            for path in PATHS:
+                if path == "sampled" and (n, path) not in fed:
+                    continue
                 if (n, path) not in fed:
                     lines.append(f"| {n:,} | {path} | not run (all-pairs Python loop: see the graph table) | {n:,} | "
-                                 f"{n * SECONDS_PER_EVALUATION / 60:,.0f} min | {n:,} | |")
+                                 f"{n:,} | {n * SECONDS_PER_EVALUATION / 60:,.0f} min | {n:,} | |")
                     continue
                 st = _steady(fed[n, path])
-                lines.append(f"| {n:,} | {path} | {st['server_s']:.2f} | {st['evaluations']:.0f} | "
+                lines.append(f"| {n:,} | {path} | {st['server_s']:.2f} | {st['messages']:,.0f} | {st['evaluations']:.0f} | "
                              f"{st['evaluations'] * SECONDS_PER_EVALUATION / 60:.1f} min | {st['rows_computed']:.0f} | "
                              f"{st['peak_rss_mib']:.0f} |")
         lines += ["", "Per round, every path (server seconds; round 1 evaluates every site, as all are new):", "",
@@ -541,7 +549,7 @@ def main(argv: list[str] | None = None) -> None:
                                 for n in args.sizes]
         if "federation" in args.parts:
             report["federations"] = [_child(["federation", str(n), path, str(args.rounds)]) for n in args.sizes
-                                     for path in (("sparse", "dense") if n <= args.dense_max else ("sparse",))]
+                                     for path in (PATHS if n <= args.dense_max else PATHS[:2])]
         report["load"][" and ".join(p for p in ("federation", "graph") if p in args.parts)] = \
             {"before": before, "after": _load()}
     if "edge" in args.parts:

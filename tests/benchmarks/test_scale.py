@@ -23,6 +23,17 @@ def test_sparse_path_evaluates_one_percent_after_round_one_and_dense_path_everyo
     assert dense[1]["arcs"] >= sparse[1]["arcs"] and dense[2]["rows_computed"] == 200
 
 
+def test_sampled_path_sends_a_tenth_of_the_sites_a_round_and_keeps_all_of_them_in_the_graph():
+    """fraction-train 0.1 of 200 sites: round 1 trains all (none has a model), then ceil(0.1 * 200) = 20 a round;
+    only those can be re-scored; round 2's graph spans all 200 sites, as the sparse path's does."""
+    sampled = scale.run_federation(200, "sampled", 4)["rounds"]
+    sparse = scale.run_federation(200, "sparse", 2)["rounds"]
+
+    assert [r["messages"] for r in sampled] == [200, 20, 20, 20]
+    assert sampled[0]["evaluations"] == 200 and all(r["evaluations"] <= 20 for r in sampled[1:])
+    assert sampled[1]["arcs"] == sparse[1]["arcs"] > 0 and sampled[1]["rows_computed"] == 200
+
+
 def test_graph_timings_compare_the_same_profiles():
     out = scale.graph_timings(150, dense=True)
     assert out["n"] == 150 and 0 < out["sparse_arcs"] <= out["dense_arcs"] <= 150 * 149
