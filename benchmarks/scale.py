@@ -36,6 +36,7 @@ boxes above the candidate threshold are the hard case for NMS, tracking and the 
 
     python -m benchmarks.scale [--parts federation graph keyframes edge simulation] [--sizes 100 1000 10000]
         [--dense-max 1000] [--rounds 4] [--edge-weights model.pt] [--sim-sites 32] [--sim-rounds 3]
+        [--sim-set KEY=VALUE ...]
 
 The simulation part (:func:`simulated_rounds`) is the one with real training: ``cedar-simulate`` with 32 sites
 and 1 epoch per round, per round its wall time, the server's evaluation inside it and the machine's peak memory.
@@ -461,10 +462,10 @@ def markdown(report: dict) -> str:
                   f"| every pixel (oversample=0) | {kf['every_pixel_fps']:.0f} |",
                   f"| sampled 4x grid (default) | {kf['sampled_fps']:.0f} |",
                   f"| ratio | {kf['sampled_fps'] / kf['every_pixel_fps']:.1f}x |", ""]
-    if "simulation" in report:
-        sim = report["simulation"]
+    for sim in report.get("simulations", []):
         lines += [f"## A simulated federation of {sim['sites']} sites (real training, quick sizes, 1 epoch per round)",
-                  "", (f"`python -m benchmarks.scale --parts simulation` runs `{sim['command']}` and times each round "
+                  "", (f"`python -m benchmarks.scale --parts simulation{sim.get('args', '')}` runs `{sim['command']}` "
+                       "and times each round "
                        "from its `[ROUND k/n]` line to the next; *server evaluation* is the server scoring the "
                        "sites the maintenance rules name on the shared benchmark, one after another. Peak memory "
                        "is the memory in use on the machine above what was in use before the run "
@@ -509,6 +510,8 @@ def main(argv: list[str] | None = None) -> None:
                                                "YOLO11n of the quick preset, when there is one)")
     parser.add_argument("--sim-sites", type=int, default=32, help="sites of the simulation part")
     parser.add_argument("--sim-rounds", type=int, default=3, help="rounds of the simulation part")
+    parser.add_argument("--sim-set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="config overrides of the simulation part (each set of overrides is its own table)")
     parser.add_argument("--out", default=str(OUT))
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -521,7 +524,7 @@ def main(argv: list[str] | None = None) -> None:
         elif kind == "edge":
             result = edge_keyframes(rest[0] if rest else None)
         elif kind == "simulation":
-            result = simulated_rounds(int(rest[0]), int(rest[1]))
+            result = simulated_rounds(int(rest[0]), int(rest[1]), overrides=tuple(rest[2:]))
         else:
             result = keyframe_fps()
         print(json.dumps(result))
@@ -557,10 +560,14 @@ def main(argv: list[str] | None = None) -> None:
         weights = args.edge_weights or cached_base_weights()
         report["edge"] = ([_child(["edge", str(weights)])] if weights else []) + [_child(["edge"])]
         report["load"]["edge"] = {"before": before, "after": _load()}
+    if "simulation" in report:  # a report written when it held one simulation
+        report["simulations"] = [report.pop("simulation")]
     if "simulation" in args.parts:
         before = _load()
-        report["simulation"] = _child(["simulation", str(args.sim_sites), str(args.sim_rounds)])
-        report["load"]["simulation"] = {"before": before, "after": _load()}
+        sim = _child(["simulation", str(args.sim_sites), str(args.sim_rounds), *args.sim_set])
+        sim["args"] = "".join(f" --sim-set {v}" for v in args.sim_set)
+        report["simulations"] = [s for s in report.get("simulations", []) if s["command"] != sim["command"]] + [sim]
+        report["load"]["simulation" + sim["args"]] = {"before": before, "after": _load()}
     write_report(out, report, markdown(report))
 
 

@@ -86,9 +86,33 @@ def test_the_simulation_part_in_the_report():
                        "server_eval_s": 150.0, "eval_share": 0.5},
                       {"round": 2, "sites": 32, "wall_s": 200.0, "train_s_mean": 61.5, "evaluations": 2,
                        "server_eval_s": 10.0, "eval_share": 0.05}]}
-    md = scale.markdown({"machine": "m", "load": {}, "simulation": sim})
+    md = scale.markdown({"machine": "m", "load": {}, "simulations": [sim]})
     assert "**4.2 GiB**" in md and "took 700 s" in md and "`cedar-simulate --preset quick x=1`" in md
     assert "| 1 | 31 | 300 | 60.0 | 31 | 150 | 50% |" in md and "| 2 | 32 | 200 | 61.5 | 2 | 10 | 5% |" in md
+
+
+def test_each_simulation_variant_keeps_its_own_table(tmp_path, monkeypatch):
+    """A report holding one simulation (the defaults) gains a second run with --sim-set; both stay."""
+    import json
+
+    def sim(command, args):
+        return {"sites": 32, "wall_s": 10.0, "peak_used_gib": 1.0, "command": command, "args": args,
+                "rounds": [{"round": 1, "sites": 31, "wall_s": 5.0, "train_s_mean": 1.0, "evaluations": 31,
+                            "server_eval_s": 2.0, "eval_share": 0.4}]}
+
+    (tmp_path / "scale.json").write_text(json.dumps({"load": {}, "simulation": sim("cedar-simulate a", "")}))
+    calls = []
+    monkeypatch.setattr(scale, "_child", lambda args: calls.append(args) or sim("cedar-simulate a kd.t-cycle=4", ""))
+
+    scale.main(["--parts", "simulation", "--sim-rounds", "2", "--sim-set", "kd.t-cycle=4", "--out",
+                str(tmp_path / "scale")])
+
+    assert calls == [["simulation", "32", "2", "kd.t-cycle=4"]]
+    report = json.loads((tmp_path / "scale.json").read_text())
+    assert [s["command"] for s in report["simulations"]] == ["cedar-simulate a", "cedar-simulate a kd.t-cycle=4"]
+    md = (tmp_path / "scale.md").read_text()
+    assert "`python -m benchmarks.scale --parts simulation` runs `cedar-simulate a`" in md
+    assert "`python -m benchmarks.scale --parts simulation --sim-set kd.t-cycle=4` runs" in md
 
 
 @pytest.mark.integration
