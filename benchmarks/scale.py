@@ -535,10 +535,9 @@ def main(argv: list[str] | None = None) -> None:
     report = json.loads(out.with_suffix(".json").read_text()) if set(args.parts) != set(PARTS) \
         and out.with_suffix(".json").is_file() else {}
     report["machine"] = f"{cpu_model_name()}, {os.cpu_count()} logical CPUs"
-    report.setdefault("load", {})
-    if "load_before" in report:  # a report written before loads were kept per part
-        report["load"]["federation, graph, keyframes"] = {"before": report.pop("load_before"),
-                                                          "after": report.pop("load_after")}
+    # the load averages of the parts not run now stay with their results; those of the parts run now are replaced
+    report["load"] = {key: load for key, load in report.get("load", {}).items()
+                      if not any(part in key for part in args.parts)}
     report["seconds_per_evaluation"] = SECONDS_PER_EVALUATION
     if "keyframes" in args.parts:
         before = _load()
