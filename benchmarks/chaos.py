@@ -1,4 +1,4 @@
-"""The chaos suite (issue 24): every fault test in one pytest session, and the table of what happened.
+"""The chaos suite (issue 24): every fault test in one pytest run, and the table of what happened.
 
 Each test injects its fault (SIGKILL to a real process, a broken file, a hostile reply), checks the
 outcome, and records it with pytest's ``record_property("chaos", {"fault", "happened", "lost", "of"})``:

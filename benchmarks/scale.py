@@ -302,8 +302,8 @@ def edge_keyframes(weights: str | None, runs: int = 200, warmup: int = 10) -> di
                           conf=min(settings.detector_conf, CONF_RANGE[0]))  # as clients.edge without --conf
         client = CloudClient(f"http://127.0.0.1:{closed.getsockname()[1]}", "token", "site-0", timeout=1.0)
         runtime = EdgeRuntime(model, client, settings, queue_dir=tmp / "queue", out=tmp / "edge.jsonl")
-        session = onnx_runtime(tmp / "edge.onnx")
-        name = session.get_inputs()[0].name
+        ort = onnx_runtime(tmp / "edge.onnx")
+        name = ort.get_inputs()[0].name
         records, count = [], iter(range(10**9))
 
         def keyframe():
@@ -311,7 +311,7 @@ def edge_keyframes(weights: str | None, runs: int = 200, warmup: int = 10) -> di
             records.append(runtime.process(Frame(i, frames[i % len(frames)], i / 10, time.time())))
 
         def bare():
-            session.run(None, {name: inputs[len(records) % len(inputs)]})
+            ort.run(None, {name: inputs[len(records) % len(inputs)]})
 
         times = time_interleaved({"bare_ort": bare, "runtime": keyframe}, runs=runs, warmup=warmup)
         runtime.close(drain=False)
