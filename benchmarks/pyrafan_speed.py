@@ -73,12 +73,11 @@ def to_markdown(result: dict) -> str:
         f"{m['logical_cpus']} logical CPUs (KVM guest), {m['threads']} threads for torch and ONNX Runtime; "
         f"torch {m['torch']}, ONNX Runtime {m['onnxruntime']}, Ultralytics {m['ultralytics']}. "
         f"Load average {result['load_before'][0]:.2f} before and {result['load_after'][0]:.2f} after "
-        "(the machine was shared with other work: compare rows with each other rather than with "
-        "other machines).",
+        "(compare rows with each other rather than with other machines).",
         "",
         f"nc = {result['nc']} (the built-in benchmark). Params and GFLOPs of the unfused model at 640 px "
         "(Ultralytics' `get_flops`/THOP). Latency: batch 1, Conv+BN fused, eval, raw head output "
-        f"(no NMS); median of {result['runs']} interleaved rounds after {result['warmup']} warm-up runs "
+        f"(no NMS; YOLO26's one-to-one branch with its top-300 decided boxes, as exported); median of {result['runs']} interleaved rounds after {result['warmup']} warm-up runs "
         "per cell, [p25-p75] in brackets.",
         "",
     ]
@@ -98,11 +97,13 @@ def to_markdown(result: dict) -> str:
     lines += [
         "",
         f"ONNX Runtime vs torch (fused) output: max abs difference {worst:.1e} over all models and sizes "
-        "(boxes in pixels, scores in [0, 1]).",
+        "(boxes in pixels, scores in [0, 1]; YOLO26 models: their sorted scores).",
         "",
         "Rows: `yolo11n`/`yolo11s` are Ultralytics' YOLO11 (P3-P5 heads); `yolo11n-p2` is YOLO11n's backbone "
         "with a P2-P4 neck and a stock Detect head (`conf/models/yolo11n-p2.yaml`, the ablation baseline); "
-        "`*-pyrafan` have the same backbone and neck and the PyraFAN head (`common/pyrafan.py`).",
+        "`*-pyrafan` have the same backbone and neck and the PyraFAN head (`common/pyrafan.py`); `*-pyrafan2` "
+        "PyraFAN v2 (learned gate, residual fusion, Detect branches after fusion; `conf/models/*-pyrafan2.yaml`); "
+        "`yolo26n` and `yolo26n-p2` are Ultralytics' YOLO26 YAMLs (NMS-free one-to-one head).",
         "",
     ]
     return "\n".join(lines)
