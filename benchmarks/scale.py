@@ -464,7 +464,8 @@ def markdown(report: dict) -> str:
                   f"| ratio | {kf['sampled_fps'] / kf['every_pixel_fps']:.1f}x |", ""]
     for sim in report.get("simulations", []):
         lines += [f"## A simulated federation of {sim['sites']} sites (real training, quick sizes, 1 epoch per round)",
-                  "", (f"`python -m benchmarks.scale --parts simulation{sim.get('args', '')}` runs `{sim['command']}` "
+                  "", (f"`python -m benchmarks.scale --parts simulation --sim-rounds {len(sim['rounds'])}{sim.get('args', '')}` "
+                       f"runs `{sim['command']}` "
                        "and times each round "
                        "from its `[ROUND k/n]` line to the next; *server evaluation* is the server scoring the "
                        "sites the maintenance rules name on the shared benchmark, one after another. Peak memory "

@@ -111,8 +111,8 @@ def test_each_simulation_variant_keeps_its_own_table(tmp_path, monkeypatch):
     report = json.loads((tmp_path / "scale.json").read_text())
     assert [s["command"] for s in report["simulations"]] == ["cedar-simulate a", "cedar-simulate a kd.t-cycle=4"]
     md = (tmp_path / "scale.md").read_text()
-    assert "`python -m benchmarks.scale --parts simulation` runs `cedar-simulate a`" in md
-    assert "`python -m benchmarks.scale --parts simulation --sim-set kd.t-cycle=4` runs" in md
+    assert "`python -m benchmarks.scale --parts simulation --sim-rounds 1` runs `cedar-simulate a`" in md
+    assert "`python -m benchmarks.scale --parts simulation --sim-rounds 1 --sim-set kd.t-cycle=4` runs" in md
 
 
 @pytest.mark.integration
