@@ -213,6 +213,14 @@ def main(argv: list[str] | None = None) -> int:
                  seed, record["map50"], record["map50_small"], time.perf_counter() - t0)
 
     records = [r for r in done if r["model"] in args.models and r["site"] in sites and r["seed"] in settings["seeds"]]
+    from common import yolo
+    from common.benchmark import CLASS_NAMES
+
+    for arch in {r["model"] for r in records if "gflops" not in r}:  # runs recorded before GFLOPs were: the model's
+        flops = yolo.gflops(yolo.build_model(arch, nc=len(CLASS_NAMES), seed=0), settings["imgsz"])
+        for r in records:
+            if r["model"] == arch:
+                r.setdefault("gflops", flops)
     summary = summarise(records, args.models)
     settings.update(date=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
                     argv=" ".join(sys.argv[1:] if argv is None else argv))
