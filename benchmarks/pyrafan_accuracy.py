@@ -46,7 +46,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.harness import write_report
+from benchmarks.harness import shown, write_report
 from common.detections import image_labels, size_range_ap50
 
 log = logging.getLogger("benchmarks.pyrafan_accuracy")
@@ -107,7 +107,7 @@ def run_one(arch: str, site: int, seed: int, bench, cfg, epochs: int) -> dict:
             "gflops": yolo.gflops(model, t.imgsz), "map50": ev.map50, "map50_95": ev.map50_95, "map50_small": small["map50"],
             "ap50_small": small["ap50"], "n_small": small["n_gt"], "n_gt": every["n_gt"],
             "map50_all_own": every["map50"], "train_loss": res.loss, "train_s": res.seconds,
-            "iterations": res.iterations, "eval_s": ev.seconds, "weights": str(saved)}
+            "iterations": res.iterations, "eval_s": ev.seconds, "weights": shown(saved)}
 
 
 def summarise(records: list[dict], models: list[str]) -> dict:
@@ -192,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     epochs = args.epochs if args.epochs is not None else cfg.train.epochs_per_round * cfg.federation.num_rounds
     settings = {"preset": args.preset, "sites": sites, "seeds": list(range(args.seeds)), "epochs": epochs,
                 "imgsz": cfg.train.imgsz, "batch": cfg.train.batch, "small_px": cfg.eval.small_px,
-                "data_root": str(bench.root)}
+                "data_root": shown(bench.root)}
     key = {k: settings[k] for k in ("preset", "epochs", "imgsz", "batch", "small_px")}
 
     out = Path(args.out)
