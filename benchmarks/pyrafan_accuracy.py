@@ -30,6 +30,11 @@ Full run (standard preset, 4 sites x 3 seeds x 7 models)::
 
     python -m benchmarks.pyrafan_accuracy --preset standard --seeds 3
 
+Several jobs side by side (each its own ``--models`` and ``--out`` copy of the jsonl), then the report
+from the merged jsonl without training::
+
+    python -m benchmarks.pyrafan_accuracy --preset standard --seeds 3 --report
+
 Smoke run::
 
     python -m benchmarks.pyrafan_accuracy --epochs 1 --seeds 1 --sites 1 --out /tmp/acc
@@ -125,10 +130,47 @@ def summarise(records: list[dict], models: list[str]) -> dict:
                      **{f"{k}_mean": float(np.mean(v)) for k, v in per_seed.items()},
                      **{f"{k}_std": float(np.std(v, ddof=1)) if len(v) > 1 else float("nan")
                         for k, v in per_seed.items()},
-                     "per_site": {str(site): {k: float(np.nanmean([r[k] for r in rows if r["site"] == site]))
-                                              for k in ("map50", "map50_small")}
+                     "per_site": {str(site): {**{k: float(np.nanmean([r[k] for r in rows if r["site"] == site]))
+                                                 for k in ("map50", "map50_small")},
+                                              "seeds": sum(r["site"] == site for r in rows)}
                                   for site in sorted({r["site"] for r in rows})}}
     return out
+
+
+def head_to_head(records: list[dict], challenger: str, reference: str) -> dict | None:
+    """``challenger`` against ``reference`` on the (site, seed) runs both have (None if none).
+
+    ``diff``: challenger minus reference mAP50 per seed (mean over the shared sites), then mean and std over
+    seeds; ``wins``: shared runs where the challenger's mAP50 is higher."""
+    by = {(r["model"], r["site"], r["seed"]): r for r in records}
+    pairs = sorted((site, seed) for m, site, seed in by if m == challenger and (reference, site, seed) in by)
+    if not pairs:
+        return None
+    seeds = sorted({seed for _, seed in pairs})
+    diff = [float(np.mean([by[challenger, site, s]["map50"] - by[reference, site, s]["map50"]
+                           for site, seed in pairs if seed == s])) for s in seeds]
+    mean = {m: float(np.mean([by[m, site, seed]["map50"] for site, seed in pairs])) for m in (challenger, reference)}
+    return {"challenger": challenger, "reference": reference, "pairs": len(pairs),
+            "sites": sorted({site for site, _ in pairs}), "seeds": seeds,
+            "wins": sum(by[challenger, p[0], p[1]]["map50"] > by[reference, p[0], p[1]]["map50"] for p in pairs),
+            "challenger_map50": mean[challenger], "reference_map50": mean[reference],
+            "diff_mean": float(np.mean(diff)), "diff_std": float(np.std(diff, ddof=1)) if len(diff) > 1 else float("nan"),
+            "challenger_gflops": by[(challenger, *pairs[0])]["gflops"], "reference_gflops": by[(reference, *pairs[0])]["gflops"]}
+
+
+def onnx_latency(speed_json: Path, imgsz: int) -> dict:
+    """``{model: ms}``: ONNX Runtime median latency at ``imgsz`` from ``benchmarks.pyrafan_speed``'s report
+    (empty if it is missing or has no such size), with the machine and date it was measured on."""
+    if not speed_json.is_file():
+        return {}
+    speed = json.loads(speed_json.read_text())
+    ms = {key.split("|")[0]: v["median_ms"] for key, v in speed.get("latency", {}).items()
+          if key.endswith(f"|{imgsz}|onnxruntime")}
+    return {"ms": ms, "date": speed["date"], "cpu": speed["machine"]["cpu"],
+            "threads": speed["machine"]["threads"]} if ms else {}
+
+
+GOALS = (("yolo11n-pyrafan2", "yolo11n-p2"), ("yolo26n-pyrafan2", "yolo26n-p2"))
 
 
 def to_markdown(summary: dict, settings: dict) -> str:
@@ -145,23 +187,51 @@ def to_markdown(summary: dict, settings: dict) -> str:
         f"epochs at {settings['imgsz']} px, batch {settings['batch']} (the same budget for every model). "
         "Test split of each site. mAP50: Ultralytics' validator; mAP50 small: objects with both sides < "
         f"{settings['small_px']} px, COCO-style ignores (see the script's docstring). Mean ± std over seeds "
-        "of the mean over sites.",
+        "of the mean over sites. Train s/run is the wall time of a run's training, which shared the machine with "
+        "other jobs in some runs: not a speed comparison (ONNX ms is).",
         "",
-        f"| model | params | GFLOPs at {settings['imgsz']} px | mAP50 | mAP50-95 | mAP50 small | "
-        "Δ mAP50 small vs yolo11n | train s/run |",
-        "|---|---|---|---|---|---|---|---|",
+    ]
+    latency = settings.get("latency") or {}
+    if latency:
+        lines += [f"ONNX latency: median ONNX Runtime forward at {settings['imgsz']} px, batch 1, from "
+                  f"`python -m benchmarks.pyrafan_speed` ({latency['date']}, {latency['cpu']}, "
+                  f"{latency['threads']} threads; [pyrafan_speed.md](pyrafan_speed.md)).", ""]
+    lines += [
+        f"| model | runs (sites x seeds) | params | GFLOPs at {settings['imgsz']} px | ONNX ms | mAP50 | mAP50-95 | "
+        "mAP50 small | Δ mAP50 small vs yolo11n | train s/run |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for arch, row in summary.items():
         gain = None if base is None or arch == "yolo11n" else row["map50_small_mean"] - base["map50_small_mean"]
         delta = "" if gain is None else f"{gain:+.3f}"
-        lines.append(f"| {arch} | {row['params'] / 1e6:.3f} M | {row['gflops']:.2f} | {pm(row, 'map50')} | {pm(row, 'map50_95')} | "
-                     f"{pm(row, 'map50_small')} | {delta} | {row['train_s_mean']:.0f} |")
-    lines += ["", "Per site (mean over seeds), mAP50 / mAP50 small:", "",
+        ms = latency.get("ms", {}).get(arch)
+        lines.append(f"| {arch} | {row['runs']} ({len(row['sites'])} x {len(row['seeds'])}) | {row['params'] / 1e6:.3f} M "
+                     f"| {row['gflops']:.2f} | {'' if ms is None else f'{ms:.1f}'} | {pm(row, 'map50')} | "
+                     f"{pm(row, 'map50_95')} | {pm(row, 'map50_small')} | {delta} | {row['train_s_mean']:.0f} |")
+    goals = [g for g in settings.get("head_to_head", []) if g]
+    if goals:
+        lines += ["", "Goal: PyraFAN v2 beats the plain P2 head's mAP50 at no more than its GFLOPs. Head to head on "
+                  "the (site, seed) runs both models have; Δ is the challenger minus the reference, mean ± std over "
+                  "seeds of the mean over sites:", "",
+                  "| challenger | reference | runs | sites | mAP50 | Δ mAP50 | wins | GFLOPs | met |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for g in goals:
+            std = "" if math.isnan(g["diff_std"]) else f" ± {g['diff_std']:.3f}"
+            met = g["diff_mean"] > 0 and g["challenger_gflops"] <= g["reference_gflops"]
+            lines.append(f"| {g['challenger']} | {g['reference']} | {g['pairs']} | {g['sites']} | "
+                         f"{g['challenger_map50']:.3f} vs {g['reference_map50']:.3f} | {g['diff_mean']:+.3f}{std} | "
+                         f"{g['wins']}/{g['pairs']} | {g['challenger_gflops']:.2f} vs {g['reference_gflops']:.2f} | "
+                         f"{'yes' if met else 'no'} |")
+    lines += ["", "Per site (mean over seeds; in brackets the number of seeds where fewer than "
+              f"{len(settings['seeds'])} have run), mAP50 / mAP50 small:", "",
               "| model | " + " | ".join(f"site {s}" for s in settings["sites"]) + " |",
               "|---|" + "---|" * len(settings["sites"])]
     for arch, row in summary.items():
-        cells = [f"{row['per_site'][str(s)]['map50']:.3f} / {row['per_site'][str(s)]['map50_small']:.3f}"
-                 if str(s) in row["per_site"] else "" for s in settings["sites"]]
+        cells = []
+        for site in settings["sites"]:
+            cell = row["per_site"].get(str(site))
+            n = "" if cell is None or cell["seeds"] >= len(settings["seeds"]) else f" ({cell['seeds']})"
+            cells.append("" if cell is None else f"{cell['map50']:.3f} / {cell['map50_small']:.3f}{n}")
         lines.append(f"| {arch} | " + " | ".join(cells) + " |")
     lines.append("")
     return "\n".join(lines)
@@ -180,6 +250,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="default: train.epochs_per_round * federation.num_rounds of the preset")
     ap.add_argument("--out", default=str(RESULTS), help="output path without suffix (.md, .json, .jsonl)")
     ap.add_argument("--set", nargs="*", default=[], help="config overrides key=value (e.g. train.threads=1)")
+    ap.add_argument("--report", action="store_true",
+                    help="train nothing: write the report from the runs already in <out>.jsonl")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
 
@@ -201,7 +273,8 @@ def main(argv: list[str] | None = None) -> int:
     done = [json.loads(line) for line in jsonl.read_text().splitlines()] if jsonl.is_file() else []
     done = [r for r in done if r.get("settings") == key]
     have = {(r["model"], r["site"], r["seed"]) for r in done}
-    todo = [(a, s, seed) for seed in settings["seeds"] for s in sites for a in args.models if (a, s, seed) not in have]
+    todo = [] if args.report else [(a, s, seed) for seed in settings["seeds"] for s in sites for a in args.models
+                                   if (a, s, seed) not in have]
     log.info("%d runs to do (%d already in %s); data %s", len(todo), len(have), jsonl, bench.root)
     t0 = time.perf_counter()
     for n, (arch, site, seed) in enumerate(todo, 1):
@@ -222,6 +295,8 @@ def main(argv: list[str] | None = None) -> int:
             if r["model"] == arch:
                 r.setdefault("gflops", flops)
     summary = summarise(records, args.models)
+    settings.update(latency=onnx_latency(RESULTS.with_name("pyrafan_speed.json"), settings["imgsz"]),
+                    head_to_head=[head_to_head(records, a, b) for a, b in GOALS])
     settings.update(date=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
                     argv=" ".join(sys.argv[1:] if argv is None else argv))
     write_report(out, {"settings": settings, "summary": summary}, to_markdown(summary, settings))
