@@ -31,6 +31,9 @@ Metrics (all at the operating points: edge ``routing.det_conf``, cloud ``--conf`
 Run (standard preset; trains what is missing, then ~10 min)::
 
     python -m benchmarks.collaboration --preset standard
+
+``--sliced-seeds 0 2`` repeats the sliced-inference comparison (edge alone, SAHI slicing, crops fuse+keep;
+images and video) with the main edge model of those seeds too, against the same cloud model.
 """
 
 from __future__ import annotations
@@ -359,10 +362,11 @@ def measure(args, cfg, bench, workdir: Path, site: int) -> dict:
             run_edge(edges[main_arch], images_dir, replace(base, run_id="warmup", max_gap=1, t_conf=1.0), client,
                      workdir, **kw)
 
-            def images_run(arch: str, t_conf: float, offload: str, tag: str, cloud_client=client) -> dict:
+            def images_run(arch: str, t_conf: float, offload: str, tag: str, cloud_client=client,
+                           weights: Path | None = None) -> dict:
                 # a run id is an offload id prefix: never reuse one (the queue would skip "delivered" ids)
                 rid = f"{tag}-{arch}-{offload}-{int(round(t_conf * 100))}"
-                recs = run_edge(edges[arch], images_dir, replace(base, run_id=rid, max_gap=1, t_conf=t_conf,
+                recs = run_edge(weights or edges[arch], images_dir, replace(base, run_id=rid, max_gap=1, t_conf=t_conf,
                                                                  offload=offload), cloud_client, workdir, **kw)
                 separate = {"separate_bytes_per_frame": separate_crop_bytes(recs, images_dir)} \
                     if offload == "crops" else {}
@@ -371,10 +375,11 @@ def measure(args, cfg, bench, workdir: Path, site: int) -> dict:
                         "merges": {name: score(per_frame(remerged(recs, **m), True), image_gts, nc, small_px)
                                    for name, m in MERGES.items()}, **offload_figures(recs)}
 
-            def video_run(arch: str, offload: str, every_frame: bool) -> dict:
-                rid = f"vid-{arch}-{offload}-{'all' if every_frame else 'key'}"
+            def video_run(arch: str, offload: str, every_frame: bool, weights: Path | None = None,
+                          tag: str = "vid") -> dict:
+                rid = f"{tag}-{arch}-{offload}-{'all' if every_frame else 'key'}"
                 settings = replace(base, run_id=rid, offload=offload, max_gap=1 if every_frame else args.max_gap)
-                recs = run_edge(edges[arch], video_dir / "video.mp4", settings, client, workdir, **kw)
+                recs = run_edge(weights or edges[arch], video_dir / "video.mp4", settings, client, workdir, **kw)
                 return {"edge": score(per_frame(recs, False), video_gts, nc, small_px),
                         "collab": score(per_frame(recs, True), video_gts, nc, small_px),
                         "merges": {name: score(per_frame(remerged(recs, **m), True), video_gts, nc, small_px)
@@ -393,6 +398,18 @@ def measure(args, cfg, bench, workdir: Path, site: int) -> dict:
                                 "video": sliced_run(edges[main_arch], video_dir / "video.mp4", video_gts, **sliced)}
             result["video"] = {f"{mode}-{'all' if every else 'key'}": video_run(main_arch, mode, every)
                                for mode in ("crops", "frame") for every in (False, True)}
+            # the sliced comparison again with the main edge model of other seeds (the same cloud)
+            result["seeds"] = {str(args.seed): {"images": {"crops": result["images"]["crops"]},
+                                                "video": {"crops-all": result["video"]["crops-all"]},
+                                                "sliced": result["sliced"]}}
+            for seed in (s for s in args.sliced_seeds if str(s) not in result["seeds"]):
+                w = edge_model(cfg, bench, main_arch, site, seed)
+                result["seeds"][str(seed)] = {
+                    "edge_weights": shown(w),
+                    "images": {"crops": images_run(main_arch, r.t_conf, "crops", f"seed{seed}", weights=w)},
+                    "video": {"crops-all": video_run(main_arch, "crops", True, weights=w, tag=f"vid{seed}")},
+                    "sliced": {"images": sliced_run(w, images_dir, image_gts, **sliced),
+                               "video": sliced_run(w, video_dir / "video.mp4", video_gts, **sliced)}}
             result["sweep"] = {arch: {str(t): images_run(arch, t, "crops", "sweep") for t in args.t_conf_sweep}
                                for arch in archs}
         finally:
@@ -454,36 +471,51 @@ def to_markdown(res: dict, settings: dict) -> str:
     return "\n".join(lines + site_markdown(res["sites"][sites[0]], settings, sites[0]))
 
 
+def sliced_row(r: dict) -> list[float]:
+    """One site and seed's sliced-comparison figures, in the order of the report's columns."""
+    img, vid, sl = r["images"]["crops"], r["video"]["crops-all"], r["sliced"]
+    fused, vfused = img["merges"]["fuse+keep"], vid["merges"]["fuse+keep"]
+    return [img["edge"]["map50"], sl["images"]["map50"], fused["map50"], img["edge"]["fnr"], sl["images"]["fnr"],
+            fused["fnr"], img["edge_ms"], sl["images"]["edge_ms"], img["collab_ms"], vid["edge"]["map50"],
+            sl["video"]["map50"], vfused["map50"]]
+
+
 def sliced_markdown(per: dict, settings: dict) -> list[str]:
-    """Sliced inference at the edge (no cloud) beside the edge alone and the crops collaboration (fuse+keep)."""
+    """Sliced inference at the edge (no cloud) beside the edge alone and the crops collaboration (fuse+keep),
+    for every seed of the edge model measured (``--sliced-seeds``): a site's row is the mean over its seeds, the
+    sd row the spread over seeds of the mean over sites, and a claim counts (site, seed) runs."""
     per = {site: r for site, r in per.items() if "sliced" in r}
     if not per:
         return []
+    runs = {site: {seed: sliced_row(x) for seed, x in r.get("seeds", {str(settings["seed"]): r}).items()}
+            for site, r in per.items()}
+    seeds = sorted({seed for v in runs.values() for seed in v}, key=int)
     lines = ["## Sliced inference at the edge (SAHI, no cloud) against the collaboration", "",
              f"`clients.sliced`: SAHI's sliced prediction with the site's own edge model on every frame, tiles of "
              f"{settings['slice_frac']:g} x the frame's shorter side at {settings['slice_overlap']:g} overlap plus "
              "the whole frame, merged by SAHI's greedy NMM (IOS 0.5), at the model's answer threshold. Edge ms: the "
-             "edge's detection per frame (sliced: all tiles and the merge; collab.: plus the cloud round trip).", "",
+             "edge's detection per frame (sliced: all tiles and the merge; collab.: plus the cloud round trip). "
+             f"Edge models of seed{'s' if len(seeds) > 1 else ''} {', '.join(seeds)} (a site's row: the mean over "
+             f"them), one cloud model (seed {settings['seed']}).", "",
              "| site | images mAP50: edge | sliced | crops, fuse+keep | FNR: edge | sliced | crops, fuse+keep | "
              "edge ms / image: edge | sliced | collab. | video (every frame) mAP50: edge | sliced | "
              "crops, fuse+keep |", "|---|" + "---|" * 12]
-    rows = {}
-    for site, r in per.items():
-        img, vid, sl = r["images"]["crops"], r["video"]["crops-all"], r["sliced"]
-        fused, vfused = img["merges"]["fuse+keep"], vid["merges"]["fuse+keep"]
-        rows[site] = [img["edge"]["map50"], sl["images"]["map50"], fused["map50"], img["edge"]["fnr"],
-                      sl["images"]["fnr"], fused["fnr"], img["edge_ms"], sl["images"]["edge_ms"], img["collab_ms"],
-                      vid["edge"]["map50"], sl["video"]["map50"], vfused["map50"]]
+    rows = {site: list(np.mean(list(v.values()), axis=0)) for site, v in runs.items()}
     mean = list(np.mean(list(rows.values()), axis=0))
-    for site, v in [*rows.items(), ("mean", mean)]:
+    table = [*rows.items(), ("mean", mean)]
+    if len(seeds) > 1:
+        per_seed = [np.mean([v[seed] for v in runs.values() if seed in v], axis=0) for seed in seeds]
+        table.append(("sd over seeds", list(np.std(per_seed, axis=0, ddof=1))))
+    for site, v in table:
         lines.append(f"| {site} | " + " | ".join(f"{x:.3f}" for x in v[:6]) + " | "
                      + " | ".join(f"{x:.1f}" for x in v[6:9]) + " | " + " | ".join(f"{x:.3f}" for x in v[9:]) + " |")
-    won = sum(v[2] > v[1] for v in rows.values())
-    won_video = sum(v[11] > v[10] for v in rows.values())
-    lines += ["", "| claim | sites where it holds | mean |", "|---|---|---|",
-              f"| crops, fuse+keep beats slicing at the edge (images mAP50) | {won}/{len(rows)} | {mean[2]:.3f} vs "
+    every = [v for site_runs in runs.values() for v in site_runs.values()]
+    won = sum(v[2] > v[1] for v in every)
+    won_video = sum(v[11] > v[10] for v in every)
+    lines += ["", "| claim | runs (site x seed) where it holds | mean |", "|---|---|---|",
+              f"| crops, fuse+keep beats slicing at the edge (images mAP50) | {won}/{len(every)} | {mean[2]:.3f} vs "
               f"{mean[1]:.3f} ({_rel(mean[2], mean[1])}) |",
-              f"| crops, fuse+keep beats slicing at the edge (video mAP50) | {won_video}/{len(rows)} | "
+              f"| crops, fuse+keep beats slicing at the edge (video mAP50) | {won_video}/{len(every)} | "
               f"{mean[11]:.3f} vs {mean[10]:.3f} ({_rel(mean[11], mean[10])}) |",
               f"| slicing's edge time per image over the edge alone's | - | {mean[7] / mean[6]:.1f}x |", ""]
     return lines
@@ -773,6 +805,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--slice-frac", type=float, default=0.5,
                     help="sliced-inference baseline: tile side as a fraction of the frame's shorter side")
     ap.add_argument("--slice-overlap", type=float, default=0.2, help="sliced-inference baseline: tile overlap")
+    ap.add_argument("--sliced-seeds", type=int, nargs="*", default=[],
+                    help="the sliced comparison also with the main edge model of these seeds (the same cloud)")
     ap.add_argument("--set", nargs="*", default=[], help="config overrides key=value")
     ap.add_argument("--out", default=str(RESULTS), help="output path without suffix (.md, .json, .png)")
     args = ap.parse_args(argv)
@@ -797,7 +831,8 @@ def main(argv: list[str] | None = None) -> int:
                 "t_conf": cfg.routing.t_conf, "t_size": cfg.routing.t_size, "n_frames_rule": cfg.routing.n_frames,
                 "t_conf_sweep": args.t_conf_sweep, "n_images": cfg.data.test_per_site, "n_frames": meta["frames"],
                 "crop_zoom": args.crop_zoom, "candidate_conf": cfg.routing.candidate_conf,
-                "max_gap": args.max_gap, "slice_frac": args.slice_frac, "slice_overlap": args.slice_overlap}
+                "max_gap": args.max_gap, "slice_frac": args.slice_frac, "slice_overlap": args.slice_overlap,
+                "sliced_seeds": sorted({args.seed, *args.sliced_seeds})}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     plot_sweep(res["sites"][str(args.sites[0])], settings, out.parent / f"{out.name}_tconf.png")

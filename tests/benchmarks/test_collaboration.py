@@ -38,7 +38,8 @@ def test_collaboration_benchmark_runs_end_to_end(tiny_overrides, tmp_path):
 
     # Execute
     collaboration.main(["--preset", "quick", "--edge-models", "yolo11n", "--t-conf-sweep", "0.5", "1.0",
-                        "--cloud-conf", "0.001", "--zoom-sweep", "1.5", "--sites", "0", "1", "--out", str(out),
+                        "--cloud-conf", "0.001", "--zoom-sweep", "1.5", "--sites", "0", "1", "--sliced-seeds", "2",
+                        "--out", str(out),
                         "--set", *sets])
 
     # Assert: every table is there, the numbers are consistent with each other
@@ -86,6 +87,12 @@ def test_collaboration_benchmark_runs_end_to_end(tiny_overrides, tmp_path):
     assert sl["images"]["edge_ms"] > 0 and sl["video"]["edge_ms"] > 0 and sl["images"]["slice_frac"] == 0.5
     assert "## Sliced inference at the edge (SAHI, no cloud)" in md
     assert "| crops, fuse+keep beats slicing at the edge (images mAP50) | " in md
+    # the comparison again with the seed-2 edge model: the main seed's entry is the main run, seed 2 its own model
+    assert set(res["seeds"]) == {"1", "2"} and res["seeds"]["1"]["sliced"] == sl
+    two = res["seeds"]["2"]
+    assert two["edge_weights"].endswith("-yolo11n-site0-seed2-1ep.pt") and two["sliced"]["images"]["n_gt"] == sl["images"]["n_gt"]
+    assert two["images"]["crops"]["frames"] == 4 and two["video"]["crops-all"]["frames"] == 12
+    assert "Edge models of seeds 1, 2" in md and "| sd over seeds |" in md and "/4 |" in md  # 2 sites x 2 seeds
     assert 0 <= res["images_cloud"]["recall"] <= 1 or res["images_cloud"]["recall"] != res["images_cloud"]["recall"]
 
 
@@ -102,3 +109,34 @@ def test_site_test_data_reads_the_test_split_and_every_video_frame(tiny_benchmar
     cls, cx, cy, w, h = map(float, first[0])  # normalised centre and size -> corners at 128 px
     assert video_gts[0][0].tolist() == pytest.approx([cls, 128 * (cx - w / 2), 128 * (cy - h / 2),
                                                       128 * (cx + w / 2), 128 * (cy + h / 2)])
+
+
+def _sliced_result(edge, sliced, fused, ms=(10.0, 30.0, 50.0)):
+    """A site-and-seed result with images mAP50s (edge, sliced, crops fuse+keep); FNR = 1 - mAP50 here, video the
+    same figures as the images."""
+    def fig(m):
+        return {"map50": m, "fnr": 1 - m}
+    run = {"edge": fig(edge), "merges": {"fuse+keep": fig(fused)}, "edge_ms": ms[0], "collab_ms": ms[2]}
+    return {"images": {"crops": run}, "video": {"crops-all": run},
+            "sliced": {"images": {**fig(sliced), "edge_ms": ms[1]}, "video": fig(sliced)}}
+
+
+def test_sliced_table_averages_seeds_per_site_and_counts_site_seed_runs():
+    """Site rows are means over seeds, the sd row is the spread over seeds of the site mean, claims count runs."""
+    per = {"0": {"sliced": 1, "seeds": {"1": _sliced_result(0.4, 0.5, 0.6), "2": _sliced_result(0.2, 0.5, 0.4)}},
+           "1": {"sliced": 1, "seeds": {"1": _sliced_result(0.6, 0.7, 0.8), "2": _sliced_result(0.6, 0.7, 0.6)}}}
+    md = "\n".join(collaboration.sliced_markdown(per, {"seed": 1, "slice_frac": 0.5, "slice_overlap": 0.2}))
+    # site 0: edge (0.4 + 0.2) / 2 = 0.3, sliced 0.5, fused (0.6 + 0.4) / 2 = 0.5
+    assert "| 0 | 0.300 | 0.500 | 0.500 | 0.700 | 0.500 | 0.500 | 10.0 | 30.0 | 50.0 | 0.300 | 0.500 | 0.500 |" in md
+    # mean over sites: edge 0.45, sliced 0.6, fused 0.6; per seed edge 0.5, 0.4 -> sd 0.0707; fused 0.7, 0.5 -> 0.1414
+    assert "| mean | 0.450 | 0.600 | 0.600 |" in md
+    assert "| sd over seeds | 0.071 | 0.000 | 0.141 |" in md
+    # fused beats sliced in 2 of the 4 (site, seed) runs (seed 1 on both sites)
+    assert "| crops, fuse+keep beats slicing at the edge (images mAP50) | 2/4 | 0.600 vs 0.600 (+0.0%) |" in md
+    assert "| slicing's edge time per image over the edge alone's | - | 3.0x |" in md
+    assert "Edge models of seeds 1, 2" in md
+
+    # a report without per-seed entries (one seed): the site's own figures, no sd row
+    one = {"0": {**_sliced_result(0.4, 0.5, 0.6), "sliced": _sliced_result(0.4, 0.5, 0.6)["sliced"]}}
+    md = "\n".join(collaboration.sliced_markdown(one, {"seed": 1, "slice_frac": 0.5, "slice_overlap": 0.2}))
+    assert "| 0 | 0.400 | 0.500 | 0.600 |" in md and "sd over seeds" not in md and "| 1/1 |" in md
