@@ -140,16 +140,17 @@ def summarise(records: list[dict], models: list[str]) -> dict:
 def head_to_head(records: list[dict], challenger: str, reference: str) -> dict | None:
     """``challenger`` against ``reference`` on the (site, seed) runs both have (None if none).
 
-    ``diff``: challenger minus reference mAP50 per seed (mean over the shared sites), then mean and std over
-    seeds; ``wins``: shared runs where the challenger's mAP50 is higher."""
+    mAP50 of each: per seed the mean over the shared sites, then the mean over seeds; ``diff``: challenger minus
+    reference per seed, then mean and std over seeds; ``wins``: shared runs where the challenger's mAP50 is higher."""
     by = {(r["model"], r["site"], r["seed"]): r for r in records}
     pairs = sorted((site, seed) for m, site, seed in by if m == challenger and (reference, site, seed) in by)
     if not pairs:
         return None
     seeds = sorted({seed for _, seed in pairs})
-    diff = [float(np.mean([by[challenger, site, s]["map50"] - by[reference, site, s]["map50"]
-                           for site, seed in pairs if seed == s])) for s in seeds]
-    mean = {m: float(np.mean([by[m, site, seed]["map50"] for site, seed in pairs])) for m in (challenger, reference)}
+    per_seed = {m: [float(np.mean([by[m, site, s]["map50"] for site, seed in pairs if seed == s])) for s in seeds]
+                for m in (challenger, reference)}
+    diff = [c - r for c, r in zip(per_seed[challenger], per_seed[reference])]
+    mean = {m: float(np.mean(v)) for m, v in per_seed.items()}
     return {"challenger": challenger, "reference": reference, "pairs": len(pairs),
             "sites": sorted({site for site, _ in pairs}), "seeds": seeds,
             "wins": sum(by[challenger, p[0], p[1]]["map50"] > by[reference, p[0], p[1]]["map50"] for p in pairs),
@@ -197,7 +198,7 @@ def to_markdown(summary: dict, settings: dict) -> str:
                   f"`python -m benchmarks.pyrafan_speed` ({latency['date']}, {latency['cpu']}, "
                   f"{latency['threads']} threads; [pyrafan_speed.md](pyrafan_speed.md)).", ""]
     lines += [
-        f"| model | runs (sites x seeds) | params | GFLOPs at {settings['imgsz']} px | ONNX ms | mAP50 | mAP50-95 | "
+        f"| model | runs | params | GFLOPs at {settings['imgsz']} px | ONNX ms | mAP50 | mAP50-95 | "
         "mAP50 small | Δ mAP50 small vs yolo11n | train s/run |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -205,9 +206,13 @@ def to_markdown(summary: dict, settings: dict) -> str:
         gain = None if base is None or arch == "yolo11n" else row["map50_small_mean"] - base["map50_small_mean"]
         delta = "" if gain is None else f"{gain:+.3f}"
         ms = latency.get("ms", {}).get(arch)
-        lines.append(f"| {arch} | {row['runs']} ({len(row['sites'])} x {len(row['seeds'])}) | {row['params'] / 1e6:.3f} M "
+        lines.append(f"| {arch} | {row['runs']}/{len(settings['sites']) * len(settings['seeds'])} | {row['params'] / 1e6:.3f} M "
                      f"| {row['gflops']:.2f} | {'' if ms is None else f'{ms:.1f}'} | {pm(row, 'map50')} | "
                      f"{pm(row, 'map50_95')} | {pm(row, 'map50_small')} | {delta} | {row['train_s_mean']:.0f} |")
+    full = len(settings["sites"]) * len(settings["seeds"])
+    if any(row["runs"] < full for row in summary.values()):
+        lines += ["", f"A model with fewer than {full} runs averages different sites for different seeds: compare "
+                  "those on the head-to-head lines and the per-site table, not on the means above."]
     goals = [g for g in settings.get("head_to_head", []) if g]
     if goals:
         lines += ["", "Goal: PyraFAN v2 beats the plain P2 head's mAP50 at no more than its GFLOPs. Head to head on "
@@ -221,7 +226,7 @@ def to_markdown(summary: dict, settings: dict) -> str:
             lines.append(f"| {g['challenger']} | {g['reference']} | {g['pairs']} | {g['sites']} | "
                          f"{g['challenger_map50']:.3f} vs {g['reference_map50']:.3f} | {g['diff_mean']:+.3f}{std} | "
                          f"{g['wins']}/{g['pairs']} | {g['challenger_gflops']:.2f} vs {g['reference_gflops']:.2f} | "
-                         f"{'yes' if met else 'no'} |")
+                         f"{'yes' if met else 'no'}{' so far' if g['pairs'] < full else ''} |")
     lines += ["", "Per site (mean over seeds; in brackets the number of seeds where fewer than "
               f"{len(settings['seeds'])} have run), mAP50 / mAP50 small:", "",
               "| model | " + " | ".join(f"site {s}" for s in settings["sites"]) + " |",
